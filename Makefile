@@ -1,0 +1,72 @@
+# Bulkhead: `make run` sets everything up and starts the portal; `make test` sets up and runs every check.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VAR := var
+NATIVE_SO := imaging/_native.abi3.so
+NATIVE_SRC := $(shell find imaging/native/src -name '*.rs' 2>/dev/null) imaging/native/Cargo.toml
+CARGO ?= cargo
+PYTEST_ARGS ?=
+
+.PHONY: help setup system venv native js guest run test lint typecheck rust-check pytest bench clean
+
+help:
+	@echo "make run    set up everything and start the portal on http://127.0.0.1:8000"
+	@echo "make test   set up everything and run ruff, mypy, cargo checks and the whole test suite"
+
+setup: system venv native js guest
+
+system: $(VAR)/.system-packages
+$(VAR)/.system-packages: scripts/system-packages.txt scripts/install-system-packages.sh
+	@mkdir -p $(VAR)
+	bash scripts/install-system-packages.sh
+	@touch $@
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+native: $(NATIVE_SO)
+$(NATIVE_SO): $(NATIVE_SRC)
+	cd imaging/native && $(CARGO) build --release --quiet
+	cp imaging/native/target/release/lib_native.so $(NATIVE_SO).tmp && mv $(NATIVE_SO).tmp $(NATIVE_SO)
+
+js: frontend/static/vendor/.stamp
+frontend/static/vendor/.stamp: frontend/package.json frontend/package-lock.json scripts/vendor-js.sh
+	bash scripts/vendor-js.sh
+	@touch $@
+
+guest: $(VAR)/guest/manifest.json
+$(VAR)/guest/manifest.json: $(wildcard compute/guest/*.py compute/guest/*.sh)
+	$(PY) -m compute.guest.build --out $(VAR)/guest
+
+run: setup
+	$(PY) -m portal.stack run
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy .
+
+rust-check:
+	cd imaging/native && $(CARGO) fmt --check && $(CARGO) clippy --release --all-targets --quiet -- -D warnings && $(CARGO) test --release --quiet
+
+pytest: setup
+	scripts/with-test-services.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+test: setup lint typecheck rust-check
+	scripts/with-test-services.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	scripts/with-test-services.sh bash bench/run-all.sh
+
+clean:
+	rm -rf $(VENV) imaging/native/target $(NATIVE_SO) frontend/node_modules frontend/static/vendor

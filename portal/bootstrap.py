@@ -1,0 +1,54 @@
+"""First-run set-up: the operator account, a demo tenant and this machine as host `local`. Idempotent."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+
+from tenants import services
+from tenants.actors import Actor
+from tenants.models import Tenant
+
+ADMIN_USERNAME = "admin"
+
+
+@dataclass
+class BootstrapResult:
+    message: str
+    agent_queues: list[str] = field(default_factory=list)
+    agent_command: list[str] = field(default_factory=list)
+
+
+def bootstrap() -> BootstrapResult:
+    User = get_user_model()
+    system = Actor.system("bootstrap")
+    with transaction.atomic():
+        admin = User.objects.filter(username=ADMIN_USERNAME).first()
+        if admin is None:
+            password = os.environ.get("BULKHEAD_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+            admin = User.objects.create_superuser(ADMIN_USERNAME, "admin@localhost", password)
+            shown = (
+                "the password from BULKHEAD_ADMIN_PASSWORD"
+                if os.environ.get("BULKHEAD_ADMIN_PASSWORD")
+                else f"password {password}  (shown once: write it down)"
+            )
+            message = f"Operator login: {ADMIN_USERNAME} / {shown}"
+        else:
+            message = f"Operator login: {ADMIN_USERNAME} (password as set before)"
+        if not Tenant.objects.filter(name="demo").exists():
+            services.create_tenant(
+                actor=Actor(user=admin, label_override="bootstrap"), name="demo", display_name="Demo", owner=admin
+            )
+    result = BootstrapResult(message=message)
+    try:
+        from compute.hosts import register_local_host
+    except ImportError:
+        return result
+    host = register_local_host(actor=system)
+    result.agent_queues = [host.queue]
+    result.agent_command = ["manage.py", "agent", "--host", str(host.pk)]
+    return result

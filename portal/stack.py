@@ -1,0 +1,151 @@
+"""`make run`: start the embedded stack (Redis, libvirtd, worker, beat, agent, ASGI server) and supervise it.
+
+Ctrl-C stops everything this process started. Running it again is safe: migrations and the bootstrap are
+idempotent and a Redis already answering on REDIS_URL is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import django
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(host=host, port=port, socket_connect_timeout=0.5).ping())
+    except redis.exceptions.RedisError:
+        return False
+
+
+def _wait_for(predicate: object, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"{what} did not come up within {timeout:.0f} s")
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def spawn(self, name: str, args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        # Own process group: Ctrl-C reaches us once and we stop the children in order.
+        proc = subprocess.Popen(args, start_new_session=True, **kwargs)  # type: ignore[call-overload]
+        self.children.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for _name, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 15
+        for _name, proc in reversed(self.children):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def ensure_redis(stack: Stack, data_dir: Path) -> None:
+    url = urlparse(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    host, port = url.hostname or "127.0.0.1", url.port or 6379
+    if _redis_answers(host, port):
+        return
+    if host not in ("127.0.0.1", "localhost"):
+        raise SystemExit(f"Redis at {host}:{port} does not answer")
+    (data_dir / "redis").mkdir(parents=True, exist_ok=True)
+    stack.spawn(
+        "redis",
+        [
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir / "redis"),
+            "--maxmemory-policy", "noeviction", "--appendonly", "yes", "--save", "",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    _wait_for(lambda: _redis_answers(host, port), "Redis")
+
+
+def run(bind: str, port: int) -> int:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    stack = Stack()
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        ensure_redis(stack, settings.DATA_DIR)
+        try:
+            from compute.runtimes.libvirtd import ensure_libvirtd
+        except ImportError:
+            pass
+        else:
+            ensure_libvirtd()
+        call_command("migrate", interactive=False, verbosity=0)
+        from portal.bootstrap import bootstrap
+
+        login = bootstrap()
+        python = sys.executable
+        queues = ["default", *login.agent_queues]
+        stack.spawn(
+            "worker",
+            [python, "-m", "celery", "-A", "portal", "worker", "-l", "WARNING", "-Q", ",".join(queues),
+             "--concurrency", "2", "-n", f"portal@{settings.BULKHEAD_HOST_NAME}"],
+        )
+        stack.spawn(
+            "beat",
+            [python, "-m", "celery", "-A", "portal", "beat", "-l", "WARNING",
+             "-s", str(settings.DATA_DIR / "celerybeat-schedule")],
+        )
+        if login.agent_command:
+            stack.spawn("agent", [python, *login.agent_command])
+        stack.spawn("web", [python, "-m", "daphne", "-b", bind, "-p", str(port), "portal.asgi:application"])
+        print(f"\nBulkhead is running: http://{bind}:{port}/", flush=True)
+        print(login.message, flush=True)
+        print("Press Ctrl-C to stop.\n", flush=True)
+        while not stopping:
+            for name, proc in stack.children:
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}; stopping", file=sys.stderr)
+                    stopping = True
+                    break
+            time.sleep(0.5)
+    finally:
+        print("Stopping…", flush=True)
+        stack.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m portal.stack")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="start the embedded stack")
+    run_parser.add_argument("--bind", default=os.environ.get("BULKHEAD_BIND", "127.0.0.1"))
+    run_parser.add_argument("--port", type=int, default=int(os.environ.get("BULKHEAD_PORT", "8000")))
+    args = parser.parse_args(argv)
+    return run(args.bind, args.port)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

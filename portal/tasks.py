@@ -1,0 +1,65 @@
+"""The base of every operation task, and the portal's own self-check operation."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Any
+
+from celery import Task
+from django.conf import settings
+from django.db import connection
+
+from portal import operations
+from portal.celery import app
+from portal.models import Operation
+
+log = logging.getLogger(__name__)
+
+
+class OperationTask(Task):
+    """Runs `run(op_id)` for an Operation row: claims it, records success or the error.
+
+    Subclasses (or @app.task(base=OperationTask) functions) receive the op id and a Progress via
+    `self.progress`. A task that finds its work already done must simply succeed.
+    """
+
+    abstract = True
+    acks_late = True
+    reject_on_worker_lost = True
+    progress: operations.Progress
+
+    def __call__(self, op_id: str, *args: Any, **kwargs: Any) -> Any:
+        if not operations.claim(op_id):
+            log.info("operation %s is finished or cancelled; nothing to do", op_id)
+            return None
+        self.progress = operations.Progress(op_id)
+        try:
+            result = super().__call__(op_id, *args, **kwargs)
+        except Exception as exc:
+            operations.fail(op_id, f"{type(exc).__name__}: {exc}")
+            raise
+        operations.finish(op_id, result=result if isinstance(result, dict) else None)
+        return result
+
+
+@app.task(base=OperationTask, bind=True, name="portal.selfcheck")
+def selfcheck(self: OperationTask, op_id: str) -> dict[str, Any]:
+    """Check the parts every operation needs: database, broker and store disk, with progress."""
+    op = Operation.objects.get(pk=op_id)
+    checks: dict[str, Any] = {}
+    self.progress(10, "Checking the database", force=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        checks["database"] = connection.vendor
+    self.progress(40, "Checking the broker", force=True)
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1)
+        checks["broker"] = "ok"
+    self.progress(70, "Checking disk space", force=True)
+    usage = shutil.disk_usage(settings.DATA_DIR)
+    checks["data_dir_free_bytes"] = usage.free
+    steps = int(op.params.get("steps", 0))
+    for step in range(steps):
+        self.progress(70 + 30 * (step + 1) / (steps + 1), f"Step {step + 1} of {steps}", force=True)
+    return checks

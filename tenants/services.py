@@ -1,0 +1,188 @@
+"""Tenant services: the only code that changes tenants, members, tokens and quotas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from portal.errors import Conflict, Invalid, NotPermitted
+from tenants import audit
+from tenants.actors import Actor
+from tenants.choices import Role
+from tenants.models import ApiToken, Membership, Quota, Tenant
+from tenants.tokens import new_token_secret
+
+User = get_user_model()
+
+
+def _require_operator(actor: Actor, action: str) -> None:
+    if actor.user is None or not actor.user.is_staff:
+        raise NotPermitted("Only operators may do this.", audit_action=action)
+
+
+@transaction.atomic
+def create_tenant(*, actor: Actor, name: str, display_name: str = "", owner: Any = None) -> Tenant:
+    """Create a tenant with default quotas; the owner (if given) becomes its first member."""
+    _require_operator(actor, "tenant.create")
+    if Tenant.objects.filter(name=name).exists():
+        raise Conflict(f"A tenant named {name!r} already exists.", field="name")
+    tenant = Tenant.objects.create(name=name, display_name=display_name)
+    Quota.objects.create(tenant=tenant)
+    audit.record(actor, "tenant.create", tenant, details={"name": name})
+    if owner is not None:
+        Membership.objects.create(user=owner, tenant=tenant, role=Role.OWNER)
+        audit.record(actor, "membership.create", tenant, details={"user": owner.get_username(), "role": "owner"})
+    return tenant
+
+
+@transaction.atomic
+def update_tenant(*, actor: Actor, tenant: Tenant, display_name: str) -> Tenant:
+    tenant.display_name = display_name
+    tenant.save(update_fields=["display_name"])
+    audit.record(actor, "tenant.update", tenant, details={"display_name": display_name})
+    return tenant
+
+
+@transaction.atomic
+def delete_tenant(*, actor: Actor, tenant: Tenant) -> None:
+    _require_operator(actor, "tenant.delete")
+    audit.record(actor, "tenant.delete", tenant, details={"name": tenant.name})
+    tenant.delete()
+
+
+def _owner_count(tenant: Tenant) -> int:
+    return Membership.objects.filter(tenant=tenant, role=Role.OWNER).count()
+
+
+def _may_grant(actor: Actor, tenant: Tenant, role: str) -> bool:
+    """Admins manage members but only owners (and operators) hand out or take away ownership."""
+    if actor.user is not None and actor.user.is_staff:
+        return True
+    if role != Role.OWNER:
+        return True
+    return Membership.objects.filter(tenant=tenant, user=actor.user, role=Role.OWNER).exists()
+
+
+@transaction.atomic
+def add_member(*, actor: Actor, tenant: Tenant, username: str, role: str) -> Membership:
+    if role not in Role.values:
+        raise Invalid(f"Unknown role {role!r}.", field="role")
+    user = User.objects.filter(username=username).first()
+    if user is None:
+        raise Invalid(f"No user named {username!r}.", field="username")
+    if not _may_grant(actor, tenant, role):
+        raise NotPermitted("Only owners may add owners.", audit_action="membership.create")
+    try:
+        with transaction.atomic():
+            membership = Membership.objects.create(user=user, tenant=tenant, role=role)
+    except IntegrityError:
+        raise Conflict(f"{username} is already a member of {tenant.name}.", field="username") from None
+    audit.record(actor, "membership.create", membership, details={"user": username, "role": role})
+    return membership
+
+
+@transaction.atomic
+def change_role(*, actor: Actor, membership: Membership, role: str) -> Membership:
+    if role not in Role.values:
+        raise Invalid(f"Unknown role {role!r}.", field="role")
+    membership = Membership.objects.select_for_update().get(pk=membership.pk)
+    if Role.OWNER in (role, membership.role) and not _may_grant(actor, membership.tenant, Role.OWNER):
+        raise NotPermitted("Only owners may grant or take away ownership.", audit_action="membership.update")
+    if membership.role == Role.OWNER and role != Role.OWNER and _owner_count(membership.tenant) == 1:
+        raise Conflict("A tenant keeps at least one owner.")
+    before = membership.role
+    membership.role = role
+    membership.save(update_fields=["role"])
+    audit.record(actor, "membership.update", membership, details={"from": before, "to": role})
+    return membership
+
+
+@transaction.atomic
+def remove_member(*, actor: Actor, membership: Membership) -> None:
+    membership = Membership.objects.select_for_update().get(pk=membership.pk)
+    if membership.role == Role.OWNER:
+        if not _may_grant(actor, membership.tenant, Role.OWNER):
+            raise NotPermitted("Only owners may remove owners.", audit_action="membership.delete")
+        if _owner_count(membership.tenant) == 1:
+            raise Conflict("A tenant keeps at least one owner.")
+    audit.record(actor, "membership.delete", membership, details={"user": membership.user.get_username()})
+    membership.delete()
+
+
+@transaction.atomic
+def create_token(
+    *,
+    actor: Actor,
+    name: str,
+    tenant: Tenant | None = None,
+    read_only: bool = False,
+    expires_at: datetime | None = None,
+) -> tuple[ApiToken, str]:
+    """Create a token for the acting user; returns the row and the secret (shown once, never stored)."""
+    user = actor.user
+    if user is None:
+        raise NotPermitted("Sign in first.")
+    if actor.token is not None and (actor.token.read_only or actor.token.tenant_id is not None):
+        raise NotPermitted("A restricted token cannot create tokens.", audit_action="token.create")
+    if tenant is not None and not user.is_staff and not Membership.objects.filter(user=user, tenant=tenant).exists():
+        raise Invalid("You are not a member of that tenant.", field="tenant")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise Invalid("The expiry must be in the future.", field="expires_at")
+    secret = new_token_secret()
+    token = ApiToken.objects.create(
+        user=user,
+        tenant=tenant,
+        name=name,
+        prefix=secret.prefix,
+        secret_hash=secret.digest,
+        read_only=read_only,
+        expires_at=expires_at,
+    )
+    audit.record(
+        actor,
+        "token.create",
+        token,
+        tenant=tenant,
+        details={"name": name, "prefix": secret.prefix, "read_only": read_only},
+    )
+    return token, secret.secret
+
+
+@transaction.atomic
+def revoke_token(*, actor: Actor, token: ApiToken) -> ApiToken:
+    if token.revoked_at is None:
+        ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        token.refresh_from_db()
+        audit.record(actor, "token.revoke", token, tenant=token.tenant, details={"prefix": token.prefix})
+    return token
+
+
+@transaction.atomic
+def update_quota(*, actor: Actor, quota: Quota, **limits: Any) -> Quota:
+    _require_operator(actor, "quota.update")
+    unknown = set(limits) - set(Quota.RESOURCES)
+    if unknown:
+        raise Invalid(f"Unknown quota fields: {sorted(unknown)}")
+    quota = Quota.objects.select_for_update().get(pk=quota.pk)
+    for field, value in limits.items():
+        if value < 0:
+            raise Invalid("Limits cannot be negative.", field=field)
+        setattr(quota, field, value)
+    quota.save(update_fields=list(limits))
+    audit.record(actor, "quota.update", quota, details={k: str(v) for k, v in limits.items()})
+    return quota
+
+
+@transaction.atomic
+def create_user(*, actor: Actor, username: str, password: str, email: str = "", is_staff: bool = False) -> Any:
+    """Operators create accounts (there is no self sign-up in a private cloud)."""
+    _require_operator(actor, "user.create")
+    if User.objects.filter(username=username).exists():
+        raise Conflict(f"A user named {username!r} already exists.", field="username")
+    user = User.objects.create_user(username=username, password=password, email=email, is_staff=is_staff)
+    audit.record(actor, "user.create", user, details={"username": username, "is_staff": is_staff})
+    return user

@@ -1,0 +1,102 @@
+"""Personas and shared fixtures.
+
+Tenant A ("acme"): owner alice, admin amir, member mia, viewer vic. Tenant B ("globex"): owner bob.
+charlie belongs to no tenant; oscar is an operator. Tokens: a read-only token of mia, a token of alice
+scoped to acme, a token of bob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class World:
+    acme: Any
+    globex: Any
+    users: dict[str, Any]
+    tokens: dict[str, str]
+
+    def user(self, name: str) -> Any:
+        return self.users[name]
+
+
+def make_user(username: str, *, staff: bool = False) -> Any:
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_user(
+        username=username, password=PASSWORD, email=f"{username}@example.test", is_staff=staff
+    )
+
+
+def build_world() -> World:
+    # Imported here so that driver tests run without Django (`-p no:django`).
+    from tenants import services
+    from tenants.actors import Actor
+    from tenants.choices import Role
+    from tenants.models import Membership
+
+    oscar = make_user("oscar", staff=True)
+    users = {"oscar": oscar}
+    for name in ("alice", "amir", "mia", "vic", "bob", "charlie"):
+        users[name] = make_user(name)
+    op = Actor(user=oscar)
+    acme = services.create_tenant(actor=op, name="acme", display_name="Acme", owner=users["alice"])
+    globex = services.create_tenant(actor=op, name="globex", display_name="Globex", owner=users["bob"])
+    Membership.objects.create(user=users["amir"], tenant=acme, role=Role.ADMIN)
+    Membership.objects.create(user=users["mia"], tenant=acme, role=Role.MEMBER)
+    Membership.objects.create(user=users["vic"], tenant=acme, role=Role.VIEWER)
+    tokens = {
+        "mia_readonly": services.create_token(actor=Actor(user=users["mia"]), name="ro", read_only=True)[1],
+        "alice_acme": services.create_token(actor=Actor(user=users["alice"]), name="acme", tenant=acme)[1],
+        "bob": services.create_token(actor=Actor(user=users["bob"]), name="bob")[1],
+    }
+    return World(acme=acme, globex=globex, users=users, tokens=tokens)
+
+
+@pytest.fixture
+def world(db: None) -> World:
+    return build_world()
+
+
+def client_for(world: World, persona: str) -> Any:
+    """An API client acting as a persona: a user name (session), a token name, or "anonymous"."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    if persona in world.tokens:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {world.tokens[persona]}")
+    elif persona != "anonymous":
+        client.force_authenticate(world.user(persona))
+    return client
+
+
+@pytest.fixture
+def as_persona(world: World) -> Any:
+    return lambda persona: client_for(world, persona)
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(request: pytest.FixtureRequest) -> Any:
+    """Real hashing costs ~0.3 s per user; tests create many users."""
+    if request.node.get_closest_marker("django_db") is not None:
+        settings = request.getfixturevalue("settings")
+        settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache(request: pytest.FixtureRequest) -> Any:
+    """Auth-failure counters live in the cache: every test starts with none."""
+    from django.conf import settings
+
+    if settings.configured and request.node.get_closest_marker("django_db") is not None:
+        from django.core.cache import cache
+
+        cache.clear()
+    yield
