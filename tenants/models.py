@@ -69,6 +69,9 @@ class Quota(models.Model):
 
     objects = TenantOwnedQuerySet.as_manager()
 
+    class Meta:
+        ordering = ["tenant__name"]
+
     RESOURCES = ("vcpus", "memory_mib", "workloads", "compartments", "image_bytes", "published_ports")
 
     def __str__(self) -> str:

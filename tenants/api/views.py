@@ -229,6 +229,9 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
         users = get_user_model().objects.order_by("username")
         return users if user.is_staff else users.filter(pk=user.pk)
 
+    def get_object(self) -> Any:
+        return get_object_or_404(self.get_queryset(), pk=self.kwargs["pk"])
+
     def create(self, request: Request) -> Response:
         require_operator(self, "create users")
         serializer = s.UserSerializer(data=request.data)

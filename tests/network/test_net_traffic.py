@@ -1,0 +1,187 @@
+"""Real traffic through real namespaces: NAT, published ports, hairpin, isolation, DNS, VXLAN.
+
+One site is built per module (it takes about a second): a fake internet with an HTTP server, two hosts
+on it, compartments A and B on host 1, a compartment V spanning both hosts over VXLAN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from nettopo import (
+    INTERNET_GATEWAY,
+    EchoHTTPServer,
+    Host,
+    Internet,
+    TcpListener,
+    http_get,
+    new_token,
+    nslookup,
+    sweep,
+    tcp_connects,
+    wait_for,
+)
+
+from compute.network import (
+    CompartmentNet,
+    HostNetworkState,
+    PortMapping,
+    apply_host_network,
+    attach_container,
+    detach_container,
+    mac_for,
+    remove_host_network,
+)
+from compute.network.names import bridge_name_for
+from compute.network.netns import iproute
+
+NEEDS_HOST = True
+INTERNET = str(INTERNET_GATEWAY.ip)
+A_WEB, A_API, B_DB = IPv4Address("10.80.1.2"), IPv4Address("10.80.1.3"), IPv4Address("10.80.2.2")
+V_ONE, V_TWO = IPv4Address("10.80.9.2"), IPv4Address("10.80.9.3")
+HOST_SERVICE_PORT = 2222
+
+
+def compartment(cid: str, subnet: str, names: dict[str, IPv4Address], **extra: object) -> CompartmentNet:
+    network = IPv4Network(subnet)
+    return CompartmentNet(
+        compartment_id=cid,
+        bridge=bridge_name_for(cid),
+        subnet=network,
+        gateway=network.network_address + 1,
+        dns_names=names,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@dataclass
+class Site:
+    token: str
+    internet: Internet
+    host1: Host
+    host2: Host
+    a: CompartmentNet
+    b: CompartmentNet
+    v_on_1: CompartmentNet
+    v_on_2: CompartmentNet
+    workloads: dict[str, str] = field(default_factory=dict)  # label -> netns name
+
+    def ns(self, label: str) -> str:
+        return self.workloads[label]
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    token = new_token()
+    servers: list[EchoHTTPServer | TcpListener] = []
+    hosts: list[Host] = []
+    site = None
+    try:
+        internet = Internet(token)
+        host1, host2 = internet.add_host("1"), internet.add_host("2")
+        hosts += [host1, host2]
+        a = compartment("cmpa", "10.80.1.0/24", {"web": A_WEB, "api": A_API})
+        b = compartment("cmpb", "10.80.2.0/24", {"db": B_DB})
+        v_names = {"one": V_ONE, "two": V_TWO}
+        v_on_1 = compartment("cmpv", "10.80.9.0/24", v_names, vni=4242, vxlan_peers=[host2.uplink_address.ip])
+        v_on_2 = compartment("cmpv", "10.80.9.0/24", v_names, vni=4242, vxlan_peers=[host1.uplink_address.ip])
+        ports = [
+            PortMapping("tcp", 8080, A_WEB, 80),
+            PortMapping("tcp", 8081, B_DB, 80),
+            PortMapping("udp", 5353, A_WEB, 53),
+        ]
+        apply_host_network(HostNetworkState("up0", [a, b, v_on_1], ports), host1.netns)
+        apply_host_network(HostNetworkState("up0", [v_on_2]), host2.netns)
+        site = Site(token, internet, host1, host2, a, b, v_on_1, v_on_2)
+        for label, comp, address, host in (
+            ("web", a, A_WEB, host1),
+            ("api", a, A_API, host1),
+            ("db", b, B_DB, host1),
+            ("one", v_on_1, V_ONE, host1),
+            ("two", v_on_2, V_TWO, host2),
+        ):
+            netns = f"bhtnw{label}{token}"
+            attach_container(comp, netns, address, mac_for(label + token), host.netns)
+            site.workloads[label] = netns
+            servers.append(EchoHTTPServer(netns, "0.0.0.0", 80, label))
+        servers.append(EchoHTTPServer(internet.netns, INTERNET, 80, "internet"))
+        servers.append(TcpListener(host1.netns, "0.0.0.0", HOST_SERVICE_PORT))
+        # The internet knows a route to compartment A via host 1, as a hostile neighbour would.
+        with iproute(internet.netns) as ipr:
+            ipr.route("add", dst="10.80.1.0/24", gateway=str(host1.uplink_address.ip))
+        yield site
+        for label, netns in site.workloads.items():
+            detach_container(netns, host2.netns if label == "two" else host1.netns)
+        for host in hosts:
+            remove_host_network(host.netns)
+    finally:
+        for server in servers:
+            server.stop()
+        sweep(token)
+
+
+def test_it_masquerades_workload_traffic_to_the_internet(site: Site) -> None:
+    assert http_get(site.ns("web"), INTERNET, 80) == f"internet {site.host1.uplink_address.ip}"
+
+
+def test_it_publishes_a_port_to_the_internet_keeping_the_client_address(site: Site) -> None:
+    assert http_get(site.internet.netns, str(site.host1.uplink_address.ip), 8080) == f"web {INTERNET}"
+    assert http_get(site.internet.netns, str(site.host1.uplink_address.ip), 8081) == f"db {INTERNET}"
+
+
+def test_it_hairpins_a_workload_to_its_own_published_port(site: Site) -> None:
+    assert http_get(site.ns("web"), str(site.host1.uplink_address.ip), 8080) == f"web {site.a.gateway}"
+
+
+def test_it_hairpins_a_neighbour_to_a_published_port(site: Site) -> None:
+    assert http_get(site.ns("api"), str(site.host1.uplink_address.ip), 8080) == f"web {site.a.gateway}"
+
+
+def test_it_lets_members_of_one_compartment_talk_directly(site: Site) -> None:
+    assert http_get(site.ns("api"), str(A_WEB), 80) == f"web {A_API}"
+
+
+def test_it_isolates_compartments_in_both_directions(site: Site) -> None:
+    assert not tcp_connects(site.ns("web"), str(B_DB), 80)
+    assert not tcp_connects(site.ns("db"), str(A_WEB), 80)
+    assert not tcp_connects(site.ns("web"), str(V_ONE), 80)
+
+
+def test_it_keeps_the_internet_out_of_unpublished_compartment_addresses(site: Site) -> None:
+    assert not tcp_connects(site.internet.netns, str(A_WEB), 80)
+
+
+def test_it_keeps_workloads_off_host_services(site: Site) -> None:
+    host_addresses = [str(site.a.gateway), str(site.b.gateway), str(site.host1.uplink_address.ip)]
+    # The service is really up: the internet reaches it on the uplink.
+    assert tcp_connects(site.internet.netns, str(site.host1.uplink_address.ip), HOST_SERVICE_PORT)
+    for address in host_addresses:
+        assert not tcp_connects(site.ns("web"), address, HOST_SERVICE_PORT), address
+
+
+def test_it_answers_dns_on_the_gateway_with_short_and_qualified_names(site: Site) -> None:
+    web_ns = site.ns("web")
+    assert nslookup(web_ns, "api", site.a.gateway) == [str(A_API)]
+    assert nslookup(web_ns, "web.cmpa", site.a.gateway) == [str(A_WEB)]
+    assert nslookup(web_ns, "db", site.a.gateway) == []
+    assert nslookup(site.ns("db"), "db.cmpb", site.b.gateway) == [str(B_DB)]
+
+
+def test_it_serves_dns_to_a_compartment_only_on_its_own_gateway(site: Site) -> None:
+    assert tcp_connects(site.ns("web"), str(site.a.gateway), 53)
+    assert not tcp_connects(site.ns("web"), str(site.b.gateway), 53)
+
+
+def test_it_connects_a_compartment_across_two_hosts_over_vxlan(site: Site) -> None:
+    assert wait_for(lambda: http_get(site.ns("one"), str(V_TWO), 80)) == f"two {V_ONE}"
+    assert http_get(site.ns("two"), str(V_ONE), 80) == f"one {V_TWO}"
+    assert nslookup(site.ns("two"), "one.cmpv", site.v_on_2.gateway) == [str(V_ONE)]
+
+
+def test_it_sends_each_vxlan_member_out_through_its_own_host(site: Site) -> None:
+    # Same gateway address and MAC on both hosts, yet each host answers only its own workloads.
+    assert http_get(site.ns("one"), INTERNET, 80) == f"internet {site.host1.uplink_address.ip}"
+    assert http_get(site.ns("two"), INTERNET, 80) == f"internet {site.host2.uplink_address.ip}"

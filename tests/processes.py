@@ -1,0 +1,63 @@
+"""Real helper processes for tests: a Celery worker on the test database, waiting with deadlines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def test_database_url() -> str:
+    """DATABASE_URL of the test database pytest-django created (so a subprocess sees the same rows)."""
+    s = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{s['NAME']}"
+    return f"postgres://{s['USER']}:{s.get('PASSWORD') or ''}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DATABASE_URL"] = test_database_url()
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def celery_worker(queues: str = "default", name: str = "test", **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker process consuming `queues` from the real Redis broker."""
+    log = open(ROOT / "var" / f"test-worker-{name}.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1", "-P", "solo",
+         "-n", f"{name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=ROOT, env=subprocess_env(**env), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -1,0 +1,233 @@
+"""The authorization matrix: every API route x every persona x an object of acme, of globex, or missing.
+
+Routes are enumerated from the URL resolver; a route missing from ROUTES fails the suite, so coverage
+cannot shrink silently. Expected outcomes follow the role matrix in README.md.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from django.db import transaction
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from portal.models import Operation
+from portal.permissions import ROLES_ALLOWED
+from tenants.models import ApiToken, AuditEntry, Membership, Quota
+from tests.conftest import World, build_world, client_for
+
+PERSONAS = [
+    "oscar", "alice", "amir", "mia", "vic", "bob", "charlie", "anonymous",
+    "mia_readonly", "alice_acme", "bob",
+]
+PERSONAS = list(dict.fromkeys(PERSONAS))
+TOKEN_USER = {"mia_readonly": "mia", "alice_acme": "alice", "bob": "bob"}
+READ_ONLY_TOKENS = {"mia_readonly"}
+SCOPED_TOKENS = {"alice_acme": "acme"}
+
+Ownership = str  # "acme" | "globex" | "missing"
+
+
+def user_name(persona: str) -> str | None:
+    if persona == "anonymous":
+        return None
+    return TOKEN_USER.get(persona, persona) if persona in TOKEN_USER and persona != "bob" else persona
+
+
+def role_in(world: World, persona: str, tenant_name: str) -> str | None:
+    name = user_name(persona)
+    if name is None:
+        return None
+    if persona in SCOPED_TOKENS and SCOPED_TOKENS[persona] != tenant_name:
+        return None
+    tenant = world.acme if tenant_name == "acme" else world.globex
+    m = Membership.objects.filter(user__username=name, tenant=tenant).first()
+    return m.role if m else None
+
+
+def is_staff(persona: str) -> bool:
+    return persona == "oscar"
+
+
+@dataclass(frozen=True)
+class Route:
+    """How to exercise one route and what each persona should get."""
+
+    methods: tuple[str, ...]
+    # For object routes: returns the object's pk for an ownership ("acme"/"globex").
+    obj: Callable[[World, str], Any] | None = None
+    read: str = "view"          # permission action for GET
+    write: str = "operate"      # permission action for writes; "operator" = staff only after view
+    visibility: str = "tenant"  # "tenant" | "self" (tokens, users: only their user and operators)
+    list_post: int | None = None  # expected status of an empty POST to a collection (allowed personas)
+    list_post_staff_only: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _acme_or_globex(world: World, ownership: str) -> Any:
+    return world.acme if ownership == "acme" else world.globex
+
+
+def _membership(world: World, ownership: str) -> Any:
+    user = "mia" if ownership == "acme" else "bob"
+    return Membership.objects.get(user__username=user, tenant=_acme_or_globex(world, ownership)).pk
+
+
+def _token(world: World, ownership: str) -> Any:
+    user = "alice" if ownership == "acme" else "bob"
+    return ApiToken.objects.filter(user__username=user).first().pk  # type: ignore[union-attr]
+
+
+def _audit(world: World, ownership: str) -> Any:
+    return AuditEntry.objects.filter(tenant=_acme_or_globex(world, ownership)).first().pk  # type: ignore[union-attr]
+
+
+def _operation(world: World, ownership: str) -> Any:
+    return Operation.objects.create(kind="test.noop", tenant=_acme_or_globex(world, ownership)).pk
+
+
+def _user(world: World, ownership: str) -> Any:
+    return world.user("alice" if ownership == "acme" else "bob").pk
+
+
+ROUTES: dict[str, Route] = {
+    "api-root": Route(methods=("GET",)),
+    "tenant-list": Route(methods=("GET", "POST"), list_post=400, list_post_staff_only=True),
+    "tenant-detail": Route(
+        methods=("GET", "PATCH", "DELETE"), obj=lambda w, o: _acme_or_globex(w, o).pk, write="own",
+        extra={"DELETE": "operator"},
+    ),
+    "membership-list": Route(methods=("GET", "POST"), list_post=400),
+    "membership-detail": Route(methods=("GET", "PATCH", "DELETE"), obj=_membership, write="manage"),
+    "token-list": Route(methods=("GET", "POST"), list_post=400),
+    "token-detail": Route(methods=("GET", "DELETE"), obj=_token, visibility="self", write="view"),
+    "quota-list": Route(methods=("GET",)),
+    "quota-detail": Route(
+        methods=("GET", "PATCH"), obj=lambda w, o: Quota.objects.get(tenant=_acme_or_globex(w, o)).pk,
+        write="operator",
+    ),
+    "audit-list": Route(methods=("GET",)),
+    "audit-detail": Route(methods=("GET",), obj=_audit, read="audit"),
+    "operation-list": Route(methods=("GET",)),
+    "operation-detail": Route(methods=("GET",), obj=_operation),
+    "operation-cancel": Route(methods=("POST",), obj=_operation, write="operate"),
+    "operation-selfcheck": Route(methods=("POST",), list_post=202, list_post_staff_only=True),
+    "user-list": Route(methods=("GET", "POST"), list_post=400, list_post_staff_only=True),
+    "user-detail": Route(methods=("GET",), obj=_user, visibility="self"),
+    "user-me": Route(methods=("GET",)),
+    "schema": Route(methods=("GET",)),
+    "swagger-ui": Route(methods=("GET",)),
+    "redoc": Route(methods=("GET",)),
+}
+# Routes that Django's admin owns; it has its own staff-only login.
+IGNORED_NAMESPACES = {"admin"}
+
+
+def api_route_names() -> set[str]:
+    names: set[str] = set()
+
+    def walk(patterns: list[Any], prefix: str, namespace: str | None) -> None:
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                ns = p.namespace or namespace
+                if ns in IGNORED_NAMESPACES:
+                    continue
+                walk(p.url_patterns, prefix + str(p.pattern), ns)
+            elif isinstance(p, URLPattern) and (prefix + str(p.pattern)).startswith("api/v1/") and p.name:
+                if "format" in str(p.pattern):
+                    continue  # DRF's format-suffix twins of the same views
+                names.add(p.name)
+
+    walk(get_resolver().url_patterns, "", None)
+    return names
+
+
+def test_it_has_an_expectation_for_every_api_route() -> None:
+    missing = api_route_names() - set(ROUTES)
+    assert not missing, f"Add these routes to the authorization matrix: {sorted(missing)}"
+
+
+def expected_status(world: World, route: Route, name: str, persona: str, method: str, ownership: str) -> set[int]:
+    if persona == "anonymous":
+        return {401, 403} if name in {"swagger-ui", "redoc"} else {401}
+    if route.obj is None:
+        if method == "GET":
+            return {200}
+        if route.list_post_staff_only and (not is_staff(persona) or persona in READ_ONLY_TOKENS):
+            return {403}
+        return {route.list_post or 400}
+    if ownership == "missing":
+        return {404}
+    # Object routes: can the persona see the object at all?
+    if route.visibility == "self":
+        owner = "alice" if ownership == "acme" else "bob"
+        visible = is_staff(persona) or user_name(persona) == owner
+        if persona in SCOPED_TOKENS and route is not ROUTES["user-detail"]:
+            visible = visible and True
+    else:
+        role = role_in(world, persona, ownership)
+        visible = is_staff(persona) or (role is not None and role in ROLES_ALLOWED["view"])
+        if route.read == "audit" and not is_staff(persona):
+            visible = role is not None and role in ROLES_ALLOWED["audit"]
+    if not visible:
+        return {404}
+    if method == "GET":
+        return {200}
+    if persona in READ_ONLY_TOKENS:
+        return {403}
+    action = route.extra.get(method, route.write)
+    if action == "operator":
+        allowed = is_staff(persona)
+    elif route.visibility == "self":
+        allowed = True
+    else:
+        role = role_in(world, persona, ownership)
+        allowed = is_staff(persona) or (role is not None and role in ROLES_ALLOWED[action])
+    if not allowed:
+        return {403}
+    return {200, 202, 204, 400, 409}
+
+
+def url_for(name: str, pk: Any = None) -> str:
+    from django.urls import reverse
+
+    return reverse(name, kwargs={"pk": pk} if pk is not None else None)
+
+
+CASES = [
+    (name, persona)
+    for name in sorted(ROUTES)
+    for persona in PERSONAS
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("name", "persona"), CASES)
+def test_it_answers_each_persona_as_the_role_matrix_says(name: str, persona: str) -> None:
+    world = build_world()
+    route = ROUTES[name]
+    ownerships = ["acme", "globex", "missing"] if route.obj is not None else [None]
+    failures = []
+    for ownership in ownerships:
+        for method in route.methods:
+            # Each request in a savepoint that is rolled back: a DELETE doesn't spoil the next case.
+            with transaction.atomic():
+                if ownership is None:
+                    url = url_for(name)
+                elif ownership == "missing":
+                    pk = route.obj(world, "acme") if route.obj else None  # type: ignore[misc]
+                    missing_pk: Any = uuid.uuid4() if isinstance(pk, uuid.UUID) else 10**9
+                    url = url_for(name, missing_pk)
+                else:
+                    url = url_for(name, route.obj(world, ownership))  # type: ignore[misc]
+                client = client_for(world, persona)
+                response = getattr(client, method.lower())(url, {}, format="json")
+                want = expected_status(world, route, name, persona, method, ownership or "")
+                if response.status_code not in want:
+                    failures.append(f"{method} {url} [{ownership}] -> {response.status_code}, want {sorted(want)}")
+                transaction.set_rollback(True)
+    assert not failures, "\n".join(failures)
