@@ -41,7 +41,10 @@ def bootstrap() -> BootstrapResult:
             message = f"Operator login: {ADMIN_USERNAME} (password as set before)"
         if not Tenant.objects.filter(name="demo").exists():
             services.create_tenant(
-                actor=Actor(user=admin, label_override="bootstrap"), name="demo", display_name="Demo", owner=admin
+                actor=Actor(user=admin, label_override="bootstrap"),
+                name="demo",
+                display_name="Demo",
+                owner=admin,
             )
     result = BootstrapResult(message=message)
     try:

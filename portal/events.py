@@ -30,5 +30,5 @@ def publish(tenant_id: Any, event: dict[str, Any]) -> None:
         if tenant_id is not None:
             async_to_sync(layer.group_send)(tenant_group(tenant_id), message)
         async_to_sync(layer.group_send)(OPERATORS_GROUP, message)
-    except Exception:  # noqa: BLE001 - events are best effort; state is in the database
+    except Exception:
         log.warning("could not publish event %s", event.get("type"), exc_info=True)

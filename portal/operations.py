@@ -57,7 +57,10 @@ def claim(op_id: Any) -> bool:
 
 def finish(op_id: Any, *, result: dict[str, Any] | None = None, message: str = "Done") -> None:
     Operation.objects.filter(pk=op_id, state=OperationState.RUNNING).update(
-        state=OperationState.SUCCEEDED, progress=100, message=message, result=result or {},
+        state=OperationState.SUCCEEDED,
+        progress=100,
+        message=message,
+        result=result or {},
         finished_at=timezone.now(),
     )
     _publish(op_id)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from django.db import models
 
 if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+    pass
 
 
 class Role(models.TextChoices):

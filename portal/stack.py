@@ -71,8 +71,19 @@ def ensure_redis(stack: Stack, data_dir: Path) -> None:
     stack.spawn(
         "redis",
         [
-            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir / "redis"),
-            "--maxmemory-policy", "noeviction", "--appendonly", "yes", "--save", "",
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data_dir / "redis"),
+            "--maxmemory-policy",
+            "noeviction",
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -110,13 +121,37 @@ def run(bind: str, port: int) -> int:
         queues = ["default", *login.agent_queues]
         stack.spawn(
             "worker",
-            [python, "-m", "celery", "-A", "portal", "worker", "-l", "WARNING", "-Q", ",".join(queues),
-             "--concurrency", "2", "-n", f"portal@{settings.BULKHEAD_HOST_NAME}"],
+            [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "portal",
+                "worker",
+                "-l",
+                "WARNING",
+                "-Q",
+                ",".join(queues),
+                "--concurrency",
+                "2",
+                "-n",
+                f"portal@{settings.BULKHEAD_HOST_NAME}",
+            ],
         )
         stack.spawn(
             "beat",
-            [python, "-m", "celery", "-A", "portal", "beat", "-l", "WARNING",
-             "-s", str(settings.DATA_DIR / "celerybeat-schedule")],
+            [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "portal",
+                "beat",
+                "-l",
+                "WARNING",
+                "-s",
+                str(settings.DATA_DIR / "celerybeat-schedule"),
+            ],
         )
         if login.agent_command:
             stack.spawn("agent", [python, *login.agent_command])

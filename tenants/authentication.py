@@ -55,7 +55,9 @@ class BearerTokenAuthentication(BaseAuthentication):
         secret = parts[1].decode("latin-1")
         prefix = prefix_of(secret)
         token = (
-            ApiToken.objects.select_related("user", "tenant").filter(prefix=prefix).first() if prefix else None
+            ApiToken.objects.select_related("user", "tenant").filter(prefix=prefix).first()
+            if prefix
+            else None
         )
         now = timezone.now()
         if token is None or not matches(secret, token.secret_hash):

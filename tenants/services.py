@@ -35,7 +35,9 @@ def create_tenant(*, actor: Actor, name: str, display_name: str = "", owner: Any
     audit.record(actor, "tenant.create", tenant, details={"name": name})
     if owner is not None:
         Membership.objects.create(user=owner, tenant=tenant, role=Role.OWNER)
-        audit.record(actor, "membership.create", tenant, details={"user": owner.get_username(), "role": "owner"})
+        audit.record(
+            actor, "membership.create", tenant, details={"user": owner.get_username(), "role": "owner"}
+        )
     return tenant
 
 
@@ -128,7 +130,11 @@ def create_token(
         raise NotPermitted("Sign in first.")
     if actor.token is not None and (actor.token.read_only or actor.token.tenant_id is not None):
         raise NotPermitted("A restricted token cannot create tokens.", audit_action="token.create")
-    if tenant is not None and not user.is_staff and not Membership.objects.filter(user=user, tenant=tenant).exists():
+    if (
+        tenant is not None
+        and not user.is_staff
+        and not Membership.objects.filter(user=user, tenant=tenant).exists()
+    ):
         raise Invalid("You are not a member of that tenant.", field="tenant")
     if expires_at is not None and expires_at <= timezone.now():
         raise Invalid("The expiry must be in the future.", field="expires_at")
@@ -178,7 +184,9 @@ def update_quota(*, actor: Actor, quota: Quota, **limits: Any) -> Quota:
 
 
 @transaction.atomic
-def create_user(*, actor: Actor, username: str, password: str, email: str = "", is_staff: bool = False) -> Any:
+def create_user(
+    *, actor: Actor, username: str, password: str, email: str = "", is_staff: bool = False
+) -> Any:
     """Operators create accounts (there is no self sign-up in a private cloud)."""
     _require_operator(actor, "user.create")
     if User.objects.filter(username=username).exists():

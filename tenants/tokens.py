@@ -10,7 +10,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-TOKEN_PREFIX = "bh_"
+TOKEN_PREFIX = "bh_"  # noqa: S105 - a public marker, not a secret
 
 
 @dataclass(frozen=True)

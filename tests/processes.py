@@ -16,7 +16,9 @@ from django.db import connection
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -43,13 +45,37 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def celery_worker(queues: str = "default", name: str = "test", **env: str) -> Iterator[subprocess.Popen[bytes]]:
+def celery_worker(
+    queues: str = "default", name: str = "test", **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
     """A real Celery worker process consuming `queues` from the real Redis broker."""
     log = open(ROOT / "var" / f"test-worker-{name}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1", "-P", "solo",
-         "-n", f"{name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env=subprocess_env(**env), stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "portal",
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            "1",
+            "-P",
+            "solo",
+            "-n",
+            f"{name}@%h",
+            "-l",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(**env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         yield proc

@@ -46,8 +46,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, exceptions.PermissionDenied) and request is not None:
         _audit_denied(request, context, str(exc.detail))
     if isinstance(exc, exceptions.ValidationError):
-        fields = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
-        return error_response(status.HTTP_400_BAD_REQUEST, "invalid", _message(exc.detail), fields)
+        detail_fields: Any = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
+        return error_response(status.HTTP_400_BAD_REQUEST, "invalid", _message(exc.detail), detail_fields)
     code = getattr(exc, "default_code", "error")
     detail = getattr(exc, "detail", str(exc))
     error = error_response(response.status_code, str(code), _message(detail))

@@ -54,5 +54,7 @@ class PermissionLayerViewSet(viewsets.GenericViewSet):
         return Actor.from_request(self.request)
 
 
-class ReadOnlyPermissionLayerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLayerViewSet):
+class ReadOnlyPermissionLayerViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLayerViewSet
+):
     pass

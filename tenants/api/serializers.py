@@ -54,8 +54,16 @@ class ApiTokenSerializer(serializers.ModelSerializer):
     class Meta:
         model = ApiToken
         fields = [
-            "id", "name", "username", "prefix", "tenant", "read_only", "expires_at",
-            "last_used_at", "revoked_at", "created_at",
+            "id",
+            "name",
+            "username",
+            "prefix",
+            "tenant",
+            "read_only",
+            "expires_at",
+            "last_used_at",
+            "revoked_at",
+            "created_at",
         ]
         read_only_fields = ["id", "username", "prefix", "last_used_at", "revoked_at", "created_at"]
 
@@ -76,7 +84,11 @@ class QuotaSerializer(serializers.ModelSerializer):
     class Meta:
         model = Quota
         fields = [
-            "id", "tenant", "tenant_name", *Quota.RESOURCES, *(f"used_{r}" for r in Quota.RESOURCES),
+            "id",
+            "tenant",
+            "tenant_name",
+            *Quota.RESOURCES,
+            *(f"used_{r}" for r in Quota.RESOURCES),
         ]
         read_only_fields = ["id", "tenant", "tenant_name", *(f"used_{r}" for r in Quota.RESOURCES)]
 
@@ -85,8 +97,19 @@ class AuditEntrySerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditEntry
         fields = [
-            "id", "time", "actor", "actor_label", "actor_token", "tenant", "action", "object_type",
-            "object_id", "outcome", "request_id", "source_address", "details",
+            "id",
+            "time",
+            "actor",
+            "actor_label",
+            "actor_token",
+            "tenant",
+            "action",
+            "object_type",
+            "object_id",
+            "outcome",
+            "request_id",
+            "source_address",
+            "details",
         ]
         read_only_fields = fields
 
@@ -95,8 +118,20 @@ class OperationSerializer(serializers.ModelSerializer):
     class Meta:
         model = Operation
         fields = [
-            "id", "kind", "tenant", "target_type", "target_id", "target_label", "state", "progress",
-            "message", "error", "result", "created_at", "started_at", "finished_at",
+            "id",
+            "kind",
+            "tenant",
+            "target_type",
+            "target_id",
+            "target_label",
+            "state",
+            "progress",
+            "message",
+            "error",
+            "result",
+            "created_at",
+            "started_at",
+            "finished_at",
         ]
         read_only_fields = fields
 

@@ -127,14 +127,17 @@ class ApiTokenViewSet(ReadOnlyPermissionLayerViewSet):
         return ApiToken.objects.select_related("user")
 
     def get_queryset(self) -> QuerySet[ApiToken]:
-        return self.base_queryset().for_user(self.request.user)
+        return ApiToken.objects.for_user(self.request.user).select_related("user")
 
     @extend_schema(request=s.ApiTokenSerializer, responses={201: s.ApiTokenCreatedSerializer})
     def create(self, request: Request) -> Response:
         serializer = s.ApiTokenSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         tenant = serializer.validated_data.get("tenant")
-        if tenant is not None and not Tenant.objects.for_user(request.user, "view").filter(pk=tenant.pk).exists():
+        if (
+            tenant is not None
+            and not Tenant.objects.for_user(request.user, "view").filter(pk=tenant.pk).exists()
+        ):
             raise PermissionDenied("You are not a member of that tenant.")
         token, secret = services.create_token(
             actor=self.actor,
@@ -227,7 +230,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
     def get_queryset(self) -> QuerySet[Any]:
         user = self.request.user
         users = get_user_model().objects.order_by("username")
-        return users if user.is_staff else users.filter(pk=user.pk)
+        return users if user.is_staff else users.filter(pk=user.pk)  # type: ignore[misc]
 
     def get_object(self) -> Any:
         return get_object_or_404(self.get_queryset(), pk=self.kwargs["pk"])
@@ -241,12 +244,13 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
 
     @action(detail=False, methods=["get"])
     def me(self, request: Request) -> Response:
-        memberships = Membership.objects.filter(user=request.user).select_related("tenant")
+        memberships = Membership.objects.filter(user=request.user).select_related("tenant")  # type: ignore[misc]
         return Response(
             {
                 **s.UserSerializer(request.user).data,
                 "memberships": [
-                    {"tenant": str(m.tenant_id), "tenant_name": m.tenant.name, "role": m.role} for m in memberships
+                    {"tenant": str(m.tenant_id), "tenant_name": m.tenant.name, "role": m.role}
+                    for m in memberships
                 ],
             }
         )

@@ -4,14 +4,13 @@ from django.db import migrations
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tenants', '0002_audit_append_only'),
+        ("tenants", "0002_audit_append_only"),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name='quota',
-            options={'ordering': ['tenant__name']},
+            name="quota",
+            options={"ordering": ["tenant__name"]},
         ),
     ]

@@ -30,7 +30,11 @@ def test_it_passes_check_deploy_with_zero_warnings(tmp_path: Path) -> None:
     }
     result = subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
@@ -76,8 +80,17 @@ def test_it_serves_the_openapi_schema_locally(world: World) -> None:
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("url", ["/api/v1/audit/", "/api/v1/tokens/", "/api/v1/memberships/",
-                                 "/api/v1/operations/", "/api/v1/tenants/", "/api/v1/quotas/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/v1/audit/",
+        "/api/v1/tokens/",
+        "/api/v1/memberships/",
+        "/api/v1/operations/",
+        "/api/v1/tenants/",
+        "/api/v1/quotas/",
+    ],
+)
 def test_it_lists_with_a_constant_number_of_queries(world: World, url: str) -> None:
     from portal.models import Operation
     from tenants import services

@@ -26,7 +26,9 @@ def session_headers(user: Any) -> list[tuple[bytes, bytes]]:
 @pytest.mark.django_db(transaction=True)
 def test_it_runs_an_operation_through_a_real_worker(world: World) -> None:
     with celery_worker():
-        response = client_for(world, "oscar").post("/api/v1/operations/selfcheck/", {"steps": 2}, format="json")
+        response = client_for(world, "oscar").post(
+            "/api/v1/operations/selfcheck/", {"steps": 2}, format="json"
+        )
         assert response.status_code == 202
         op_id = response.json()["id"]
         op = wait_until(
@@ -60,7 +62,9 @@ def test_it_streams_progress_over_the_websocket(world: World) -> None:
 
     @database_sync_to_async
     def start() -> str:
-        response = client_for(world, "oscar").post("/api/v1/operations/selfcheck/", {"steps": 3}, format="json")
+        response = client_for(world, "oscar").post(
+            "/api/v1/operations/selfcheck/", {"steps": 3}, format="json"
+        )
         return str(response.json()["id"])
 
     with celery_worker():
@@ -102,7 +106,9 @@ def test_it_refuses_a_websocket_from_another_origin(world: World) -> None:
     headers = [h for h in session_headers(world.user("alice")) if h[0] != b"origin"]
 
     async def scenario() -> bool:
-        ws = WebsocketCommunicator(application, "/ws/events/", headers=[*headers, (b"origin", b"http://evil.test")])
+        ws = WebsocketCommunicator(
+            application, "/ws/events/", headers=[*headers, (b"origin", b"http://evil.test")]
+        )
         connected, _ = await ws.connect()
         return connected
 

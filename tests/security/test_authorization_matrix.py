@@ -21,8 +21,17 @@ from tenants.models import ApiToken, AuditEntry, Membership, Quota
 from tests.conftest import World, build_world, client_for
 
 PERSONAS = [
-    "oscar", "alice", "amir", "mia", "vic", "bob", "charlie", "anonymous",
-    "mia_readonly", "alice_acme", "bob",
+    "oscar",
+    "alice",
+    "amir",
+    "mia",
+    "vic",
+    "bob",
+    "charlie",
+    "anonymous",
+    "mia_readonly",
+    "alice_acme",
+    "bob",
 ]
 PERSONAS = list(dict.fromkeys(PERSONAS))
 TOKEN_USER = {"mia_readonly": "mia", "alice_acme": "alice", "bob": "bob"}
@@ -60,8 +69,8 @@ class Route:
     methods: tuple[str, ...]
     # For object routes: returns the object's pk for an ownership ("acme"/"globex").
     obj: Callable[[World, str], Any] | None = None
-    read: str = "view"          # permission action for GET
-    write: str = "operate"      # permission action for writes; "operator" = staff only after view
+    read: str = "view"  # permission action for GET
+    write: str = "operate"  # permission action for writes; "operator" = staff only after view
     visibility: str = "tenant"  # "tenant" | "self" (tokens, users: only their user and operators)
     list_post: int | None = None  # expected status of an empty POST to a collection (allowed personas)
     list_post_staff_only: bool = False
@@ -98,7 +107,9 @@ ROUTES: dict[str, Route] = {
     "api-root": Route(methods=("GET",)),
     "tenant-list": Route(methods=("GET", "POST"), list_post=400, list_post_staff_only=True),
     "tenant-detail": Route(
-        methods=("GET", "PATCH", "DELETE"), obj=lambda w, o: _acme_or_globex(w, o).pk, write="own",
+        methods=("GET", "PATCH", "DELETE"),
+        obj=lambda w, o: _acme_or_globex(w, o).pk,
+        write="own",
         extra={"DELETE": "operator"},
     ),
     "membership-list": Route(methods=("GET", "POST"), list_post=400),
@@ -107,7 +118,8 @@ ROUTES: dict[str, Route] = {
     "token-detail": Route(methods=("GET", "DELETE"), obj=_token, visibility="self", write="view"),
     "quota-list": Route(methods=("GET",)),
     "quota-detail": Route(
-        methods=("GET", "PATCH"), obj=lambda w, o: Quota.objects.get(tenant=_acme_or_globex(w, o)).pk,
+        methods=("GET", "PATCH"),
+        obj=lambda w, o: Quota.objects.get(tenant=_acme_or_globex(w, o)).pk,
         write="operator",
     ),
     "audit-list": Route(methods=("GET",)),
@@ -151,7 +163,9 @@ def test_it_has_an_expectation_for_every_api_route() -> None:
     assert not missing, f"Add these routes to the authorization matrix: {sorted(missing)}"
 
 
-def expected_status(world: World, route: Route, name: str, persona: str, method: str, ownership: str) -> set[int]:
+def expected_status(
+    world: World, route: Route, name: str, persona: str, method: str, ownership: str
+) -> set[int]:
     if persona == "anonymous":
         return {401, 403} if name in {"swagger-ui", "redoc"} else {401}
     if route.obj is None:
@@ -198,11 +212,7 @@ def url_for(name: str, pk: Any = None) -> str:
     return reverse(name, kwargs={"pk": pk} if pk is not None else None)
 
 
-CASES = [
-    (name, persona)
-    for name in sorted(ROUTES)
-    for persona in PERSONAS
-]
+CASES = [(name, persona) for name in sorted(ROUTES) for persona in PERSONAS]
 
 
 @pytest.mark.django_db
@@ -228,6 +238,8 @@ def test_it_answers_each_persona_as_the_role_matrix_says(name: str, persona: str
                 response = getattr(client, method.lower())(url, {}, format="json")
                 want = expected_status(world, route, name, persona, method, ownership or "")
                 if response.status_code not in want:
-                    failures.append(f"{method} {url} [{ownership}] -> {response.status_code}, want {sorted(want)}")
+                    failures.append(
+                        f"{method} {url} [{ownership}] -> {response.status_code}, want {sorted(want)}"
+                    )
                 transaction.set_rollback(True)
     assert not failures, "\n".join(failures)
