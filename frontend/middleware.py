@@ -23,8 +23,11 @@ class CurrentTenantMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         request.tenant = None  # type: ignore[attr-defined]
         user = getattr(request, "user", None)
-        if user is not None and user.is_authenticated and request.path.startswith("/") and not request.path.startswith(
-            ("/api/", "/static/")
+        if (
+            user is not None
+            and user.is_authenticated
+            and request.path.startswith("/")
+            and not request.path.startswith(("/api/", "/static/"))
         ):
             wanted = request.session.get(SESSION_KEY)
             visible = Tenant.objects.for_user(user, "view")

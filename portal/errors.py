@@ -18,6 +18,7 @@ class ServiceError(Exception):
         # A denial is audited by whoever turns the error into a response: outside the service's
         # transaction, which the error rolls back.
         self.audit_action = audit_action
+        self.audited = False
         self.details = details
 
 

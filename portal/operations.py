@@ -34,8 +34,16 @@ def start(
         actor=getattr(actor, "user", None),
     )
     op_id = str(op.pk)
-    transaction.on_commit(lambda: task.apply_async(args=[op_id], task_id=op_id, queue=queue))
-    transaction.on_commit(lambda: events.publish(op.tenant_id, op.as_event()))
+
+    def send() -> None:
+        try:
+            task.apply_async(args=[op_id], task_id=op_id, queue=queue, retry=False)
+        except Exception as exc:  # noqa: BLE001 - any broker failure: the row says why, the caller goes on
+            fail(op_id, f"Could not queue the task: {exc}")
+        else:
+            events.publish(op.tenant_id, op.as_event())
+
+    transaction.on_commit(send)
     return op
 
 

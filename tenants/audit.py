@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 from django.db import models
 
+from portal.errors import ServiceError
 from tenants.actors import Actor
 from tenants.choices import AuditOutcome
 from tenants.models import AuditEntry, Tenant
@@ -50,3 +53,34 @@ def record(
 
 def record_denied(actor: Actor, action: str, *, tenant: Tenant | None = None, **details: Any) -> AuditEntry:
     return record(actor, action, tenant=tenant, outcome=AuditOutcome.DENIED, details=details)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def denials_audited(service: Callable[P, R]) -> Callable[P, R]:
+    """Record a refused attempt after the service's transaction rolled back, so the entry stays.
+
+    Put it outside @transaction.atomic; the service raises a ServiceError with `audit_action`.
+    """
+
+    @functools.wraps(service)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return service(*args, **kwargs)
+        except ServiceError as error:
+            actor = kwargs.get("actor")
+            if error.audit_action and isinstance(actor, Actor) and not error.audited:
+                tenants = (tenant_of(value) for value in kwargs.values() if not isinstance(value, Actor))
+                tenant = next((t for t in tenants if isinstance(t, Tenant)), None)
+                record_denied(
+                    actor,
+                    error.audit_action,
+                    tenant=tenant,
+                    reason=error.message,
+                )
+                error.audited = True
+            raise
+
+    return wrapper

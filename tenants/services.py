@@ -24,6 +24,7 @@ def _require_operator(actor: Actor, action: str) -> None:
         raise NotPermitted("Only operators may do this.", audit_action=action)
 
 
+@audit.denials_audited
 @transaction.atomic
 def create_tenant(*, actor: Actor, name: str, display_name: str = "", owner: Any = None) -> Tenant:
     """Create a tenant with default quotas; the owner (if given) becomes its first member."""
@@ -49,6 +50,7 @@ def update_tenant(*, actor: Actor, tenant: Tenant, display_name: str) -> Tenant:
     return tenant
 
 
+@audit.denials_audited
 @transaction.atomic
 def delete_tenant(*, actor: Actor, tenant: Tenant) -> None:
     _require_operator(actor, "tenant.delete")
@@ -69,6 +71,7 @@ def _may_grant(actor: Actor, tenant: Tenant, role: str) -> bool:
     return Membership.objects.filter(tenant=tenant, user=actor.user, role=Role.OWNER).exists()
 
 
+@audit.denials_audited
 @transaction.atomic
 def add_member(*, actor: Actor, tenant: Tenant, username: str, role: str) -> Membership:
     if role not in Role.values:
@@ -87,6 +90,7 @@ def add_member(*, actor: Actor, tenant: Tenant, username: str, role: str) -> Mem
     return membership
 
 
+@audit.denials_audited
 @transaction.atomic
 def change_role(*, actor: Actor, membership: Membership, role: str) -> Membership:
     if role not in Role.values:
@@ -103,6 +107,7 @@ def change_role(*, actor: Actor, membership: Membership, role: str) -> Membershi
     return membership
 
 
+@audit.denials_audited
 @transaction.atomic
 def remove_member(*, actor: Actor, membership: Membership) -> None:
     membership = Membership.objects.select_for_update().get(pk=membership.pk)
@@ -115,6 +120,7 @@ def remove_member(*, actor: Actor, membership: Membership) -> None:
     membership.delete()
 
 
+@audit.denials_audited
 @transaction.atomic
 def create_token(
     *,
@@ -167,6 +173,7 @@ def revoke_token(*, actor: Actor, token: ApiToken) -> ApiToken:
     return token
 
 
+@audit.denials_audited
 @transaction.atomic
 def update_quota(*, actor: Actor, quota: Quota, **limits: Any) -> Quota:
     _require_operator(actor, "quota.update")
@@ -183,6 +190,7 @@ def update_quota(*, actor: Actor, quota: Quota, **limits: Any) -> Quota:
     return quota
 
 
+@audit.denials_audited
 @transaction.atomic
 def create_user(
     *, actor: Actor, username: str, password: str, email: str = "", is_staff: bool = False

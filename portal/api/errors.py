@@ -32,7 +32,7 @@ def error_response(status_code: int, code: str, message: str, fields: Any = None
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     request = context.get("request")
     if isinstance(exc, ServiceError):
-        if exc.status_code == 403 and request is not None:
+        if exc.status_code == 403 and request is not None and not exc.audited:
             _audit_denied(request, context, str(exc), exc.audit_action)
         fields = {exc.field: [exc.message]} if exc.field else None
         return error_response(exc.status_code, exc.code, exc.message, fields)

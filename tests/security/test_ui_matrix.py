@@ -1,0 +1,153 @@
+"""The UI half of the authorization matrix: every UI route x every persona x own/foreign/missing object.
+
+UI routes are enumerated from the resolver (everything outside /api/, /django-admin/ and /static/); a
+route missing from UI_ROUTES fails the suite. Sessions only: API tokens do not sign in to the UI.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from django.db import transaction
+from django.test import Client
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
+
+from tenants.models import ApiToken, Membership
+from tests.conftest import World, build_world
+
+USERS = ["oscar", "alice", "amir", "mia", "vic", "bob", "charlie", "anonymous"]
+ACME_ROLES = {"alice": "owner", "amir": "admin", "mia": "member", "vic": "viewer"}
+
+
+@dataclass(frozen=True)
+class UiRoute:
+    method: str = "GET"
+    public: bool = False  # reachable signed out (the login page)
+    operator_only: bool = False
+    audit_only: bool = False  # owners, admins and operators
+    obj: Callable[[World, str], Any] | None = None
+    # For object routes: who may act on acme's object ("manage" = owner/admin of acme, "self" = alice).
+    acts: str = ""
+
+
+def _membership(world: World, ownership: str) -> Any:
+    user = "mia" if ownership == "acme" else "bob"
+    tenant = world.acme if ownership == "acme" else world.globex
+    return Membership.objects.get(user__username=user, tenant=tenant).pk
+
+
+def _token(world: World, ownership: str) -> Any:
+    user = "alice" if ownership == "acme" else "bob"
+    return ApiToken.objects.filter(user__username=user).first().pk  # type: ignore[union-attr]
+
+
+UI_ROUTES: dict[str, UiRoute] = {
+    "login": UiRoute(public=True),
+    "logout": UiRoute(method="POST", public=True),
+    "dashboard": UiRoute(),
+    "switch-tenant": UiRoute(method="POST", acts="member"),
+    "selfcheck-start": UiRoute(method="POST", operator_only=True),
+    "members": UiRoute(),
+    "member-add": UiRoute(method="POST", acts="manage"),
+    "member-role": UiRoute(method="POST", obj=_membership, acts="manage"),
+    "member-remove": UiRoute(method="POST", obj=_membership, acts="manage"),
+    "tokens": UiRoute(),
+    "token-create": UiRoute(method="POST"),
+    "token-revoke": UiRoute(method="POST", obj=_token, acts="self"),
+    "audit": UiRoute(audit_only=True),
+    "operations": UiRoute(),
+    "tenants": UiRoute(operator_only=True),
+    "tenant-create": UiRoute(method="POST", operator_only=True),
+    "users": UiRoute(operator_only=True),
+    "user-create": UiRoute(method="POST", operator_only=True),
+}
+
+
+def ui_route_names() -> set[str]:
+    names: set[str] = set()
+
+    def walk(patterns: list[Any], prefix: str) -> None:
+        for p in patterns:
+            route = prefix + str(p.pattern)
+            if route.startswith(("api/", "django-admin/", "static/")):
+                continue
+            if isinstance(p, URLResolver):
+                walk(p.url_patterns, route)
+            elif isinstance(p, URLPattern) and p.name:
+                names.add(p.name)
+
+    walk(get_resolver().url_patterns, "")
+    return names
+
+
+def test_it_has_an_expectation_for_every_ui_route() -> None:
+    missing = ui_route_names() - set(UI_ROUTES)
+    assert not missing, f"Add these UI routes to the authorization matrix: {sorted(missing)}"
+
+
+def ok(status: int) -> bool:
+    # Allowed: the page, a redirect after a POST, or a validation answer for an empty form.
+    return status in {200, 204, 302, 400, 409, 422}
+
+
+def expected_ok(route: UiRoute, user: str, ownership: str | None) -> bool | None:
+    """True: allowed (ok()), False: must be 404, None: anonymous -> redirect to login."""
+    if user == "anonymous":
+        return True if route.public else None
+    staff = user == "oscar"
+    if route.operator_only:
+        return staff
+    if route.audit_only:
+        return staff or ACME_ROLES.get(user) in {"owner", "admin"} or user == "bob"
+    # The UI acts within the current tenant (acme for its members and for operators, globex for bob);
+    # what the role may not do there is not offered, and answers 404 like a foreign object.
+    managers = {"acme": {"oscar", "alice", "amir"}, "globex": {"bob"}}
+    if route.obj is None:
+        if route.acts == "manage":
+            return user in managers["acme"] | managers["globex"]
+        if route.acts == "member":  # switching to acme
+            return staff or user in ACME_ROLES
+        return True
+    if ownership == "missing":
+        return False
+    if route.acts == "self":
+        # The UI revokes only your own tokens, operators included (the API lets operators revoke any).
+        return user == ("alice" if ownership == "acme" else "bob")
+    return user in managers[ownership]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("name", "user"), [(n, u) for n in sorted(UI_ROUTES) for u in USERS])
+def test_it_answers_each_ui_persona_as_the_role_matrix_says(name: str, user: str) -> None:
+    world = build_world()
+    route = UI_ROUTES[name]
+    failures = []
+    for ownership in ["acme", "globex", "missing"] if route.obj else [None]:
+        with transaction.atomic():
+            client = Client()
+            if user != "anonymous":
+                client.force_login(world.user(user))
+            if ownership is None:
+                url = reverse(name)
+            elif ownership == "missing":
+                pk = route.obj(world, "acme")  # type: ignore[misc]
+                url = reverse(name, kwargs={"pk": uuid.uuid4() if isinstance(pk, uuid.UUID) else 10**9})
+            else:
+                url = reverse(name, kwargs={"pk": route.obj(world, ownership)})  # type: ignore[misc]
+            data = {"tenant": str(world.acme.pk)} if name == "switch-tenant" else {}
+            response = client.get(url) if route.method == "GET" else client.post(url, data)
+            want = expected_ok(route, user, ownership)
+            if want is None:
+                good = response.status_code == 302 and response["Location"].startswith(reverse("login"))
+            elif want:
+                good = ok(response.status_code)
+            else:
+                good = response.status_code == 404
+            if not good:
+                failures.append(f"{route.method} {url} [{ownership}] -> {response.status_code}, want {want}")
+            transaction.set_rollback(True)
+    assert not failures, "\n".join(failures)
