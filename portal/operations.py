@@ -38,7 +38,7 @@ def start(
     def send() -> None:
         try:
             task.apply_async(args=[op_id], task_id=op_id, queue=queue, retry=False)
-        except Exception as exc:  # noqa: BLE001 - any broker failure: the row says why, the caller goes on
+        except Exception as exc:  # any broker failure: the row says why, the caller goes on
             fail(op_id, f"Could not queue the task: {exc}")
         else:
             events.publish(op.tenant_id, op.as_event())

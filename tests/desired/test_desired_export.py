@@ -88,6 +88,8 @@ def test_it_round_trips_the_example_document_through_export() -> None:
 def test_it_round_trips_awkward_strings_in_one_line_lists() -> None:
     awkward = ["a, b", "[x]", "#c", "", "yes", "{k: v}", "- dash", "'q'", "1e3", "~"]
     observed = [
-        ObservedResource("workload", "workload/w", {**desired()[3].spec, "name": "w", "args": awkward, "networks": []})
+        ObservedResource(
+            "workload", "workload/w", {**desired()[3].spec, "name": "w", "args": awkward, "networks": []}
+        )
     ]
     assert parse(export_document(observed)).workloads[0].args == tuple(awkward)
