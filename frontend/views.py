@@ -16,7 +16,7 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import AuthenticationForm
 from django.core.paginator import Page, Paginator
-from django.db.models import Count, Prefetch, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.defaultfilters import filesizeformat
@@ -401,7 +401,8 @@ def audit_log(request: HttpRequest) -> HttpResponse:
         tenant = None
     else:
         tenant = get_current_tenant_for_user(request, "audit")
-        entries = entries.filter(tenant=tenant)
+        # The tenant's log, plus the user's own actions that belong to no tenant (e.g. unscoped tokens).
+        entries = entries.filter(Q(tenant=tenant) | Q(tenant__isnull=True, actor=user))
         form = f.AuditFilterForm(request.GET or None)
     if form.is_bound:
         entries = form.filter(entries) if form.is_valid() else entries.none()

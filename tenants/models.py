@@ -121,8 +121,15 @@ class ApiToken(models.Model):
 
 class AuditQuerySet(TenantOwnedQuerySet):
     def for_user(self, user: Any, action: Any = "audit") -> AuditQuerySet:
-        # Reading the audit log is its own right (owners and admins); operators see every entry.
-        return super().for_user(user, "audit")
+        """Owners and admins read their tenant's log, operators every entry, everyone their own actions."""
+        tenant_entries = super().for_user(user, "audit")
+        if user is None or not user.is_authenticated or user.is_staff:
+            return tenant_entries
+        own = self.filter(actor=user)
+        token = getattr(user, "active_token", None)
+        if token is not None and token.tenant_id is not None:
+            own = own.filter(tenant_id=token.tenant_id)
+        return self.filter(pk__in=tenant_entries.values("pk")) | own
 
     def update(self, **kwargs: Any) -> int:
         raise TypeError("The audit log is append-only")

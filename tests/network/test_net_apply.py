@@ -9,7 +9,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-from nettopo import Host, nslookup, wait_for
+from nettopo import Host, leftovers, lonely_host, new_token, nslookup, sweep, wait_for
 
 from compute.network import (
     CompartmentMissing,
@@ -21,8 +21,9 @@ from compute.network import (
     detach_container,
     mac_for,
     nftables,
+    remove_host_network,
 )
-from compute.network.bridge import link_by_name, list_bridges, list_owned_links
+from compute.network.bridge import enable_hairpin, link_by_name, list_bridges, list_owned_links
 from compute.network.dns import list_dns, running_pid, state_dir_for
 from compute.network.names import bridge_name_for, host_veth_name_for, vxlan_name_for
 from compute.network.netns import iproute, netns_exists, ns_command, read_sysctl
@@ -209,3 +210,47 @@ def test_it_removes_everything_when_the_state_is_empty(lonely: Host) -> None:
     assert list_owned_links_in(lonely) == {}
     assert nftables.list_owned(lonely.netns) == {}
     assert list_dns(state_dir_for(lonely.netns)) == []
+
+
+def test_it_leaves_nothing_behind_after_detach_and_removal(lonely: Host) -> None:
+    comp = compartment()
+    apply_host_network(HostNetworkState("up0", [comp], full_state().ports), lonely.netns)
+    workload_ns = lonely.netns.replace("bhtnl", "bhtnw")
+    attach_container(comp, workload_ns, IPv4Address("10.80.1.2"), mac_for("w1"), lonely.netns)
+
+    detach_container(workload_ns, lonely.netns)
+    report = remove_host_network(lonely.netns)
+
+    assert "nftables: tables removed" in report.changed
+    assert list_owned_links_in(lonely) == {}
+    assert nftables.list_owned(lonely.netns) == {}
+    assert list_dns(state_dir_for(lonely.netns)) == []
+    assert leftovers(lonely.netns.removeprefix("bhtnl")) == [
+        f"netns {lonely.netns}",
+        f"state {state_dir_for(lonely.netns)}",
+    ]
+
+
+def test_it_sweeps_the_leftovers_of_an_interrupted_run() -> None:
+    token = new_token()
+    host = lonely_host(token)
+    comp = compartment()
+    apply_host_network(HostNetworkState("up0", [comp]), host.netns)
+    attach_container(comp, f"bhtnw{token}", IPv4Address("10.80.1.2"), mac_for("w1"), host.netns)
+    assert any(item.startswith("dnsmasq") for item in leftovers(token))
+
+    sweep(token)  # what the fixtures do when a test dies half-way
+
+    assert leftovers(token) == []
+
+
+def test_it_turns_on_hairpin_mode_on_a_bridge_port_once(lonely: Host) -> None:
+    comp = compartment()
+    apply_host_network(HostNetworkState("up0", [comp]), lonely.netns)
+    subprocess.run(ns_command(["ip", "tuntap", "add", "bhvtaptest", "mode", "tap"], lonely.netns), check=True)
+    subprocess.run(
+        ns_command(["ip", "link", "set", "bhvtaptest", "master", comp.bridge], lonely.netns), check=True
+    )
+
+    assert enable_hairpin("bhvtaptest", lonely.netns) is True
+    assert enable_hairpin("bhvtaptest", lonely.netns) is False

@@ -42,6 +42,7 @@ NEEDS_HOST = True
 INTERNET = str(INTERNET_GATEWAY.ip)
 A_WEB, A_API, B_DB = IPv4Address("10.80.1.2"), IPv4Address("10.80.1.3"), IPv4Address("10.80.2.2")
 V_ONE, V_TWO = IPv4Address("10.80.9.2"), IPv4Address("10.80.9.3")
+C_ISO = IPv4Address("10.80.3.2")
 HOST_SERVICE_PORT = 2222
 
 
@@ -65,6 +66,7 @@ class Site:
     host2: Host
     a: CompartmentNet
     b: CompartmentNet
+    c: CompartmentNet
     v_on_1: CompartmentNet
     v_on_2: CompartmentNet
     workloads: dict[str, str] = field(default_factory=dict)  # label -> netns name
@@ -85,6 +87,7 @@ def site() -> Iterator[Site]:
         hosts += [host1, host2]
         a = compartment("cmpa", "10.80.1.0/24", {"web": A_WEB, "api": A_API})
         b = compartment("cmpb", "10.80.2.0/24", {"db": B_DB})
+        c = compartment("cmpc", "10.80.3.0/24", {"iso": C_ISO}, nat=False)
         v_names = {"one": V_ONE, "two": V_TWO}
         v_on_1 = compartment("cmpv", "10.80.9.0/24", v_names, vni=4242, vxlan_peers=[host2.uplink_address.ip])
         v_on_2 = compartment("cmpv", "10.80.9.0/24", v_names, vni=4242, vxlan_peers=[host1.uplink_address.ip])
@@ -93,13 +96,14 @@ def site() -> Iterator[Site]:
             PortMapping("tcp", 8081, B_DB, 80),
             PortMapping("udp", 5353, A_WEB, 53),
         ]
-        apply_host_network(HostNetworkState("up0", [a, b, v_on_1], ports), host1.netns)
+        apply_host_network(HostNetworkState("up0", [a, b, c, v_on_1], ports), host1.netns)
         apply_host_network(HostNetworkState("up0", [v_on_2]), host2.netns)
-        site = Site(token, internet, host1, host2, a, b, v_on_1, v_on_2)
+        site = Site(token, internet, host1, host2, a, b, c, v_on_1, v_on_2)
         for label, comp, address, host in (
             ("web", a, A_WEB, host1),
             ("api", a, A_API, host1),
             ("db", b, B_DB, host1),
+            ("iso", c, C_ISO, host1),
             ("one", v_on_1, V_ONE, host1),
             ("two", v_on_2, V_TWO, host2),
         ):
@@ -185,3 +189,15 @@ def test_it_sends_each_vxlan_member_out_through_its_own_host(site: Site) -> None
     # Same gateway address and MAC on both hosts, yet each host answers only its own workloads.
     assert http_get(site.ns("one"), INTERNET, 80) == f"internet {site.host1.uplink_address.ip}"
     assert http_get(site.ns("two"), INTERNET, 80) == f"internet {site.host2.uplink_address.ip}"
+
+
+def test_it_gives_a_compartment_without_nat_no_way_out(site: Site) -> None:
+    assert not tcp_connects(site.ns("iso"), INTERNET, 80)
+    assert nslookup(site.ns("iso"), "iso.cmpc", site.c.gateway) == [str(C_ISO)]
+
+
+def test_it_sizes_vxlan_compartments_for_the_tunnel_overhead(site: Site) -> None:
+    with iproute(site.ns("one")) as ipr:
+        assert ipr.get_links(ifname="eth0")[0].get_attr("IFLA_MTU") == 1450
+    with iproute(site.ns("web")) as ipr:
+        assert ipr.get_links(ifname="eth0")[0].get_attr("IFLA_MTU") == 1500

@@ -158,14 +158,18 @@ def test_it_has_the_database_refuse_audit_changes(world: World) -> None:
         cursor.execute("UPDATE tenants_auditentry SET action = 'forged'")
 
 
-def test_it_shows_owners_their_tenants_audit_only(world: World) -> None:
+def test_it_shows_owners_their_tenants_audit_and_their_own_actions_only(world: World) -> None:
     rows = client_for(world, "bob").get("/api/v1/audit/?page_size=500").json()["results"]
     assert rows
-    assert {row["tenant"] for row in rows} == {str(world.globex.pk)}
+    foreign = [r for r in rows if r["tenant"] != str(world.globex.pk)]
+    assert {r["tenant"] for r in rows} <= {str(world.globex.pk), None}
+    assert all(r["actor"] == world.user("bob").pk for r in foreign)
+    assert not any(r["tenant"] == str(world.acme.pk) for r in rows)
 
 
-def test_it_hides_the_audit_log_from_members(world: World) -> None:
-    assert client_for(world, "mia").get("/api/v1/audit/").json()["results"] == []
+def test_it_shows_members_only_their_own_actions(world: World) -> None:
+    rows = client_for(world, "mia").get("/api/v1/audit/").json()["results"]
+    assert [(r["action"], r["actor"]) for r in rows] == [("token.create", world.user("mia").pk)]
 
 
 def test_it_filters_the_audit_log(world: World) -> None:

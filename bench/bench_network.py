@@ -1,0 +1,230 @@
+"""Network driver benchmark: prints one JSON line of figures and ratios against named baselines.
+
+- throughput: iperf3 (-t 3, 3 interleaved rounds, medians) between two container namespaces on one
+  compartment bridge, against a bare
+  veth pair between two namespaces (goal: ratio >= 0.9);
+- apply: time to apply 1,000 published ports on a host (goal: < 1 s), and an unchanged re-apply;
+- path cost: TCP connect latency from the fake internet through the DNAT to a workload with 10 and
+  with 1,000 published ports (goal: equal within noise), plus iperf3 through the DNAT for both.
+
+Everything runs in namespaces this script creates (prefix bhtnb) and removes, also after a failure.
+Run as root: ``.venv/bin/python bench/bench_network.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "network")]
+
+from nettopo import Internet, new_token, run_in_netns, sweep  # noqa: E402
+
+from compute.network import (  # noqa: E402
+    CompartmentNet,
+    HostNetworkState,
+    PortMapping,
+    apply_host_network,
+    attach_container,
+    mac_for,
+    remove_host_network,
+)
+from compute.network.names import bridge_name_for  # noqa: E402
+from compute.network.netns import ensure_netns, iproute, netns_path, ns_command  # noqa: E402
+
+IPERF_SECONDS = 3
+IPERF_ROUNDS = 3
+IPERF_PORT = 5201
+CONNECT_SAMPLES = 1500
+COMPARTMENT = CompartmentNet(
+    compartment_id="bench",
+    bridge=bridge_name_for("bench"),
+    subnet=IPv4Network("10.90.0.0/16"),
+    gateway=IPv4Address("10.90.0.1"),
+)
+SERVER_IP = IPv4Address("10.90.0.2")
+CLIENT_IP = IPv4Address("10.90.0.3")
+PUBLISHED_PORT = 30000
+
+
+def iperf3(
+    client_netns: str, server_netns: str, server_ip: str, port: int = IPERF_PORT, seconds: int = 3
+) -> float:
+    """Gbit/s received by an iperf3 server in `server_netns` from a client in `client_netns`."""
+    server = subprocess.Popen(
+        ns_command(["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], server_netns),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            result = subprocess.run(
+                ns_command(
+                    ["iperf3", "-c", server_ip, "-p", str(port), "-t", str(seconds), "-J"], client_netns
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            report = json.loads(result.stdout) if result.stdout.strip() else {}
+            if result.returncode == 0 and "sum_received" in report.get("end", {}):
+                return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"iperf3 failed: {report.get('error')} {result.stderr[-300:]}")
+            time.sleep(0.05)  # the server is not listening yet
+    finally:
+        server.kill()
+        server.wait()
+
+
+def bare_veth_pair(token: str) -> tuple[str, str]:
+    """Two namespaces joined by one veth pair: the baseline a compartment bridge is measured against."""
+    left, right = f"bhtnbl{token}", f"bhtnbr{token}"
+    ensure_netns(left)
+    ensure_netns(right)
+    with iproute(left) as ipr:
+        ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": netns_path(right)})
+    for netns, address in ((left, "10.91.0.1"), (right, "10.91.0.2")):
+        with iproute(netns) as ipr:
+            index = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=index, address=address, prefixlen=24)
+            ipr.link("set", index=index, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    return left, right
+
+
+def accept_forever(netns: str, address: str, port: int) -> socket.socket:
+    """A listener in `netns` that accepts and closes connections until its socket is closed."""
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(1024)
+        return sock
+
+    listener = run_in_netns(netns, listen)
+
+    def loop() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return listener
+
+
+def connect_latency_us(netns: str, address: str, port: int, samples: int) -> dict[str, float]:
+    """Median and p90 of TCP connect() time in microseconds, from `netns` to address:port."""
+
+    def measure() -> list[float]:
+        timings = []
+        for _ in range(samples):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # RST on close: no TIME_WAIT pile-up, and the NAT entry's lifetime does not matter.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            started = time.perf_counter()
+            sock.connect((address, port))
+            timings.append((time.perf_counter() - started) * 1e6)
+            sock.close()
+        return timings
+
+    timings = sorted(run_in_netns(netns, measure))
+    return {"median": round(statistics.median(timings), 1), "p90": round(timings[int(len(timings) * 0.9)], 1)}
+
+
+def ports_state(count: int) -> HostNetworkState:
+    ports = [PortMapping("tcp", PUBLISHED_PORT, SERVER_IP, IPERF_PORT)]
+    ports += [PortMapping("tcp", 40000 + i, SERVER_IP, 80) for i in range(count - 1)]
+    return HostNetworkState("up0", [COMPARTMENT], ports)
+
+
+def main() -> None:
+    token = new_token()
+    figures: dict[str, object] = {}
+    listener = None
+    try:
+        internet = Internet(token)
+        host = internet.add_host("b")
+        uplink = str(host.uplink_address.ip)
+
+        # --- apply cost -------------------------------------------------------------------------
+        started = time.perf_counter()
+        apply_host_network(HostNetworkState("up0", [COMPARTMENT]), host.netns)
+        figures["apply_first_compartment_s"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        apply_host_network(ports_state(1000), host.netns)
+        figures["apply_1000_ports_s"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        report = apply_host_network(ports_state(1000), host.netns)
+        figures["reapply_unchanged_1000_ports_s"] = round(time.perf_counter() - started, 3)
+        assert report.unchanged, report
+        figures["apply_goal_s"] = 1.0
+
+        # --- throughput in one compartment vs a bare veth pair --------------------------------------
+        server_ns, client_ns = f"bhtnbs{token}", f"bhtnbc{token}"
+        attach_container(COMPARTMENT, server_ns, SERVER_IP, mac_for("bench-server"), host.netns)
+        attach_container(COMPARTMENT, client_ns, CLIENT_IP, mac_for("bench-client"), host.netns)
+        left, right = bare_veth_pair(token)
+        bare_runs, compartment_runs = [], []
+        for _ in range(IPERF_ROUNDS):  # interleaved: load from other processes hits both sides alike
+            bare_runs.append(iperf3(left, right, "10.91.0.2", seconds=IPERF_SECONDS))
+            compartment_runs.append(iperf3(client_ns, server_ns, str(SERVER_IP), seconds=IPERF_SECONDS))
+        bare, compartment = statistics.median(bare_runs), statistics.median(compartment_runs)
+        figures["iperf3_bare_veth_gbps"] = round(bare, 2)
+        figures["iperf3_compartment_gbps"] = round(compartment, 2)
+        figures["iperf3_runs_bare_gbps"] = [round(x, 2) for x in bare_runs]
+        figures["iperf3_runs_compartment_gbps"] = [round(x, 2) for x in compartment_runs]
+        figures["compartment_vs_bare_veth"] = round(compartment / bare, 3)
+        figures["throughput_goal_ratio"] = 0.9
+
+        # --- path cost through the DNAT with 10 vs 1000 published ports ----------------------------
+        listener = accept_forever(server_ns, str(SERVER_IP), IPERF_PORT + 1)
+        results = {}
+        for count in (10, 1000, 10, 1000):  # interleaved, so drift over time hits both alike
+            apply_host_network(
+                HostNetworkState(
+                    "up0",
+                    [COMPARTMENT],
+                    [
+                        PortMapping("tcp", PUBLISHED_PORT + 1, SERVER_IP, IPERF_PORT + 1),
+                        *list(ports_state(count).ports)[: count - 1],
+                    ],
+                ),
+                host.netns,
+            )
+            sample = connect_latency_us(internet.netns, uplink, PUBLISHED_PORT + 1, CONNECT_SAMPLES)
+            results.setdefault(count, []).append(sample["median"])
+        for count, medians in results.items():
+            figures[f"dnat_connect_median_us_{count}_ports"] = round(statistics.mean(medians), 1)
+        figures["dnat_connect_1000_vs_10"] = round(
+            figures["dnat_connect_median_us_1000_ports"] / figures["dnat_connect_median_us_10_ports"],  # type: ignore[operator]
+            3,
+        )
+        for count in (10, 1000):
+            apply_host_network(ports_state(count), host.netns)
+            figures[f"iperf3_through_dnat_gbps_{count}_ports"] = round(
+                iperf3(internet.netns, server_ns, uplink, port=PUBLISHED_PORT, seconds=2), 2
+            )
+        remove_host_network(host.netns)
+    finally:
+        if listener is not None:
+            listener.close()
+        sweep(token)
+    print(json.dumps(figures, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""A real browser (Debian's chromium, headless, driven by Playwright) through the real UI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tenants.models import AuditEntry
+from tests.conftest import PASSWORD, World
+
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+@pytest.fixture
+def browser_page() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop in this thread; the live server's DB work is elsewhere.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        try:
+            yield page
+        finally:
+            browser.close()
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_signs_in_creates_a_token_and_sees_it_in_the_audit_log(
+    world: World, live_server: Any, browser_page: Any
+) -> None:
+    page = browser_page
+    outside_requests: list[str] = []
+    local = (live_server.url, "data:")
+    page.on("request", lambda r: None if r.url.startswith(local) else outside_requests.append(r.url))
+    page.goto(f"{live_server.url}/login/")
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{live_server.url}/")
+
+    page.goto(f"{live_server.url}/tokens/")
+    page.get_by_label("Name").fill("laptop")
+    page.get_by_role("button", name="Create token").click()
+    secret = page.locator("code", has_text="bh_").first
+    secret.wait_for(timeout=10_000)
+    assert secret.inner_text().startswith("bh_")
+
+    page.goto(f"{live_server.url}/audit/?action=token.create")
+    page.get_by_text("name=laptop").first.wait_for(timeout=10_000)
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "audit-after-token.png"), full_page=True)
+
+    entry = AuditEntry.objects.get(action="token.create", details__name="laptop")
+    assert entry.actor == world.user("alice") and entry.outcome == "ok"
+    assert entry.source_address == "127.0.0.1"
+    assert outside_requests == []
