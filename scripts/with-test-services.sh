@@ -21,7 +21,10 @@ trap cleanup EXIT INT TERM
 # A leftover server from an interrupted run would hold the ports: stop it.
 redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
 for stale in /tmp/bulkhead-test-services.*/pg; do
-  [[ -f "$stale/postmaster.pid" ]] && runuser -u postgres -- "$pg_bin/pg_ctl" -D "$stale" -m immediate -w stop >/dev/null 2>&1 || true
+  # Line 4 of postmaster.pid is the port: only a cluster on our port is in our way.
+  if [[ -f "$stale/postmaster.pid" && "$(sed -n 4p "$stale/postmaster.pid")" == "$pg_port" ]]; then
+    runuser -u postgres -- "$pg_bin/pg_ctl" -D "$stale" -m immediate -w stop >/dev/null 2>&1 || true
+  fi
 done
 
 redis-server --port "$redis_port" --bind 127.0.0.1 --daemonize yes --pidfile "$work/redis.pid" \

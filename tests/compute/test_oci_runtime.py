@@ -64,8 +64,7 @@ def image_layers() -> Iterator[list[str]]:
     directory = Path(tempfile.mkdtemp(prefix="bht-image-"))
     base = build_busybox_rootfs(directory / "base")
     (base / "etc/motd").write_text("from the base layer\n")
-    top = build_layer_on_top(directory / "top", {"etc/motd": "from the top layer\n",
-                                                  "etc/top-only": "top\n"})
+    top = build_layer_on_top(directory / "top", {"etc/motd": "from the top layer\n", "etc/top-only": "top\n"})
     yield [str(top), str(base)]
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -118,8 +117,7 @@ def spec_for(container_id: str, layers: list[str], *args: str, **fields: object)
     """A ContainerSpec with test-sized limits."""
     defaults: dict[str, object] = {"memory_mib": 64, "vcpus": 0.5, "pids_limit": 64}
     defaults.update(fields)
-    return ContainerSpec(container_id=container_id, lower_dirs=layers, args=list(args),
-                         **defaults)  # type: ignore[arg-type]
+    return ContainerSpec(container_id=container_id, lower_dirs=layers, args=list(args), **defaults)  # type: ignore[arg-type]
 
 
 def run_to_exit(runtime: OciRuntime, spec: ContainerSpec, timeout: float = 5) -> tuple[int | None, str]:
@@ -179,8 +177,16 @@ def test_it_reports_creating_before_start_and_running_after(runtime, image_layer
 
 
 def test_it_applies_env_cwd_and_a_user_name(runtime, image_layers, new_id):
-    spec = spec_for(new_id(), image_layers, "sh", "-c", "id -u; id -g; id -G; pwd; env",
-                    env=["GREETING=hello world", "EMPTY="], cwd="/tmp", user="app")
+    spec = spec_for(
+        new_id(),
+        image_layers,
+        "sh",
+        "-c",
+        "id -u; id -g; id -G; pwd; env",
+        env=["GREETING=hello world", "EMPTY="],
+        cwd="/tmp",
+        user="app",
+    )
 
     exit_code, output = run_to_exit(runtime, spec)
 
@@ -267,12 +273,24 @@ def test_it_puts_memory_cpu_and_pids_limits_in_the_cgroup(runtime, image_layers,
     assert stats.memory_bytes > 0 and stats.cpu_usage_ns > 0
 
 
+def test_it_reports_an_out_of_memory_kill(runtime, image_layers, new_id):
+    hog = "x=$(head -c 64000000 /dev/zero | tr '\\0' a); echo survived"
+    spec = spec_for(new_id(), image_layers, "sh", "-c", hog, memory_mib=16)
+
+    exit_code, output = run_to_exit(runtime, spec, timeout=20)
+
+    assert exit_code == 128 + signal.SIGKILL
+    assert "survived" not in output
+    assert runtime.state(spec.container_id).oom_killed
+
+
 # --------------------------------------------------------------------------- stopping
 
 
 def test_it_kills_a_process_ignoring_sigterm_after_the_grace_period(runtime, image_layers, new_id):
-    spec = spec_for(new_id(), image_layers, "sh", "-c",
-                    "trap '' TERM; echo ready; while :; do sleep 0.05; done")
+    spec = spec_for(
+        new_id(), image_layers, "sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"
+    )
     runtime.run(spec)
     wait_until(lambda: runtime.read_log(spec.container_id) == b"ready\n", 5, "the trap to be set")
 
@@ -286,8 +304,9 @@ def test_it_kills_a_process_ignoring_sigterm_after_the_grace_period(runtime, ima
 
 
 def test_it_stops_a_well_behaved_process_quickly(runtime, image_layers, new_id):
-    spec = spec_for(new_id(), image_layers, "sh", "-c",
-                    "trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done")
+    spec = spec_for(
+        new_id(), image_layers, "sh", "-c", "trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done"
+    )
     runtime.run(spec)
     wait_until(lambda: runtime.read_log(spec.container_id) == b"ready\n", 5, "the trap to be set")
 
@@ -319,7 +338,9 @@ def test_it_leaves_no_mount_cgroup_or_bundle_after_delete(runtime, image_layers,
     runtime.delete(spec.container_id)  # and again: nothing to do, no error
 
 
-@pytest.mark.parametrize("stage", ["bundle_dir_only", "rootfs_mounted", "created_not_started", "stopped"])
+@pytest.mark.parametrize(
+    "stage", ["bundle_dir_only", "rootfs_mounted", "created_not_started", "stopped", "cgroup_only"]
+)
 def test_it_deletes_idempotently_after_a_partial_create(runtime, image_layers, new_id, stage):
     spec = spec_for(new_id(), image_layers, "sh", "-c", "exit 0")
     bundle = runtime.bundle_dir(spec.container_id)
@@ -329,6 +350,8 @@ def test_it_deletes_idempotently_after_a_partial_create(runtime, image_layers, n
         runtime._prepare_bundle(spec)  # what a killed agent leaves after the mount, before conmon
     elif stage == "created_not_started":
         runtime.create(spec)
+    elif stage == "cgroup_only":
+        runtime.cgroup_path(spec.container_id, "memory").mkdir(parents=True)  # a leaked cgroup
     else:
         run_to_exit(runtime, spec)
     assert spec.container_id in runtime.list_ids()
@@ -338,6 +361,7 @@ def test_it_deletes_idempotently_after_a_partial_create(runtime, image_layers, n
 
     assert not bundle.exists()
     assert not any(point.startswith(str(bundle)) for point in mount_points())
+    assert not runtime.cgroup_path(spec.container_id, "memory").exists()
     assert spec.container_id not in runtime.list_ids()
 
 
@@ -371,9 +395,20 @@ def test_it_keeps_a_container_across_an_agent_restart_and_records_its_exit(
     container_id = new_id()
     # The "agent" is a separate Python process that starts the container and exits.
     agent = subprocess.run(
-        [sys.executable, "-c", AGENT_SCRIPT, str(state_dir), TEST_CGROUP_PARENT, container_id,
-         ",".join(image_layers)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True,
+        [
+            sys.executable,
+            "-c",
+            AGENT_SCRIPT,
+            str(state_dir),
+            TEST_CGROUP_PARENT,
+            container_id,
+            ",".join(image_layers),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     pid = int(agent.stdout.strip())
     restarted = OciRuntime("runc", state_dir=state_dir, cgroup_parent=TEST_CGROUP_PARENT)
@@ -403,10 +438,13 @@ def test_it_gives_a_container_without_netns_path_only_loopback(runtime, image_la
 
 
 def test_it_joins_a_prepared_network_namespace(runtime, image_layers, new_id, netns_name):
-    subprocess.run(["ip", "-n", netns_name, "link", "add", "bht-veth0", "type", "veth",
-                    "peer", "name", "bht-veth1"], check=True)
-    spec = spec_for(new_id(), image_layers, "sh", "-c", "ls /sys/class/net",
-                    netns_path=f"/var/run/netns/{netns_name}")
+    subprocess.run(
+        ["ip", "-n", netns_name, "link", "add", "bht-veth0", "type", "veth", "peer", "name", "bht-veth1"],
+        check=True,
+    )
+    spec = spec_for(
+        new_id(), image_layers, "sh", "-c", "ls /sys/class/net", netns_path=f"/var/run/netns/{netns_name}"
+    )
 
     exit_code, output = run_to_exit(runtime, spec)
 
@@ -469,11 +507,33 @@ def test_it_never_reads_host_files_through_an_image_symlink(tmp_path):
         resolve_user(image, "root")
 
 
+def test_it_does_not_open_a_fifo_posing_as_passwd(tmp_path):
+    image = tmp_path / "image"
+    (image / "etc").mkdir(parents=True)
+    os.mkfifo(image / "etc/passwd")  # reading it would block forever
+
+    assert resolve_user(image, "0").uid == 0
+    with pytest.raises(InvalidContainerSpec):
+        resolve_user(image, "app")
+
+
 def test_it_builds_the_oci_config_from_the_spec():
-    spec = ContainerSpec(container_id="bht-config", lower_dirs=["/x"], args=["app"], vcpus=0.25,
-                         memory_mib=100, pids_limit=10, netns_path="/var/run/netns/bht-x")
-    config = build_oci_config(spec, user=ResolvedUser(uid=5, gid=6), bundle=Path("/b"),
-                              cgroups_path="/bulkhead/bht-config", cgroup_mode="hybrid")
+    spec = ContainerSpec(
+        container_id="bht-config",
+        lower_dirs=["/x"],
+        args=["app"],
+        vcpus=0.25,
+        memory_mib=100,
+        pids_limit=10,
+        netns_path="/var/run/netns/bht-x",
+    )
+    config = build_oci_config(
+        spec,
+        user=ResolvedUser(uid=5, gid=6),
+        bundle=Path("/b"),
+        cgroups_path="/bulkhead/bht-config",
+        cgroup_mode="hybrid",
+    )
 
     resources = config["linux"]["resources"]
     assert resources["memory"]["limit"] == 100 * 1024 * 1024
@@ -488,9 +548,11 @@ def test_it_builds_the_oci_config_from_the_spec():
 
 
 def test_it_turns_the_k8s_file_log_back_into_output():
-    raw = (b"2026-01-01T00:00:00.1+00:00 stdout P hel\n"
-           b"2026-01-01T00:00:00.2+00:00 stdout F lo\n"
-           b"2026-01-01T00:00:00.3+00:00 stderr F err\n")
+    raw = (
+        b"2026-01-01T00:00:00.1+00:00 stdout P hel\n"
+        b"2026-01-01T00:00:00.2+00:00 stdout F lo\n"
+        b"2026-01-01T00:00:00.3+00:00 stderr F err\n"
+    )
 
     assert parse_k8s_log(raw) == b"hello\nerr\n"
     assert parse_k8s_log(raw, ["stderr"]) == b"err\n"
