@@ -87,3 +87,27 @@ def celery_worker(
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextmanager
+def host_agent(host: Any, **env: str) -> Iterator[None]:
+    """A host's agent as on a real host: a Celery worker on `host.<id>` plus the agent loop process."""
+    log = open(ROOT / "var" / f"test-agent-{host.name}.log", "wb")  # noqa: SIM115 - closed below
+    loop = subprocess.Popen(
+        [sys.executable, "manage.py", "agent", "--host", str(host.pk)],
+        cwd=ROOT,
+        env=subprocess_env(**env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with celery_worker(queues=host.queue, name=host.name, **env):
+            yield
+    finally:
+        loop.terminate()
+        try:
+            loop.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            loop.kill()
+            loop.wait()
+        log.close()

@@ -370,10 +370,21 @@ class OciRuntime:
         self._kill(container_id, signal.SIGKILL)
         return self.wait_exit(container_id, KILL_WAIT_S)
 
-    def delete(self, container_id: str) -> None:
-        """Kill if running, delete from the runtime, unmount, remove cgroup and bundle. Idempotent."""
+    def delete(self, container_id: str, *, keep_upper: bool = False) -> None:
+        """Kill if running, delete from the runtime, unmount, remove cgroup and bundle. Idempotent.
+
+        keep_upper: keep the container's captured changes for the next create of the same id (restart).
+        """
         with self._locked(container_id):
-            self._delete_locked(container_id)
+            kept = self.state_dir / "_kept" / container_id
+            upper = self.bundle_dir(container_id) / "upper"
+            if keep_upper and upper.is_dir():
+                kept.parent.mkdir(mode=0o700, exist_ok=True)
+                if kept.exists():
+                    shutil.rmtree(kept)
+            self._delete_locked(container_id, keep_upper_at=kept if keep_upper and upper.is_dir() else None)
+            if not keep_upper and kept.exists():
+                shutil.rmtree(kept)
 
     def list_ids(self) -> list[str]:
         """Return every container id that exists on the host: in the runtime or as a bundle dir."""
@@ -446,6 +457,9 @@ class OciRuntime:
         _check_spec_values(spec)
         bundle.mkdir(mode=0o700, exist_ok=True)
         _write_text_atomic(bundle / "runtime", self.runtime_name)
+        kept_upper = self.state_dir / "_kept" / container_id
+        if kept_upper.is_dir() and not (bundle / "upper").exists():
+            kept_upper.rename(bundle / "upper")  # changes kept across a restart
         for name in ("upper", "work", "rootfs"):
             (bundle / name).mkdir(mode=0o755, exist_ok=True)
         (bundle / "persist").mkdir(mode=0o700, exist_ok=True)
@@ -539,7 +553,7 @@ class OciRuntime:
 
     # ----------------------------------------------------------------- internals: delete
 
-    def _delete_locked(self, container_id: str) -> None:
+    def _delete_locked(self, container_id: str, keep_upper_at: Path | None = None) -> None:
         bundle = self.bundle_dir(container_id)
         if self._runtime_knows(container_id):
             if self._read_exit_code(container_id) is None and self._conmon_alive(container_id):
@@ -565,6 +579,8 @@ class OciRuntime:
         self.exit_file(container_id).unlink(missing_ok=True)
         with suppress(FileNotFoundError):
             (self._socket_dir / container_id).unlink()
+        if keep_upper_at is not None:
+            (bundle / "upper").rename(keep_upper_at)
         if bundle.exists():
             shutil.rmtree(bundle)
         # Upstream serializes operations per workload, so dropping the lock file here is safe.

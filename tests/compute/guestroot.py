@@ -6,6 +6,7 @@ image's root directory, made without mounting anything (`mkfs.erofs DIR` / `mkfs
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,7 +19,7 @@ DiskFormat = Literal["erofs", "ext4"]
 BUSYBOX_APPLETS: tuple[str, ...] = (
     "sh", "echo", "cat", "sleep", "uname", "env", "id", "pwd", "ls", "true", "false", "hostname",
     "ip", "ps", "kill", "touch", "mkdir", "rm", "grep", "head", "printf", "stat", "mount", "seq", "tr",
-    "dd", "sync", "wc", "mknod", "ln", "mv",
+    "dd", "sync", "wc", "mknod", "ln", "mv", "cut", "sort",
 )
 
 ETC_PASSWD = (
@@ -31,7 +32,8 @@ ETC_GROUP = "root:x:0:\nnogroup:x:65534:\napp:x:1000:\n"
 
 def build_busybox_root(root: Path) -> Path:
     """Create a minimal image root directory at `root` (busybox, applet links, passwd, group)."""
-    for directory in ("bin", "etc", "proc", "sys", "dev", "tmp", "root", "home/app", "srv/data", "var", "run"):
+    directories = ("bin", "etc", "proc", "sys", "dev", "tmp", "root", "home/app", "srv/data", "var", "run")
+    for directory in directories:
         (root / directory).mkdir(parents=True, exist_ok=True)
     (root / "tmp").chmod(0o1777)
     shutil.copy2(BUSYBOX_BINARY, root / "bin/busybox")
@@ -46,8 +48,6 @@ def build_busybox_root(root: Path) -> Path:
     (root / "srv/data/doomed.txt").write_text("the workload deletes me\n")
     # /srv/work belongs to the unprivileged app user so a workload running as 1000:1000 can write there.
     (root / "srv/work").mkdir(exist_ok=True)
-    import os
-
     os.chown(root / "srv/work", 1000, 1000)
     os.chown(root / "home/app", 1000, 1000)
     return root

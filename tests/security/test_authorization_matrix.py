@@ -19,6 +19,7 @@ from portal.models import Operation
 from portal.permissions import ROLES_ALLOWED
 from tenants.models import ApiToken, AuditEntry, Membership, Quota
 from tests.conftest import World, build_world, client_for
+from tests.imaging.images import db_image
 
 PERSONAS = [
     "oscar",
@@ -131,10 +132,60 @@ ROUTES: dict[str, Route] = {
     "user-list": Route(methods=("GET", "POST"), list_post=400, list_post_staff_only=True),
     "user-detail": Route(methods=("GET",), obj=_user, visibility="self"),
     "user-me": Route(methods=("GET",)),
+    "image-list": Route(methods=("GET",)),
+    "image-detail": Route(
+        methods=("GET", "DELETE"), obj=lambda w, o: db_image(_acme_or_globex(w, o), "matrix").pk
+    ),
+    "image-import": Route(methods=("POST",), list_post=400),
+    "image-pull": Route(methods=("POST",), list_post=400),
+    "image-tag": Route(methods=("POST",), obj=lambda w, o: db_image(_acme_or_globex(w, o), "matrix").pk),
+    "image-publish": Route(
+        methods=("POST",), obj=lambda w, o: db_image(_acme_or_globex(w, o), "matrix").pk, write="operator"
+    ),
+    "store-list": Route(methods=("GET",)),
+    "store-gc": Route(methods=("POST",), list_post=202, list_post_staff_only=True),
     "schema": Route(methods=("GET",)),
     "swagger-ui": Route(methods=("GET",)),
     "redoc": Route(methods=("GET",)),
 }
+
+
+def _host(world: World, ownership: str) -> Any:
+    from compute.models import Host
+
+    return Host.objects.get_or_create(name=f"matrix-{ownership}")[0].pk
+
+
+def _workload(world: World, ownership: str) -> Any:
+    from compute.models import Host, Workload
+
+    tenant = _acme_or_globex(world, ownership)
+    host = Host.objects.get_or_create(name="matrix-host")[0]
+    image = db_image(tenant, f"matrix-{ownership}")
+    workload = Workload.objects.create(
+        tenant=tenant, name=f"w-{uuid.uuid4().hex[:8]}", image=image, host=host, state="stopped"
+    )
+    return workload.pk
+
+
+ROUTES.update(
+    {
+        "workload-list": Route(methods=("GET", "POST"), list_post=400),
+        "workload-detail": Route(methods=("GET", "DELETE"), obj=_workload),
+        "workload-start": Route(methods=("POST",), obj=_workload),
+        "workload-stop": Route(methods=("POST",), obj=_workload),
+        "workload-restart": Route(methods=("POST",), obj=_workload),
+        "workload-commit": Route(methods=("POST",), obj=_workload),
+        "workload-logs": Route(methods=("GET",), obj=_workload),
+        "workload-stats": Route(methods=("GET",), obj=_workload),
+        "workload-changes": Route(methods=("GET",), obj=_workload),
+        "host-list": Route(methods=("GET",)),
+        "host-detail": Route(methods=("GET", "PATCH"), obj=_host, visibility="operator", write="operator"),
+        "host-join-tokens": Route(methods=("POST",), list_post=400, list_post_staff_only=True),
+        "host-join": Route(methods=("POST",), visibility="public", list_post=400),
+    }
+)
+
 # Routes that Django's admin owns; it has its own staff-only login.
 IGNORED_NAMESPACES = {"admin"}
 
@@ -166,6 +217,8 @@ def test_it_has_an_expectation_for_every_api_route() -> None:
 def expected_status(
     world: World, route: Route, name: str, persona: str, method: str, ownership: str
 ) -> set[int]:
+    if route.visibility == "public":
+        return {route.list_post or 400}
     if persona == "anonymous":
         return {401, 403} if name in {"swagger-ui", "redoc"} else {401}
     if route.obj is None:
@@ -180,8 +233,8 @@ def expected_status(
     if route.visibility == "self":
         owner = "alice" if ownership == "acme" else "bob"
         visible = is_staff(persona) or user_name(persona) == owner
-        if persona in SCOPED_TOKENS and route is not ROUTES["user-detail"]:
-            visible = visible and True
+    elif route.visibility == "operator":
+        visible = is_staff(persona)
     else:
         role = role_in(world, persona, ownership)
         visible = is_staff(persona) or (role is not None and role in ROLES_ALLOWED["view"])
@@ -196,7 +249,7 @@ def expected_status(
     action = route.extra.get(method, route.write)
     if action == "operator":
         allowed = is_staff(persona)
-    elif route.visibility == "self":
+    elif route.visibility in ("self", "operator"):
         allowed = True
     else:
         role = role_in(world, persona, ownership)

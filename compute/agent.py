@@ -1,0 +1,320 @@
+"""The host agent's work: make the runtime match the workload rows of this host.
+
+Every step is idempotent and every state change a conditional update, so a task that is delivered
+twice, or runs after the agent was killed half-way, converges instead of duplicating anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from django.db.models import F
+from django.utils import timezone
+
+from compute.choices import Isolation, RestartPolicy, WorkloadState
+from compute.hosts import host_state_dir
+from compute.models import Host, Workload
+from compute.runtimes.oci import ContainerSpec, OciRuntime
+from imaging.store import LayerSpec, LayerStore
+from portal import events
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+
+
+def _noop_progress(percent: float, message: str = "", **_: Any) -> None:
+    return None
+
+
+def store() -> LayerStore:
+    from imaging.services import get_store
+
+    return get_store()
+
+
+def oci_runtime(host: Host) -> OciRuntime:
+    # A cgroup parent per host: two agents on one machine must not see each other's containers as leaks.
+    return OciRuntime(
+        host.oci_runtime,
+        state_dir=host_state_dir(host) / "containers",
+        cgroup_parent=f"bulkhead-{host.pk.hex[:12]}",
+    )
+
+
+def publish(workload: Workload) -> None:
+    workload = Workload.objects.select_related("host").get(pk=workload.pk)
+    events.publish(workload.tenant_id, workload.as_event())
+
+
+def transition(workload: Workload, expected: list[str], **changes: Any) -> bool:
+    """Conditional update: only from an expected state; a concurrent change wins and we move on."""
+    done = bool(Workload.objects.filter(pk=workload.pk, state__in=expected).update(**changes))
+    if done:
+        publish(workload)
+    return done
+
+
+def image_layers(workload: Workload) -> list[Any]:
+    return [il.layer for il in workload.image.image_layers.select_related("layer").order_by("position")]
+
+
+def ensure_layers(workload: Workload, progress: Progress) -> list[str]:
+    """Unpacked layer dirs of the workload's image, top-most first (overlayfs lowerdir order)."""
+    layers = image_layers(workload)
+    layer_store = store()
+    missing = [layer for layer in layers if not layer_store.has_layer(layer.diff_id)]
+    if missing:
+        progress(20, f"Unpacking {len(missing)} layer(s)")
+        layer_store.unpack_layers(
+            [
+                LayerSpec(blob_digest=layer.digest, media_type=layer.media_type, diff_id=layer.diff_id)
+                for layer in missing
+            ]
+        )
+    return [str(p) for p in reversed(layer_store.lower_dirs([layer.diff_id for layer in layers]))]
+
+
+def process_args(workload: Workload) -> list[str]:
+    config = workload.image.config or {}
+    entrypoint = workload.command if workload.command is not None else (config.get("entrypoint") or [])
+    cmd = workload.args if workload.args is not None else (config.get("cmd") or [])
+    if workload.command is not None and workload.args is None:
+        cmd = []  # Docker's rule: overriding the entrypoint drops the image's cmd
+    args = [*entrypoint, *cmd]
+    if not args:
+        raise ValueError("The image has no entrypoint or cmd and the workload gives none.")
+    return args
+
+
+def process_env(workload: Workload) -> list[str]:
+    env: dict[str, str] = {}
+    for item in (workload.image.config or {}).get("env") or []:
+        key, _, value = item.partition("=")
+        env[key] = value
+    env.update({str(k): str(v) for k, v in (workload.env or {}).items()})
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env["HOSTNAME"] = workload.name
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def container_spec(workload: Workload, lower_dirs: list[str]) -> ContainerSpec:
+    config = workload.image.config or {}
+    return ContainerSpec(
+        container_id=workload.runtime_id,
+        lower_dirs=lower_dirs,
+        args=process_args(workload),
+        env=process_env(workload),
+        cwd=workload.workdir or config.get("workdir") or "/",
+        user=workload.user or config.get("user") or "0:0",
+        hostname=workload.name,
+        vcpus=float(workload.vcpus),
+        memory_mib=workload.memory_mib,
+    )
+
+
+def load(workload_id: Any) -> Workload | None:
+    return Workload.objects.select_related("host", "image", "tenant").filter(pk=workload_id).first()
+
+
+def ensure_running(workload: Workload, progress: Progress = _noop_progress) -> str:
+    """Create (if needed) and start the workload's runtime; returns the resulting state."""
+    if workload.isolation == Isolation.MICROVM:
+        from compute import vm_agent
+
+        return vm_agent.ensure_running(workload, progress)
+    assert workload.host is not None
+    runtime = oci_runtime(workload.host)
+    state = runtime.state(workload.runtime_id)
+    if state.status == "running":
+        transition(
+            workload,
+            [
+                WorkloadState.PENDING,
+                WorkloadState.CREATING,
+                WorkloadState.STOPPED,
+                WorkloadState.FAILED,
+                WorkloadState.UNKNOWN,
+            ],
+            state=WorkloadState.RUNNING,
+        )
+        return WorkloadState.RUNNING
+    transition(
+        workload,
+        [WorkloadState.PENDING, WorkloadState.STOPPED, WorkloadState.FAILED, WorkloadState.UNKNOWN],
+        state=WorkloadState.CREATING,
+        status_message="",
+    )
+    progress(10, "Preparing the image")
+    try:
+        lower_dirs = ensure_layers(workload, progress)
+        if state.status != "absent":
+            # A stopped container (or one a killed agent left half-made) is recreated from scratch,
+            # keeping its upper dir: the captured changes survive a restart.
+            runtime.delete(workload.runtime_id, keep_upper=True)
+        progress(60, "Starting the container")
+        runtime.create(container_spec(workload, lower_dirs))
+        runtime.start(workload.runtime_id)
+    except Exception as exc:
+        transition(
+            workload, [WorkloadState.CREATING], state=WorkloadState.FAILED, status_message=str(exc)[:500]
+        )
+        raise
+    transition(
+        workload,
+        [WorkloadState.CREATING],
+        state=WorkloadState.RUNNING,
+        started_at=timezone.now(),
+        finished_at=None,
+        exit_code=None,
+    )
+    return WorkloadState.RUNNING
+
+
+def stop(workload: Workload, grace_seconds: float = 10) -> None:
+    if workload.isolation == Isolation.MICROVM:
+        from compute import vm_agent
+
+        vm_agent.stop(workload, grace_seconds)
+        return
+    assert workload.host is not None
+    runtime = oci_runtime(workload.host)
+    transition(
+        workload,
+        [WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.UNKNOWN],
+        state=WorkloadState.STOPPING,
+    )
+    code = runtime.stop(workload.runtime_id, grace_seconds=grace_seconds)
+    record_exit(workload, code, expected=[WorkloadState.STOPPING, WorkloadState.RUNNING], requested=True)
+
+
+def remove(workload: Workload, grace_seconds: float = 10) -> None:
+    """Stop and remove everything of the workload on its host (idempotent)."""
+    if workload.isolation == Isolation.MICROVM:
+        from compute import vm_agent
+
+        vm_agent.remove(workload, grace_seconds)
+        return
+    assert workload.host is not None
+    runtime = oci_runtime(workload.host)
+    if runtime.state(workload.runtime_id).status == "running":
+        runtime.stop(workload.runtime_id, grace_seconds=grace_seconds)
+    runtime.delete(workload.runtime_id)
+
+
+def record_exit(
+    workload: Workload, code: int | None, *, expected: list[str], requested: bool = False
+) -> bool:
+    """Record an exit: stopped when asked for or clean, failed otherwise."""
+    state = WorkloadState.STOPPED if requested or code == 0 else WorkloadState.FAILED
+    return transition(
+        workload,
+        expected,
+        state=state,
+        exit_code=code,
+        finished_at=timezone.now(),
+        status_message="" if state == WorkloadState.STOPPED else f"exited with {code}",
+    )
+
+
+def wants_restart(workload: Workload, code: int | None) -> bool:
+    if not workload.desired_running:
+        return False
+    if workload.restart_policy == RestartPolicy.ALWAYS:
+        return True
+    return workload.restart_policy == RestartPolicy.ON_FAILURE and code != 0
+
+
+def handle_exits(host: Host) -> list[str]:
+    """Record the exit of every container of this host that exited; restart per policy."""
+    runtime = oci_runtime(host)
+    handled = []
+    for runtime_id in runtime.exited_ids():
+        workload = (
+            Workload.objects.select_related("host", "image", "tenant")
+            .filter(host=host, runtime_id=runtime_id)
+            .first()
+        )
+        if workload is None or workload.state not in (WorkloadState.RUNNING, WorkloadState.UNKNOWN):
+            continue
+        code = runtime.state(runtime_id).exit_code
+        if not record_exit(workload, code, expected=[WorkloadState.RUNNING, WorkloadState.UNKNOWN]):
+            continue
+        handled.append(runtime_id)
+        workload.refresh_from_db()
+        if wants_restart(workload, code):
+            Workload.objects.filter(pk=workload.pk).update(restart_count=F("restart_count") + 1)
+            try:
+                ensure_running(workload)
+            except Exception:
+                log.exception("restart of %s failed", workload.pk)
+    return handled
+
+
+def resync(host: Host) -> dict[str, list[str]]:
+    """After an agent (re)start: adopt what runs, record what ended, remove what nobody owns."""
+    runtime = oci_runtime(host)
+    present = set(runtime.list_ids())
+    report: dict[str, list[str]] = {"adopted": [], "exited": [], "orphans_removed": [], "missing": []}
+    workloads = {
+        w.runtime_id: w
+        for w in Workload.objects.select_related("host", "image", "tenant").filter(
+            host=host, isolation=Isolation.NAMESPACE
+        )
+    }
+    for runtime_id in sorted(present - set(workloads)):
+        runtime.delete(runtime_id)
+        report["orphans_removed"].append(runtime_id)
+    for runtime_id, workload in workloads.items():
+        state = runtime.state(runtime_id)
+        if state.status == "running":
+            if transition(
+                workload,
+                [WorkloadState.UNKNOWN, WorkloadState.CREATING, WorkloadState.PENDING],
+                state=WorkloadState.RUNNING,
+            ):
+                report["adopted"].append(runtime_id)
+        elif state.status == "stopped" and workload.state in (WorkloadState.RUNNING, WorkloadState.UNKNOWN):
+            record_exit(workload, state.exit_code, expected=[WorkloadState.RUNNING, WorkloadState.UNKNOWN])
+            report["exited"].append(runtime_id)
+        elif state.status == "absent" and workload.state in (
+            WorkloadState.RUNNING,
+            WorkloadState.UNKNOWN,
+            WorkloadState.CREATING,
+        ):
+            transition(
+                workload, [workload.state], state=WorkloadState.FAILED, status_message="not found on the host"
+            )
+            report["missing"].append(runtime_id)
+    return report
+
+
+def logs(workload: Workload, tail_bytes: int = 64 * 1024) -> bytes:
+    if workload.isolation == Isolation.MICROVM:
+        from compute import vm_agent
+
+        return vm_agent.logs(workload, tail_bytes)
+    assert workload.host is not None
+    data = oci_runtime(workload.host).read_log(workload.runtime_id)
+    return data[-tail_bytes:]
+
+
+def stats(workload: Workload) -> dict[str, Any]:
+    assert workload.host is not None
+    if workload.isolation == Isolation.MICROVM or workload.state != WorkloadState.RUNNING:
+        return {}
+    s = oci_runtime(workload.host).stats(workload.runtime_id)
+    return {"cpu_usage_ns": s.cpu_usage_ns, "memory_bytes": s.memory_bytes}
+
+
+def upper_dir(workload: Workload) -> Path:
+    """The workload's captured changes (a micro-VM's writable disk is mounted read-only while stopped)."""
+    assert workload.host is not None
+    if workload.isolation == Isolation.MICROVM:
+        from compute import vm_agent
+
+        return vm_agent.upper_dir(workload)
+    return oci_runtime(workload.host).upper_dir(workload.runtime_id)

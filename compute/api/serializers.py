@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from rest_framework import serializers
+
+from compute.choices import Isolation, RestartPolicy
+from compute.models import Host, Workload
+from tenants.models import dns_label
+
+
+class HostSerializer(serializers.ModelSerializer):
+    queue = serializers.CharField(read_only=True)
+    vcpu_capacity = serializers.DecimalField(max_digits=8, decimal_places=2, read_only=True)
+    memory_capacity_mib = serializers.IntegerField(read_only=True)
+    usage = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Host
+        fields = [
+            "id",
+            "name",
+            "address",
+            "state",
+            "facts",
+            "cpus",
+            "memory_mib",
+            "cpu_overcommit",
+            "memory_overcommit",
+            "labels",
+            "oci_runtime_override",
+            "domain_type_override",
+            "pinned_only",
+            "last_heartbeat",
+            "queue",
+            "vcpu_capacity",
+            "memory_capacity_mib",
+            "usage",
+            "created_at",
+        ]
+        read_only_fields = [
+            "id",
+            "name",
+            "address",
+            "facts",
+            "cpus",
+            "memory_mib",
+            "last_heartbeat",
+            "created_at",
+        ]
+
+    def get_usage(self, host: Host) -> dict[str, Any]:
+        usage = self.context.get("usage", {}).get(host.pk)
+        if usage is None:
+            return {"vcpus": "0", "memory_mib": 0, "workloads": 0}
+        return usage
+
+
+class HostStateSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=["ready", "draining", "maintenance"])
+
+
+class JoinTokenRequestSerializer(serializers.Serializer):
+    host_name = serializers.CharField(max_length=63, validators=[dns_label])
+    labels = serializers.DictField(child=serializers.CharField(max_length=200), required=False)
+    cpu_overcommit = serializers.DecimalField(
+        max_digits=5, decimal_places=2, required=False, min_value=Decimal("0.1")
+    )
+    memory_overcommit = serializers.DecimalField(
+        max_digits=5, decimal_places=2, required=False, min_value=Decimal("0.1")
+    )
+    oci_runtime_override = serializers.ChoiceField(choices=["", "runc", "crun"], required=False)
+    domain_type_override = serializers.ChoiceField(choices=["", "kvm", "qemu"], required=False)
+
+
+class JoinSerializer(serializers.Serializer):
+    token = serializers.CharField(max_length=200)
+    facts = serializers.DictField()
+
+
+class WorkloadSerializer(serializers.ModelSerializer):
+    host_name = serializers.CharField(source="host.name", read_only=True, default=None)
+    image_reference = serializers.CharField(source="image.__str__", read_only=True)
+
+    class Meta:
+        model = Workload
+        fields = [
+            "id",
+            "tenant",
+            "name",
+            "image",
+            "image_reference",
+            "isolation",
+            "command",
+            "args",
+            "env",
+            "workdir",
+            "user",
+            "vcpus",
+            "memory_mib",
+            "restart_policy",
+            "host",
+            "host_name",
+            "state",
+            "desired_running",
+            "exit_code",
+            "status_message",
+            "restart_count",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class WorkloadCreateSerializer(serializers.Serializer):
+    tenant = serializers.UUIDField(required=False)
+    name = serializers.CharField(max_length=63, validators=[dns_label])
+    image = serializers.UUIDField()
+    isolation = serializers.ChoiceField(choices=Isolation.choices, default=Isolation.NAMESPACE)
+    command = serializers.ListField(
+        child=serializers.CharField(max_length=4096), required=False, allow_null=True, max_length=256
+    )
+    args = serializers.ListField(
+        child=serializers.CharField(max_length=4096), required=False, allow_null=True, max_length=256
+    )
+    env = serializers.DictField(
+        child=serializers.CharField(max_length=8192, allow_blank=True), required=False
+    )
+    workdir = serializers.CharField(max_length=4096, required=False, allow_blank=True)
+    user = serializers.CharField(max_length=64, required=False, allow_blank=True)
+    vcpus = serializers.DecimalField(max_digits=5, decimal_places=2, default=Decimal(1))
+    memory_mib = serializers.IntegerField(default=256)
+    restart_policy = serializers.ChoiceField(choices=RestartPolicy.choices, default=RestartPolicy.NEVER)
+    start = serializers.BooleanField(default=True)
+    host = serializers.UUIDField(required=False, help_text="Operators only: pin to a host.")
+
+    def validate_env(self, env: dict[str, str]) -> dict[str, str]:
+        if len(env) > 256:
+            raise serializers.ValidationError("At most 256 variables.")
+        return env
+
+
+class CommitSerializer(serializers.Serializer):
+    name = serializers.RegexField(r"^[a-z0-9]+([._/-][a-z0-9]+)*$", max_length=200)
+    tag = serializers.RegexField(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+class StopSerializer(serializers.Serializer):
+    grace_seconds = serializers.IntegerField(default=10, min_value=0, max_value=600)

@@ -1,0 +1,230 @@
+"""REST API for workloads (tenants) and hosts (operators)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Count, QuerySet, Sum
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, status
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from compute import agent, hosts, services
+from compute.api import serializers as s
+from compute.models import Host, Workload
+from imaging.models import Image
+from portal.api.viewsets import PermissionLayerViewSet, ReadOnlyPermissionLayerViewSet
+from portal.errors import Conflict, Invalid
+from tenants.api.serializers import OperationSerializer
+from tenants.api.views import UUID_LOOKUP, require_operator
+from tenants.models import Tenant
+
+
+def accepted(op: Any) -> Response:
+    return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
+
+
+class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
+    model = Workload
+    serializer_class = s.WorkloadSerializer
+    lookup_value_regex = UUID_LOOKUP
+    filterset_fields = ["tenant", "state", "isolation", "name"]
+    ordering_fields = ["name", "created_at", "state"]
+
+    def base_queryset(self) -> QuerySet[Workload]:
+        return Workload.objects.select_related("host", "image")
+
+    def _tenant(self, tenant_id: Any) -> Tenant:
+        user = self.request.user
+        token = getattr(user, "active_token", None)
+        if tenant_id is None and token is not None and token.tenant_id:
+            tenant_id = token.tenant_id
+        if tenant_id is None:
+            mine = list(Tenant.objects.for_user(user, "operate")[:2])
+            if len(mine) != 1:
+                raise Invalid("Say which tenant the workload belongs to.", field="tenant")
+            return mine[0]
+        tenant = Tenant.objects.for_user(user, "operate").filter(pk=tenant_id).first()
+        if tenant is None:
+            if Tenant.objects.for_user(user, "view").filter(pk=tenant_id).exists():
+                raise PermissionDenied("Your role does not allow creating workloads in this tenant.")
+            raise Invalid("No such tenant.", field="tenant")
+        return tenant
+
+    @extend_schema(request=s.WorkloadCreateSerializer, responses={202: OperationSerializer})
+    def create(self, request: Request) -> Response:
+        data = s.WorkloadCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        tenant = self._tenant(v.get("tenant"))
+        image = Image.objects.for_user(request.user, "view").filter(pk=v["image"]).first()
+        if image is None:
+            raise Invalid("No such image.", field="image")
+        pinned = None
+        if v.get("host"):
+            require_operator(self, "pin workloads to hosts")
+            pinned = Host.objects.filter(pk=v["host"]).first()
+            if pinned is None:
+                raise Invalid("No such host.", field="host")
+        spec = services.WorkloadSpec(
+            name=v["name"],
+            image=image,
+            isolation=v["isolation"],
+            command=v.get("command"),
+            args=v.get("args"),
+            env=v.get("env") or {},
+            workdir=v.get("workdir", ""),
+            user=v.get("user", ""),
+            vcpus=v["vcpus"],
+            memory_mib=v["memory_mib"],
+            restart_policy=v["restart_policy"],
+            host=pinned,
+        )
+        return accepted(
+            services.create_workload(actor=self.actor, tenant=tenant, spec=spec, start=v["start"])
+        )
+
+    @extend_schema(request=None, responses={202: OperationSerializer})
+    def destroy(self, request: Request, pk: str) -> Response:
+        return accepted(services.delete_workload(actor=self.actor, workload=self.write_object()))
+
+    def write_object(self) -> Workload:
+        return self.get_object_for("operate")
+
+    def get_object_for(self, act: Any) -> Workload:
+        self.requested_action = act
+        return self.get_object()
+
+    def permission_action(self) -> Any:
+        return getattr(self, "requested_action", None) or super().permission_action()
+
+    @extend_schema(request=None, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: str) -> Response:
+        return accepted(services.start_workload(actor=self.actor, workload=self.write_object()))
+
+    @extend_schema(request=s.StopSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def stop(self, request: Request, pk: str) -> Response:
+        workload = self.write_object()  # resolve first: a foreign object is a 404 whatever the body
+        data = s.StopSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return accepted(services.stop_workload(actor=self.actor, workload=workload, **data.validated_data))
+
+    @extend_schema(request=s.StopSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def restart(self, request: Request, pk: str) -> Response:
+        workload = self.write_object()
+        data = s.StopSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return accepted(services.restart_workload(actor=self.actor, workload=workload, **data.validated_data))
+
+    @extend_schema(request=s.CommitSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def commit(self, request: Request, pk: str) -> Response:
+        workload = self.write_object()
+        data = s.CommitSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return accepted(services.commit_workload(actor=self.actor, workload=workload, **data.validated_data))
+
+    @action(detail=True, methods=["get"])
+    def logs(self, request: Request, pk: str) -> Response:
+        workload = self.get_object()
+        tail = min(int(request.query_params.get("tail_bytes", 65536) or 65536), 4 * 1024 * 1024)
+        if workload.state in ("pending",):
+            return Response({"logs": ""})
+        return Response({"logs": agent.logs(workload, tail).decode("utf-8", "replace")})
+
+    @action(detail=True, methods=["get"])
+    def stats(self, request: Request, pk: str) -> Response:
+        return Response(agent.stats(self.get_object()))
+
+    @action(detail=True, methods=["get"])
+    def changes(self, request: Request, pk: str) -> Response:
+        workload = self.get_object()
+        if workload.state in ("pending", "creating"):
+            raise Conflict("The workload has no changes yet.")
+        upper = agent.upper_dir(workload)
+        if not upper.is_dir():
+            return Response({"changes": []})
+        diff_ids = [layer.diff_id for layer in agent.image_layers(workload)]
+        changes = agent.store().changes(upper, diff_ids)
+        return Response({"changes": [{"kind": c.kind, "path": c.path} for c in changes]})
+
+
+class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLayerViewSet):
+    model = Host
+    serializer_class = s.HostSerializer
+    lookup_value_regex = UUID_LOOKUP
+    write_action = "view"
+    http_method_names = ["get", "post", "patch", "head", "options"]
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        usage = {
+            row["host"]: {"vcpus": str(row["vcpus"]), "memory_mib": row["memory"], "workloads": row["n"]}
+            for row in Workload.objects.values("host").annotate(
+                vcpus=Sum("vcpus"), memory=Sum("memory_mib"), n=Count("id")
+            )
+        }
+        return {**super().get_serializer_context(), "usage": usage}
+
+    @extend_schema(request=s.HostStateSerializer, responses=s.HostSerializer)
+    def partial_update(self, request: Request, pk: str) -> Response:
+        host = self.get_object()
+        require_operator(self, "change hosts")
+        data = s.HostStateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        host = hosts.set_host_state(actor=self.actor, host=host, state=data.validated_data["state"])
+        return Response(s.HostSerializer(host, context=self.get_serializer_context()).data)
+
+    @extend_schema(request=s.JoinTokenRequestSerializer, responses={201: dict})
+    @action(detail=False, methods=["post"], url_path="join-tokens")
+    def join_tokens(self, request: Request) -> Response:
+        require_operator(self, "add hosts")
+        data = s.JoinTokenRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        profile: dict[str, Any] = {
+            k: str(v) if not isinstance(v, dict) else v for k, v in data.validated_data.items()
+        }
+        name = str(profile.pop("host_name"))
+        token, secret = hosts.create_join_token(actor=self.actor, host_name=name, profile=profile)
+        portal_url = request.build_absolute_uri("/").rstrip("/")
+        command = f"make agent PORTAL={portal_url} JOIN_TOKEN={secret}"
+        return Response(
+            {"id": str(token.pk), "token": secret, "expires_at": token.expires_at, "command": command},
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class JoinView(APIView):
+    """A new host presents its single-use join token (no user: the token is the credential)."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(request=s.JoinSerializer, responses={201: dict})
+    def post(self, request: Request) -> Response:
+        from tenants.authentication import check_auth_throttle, note_auth_failure
+
+        check_auth_throttle(request)
+        data = s.JoinSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            host, profile = hosts.redeem_join_token(
+                secret=data.validated_data["token"],
+                facts=data.validated_data["facts"],
+                address=request.META.get("REMOTE_ADDR"),
+            )
+        except Exception as exc:
+            if getattr(exc, "status_code", None) == 403:
+                note_auth_failure(request, "bad join token")
+            raise
+        return Response(
+            {"host": str(host.pk), "name": host.name, "queue": host.queue, "profile": profile},
+            status=status.HTTP_201_CREATED,
+        )

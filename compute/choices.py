@@ -1,0 +1,30 @@
+from django.db import models
+
+
+class HostState(models.TextChoices):
+    READY = "ready", "Ready"
+    DRAINING = "draining", "Draining"
+    LOST = "lost", "Lost"
+    MAINTENANCE = "maintenance", "Maintenance"
+
+
+class Isolation(models.TextChoices):
+    NAMESPACE = "namespace", "Namespace container"
+    MICROVM = "microvm", "Micro-VM"
+
+
+class RestartPolicy(models.TextChoices):
+    NEVER = "never", "Never"
+    ON_FAILURE = "on-failure", "On failure"
+    ALWAYS = "always", "Always"
+
+
+class WorkloadState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    CREATING = "creating", "Creating"
+    RUNNING = "running", "Running"
+    STOPPING = "stopping", "Stopping"
+    STOPPED = "stopped", "Stopped"
+    FAILED = "failed", "Failed"
+    UNKNOWN = "unknown", "Unknown"
+    DELETING = "deleting", "Deleting"

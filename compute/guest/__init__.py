@@ -1,0 +1,1 @@
+"""The micro-VM guest: Debian's cloud kernel and the project's busybox initramfs."""

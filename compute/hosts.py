@@ -1,0 +1,204 @@
+"""Host registration, facts, heartbeats, lost-host detection, drain, and join tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import secrets
+import shutil
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from compute.choices import HostState, WorkloadState
+from compute.models import Host, JoinToken, Workload
+from portal import events
+from portal.errors import Conflict, Invalid, NotPermitted
+from tenants import audit
+from tenants.actors import Actor
+
+LOST_AFTER = timedelta(seconds=45)
+JOIN_TOKEN_TTL = timedelta(minutes=30)
+
+
+def host_state_dir(host: Host | str) -> Path:
+    """Per-host state (containers, VMs, networks): separate hosts on one machine never share it."""
+    host_id = host.pk if isinstance(host, Host) else host
+    path = Path(settings.DATA_DIR) / "hosts" / str(host_id)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _meminfo_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def gather_facts(host: Host, *, probe_runtimes: bool = True) -> dict[str, Any]:
+    """What this machine is and can do; runtimes are probed by really running one."""
+    from compute.runtimes import probe
+
+    facts: dict[str, Any] = {
+        "cpus": os.cpu_count() or 1,
+        "memory_mib": _meminfo_mib(),
+        "disk_free_bytes": shutil.disk_usage(settings.DATA_DIR).free,
+        "kernel": platform.release(),
+        "cgroup_mode": probe.cgroup_mode(),
+        "hostname": socket.gethostname(),
+    }
+    if probe_runtimes:
+        probes = probe.probe_oci_runtimes(host_state_dir(host) / "probe")
+        facts["oci_runtimes"] = [p.name for p in probes if p.works]
+        facts["oci_runtime_probes"] = {p.name: p.reason or "works" for p in probes}
+    facts["libvirt"] = shutil.which("libvirtd") is not None and shutil.which("qemu-system-x86_64") is not None
+    facts["kvm"] = False
+    if facts["libvirt"] and probe_runtimes:
+        from compute.runtimes.libvirtd import kvm_works_cached
+
+        # Booted for real with a short timeout: on some machines /dev/kvm exists but guests hang.
+        facts["kvm"] = kvm_works_cached(timeout=5.0)
+    try:
+        from compute.guest.build import load_guest
+
+        artifacts = load_guest(Path(settings.DATA_DIR) / "guest")
+    except Exception:  # a host without a built guest simply reports none
+        artifacts = None
+    if artifacts is not None:
+        facts["guest_kernel"] = artifacts.kernel_version
+    return facts
+
+
+@transaction.atomic
+def register_host(
+    *, actor: Actor, name: str, facts: dict[str, Any], profile: dict[str, Any] | None = None
+) -> Host:
+    """Create or refresh a host row from the facts its agent reported (idempotent by name)."""
+    profile = profile or {}
+    host, created = Host.objects.select_for_update().get_or_create(name=name)
+    host.facts = {**host.facts, **facts}
+    host.cpus = int(facts.get("cpus", host.cpus or 1))
+    host.memory_mib = int(facts.get("memory_mib", host.memory_mib or 0))
+    for field in ("cpu_overcommit", "memory_overcommit", "oci_runtime_override", "domain_type_override"):
+        if field in profile:
+            setattr(host, field, profile[field])
+    if "labels" in profile:
+        host.labels = profile["labels"]
+    host.last_heartbeat = timezone.now()
+    if host.state == HostState.LOST:
+        host.state = HostState.READY
+    host.save()
+    audit.record(actor, "host.register" if created else "host.refresh", host, details={"name": name})
+    return host
+
+
+def register_local_host(*, actor: Actor) -> Host:
+    """`make run`: this machine as host `local` (facts probed once per start)."""
+    name = settings.BULKHEAD_HOST_NAME
+    existing = Host.objects.filter(name=name).first()
+    placeholder = existing or Host(name=name)
+    if existing is None:
+        placeholder.pk = Host._meta.pk.get_default()  # type: ignore[union-attr]
+    facts = gather_facts(placeholder)
+    return register_host(actor=actor, name=name, facts=facts)
+
+
+def heartbeat(host_id: Any) -> None:
+    """The agent is alive: a lost host comes back as ready (its agent re-syncs workloads)."""
+    now = timezone.now()
+    Host.objects.filter(pk=host_id).update(last_heartbeat=now)
+    if Host.objects.filter(pk=host_id, state=HostState.LOST).update(state=HostState.READY):
+        host = Host.objects.get(pk=host_id)
+        audit.record(Actor.system("agent"), "host.recovered", host)
+        events.publish(None, {"type": "host", "id": str(host_id), "state": HostState.READY})
+
+
+def mark_lost_hosts(now: Any = None) -> list[str]:
+    """Hosts silent for longer than LOST_AFTER become lost; their workloads unknown."""
+    now = now or timezone.now()
+    lost = []
+    silent = Host.objects.filter(last_heartbeat__lt=now - LOST_AFTER).exclude(state=HostState.LOST)
+    for host in silent:
+        with transaction.atomic():
+            if not Host.objects.filter(pk=host.pk).exclude(state=HostState.LOST).update(state=HostState.LOST):
+                continue
+            changed = Workload.objects.filter(host=host).exclude(
+                state__in=[WorkloadState.DELETING, WorkloadState.UNKNOWN]
+            )
+            tenants = set(changed.values_list("tenant_id", flat=True))
+            changed.update(state=WorkloadState.UNKNOWN, status_message="host lost")
+            audit.record(Actor.system("heartbeat"), "host.lost", host)
+        for tenant_id in tenants:
+            events.publish(tenant_id, {"type": "workload", "host": host.name, "state": WorkloadState.UNKNOWN})
+        events.publish(None, {"type": "host", "id": str(host.pk), "state": HostState.LOST})
+        lost.append(host.name)
+    return lost
+
+
+def _require_operator(actor: Actor, action: str) -> None:
+    if actor.user is None or not actor.user.is_staff:
+        raise NotPermitted("Only operators manage hosts.", audit_action=action)
+
+
+@audit.denials_audited
+@transaction.atomic
+def set_host_state(*, actor: Actor, host: Host, state: str) -> Host:
+    _require_operator(actor, "host.update")
+    if state not in (HostState.READY, HostState.DRAINING, HostState.MAINTENANCE):
+        raise Invalid(f"A host can be set to ready, draining or maintenance, not {state!r}.", field="state")
+    before = host.state
+    Host.objects.filter(pk=host.pk).update(state=state)
+    host.refresh_from_db()
+    audit.record(actor, "host.state", host, details={"from": before, "to": state})
+    return host
+
+
+def hash_join_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@audit.denials_audited
+@transaction.atomic
+def create_join_token(
+    *, actor: Actor, host_name: str, profile: dict[str, Any] | None = None
+) -> tuple[JoinToken, str]:
+    _require_operator(actor, "host.join_token")
+    if Host.objects.filter(name=host_name).exists():
+        raise Conflict(f"A host named {host_name!r} exists already.", field="host_name")
+    secret = "bhj_" + secrets.token_urlsafe(32)
+    token = JoinToken.objects.create(
+        secret_hash=hash_join_secret(secret),
+        host_name=host_name,
+        profile=profile or {},
+        expires_at=timezone.now() + JOIN_TOKEN_TTL,
+        created_by=actor.user,
+    )
+    audit.record(actor, "host.join_token", token, details={"host_name": host_name})
+    return token, secret
+
+
+@transaction.atomic
+def redeem_join_token(
+    *, secret: str, facts: dict[str, Any], address: str | None
+) -> tuple[Host, dict[str, Any]]:
+    """A joining host trades its single-use token for a host row and its profile."""
+    token = JoinToken.objects.select_for_update().filter(secret_hash=hash_join_secret(secret)).first()
+    actor = Actor(source_address=address, label_override="join")
+    if token is None or token.used_at is not None or token.expires_at <= timezone.now():
+        raise NotPermitted("The join token is unknown, used or expired.", audit_action="host.join")
+    host = register_host(actor=actor, name=token.host_name, facts=facts, profile=token.profile)
+    if address:
+        Host.objects.filter(pk=host.pk).update(address=address)
+    token.used_at = timezone.now()
+    token.host = host
+    token.save(update_fields=["used_at", "host"])
+    audit.record(actor, "host.join", host, details={"name": host.name})
+    return host, token.profile

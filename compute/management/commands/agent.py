@@ -1,0 +1,64 @@
+"""`manage.py agent --host ID`: the host agent's loop (heartbeat, exit watcher, re-sync at start).
+
+The Celery worker consuming `host.<id>` does the requested work; this loop notices what happens on
+the host by itself: exits (recorded within a second), and the host's liveness (heartbeat).
+`manage.py agent --join URL --token SECRET --name NAME` joins a new host headless first.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from compute import agent, hosts, vm_agent
+from compute.models import Host
+
+log = logging.getLogger("bulkhead.agent")
+
+HEARTBEAT_SECONDS = 10.0
+EXIT_POLL_SECONDS = 0.5
+
+
+class Command(BaseCommand):
+    help = "Run the host agent loop for one host."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--host", help="host id (uuid) or name")
+        parser.add_argument("--once", action="store_true", help="re-sync and handle exits once, then exit")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        ref = options["host"]
+        if not ref:
+            raise CommandError("--host is required")
+        host = Host.objects.filter(name=ref).first() or Host.objects.filter(pk=ref).first()
+        if host is None:
+            raise CommandError(f"no host {ref!r}")
+        stopping = False
+
+        def stop(signum: int, frame: Any) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        hosts.heartbeat(host.pk)
+        report = agent.resync(host)
+        log.info("agent for %s re-synced: %s", host.name, report)
+        if options["once"]:
+            agent.handle_exits(host)
+            return
+        last_beat = time.monotonic()
+        while not stopping:
+            try:
+                agent.handle_exits(host)
+                vm_agent.handle_exits(host)
+                if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+                    hosts.heartbeat(host.pk)
+                    last_beat = time.monotonic()
+            except Exception:
+                log.exception("agent loop error")
+            time.sleep(EXIT_POLL_SECONDS)

@@ -1,0 +1,203 @@
+"""Workload services: the only code that creates, starts, stops, restarts and deletes workloads.
+
+Each writes the row and an Operation, audits, and sends the host task on commit (to `host.<id>`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+
+from compute import placement
+from compute.choices import Isolation, RestartPolicy, WorkloadState
+from compute.models import Host, Workload
+from imaging.models import Image
+from portal import operations
+from portal.errors import Conflict, Invalid
+from portal.models import Operation
+from tenants import audit, quota
+from tenants.actors import Actor
+from tenants.models import Tenant
+
+MAX_VCPUS = Decimal(64)
+MAX_MEMORY_MIB = 256 * 1024
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str
+    image: Image
+    isolation: str = Isolation.NAMESPACE
+    command: list[str] | None = None
+    args: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    user: str = ""
+    vcpus: Decimal = Decimal(1)
+    memory_mib: int = 256
+    restart_policy: str = RestartPolicy.NEVER
+    host: Host | None = None  # operators may pin
+
+
+def usable_images(tenant: Tenant) -> Any:
+    """Images a tenant's workloads may use: its own and the public ones."""
+    return Image.objects.filter(Q(tenant=tenant) | Q(tenant__isnull=True))
+
+
+def _validate(spec: WorkloadSpec, tenant: Tenant) -> None:
+    if not usable_images(tenant).filter(pk=spec.image.pk).exists():
+        raise Invalid("No such image.", field="image")
+    if spec.vcpus <= 0 or spec.vcpus > MAX_VCPUS:
+        raise Invalid(f"vcpus must be more than 0 and at most {MAX_VCPUS}.", field="vcpus")
+    if spec.isolation == Isolation.MICROVM and spec.vcpus != spec.vcpus.to_integral_value():
+        raise Invalid("A micro-VM needs a whole number of vCPUs.", field="vcpus")
+    if not 16 <= spec.memory_mib <= MAX_MEMORY_MIB:
+        raise Invalid(f"memory_mib must be between 16 and {MAX_MEMORY_MIB}.", field="memory_mib")
+    if spec.isolation == Isolation.MICROVM and spec.memory_mib < 64:
+        raise Invalid("A micro-VM needs at least 64 MiB.", field="memory_mib")
+    for key, value in spec.env.items():
+        if not key or "=" in key or "\0" in key or "\0" in str(value):
+            raise Invalid(f"Invalid environment variable name {key!r}.", field="env")
+    for part in [*(spec.command or []), *(spec.args or []), spec.workdir, spec.user]:
+        if "\0" in part:
+            raise Invalid("Arguments cannot contain NUL bytes.")
+    if spec.workdir and not spec.workdir.startswith("/"):
+        raise Invalid("workdir must be an absolute path.", field="workdir")
+
+
+def _start_op(actor: Actor, workload: Workload, kind: str, task: Any, **params: Any) -> Operation:
+    assert workload.host is not None
+    op = operations.start(
+        kind=kind,
+        task=task,
+        actor=actor,
+        tenant=workload.tenant,
+        target=workload,
+        queue=workload.host.queue,
+        params=params,
+    )
+    return op
+
+
+@audit.denials_audited
+@transaction.atomic
+def create_workload(*, actor: Actor, tenant: Tenant, spec: WorkloadSpec, start: bool = True) -> Operation:
+    """Check quota under the tenant's row lock, place, write the row, and queue its creation."""
+    from compute import tasks
+
+    _validate(spec, tenant)
+    if Workload.objects.filter(tenant=tenant, name=spec.name).exists():
+        raise Conflict(f"A workload named {spec.name!r} exists in this tenant.", field="name")
+    quota.allocate(tenant, workloads=1, vcpus=spec.vcpus, memory_mib=spec.memory_mib)
+    host = placement.choose_host(
+        isolation=spec.isolation, vcpus=spec.vcpus, memory_mib=spec.memory_mib, pinned=spec.host
+    )
+    try:
+        with transaction.atomic():
+            workload = Workload.objects.create(
+                tenant=tenant,
+                name=spec.name,
+                image=spec.image,
+                isolation=spec.isolation,
+                command=spec.command,
+                args=spec.args,
+                env=spec.env,
+                workdir=spec.workdir,
+                user=spec.user,
+                vcpus=spec.vcpus,
+                memory_mib=spec.memory_mib,
+                restart_policy=spec.restart_policy,
+                host=host,
+                pinned=spec.host is not None,
+                desired_running=start,
+            )
+    except IntegrityError:
+        raise Conflict(f"A workload named {spec.name!r} exists in this tenant.", field="name") from None
+    audit.record(
+        actor,
+        "workload.create",
+        workload,
+        details={"image": str(spec.image), "isolation": spec.isolation, "host": host.name, "start": start},
+    )
+    return _start_op(actor, workload, "workload.create", tasks.create_workload, start=start)
+
+
+def _lock(workload: Workload) -> Workload:
+    return (
+        Workload.objects.select_for_update(of=("self",)).select_related("host", "tenant").get(pk=workload.pk)
+    )
+
+
+@transaction.atomic
+def start_workload(*, actor: Actor, workload: Workload) -> Operation:
+    from compute import tasks
+
+    workload = _lock(workload)
+    if workload.state in (WorkloadState.DELETING,):
+        raise Conflict("The workload is being deleted.")
+    Workload.objects.filter(pk=workload.pk).update(desired_running=True)
+    audit.record(actor, "workload.start", workload)
+    return _start_op(actor, workload, "workload.start", tasks.start_workload)
+
+
+@transaction.atomic
+def stop_workload(*, actor: Actor, workload: Workload, grace_seconds: int = 10) -> Operation:
+    from compute import tasks
+
+    workload = _lock(workload)
+    if workload.state == WorkloadState.DELETING:
+        raise Conflict("The workload is being deleted.")
+    Workload.objects.filter(pk=workload.pk).update(desired_running=False)
+    audit.record(actor, "workload.stop", workload, details={"grace_seconds": grace_seconds})
+    return _start_op(actor, workload, "workload.stop", tasks.stop_workload, grace_seconds=grace_seconds)
+
+
+@transaction.atomic
+def restart_workload(*, actor: Actor, workload: Workload, grace_seconds: int = 10) -> Operation:
+    from compute import tasks
+
+    workload = _lock(workload)
+    if workload.state == WorkloadState.DELETING:
+        raise Conflict("The workload is being deleted.")
+    Workload.objects.filter(pk=workload.pk).update(desired_running=True)
+    audit.record(actor, "workload.restart", workload)
+    return _start_op(actor, workload, "workload.restart", tasks.restart_workload, grace_seconds=grace_seconds)
+
+
+@transaction.atomic
+def delete_workload(*, actor: Actor, workload: Workload, grace_seconds: int = 10) -> Operation:
+    """Mark deleting; the host stops it, removes everything, then the row goes and the quota is freed."""
+    from compute import tasks
+
+    workload = _lock(workload)
+    Workload.objects.filter(pk=workload.pk).update(state=WorkloadState.DELETING, desired_running=False)
+    audit.record(actor, "workload.delete", workload)
+    return _start_op(actor, workload, "workload.delete", tasks.delete_workload, grace_seconds=grace_seconds)
+
+
+@transaction.atomic
+def commit_workload(*, actor: Actor, workload: Workload, name: str, tag: str) -> Operation:
+    """Its captured changes become a new layer on top of its image: a new image of the tenant."""
+    from compute import tasks
+
+    workload = _lock(workload)
+    if Image.objects.filter(tenant=workload.tenant, name=name, tag=tag).exists():
+        raise Conflict(f"The image {name}:{tag} exists already.", field="name")
+    audit.record(actor, "workload.commit", workload, details={"name": name, "tag": tag})
+    return _start_op(actor, workload, "workload.commit", tasks.commit_workload, name=name, tag=tag)
+
+
+def forget_workload(workload_id: Any) -> None:
+    """The host removed everything: drop the row and give the quota back (idempotent)."""
+    with transaction.atomic():
+        workload = Workload.objects.select_for_update().filter(pk=workload_id).first()
+        if workload is None:
+            return
+        tenant = workload.tenant
+        amounts = {"workloads": 1, "vcpus": workload.vcpus, "memory_mib": workload.memory_mib}
+        workload.delete()
+        quota.release(tenant, **amounts)

@@ -1,0 +1,92 @@
+"""Host agent tasks (queue `host.<id>`) and periodic tasks. Thin: load the row, call the agent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compute import agent, hosts, services
+from compute.choices import WorkloadState
+from portal.celery import app
+from portal.models import Operation
+from portal.tasks import OperationTask
+
+
+def _workload(op_id: str) -> Any:
+    op = Operation.objects.get(pk=op_id)
+    return op, agent.load(op.target_id)
+
+
+@app.task(base=OperationTask, bind=True, name="compute.create_workload")
+def create_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+    op, workload = _workload(op_id)
+    if workload is None:
+        return {"skipped": "workload deleted"}
+    if not op.params.get("start", True):
+        agent.transition(workload, [WorkloadState.PENDING], state=WorkloadState.STOPPED)
+        return {"state": WorkloadState.STOPPED}
+    return {"state": agent.ensure_running(workload, self.progress)}
+
+
+@app.task(base=OperationTask, bind=True, name="compute.start_workload")
+def start_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+    _op, workload = _workload(op_id)
+    if workload is None:
+        return {"skipped": "workload deleted"}
+    return {"state": agent.ensure_running(workload, self.progress)}
+
+
+@app.task(base=OperationTask, bind=True, name="compute.stop_workload")
+def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+    op, workload = _workload(op_id)
+    if workload is None:
+        return {"skipped": "workload deleted"}
+    agent.stop(workload, float(op.params.get("grace_seconds", 10)))
+    workload.refresh_from_db()
+    return {"state": workload.state, "exit_code": workload.exit_code}
+
+
+@app.task(base=OperationTask, bind=True, name="compute.restart_workload")
+def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+    op, workload = _workload(op_id)
+    if workload is None:
+        return {"skipped": "workload deleted"}
+    self.progress(10, "Stopping", force=True)
+    agent.stop(workload, float(op.params.get("grace_seconds", 10)))
+    workload.refresh_from_db()
+    return {"state": agent.ensure_running(workload, self.progress)}
+
+
+@app.task(base=OperationTask, bind=True, name="compute.delete_workload")
+def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+    op, workload = _workload(op_id)
+    if workload is None:
+        return {"skipped": "already deleted"}
+    self.progress(20, "Removing from the host", force=True)
+    agent.remove(workload, float(op.params.get("grace_seconds", 10)))
+    services.forget_workload(workload.pk)
+    agent.events.publish(workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"})
+    return {"deleted": str(workload.pk)}
+
+
+@app.task(base=OperationTask, bind=True, name="compute.commit_workload")
+def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+    from compute import commit
+
+    op, workload = _workload(op_id)
+    if workload is None:
+        return {"skipped": "workload deleted"}
+    image = commit.commit(
+        workload, name=op.params["name"], tag=op.params["tag"], actor_user=op.actor, progress=self.progress
+    )
+    return {"image": str(image.pk)}
+
+
+@app.task(name="compute.mark_lost_hosts", ignore_result=True)
+def mark_lost_hosts() -> list[str]:
+    return hosts.mark_lost_hosts()
+
+
+app.conf.beat_schedule = {
+    **(app.conf.beat_schedule or {}),
+    "mark-lost-hosts": {"task": "compute.mark_lost_hosts", "schedule": 15.0},
+}

@@ -1,0 +1,226 @@
+"""The agent's micro-VM side: the same workload rows, run by libvirt/QEMU from the same image layers.
+
+The image's layers are flattened once per chain into a read-only root disk by the layer store; each VM
+gets a writable disk whose overlay upper dir is its captured changes (same form as a container's).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+
+from compute import agent
+from compute.choices import Isolation, WorkloadState
+from compute.hosts import host_state_dir
+from compute.models import Host, Workload
+from compute.runtimes.libvirt import VmNotFound, VmRuntime, VmSpec, WorkloadPayload
+
+log = logging.getLogger(__name__)
+
+_runtimes: dict[Any, VmRuntime] = {}
+_runtimes_lock = threading.Lock()
+
+
+def vm_runtime(host: Host) -> VmRuntime:
+    """One libvirt connection per agent process and host."""
+    with _runtimes_lock:
+        runtime = _runtimes.get(host.pk)
+        if runtime is None:
+            from compute.runtimes.libvirtd import ensure_libvirtd
+
+            ensure_libvirtd()
+            runtime = VmRuntime(state_dir=host_state_dir(host) / "vms")
+            _runtimes[host.pk] = runtime
+        return runtime
+
+
+def guest() -> Any:
+    from compute.guest.build import ensure_guest
+
+    return ensure_guest(Path(settings.DATA_DIR) / "guest")
+
+
+def resolve_numeric_user(workload: Workload, lower_dirs: list[str]) -> tuple[int, int]:
+    """uid:gid for the guest: numeric as given, names looked up in the image's /etc files."""
+    from compute.runtimes.oci import resolve_user
+
+    user = workload.user or (workload.image.config or {}).get("user") or "0:0"
+    name, _, group = user.partition(":")
+    if name.isdigit() and (not group or group.isdigit()):
+        return int(name), int(group or 0)
+    for layer_dir in lower_dirs:  # top-most first: the first layer holding /etc/passwd wins
+        if (Path(layer_dir) / "etc" / "passwd").is_file():
+            resolved = resolve_user(Path(layer_dir), user)
+            return resolved.uid, resolved.gid
+    raise ValueError(f"user {user!r} is not in the image's /etc/passwd")
+
+
+def vm_spec(workload: Workload, progress: agent.Progress) -> VmSpec:
+    assert workload.host is not None
+    lower_dirs = agent.ensure_layers(workload, progress)
+    progress(40, "Building the root disk")
+    diff_ids = [layer.diff_id for layer in agent.image_layers(workload)]
+    root_disk = agent.store().build_disk(diff_ids)
+    artifacts = guest()
+    uid, gid = resolve_numeric_user(workload, lower_dirs)
+    vm_dir = host_state_dir(workload.host) / "vms"
+    config = workload.image.config or {}
+    return VmSpec(
+        vm_id=workload.pk,
+        vcpus=int(workload.vcpus),
+        memory_mib=workload.memory_mib,
+        kernel=artifacts.kernel,
+        initrd=artifacts.initrd,
+        root_disk=root_disk,
+        rw_disk=vm_dir / f"{workload.pk}.rw.ext4",
+        console_log=vm_dir / f"{workload.pk}.console.log",
+        payload=WorkloadPayload(
+            args=tuple(agent.process_args(workload)),
+            env=tuple(agent.process_env(workload)),
+            cwd=workload.workdir or config.get("workdir") or "/",
+            uid=uid,
+            gid=gid,
+        ),
+        hostname=None,
+        domain_type=workload.host.domain_type,  # type: ignore[arg-type]
+    )
+
+
+def ensure_running(workload: Workload, progress: agent.Progress) -> str:
+    assert workload.host is not None
+    runtime = vm_runtime(workload.host)
+    try:
+        state = runtime.state(workload.pk)
+    except VmNotFound:
+        state = None
+    if state is not None and state.status == "running":
+        agent.transition(
+            workload,
+            [WorkloadState.PENDING, WorkloadState.CREATING, WorkloadState.UNKNOWN],
+            state=WorkloadState.RUNNING,
+        )
+        return WorkloadState.RUNNING
+    agent.transition(
+        workload,
+        [WorkloadState.PENDING, WorkloadState.STOPPED, WorkloadState.FAILED, WorkloadState.UNKNOWN],
+        state=WorkloadState.CREATING,
+        status_message="",
+    )
+    progress(10, "Preparing the image")
+    try:
+        # A VM that ran before is defined again over the same writable disk: its changes stay.
+        spec = vm_spec(workload, progress)
+        progress(70, "Booting the micro-VM")
+        runtime.create(spec)
+        runtime.start(workload.pk)
+    except Exception as exc:
+        agent.transition(
+            workload, [WorkloadState.CREATING], state=WorkloadState.FAILED, status_message=str(exc)[:500]
+        )
+        raise
+    agent.transition(
+        workload,
+        [WorkloadState.CREATING],
+        state=WorkloadState.RUNNING,
+        started_at=timezone.now(),
+        finished_at=None,
+        exit_code=None,
+    )
+    return WorkloadState.RUNNING
+
+
+def stop(workload: Workload, grace_seconds: float) -> None:
+    assert workload.host is not None
+    agent.transition(
+        workload,
+        [WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.UNKNOWN],
+        state=WorkloadState.STOPPING,
+    )
+    try:
+        state = vm_runtime(workload.host).stop(workload.pk, grace_seconds=grace_seconds)
+        code = state.exit_code
+    except VmNotFound:
+        code = None
+    agent.record_exit(
+        workload, code, expected=[WorkloadState.STOPPING, WorkloadState.RUNNING], requested=True
+    )
+
+
+def remove(workload: Workload, grace_seconds: float) -> None:
+    assert workload.host is not None
+    runtime = vm_runtime(workload.host)
+    try:
+        if runtime.state(workload.pk).status == "running":
+            runtime.stop(workload.pk, grace_seconds=grace_seconds)
+    except VmNotFound:
+        return
+    runtime.delete(workload.pk)
+
+
+def logs(workload: Workload, tail_bytes: int) -> bytes:
+    assert workload.host is not None
+    try:
+        return vm_runtime(workload.host).workload_output(workload.pk)[-tail_bytes:]
+    except VmNotFound:
+        return b""
+
+
+def upper_dir(workload: Workload) -> Path:
+    assert workload.host is not None
+    return vm_runtime(workload.host).upper_dir(workload.pk)
+
+
+def release_upper_dir(workload: Workload) -> None:
+    assert workload.host is not None
+    vm_runtime(workload.host).unmount_upper_dir(workload.pk)
+
+
+def handle_exits(host: Host) -> list[str]:
+    """Record the end of every running micro-VM of this host that powered off or died."""
+    handled: list[str] = []
+    running = Workload.objects.select_related("host", "image", "tenant").filter(
+        host=host, isolation=Isolation.MICROVM, state__in=[WorkloadState.RUNNING, WorkloadState.UNKNOWN]
+    )
+    if not running:
+        return handled
+    runtime = vm_runtime(host)
+    for workload in running:
+        try:
+            state = runtime.state(workload.pk)
+        except VmNotFound:
+            agent.transition(
+                workload, [workload.state], state=WorkloadState.FAILED, status_message="not found on the host"
+            )
+            continue
+        if state.status == "running":
+            if workload.state == WorkloadState.UNKNOWN:
+                agent.transition(workload, [WorkloadState.UNKNOWN], state=WorkloadState.RUNNING)
+            continue
+        code = state.exit_code
+        if state.status == "failed":
+            agent.transition(
+                workload,
+                [WorkloadState.RUNNING, WorkloadState.UNKNOWN],
+                state=WorkloadState.FAILED,
+                exit_code=code,
+                finished_at=timezone.now(),
+                status_message=f"the VM stopped unexpectedly ({state.reason})",
+            )
+        else:
+            agent.record_exit(workload, code, expected=[WorkloadState.RUNNING, WorkloadState.UNKNOWN])
+        handled.append(str(workload.pk))
+        workload.refresh_from_db()
+        if agent.wants_restart(workload, code):
+            from django.db.models import F
+
+            Workload.objects.filter(pk=workload.pk).update(restart_count=F("restart_count") + 1)
+            try:
+                ensure_running(workload, agent._noop_progress)
+            except Exception:
+                log.exception("restart of %s failed", workload.pk)
+    return handled

@@ -1,0 +1,154 @@
+"""Typed stubs for the Rust module ``imaging._native`` (the content-addressed layer store).
+
+Only ``imaging/store.py`` imports this module; the rest of Bulkhead uses ``imaging.store.LayerStore``.
+Digests are strings of the form ``"sha256:<64 lowercase hex digits>"``; anything else raises
+``ValueError``.
+"""
+
+from collections.abc import Iterable, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Literal
+
+_Path = str | PathLike[str]
+
+class StoreError(Exception):
+    """Base of every layer-store error. I/O failures carry ``errno`` when the OS gave one."""
+
+    errno: int
+
+class DigestMismatch(StoreError):
+    """Content did not hash to the promised digest (blob digest or layer DiffID)."""
+
+    expected: str
+    actual: str
+
+class SizeMismatch(StoreError):
+    """Content was not the promised number of bytes."""
+
+    expected: int
+    actual: int
+
+class UnsafeEntry(StoreError):
+    """An archive entry was refused; nothing of the layer was kept."""
+
+    path: str
+    """The entry's name as it appeared in the archive (lossily decoded)."""
+    reason: str
+    """A short fixed phrase, e.g. ``"path traverses a symlink"``."""
+
+class LimitExceeded(StoreError):
+    """A size, entry-count, name-length, depth or decompression-ratio limit was exceeded."""
+
+class NotFound(StoreError):
+    """A blob or layer that the call needs is not in the store."""
+
+class LayerResult:
+    """The outcome of unpacking one layer."""
+
+    @property
+    def diff_id(self) -> str:
+        """``sha256:`` digest of the uncompressed tar stream."""
+    @property
+    def size(self) -> int:
+        """Bytes of the uncompressed tar stream."""
+    @property
+    def entries(self) -> int:
+        """Tar entries materialised (whiteouts included)."""
+    @property
+    def stripped(self) -> int:
+        """setuid/setgid bits and ``security.capability`` xattrs removed by policy."""
+    @property
+    def skipped(self) -> bool:
+        """True if the layer was already unpacked and no work was done."""
+
+class Store:
+    """A content-addressed layer store rooted at ``root``.
+
+    Creates ``root/blobs/sha256``, ``root/ingest``, ``root/layers/sha256`` and ``root/disks``.
+    ``allow_devices`` lets layers create device nodes and FIFOs (whiteouts are always allowed);
+    ``allow_setid`` keeps setuid/setgid bits and file capabilities (otherwise stripped).
+    Limits default to 16 GiB uncompressed per layer, 2,000,000 entries, 4096-byte names and a
+    500:1 decompression ratio (judged once a layer is past 64 MiB uncompressed).
+    ``durable`` fsyncs blobs and syncs unpacked layers (one ``syncfs`` per batch) before they
+    become visible.
+    """
+
+    def __init__(
+        self,
+        root: _Path,
+        allow_devices: bool = False,
+        allow_setid: bool = False,
+        max_layer_bytes: int | None = None,
+        max_entries: int | None = None,
+        max_name_len: int = 4096,
+        max_ratio: int | None = None,
+        durable: bool = True,
+    ) -> None: ...
+    @property
+    def root(self) -> Path:
+        """The store's root directory."""
+    def ingest_path(
+        self, path: _Path, expected_digest: str | None = None, expected_size: int | None = None
+    ) -> tuple[str, int]:
+        """Stores a file as a blob; returns ``(digest, size)``.
+
+        With ``expected_digest`` of a present blob, returns at once without reading. Otherwise
+        the data is written to ``ingest/``, hashed on the way, verified, fsynced and renamed into
+        ``blobs/sha256``; on mismatch the partial file is removed and ``DigestMismatch`` or
+        ``SizeMismatch`` raised. GIL released.
+        """
+    def ingest_fd(
+        self, fd: int, expected_digest: str | None = None, expected_size: int | None = None
+    ) -> tuple[str, int]:
+        """Like ``ingest_path`` but reads an open descriptor from its offset (not closed)."""
+    def ingest_iter(
+        self,
+        chunks: Iterable[bytes | bytearray | memoryview],
+        expected_digest: str | None = None,
+        expected_size: int | None = None,
+    ) -> tuple[str, int]:
+        """Like ``ingest_path`` for a stream of chunks; the GIL is released per chunk."""
+    def has_blob(self, digest: str) -> bool:
+        """Whether the blob is present."""
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob lives (present or not)."""
+    def has_layer(self, diff_id: str) -> bool:
+        """Whether the layer is unpacked."""
+    def layer_path(self, diff_id: str) -> Path:
+        """The unpacked tree of a layer, ``layers/sha256/<hex>/fs`` (an overlayfs lower dir)."""
+    def stats(self) -> dict[str, int]:
+        """Counters of work done through this object: ``bytes_written``, ``bytes_read``,
+        ``blobs_written``, ``blobs_deduplicated``, ``layers_unpacked``, ``layers_skipped``,
+        ``disks_built``."""
+    def unpack_layers(self, layers: list[tuple[str, str, str | None]]) -> list[LayerResult]:
+        """Unpacks ``(blob_digest, media_type, expected_diff_id)`` layers, in parallel, GIL released.
+
+        Each layer is unpacked once into a temporary dir and renamed into place; a present layer
+        is skipped. Hostile entries raise ``UnsafeEntry``/``LimitExceeded`` and leave nothing.
+        A DiffID different from ``expected_diff_id`` raises ``DigestMismatch`` and leaves nothing.
+        """
+    def build_disk(self, diff_ids: list[str], fs: Literal["erofs", "ext4"] = "erofs") -> Path:
+        """Flattens unpacked layers (bottom first) and builds ``disks/<chainid>.<fs>``; cached."""
+    def diff_upper(
+        self, upper_dir: _Path, compression: Literal["gzip", "zstd"] = "gzip"
+    ) -> tuple[str, str, int]:
+        """Writes an overlayfs upper dir as an OCI layer into the store.
+
+        Returns ``(blob_digest, diff_id, blob_size)``.
+        """
+    def changes(self, upper_dir: _Path, lower_dirs: Sequence[_Path] = ...) -> list[tuple[str, str]]:
+        """``("A"|"C"|"D", "/path")`` for each entry of an upper dir against lowers (bottom first)."""
+    def gc(
+        self,
+        keep_blobs: list[str],
+        keep_layers: list[str],
+        keep_disks: list[str],
+        temp_max_age: float = 3600.0,
+    ) -> dict[str, int]:
+        """Removes blobs, layers and disks (by chain id) not named, and temporaries older than
+        ``temp_max_age`` seconds. Returns ``removed_blobs``, ``removed_layers``,
+        ``removed_disks``, ``removed_temps`` and ``freed_bytes``."""
+
+def chain_id(diff_ids: list[str]) -> str:
+    """The OCI chain id of diff ids, bottom first."""

@@ -1,0 +1,341 @@
+"""The layer store: Bulkhead's only door to the Rust module ``imaging._native``.
+
+Layout under the store root (see imaging/native/src/store.rs)::
+
+    blobs/sha256/<hex>          verified blobs        ingest/<random>     partial writes
+    layers/sha256/<hex>/fs      unpacked layers       disks/<chain>.<fs>  flattened disks
+    leases/<name>.json          what work in progress uses (honoured by gc)
+
+Untrusted images are unpacked safely by the Rust side: no entry can reach outside its layer,
+device nodes are refused unless allowed, and setuid/setgid bits and file capabilities are
+**stripped** (not refused) unless ``allow_setid`` is set, so ordinary distribution images import.
+
+Leases keep garbage collection away from work in progress: take a lease naming the digests you are
+about to use *before* checking or fetching them, release it when done. ``gc`` holds an exclusive
+lock while it reads the leases and deletes, and taking a lease waits for that lock, so a digest
+named by a lease taken before or during a collection is never removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from imaging import _native
+
+StoreError = _native.StoreError
+DigestMismatch = _native.DigestMismatch
+SizeMismatch = _native.SizeMismatch
+UnsafeEntry = _native.UnsafeEntry
+LimitExceeded = _native.LimitExceeded
+NotFound = _native.NotFound
+LayerResult = _native.LayerResult
+
+__all__ = [
+    "Change",
+    "CommittedLayer",
+    "DigestMismatch",
+    "GcReport",
+    "LayerResult",
+    "LayerSpec",
+    "LayerStore",
+    "Lease",
+    "LimitExceeded",
+    "NotFound",
+    "SizeMismatch",
+    "StoreError",
+    "UnsafeEntry",
+    "chain_id",
+]
+
+DiskFormat = Literal["erofs", "ext4"]
+Compression = Literal["gzip", "zstd"]
+
+#: Disk format used when the caller does not choose (see bench/README-layers.md for why).
+DEFAULT_DISK_FORMAT: DiskFormat = "erofs"
+
+_LEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer to unpack: its blob, media type and the DiffID the image config promises."""
+
+    blob_digest: str
+    media_type: str = ""
+    diff_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CommittedLayer:
+    """A layer written from an upper dir: blob digest and size (for the manifest), DiffID (config)."""
+
+    blob_digest: str
+    diff_id: str
+    size: int
+    media_type: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of an upper dir: ``kind`` is "A" (added), "C" (changed) or "D" (deleted)."""
+
+    kind: Literal["A", "C", "D"]
+    path: str
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What a garbage collection removed, and how many digests leases protected."""
+
+    removed_blobs: int
+    removed_layers: int
+    removed_disks: int
+    removed_temps: int
+    freed_bytes: int
+    leased: int = 0
+
+
+@dataclass
+class Lease:
+    """A claim on digests (blobs, diff ids or chain ids) that gc must keep until it expires."""
+
+    store: LayerStore
+    name: str
+    digests: set[str] = field(default_factory=set)
+    expires_at: float = 0.0
+
+    def add(self, *digests: str) -> None:
+        """Adds digests to the lease (rewrites the lease file)."""
+        self.digests.update(digests)
+        self.store._write_lease(self)
+
+    def renew(self, ttl: float) -> None:
+        """Extends the lease to ``ttl`` seconds from now."""
+        self.expires_at = time.time() + ttl
+        self.store._write_lease(self)
+
+    def release(self) -> None:
+        """Removes the lease; its digests become collectable unless named elsewhere."""
+        with contextlib.suppress(FileNotFoundError):
+            self.store._lease_path(self.name).unlink()
+
+
+def chain_id(diff_ids: Sequence[str]) -> str:
+    """The OCI chain id of diff ids (bottom first)."""
+    return _native.chain_id(list(diff_ids))
+
+
+class LayerStore:
+    """A content-addressed store of blobs, unpacked layers and flattened disks.
+
+    ``durable`` (the default) fsyncs blobs and syncs unpacked layers before they become visible,
+    so a power loss cannot leave a truncated file under a valid name; turn it off only for
+    scratch stores (tests, benchmarks of raw speed).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        allow_devices: bool = False,
+        allow_setid: bool = False,
+        max_layer_bytes: int | None = None,
+        max_entries: int | None = None,
+        max_name_len: int = 4096,
+        max_ratio: int | None = None,
+        durable: bool = True,
+    ) -> None:
+        self._native = _native.Store(
+            os.fspath(root),
+            allow_devices=allow_devices,
+            allow_setid=allow_setid,
+            max_layer_bytes=max_layer_bytes,
+            max_entries=max_entries,
+            max_name_len=max_name_len,
+            max_ratio=max_ratio,
+            durable=durable,
+        )
+        self.root = Path(root)
+        self._leases = self.root / "leases"
+        self._leases.mkdir(exist_ok=True)
+
+    # --- blobs -----------------------------------------------------------------------------
+
+    def ingest_path(
+        self, path: str | os.PathLike[str], *, digest: str | None = None, size: int | None = None
+    ) -> tuple[str, int]:
+        """Stores a file as a blob and returns ``(digest, size)``.
+
+        With ``digest`` of a blob already present this returns at once, reading and writing
+        nothing. Raises ``DigestMismatch``/``SizeMismatch`` (leaving nothing behind).
+        """
+        return self._native.ingest_path(os.fspath(path), digest, size)
+
+    def ingest_fd(self, fd: int, *, digest: str | None = None, size: int | None = None) -> tuple[str, int]:
+        """Stores what an open descriptor yields from its current offset (the fd stays open)."""
+        return self._native.ingest_fd(fd, digest, size)
+
+    def ingest_chunks(
+        self,
+        chunks: Iterable[bytes | bytearray | memoryview],
+        *,
+        digest: str | None = None,
+        size: int | None = None,
+    ) -> tuple[str, int]:
+        """Stores a stream of chunks (e.g. an HTTP body), hashing as it goes."""
+        return self._native.ingest_iter(chunks, digest, size)
+
+    def ingest_bytes(self, data: bytes, *, digest: str | None = None) -> tuple[str, int]:
+        """Stores a small blob held in memory (configs, manifests)."""
+        return self._native.ingest_iter([data], digest, len(data))
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether the blob is present."""
+        return self._native.has_blob(digest)
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob lives (present or not)."""
+        return Path(self._native.blob_path(digest))
+
+    def read_blob(self, digest: str) -> bytes:
+        """Reads a (small) blob; raises ``NotFound`` if absent."""
+        try:
+            return self.blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest}") from None
+
+    # --- layers and disks ------------------------------------------------------------------
+
+    def unpack_layers(self, layers: Sequence[LayerSpec]) -> list[LayerResult]:
+        """Unpacks layers once each (in parallel) into overlayfs lower dirs; present ones are skipped.
+
+        Raises ``UnsafeEntry``, ``LimitExceeded``, ``DigestMismatch`` or ``NotFound``; a layer that
+        fails leaves no directory behind.
+        """
+        return self._native.unpack_layers([(s.blob_digest, s.media_type, s.diff_id) for s in layers])
+
+    def has_layer(self, diff_id: str) -> bool:
+        """Whether a layer is unpacked."""
+        return self._native.has_layer(diff_id)
+
+    def layer_path(self, diff_id: str) -> Path:
+        """The unpacked tree of a layer (use as an overlayfs lower dir)."""
+        return Path(self._native.layer_path(diff_id))
+
+    def lower_dirs(self, diff_ids: Sequence[str]) -> list[Path]:
+        """Lower dirs for an overlay mount, bottom layer first (overlayfs wants top first: reverse)."""
+        return [self.layer_path(d) for d in diff_ids]
+
+    def build_disk(self, diff_ids: Sequence[str], fs: DiskFormat = DEFAULT_DISK_FORMAT) -> Path:
+        """Builds (or finds) the read-only root disk of a layer chain (bottom first)."""
+        return Path(self._native.build_disk(list(diff_ids), fs))
+
+    def disk_path(self, diff_ids: Sequence[str], fs: DiskFormat = DEFAULT_DISK_FORMAT) -> Path:
+        """Where the disk of a chain lives (built or not)."""
+        return self.root / "disks" / f"{chain_id(diff_ids).removeprefix('sha256:')}.{fs}"
+
+    def diff_upper(
+        self, upper_dir: str | os.PathLike[str], *, compression: Compression = "gzip"
+    ) -> CommittedLayer:
+        """Commits an overlayfs upper dir as a new compressed OCI layer in the store."""
+        blob, diff_id, size = self._native.diff_upper(os.fspath(upper_dir), compression)
+        media = "application/vnd.oci.image.layer.v1.tar+" + compression
+        return CommittedLayer(blob_digest=blob, diff_id=diff_id, size=size, media_type=media)
+
+    def changes(self, upper_dir: str | os.PathLike[str], lower_diff_ids: Sequence[str] = ()) -> list[Change]:
+        """What a container changed: entries of its upper dir against its image's layers."""
+        lowers = [os.fspath(self.layer_path(d)) for d in lower_diff_ids]
+        return [
+            Change(kind=kind, path=path)  # type: ignore[arg-type]
+            for kind, path in self._native.changes(os.fspath(upper_dir), lowers)
+        ]
+
+    def stats(self) -> dict[str, int]:
+        """Counters of work done through this object (bytes written, blobs deduplicated, ...)."""
+        return self._native.stats()
+
+    # --- leases and gc ---------------------------------------------------------------------
+
+    def _lease_path(self, name: str) -> Path:
+        return self._leases / f"{name}.json"
+
+    @contextlib.contextmanager
+    def _lock(self, mode: int) -> Iterator[None]:
+        with open(self._leases / ".lock", "a+b") as f:
+            fcntl.flock(f.fileno(), mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _write_lease(self, lease: Lease) -> None:
+        body = json.dumps({"expires_at": lease.expires_at, "digests": sorted(lease.digests)})
+        tmp = self._leases / f".{lease.name}.{os.getpid()}.tmp"
+        # Shared lock: waits while a gc is deciding, so it either sees this lease or finished first.
+        with self._lock(fcntl.LOCK_SH):
+            tmp.write_text(body)
+            os.replace(tmp, self._lease_path(lease.name))
+
+    def acquire_lease(self, name: str, digests: Iterable[str] = (), *, ttl: float = 3600.0) -> Lease:
+        """Takes (or replaces) the lease ``name`` on ``digests`` for ``ttl`` seconds."""
+        if not _LEASE_NAME.match(name):
+            raise ValueError(f"invalid lease name {name!r}")
+        lease = Lease(store=self, name=name, digests=set(digests), expires_at=time.time() + ttl)
+        self._write_lease(lease)
+        return lease
+
+    @contextlib.contextmanager
+    def lease(self, name: str, digests: Iterable[str] = (), *, ttl: float = 3600.0) -> Iterator[Lease]:
+        """A lease for the duration of a ``with`` block (e.g. an import or a workload start)."""
+        lease = self.acquire_lease(name, digests, ttl=ttl)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    def leased_digests(self, now: float | None = None) -> set[str]:
+        """Digests named by leases that have not expired."""
+        now = time.time() if now is None else now
+        out: set[str] = set()
+        for p in self._leases.glob("*.json"):
+            try:
+                data = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue  # a lease being replaced; the next gc sees it
+            if float(data.get("expires_at", 0)) > now:
+                out.update(d for d in map(str, data.get("digests", [])) if _DIGEST.match(d))
+        return out
+
+    def gc(
+        self,
+        *,
+        keep_blobs: Iterable[str] = (),
+        keep_layers: Iterable[str] = (),
+        keep_disks: Iterable[str] = (),
+        temp_max_age: float = 3600.0,
+    ) -> GcReport:
+        """Removes everything not named by the caller (what the database references) or a live
+        lease, plus temporaries older than ``temp_max_age`` seconds. ``keep_disks`` are chain ids."""
+        with self._lock(fcntl.LOCK_EX):
+            leased = self.leased_digests()
+            for p in self._leases.glob("*.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    if float(json.loads(p.read_text()).get("expires_at", 0)) <= time.time():
+                        p.unlink()
+            r = self._native.gc(
+                sorted(set(keep_blobs) | leased),
+                sorted(set(keep_layers) | leased),
+                sorted(set(keep_disks) | leased),
+                temp_max_age,
+            )
+        return GcReport(leased=len(leased), **r)

@@ -1,0 +1,217 @@
+"""Namespace-container workloads end to end: API -> operation -> real worker on the host queue -> runc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compute import hosts
+from compute.models import Host, Workload
+from compute.runtimes.oci import OciRuntime
+from tenants.actors import Actor
+from tenants.models import AuditEntry, Quota
+from tests.compute.conftest import cleanup_host, create, finished, make_host, workload_in
+from tests.conftest import World, client_for
+from tests.processes import host_agent, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_it_runs_a_container_and_records_its_exit_and_output(world: World, busybox: Any, host: Host) -> None:
+    response = create(
+        world,
+        "mia",
+        name="hello",
+        image=str(busybox.pk),
+        command=["/bin/sh", "-c"],
+        args=["echo hello from $GREETING; uname -s; exit 3"],
+        env={"GREETING": "bulkhead"},
+    )
+    assert response.status_code == 202, response.json()
+    op = finished(response.json()["id"])
+    assert op.state == "succeeded", op.error
+    workload = workload_in("hello", {"failed"})
+    assert workload.exit_code == 3
+    assert workload.host == host
+    logs = client_for(world, "mia").get(f"/api/v1/workloads/{workload.pk}/logs/").json()["logs"]
+    assert "hello from bulkhead" in logs and "Linux" in logs
+    assert AuditEntry.objects.filter(action="workload.create", object_id=str(workload.pk)).exists()
+
+
+def test_it_stops_starts_and_deletes_leaving_nothing_behind(world: World, busybox: Any, host: Host) -> None:
+    client = client_for(world, "mia")
+    response = create(world, "mia", name="sleeper", image=str(busybox.pk), command=["/bin/sleep", "300"])
+    finished(response.json()["id"])
+    workload = workload_in("sleeper", {"running"})
+    stats = client.get(f"/api/v1/workloads/{workload.pk}/stats/").json()
+    assert stats["memory_bytes"] > 0
+    op = client.post(f"/api/v1/workloads/{workload.pk}/stop/", {"grace_seconds": 2}, format="json").json()
+    assert finished(op["id"]).state == "succeeded"
+    assert Workload.objects.get(pk=workload.pk).state == "stopped"
+    op = client.post(f"/api/v1/workloads/{workload.pk}/start/", {}, format="json").json()
+    assert finished(op["id"]).state == "succeeded"
+    assert Workload.objects.get(pk=workload.pk).state == "running"
+    assert Quota.objects.get(tenant=world.acme).used_workloads == 1
+    op = client.delete(f"/api/v1/workloads/{workload.pk}/").json()
+    assert finished(op["id"]).state == "succeeded"
+    assert not Workload.objects.filter(pk=workload.pk).exists()
+    from compute.agent import oci_runtime
+
+    assert oci_runtime(host).list_ids() == []
+    assert Quota.objects.get(tenant=world.acme).used_workloads == 0
+
+
+def test_it_restarts_on_failure_per_policy(world: World, busybox: Any, host: Host) -> None:
+    create(
+        world,
+        "mia",
+        name="flaky",
+        image=str(busybox.pk),
+        command=["/bin/sh", "-c", "exit 1"],
+        restart_policy="on-failure",
+    )
+    wait_until(
+        lambda: Workload.objects.filter(name="flaky", restart_count__gte=2).exists(),
+        timeout=30,
+        what="two restarts",
+    )
+
+
+def test_it_commits_a_containers_changes_into_a_new_image(world: World, busybox: Any, host: Host) -> None:
+    client = client_for(world, "mia")
+    create(
+        world,
+        "mia",
+        name="writer",
+        image=str(busybox.pk),
+        command=["/bin/sh", "-c"],
+        args=["echo committed > /greeting.txt; rm /etc/motd"],
+    )
+    workload = workload_in("writer", {"stopped"})
+    changes = client.get(f"/api/v1/workloads/{workload.pk}/changes/").json()["changes"]
+    assert {"kind": "A", "path": "/greeting.txt"} in changes
+    assert {"kind": "D", "path": "/etc/motd"} in changes
+    op = client.post(
+        f"/api/v1/workloads/{workload.pk}/commit/", {"name": "busybox", "tag": "greeted"}, format="json"
+    ).json()
+    op = finished(op["id"])
+    assert op.state == "succeeded", op.error
+    from imaging.models import Image
+
+    image = Image.objects.get(tenant=world.acme, name="busybox", tag="greeted")
+    assert image.layers.count() == busybox.layers.count() + 1
+    create(
+        world,
+        "mia",
+        name="reader",
+        image=str(image.pk),
+        command=["/bin/sh", "-c"],
+        args=["cat /greeting.txt; test -e /etc/motd || echo motd-gone"],
+    )
+    reader = workload_in("reader", {"stopped", "failed"})
+    logs = client.get(f"/api/v1/workloads/{reader.pk}/logs/").json()["logs"]
+    assert "committed" in logs and "motd-gone" in logs
+
+
+def test_it_refuses_bad_input_and_creates_nothing(world: World, busybox: Any, store_dir: Path) -> None:
+    make_host("bht-host-idle")
+    Quota.objects.filter(tenant=world.acme).update(workloads=1, memory_mib=1024)
+    from imaging.models import Image
+
+    foreign = Image.objects.create(
+        tenant=world.globex, name="secret", tag="1", manifest_digest="x", config_digest="y"
+    )
+    cases = [
+        ({"name": "a", "image": str(foreign.pk)}, 400, "image"),
+        ({"name": "Bad_Name", "image": str(busybox.pk)}, 400, "name"),
+        ({"name": "big", "image": str(busybox.pk), "memory_mib": 4096}, 409, "memory_mib"),
+        ({"name": "x<y>&'\"; rm -rf /", "image": str(busybox.pk)}, 400, "name"),
+        ({"name": "cpu", "image": str(busybox.pk), "vcpus": "0"}, 400, "vcpus"),
+    ]
+    for body, status, what in cases:
+        response = create(world, "mia", **body)
+        assert response.status_code == status, (what, response.json())
+    assert create(world, "vic", name="viewer", image=str(busybox.pk)).status_code == 403
+    assert not Workload.objects.exists()
+    assert Quota.objects.get(tenant=world.acme).used_workloads == 0
+
+
+def test_it_hides_another_tenants_workload(world: World, busybox: Any, store_dir: Path) -> None:
+    make_host("bht-host-idle")
+    response = create(world, "mia", name="mine", image=str(busybox.pk), start=False)
+    assert response.status_code == 202
+    workload = Workload.objects.get(name="mine")
+    bob = client_for(world, "bob")
+    for url in ["", "logs/", "stats/", "changes/"]:
+        assert bob.get(f"/api/v1/workloads/{workload.pk}/{url}").status_code == 404
+    assert bob.post(f"/api/v1/workloads/{workload.pk}/stop/", {}, format="json").status_code == 404
+    assert bob.delete(f"/api/v1/workloads/{workload.pk}/").status_code == 404
+
+
+def test_it_places_on_two_hosts_and_runs_on_each_hosts_queue(
+    world: World, busybox: Any, store_dir: Path
+) -> None:
+    a, b = make_host("bht-host-a"), make_host("bht-host-b")
+    try:
+        with (
+            host_agent(a, BULKHEAD_STORE_DIR=str(store_dir)),
+            host_agent(b, BULKHEAD_STORE_DIR=str(store_dir)),
+        ):
+            for name in ("one", "two"):
+                create(
+                    world, "mia", name=name, image=str(busybox.pk), command=["/bin/sleep", "300"], vcpus="1"
+                )
+            one, two = workload_in("one", {"running"}), workload_in("two", {"running"})
+            assert {one.host_id, two.host_id} == {a.pk, b.pk}
+            from compute.agent import oci_runtime
+
+            assert oci_runtime(a).list_ids() == [Workload.objects.get(host=a).runtime_id]
+            assert oci_runtime(b).list_ids() == [Workload.objects.get(host=b).runtime_id]
+            hosts.set_host_state(actor=Actor(user=world.user("oscar")), host=b, state="draining")
+            create(world, "mia", name="three", image=str(busybox.pk), command=["/bin/sleep", "300"])
+            assert workload_in("three", {"running"}).host_id == a.pk
+    finally:
+        cleanup_host(a)
+        cleanup_host(b)
+
+
+def test_it_marks_a_silent_host_lost_and_its_workloads_unknown(
+    world: World, busybox: Any, store_dir: Path
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    h = make_host("bht-host-quiet")
+    create(world, "mia", name="quiet", image=str(busybox.pk), start=False)
+    Workload.objects.filter(name="quiet").update(state="running")
+    assert hosts.mark_lost_hosts(now=timezone.now() + timedelta(seconds=61)) == [h.name]
+    assert Workload.objects.get(name="quiet").state == "unknown"
+    hosts.heartbeat(h.pk)
+    assert Host.objects.get(pk=h.pk).state == "ready"
+
+
+def test_it_readopts_running_containers_after_an_agent_restart(
+    world: World, busybox: Any, store_dir: Path
+) -> None:
+    h = make_host("bht-host-r")
+    try:
+        with host_agent(h, BULKHEAD_STORE_DIR=str(store_dir)):
+            create(world, "mia", name="survivor", image=str(busybox.pk), command=["/bin/sleep", "300"])
+            survivor = workload_in("survivor", {"running"})
+        # No agent now: the container keeps running; the portal thinks nothing happened.
+        runtime = OciRuntime(
+            h.oci_runtime,
+            state_dir=hosts.host_state_dir(h) / "containers",
+            cgroup_parent=f"bulkhead-{h.pk.hex[:12]}",
+        )
+        assert runtime.state(survivor.runtime_id).status == "running"
+        Workload.objects.filter(pk=survivor.pk).update(state="unknown")
+        with host_agent(h, BULKHEAD_STORE_DIR=str(store_dir)):
+            workload_in("survivor", {"running"})
+            runtime.stop(survivor.runtime_id, grace_seconds=1)
+            assert workload_in("survivor", {"stopped", "failed"}, timeout=5).exit_code is not None
+    finally:
+        cleanup_host(h)
