@@ -10,16 +10,21 @@ from decimal import Decimal
 from django.db import transaction
 from django.db.models import F
 
+from portal.errors import ServiceError
 from tenants.models import Quota, Tenant
 
 Amount = int | Decimal
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(ServiceError):
+    status_code = 409
+    code = "quota_exceeded"
+
     def __init__(self, resource: str, requested: Amount, used: Amount, limit: Amount) -> None:
         self.resource, self.requested, self.used, self.limit = resource, requested, used, limit
         super().__init__(
-            f"Quota exceeded for {resource}: requested {requested}, {used} of {limit} already in use."
+            f"Quota exceeded for {resource}: requested {requested}, {used} of {limit} already in use.",
+            field=resource,
         )
 
 
