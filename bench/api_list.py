@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def seed() -> tuple[str, str]:
@@ -67,9 +67,16 @@ def seed() -> tuple[str, str]:
     for i in range(max(0, ENTRIES - have)):
         batch.append(
             AuditEntry(
-                actor=owner, actor_label="bench-owner", tenant=rng.choice(tenants), action=rng.choice(actions),
-                object_type="workload", object_id=str(i), outcome=rng.choice(["ok", "ok", "ok", "denied"]),
-                request_id=f"{i:032x}", source_address="127.0.0.1", details={"i": i},
+                actor=owner,
+                actor_label="bench-owner",
+                tenant=rng.choice(tenants),
+                action=rng.choice(actions),
+                object_type="workload",
+                object_id=str(i),
+                outcome=rng.choice(["ok", "ok", "ok", "denied"]),
+                request_id=f"{i:032x}",
+                source_address="127.0.0.1",
+                details={"i": i},
             )
         )
         if len(batch) == 5000:
@@ -89,9 +96,16 @@ def main() -> None:
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "BULKHEAD_DEBUG": "false", "BULKHEAD_LOG_LEVEL": "WARNING"},
     )
+    import logging
+
     import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     url = f"http://127.0.0.1:{port}/api/v1/audit/"
     params = {"page_size": "50", "action": "workload.start", "tenant": tenant_id}

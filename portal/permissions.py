@@ -7,12 +7,9 @@ tenant, a read-only token only reads.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from django.db import models
-
-if TYPE_CHECKING:
-    pass
 
 
 class Role(models.TextChoices):
@@ -34,7 +31,8 @@ ROLES_ALLOWED: dict[str, frozenset[str]] = {
     "own": frozenset({Role.OWNER}),
 }
 
-UserLike = "AbstractBaseUser | AnonymousUser"
+# What a read-only token may still do.
+READ_ONLY_ACTIONS = frozenset({"view", "audit"})
 
 
 def active_token(user: Any) -> Any:
@@ -56,7 +54,7 @@ class TenantOwnedQuerySet(models.QuerySet):
         if user is None or not user.is_authenticated:
             return self.none()
         token = active_token(user)
-        if token is not None and token.read_only and action != "view":
+        if token is not None and token.read_only and action not in READ_ONLY_ACTIONS:
             return self.none()
         qs = self
         if not user.is_staff:
