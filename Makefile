@@ -11,7 +11,7 @@ NATIVE_SRC := $(shell find imaging/native/src -name '*.rs' 2>/dev/null) imaging/
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: help setup system venv native js guest run test lint typecheck rust-check pytest bench clean
+.PHONY: help setup system venv native js guest run agent test lint typecheck rust-check pytest bench clean
 
 help:
 	@echo "make run    set up everything and start the portal on http://127.0.0.1:8000"
@@ -48,6 +48,11 @@ $(VAR)/guest/manifest.json: $(wildcard compute/guest/*.py compute/guest/*.sh)
 
 run: setup
 	$(PY) -m portal.stack run
+
+# A new host joins headless: `make agent PORTAL=https://portal JOIN_TOKEN=bhj_...` (command copied from the UI).
+agent: system venv native guest
+	@test -n "$(PORTAL)" -a -n "$(JOIN_TOKEN)" || { echo "usage: make agent PORTAL=<url> JOIN_TOKEN=<token>"; exit 2; }
+	$(PY) -m compute.join --portal "$(PORTAL)" --token "$(JOIN_TOKEN)"
 
 lint: venv
 	$(VENV)/bin/ruff check .

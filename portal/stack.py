@@ -172,13 +172,82 @@ def run(bind: str, port: int) -> int:
     return 0
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key and not key.startswith("#"):
+            values[key.strip()] = value.strip()
+    return values
+
+
+def run_agent(env_file: Path) -> int:
+    """A joined host: its Celery worker on `host.<id>` and the agent loop, supervised like `run`."""
+    os.environ.update(read_env_file(env_file))
+    host_id = os.environ["BULKHEAD_HOST_ID"]
+    stack = Stack()
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        try:
+            from compute.runtimes.libvirtd import ensure_libvirtd
+        except ImportError:
+            pass
+        else:
+            ensure_libvirtd()
+        python = sys.executable
+        stack.spawn(
+            "worker",
+            [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "portal",
+                "worker",
+                "-l",
+                "WARNING",
+                "-Q",
+                f"host.{host_id}",
+                "--concurrency",
+                "2",
+                "-n",
+                f"agent@{os.environ.get('BULKHEAD_HOST_NAME', host_id)}",
+            ],
+        )
+        stack.spawn("agent", [python, "manage.py", "agent", "--host", host_id])
+        print(
+            f"Agent of host {os.environ.get('BULKHEAD_HOST_NAME')} is running. Ctrl-C stops it.", flush=True
+        )
+        while not stopping:
+            for name, proc in stack.children:
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}; stopping", file=sys.stderr)
+                    stopping = True
+                    break
+            time.sleep(0.5)
+    finally:
+        stack.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m portal.stack")
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="start the embedded stack")
     run_parser.add_argument("--bind", default=os.environ.get("BULKHEAD_BIND", "127.0.0.1"))
     run_parser.add_argument("--port", type=int, default=int(os.environ.get("BULKHEAD_PORT", "8000")))
+    agent_parser = sub.add_parser("agent", help="run a joined host's agent")
+    agent_parser.add_argument("--env-file", default=str(BASE_DIR / "var" / "agent.env"))
     args = parser.parse_args(argv)
+    if args.command == "agent":
+        return run_agent(Path(args.env_file))
     return run(args.bind, args.port)
 
 

@@ -225,6 +225,26 @@ class JoinView(APIView):
                 note_auth_failure(request, "bad join token")
             raise
         return Response(
-            {"host": str(host.pk), "name": host.name, "queue": host.queue, "profile": profile},
+            {
+                "host": str(host.pk),
+                "name": host.name,
+                "queue": host.queue,
+                "profile": profile,
+                # What an agent needs to reach the portal's database and broker (operator-configured).
+                "env": agent_connection_settings(),
+            },
             status=status.HTTP_201_CREATED,
         )
+
+
+def agent_connection_settings() -> dict[str, str]:
+    from django.conf import settings
+
+    return {
+        key: value
+        for key, value in {
+            "DATABASE_URL": getattr(settings, "BULKHEAD_AGENT_DATABASE_URL", ""),
+            "REDIS_URL": getattr(settings, "BULKHEAD_AGENT_REDIS_URL", ""),
+        }.items()
+        if value
+    }
