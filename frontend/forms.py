@@ -12,6 +12,7 @@ from django.contrib.auth.forms import AuthenticationForm
 from django.core.cache import cache
 from django.utils import timezone
 
+from imaging.models import Image
 from portal.models import OperationState
 from tenants import audit
 from tenants.actors import Actor
@@ -185,3 +186,161 @@ class UserCreateForm(forms.Form):
             except forms.ValidationError as error:
                 self.add_error("password", error)
         return data
+
+
+# --- images, workloads and hosts ------------------------------------------------------------------
+
+
+class ImageImportForm(forms.Form):
+    archive = forms.FileField(
+        help_text="An OCI image layout as a tar (skopeo oci-archive) or a docker-save archive."
+    )
+    name = forms.CharField(max_length=200)
+    tag = forms.CharField(max_length=128, initial="latest")
+
+
+class ImagePullForm(forms.Form):
+    reference = forms.CharField(
+        max_length=500, help_text="host[:port]/repository[:tag|@sha256:…], from an allowlisted registry."
+    )
+    name = forms.CharField(max_length=200, required=False, help_text="Defaults to the repository.")
+    tag = forms.CharField(max_length=128, required=False, help_text="Defaults to the reference's tag.")
+    username = forms.CharField(max_length=200, required=False, label="Registry username")
+    password = forms.CharField(
+        max_length=2000,
+        required=False,
+        strip=False,
+        label="Registry password",
+        widget=forms.PasswordInput(attrs={"autocomplete": "off"}, render_value=False),
+    )
+
+
+class ImageTagForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    tag = forms.CharField(max_length=128)
+
+
+def split_words(text: str, field_label: str) -> list[str] | None:
+    """Shell-like words (quotes respected) as a list, never run by a shell; empty text is None."""
+    import shlex
+
+    if not text.strip():
+        return None
+    try:
+        return shlex.split(text)
+    except ValueError as error:
+        raise forms.ValidationError(f"{field_label}: {error} (check the quotes).") from None
+
+
+def parse_env_lines(text: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise forms.ValidationError(f"Line {number}: write KEY=VALUE.")
+        env[key] = value
+    return env
+
+
+class WorkloadCreateForm(forms.Form):
+    name = forms.CharField(
+        max_length=63, validators=[dns_label], help_text="Lowercase letters, digits, hyphens."
+    )
+    image = forms.ModelChoiceField(queryset=Image.objects.none(), empty_label="Choose an image")
+    isolation = forms.ChoiceField(choices=[], initial="namespace")
+    command = forms.CharField(
+        required=False,
+        max_length=4000,
+        label="Command (entrypoint)",
+        help_text='Split like a shell line, e.g. /bin/sh -c "echo hi"; never run by a shell.',
+    )
+    args = forms.CharField(
+        required=False, max_length=4000, label="Arguments (cmd)", help_text="Replaces the image's cmd."
+    )
+    env = forms.CharField(
+        required=False,
+        max_length=20000,
+        label="Environment",
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "KEY=VALUE, one per line"}),
+    )
+    workdir = forms.CharField(required=False, max_length=4096, label="Working directory")
+    user = forms.CharField(required=False, max_length=64, help_text="uid[:gid] or a name from the image.")
+    vcpus = forms.DecimalField(max_digits=5, decimal_places=2, initial=1, min_value=0.01, label="vCPUs")
+    memory_mib = forms.IntegerField(initial=256, min_value=16, label="Memory (MiB)")
+    restart_policy = forms.ChoiceField(choices=[], initial="never", label="Restart")
+    start = forms.BooleanField(required=False, initial=True, label="Start it now")
+
+    def __init__(self, *args: Any, images: Any, **kwargs: Any) -> None:
+        from compute.choices import Isolation, RestartPolicy
+
+        super().__init__(*args, **kwargs)
+        self.fields["image"].queryset = images  # type: ignore[attr-defined]
+        self.fields["isolation"].choices = Isolation.choices  # type: ignore[attr-defined]
+        self.fields["restart_policy"].choices = RestartPolicy.choices  # type: ignore[attr-defined]
+
+    def clean_command(self) -> list[str] | None:
+        return split_words(self.cleaned_data.get("command") or "", "Command")
+
+    def clean_args(self) -> list[str] | None:
+        return split_words(self.cleaned_data.get("args") or "", "Arguments")
+
+    def clean_env(self) -> dict[str, str]:
+        return parse_env_lines(self.cleaned_data.get("env") or "")
+
+
+class WorkloadCommitForm(forms.Form):
+    name = forms.CharField(max_length=200, label="Image name")
+    tag = forms.CharField(max_length=128, initial="latest")
+
+
+class HostStateForm(forms.Form):
+    state = forms.ChoiceField(
+        choices=[("ready", "Ready"), ("draining", "Draining"), ("maintenance", "Maintenance")]
+    )
+
+
+class JoinTokenForm(forms.Form):
+    host_name = forms.CharField(max_length=63, validators=[dns_label], help_text="Its name in Bulkhead.")
+    labels = forms.CharField(
+        required=False,
+        max_length=4000,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "zone=a, one KEY=VALUE per line"}),
+    )
+    cpu_overcommit = forms.DecimalField(
+        required=False, max_digits=5, decimal_places=2, min_value=0.1, help_text="Default 4."
+    )
+    memory_overcommit = forms.DecimalField(
+        required=False, max_digits=5, decimal_places=2, min_value=0.1, help_text="Default 1."
+    )
+    oci_runtime_override = forms.ChoiceField(
+        required=False, label="OCI runtime", choices=[("", "Detect"), ("runc", "runc"), ("crun", "crun")]
+    )
+    domain_type_override = forms.ChoiceField(
+        required=False,
+        label="Micro-VM acceleration",
+        choices=[("", "Detect"), ("kvm", "KVM"), ("qemu", "TCG (emulated)")],
+    )
+
+    def clean_labels(self) -> dict[str, str]:
+        labels = parse_env_lines(self.cleaned_data.get("labels") or "")
+        for key, value in labels.items():
+            if len(key) > 63 or len(value) > 200:
+                raise forms.ValidationError(f"The label {key[:63]!r} is too long.")
+        return labels
+
+    def profile(self) -> dict[str, Any]:
+        """The host profile as the API's join_tokens action stores it (strings, labels a dict)."""
+        data = self.cleaned_data
+        profile: dict[str, Any] = {}
+        if data.get("labels"):
+            profile["labels"] = data["labels"]
+        for key in ("cpu_overcommit", "memory_overcommit"):
+            if data.get(key) is not None:
+                profile[key] = str(data[key])
+        for key in ("oci_runtime_override", "domain_type_override"):
+            if data.get(key):
+                profile[key] = data[key]
+        return profile

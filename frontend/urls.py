@@ -1,6 +1,6 @@
 from django.urls import path
 
-from frontend import views
+from frontend import views, views_compute
 
 urlpatterns = [
     path("login/", views.login_view, name="login"),
@@ -21,4 +21,27 @@ urlpatterns = [
     path("tenants/create/", views.tenant_create, name="tenant-create"),
     path("users/", views.users, name="users"),
     path("users/create/", views.user_create, name="user-create"),
+    path("images/", views_compute.images, name="images"),
+    path("images/import/", views_compute.image_import, name="image-import"),
+    path("images/pull/", views_compute.image_pull, name="image-pull"),
+    path("images/gc/", views_compute.image_gc, name="image-gc"),
+    path("images/<uuid:pk>/", views_compute.image_detail, name="image-detail"),
+    path("images/<uuid:pk>/tag/", views_compute.image_tag, name="image-tag"),
+    path("images/<uuid:pk>/delete/", views_compute.image_delete, name="image-delete"),
+    path("workloads/", views_compute.workloads, name="workloads"),
+    path("workloads/create/", views_compute.workload_create, name="workload-create"),
+    path("workloads/<uuid:pk>/", views_compute.workload_detail, name="workload-detail"),
+    path("workloads/<uuid:pk>/start/", views_compute.workload_start, name="workload-start"),
+    path("workloads/<uuid:pk>/stop/", views_compute.workload_stop, name="workload-stop"),
+    path("workloads/<uuid:pk>/restart/", views_compute.workload_restart, name="workload-restart"),
+    path("workloads/<uuid:pk>/delete/", views_compute.workload_delete, name="workload-delete"),
+    path("workloads/<uuid:pk>/commit/", views_compute.workload_commit, name="workload-commit"),
+    path(
+        "workloads/<uuid:pk>/console-token/",
+        views_compute.workload_console_token,
+        name="workload-console-token",
+    ),
+    path("hosts/", views_compute.hosts_list, name="hosts"),
+    path("hosts/join/", views_compute.host_join, name="host-join"),
+    path("hosts/<uuid:pk>/state/", views_compute.host_state, name="host-state"),
 ]

@@ -30,7 +30,8 @@ class UiRoute:
     operator_only: bool = False
     audit_only: bool = False  # owners, admins and operators
     obj: Callable[[World, str], Any] | None = None
-    # For object routes: who may act on acme's object ("manage" = owner/admin of acme, "self" = alice).
+    # For object routes: who may act on acme's object ("manage" = owner/admin of acme, "self" = alice,
+    # "operate" = owner/admin/member, "view" = any role). Without an object: in the current tenant.
     acts: str = ""
 
 
@@ -43,6 +44,29 @@ def _membership(world: World, ownership: str) -> Any:
 def _token(world: World, ownership: str) -> Any:
     user = "alice" if ownership == "acme" else "bob"
     return ApiToken.objects.filter(user__username=user).first().pk  # type: ignore[union-attr]
+
+
+def _image(world: World, ownership: str) -> Any:
+    from tests.imaging.images import db_image
+
+    tenant = world.acme if ownership == "acme" else world.globex
+    return db_image(tenant, f"matrix-{ownership}").pk  # type: ignore[attr-defined]
+
+
+def _host(world: World, ownership: str) -> Any:
+    from compute.models import Host
+
+    return Host.objects.get_or_create(name="matrix-host", defaults={"cpus": 4, "memory_mib": 4096})[0].pk
+
+
+def _workload(world: World, ownership: str) -> Any:
+    from compute.models import Host, Workload
+    from tests.imaging.images import db_image
+
+    tenant = world.acme if ownership == "acme" else world.globex
+    image = db_image(tenant, f"matrix-w-{ownership}")
+    host = Host.objects.get(pk=_host(world, ownership))
+    return Workload.objects.create(tenant=tenant, name=f"w-{ownership}", image=image, host=host).pk
 
 
 UI_ROUTES: dict[str, UiRoute] = {
@@ -64,6 +88,25 @@ UI_ROUTES: dict[str, UiRoute] = {
     "tenant-create": UiRoute(method="POST", operator_only=True),
     "users": UiRoute(operator_only=True),
     "user-create": UiRoute(method="POST", operator_only=True),
+    "images": UiRoute(),
+    "image-import": UiRoute(method="POST", acts="operate"),
+    "image-pull": UiRoute(method="POST", acts="operate"),
+    "image-gc": UiRoute(method="POST", operator_only=True),
+    "image-detail": UiRoute(obj=_image, acts="view"),
+    "image-tag": UiRoute(method="POST", obj=_image, acts="operate"),
+    "image-delete": UiRoute(method="POST", obj=_image, acts="operate"),
+    "workloads": UiRoute(),
+    "workload-create": UiRoute(method="POST", acts="operate"),
+    "workload-detail": UiRoute(obj=_workload, acts="view"),
+    "workload-start": UiRoute(method="POST", obj=_workload, acts="operate"),
+    "workload-stop": UiRoute(method="POST", obj=_workload, acts="operate"),
+    "workload-restart": UiRoute(method="POST", obj=_workload, acts="operate"),
+    "workload-delete": UiRoute(method="POST", obj=_workload, acts="operate"),
+    "workload-commit": UiRoute(method="POST", obj=_workload, acts="operate"),
+    "workload-console-token": UiRoute(method="POST", obj=_workload, acts="operate"),
+    "hosts": UiRoute(operator_only=True),
+    "host-join": UiRoute(method="POST", operator_only=True),
+    "host-state": UiRoute(method="POST", operator_only=True, obj=_host),
 }
 
 
@@ -100,15 +143,19 @@ def expected_ok(route: UiRoute, user: str, ownership: str | None) -> bool | None
         return True if route.public else None
     staff = user == "oscar"
     if route.operator_only:
-        return staff
+        return staff and ownership != "missing"
     if route.audit_only:
         return staff or ACME_ROLES.get(user) in {"owner", "admin"} or user == "bob"
     # The UI acts within the current tenant (acme for its members and for operators, globex for bob);
     # what the role may not do there is not offered, and answers 404 like a foreign object.
     managers = {"acme": {"oscar", "alice", "amir"}, "globex": {"bob"}}
+    operators = {"acme": {"oscar", "alice", "amir", "mia"}, "globex": {"bob"}}
+    viewers = {"acme": {"oscar", *ACME_ROLES}, "globex": {"bob"}}
     if route.obj is None:
         if route.acts == "manage":
             return user in managers["acme"] | managers["globex"]
+        if route.acts == "operate":
+            return user in operators["acme"] | operators["globex"]
         if route.acts == "member":  # switching to acme
             return staff or user in ACME_ROLES
         return True
@@ -117,6 +164,10 @@ def expected_ok(route: UiRoute, user: str, ownership: str | None) -> bool | None
     if route.acts == "self":
         # The UI revokes only your own tokens, operators included (the API lets operators revoke any).
         return user == ("alice" if ownership == "acme" else "bob")
+    if route.acts == "operate":
+        return user in operators[ownership]
+    if route.acts == "view":
+        return user in viewers[ownership]
     return user in managers[ownership]
 
 
