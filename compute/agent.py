@@ -7,6 +7,8 @@ twice, or runs after the agent was killed half-way, converges instead of duplica
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 from django.db.models import F
 from django.utils import timezone
 
+from compute import network_agent  # issue 7: compartments (also registers its task in the worker)
 from compute.choices import Isolation, RestartPolicy, WorkloadState
 from compute.hosts import host_state_dir
 from compute.models import Host, Workload
@@ -24,6 +27,15 @@ from portal import events
 log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
+
+
+def failpoint(name: str) -> None:
+    """Test instrumentation: BULKHEAD_FAILPOINT=<name> kills this process right here (SIGKILL).
+
+    The kill-point tests use it to prove that an agent killed at any step converges after restart.
+    """
+    if os.environ.get("BULKHEAD_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _noop_progress(percent: float, message: str = "", **_: Any) -> None:
@@ -101,7 +113,9 @@ def process_env(workload: Workload) -> list[str]:
     return [f"{k}={v}" for k, v in env.items()]
 
 
-def container_spec(workload: Workload, lower_dirs: list[str]) -> ContainerSpec:
+def container_spec(
+    workload: Workload, lower_dirs: list[str], network: network_agent.ContainerNetwork | None = None
+) -> ContainerSpec:
     config = workload.image.config or {}
     return ContainerSpec(
         container_id=workload.runtime_id,
@@ -113,6 +127,10 @@ def container_spec(workload: Workload, lower_dirs: list[str]) -> ContainerSpec:
         hostname=workload.name,
         vcpus=float(workload.vcpus),
         memory_mib=workload.memory_mib,
+        # issue 7: a workload in a compartment joins the netns its agent attached to the bridge.
+        netns_path=network.netns_path if network else None,
+        dns_servers=network.dns_servers if network else (),
+        ip_address=network.ip_address if network else None,
     )
 
 
@@ -142,22 +160,30 @@ def ensure_running(workload: Workload, progress: Progress = _noop_progress) -> s
             state=WorkloadState.RUNNING,
         )
         return WorkloadState.RUNNING
-    transition(
+    claimed = transition(
         workload,
         [WorkloadState.PENDING, WorkloadState.STOPPED, WorkloadState.FAILED, WorkloadState.UNKNOWN],
         state=WorkloadState.CREATING,
         status_message="",
     )
+    if not claimed:
+        # Another run (a redelivered task, the agent's re-sync) owns this creation.
+        return str(Workload.objects.values_list("state", flat=True).get(pk=workload.pk))
+    failpoint("create.claimed")
     progress(10, "Preparing the image")
     try:
         lower_dirs = ensure_layers(workload, progress)
+        failpoint("create.layers")
         if state.status != "absent":
             # A stopped container (or one a killed agent left half-made) is recreated from scratch,
             # keeping its upper dir: the captured changes survive a restart.
             runtime.delete(workload.runtime_id, keep_upper=True)
         progress(60, "Starting the container")
-        runtime.create(container_spec(workload, lower_dirs))
+        network = network_agent.ensure_container_network(workload)  # issue 7: compartments
+        runtime.create(container_spec(workload, lower_dirs, network))
+        failpoint("create.created")
         runtime.start(workload.runtime_id)
+        failpoint("create.started")
     except Exception as exc:
         transition(
             workload, [WorkloadState.CREATING], state=WorkloadState.FAILED, status_message=str(exc)[:500]
@@ -197,12 +223,16 @@ def remove(workload: Workload, grace_seconds: float = 10) -> None:
         from compute import vm_agent
 
         vm_agent.remove(workload, grace_seconds)
+        network_agent.release(workload)  # issue 7: re-apply the host's network without it
         return
     assert workload.host is not None
     runtime = oci_runtime(workload.host)
     if runtime.state(workload.runtime_id).status == "running":
         runtime.stop(workload.runtime_id, grace_seconds=grace_seconds)
+        failpoint("delete.stopped")
     runtime.delete(workload.runtime_id)
+    network_agent.release(workload)  # issue 7: remove its netns, re-apply the host's network without it
+    failpoint("delete.removed")
 
 
 def record_exit(
@@ -254,11 +284,22 @@ def handle_exits(host: Host) -> list[str]:
     return handled
 
 
-def resync(host: Host) -> dict[str, list[str]]:
-    """After an agent (re)start: adopt what runs, record what ended, remove what nobody owns."""
+def resync(host: Host, *, since: Any = None) -> dict[str, list[str]]:
+    """After an agent (re)start: adopt what runs, record what ended, remove what nobody owns, and
+    finish what a killed agent left half-done (creations re-run, deletions completed)."""
     runtime = oci_runtime(host)
     present = set(runtime.list_ids())
-    report: dict[str, list[str]] = {"adopted": [], "exited": [], "orphans_removed": [], "missing": []}
+    report: dict[str, list[str]] = {
+        "adopted": [],
+        "exited": [],
+        "orphans_removed": [],
+        "missing": [],
+        "resumed": [],
+        "deleted": [],
+    }
+    interrupted = _fail_interrupted_operations(host, since)
+    if interrupted:
+        report["interrupted_operations"] = interrupted
     workloads = {
         w.runtime_id: w
         for w in Workload.objects.select_related("host", "image", "tenant").filter(
@@ -270,6 +311,34 @@ def resync(host: Host) -> dict[str, list[str]]:
         report["orphans_removed"].append(runtime_id)
     for runtime_id, workload in workloads.items():
         state = runtime.state(runtime_id)
+        if workload.state == WorkloadState.DELETING:
+            runtime.delete(runtime_id)
+            network_agent.release(workload)
+            from compute.services import forget_workload
+
+            forget_workload(workload.pk)
+            events.publish(
+                workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"}
+            )
+            report["deleted"].append(runtime_id)
+            continue
+        if workload.state in (WorkloadState.CREATING, WorkloadState.PENDING) and state.status != "running":
+            if workload.state == WorkloadState.PENDING and not workload.desired_running:
+                transition(workload, [WorkloadState.PENDING], state=WorkloadState.STOPPED)
+                continue
+            # A creation cut short: whatever it left is removed and the creation runs again.
+            if state.status != "absent":
+                runtime.delete(runtime_id, keep_upper=True)
+            Workload.objects.filter(pk=workload.pk, state=WorkloadState.CREATING).update(
+                state=WorkloadState.PENDING
+            )
+            workload.refresh_from_db()
+            try:
+                ensure_running(workload)
+            except Exception:
+                log.exception("resuming the creation of %s failed", workload.pk)
+            report["resumed"].append(runtime_id)
+            continue
         if state.status == "running":
             if transition(
                 workload,
@@ -290,6 +359,22 @@ def resync(host: Host) -> dict[str, list[str]]:
             )
             report["missing"].append(runtime_id)
     return report
+
+
+def _fail_interrupted_operations(host: Host, since: Any) -> list[str]:
+    """Operations this host's worker was running when it died: failed, saying so (the work is re-synced)."""
+    if since is None:
+        return []
+    from portal.models import Operation, OperationState
+
+    stale = Operation.objects.filter(queue=host.queue, state=OperationState.RUNNING, started_at__lt=since)
+    ids = [str(pk) for pk in stale.values_list("pk", flat=True)]
+    stale.update(
+        state=OperationState.FAILED,
+        finished_at=timezone.now(),
+        error="Interrupted: the host agent stopped during this operation; the agent re-synced the workload.",
+    )
+    return ids
 
 
 def logs(workload: Workload, tail_bytes: int = 64 * 1024) -> bytes:

@@ -156,3 +156,7 @@ class Workload(models.Model):
             "exit_code": self.exit_code,
             "host": self.host.name if self.host_id and self.host else None,
         }
+
+
+from compute.compartments import Compartment, IPAllocation, PublishedPort  # noqa: E402, F401
+from compute.desired.models import DesiredPlan, DesiredRevision, DesiredState, ResourceCorrection  # noqa: E402, F401

@@ -14,6 +14,7 @@ from django.db.models import Q
 
 from compute import placement
 from compute.choices import Isolation, RestartPolicy, WorkloadState
+from compute.compartments import Compartment
 from compute.models import Host, Workload
 from imaging.models import Image
 from portal import operations
@@ -85,9 +86,20 @@ def _start_op(actor: Actor, workload: Workload, kind: str, task: Any, **params: 
 
 @audit.denials_audited
 @transaction.atomic
-def create_workload(*, actor: Actor, tenant: Tenant, spec: WorkloadSpec, start: bool = True) -> Operation:
-    """Check quota under the tenant's row lock, place, write the row, and queue its creation."""
-    from compute import tasks
+def create_workload(
+    *,
+    actor: Actor,
+    tenant: Tenant,
+    spec: WorkloadSpec,
+    start: bool = True,
+    compartments: list[Compartment] | None = None,
+) -> Operation:
+    """Check quota under the tenant's row lock, place, write the row, and queue its creation.
+
+    `compartments`: the networks it joins (None: the tenant's "default", created on first use, when the
+    host realises compartments; []: none). Its addresses are allocated in this same transaction.
+    """
+    from compute import network_services, tasks
 
     _validate(spec, tenant)
     if Workload.objects.filter(tenant=tenant, name=spec.name).exists():
@@ -117,6 +129,10 @@ def create_workload(*, actor: Actor, tenant: Tenant, spec: WorkloadSpec, start: 
             )
     except IntegrityError:
         raise Conflict(f"A workload named {spec.name!r} exists in this tenant.", field="name") from None
+    # Issue 7 (compartments): addresses in the same transaction as the row.
+    network_services.join_compartments(
+        actor=actor, tenant=tenant, workload=workload, compartments=compartments
+    )
     audit.record(
         actor,
         "workload.create",
@@ -199,5 +215,9 @@ def forget_workload(workload_id: Any) -> None:
             return
         tenant = workload.tenant
         amounts = {"workloads": 1, "vcpus": workload.vcpus, "memory_mib": workload.memory_mib}
+        # Issue 7 (compartments): its published ports go with it (rows cascade; quota given back here).
+        from compute import network_services
+
+        amounts["published_ports"] = network_services.release_workload(workload)
         workload.delete()
         quota.release(tenant, **amounts)

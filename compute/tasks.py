@@ -90,3 +90,6 @@ app.conf.beat_schedule = {
     **(app.conf.beat_schedule or {}),
     "mark-lost-hosts": {"task": "compute.mark_lost_hosts", "schedule": 15.0},
 }
+
+
+import compute.desired.tasks  # noqa: E402, F401  (autodiscover imports <app>.tasks only)

@@ -14,7 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from compute import agent
+from compute import agent, network_agent
 from compute.choices import Isolation, WorkloadState
 from compute.hosts import host_state_dir
 from compute.models import Host, Workload
@@ -87,6 +87,7 @@ def vm_spec(workload: Workload, progress: agent.Progress) -> VmSpec:
             gid=gid,
         ),
         hostname=None,
+        network=network_agent.vm_network(workload),  # issue 7: a tap on its compartment's bridge
         domain_type=workload.host.domain_type,  # type: ignore[arg-type]
     )
 
@@ -105,12 +106,13 @@ def ensure_running(workload: Workload, progress: agent.Progress) -> str:
             state=WorkloadState.RUNNING,
         )
         return WorkloadState.RUNNING
-    agent.transition(
+    if not agent.transition(
         workload,
         [WorkloadState.PENDING, WorkloadState.STOPPED, WorkloadState.FAILED, WorkloadState.UNKNOWN],
         state=WorkloadState.CREATING,
         status_message="",
-    )
+    ):
+        return str(Workload.objects.values_list("state", flat=True).get(pk=workload.pk))
     progress(10, "Preparing the image")
     try:
         # A VM that ran before is defined again over the same writable disk: its changes stay.

@@ -7,12 +7,13 @@ api_v1: list[URLPattern | URLResolver] = [
     path("", include("imaging.api.urls")),
     path("", include("compute.api.urls")),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
-    path("redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="swagger-ui"),
+    path("redoc/", SpectacularRedocView.as_view(url_name="api:schema"), name="redoc"),
 ]
 
 urlpatterns = [
-    path("api/v1/", include(api_v1)),
+    # Namespaced: the UI has pages of the same names (workload-detail, image-import, ...).
+    path("api/v1/", include((api_v1, "api"), namespace="api")),
     path("django-admin/", admin.site.urls),
     path("", include("frontend.urls")),
 ]

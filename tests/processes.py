@@ -90,8 +90,11 @@ def celery_worker(
 
 
 @contextmanager
-def host_agent(host: Any, **env: str) -> Iterator[None]:
-    """A host's agent as on a real host: a Celery worker on `host.<id>` plus the agent loop process."""
+def host_agent(host: Any, worker_env: dict[str, str] | None = None, **env: str) -> Iterator[None]:
+    """A host's agent as on a real host: a Celery worker on `host.<id>` plus the agent loop process.
+
+    worker_env: extra environment for the worker only (e.g. a failpoint that kills it mid-task).
+    """
     log = open(ROOT / "var" / f"test-agent-{host.name}.log", "wb")  # noqa: SIM115 - closed below
     loop = subprocess.Popen(
         [sys.executable, "manage.py", "agent", "--host", str(host.pk)],
@@ -101,7 +104,7 @@ def host_agent(host: Any, **env: str) -> Iterator[None]:
         stderr=subprocess.STDOUT,
     )
     try:
-        with celery_worker(queues=host.queue, name=host.name, **env):
+        with celery_worker(queues=host.queue, name=host.name, **env, **(worker_env or {})):
             yield
     finally:
         loop.terminate()

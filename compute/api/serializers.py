@@ -6,6 +6,7 @@ from typing import Any
 from rest_framework import serializers
 
 from compute.choices import Isolation, RestartPolicy
+from compute.compartments import Compartment, IPAllocation, Protocol, PublishedPort
 from compute.models import Host, Workload
 from tenants.models import dns_label
 
@@ -135,6 +136,10 @@ class WorkloadCreateSerializer(serializers.Serializer):
     restart_policy = serializers.ChoiceField(choices=RestartPolicy.choices, default=RestartPolicy.NEVER)
     start = serializers.BooleanField(default=True)
     host = serializers.UUIDField(required=False, help_text="Operators only: pin to a host.")
+    # issue 7: compartments to join, by name or id (omitted: "default"; []: no network).
+    compartments = serializers.ListField(
+        child=serializers.CharField(max_length=63), required=False, allow_null=True, max_length=8
+    )
 
     def validate_env(self, env: dict[str, str]) -> dict[str, str]:
         if len(env) > 256:
@@ -149,3 +154,107 @@ class CommitSerializer(serializers.Serializer):
 
 class StopSerializer(serializers.Serializer):
     grace_seconds = serializers.IntegerField(default=10, min_value=0, max_value=600)
+
+
+# --- issue 7: compartments and published ports ---------------------------------------------------
+
+
+class CompartmentSerializer(serializers.ModelSerializer):
+    bridge = serializers.CharField(read_only=True)
+    members = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Compartment
+        fields = [
+            "id",
+            "tenant",
+            "name",
+            "subnet",
+            "gateway",
+            "nat",
+            "vni",
+            "bridge",
+            "members",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_members(self, compartment: Compartment) -> int:
+        return compartment.allocations.count()
+
+
+class PublishedPortSerializer(serializers.ModelSerializer):
+    workload_name = serializers.CharField(source="workload.name", read_only=True)
+    host_name = serializers.CharField(source="host.name", read_only=True)
+    host_address = serializers.CharField(source="host.address", read_only=True, default=None)
+
+    class Meta:
+        model = PublishedPort
+        fields = [
+            "id",
+            "tenant",
+            "workload",
+            "workload_name",
+            "host",
+            "host_name",
+            "host_address",
+            "protocol",
+            "host_port",
+            "workload_port",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class CompartmentMemberSerializer(serializers.ModelSerializer):
+    workload_name = serializers.CharField(source="workload.name", read_only=True)
+    host_name = serializers.CharField(source="workload.host.name", read_only=True, default=None)
+    state = serializers.CharField(source="workload.state", read_only=True)
+
+    class Meta:
+        model = IPAllocation
+        fields = ["workload", "workload_name", "host_name", "state", "address", "mac"]
+        read_only_fields = fields
+
+
+class CompartmentDetailSerializer(CompartmentSerializer):
+    addresses = serializers.SerializerMethodField()
+    published_ports = serializers.SerializerMethodField()
+
+    class Meta(CompartmentSerializer.Meta):
+        fields = [*CompartmentSerializer.Meta.fields, "addresses", "published_ports"]
+        read_only_fields = fields
+
+    def get_addresses(self, compartment: Compartment) -> list[dict[str, Any]]:
+        allocations = compartment.allocations.select_related("workload", "workload__host").order_by("address")
+        return list(CompartmentMemberSerializer(allocations, many=True).data)
+
+    def get_published_ports(self, compartment: Compartment) -> list[dict[str, Any]]:
+        ports = PublishedPort.objects.filter(
+            workload__ip_allocations__compartment=compartment
+        ).select_related("workload", "host")
+        return list(PublishedPortSerializer(ports, many=True).data)
+
+
+class CompartmentCreateSerializer(serializers.Serializer):
+    tenant = serializers.UUIDField(required=False)
+    name = serializers.CharField(max_length=63, validators=[dns_label])
+    subnet = serializers.CharField(
+        max_length=18, required=False, help_text="CIDR, e.g. 10.20.0.0/24; omitted: the next free pool block."
+    )
+    prefix_length = serializers.IntegerField(required=False, min_value=16, max_value=29)
+    nat = serializers.BooleanField(default=True)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("subnet") and attrs.get("prefix_length"):
+            raise serializers.ValidationError(
+                {"prefix_length": ["Give a subnet or a prefix length, not both."]}
+            )
+        return attrs
+
+
+class PublishedPortCreateSerializer(serializers.Serializer):
+    workload = serializers.UUIDField()
+    workload_port = serializers.IntegerField(min_value=1, max_value=65535)
+    protocol = serializers.ChoiceField(choices=Protocol.choices, default=Protocol.TCP)
+    host_port = serializers.IntegerField(required=False, min_value=1, max_value=65535)

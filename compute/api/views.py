@@ -85,8 +85,13 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
             restart_policy=v["restart_policy"],
             host=pinned,
         )
+        from compute.api.network_views import resolve_compartments
+
+        compartments = resolve_compartments(request.user, tenant, v.get("compartments"))
         return accepted(
-            services.create_workload(actor=self.actor, tenant=tenant, spec=spec, start=v["start"])
+            services.create_workload(
+                actor=self.actor, tenant=tenant, spec=spec, start=v["start"], compartments=compartments
+            )
         )
 
     @extend_schema(request=None, responses={202: OperationSerializer})

@@ -28,6 +28,7 @@ class ByteSink(Protocol):
 
     def write(self, data: bytes, /) -> int: ...
 
+
 # Directories of the initramfs root: mount points of the init, and the /skel lower layer that
 # provides the mount points an image may lack (so that mounting them never touches the upper dir).
 _DIRECTORIES: tuple[str, ...] = (
@@ -66,8 +67,9 @@ class CpioEntry:
     rdev: tuple[int, int] = (0, 0)
 
 
-def initramfs_entries(modules: Iterable[Path], *, busybox: Path = BUSYBOX,
-                      init_script: Path = INIT_SCRIPT) -> list[CpioEntry]:
+def initramfs_entries(
+    modules: Iterable[Path], *, busybox: Path = BUSYBOX, init_script: Path = INIT_SCRIPT
+) -> list[CpioEntry]:
     """The members of the guest initramfs, in archive order."""
     module_paths = list(modules)
     entries = [CpioEntry(".", stat.S_IFDIR | 0o755)]
@@ -108,7 +110,19 @@ def _write_member(out: ByteSink, entry: CpioEntry, inode: int) -> None:
     name = entry.name.encode() + b"\0"
     nlink = 2 if stat.S_ISDIR(entry.mode) else 1
     fields = (
-        inode, entry.mode, 0, 0, nlink, 0, len(entry.data), 0, 0, entry.rdev[0], entry.rdev[1], len(name), 0,
+        inode,
+        entry.mode,
+        0,
+        0,
+        nlink,
+        0,
+        len(entry.data),
+        0,
+        0,
+        entry.rdev[0],
+        entry.rdev[1],
+        len(name),
+        0,
     )
     header = b"070701" + b"".join(b"%08X" % value for value in fields)
     out.write(header)
@@ -122,8 +136,14 @@ def _padding(length: int) -> int:
     return (4 - length % 4) % 4
 
 
-def build_initramfs(target: Path, modules: Iterable[Path], *, compression: Compression = "none",
-                    busybox: Path = BUSYBOX, init_script: Path = INIT_SCRIPT) -> Path:
+def build_initramfs(
+    target: Path,
+    modules: Iterable[Path],
+    *,
+    compression: Compression = "none",
+    busybox: Path = BUSYBOX,
+    init_script: Path = INIT_SCRIPT,
+) -> Path:
     """Write the guest initramfs to `target` atomically (temp file + rename) and return `target`."""
     entries = initramfs_entries(modules, busybox=busybox, init_script=init_script)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
@@ -142,8 +162,13 @@ def build_initramfs(target: Path, modules: Iterable[Path], *, compression: Compr
     return target
 
 
-def initramfs_inputs_digest(modules: Iterable[Path], *, compression: Compression,
-                            busybox: Path = BUSYBOX, init_script: Path = INIT_SCRIPT) -> str:
+def initramfs_inputs_digest(
+    modules: Iterable[Path],
+    *,
+    compression: Compression,
+    busybox: Path = BUSYBOX,
+    init_script: Path = INIT_SCRIPT,
+) -> str:
     """A digest of everything the initramfs is built from, to skip rebuilding an identical one."""
     digest = hashlib.sha256()
     digest.update(compression.encode() + b"\0")

@@ -342,8 +342,22 @@ def make_rw_disk(path: Path, size_mib: int, payload: WorkloadPayload, nonce: str
         with partial.open("wb") as disk:
             disk.truncate(size_mib * 1024 * 1024)
         # Lazy inode table init: the guest must not spend emulated CPU zeroing tables it does not need.
-        _run(["mkfs.ext4", "-q", "-F", "-d", str(staging), "-L", "bulkhead-rw", "-m", "0",
-              "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0", str(partial)])
+        _run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-d",
+                str(staging),
+                "-L",
+                "bulkhead-rw",
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+                str(partial),
+            ]
+        )
         partial.replace(path)
 
 
@@ -362,6 +376,9 @@ class _EventLoop:
             if cls._started:
                 return
             libvirt.virEventRegisterDefaultImpl()
+            # Errors still raise libvirtError; without this libvirt also prints every one (even an
+            # expected "no such domain") to stderr.
+            libvirt.registerErrorHandler(_ignore_libvirt_error, None)
             thread = threading.Thread(target=cls._run, name="libvirt-events", daemon=True)
             thread.start()
             cls._started = True
@@ -370,6 +387,10 @@ class _EventLoop:
     def _run() -> None:
         while True:
             libvirt.virEventRunDefaultImpl()
+
+
+def _ignore_libvirt_error(_context: object, _error: object) -> None:
+    return None
 
 
 _LIFECYCLE_KINDS = {
@@ -452,13 +473,24 @@ class VmRuntime:
         vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         previous = self._load_record(spec.vm_id)
         nonce = previous.nonce if previous is not None else secrets.token_hex(16)
-        record = _Record(rw_disk=spec.rw_disk, console_log=spec.console_log, nonce=nonce,
-                         has_network=spec.network is not None)
+        record = _Record(
+            rw_disk=spec.rw_disk,
+            console_log=spec.console_log,
+            nonce=nonce,
+            has_network=spec.network is not None,
+        )
         # The record (with the nonce baked into the disk) first: a retry after a crash must reuse it.
         self._save_record(spec.vm_id, record)
+        domain = self._lookup(spec.vm_id)
+        if domain is not None and _is_active(domain):
+            raise VmError(f"{spec.domain_name} is running: stop it before creating it again")
         if not spec.rw_disk.exists():
             spec.rw_disk.parent.mkdir(parents=True, exist_ok=True)
             make_rw_disk(spec.rw_disk, spec.rw_disk_size_mib, spec.payload, record.nonce)
+        else:
+            # Defined again over the same writable disk: the changes stay, the workload spec is renewed.
+            self.unmount_upper_dir(spec.vm_id)
+            self._rewrite_payload(spec.vm_id, spec.rw_disk, spec.payload, record.nonce)
         os.chown(spec.rw_disk, self.qemu_uid, self.qemu_gid)
         spec.rw_disk.chmod(0o600)
         spec.console_log.parent.mkdir(parents=True, exist_ok=True)
@@ -604,9 +636,29 @@ class VmRuntime:
             # A guest that died (killed QEMU) leaves a journal to replay; do it now, on our terms, so
             # the read-only mount sees every committed change (the init normally unmounts cleanly).
             _replay_journal(record.rw_disk)
-            _run(["mount", "-t", "ext4", "-o", "ro,loop,noload,nodev,nosuid,noexec",
-                  str(record.rw_disk), str(mount_point)])
+            _run(
+                [
+                    "mount",
+                    "-t",
+                    "ext4",
+                    "-o",
+                    "ro,loop,noload,nodev,nosuid,noexec",
+                    str(record.rw_disk),
+                    str(mount_point),
+                ]
+            )
         return mount_point / "upper"
+
+    def _rewrite_payload(self, vm_id: uuid.UUID, disk: Path, payload: WorkloadPayload, nonce: str) -> None:
+        mount_point = self._vm_dir(vm_id) / "rw-rewrite"
+        mount_point.mkdir(mode=0o700, exist_ok=True)
+        _replay_journal(disk)
+        _run(["mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noexec", str(disk), str(mount_point)])
+        try:
+            write_payload(mount_point / "bulkhead", payload, nonce)
+        finally:
+            _run(["umount", str(mount_point)])
+            mount_point.rmdir()
 
     def unmount_upper_dir(self, vm_id: uuid.UUID) -> None:
         """Undo `upper_dir` (idempotent)."""
@@ -638,7 +690,8 @@ class VmRuntime:
             callback(VmEvent(vm_id, kind, detail_name))
 
         callback_id = self._connection.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None
+        )
         self._callback_ids.append(callback_id)
         return callback_id
 
@@ -687,8 +740,12 @@ class VmRuntime:
             data = json.loads((self._vm_dir(vm_id) / "record.json").read_text())
         except (OSError, ValueError):
             return None
-        return _Record(rw_disk=Path(data["rw_disk"]), console_log=Path(data["console_log"]),
-                       nonce=str(data["nonce"]), has_network=bool(data.get("has_network", False)))
+        return _Record(
+            rw_disk=Path(data["rw_disk"]),
+            console_log=Path(data["console_log"]),
+            nonce=str(data["nonce"]),
+            has_network=bool(data.get("has_network", False)),
+        )
 
     def _record(self, vm_id: uuid.UUID) -> _Record:
         record = self._load_record(vm_id)
@@ -699,10 +756,16 @@ class VmRuntime:
     def _save_record(self, vm_id: uuid.UUID, record: _Record) -> None:
         path = self._vm_dir(vm_id) / "record.json"
         partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps({
-            "rw_disk": str(record.rw_disk), "console_log": str(record.console_log), "nonce": record.nonce,
-            "has_network": record.has_network,
-        }))
+        partial.write_text(
+            json.dumps(
+                {
+                    "rw_disk": str(record.rw_disk),
+                    "console_log": str(record.console_log),
+                    "nonce": record.nonce,
+                    "has_network": record.has_network,
+                }
+            )
+        )
         partial.replace(path)
 
 
@@ -716,7 +779,7 @@ def extract_workload_output(console: bytes, nonce: str) -> bytes:
     start = text.find(start_marker)
     if start < 0:
         return b""
-    body = text[start + len(start_marker):]
+    body = text[start + len(start_marker) :]
     end = body.rfind(f"\nBULKHEAD-EXIT {nonce} ".encode())
     return body if end < 0 else body[:end]
 
@@ -739,8 +802,13 @@ def _enable_hairpin(tap: str) -> None:
 
 
 def _replay_journal(disk: Path) -> None:
-    result = subprocess.run(["e2fsck", "-p", "-E", "journal_only", str(disk)], capture_output=True, text=True,
-                            check=False, timeout=300)
+    result = subprocess.run(
+        ["e2fsck", "-p", "-E", "journal_only", str(disk)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     # 0: clean, 1: errors corrected (here: the journal replayed); anything else is real trouble.
     if result.returncode not in (0, 1):
         raise VmError(f"e2fsck of {disk} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")

@@ -65,9 +65,21 @@ def kvm_works(timeout: float = 5.0, *, kernel: Path | None = None, initrd: Path 
         boot_image = Path(tmp) / "boot.img"
         boot_image.write_bytes(_PROBE_BOOT_SECTOR)
         args = [
-            qemu, "-accel", "kvm", "-machine", "pc", "-nodefaults", "-no-user-config", "-display", "none",
-            "-m", "16", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-            "-drive", f"file={boot_image},format=raw,if=ide,snapshot=on",
+            qemu,
+            "-accel",
+            "kvm",
+            "-machine",
+            "pc",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-m",
+            "16",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-drive",
+            f"file={boot_image},format=raw,if=ide,snapshot=on",
         ]
         try:
             result = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
@@ -85,12 +97,34 @@ def kvm_works(timeout: float = 5.0, *, kernel: Path | None = None, initrd: Path 
 
 def _boots_linux_under_kvm(qemu: str, kernel: Path, initrd: Path, deadline: float) -> bool:
     args = [
-        qemu, "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-nodefaults", "-no-user-config",
-        "-display", "none", "-monitor", "none", "-serial", "stdio", "-m", "256", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", "console=ttyS0 quiet loglevel=1 panic=-1",
+        qemu,
+        "-accel",
+        "kvm",
+        "-machine",
+        "q35",
+        "-cpu",
+        "host",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-m",
+        "256",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        "console=ttyS0 quiet loglevel=1 panic=-1",
     ]
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     assert process.stdout is not None
     seen = b""
     try:
@@ -183,8 +217,19 @@ def ensure_libvirtd(*, mask_kvm: bool | None = None, timeout: float = 30.0) -> N
             _stop_libvirtd(running_pid, timeout)
         libvirtd = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
         if mask_kvm:
-            _spawn_daemon(["unshare", "--mount", "--propagation", "private", "--",
-                           "sh", "-c", _MASKED_LIBVIRTD_SCRIPT, libvirtd])
+            _spawn_daemon(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "sh",
+                    "-c",
+                    _MASKED_LIBVIRTD_SCRIPT,
+                    libvirtd,
+                ]
+            )
         else:
             _spawn_daemon([libvirtd, "-d"])
         _wait_until(libvirtd_answers, timeout, "libvirtd did not come up")
@@ -215,8 +260,9 @@ def _sees_kvm_device(pid: int) -> bool:
 
 def _stop_libvirtd(pid: int, timeout: float) -> None:
     os.kill(pid, signal.SIGTERM)
-    _wait_until(lambda: not Path(f"/proc/{pid}").exists() or _is_zombie(pid), timeout,
-                "libvirtd did not stop")
+    _wait_until(
+        lambda: not Path(f"/proc/{pid}").exists() or _is_zombie(pid), timeout, "libvirtd did not stop"
+    )
 
 
 def _is_zombie(pid: int) -> bool:
@@ -249,8 +295,9 @@ def _spawn_daemon(args: list[str]) -> None:
     # The daemons fork into the background themselves (-d); we only wait for the parent to return.
     # Their output goes to a file, not a pipe: a daemon holding a pipe open would block us forever.
     with tempfile.TemporaryFile() as errors:
-        result = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-                                timeout=60, check=False)
+        result = subprocess.run(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, timeout=60, check=False
+        )
         errors.seek(0)
         message = errors.read().decode(errors="replace").strip()
     if result.returncode != 0:

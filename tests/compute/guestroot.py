@@ -17,9 +17,39 @@ DiskFormat = Literal["erofs", "ext4"]
 
 # The applets the tests call; each becomes a symlink to /bin/busybox.
 BUSYBOX_APPLETS: tuple[str, ...] = (
-    "sh", "echo", "cat", "sleep", "uname", "env", "id", "pwd", "ls", "true", "false", "hostname",
-    "ip", "ps", "kill", "touch", "mkdir", "rm", "grep", "head", "printf", "stat", "mount", "seq", "tr",
-    "dd", "sync", "wc", "mknod", "ln", "mv", "cut", "sort",
+    "sh",
+    "echo",
+    "cat",
+    "sleep",
+    "uname",
+    "env",
+    "id",
+    "pwd",
+    "ls",
+    "true",
+    "false",
+    "hostname",
+    "ip",
+    "ps",
+    "kill",
+    "touch",
+    "mkdir",
+    "rm",
+    "grep",
+    "head",
+    "printf",
+    "stat",
+    "mount",
+    "seq",
+    "tr",
+    "dd",
+    "sync",
+    "wc",
+    "mknod",
+    "ln",
+    "mv",
+    "cut",
+    "sort",
 )
 
 ETC_PASSWD = (
@@ -59,8 +89,19 @@ def build_root_disk(root: Path, disk: Path, disk_format: DiskFormat) -> Path:
     if disk_format == "erofs":
         command = ["mkfs.erofs", "--quiet", str(disk), str(root)]
     else:
-        command = ["mkfs.ext4", "-q", "-F", "-d", str(root), "-L", "bhtroot", "-O", "^has_journal", str(disk),
-                   "32M"]
+        command = [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-d",
+            str(root),
+            "-L",
+            "bhtroot",
+            "-O",
+            "^has_journal",
+            str(disk),
+            "32M",
+        ]
     subprocess.run(command, check=True, capture_output=True, timeout=120)
     disk.chmod(0o644)
     return disk

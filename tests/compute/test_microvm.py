@@ -83,6 +83,7 @@ class Lab:
     events: list[VmEvent] = field(default_factory=list)
     created: list[uuid.UUID] = field(default_factory=list)
     vms: dict[str, uuid.UUID] = field(default_factory=dict)
+    specs: dict[str, VmSpec] = field(default_factory=dict)
     events_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def spec(self, payload: WorkloadPayload, *, root_disk: Path | None = None, **overrides: object) -> VmSpec:
@@ -107,6 +108,7 @@ class Lab:
         self.runtime.create(spec)
         self.runtime.start(spec.vm_id)
         self.vms[name] = spec.vm_id
+        self.specs[name] = spec
         return spec.vm_id
 
     def events_of(self, vm_id: uuid.UUID) -> list[VmEvent]:
@@ -120,63 +122,113 @@ class Lab:
         wait_until(lambda: text in self.runtime.console_log(vm_id), timeout, f"{text!r} on the console")
 
 
+def _remove_leftovers_of_killed_runs(min_age_seconds: float = 1800) -> None:
+    """Domains and temp dirs of an earlier run of this module that was killed before its teardown.
+
+    Only dirs older than a run could ever take, so that a concurrent run of this module is left alone.
+    """
+    cutoff = time.time() - min_age_seconds
+    stale_dirs = [
+        path
+        for path in Path(tempfile.gettempdir()).glob(f"{TEST_PREFIX}*")
+        if path.is_dir() and path.stat().st_mtime < cutoff
+    ]
+    if not stale_dirs:
+        return
+    connection = libvirt.open("qemu:///system")
+    try:
+        for domain in connection.listAllDomains():
+            xml = domain.XMLDesc(0)
+            if domain.name().startswith("bh-") and any(f"{stale}/" in xml for stale in stale_dirs):
+                with contextlib.suppress(libvirt.libvirtError):
+                    if domain.isActive():
+                        domain.destroy()
+                    domain.undefine()
+    finally:
+        connection.close()
+    for stale in stale_dirs:
+        for mount in reversed(Path("/proc/mounts").read_text().splitlines()):
+            target = mount.split()[1]
+            if target.startswith(f"{stale}/"):
+                subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     ensure_libvirtd()
+    _remove_leftovers_of_killed_runs()
     guest = ensure_guest()
     work = Path(tempfile.mkdtemp(prefix=TEST_PREFIX))
-    # QEMU runs as an unprivileged user: it must be able to reach the disks under here.
-    work.chmod(0o755)
-    (work / "disks").mkdir()
-    (work / "logs").mkdir()
-    image_root = build_busybox_root(work / "image")
-    runtime = VmRuntime(state_dir=work / "state")
-    lab = Lab(
-        guest=guest,
-        work=work,
-        runtime=runtime,
-        erofs_disk=build_root_disk(image_root, work / "root.erofs", "erofs"),
-        ext4_disk=build_root_disk(image_root, work / "root.ext4", "ext4"),
-        image_root=image_root,
-    )
-
-    def record(event: VmEvent) -> None:
-        with lab.events_lock:
-            lab.events.append(event)
-
-    runtime.register_event_callback(record)
+    runtime: VmRuntime | None = None
+    lab: Lab | None = None
     try:
+        # QEMU runs as an unprivileged user: it must be able to reach the disks under here.
+        work.chmod(0o755)
+        (work / "disks").mkdir()
+        (work / "logs").mkdir()
+        image_root = build_busybox_root(work / "image")
+        runtime = VmRuntime(state_dir=work / "state")
+        lab = Lab(
+            guest=guest,
+            work=work,
+            runtime=runtime,
+            erofs_disk=build_root_disk(image_root, work / "root.erofs", "erofs"),
+            ext4_disk=build_root_disk(image_root, work / "root.ext4", "ext4"),
+            image_root=image_root,
+        )
+        events, events_lock = lab.events, lab.events_lock
+
+        def record(event: VmEvent) -> None:
+            with events_lock:
+                events.append(event)
+
+        runtime.register_event_callback(record)
         # Boot everything at once: the tests below only look at these VMs.
-        parity = WorkloadPayload(args=("sh", "-c", PARITY_SCRIPT), env=PARITY_ENV, cwd="/srv/work",
-                                 uid=1000, gid=1000)
+        parity = WorkloadPayload(
+            args=("sh", "-c", PARITY_SCRIPT), env=PARITY_ENV, cwd="/srv/work", uid=1000, gid=1000
+        )
         lab.boot("erofs", lab.spec(parity))
         changes = WorkloadPayload(
-            args=("sh", "-c", "rm /srv/data/doomed.txt && echo new > /root/made.txt && hostname && "
-                              "ip -4 -o addr show dev eth0 | tr -s ' ' | cut -d ' ' -f 2,4"),
+            args=(
+                "sh",
+                "-c",
+                "rm /srv/data/doomed.txt && echo new > /root/made.txt && hostname && "
+                "ip -4 -o addr show dev eth0 | tr -s ' ' | cut -d ' ' -f 2,4",
+            ),
             env=("PATH=/bin",),
         )
-        lab.boot("ext4", lab.spec(
-            changes,
-            root_disk=lab.ext4_disk,
-            hostname="bht-guest",
-            network=VmNetwork(mac="52:54:00:bb:00:01", bridge=_ensure_test_bridge(),
-                              ipv4_cidr="10.213.7.5/24", gateway="10.213.7.1"),
-        ))
+        lab.boot(
+            "ext4",
+            lab.spec(
+                changes,
+                root_disk=lab.ext4_disk,
+                hostname="bht-guest",
+                network=VmNetwork(
+                    mac="52:54:00:bb:00:01",
+                    bridge=_ensure_test_bridge(),
+                    ipv4_cidr="10.213.7.5/24",
+                    gateway="10.213.7.1",
+                ),
+            ),
+        )
         sleeper = WorkloadPayload(args=("sleep", "600"), env=("PATH=/bin",))
         lab.boot("sleeper", lab.spec(sleeper))
         lab.boot("victim", lab.spec(sleeper))
         lab.boot("interactive", lab.spec(WorkloadPayload(args=("sh",), env=("PATH=/bin",), tty=True)))
         yield lab
     finally:
-        for vm_id in {*lab.created, *runtime.list_ids()}:
-            with contextlib.suppress(Exception):
-                runtime.delete(vm_id)
-        runtime.close()
+        if runtime is not None:
+            for vm_id in {*(lab.created if lab else []), *runtime.list_ids()}:
+                with contextlib.suppress(Exception):
+                    runtime.delete(vm_id)
+            runtime.close()
         _remove_test_bridge()
         shutil.rmtree(work, ignore_errors=True)
 
 
-TEST_BRIDGE = "bht-vmbr0"
+# Unique per run (15 characters at most), so that concurrent runs never share or remove each other's.
+TEST_BRIDGE = f"bht-vb{uuid.uuid4().hex[:8]}"
 
 
 def _ensure_test_bridge() -> str:
@@ -208,16 +260,27 @@ def test_it_builds_domain_xml_without_user_text() -> None:
     xml = domain_xml(spec, qemu_uid=1, qemu_gid=2)
     assert "INJECTED" not in xml and "halt-now" not in xml and "XVAR" not in xml
     assert "<name>bh-00000000-0000-4000-8000-000000000001</name>" in xml
-    assert "<memballoon model=\"none\" />" in xml
+    assert '<memballoon model="none" />' in xml
     assert "graphics" not in xml and "video" not in xml
     assert kernel_cmdline(spec).split() == [
-        "console=ttyS0", "quiet", "loglevel=1", "panic=-1", "no_timer_check"]
+        "console=ttyS0",
+        "quiet",
+        "loglevel=1",
+        "panic=-1",
+        "no_timer_check",
+    ]
 
 
 def test_it_refuses_values_it_cannot_pass_safely() -> None:
     base = VmSpec(
-        vm_id=uuid.uuid4(), vcpus=1, memory_mib=128, kernel=Path("/k"), initrd=Path("/i"),
-        root_disk=Path("/r"), rw_disk=Path("/w"), console_log=Path("/c"),
+        vm_id=uuid.uuid4(),
+        vcpus=1,
+        memory_mib=128,
+        kernel=Path("/k"),
+        initrd=Path("/i"),
+        root_disk=Path("/r"),
+        rw_disk=Path("/w"),
+        console_log=Path("/c"),
         payload=WorkloadPayload(args=("true",)),
     )
     bad_specs = [
@@ -237,8 +300,10 @@ def test_it_refuses_values_it_cannot_pass_safely() -> None:
 
 
 def test_it_separates_workload_output_from_the_console_noise() -> None:
-    console = (b"[    0.1] kernel noise\r\nBULKHEAD-INIT\r\nBULKHEAD-START ab12\r\nline one\r\n"
-               b"carriage\r\r\nno newline at end\r\nBULKHEAD-EXIT ab12 7\r\n[    2.0] reboot: Power down\r\n")
+    console = (
+        b"[    0.1] kernel noise\r\nBULKHEAD-INIT\r\nBULKHEAD-START ab12\r\nline one\r\n"
+        b"carriage\r\r\nno newline at end\r\nBULKHEAD-EXIT ab12 7\r\n[    2.0] reboot: Power down\r\n"
+    )
     assert extract_workload_output(console, "ab12") == b"line one\ncarriage\r\nno newline at end"
 
 
@@ -302,6 +367,23 @@ def test_it_configures_hostname_and_network_from_the_server_values(lab: Lab) -> 
     vm_id = lab.vms["ext4"]
     lab.wait_stopped(vm_id)
     assert lab.runtime.workload_output(vm_id).decode().splitlines() == ["bht-guest", "eth0 10.213.7.5/24"]
+
+
+def test_it_keeps_the_changes_when_a_stopped_vm_is_created_again_with_a_new_spec(lab: Lab) -> None:
+    vm_id = lab.vms["ext4"]
+    lab.wait_stopped(vm_id)
+    again = replace(
+        lab.specs["ext4"],
+        payload=WorkloadPayload(
+            args=("sh", "-c", "cat /root/made.txt; ls /srv/data; exit 5"), env=("PATH=/bin",)
+        ),
+    )
+    lab.runtime.create(again)
+    lab.runtime.start(vm_id)
+    lab.wait_console(vm_id, b"BULKHEAD-START")
+    lab.wait_stopped(vm_id)
+    assert lab.runtime.state(vm_id).exit_code == 5
+    assert lab.runtime.workload_output(vm_id) == b"new\nold.txt\n"
 
 
 def test_it_readopts_a_running_vm_from_a_new_runtime(lab: Lab) -> None:
@@ -374,8 +456,12 @@ def test_it_deletes_domain_disk_and_qemu_process(lab: Lab) -> None:
     lab.runtime.delete(vm_id)  # idempotent
     assert vm_id not in lab.runtime.list_ids()
     assert not rw_disk.exists() and not (lab.runtime.state_dir / str(vm_id)).exists()
-    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
-                           text=True, check=True).stdout.split()
+    names = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert f"bh-{vm_id}" not in names
     processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert f"bh-{vm_id}" not in processes
@@ -402,8 +488,14 @@ def _run_in_runc(lab: Lab, args: list[str], env: tuple[str, ...], cwd: str, uid:
     config_path.write_text(json.dumps(config))
     container = f"{TEST_PREFIX}{uuid.uuid4().hex[:8]}"
     try:
-        result = subprocess.run(["runc", "run", "--bundle", str(bundle), container], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60, check=False)
+        result = subprocess.run(
+            ["runc", "run", "--bundle", str(bundle), container],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+            check=False,
+        )
     finally:
         subprocess.run(["runc", "delete", "--force", container], capture_output=True, check=False)
     assert result.returncode == 3, result.stdout

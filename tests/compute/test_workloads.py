@@ -10,6 +10,7 @@ import pytest
 from compute import hosts
 from compute.models import Host, Workload
 from compute.runtimes.oci import OciRuntime
+from portal.models import Operation
 from tenants.actors import Actor
 from tenants.models import AuditEntry, Quota
 from tests.compute.conftest import cleanup_host, create, finished, make_host, workload_in
@@ -213,5 +214,72 @@ def test_it_readopts_running_containers_after_an_agent_restart(
             workload_in("survivor", {"running"})
             runtime.stop(survivor.runtime_id, grace_seconds=1)
             assert workload_in("survivor", {"stopped", "failed"}, timeout=5).exit_code is not None
+    finally:
+        cleanup_host(h)
+
+
+CREATE_KILL_POINTS = ["create.claimed", "create.layers", "create.created", "create.started"]
+DELETE_KILL_POINTS = ["delete.stopped", "delete.removed"]
+
+
+def leaked_mounts(h: Host) -> list[str]:
+    root = str(hosts.host_state_dir(h))
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(root)]
+
+
+@pytest.mark.parametrize("point", CREATE_KILL_POINTS)
+def test_it_converges_after_the_agent_is_killed_during_create(
+    world: World, busybox: Any, store_dir: Path, point: str
+) -> None:
+    from compute.agent import oci_runtime
+
+    h = make_host(f"bht-kill-{point.split('.')[1]}")
+    try:
+        with host_agent(h, {"BULKHEAD_FAILPOINT": point}, BULKHEAD_STORE_DIR=str(store_dir)):
+            create(world, "mia", name="victim", image=str(busybox.pk), command=["/bin/sleep", "300"])
+            wait_until(
+                lambda: Workload.objects.filter(name="victim").exclude(state="pending").exists(), timeout=30
+            )
+        with host_agent(h, BULKHEAD_STORE_DIR=str(store_dir)):
+            workload = workload_in("victim", {"running", "failed"}, timeout=30)
+            runtime = oci_runtime(h)
+            assert runtime.list_ids() == ([workload.runtime_id] if workload.state == "running" else [])
+            assert len(leaked_mounts(h)) == (1 if workload.state == "running" else 0)
+            # The killed worker's operation is failed by the re-sync and says why; no operation hangs.
+            op = finished(str(Operation.objects.get(kind="workload.create", target_id=str(workload.pk)).pk))
+            assert op.state == "succeeded" or "Interrupted" in op.error
+    finally:
+        cleanup_host(h)
+    assert leaked_mounts(h) == []
+
+
+@pytest.mark.parametrize("point", DELETE_KILL_POINTS)
+def test_it_converges_after_the_agent_is_killed_during_delete(
+    world: World, busybox: Any, store_dir: Path, point: str
+) -> None:
+    from compute.agent import oci_runtime
+
+    h = make_host(f"bht-kdel-{point.split('.')[1]}")
+    try:
+        with host_agent(h, BULKHEAD_STORE_DIR=str(store_dir)):
+            create(world, "mia", name="doomed", image=str(busybox.pk), command=["/bin/sleep", "300"])
+            workload = workload_in("doomed", {"running"})
+        with host_agent(h, {"BULKHEAD_FAILPOINT": point}, BULKHEAD_STORE_DIR=str(store_dir)):
+            client_for(world, "mia").delete(f"/api/v1/workloads/{workload.pk}/")
+            wait_until(lambda: Workload.objects.filter(pk=workload.pk, state="deleting").exists(), timeout=10)
+            if point == "delete.removed":
+                wait_until(lambda: oci_runtime(h).list_ids() == [], timeout=30, what="the container removed")
+            else:
+                wait_until(lambda: oci_runtime(h).state(workload.runtime_id).status != "running", timeout=30)
+        with host_agent(h, BULKHEAD_STORE_DIR=str(store_dir)):
+            wait_until(
+                lambda: not Workload.objects.filter(pk=workload.pk).exists(), timeout=30, what="deletion"
+            )
+            assert oci_runtime(h).list_ids() == []
+            assert leaked_mounts(h) == []
+            from tenants.models import Quota
+
+            assert Quota.objects.get(tenant=world.acme).used_workloads == 0
     finally:
         cleanup_host(h)

@@ -186,6 +186,97 @@ ROUTES.update(
     }
 )
 
+
+# --- issue 7: compartments (admins manage) and published ports (members operate) ---------------
+
+
+def _compartment(world: World, ownership: str) -> Any:
+    from compute.compartments import Compartment
+
+    n = Compartment.objects.count()
+    return Compartment.objects.create(
+        tenant=_acme_or_globex(world, ownership),
+        name=f"m-{uuid.uuid4().hex[:8]}",
+        subnet=f"10.250.{n}.0/24",
+        gateway=f"10.250.{n}.1",
+        vni=90000 + n,
+    ).pk
+
+
+def _published_port(world: World, ownership: str) -> Any:
+    from compute.compartments import Compartment, IPAllocation, PublishedPort
+    from compute.models import Workload
+
+    workload = Workload.objects.select_related("host").get(pk=_workload(world, ownership))
+    compartment = Compartment.objects.get(pk=_compartment(world, ownership))
+    IPAllocation.objects.create(
+        compartment=compartment,
+        workload=workload,
+        address=str(compartment.network[2]),
+        mac="02:00:00:00:00:02",
+    )
+    return PublishedPort.objects.create(
+        tenant=workload.tenant,
+        workload=workload,
+        host=workload.host,
+        host_port=20000 + PublishedPort.objects.count(),
+        workload_port=80,
+    ).pk
+
+
+ROUTES.update(
+    {
+        "compartment-list": Route(methods=("GET", "POST"), list_post=400),
+        "compartment-detail": Route(methods=("GET", "DELETE"), obj=_compartment, write="manage"),
+        "published-port-list": Route(methods=("GET", "POST"), list_post=400),
+        "published-port-detail": Route(methods=("GET", "DELETE"), obj=_published_port, write="operate"),
+    }
+)
+
+
+def _desired_revision(world: World, ownership: str) -> Any:
+    from compute.desired.models import DesiredRevision
+
+    tenant = _acme_or_globex(world, ownership)
+    number = DesiredRevision.objects.filter(tenant=tenant).count() + 1
+    text = "apiVersion: bulkhead/v1\nkind: TenantConfig\nspec: {}\n"
+    return DesiredRevision.objects.create(tenant=tenant, number=number, text=text, sha256="x").pk
+
+
+def _desired_plan(world: World, ownership: str) -> Any:
+    from compute.desired.models import DesiredPlan, DesiredRevision
+    from compute.desired.planning import compute_plan
+
+    revision = DesiredRevision.objects.get(pk=_desired_revision(world, ownership))
+    plan = compute_plan([], [], prune=False)
+    return DesiredPlan.objects.create(
+        tenant=revision.tenant,
+        revision=revision,
+        plan=plan.to_dict(),
+        observed_fingerprint=plan.observed_fingerprint,
+        desired_fingerprint=plan.desired_fingerprint,
+    ).pk
+
+
+ROUTES.update(
+    {
+        "desired-list": Route(methods=("GET",)),
+        "desired-schema": Route(methods=("GET",)),
+        "desired-detail": Route(
+            methods=("GET", "PATCH"), obj=lambda w, o: _acme_or_globex(w, o).pk, write="manage"
+        ),
+        "desired-status": Route(methods=("GET",), obj=lambda w, o: _acme_or_globex(w, o).pk),
+        "desired-export": Route(methods=("GET",), obj=lambda w, o: _acme_or_globex(w, o).pk),
+        "desired-revision-list": Route(methods=("GET", "POST"), list_post=400),
+        "desired-revision-detail": Route(methods=("GET",), obj=_desired_revision),
+        "desired-revision-diff": Route(methods=("GET",), obj=_desired_revision),
+        "desired-revision-rollback": Route(methods=("POST",), obj=_desired_revision, write="manage"),
+        "desired-plan-list": Route(methods=("GET", "POST"), list_post=400),
+        "desired-plan-detail": Route(methods=("GET",), obj=_desired_plan),
+        "desired-plan-apply": Route(methods=("POST",), obj=_desired_plan, write="manage"),
+    }
+)
+
 # Routes that Django's admin owns; it has its own staff-only login.
 IGNORED_NAMESPACES = {"admin"}
 
@@ -256,13 +347,13 @@ def expected_status(
         allowed = is_staff(persona) or (role is not None and role in ROLES_ALLOWED[action])
     if not allowed:
         return {403}
-    return {200, 202, 204, 400, 409}
+    return {200, 201, 202, 204, 400, 409}
 
 
 def url_for(name: str, pk: Any = None) -> str:
     from django.urls import reverse
 
-    return reverse(name, kwargs={"pk": pk} if pk is not None else None)
+    return reverse(f"api:{name}", kwargs={"pk": pk} if pk is not None else None)
 
 
 CASES = [(name, persona) for name in sorted(ROUTES) for persona in PERSONAS]

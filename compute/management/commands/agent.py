@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
 from compute import agent, hosts, vm_agent
 from compute.models import Host
@@ -45,8 +46,9 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        started = timezone.now()
         hosts.heartbeat(host.pk)
-        report = agent.resync(host)
+        report = agent.resync(host, since=started)
         log.info("agent for %s re-synced: %s", host.name, report)
         if options["once"]:
             agent.handle_exits(host)

@@ -1,0 +1,384 @@
+"""The level-triggered reconciler: per tenant, compare the applied revision with what exists, and act.
+
+Every ``BULKHEAD_RECONCILE_SECONDS`` (default 30) a beat tick picks the tenants whose ``next_run_at`` has
+come (mode monitor or autocorrect) and queues one run each. A run:
+
+1. takes the tenant's claim (a conditional update with a lease; an apply holds the same claim), so one
+   run per tenant happens at a time and a second one simply skips;
+2. parses the target revision, observes the tenant's resources from the database and computes the drift;
+3. in ``autocorrect`` mode executes the plan steps of the drifted resources (never more than the flap
+   breaker allows per resource and window; a resource with an operation in flight is left alone);
+4. writes the conditions Ready, Drifted, Degraded and Flapping with ``observedRevision`` and reasons, and
+   the next run time: the interval with jitter after a success, an exponential backoff (capped) after a
+   failure.
+
+Only the clock starts runs: writing status never triggers one (there are no signals on these rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+
+from compute.desired import observe, services
+from compute.desired.document import DesiredResource, DocumentError, TenantConfig, ValidationIssue
+from compute.desired.flapping import FlapBreaker
+from compute.desired.models import DesiredRevision, DesiredState, ReconcileMode, ResourceCorrection
+from compute.desired.planning import DriftItem, compute_plan, detect_drift
+from compute.models import Workload
+from tenants.actors import Actor
+
+log = logging.getLogger(__name__)
+
+ACTIVE_MODES = (ReconcileMode.MONITOR, ReconcileMode.AUTOCORRECT)
+
+
+def _setting(name: str, default: float) -> float:
+    value: Any = getattr(settings, name, None)
+    if value is None:
+        value = os.environ.get(name, default)
+    return float(value)
+
+
+def interval_seconds() -> float:
+    """The reconcile interval (``BULKHEAD_RECONCILE_SECONDS``, default 30)."""
+    return _setting("BULKHEAD_RECONCILE_SECONDS", 30)
+
+
+def max_backoff_seconds() -> float:
+    return _setting("BULKHEAD_RECONCILE_MAX_BACKOFF_SECONDS", 600)
+
+
+def breaker() -> FlapBreaker:
+    """After ``BULKHEAD_FLAP_MAX_CORRECTIONS`` (3) corrections in ``BULKHEAD_FLAP_WINDOW_SECONDS`` (600)."""
+    return FlapBreaker(
+        int(_setting("BULKHEAD_FLAP_MAX_CORRECTIONS", 3)), int(_setting("BULKHEAD_FLAP_WINDOW_SECONDS", 600))
+    )
+
+
+def next_run_after_success(now: datetime, interval: float | None = None) -> datetime:
+    """Now plus the interval minus up to 20% jitter: tenants spread out, and never later than one interval."""
+    interval = interval_seconds() if interval is None else interval
+    return now + timedelta(seconds=interval * random.uniform(0.8, 1.0))  # noqa: S311 - jitter
+
+
+def backoff_seconds(failures: int, interval: float | None = None, cap: float | None = None) -> float:
+    """interval * 2^(failures-1), capped, with up to 20% jitter below."""
+    interval = interval_seconds() if interval is None else interval
+    cap = max_backoff_seconds() if cap is None else cap
+    delay = min(cap, interval * (2 ** max(0, failures - 1)))
+    return delay * random.uniform(0.8, 1.0)  # noqa: S311 - jitter
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scheduling
+
+
+def due_tenants(now: datetime | None = None, limit: int = 1000) -> list[Any]:
+    """Tenants whose run is due: active mode, next_run_at passed (or never set), nobody holding the claim.
+
+    Each picked tenant's next_run_at is pushed one interval ahead with a conditional update, so a tick
+    that comes before the run happened does not queue it twice.
+    """
+    now = now or timezone.now()
+    interval = interval_seconds()
+    candidates = list(
+        DesiredState.objects.filter(mode__in=ACTIVE_MODES)
+        .filter(Q(next_run_at__isnull=True) | Q(next_run_at__lte=now))
+        .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
+        .values_list("tenant_id", "next_run_at")[:limit]
+    )
+    picked = []
+    for tenant_id, next_run_at in candidates:
+        if DesiredState.objects.filter(tenant_id=tenant_id, next_run_at=next_run_at).update(
+            next_run_at=now + timedelta(seconds=interval)
+        ):
+            picked.append(tenant_id)
+    return picked
+
+
+# --------------------------------------------------------------------------------------------------------
+# One run
+
+# Revisions are immutable: their parse (schema and semantic checks) is cached by id; images are still
+# resolved on every run, since what a name:tag points at (or whether it is visible) can change.
+_PARSED: dict[Any, TenantConfig] = {}
+_PARSED_MAX = 2048
+
+
+def config_of(revision: DesiredRevision) -> TenantConfig:
+    """The revision's document with image ids resolved now; raises InvalidDocument like parse_for_tenant."""
+    parsed = _PARSED.get(revision.pk)
+    if parsed is None:
+        parsed = services.parse_for_tenant(revision.tenant_id, revision.text, check_images=False)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[revision.pk] = parsed
+    resolved: dict[str, str | None] = {}
+    workloads = []
+    missing = []
+    for index, workload in enumerate(parsed.workloads):
+        if workload.image not in resolved:
+            image = services.resolve_image(revision.tenant_id, workload.image)
+            resolved[workload.image] = str(image.pk) if image is not None else None
+        if resolved[workload.image] is None:
+            missing.append(
+                ValidationIssue(
+                    f"spec.workloads[{index}].image",
+                    parsed.lines.get(f"workload/{workload.name}"),
+                    f"image not found: {workload.image!r}",
+                )
+            )
+        workloads.append(replace(workload, image_id=resolved[workload.image]))
+    if missing:
+        raise services.InvalidDocument(DocumentError(missing))
+    return replace(parsed, workloads=tuple(workloads))
+
+
+def _condition(
+    previous: Iterable[dict[str, Any]],
+    kind: str,
+    status: str,
+    reason: str,
+    message: str,
+    revision: int | None,
+    now: datetime,
+) -> dict[str, Any]:
+    before = next((c for c in previous if c.get("type") == kind), None)
+    since = before["lastTransitionTime"] if before and before.get("status") == status else now.isoformat()
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedRevision": revision,
+        "lastTransitionTime": since,
+    }
+
+
+def _describe(items: list[DriftItem]) -> str:
+    return "; ".join(f"{item.key} {item.kind}" for item in items[:10]) + (
+        f" (and {len(items) - 10} more)" if len(items) > 10 else ""
+    )
+
+
+def reconcile_tenant(tenant_id: Any, *, now: datetime | None = None) -> dict[str, Any]:
+    """One reconciler run for one tenant (see the module docstring); returns what it saw and did."""
+    owner = services.new_owner("reconcile")
+    interval = interval_seconds()
+    if not services.claim(tenant_id, owner, lease_seconds=max(60.0, 4 * interval)):
+        return {"skipped": "another run or an apply holds this tenant"}
+    started = time.monotonic()
+    try:
+        state = DesiredState.objects.select_related("tenant").get(tenant_id=tenant_id)
+        if state.mode not in ACTIVE_MODES:
+            return {"skipped": f"mode is {state.mode}"}
+        try:
+            result = _run(state, now or timezone.now())
+        except Exception as error:
+            _record_failure(state, error, now or timezone.now(), started)
+            raise
+        return result
+    finally:
+        services.release(tenant_id, owner)
+
+
+def _record_failure(state: DesiredState, error: Exception, now: datetime, started: float) -> None:
+    failures = state.failures + 1
+    message = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
+    conditions = [c for c in state.conditions if c.get("type") != "Degraded"]
+    conditions.append(
+        _condition(state.conditions, "Degraded", "True", "ReconcileFailed", str(message)[:1000], None, now)
+    )
+    DesiredState.objects.filter(pk=state.pk).update(
+        failures=failures,
+        last_error=str(message)[:4000],
+        last_run_at=now,
+        last_duration_ms=int((time.monotonic() - started) * 1000),
+        conditions=conditions,
+        next_run_at=now + timedelta(seconds=backoff_seconds(failures)),
+    )
+    log.warning("reconcile of tenant %s failed (%d in a row): %s", state.tenant_id, failures, message)
+
+
+def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
+    tenant = state.tenant
+    revision_number = state.target_revision
+    started = time.monotonic()
+    if revision_number is None:
+        conditions = [
+            _condition(
+                state.conditions,
+                "Ready",
+                "Unknown",
+                "NoRevisionApplied",
+                "Apply a revision first.",
+                None,
+                now,
+            ),
+        ]
+        _store(state, now, started, conditions, [], None)
+        return {"drift": [], "corrected": [], "revision": None}
+    revision = DesiredRevision.objects.get(tenant=tenant, number=revision_number)
+    config = config_of(revision)
+    desired: list[DesiredResource] = config.resources()
+    observed = observe.observed_resources(tenant, state.image_references)
+    drift = detect_drift(desired, observed)
+
+    corrected: list[dict[str, Any]] = []
+    flapping: list[str] = []
+    failed: list[dict[str, Any]] = []
+    if drift and state.mode == ReconcileMode.AUTOCORRECT:
+        corrected, flapping, failed = _correct(
+            state, revision_number, desired, observed, drift, config.prune, now
+        )
+
+    broken = list(
+        Workload.objects.filter(tenant=tenant, state__in=["failed", "unknown"])
+        .exclude(managed_revision__isnull=True)
+        .values_list("name", "state", "status_message")
+    )
+    degraded_reasons = [f"workload/{name} is {st}{': ' + msg if msg else ''}" for name, st, msg in broken]
+    degraded_reasons += [f"{f['key']}: {f['detail']}" for f in failed]
+
+    if not drift:
+        ready = ("True", "UpToDate", f"Resources match revision {revision_number}.")
+    elif corrected:
+        ready = ("False", "Correcting", f"Correcting: {_describe(drift)}")
+    else:
+        ready = ("False", "Drifted", _describe(drift))
+    conditions = [
+        _condition(state.conditions, "Ready", *ready, revision_number, now),
+        _condition(
+            state.conditions,
+            "Drifted",
+            "True" if drift else "False",
+            "DriftDetected" if drift else "NoDrift",
+            _describe(drift) if drift else "",
+            revision_number,
+            now,
+        ),
+        _condition(
+            state.conditions,
+            "Degraded",
+            "True" if degraded_reasons else "False",
+            "ResourcesUnhealthy" if degraded_reasons else "Healthy",
+            "; ".join(degraded_reasons)[:1000],
+            revision_number,
+            now,
+        ),
+        _condition(
+            state.conditions,
+            "Flapping",
+            "True" if flapping else "False",
+            "TooManyCorrections" if flapping else "Stable",
+            (
+                f"{', '.join(flapping)} keep changing back; not corrected until the window passes"
+                if flapping
+                else ""
+            ),
+            revision_number,
+            now,
+        ),
+    ]
+    drift_json = [item.to_dict() for item in drift]
+    _store(state, now, started, conditions, drift_json, revision_number)
+    return {
+        "revision": revision_number,
+        "drift": drift_json,
+        "corrected": corrected,
+        "flapping": flapping,
+        "failed": failed,
+    }
+
+
+def _store(
+    state: DesiredState,
+    now: datetime,
+    started: float,
+    conditions: list[dict[str, Any]],
+    drift: list[dict[str, Any]],
+    revision: int | None,
+) -> None:
+    DesiredState.objects.filter(pk=state.pk).update(
+        conditions=conditions,
+        drift=drift,
+        observed_revision=revision,
+        last_run_at=now,
+        last_success_at=now,
+        last_duration_ms=int((time.monotonic() - started) * 1000),
+        failures=0,
+        last_error="",
+        next_run_at=next_run_after_success(now),
+    )
+
+
+def _correct(
+    state: DesiredState,
+    revision: int,
+    desired: list[DesiredResource],
+    observed: list[Any],
+    drift: list[DriftItem],
+    prune: bool,
+    now: datetime,
+) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+    """Execute the plan steps of the drifted resources the flap breaker lets through."""
+    flap = breaker()
+    ResourceCorrection.objects.filter(
+        tenant=state.tenant, at__lt=now - timedelta(seconds=flap.window_seconds)
+    ).delete()
+    history: dict[str, list[datetime]] = {}
+    for key, at in ResourceCorrection.objects.filter(tenant=state.tenant).values_list("key", "at"):
+        history.setdefault(key, []).append(at)
+    drift_kind = {item.key: item.kind for item in drift}
+    plan = compute_plan(desired, observed, prune=prune)
+    allowed = []
+    flapping = []
+    for step in plan.changes:
+        if step.key not in drift_kind:
+            continue
+        decision = flap.decide(history.get(step.key, []), now)
+        if decision.correct:
+            allowed.append(step)
+        else:
+            flapping.append(step.key)
+    if not allowed:
+        return [], sorted(flapping), []
+    executor = services.Executor(
+        actor=Actor.system("reconciler"),
+        tenant=state.tenant,
+        revision=revision,
+        wait=False,
+        skip_in_flight=True,
+    )
+    from compute.desired.planning import Plan
+
+    outcomes = executor.run(Plan(tuple(allowed), prune, plan.observed_fingerprint, plan.desired_fingerprint))
+    corrected = []
+    failed = []
+    seen: set[str] = set()
+    for outcome in outcomes:
+        if outcome.outcome == "failed":
+            failed.append(outcome.to_dict())
+        elif outcome.outcome in ("submitted", "done") and outcome.key not in seen:
+            seen.add(outcome.key)
+            corrected.append(outcome.to_dict())
+            ResourceCorrection.objects.create(
+                tenant=state.tenant,
+                key=outcome.key,
+                action=outcome.action,
+                drift=drift_kind.get(outcome.key, ""),
+                revision=revision,
+                at=now,
+            )
+    return corrected, sorted(flapping), failed

@@ -1,0 +1,419 @@
+"""Compartment and published-port services: the only code that writes Compartment, IPAllocation and
+PublishedPort rows (issue 7).
+
+Each service is one transaction: quota under the tenant's row lock, rows protected by database
+constraints (a lost race is retried, never a duplicate), an audit entry, and - where a host must
+change - an operation sent to the host's queue on commit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+
+from compute.choices import WorkloadState
+from compute.compartments import Compartment, IPAllocation, Protocol, PublishedPort
+from compute.models import Host, Workload
+from compute.network import ipam, mac_for
+from compute.network.spec import MAX_VNI
+from portal import operations
+from portal.errors import Conflict, Invalid
+from portal.models import Operation
+from tenants import audit, quota
+from tenants.actors import Actor
+from tenants.models import Tenant, dns_label
+
+DEFAULT_COMPARTMENT = "default"
+POOL_PREFIXLEN = 24
+FIRST_VNI = 4096
+# The host driver gives a namespace container exactly one NIC (eth0) and a micro-VM one tap.
+MAX_COMPARTMENTS_PER_WORKLOAD = 1
+RETRIES = 8
+NETWORK_ON = frozenset({"on", "true", "1", "yes"})
+
+T = TypeVar("T")
+
+
+# --- operator settings (read at call time so tests and operators can change them) ----------------
+
+
+def _setting(name: str, default: str) -> str:
+    value = getattr(settings, name, None)
+    return str(value) if value not in (None, "") else os.environ.get(name, default)
+
+
+def compartment_pool() -> IPv4Network:
+    """BULKHEAD_COMPARTMENT_POOL: where compartment subnets without an explicit one come from."""
+    return IPv4Network(_setting("BULKHEAD_COMPARTMENT_POOL", "10.200.0.0/16"))
+
+
+def published_port_range() -> range:
+    """BULKHEAD_PUBLISHED_PORT_RANGE ("20000-29999"): host ports tenants may publish on."""
+    low, _, high = _setting("BULKHEAD_PUBLISHED_PORT_RANGE", "20000-29999").partition("-")
+    first, last = int(low), int(high or low)
+    if not 1 <= first <= last <= 65535:
+        raise ValueError("BULKHEAD_PUBLISHED_PORT_RANGE must be 'FIRST-LAST' within 1-65535")
+    return range(first, last + 1)
+
+
+def network_enabled(host: Host) -> bool:
+    """Does `host` realise compartments? Host label `netns` (a host whose network lives in a namespace)
+    or `network` ("on"/"off") decides; otherwise BULKHEAD_HOST_NETWORK (default "off")."""
+    labels = host.labels or {}
+    if labels.get("netns"):
+        return True
+    mode = labels.get("network") or _setting("BULKHEAD_HOST_NETWORK", "off")
+    return str(mode).strip().lower() in NETWORK_ON
+
+
+# --- small helpers --------------------------------------------------------------------------------
+
+
+def _retrying(create: Callable[[], T], conflict: str, field: str | None = None) -> T:
+    """Run `create` in a savepoint until it does not lose a uniqueness race (then: a clear 409)."""
+    for _ in range(RETRIES):
+        try:
+            with transaction.atomic():
+                return create()
+        except IntegrityError:
+            continue
+    raise Conflict(conflict, field=field)
+
+
+def _host_networks() -> list[IPv4Network]:
+    """The hosts' own networks as their agents last reported them (facts["networks"])."""
+    networks: list[IPv4Network] = []
+    for facts in Host.objects.values_list("facts", flat=True):
+        for text in (facts or {}).get("networks", []) or []:
+            try:
+                networks.append(IPv4Network(str(text), strict=False))
+            except ValueError:
+                continue
+    return networks
+
+
+def _all_subnets(exclude_tenant: Tenant | None = None) -> list[tuple[IPv4Network, str, Any]]:
+    rows = Compartment.objects.all()
+    if exclude_tenant is not None:
+        rows = rows.exclude(tenant=exclude_tenant)
+    return [
+        (IPv4Network(subnet), name, tenant_id)
+        for subnet, name, tenant_id in rows.values_list("subnet", "name", "tenant_id")
+    ]
+
+
+def _choose_subnet(tenant: Tenant, requested: str | None, prefix_length: int | None) -> IPv4Network:
+    taken = _all_subnets()
+    host_networks = _host_networks()
+    if requested is None:
+        prefixlen = prefix_length or POOL_PREFIXLEN
+        try:
+            return ipam.allocate_subnet(
+                compartment_pool(), prefixlen, [n for n, _, _ in taken], host_networks
+            )
+        except ipam.AddressPoolExhausted as error:
+            raise Conflict(
+                f"No free /{prefixlen} is left in the compartment pool.", field="subnet"
+            ) from error
+        except ValueError as error:
+            raise Invalid(str(error), field="prefix_length") from error
+    try:
+        subnet = IPv4Network(requested.strip(), strict=True)
+    except ValueError as error:
+        raise Invalid(
+            f"{requested!r} is not an IPv4 network in CIDR form ({error}).", field="subnet"
+        ) from None
+    try:
+        ipam.validate_compartment_subnet(subnet)
+    except ValueError as error:
+        raise Invalid(str(error), field="subnet") from None
+    for network, name, tenant_id in taken:
+        if subnet.overlaps(network):
+            if tenant_id == tenant.pk:
+                raise Conflict(f"Subnet {subnet} overlaps compartment {name!r} ({network}).", field="subnet")
+            # Another tenant's: say that it is taken, not whose or what it is.
+            raise Conflict(f"Subnet {subnet} overlaps a network in use on this installation.", field="subnet")
+    clash = ipam.find_overlap(subnet, host_networks)
+    if clash is not None:
+        raise Conflict(f"Subnet {subnet} overlaps the host network {clash}.", field="subnet")
+    return subnet
+
+
+def _next_vni() -> int:
+    highest = Compartment.objects.aggregate(top=Max("vni"))["top"]
+    vni = FIRST_VNI if highest is None else highest + 1
+    if vni > MAX_VNI:
+        raise Conflict("No VXLAN network identifier is left.")
+    return vni
+
+
+# --- compartments ---------------------------------------------------------------------------------
+
+
+def _create_compartment_row(
+    actor: Actor, tenant: Tenant, name: str, subnet: str | None, prefix_length: int | None, nat: bool
+) -> Compartment:
+    try:
+        dns_label(name)
+    except Exception:
+        raise Invalid(
+            f"{name!r} is not a DNS label (1-63 lower-case letters, digits, hyphens).", field="name"
+        ) from None
+    if Compartment.objects.filter(tenant=tenant, name=name).exists():
+        raise Conflict(f"A compartment named {name!r} exists in this tenant.", field="name")
+    quota.allocate(tenant, compartments=1)
+
+    def create() -> Compartment:
+        network = _choose_subnet(tenant, subnet, prefix_length)
+        return Compartment.objects.create(
+            tenant=tenant,
+            name=name,
+            subnet=str(network),
+            gateway=str(ipam.gateway_for(network)),
+            nat=nat,
+            vni=_next_vni(),
+        )
+
+    compartment = _retrying(create, f"Could not create compartment {name!r}: try again.", "name")
+    audit.record(
+        actor,
+        "compartment.create",
+        compartment,
+        details={"name": name, "subnet": compartment.subnet, "nat": nat},
+    )
+    return compartment
+
+
+@audit.denials_audited
+@transaction.atomic
+def create_compartment(
+    *,
+    actor: Actor,
+    tenant: Tenant,
+    name: str,
+    subnet: str | None = None,
+    prefix_length: int | None = None,
+    nat: bool = True,
+) -> Compartment:
+    """Create a compartment: quota, a subnet (given and validated, or the next free block of the pool),
+    its gateway (first address) and a VNI. Nothing changes on hosts until a workload joins it."""
+    return _create_compartment_row(actor, tenant, name, subnet, prefix_length, nat)
+
+
+def default_compartment(actor: Actor, tenant: Tenant) -> Compartment:
+    """The tenant's compartment "default", created on first use (inside the caller's transaction)."""
+    existing = Compartment.objects.filter(tenant=tenant, name=DEFAULT_COMPARTMENT).first()
+    if existing is not None:
+        return existing
+    return _create_compartment_row(actor, tenant, DEFAULT_COMPARTMENT, None, None, True)
+
+
+@audit.denials_audited
+@transaction.atomic
+def delete_compartment(*, actor: Actor, compartment: Compartment) -> None:
+    """Delete an unused compartment and give its quota back; refused (409) while workloads use it."""
+    compartment = Compartment.objects.select_for_update().select_related("tenant").get(pk=compartment.pk)
+    members = list(
+        IPAllocation.objects.filter(compartment=compartment).values_list("workload__name", flat=True)[:5]
+    )
+    if members:
+        raise Conflict(
+            f"Compartment {compartment.name!r} is in use by workload(s) {', '.join(sorted(members))}.",
+            audit_action="compartment.delete",
+        )
+    tenant = compartment.tenant
+    audit.record(actor, "compartment.delete", compartment, details={"name": compartment.name})
+    compartment.delete()
+    quota.release(tenant, compartments=1)
+
+
+# --- workload membership (called by compute.services.create_workload) ---------------------------
+
+
+def join_compartments(
+    *, actor: Actor, tenant: Tenant, workload: Workload, compartments: Sequence[Compartment] | None
+) -> list[IPAllocation]:
+    """Give `workload` an address in each compartment (None: the tenant's default compartment, when its
+    host realises compartments; []: no network). Runs in create_workload's transaction."""
+    assert workload.host is not None
+    if compartments is None:
+        if not network_enabled(workload.host):
+            return []
+        compartments = [default_compartment(actor, tenant)]
+    compartments = list(dict.fromkeys(compartments))
+    if not compartments:
+        return []
+    if len(compartments) > MAX_COMPARTMENTS_PER_WORKLOAD:
+        raise Invalid(
+            f"A workload can join at most {MAX_COMPARTMENTS_PER_WORKLOAD} compartment for now.",
+            field="compartments",
+        )
+    if any(c.tenant_id != tenant.pk for c in compartments):
+        raise Invalid("No such compartment.", field="compartments")
+    if not network_enabled(workload.host):
+        raise Conflict(
+            f"Host {workload.host.name} does not realise compartments (host label network=on).",
+            field="compartments",
+        )
+    return [allocate_address(workload, compartment) for compartment in compartments]
+
+
+def allocate_address(workload: Workload, compartment: Compartment) -> IPAllocation:
+    """The lowest free address of the compartment; the (compartment, address) constraint settles races."""
+
+    def create() -> IPAllocation:
+        taken = [IPv4Address(a) for a in compartment.allocations.values_list("address", flat=True)]
+        try:
+            address = ipam.allocate_address(compartment.network, taken, compartment.gateway_address)
+        except ipam.AddressPoolExhausted as error:
+            raise Conflict(
+                f"Compartment {compartment.name!r} has no free address.", field="compartments"
+            ) from error
+        return IPAllocation.objects.create(
+            compartment=compartment,
+            workload=workload,
+            address=str(address),
+            mac=mac_for(f"{workload.pk}/{compartment.pk}"),
+        )
+
+    return _retrying(create, f"Could not allocate an address in {compartment.name!r}: try again.")
+
+
+def primary_allocation(workload: Workload) -> IPAllocation | None:
+    """The allocation the host realises (the driver attaches one NIC per workload)."""
+    return IPAllocation.objects.select_related("compartment").filter(workload=workload).first()
+
+
+def release_workload(workload: Workload) -> int:
+    """Before the row goes: the number of published ports to give back to the quota (rows cascade)."""
+    return PublishedPort.objects.filter(workload=workload).count()
+
+
+# --- published ports ------------------------------------------------------------------------------
+
+
+def _apply_op(actor: Actor, tenant: Tenant, target: Any, host: Host, kind: str) -> Operation:
+    from compute import network_agent
+
+    return operations.start(
+        kind=kind,
+        task=network_agent.apply_network,
+        actor=actor,
+        tenant=tenant,
+        target=target,
+        queue=host.queue,
+        params={"host": str(host.pk)},
+    )
+
+
+def _free_ports(host: Host, protocol: str, ports: range) -> Iterator[int]:
+    used = set(PublishedPort.objects.filter(host=host, protocol=protocol).values_list("host_port", flat=True))
+    return (port for port in ports if port not in used)
+
+
+@audit.denials_audited
+@transaction.atomic
+def publish_port(
+    *,
+    actor: Actor,
+    workload: Workload,
+    workload_port: int,
+    protocol: str = Protocol.TCP,
+    host_port: int | None = None,
+) -> tuple[PublishedPort, Operation]:
+    """Publish `host_port` (or the lowest free port of the operator's range) on the workload's host's
+    uplink to the workload's address; the host re-applies its network on commit."""
+    workload = (
+        Workload.objects.select_for_update(of=("self",)).select_related("host", "tenant").get(pk=workload.pk)
+    )
+    tenant = workload.tenant
+    if protocol not in Protocol.values:
+        raise Invalid("protocol must be tcp or udp.", field="protocol")
+    if not 1 <= workload_port <= 65535:
+        raise Invalid("workload_port must be in 1-65535.", field="workload_port")
+    ports = published_port_range()
+    if host_port is not None and host_port not in ports:
+        raise Invalid(
+            f"host_port must be within the published port range {ports.start}-{ports.stop - 1}.",
+            field="host_port",
+        )
+    if workload.state == WorkloadState.DELETING:
+        raise Conflict("The workload is being deleted.", field="workload")
+    if workload.host is None or primary_allocation(workload) is None:
+        raise Conflict("The workload is in no compartment: it has no address to publish.", field="workload")
+    host = workload.host
+    if (
+        host_port is not None
+        and PublishedPort.objects.filter(host=host, protocol=protocol, host_port=host_port).exists()
+    ):
+        raise Conflict(f"Port {protocol}/{host_port} is already published on this host.", field="host_port")
+    quota.allocate(tenant, published_ports=1)
+
+    def create() -> PublishedPort:
+        port = host_port if host_port is not None else next(_free_ports(host, protocol, ports), None)
+        if port is None:
+            raise Conflict("No free port is left in the published port range.", field="host_port")
+        return PublishedPort.objects.create(
+            tenant=tenant,
+            workload=workload,
+            host=host,
+            protocol=protocol,
+            host_port=port,
+            workload_port=workload_port,
+        )
+
+    if host_port is not None:
+        try:
+            with transaction.atomic():
+                published = create()
+        except IntegrityError:
+            raise Conflict(
+                f"Port {protocol}/{host_port} is already published on this host.", field="host_port"
+            ) from None
+    else:
+        published = _retrying(create, "Could not find a free port: try again.", "host_port")
+    audit.record(
+        actor,
+        "port.publish",
+        published,
+        details={
+            "workload": workload.name,
+            "protocol": protocol,
+            "host_port": published.host_port,
+            "workload_port": workload_port,
+            "host": host.name,
+        },
+    )
+    return published, _apply_op(actor, tenant, published, host, "port.publish")
+
+
+@audit.denials_audited
+@transaction.atomic
+def unpublish_port(*, actor: Actor, port: PublishedPort) -> Operation:
+    """Remove a published port and give its quota back; the host re-applies its network on commit."""
+    port = PublishedPort.objects.select_for_update().select_related("tenant", "host").get(pk=port.pk)
+    tenant, host = port.tenant, port.host
+    audit.record(
+        actor, "port.unpublish", port, details={"protocol": port.protocol, "host_port": port.host_port}
+    )
+    op = _apply_op(actor, tenant, port, host, "port.unpublish")
+    port.delete()
+    quota.release(tenant, published_ports=1)
+    return op
+
+
+def note_host_networks(host: Host, networks: Sequence[IPv4Network]) -> None:
+    """The agent saw the host's own networks: remember them so new subnets keep clear of them."""
+    texts = sorted(str(n) for n in networks)
+    with transaction.atomic():
+        locked = Host.objects.select_for_update().filter(pk=host.pk).first()
+        if locked is None or (locked.facts or {}).get("networks") == texts:
+            return
+        locked.facts = {**(locked.facts or {}), "networks": texts}
+        locked.save(update_fields=["facts"])

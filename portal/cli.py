@@ -1,0 +1,336 @@
+"""``bulkhead``: the command-line client of the portal's REST API.
+
+Configuration from the environment: ``BULKHEAD_URL`` (the portal, e.g. https://cloud.example) and
+``BULKHEAD_TOKEN`` (an API token); ``BULKHEAD_TENANT`` (name or id) when the token sees several tenants.
+
+    bulkhead plan -f tenant.yaml          what applying the document would change (nothing is saved)
+    bulkhead apply -f tenant.yaml [-m M]  save a revision, plan it, show the plan, apply it, follow it
+    bulkhead diff [FROM [TO]]             text and resource diff between two revisions (default: last two)
+    bulkhead diff -f tenant.yaml          the latest revision against a local file
+    bulkhead export [-o FILE]             the tenant's current resources as a document (adoption)
+    bulkhead status | mode off|monitor|autocorrect | revisions | rollback N
+    bulkhead workloads list | logs NAME | stop NAME | start NAME
+
+Exit status: 0 success, 1 failure (invalid document, refused, failed operation), 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import httpx
+
+SYMBOLS = {"create": "+", "update": "~", "replace": "-/+", "delete": "-", "noop": " "}
+
+
+class CliError(Exception):
+    """A failure to report on stderr with exit status 1."""
+
+
+class Client:
+    """A thin wrapper over httpx that raises CliError with the API's error message."""
+
+    def __init__(self, url: str, token: str, *, transport: httpx.BaseTransport | None = None) -> None:
+        self.http = httpx.Client(
+            base_url=url.rstrip("/") + "/api/v1/",
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+            timeout=60,
+            transport=transport,
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise CliError(f"cannot reach the portal: {error}") from None
+        if response.status_code >= 400:
+            raise CliError(_error_text(response))
+        return response.json() if response.content else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params or None)
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.request("POST", path, json=body or {})
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error", {})
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    lines = [f"{error.get('message', 'request failed')} (HTTP {response.status_code})"]
+    for issue in error.get("issues", []):
+        where = f"line {issue['line']}" if issue.get("line") else "document"
+        lines.append(f"  {where}: {issue.get('path') or '(document)'}: {issue['message']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output
+
+
+def render_plan(plan: dict[str, Any], out: TextIO) -> None:
+    """Terraform-like: one line per change, field differences under it, a summary line."""
+    steps = [step for step in plan["steps"] if step["action"] != "noop"]
+    if not steps:
+        out.write("No changes: the resources match the document.\n")
+        return
+    for step in steps:
+        out.write(f"{SYMBOLS[step['action']]:>3} {step['key']}  ({step['action']}: {step['reason']})\n")
+        for change in step.get("changes", []):
+            before, after = json.dumps(change["before"]), json.dumps(change["after"])
+            out.write(f"      {change['path']}: {before} -> {after}\n")
+    summary = plan["summary"]
+    out.write(
+        f"Plan: {summary['create']} to create, {summary['update']} to update, "
+        f"{summary['replace']} to replace, {summary['delete']} to delete.\n"
+    )
+
+
+def _read(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as error:
+        raise CliError(f"cannot read {path}: {error.strerror}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Commands
+
+
+class Commands:
+    def __init__(self, client: Client, tenant: str | None, out: TextIO) -> None:
+        self.client = client
+        self.tenant_hint = tenant
+        self.out = out
+        self._tenant: dict[str, Any] | None = None
+
+    @property
+    def tenant(self) -> dict[str, Any]:
+        """The tenant to act on: BULKHEAD_TENANT/--tenant (name or id), else the only one visible."""
+        if self._tenant is None:
+            tenants = self.client.get("tenants/", page_size=500)["results"]
+            if self.tenant_hint:
+                matches = [t for t in tenants if self.tenant_hint in (t["name"], str(t["id"]))]
+            else:
+                matches = tenants
+            if len(matches) != 1:
+                names = ", ".join(sorted(t["name"] for t in tenants)) or "none"
+                raise CliError(f"say which tenant with --tenant or BULKHEAD_TENANT (visible: {names})")
+            self._tenant = matches[0]
+        return self._tenant
+
+    def plan(self, args: argparse.Namespace) -> int:
+        plan = self.client.post("desired/plans/", {"tenant": self.tenant["id"], "text": _read(args.file)})
+        render_plan(plan["plan"], self.out)
+        return 0
+
+    def apply(self, args: argparse.Namespace) -> int:
+        text = _read(args.file)
+        revision = self.client.post(
+            "desired/revisions/", {"tenant": self.tenant["id"], "text": text, "message": args.message or ""}
+        )
+        self.out.write(f"Revision {revision['number']} ({revision['author_label']}).\n")
+        plan = self.client.post("desired/plans/", {"revision": revision["id"]})
+        render_plan(plan["plan"], self.out)
+        if all(step["action"] == "noop" for step in plan["plan"]["steps"]):
+            return 0
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise CliError("refusing to apply without confirmation: pass --yes")
+            if input("Apply this plan? [y/N] ").strip().lower() not in ("y", "yes"):
+                self.out.write("Not applied.\n")
+                return 1
+        op = self.client.post(f"desired/plans/{plan['id']}/apply/")
+        return self.follow(op, args.timeout)
+
+    def follow(self, op: dict[str, Any], timeout: float) -> int:
+        """Print an operation's progress until it finishes; 0 when it succeeded."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while op["state"] not in ("succeeded", "failed", "cancelled"):
+            line = f"[{op['progress']:3d}%] {op['message'] or op['state']}"
+            if line != last:
+                self.out.write(line + "\n")
+                last = line
+            if time.monotonic() > deadline:
+                raise CliError(f"operation {op['id']} still {op['state']} after {timeout:.0f} s")
+            time.sleep(0.5)
+            op = self.client.get(f"operations/{op['id']}/")
+        if op["state"] != "succeeded":
+            raise CliError(f"operation {op['kind']} {op['state']}: {op['error']}")
+        self.out.write(f"Applied: operation {op['id']} succeeded.\n")
+        for step in op.get("result", {}).get("steps", []):
+            self.out.write(f"  {step['key']}: {step['action']} {step['outcome']} {step['detail']}\n")
+        return 0
+
+    def _revisions(self) -> list[dict[str, Any]]:
+        return list(
+            self.client.get(
+                "desired/revisions/", tenant=self.tenant["id"], ordering="-number", page_size=500
+            )["results"]
+        )
+
+    def _revision(self, number: int) -> dict[str, Any]:
+        found = self.client.get("desired/revisions/", tenant=self.tenant["id"], number=number)["results"]
+        if not found:
+            raise CliError(f"no revision {number}")
+        return dict(found[0])
+
+    def diff(self, args: argparse.Namespace) -> int:
+        revisions = self._revisions()
+        if args.file:
+            if not revisions:
+                raise CliError("the tenant has no revision yet")
+            latest = revisions[0]
+            diff = difflib.unified_diff(
+                latest["text"].splitlines(keepends=True),
+                _read(args.file).splitlines(keepends=True),
+                fromfile=f"revision {latest['number']}",
+                tofile=args.file,
+            )
+            self.out.write("".join(diff) or "No differences.\n")
+            return 0
+        if args.to is not None:
+            new = self._revision(args.to)
+        elif revisions:
+            new = revisions[0]
+        else:
+            raise CliError("the tenant has no revision yet")
+        params = {"against": str(args.source)} if args.source is not None else {}
+        diff = self.client.get(f"desired/revisions/{new['id']}/diff/", **params)
+        self.out.write(diff["diff"] or "No differences.\n")
+        for step in diff["changes"]:
+            self.out.write(f"{SYMBOLS[step['action']]:>3} {step['key']} ({step['reason']})\n")
+        return 0
+
+    def export(self, args: argparse.Namespace) -> int:
+        document = self.client.get(f"desired/{self.tenant['id']}/export/")["document"]
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as handle:
+                handle.write(document)
+        else:
+            self.out.write(document)
+        return 0
+
+    def status(self, args: argparse.Namespace) -> int:
+        status = self.client.get(f"desired/{self.tenant['id']}/status/")
+        self.out.write(
+            f"mode {status['mode']}, revision {status['target_revision']}, "
+            f"observed {status['observed_revision']}\n"
+        )
+        for condition in status["conditions"]:
+            message = f": {condition['message']}" if condition.get("message") else ""
+            self.out.write(f"  {condition['type']}={condition['status']} ({condition['reason']}){message}\n")
+        return 0
+
+    def mode(self, args: argparse.Namespace) -> int:
+        state = self.client.request("PATCH", f"desired/{self.tenant['id']}/", json={"mode": args.mode})
+        self.out.write(f"mode {state['mode']}\n")
+        return 0
+
+    def revisions(self, args: argparse.Namespace) -> int:
+        for revision in self._revisions():
+            self.out.write(
+                f"{revision['number']:>5}  {revision['created_at'][:19]}  {revision['author_label']}  "
+                f"{revision['message']}\n"
+            )
+        return 0
+
+    def rollback(self, args: argparse.Namespace) -> int:
+        revision = self._revision(args.number)
+        new = self.client.post(
+            f"desired/revisions/{revision['id']}/rollback/", {"message": args.message or ""}
+        )
+        self.out.write(f"Revision {new['number']} restores revision {args.number}; plan and apply it.\n")
+        return 0
+
+    def _workload(self, name: str) -> dict[str, Any]:
+        found = self.client.get("workloads/", tenant=self.tenant["id"], name=name)["results"]
+        if not found:
+            raise CliError(f"no workload named {name!r}")
+        return dict(found[0])
+
+    def workloads(self, args: argparse.Namespace) -> int:
+        if args.action == "list":
+            rows = self.client.get("workloads/", tenant=self.tenant["id"], page_size=500)["results"]
+            for row in rows:
+                self.out.write(f"{row['name']:<30} {row['state']:<10} {row.get('isolation', '')}\n")
+            return 0
+        if not args.name:
+            raise CliError(f"workloads {args.action} needs a NAME")
+        workload = self._workload(args.name)
+        if args.action == "logs":
+            self.out.write(self.client.get(f"workloads/{workload['id']}/logs/")["logs"])
+            return 0
+        op = self.client.post(f"workloads/{workload['id']}/{args.action}/")
+        self.out.write(f"{args.action} {args.name}: operation {op['id']} {op['state']}\n")
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bulkhead", description="Bulkhead portal client.")
+    parser.add_argument("--tenant", default=os.environ.get("BULKHEAD_TENANT"), help="tenant name or id")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="show what applying a document would change")
+    plan.add_argument("-f", "--file", required=True)
+    apply = sub.add_parser("apply", help="save a document as a revision and apply it")
+    apply.add_argument("-f", "--file", required=True)
+    apply.add_argument("-m", "--message")
+    apply.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    apply.add_argument("--timeout", type=float, default=600)
+    diff = sub.add_parser("diff", help="diff two revisions, or the latest one and a file")
+    diff.add_argument("source", nargs="?", type=int, help="older revision number (default: previous)")
+    diff.add_argument("to", nargs="?", type=int, help="newer revision number (default: latest)")
+    diff.add_argument("-f", "--file")
+    export = sub.add_parser("export", help="the current resources as a document")
+    export.add_argument("-o", "--output")
+    sub.add_parser("status", help="reconciler mode and conditions")
+    mode = sub.add_parser("mode", help="set the reconciler mode")
+    mode.add_argument("mode", choices=["off", "monitor", "autocorrect"])
+    sub.add_parser("revisions", help="list revisions")
+    rollback = sub.add_parser("rollback", help="new revision from an old one")
+    rollback.add_argument("number", type=int)
+    rollback.add_argument("-m", "--message")
+    workloads = sub.add_parser("workloads", help="list workloads, show logs, stop or start one")
+    workloads.add_argument("action", choices=["list", "logs", "stop", "start"])
+    workloads.add_argument("name", nargs="?")
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    out: TextIO | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> int:
+    """Entry point of the ``bulkhead`` console script."""
+    args = build_parser().parse_args(argv)
+    out = out or sys.stdout
+    url, token = os.environ.get("BULKHEAD_URL"), os.environ.get("BULKHEAD_TOKEN")
+    if not url or not token:
+        sys.stderr.write("bulkhead: set BULKHEAD_URL and BULKHEAD_TOKEN\n")
+        return 2
+    commands = Commands(Client(url, token, transport=transport), args.tenant, out)
+    try:
+        return int(getattr(commands, args.command)(args))
+    except CliError as error:
+        sys.stderr.write(f"bulkhead: {error}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

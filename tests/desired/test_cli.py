@@ -1,0 +1,86 @@
+"""The ``bulkhead`` CLI against a live portal with an API token, a real worker running the apply."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compute.models import Host, Workload
+from portal.cli import main
+from tests.conftest import World
+from tests.imaging.images import db_image
+from tests.processes import celery_worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+DOC = """\
+apiVersion: bulkhead/v1
+kind: TenantConfig
+spec:
+  workloads:
+    - name: web
+      image: busybox:1
+      command: [/bin/sleep, "300"]
+      memory_mib: 64
+"""
+
+
+@pytest.fixture
+def portal(world: World, live_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    Host.objects.create(name="db-host", cpus=64, memory_mib=65536, facts={"oci_runtimes": ["runc"]})
+    db_image(world.acme, "busybox", "1")
+    monkeypatch.setenv("BULKHEAD_URL", live_server.url)
+    monkeypatch.setenv("BULKHEAD_TOKEN", world.tokens["alice_acme"])
+    monkeypatch.delenv("BULKHEAD_TENANT", raising=False)
+    yield world
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+def test_cli_plans_applies_and_finds_nothing_left_to_do(
+    portal: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = tmp_path / "tenant.yaml"
+    document.write_text(DOC)
+    code, output = run("plan", "-f", str(document))
+    assert code == 0
+    assert "  + workload/web  (create: declared, does not exist)" in output
+    assert "Plan: 1 to create, 0 to update, 0 to replace, 0 to delete." in output
+    assert not Workload.objects.exists()
+
+    with celery_worker(queues="default", name="desired-cli"):
+        code, output = run("apply", "-f", str(document), "-m", "first", "--yes")
+    assert code == 0, capsys.readouterr().err
+    assert "Revision 1 (alice (token" in output and "Applied: operation" in output
+    assert Workload.objects.get(name="web").managed_revision == 1
+
+    code, output = run("apply", "-f", str(document), "--yes")
+    assert (code, output.splitlines()[-1]) == (0, "No changes: the resources match the document.")
+
+    code, output = run("export")
+    assert code == 0 and "- name: web" in output and "image: busybox:1" in output
+    code, output = run("workloads", "list")
+    assert code == 0 and output.startswith("web ")
+    code, output = run("diff", "-f", str(document))
+    assert (code, output) == (0, "No differences.\n")
+
+
+def test_cli_shows_invalid_documents_with_line_numbers(
+    portal: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = tmp_path / "tenant.yaml"
+    document.write_text(DOC.replace("memory_mib", "memory"))
+    code, _ = run("apply", "-f", str(document), "--yes")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "line 8: spec.workloads[0].memory: unknown field 'memory'" in err
+    code, _ = run("workloads", "stop", "nope")
+    assert code == 1 and "no workload named 'nope'" in capsys.readouterr().err

@@ -1,0 +1,308 @@
+"""Desired state through the REST API: revisions, diff, rollback, plans, apply, export, permissions.
+
+Apply operations run inline here (their on-commit send never fires inside a test transaction); the host
+side of the workloads they create is not needed: plans compare database rows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from compute.desired import services, tasks
+from compute.desired.models import DesiredPlan, DesiredRevision, DesiredState, ImmutableRevision
+from compute.desired.schema import SCHEMA
+from compute.models import Host, Workload
+from portal.models import Operation
+from tests.conftest import World, client_for
+from tests.imaging.images import db_image
+
+pytestmark = pytest.mark.django_db
+
+DOC = """\
+apiVersion: bulkhead/v1
+kind: TenantConfig
+spec:
+  workloads:
+    - name: web
+      image: busybox:1
+      command: [/bin/sleep, "300"]
+      memory_mib: 64
+    - name: worker
+      image: busybox:1
+      env: {MODE: batch}
+      memory_mib: 64
+      state: stopped
+"""
+
+
+@pytest.fixture
+def ready(world: World) -> World:
+    Host.objects.create(name="db-host", cpus=64, memory_mib=65536, facts={"oci_runtimes": ["runc"]})
+    db_image(world.acme, "busybox", "1")
+    return world
+
+
+def save(world: World, text: str = DOC, persona: str = "alice", message: str = "") -> Any:
+    return client_for(world, persona).post(
+        "/api/v1/desired/revisions/",
+        {"tenant": str(world.acme.pk), "text": text, "message": message},
+        format="json",
+    )
+
+
+def plan(world: World, revision_id: str, persona: str = "alice") -> Any:
+    return client_for(world, persona).post("/api/v1/desired/plans/", {"revision": revision_id}, format="json")
+
+
+def apply_inline(world: World, plan_id: str, persona: str = "alice") -> Operation:
+    response = client_for(world, persona).post(f"/api/v1/desired/plans/{plan_id}/apply/", {}, format="json")
+    assert response.status_code == 202, response.json()
+    tasks.apply_plan.apply(args=[response.json()["id"]])
+    return Operation.objects.get(pk=response.json()["id"])
+
+
+def run_in_thread(op_id: str) -> None:
+    from django.db import connection
+
+    try:
+        tasks.apply_plan.apply(args=[op_id])
+    finally:
+        connection.close()
+
+
+def changes(plan_json: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(s["action"], s["key"]) for s in plan_json["plan"]["steps"] if s["action"] != "noop"]
+
+
+def test_it_serves_the_json_schema(world: World) -> None:
+    response = client_for(world, "vic").get("/api/v1/desired/schema/")
+    assert response.status_code == 200
+    assert response.json() == SCHEMA
+
+
+def test_it_refuses_an_invalid_document_with_path_and_line_and_stores_nothing(ready: World) -> None:
+    bad = DOC.replace("      memory_mib: 64\n    - name: worker", "      memory: 64\n    - name: worker")
+    response = save(ready, bad)
+    assert response.status_code == 400
+    issues = response.json()["error"]["issues"]
+    assert {k: issues[0][k] for k in ("path", "line")} == {"path": "spec.workloads[0].memory", "line": 8}
+    assert "did you mean 'memory_mib'" in issues[0]["message"]
+    assert not DesiredRevision.objects.exists()
+
+
+def test_it_checks_images_against_what_the_tenant_can_see(ready: World) -> None:
+    db_image(ready.globex, "secret", "1")
+    db_image(None, "public", "2")
+    text = DOC.replace("busybox:1", "secret:1", 1).replace("image: busybox:1", "image: public:2")
+    issues = save(ready, text).json()["error"]["issues"]
+    assert [(i["path"], i["line"], i["message"]) for i in issues] == [
+        ("spec.workloads[0].image", 6, "image not found: 'secret:1'")
+    ]
+
+
+def test_it_says_networks_and_ports_are_not_yet_supported(ready: World) -> None:
+    text = DOC + "  ports:\n    - workload: web\n      port: 80\n"
+    issue = save(ready, text).json()["error"]["issues"][0]
+    assert issue["path"] == "spec.ports[0]" and issue["line"] == 15
+    assert "not yet supported" in issue["message"]
+
+
+def test_it_numbers_revisions_and_keeps_them_immutable(ready: World) -> None:
+    first = save(ready, message="first")
+    assert first.status_code == 201 and first.json()["number"] == 1
+    assert save(ready).status_code == 200  # the same text again is the same revision
+    second = save(ready, DOC.replace("batch", "stream"), message="stream mode")
+    assert second.json()["number"] == 2 and second.json()["author_label"] == "alice"
+    revision = DesiredRevision.objects.get(number=1)
+    revision.message = "rewritten"
+    with pytest.raises(ImmutableRevision):
+        revision.save()
+
+
+def test_it_diffs_any_two_revisions_and_rolls_back_to_an_old_one(ready: World) -> None:
+    client = client_for(ready, "amir")
+    one = save(ready).json()
+    two = save(ready, DOC.replace("batch", "stream")).json()
+    diff = client.get(f"/api/v1/desired/revisions/{two['id']}/diff/").json()
+    assert "-      env: {MODE: batch}\n+      env: {MODE: stream}" in diff["diff"]
+    assert [(c["action"], c["key"]) for c in diff["changes"]] == [("update", "workload/worker")]
+    assert diff["changes"][0]["changes"] == [{"path": "env.MODE", "before": "batch", "after": "stream"}]
+    reverse = client.get(f"/api/v1/desired/revisions/{one['id']}/diff/?against=2").json()
+    assert reverse["from"] == 2 and reverse["to"] == 1
+    rolled = client.post(f"/api/v1/desired/revisions/{one['id']}/rollback/", {}, format="json")
+    assert rolled.status_code == 201
+    assert rolled.json()["number"] == 3 and rolled.json()["rolled_back_from"] == 1
+    assert rolled.json()["text"] == DOC
+
+
+def test_applying_twice_leaves_nothing_to_do_and_plans_are_deterministic(ready: World) -> None:
+    revision = save(ready).json()
+    first = plan(ready, revision["id"]).json()
+    again = plan(ready, revision["id"]).json()
+    assert first["plan"] == again["plan"]
+    assert changes(first) == [("create", "workload/web"), ("create", "workload/worker")]
+    op = apply_inline(ready, first["id"])
+    assert op.state == "succeeded", op.error
+    web, worker = Workload.objects.order_by("name")
+    assert (web.managed_revision, worker.managed_revision) == (1, 1)
+    assert web.desired_running and not worker.desired_running
+    assert DesiredState.objects.get(tenant=ready.acme).target_revision == 1
+    second = plan(ready, revision["id"]).json()
+    assert changes(second) == []
+    assert DesiredPlan.objects.get(pk=first["id"]).state == "applied"
+
+
+def test_an_update_changes_the_row_in_place_and_a_removal_deletes(ready: World) -> None:
+    apply_inline(ready, plan(ready, save(ready).json()["id"]).json()["id"])
+    text = DOC.replace("batch", "stream")
+    planned = plan(ready, save(ready, text).json()["id"]).json()
+    assert changes(planned) == [("update", "workload/worker")]
+    assert apply_inline(ready, planned["id"]).state == "succeeded"
+    assert Workload.objects.get(name="worker").env == {"MODE": "stream"}
+    assert Workload.objects.get(name="worker").managed_revision == 2
+
+
+def test_it_refuses_a_stale_plan_with_a_clear_409(ready: World) -> None:
+    revision = save(ready).json()
+    planned = plan(ready, revision["id"]).json()
+    Workload.objects.create(
+        tenant=ready.acme, name="hand-made", image=db_image(ready.acme, "busybox", "2"), state="stopped"
+    )
+    response = client_for(ready, "alice").post(
+        f"/api/v1/desired/plans/{planned['id']}/apply/", {}, format="json"
+    )
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "stale_plan"
+    assert "changed since this plan was made" in response.json()["error"]["message"]
+    assert DesiredPlan.objects.get(pk=planned["id"]).state == "stale"
+    assert not Workload.objects.filter(name="web").exists()
+
+
+def test_members_read_and_only_owners_and_admins_write(ready: World) -> None:
+    revision = save(ready).json()
+    planned = plan(ready, revision["id"]).json()
+    mia = client_for(ready, "mia")
+    assert mia.get(f"/api/v1/desired/revisions/{revision['id']}/").status_code == 200
+    assert mia.get(f"/api/v1/desired/plans/{planned['id']}/").status_code == 200
+    assert mia.get(f"/api/v1/desired/{ready.acme.pk}/status/").status_code == 200
+    assert save(ready, persona="mia").status_code == 403
+    assert plan(ready, revision["id"], persona="mia").status_code == 403
+    assert mia.post(f"/api/v1/desired/plans/{planned['id']}/apply/", {}, format="json").status_code == 403
+    assert (
+        mia.patch(f"/api/v1/desired/{ready.acme.pk}/", {"mode": "autocorrect"}, format="json").status_code
+        == 403
+    )
+    bob = client_for(ready, "bob")
+    assert bob.get(f"/api/v1/desired/plans/{planned['id']}/").status_code == 404
+    assert bob.post(f"/api/v1/desired/plans/{planned['id']}/apply/", {}, format="json").status_code == 404
+    amir = client_for(ready, "amir")
+    state = amir.patch(f"/api/v1/desired/{ready.acme.pk}/", {"mode": "monitor"}, format="json")
+    assert state.status_code == 200 and state.json()["mode"] == "monitor"
+
+
+def test_it_exports_current_resources_for_adoption(ready: World) -> None:
+    image = db_image(ready.acme, "busybox", "2")
+    Workload.objects.create(
+        tenant=ready.acme,
+        name="legacy",
+        image=image,
+        state="running",
+        command=["/bin/sleep", "1000"],
+        memory_mib=128,
+        restart_policy="always",
+    )
+    exported = client_for(ready, "vic").get(f"/api/v1/desired/{ready.acme.pk}/export/").json()["document"]
+    assert "name: legacy" in exported and "image: busybox:2" in exported
+    planned = plan(ready, save(ready, exported).json()["id"]).json()
+    assert [(s["action"], s["reason"]) for s in planned["plan"]["steps"]] == [
+        ("update", "adopt: declared in the document, exists unmanaged")
+    ]
+    assert apply_inline(ready, planned["id"]).state == "succeeded"
+    assert Workload.objects.get(name="legacy").managed_revision == 1
+    assert changes(plan(ready, DesiredRevision.objects.get(number=1).pk.hex).json()) == []
+
+
+def test_a_preview_plan_of_an_unsaved_document_cannot_be_applied(ready: World) -> None:
+    response = client_for(ready, "alice").post(
+        "/api/v1/desired/plans/", {"tenant": str(ready.acme.pk), "text": DOC}, format="json"
+    )
+    assert response.status_code == 201 and response.json()["revision"] is None
+    assert changes(response.json()) == [("create", "workload/web"), ("create", "workload/worker")]
+    applied = client_for(ready, "alice").post(
+        f"/api/v1/desired/plans/{response.json()['id']}/apply/", {}, format="json"
+    )
+    assert applied.status_code == 409
+    assert not DesiredRevision.objects.exists()
+
+
+def test_an_apply_interrupted_by_a_lost_worker_resumes_and_converges(ready: World) -> None:
+    revision = save(ready).json()
+    planned = plan(ready, revision["id"]).json()
+    response = client_for(ready, "alice").post(
+        f"/api/v1/desired/plans/{planned['id']}/apply/", {}, format="json"
+    )
+    # The first delivery claimed the plan and created "web", then the worker died.
+    real_run = services.Executor.run
+
+    def die_after_first_step(self: services.Executor, plan_: Any) -> Any:
+        self._guarded(plan_.build_steps()[0], self._build)
+        raise SystemExit("worker killed")
+
+    services.Executor.run = die_after_first_step  # type: ignore[method-assign]
+    try:
+        with pytest.raises(SystemExit):
+            services.execute_plan(planned["id"])
+    finally:
+        services.Executor.run = real_run  # type: ignore[method-assign]
+    assert list(Workload.objects.values_list("name", flat=True)) == ["web"]
+    assert DesiredPlan.objects.get(pk=planned["id"]).state == "applying"
+    # Redelivery (acks_late): the same operation runs again and converges from what exists.
+    tasks.apply_plan.apply(args=[response.json()["id"]])
+    op = Operation.objects.get(pk=response.json()["id"])
+    assert op.state == "succeeded", op.error
+    assert op.result["resumed"] is True
+    assert sorted(Workload.objects.values_list("name", flat=True)) == ["web", "worker"]
+    assert changes(plan(ready, revision["id"]).json()) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_applies_of_one_tenant_serialize(ready: World) -> None:
+    revision = save(ready).json()
+    first = plan(ready, revision["id"]).json()
+    second = plan(ready, revision["id"]).json()
+    ops = [
+        client_for(ready, "alice")
+        .post(f"/api/v1/desired/plans/{p['id']}/apply/", {}, format="json")
+        .json()["id"]
+        for p in (first, second)
+    ]
+    spans: list[tuple[float, float]] = []
+    real_run = services.Executor.run
+
+    def slow_run(self: services.Executor, plan_: Any) -> Any:
+        started = time.monotonic()
+        time.sleep(0.5)
+        try:
+            return real_run(self, plan_)
+        finally:
+            spans.append((started, time.monotonic()))
+
+    services.Executor.run = slow_run  # type: ignore[method-assign]
+    try:
+        threads = [threading.Thread(target=run_in_thread, args=(op,)) for op in ops]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        services.Executor.run = real_run  # type: ignore[method-assign]
+    states = sorted(Operation.objects.get(pk=op).state for op in ops)
+    assert states == ["failed", "succeeded"]
+    failed = Operation.objects.get(pk__in=ops, state="failed")
+    assert "StalePlanError" in failed.error
+    assert len(spans) == 1  # the second found the first's result and refused to run a stale plan
+    assert Workload.objects.count() == 2
