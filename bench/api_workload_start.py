@@ -1,0 +1,218 @@
+"""API create -> running for a busybox namespace container, side by side with bare `runc run -d`.
+
+Ours: POST /api/v1/workloads/ through the real ASGI server, Operation row + Celery task on the host's
+queue (real Redis, real worker), agent: overlay of the store's layers, conmon + runc, state recorded
+as `running` in PostgreSQL. Timed from the POST until the row says running (polled every 2 ms).
+Baseline: `runc run -d` of an equivalent bundle (same config.json builder, plain rootfs).
+
+Run: scripts/with-test-services.sh .venv/bin/python bench/api_workload_start.py   (root, PostgreSQL)
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+RUNS = int(os.environ.get("BENCH_RUNS", "15"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    import django
+
+    store = Path(tempfile.mkdtemp(prefix="bht-bench-store-", dir=ROOT / "var"))
+    os.environ["BULKHEAD_STORE_DIR"] = str(store)
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", interactive=False, verbosity=0)
+    from django.contrib.auth import get_user_model
+
+    from compute import hosts
+    from compute.agent import oci_runtime
+    from compute.models import Host, Workload
+    from imaging.models import Image
+    from tenants import services
+    from tenants.actors import Actor
+    from tests.imaging.images import build_image, busybox_layers, write_oci_archive
+
+    User = get_user_model()
+    operator = User.objects.create_user("bench-op", password="bench-password-1", is_staff=True)
+    actor = Actor(user=operator)
+    tenant = services.create_tenant(actor=actor, name="bench", owner=operator)
+    from tenants.models import Quota
+
+    Quota.objects.filter(tenant=tenant).update(workloads=1000, vcpus=1000, memory_mib=10**6)
+    _token, secret = services.create_token(actor=actor, name="bench")
+    host = hosts.register_host(
+        actor=actor, name="bench-host", facts=hosts.gather_facts(Host(name="bench-host"))
+    )
+    archive = write_oci_archive(build_image(busybox_layers()), store / "busybox.tar")
+
+    env = {**os.environ, "BULKHEAD_DEBUG": "false", "BULKHEAD_LOG_LEVEL": "WARNING"}
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "portal",
+                "worker",
+                "-Q",
+                f"default,{host.queue}",
+                "-c",
+                "1",
+                "-P",
+                "solo",
+                "-l",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, "manage.py", "agent", "--host", str(host.pk)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
+    import httpx
+
+    ours: list[float] = []
+    try:
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"Authorization": f"Bearer {secret}"}
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.get("/api/v1/tenants/")
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        with open(archive, "rb") as f:
+            client.post(
+                "/api/v1/images/import/",
+                data={"name": "busybox", "tag": "1", "tenant": str(tenant.pk)},
+                files={"archive": f},
+            )
+        while not Image.objects.filter(name="busybox").exists():
+            time.sleep(0.1)
+        image = Image.objects.get(name="busybox")
+
+        def create_and_wait(name: str) -> float:
+            t0 = time.perf_counter()
+            response = client.post(
+                "/api/v1/workloads/",
+                json={
+                    "name": name,
+                    "image": str(image.pk),
+                    "tenant": str(tenant.pk),
+                    "command": ["/bin/sleep", "300"],
+                    "memory_mib": 64,
+                    "vcpus": "0.5",
+                },
+            )
+            assert response.status_code == 202, response.text
+            while not Workload.objects.filter(name=name, state="running").exists():
+                time.sleep(0.002)
+            return time.perf_counter() - t0
+
+        create_and_wait("warmup")
+        for i in range(RUNS):
+            ours.append(create_and_wait(f"w{i}"))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=20)
+        runtime = oci_runtime(host)
+        for runtime_id in runtime.list_ids():
+            runtime.delete(runtime_id)
+
+    from bench_container_start import new_id, prepare_bare_bundle
+
+    from imaging.services import get_store
+
+    layer_store = get_store()
+    layers = [il.layer.diff_id for il in image.image_layers.order_by("position")]
+    lower = layer_store.lower_dirs(layers)
+    flat = Path(tempfile.mkdtemp(prefix="bht-bench-flat-", dir=ROOT / "var"))
+    for layer in lower:  # busybox layers have no whiteouts: a plain copy is the flattened tree
+        subprocess.run(["cp", "-a", f"{layer}/.", str(flat)], check=True)
+    bundle_dir = Path(tempfile.mkdtemp(prefix="bht-bench-bundle-", dir=ROOT / "var"))
+    bundle = prepare_bare_bundle(bundle_dir, flat, ["/bin/sleep", "300"])
+    runc_root = Path(tempfile.mkdtemp(prefix="bht-bench-runc-"))
+    bare: list[float] = []
+    for _ in range(RUNS):
+        cid = new_id()
+        t0 = time.perf_counter()
+        subprocess.run(
+            ["runc", f"--root={runc_root}", "run", "-d", "--bundle", str(bundle), cid],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        bare.append(time.perf_counter() - t0)
+        subprocess.run(
+            ["runc", f"--root={runc_root}", "delete", "--force", cid], check=True, capture_output=True
+        )
+    import shutil
+
+    for path in (store, flat, bundle_dir, runc_root):
+        shutil.rmtree(path, ignore_errors=True)
+    ours_ms = statistics.median(ours) * 1000
+    bare_ms = statistics.median(bare) * 1000
+    print(
+        json.dumps(
+            {
+                "bench": "api_workload_start",
+                "runs": RUNS,
+                "api_create_to_running_ms_median": round(ours_ms, 1),
+                "baseline": "bare runc run -d, same config.json",
+                "bare_runc_run_d_ms_median": round(bare_ms, 1),
+                "ratio_vs_bare_runc": round(ours_ms / bare_ms, 2),
+                "load_average": os.getloadavg()[0],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
