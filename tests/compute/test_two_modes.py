@@ -63,3 +63,41 @@ def test_it_runs_one_image_in_both_isolations_with_the_same_userland_result(
     assert c_lines[:-1] == v_lines[:-1] == ["hello bulkhead from /etc as 1000", "/etc/motd"]
     assert c_lines[-1] == platform.release()
     assert v_lines[-1] != platform.release() and v_lines[-1].endswith("cloud-amd64")
+
+
+PYTHON_PROGRAM = (
+    "import json, os, platform, sys, zlib\n"
+    "print(json.dumps({'python': list(sys.version_info[:2]), 'crc': zlib.crc32(b'bulkhead'),"
+    " 'greeting': os.environ['GREETING'], 'cwd': os.getcwd(), 'uid': os.getuid()}, sort_keys=True))\n"
+    "print(platform.release())\n"
+    "sys.exit(5)\n"
+)
+
+
+def test_it_runs_a_larger_python_image_in_both_isolations_alike(
+    world: World, python_image: Any, host: Host
+) -> None:
+    outputs = {}
+    for isolation in ("namespace", "microvm"):
+        name = f"py-{isolation}"
+        response = create(
+            world,
+            "mia",
+            name=name,
+            image=str(python_image.pk),
+            isolation=isolation,
+            command=["/usr/bin/python3", "-c", PYTHON_PROGRAM],
+            env={"GREETING": "bulkhead"},
+            workdir="/usr",
+            user="1000:1000",
+            memory_mib=256,
+        )
+        assert response.status_code == 202, response.json()
+        workload = workload_in(name, {"stopped", "failed"}, timeout=240)
+        logs = client_for(world, "mia").get(f"/api/v1/workloads/{workload.pk}/logs/").json()["logs"]
+        outputs[isolation] = (workload.exit_code, logs.strip().splitlines())
+    (c_code, c_lines), (v_code, v_lines) = outputs["namespace"], outputs["microvm"]
+    assert c_code == v_code == 5, outputs
+    assert c_lines[0] == v_lines[0]
+    assert '"greeting": "bulkhead"' in c_lines[0] and '"uid": 1000' in c_lines[0]
+    assert c_lines[-1] == platform.release() and v_lines[-1] != platform.release()
