@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -90,12 +91,23 @@ def ensure_redis(stack: Stack, data_dir: Path) -> None:
     _wait_for(lambda: _redis_answers(host, port), "Redis")
 
 
-def run(bind: str, port: int) -> int:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-    django.setup()
-    from django.conf import settings
-    from django.core.management import call_command
+def worker_command(queues: list[str], node_name: str) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "portal", "worker", "-l", "WARNING",
+        "-Q", ",".join(queues), "--concurrency", "2", "-n", node_name,
+    ]  # fmt: skip
 
+
+def ensure_libvirtd_if_available() -> None:
+    try:
+        from compute.runtimes.libvirtd import ensure_libvirtd
+    except ImportError:
+        return
+    ensure_libvirtd()
+
+
+def supervise(start: Callable[[Stack], str]) -> int:
+    """Start processes with `start`, print its message, and stop them all on Ctrl-C or when one exits."""
     stack = Stack()
     stopping = False
 
@@ -106,58 +118,7 @@ def run(bind: str, port: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        ensure_redis(stack, settings.DATA_DIR)
-        try:
-            from compute.runtimes.libvirtd import ensure_libvirtd
-        except ImportError:
-            pass
-        else:
-            ensure_libvirtd()
-        call_command("migrate", interactive=False, verbosity=0)
-        from portal.bootstrap import bootstrap
-
-        login = bootstrap()
-        python = sys.executable
-        queues = ["default", *login.agent_queues]
-        stack.spawn(
-            "worker",
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "portal",
-                "worker",
-                "-l",
-                "WARNING",
-                "-Q",
-                ",".join(queues),
-                "--concurrency",
-                "2",
-                "-n",
-                f"portal@{settings.BULKHEAD_HOST_NAME}",
-            ],
-        )
-        stack.spawn(
-            "beat",
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "portal",
-                "beat",
-                "-l",
-                "WARNING",
-                "-s",
-                str(settings.DATA_DIR / "celerybeat-schedule"),
-            ],
-        )
-        if login.agent_command:
-            stack.spawn("agent", [python, *login.agent_command])
-        stack.spawn("web", [python, "-m", "daphne", "-b", bind, "-p", str(port), "portal.asgi:application"])
-        print(f"\nBulkhead is running: http://{bind}:{port}/", flush=True)
-        print(login.message, flush=True)
+        print(start(stack), flush=True)
         print("Press Ctrl-C to stop.\n", flush=True)
         while not stopping:
             for name, proc in stack.children:
@@ -170,6 +131,37 @@ def run(bind: str, port: int) -> int:
         print("Stopping…", flush=True)
         stack.stop()
     return 0
+
+
+def run(bind: str, port: int) -> int:
+    """`make run`: Redis, libvirtd, migrations, bootstrap, worker, beat, the local agent, the web server."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    def start(stack: Stack) -> str:
+        ensure_redis(stack, settings.DATA_DIR)
+        ensure_libvirtd_if_available()
+        call_command("migrate", interactive=False, verbosity=0)
+        from portal.bootstrap import bootstrap
+
+        login = bootstrap()
+        python = sys.executable
+        stack.spawn(
+            "worker",
+            worker_command(["default", *login.agent_queues], f"portal@{settings.BULKHEAD_HOST_NAME}"),
+        )
+        beat_schedule = str(settings.DATA_DIR / "celerybeat-schedule")
+        stack.spawn(
+            "beat", [python, "-m", "celery", "-A", "portal", "beat", "-l", "WARNING", "-s", beat_schedule]
+        )
+        if login.agent_command:
+            stack.spawn("agent", [python, *login.agent_command])
+        stack.spawn("web", [python, "-m", "daphne", "-b", bind, "-p", str(port), "portal.asgi:application"])
+        return f"\nBulkhead is running: http://{bind}:{port}/\n{login.message}"
+
+    return supervise(start)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -185,56 +177,15 @@ def run_agent(env_file: Path) -> int:
     """A joined host: its Celery worker on `host.<id>` and the agent loop, supervised like `run`."""
     os.environ.update(read_env_file(env_file))
     host_id = os.environ["BULKHEAD_HOST_ID"]
-    stack = Stack()
-    stopping = False
+    host_name = os.environ.get("BULKHEAD_HOST_NAME", host_id)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def start(stack: Stack) -> str:
+        ensure_libvirtd_if_available()
+        stack.spawn("worker", worker_command([f"host.{host_id}"], f"agent@{host_name}"))
+        stack.spawn("agent", [sys.executable, "manage.py", "agent", "--host", host_id])
+        return f"Agent of host {host_name} is running."
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        try:
-            from compute.runtimes.libvirtd import ensure_libvirtd
-        except ImportError:
-            pass
-        else:
-            ensure_libvirtd()
-        python = sys.executable
-        stack.spawn(
-            "worker",
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "portal",
-                "worker",
-                "-l",
-                "WARNING",
-                "-Q",
-                f"host.{host_id}",
-                "--concurrency",
-                "2",
-                "-n",
-                f"agent@{os.environ.get('BULKHEAD_HOST_NAME', host_id)}",
-            ],
-        )
-        stack.spawn("agent", [python, "manage.py", "agent", "--host", host_id])
-        print(
-            f"Agent of host {os.environ.get('BULKHEAD_HOST_NAME')} is running. Ctrl-C stops it.", flush=True
-        )
-        while not stopping:
-            for name, proc in stack.children:
-                if proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; stopping", file=sys.stderr)
-                    stopping = True
-                    break
-            time.sleep(0.5)
-    finally:
-        stack.stop()
-    return 0
+    return supervise(start)
 
 
 def main(argv: list[str] | None = None) -> int:

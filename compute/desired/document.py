@@ -364,6 +364,19 @@ def _issue_at(
     )
 
 
+def issues_at(text: str, located: Iterable[tuple[DocumentPath, str]]) -> list[ValidationIssue]:
+    """Issues found outside :func:`parse_document` (against the tenant's state), placed at their paths.
+
+    ``text`` must be a document that parsed; each ``(path, message)`` gets the line of its path (or of the
+    nearest ancestor present).
+    """
+    located = list(located)
+    if not located:
+        return []
+    _, positions = load_yaml_with_positions(text)
+    return [_issue_at(positions, path, message) for path, message in located]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Schema validation with human messages
 

@@ -2,7 +2,14 @@
 
 Rows are the truth the agents keep current (a container stopped on the host is recorded as stopped by
 the agent loop), so observing is one query per resource kind and never touches a runtime. Workloads
-being deleted are left out: they are on their way out, and a create of the same name waits for them.
+being deleted are left out: they are on their way out, and a create of the same name waits for them;
+so are their published ports (the rows cascade with the workload's).
+
+Networks are the tenant's compartments (managed through ``Compartment.managed_revision``/
+``managed_spec_hash``); a workload's ``networks`` are the compartments of its IP allocations, in
+allocation (interface) order. ``PublishedPort`` rows have no managed fields: an apply records its marker
+in ``DesiredState.image_references`` under the port's plan key (``port/<workload>/<port>/<protocol>``,
+which no workload name can be), with the row's id so that a re-created row is not taken for managed.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from decimal import Decimal
 from typing import Any
 
 from compute.choices import WorkloadState
-from compute.desired.document import normalise_vcpus, workload_key
+from compute.compartments import Compartment, IPAllocation, PublishedPort
+from compute.desired.document import network_key, normalise_vcpus, port_key, workload_key
 from compute.desired.planning import ObservedResource, observed_run_state
 from compute.models import Workload
 from tenants.models import Tenant
@@ -32,7 +40,7 @@ def _vcpus(value: Decimal) -> int | float:
     return normalise_vcpus(float(value))
 
 
-def workload_spec(workload: Workload, reference: str) -> dict[str, Any]:
+def workload_spec(workload: Workload, reference: str, networks: list[str] | None = None) -> dict[str, Any]:
     """A workload row as the canonical spec the planner compares (empty strings mean "the image's")."""
     return {
         "name": workload.name,
@@ -48,8 +56,19 @@ def workload_spec(workload: Workload, reference: str) -> dict[str, Any]:
         "memory_mib": workload.memory_mib,
         "restart": workload.restart_policy,
         "state": run_state(workload),
-        "networks": [],
+        "networks": list(networks or []),
     }
+
+
+def network_spec(compartment: Compartment) -> dict[str, Any]:
+    """A compartment row as the canonical network spec (the subnet as IPAM stored it)."""
+    return {"name": compartment.name, "subnet": compartment.subnet, "nat": compartment.nat}
+
+
+def port_marker(recorded: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    """The managed marker an apply recorded for the port ``key``, if any."""
+    entry = recorded.get(key)
+    return entry if isinstance(entry, Mapping) and key.startswith("port/") else None
 
 
 def image_reference(workload: Workload, recorded: Mapping[str, Any]) -> str:
@@ -63,10 +82,30 @@ def image_reference(workload: Workload, recorded: Mapping[str, Any]) -> str:
 def observed_resources(
     tenant: Tenant | Any, image_references: Mapping[str, Any] | None = None
 ) -> list[ObservedResource]:
-    """Every resource of ``tenant`` (networks and ports once compartments exist, workloads now)."""
+    """Every resource of ``tenant``: its networks (compartments), workloads and published ports."""
     tenant_id: Any = getattr(tenant, "pk", tenant)
     recorded = image_references or {}
     observed: list[ObservedResource] = []
+    for compartment in Compartment.objects.filter(tenant_id=tenant_id).order_by("name"):
+        observed.append(
+            ObservedResource(
+                kind="network",
+                key=network_key(compartment.name),
+                spec=network_spec(compartment),
+                managed=compartment.managed_revision is not None,
+                managed_revision=compartment.managed_revision,
+                managed_spec_hash=compartment.managed_spec_hash or None,
+                status={"id": str(compartment.pk), "gateway": compartment.gateway},
+            )
+        )
+    networks_of: dict[Any, list[str]] = {}
+    allocations = (
+        IPAllocation.objects.filter(compartment__tenant_id=tenant_id)
+        .order_by("created_at", "id")
+        .values_list("workload_id", "compartment__name")
+    )
+    for workload_id, network_name in allocations:
+        networks_of.setdefault(workload_id, []).append(network_name)
     workloads = (
         Workload.objects.filter(tenant_id=tenant_id)
         .exclude(state=WorkloadState.DELETING)
@@ -78,11 +117,55 @@ def observed_resources(
             ObservedResource(
                 kind="workload",
                 key=workload_key(workload.name),
-                spec=workload_spec(workload, image_reference(workload, recorded)),
+                spec=workload_spec(
+                    workload, image_reference(workload, recorded), networks_of.get(workload.pk)
+                ),
                 managed=workload.managed_revision is not None,
                 managed_revision=workload.managed_revision,
                 managed_spec_hash=workload.managed_spec_hash or None,
                 status={"runtime_state": workload.state, "id": str(workload.pk)},
+            )
+        )
+    observed.extend(_observed_ports(tenant_id, recorded))
+    return observed
+
+
+def _observed_ports(tenant_id: Any, recorded: Mapping[str, Any]) -> list[ObservedResource]:
+    # A workload port may be published more than once by hand (two host ports): one resource per key,
+    # the managed row (or the lowest host port) as its spec, the others listed in its status.
+    rows: dict[str, list[PublishedPort]] = {}
+    published = (
+        PublishedPort.objects.filter(tenant_id=tenant_id)
+        .exclude(workload__state=WorkloadState.DELETING)
+        .select_related("workload")
+        .order_by("host_port", "protocol", "id")
+    )
+    for row in published:
+        rows.setdefault(port_key(row.workload.name, row.workload_port, row.protocol), []).append(row)
+    observed: list[ObservedResource] = []
+    for key in sorted(rows):
+        marker = port_marker(recorded, key)
+        candidates = rows[key]
+        chosen = next((r for r in candidates if marker and marker.get("id") == str(r.pk)), None)
+        managed = chosen is not None and marker is not None
+        chosen = chosen or candidates[0]
+        observed.append(
+            ObservedResource(
+                kind="port",
+                key=key,
+                spec={
+                    "workload": chosen.workload.name,
+                    "port": chosen.workload_port,
+                    "protocol": chosen.protocol,
+                    "host_port": chosen.host_port,
+                },
+                managed=managed,
+                managed_revision=marker.get("revision") if managed and marker else None,
+                managed_spec_hash=marker.get("spec_hash") if managed and marker else None,
+                status={
+                    "id": str(chosen.pk),
+                    "host_ports": [r.host_port for r in candidates],
+                },
             )
         )
     return observed

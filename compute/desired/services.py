@@ -1,14 +1,17 @@
 """Desired-state services: revisions, rollback, plans, apply, export and the reconciler's mode.
 
 Apply and the reconciler change resources only through compute.services (create/start/stop/restart/
-delete_workload) and stamp ``managed_revision`` and ``managed_spec_hash`` on the rows they touch, so
-that drift is a comparison. Both hold the tenant's claim (``DesiredState.claimed_by``) while they work:
+delete_workload) and compute.network_services (create/delete_compartment, publish/unpublish_port), and
+stamp ``managed_revision`` and ``managed_spec_hash`` on the rows they touch (published ports: a marker in
+``DesiredState.image_references``), so that drift is a comparison. Order: networks, workloads, ports;
+deletes the other way round. Both hold the tenant's claim (``DesiredState.claimed_by``) while they work:
 one of them at a time per tenant.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import re
 import time
@@ -24,16 +27,18 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Max, Q
 from django.utils import timezone
 
+from compute import network_services
 from compute import services as compute_services
 from compute.choices import WorkloadState
+from compute.compartments import Compartment, IPAllocation, PublishedPort
 from compute.desired import observe
 from compute.desired.document import (
     DesiredResource,
     DocumentError,
     TenantConfig,
-    ValidationIssue,
     diff_documents,
     export_document,
+    issues_at,
     parse_document,
 )
 from compute.desired.models import (
@@ -158,29 +163,82 @@ def resolve_image(tenant: Tenant | Any, reference: str) -> Image | None:
     return candidates.order_by(F("tenant_id").asc(nulls_last=True)).first()
 
 
-def _unsupported(config: TenantConfig) -> list[ValidationIssue]:
-    message = "network compartments and published ports are not yet supported in documents"
-    issues = [
-        ValidationIssue(f"spec.networks[{i}]", config.lines.get(f"network/{n.name}"), message)
-        for i, n in enumerate(config.networks)
-    ]
-    issues += [
-        ValidationIssue(f"spec.workloads[{i}].networks", config.lines.get(f"workload/{w.name}"), message)
-        for i, w in enumerate(config.workloads)
-        if w.networks
-    ]
-    issues += [
-        ValidationIssue(
-            f"spec.ports[{i}]", config.lines.get(f"port/{p.workload}/{p.port}/{p.protocol}"), message
-        )
-        for i, p in enumerate(config.ports)
-    ]
-    return issues
+def _tenant_compartments(tenant_id: Any) -> list[Compartment]:
+    return list(Compartment.objects.filter(tenant_id=tenant_id).order_by("name"))
 
 
-def parse_for_tenant(tenant: Tenant | Any, text: str, *, check_images: bool = True) -> TenantConfig:
-    """Parse and validate ``text`` for ``tenant`` (its images); raise InvalidDocument with every issue."""
+def _structural_issues(config: TenantConfig) -> list[tuple[tuple[str | int, ...], str]]:
+    """What compartments can do today, independent of the tenant's state."""
+    located: list[tuple[tuple[str | int, ...], str]] = []
+    limit = network_services.MAX_COMPARTMENTS_PER_WORKLOAD
+    on_network: set[str] = set()
+    for index, workload in enumerate(config.workloads):
+        if workload.networks:
+            on_network.add(workload.name)
+        if len(workload.networks) > limit:
+            located.append(
+                (
+                    ("spec", "workloads", index, "networks", limit),
+                    f"a workload can join at most {limit} network for now",
+                )
+            )
+    declared_workloads = {workload.name for workload in config.workloads}
+    for index, port in enumerate(config.ports):
+        if port.workload in declared_workloads and port.workload not in on_network:
+            located.append(
+                (
+                    ("spec", "ports", index, "workload"),
+                    f"workload {port.workload!r} is on no network, so it has no address to publish "
+                    "a port to: give it networks",
+                )
+            )
+    return located
+
+
+def _state_issues(
+    config: TenantConfig, compartments: Iterable[Compartment]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Declared subnets that overlap a network of the tenant that stays (exists and is not replaced)."""
+    declared = {network.name: network for network in config.networks}
+    staying: list[Compartment] = []
+    for compartment in compartments:
+        wanted = declared.get(compartment.name)
+        if wanted is None:
+            if compartment.managed_revision is None and not config.prune:
+                staying.append(compartment)
+        elif wanted.subnet in (None, compartment.subnet) and wanted.nat == compartment.nat:
+            staying.append(compartment)
+    located: list[tuple[tuple[str | int, ...], str]] = []
+    for index, network in enumerate(config.networks):
+        if network.subnet is None:
+            continue
+        subnet = ipaddress.IPv4Network(network.subnet)
+        for compartment in staying:
+            if compartment.name != network.name and subnet.overlaps(compartment.network):
+                located.append(
+                    (
+                        ("spec", "networks", index, "subnet"),
+                        f"subnet {subnet} overlaps {compartment.subnet} of the tenant's existing network "
+                        f"{compartment.name!r}",
+                    )
+                )
+                break
+    return located
+
+
+def parse_for_tenant(
+    tenant: Tenant | Any, text: str, *, check_images: bool = True, check_state: bool | None = None
+) -> TenantConfig:
+    """Parse and validate ``text`` for ``tenant``; raise InvalidDocument with every issue.
+
+    Images are resolved against what the tenant can see (``check_images``). The tenant's compartments are
+    networks a workload may use without declaring them (when they stay: unmanaged, prune off), and with
+    ``check_state`` (default: as ``check_images``) a declared subnet overlapping one that stays is refused
+    at its line. Host ports must lie in the operator's published port range.
+    """
     cache: dict[str, str | None] = {}
+    tenant_id = getattr(tenant, "pk", tenant)
+    check_state = check_images if check_state is None else check_state
 
     def resolver(reference: str) -> str | None:
         if reference not in cache:
@@ -188,11 +246,24 @@ def parse_for_tenant(tenant: Tenant | Any, text: str, *, check_images: bool = Tr
             cache[reference] = str(image.pk) if image is not None else None
         return cache[reference]
 
+    compartments = _tenant_compartments(tenant_id)
+    if check_state:
+        known = [c.name for c in compartments if c.managed_revision is None]
+    else:
+        known = [c.name for c in compartments]
+    ports = network_services.published_port_range()
     try:
-        config = parse_document(text, resolver if check_images else None)
-        unsupported = _unsupported(config)
-        if unsupported:
-            raise DocumentError(unsupported)
+        config = parse_document(
+            text,
+            resolver if check_images else None,
+            known_networks=known,
+            host_port_range=(ports.start, ports.stop - 1),
+        )
+        located = _structural_issues(config)
+        if check_state:
+            located += _state_issues(config, compartments)
+        if located:
+            raise DocumentError(issues_at(text, located))
     except DocumentError as error:
         raise InvalidDocument(error) from None
     return config
@@ -426,8 +497,25 @@ def _record_reference(tenant: Tenant, name: str, spec: dict[str, Any] | None) ->
         DesiredState.objects.filter(pk=state.pk).update(image_references=references)
 
 
+def _record_marker(tenant: Tenant, key: str, marker: dict[str, Any] | None) -> None:
+    """Record (or forget) the managed marker of a published port (under the tenant's claim).
+
+    PublishedPort rows have no managed fields; the markers live next to the image references, keyed by
+    the port's plan key (``port/...``, never a workload name).
+    """
+    state = DesiredState.objects.select_for_update().get(tenant=tenant)
+    references = dict(state.image_references)
+    if marker is None:
+        references.pop(key, None)
+    else:
+        references[key] = marker
+    if references != state.image_references:
+        DesiredState.objects.filter(pk=state.pk).update(image_references=references)
+
+
 class Executor:
-    """Runs plan steps on workloads through compute.services, idempotently.
+    """Runs plan steps through compute.services (workloads) and compute.network_services (networks and
+    published ports), idempotently: a step finds what an earlier, interrupted run already did.
 
     ``wait`` (apply): a create whose name is still being deleted waits for the deletion, up to a deadline.
     Without it (reconciler) such a step is reported ``waiting`` and the next run does it; a workload with
@@ -465,9 +553,6 @@ class Executor:
         return self.outcomes
 
     def _guarded(self, step: PlanStep, run: Callable[[PlanStep], StepOutcome]) -> None:
-        if step.kind != "workload":
-            self.outcomes.append(StepOutcome(step.key, step.action, "skipped", "kind not yet supported"))
-            return
         try:
             outcome = run(step)
         except Exception as error:  # one failed step must not stop the others; the result says which
@@ -485,6 +570,10 @@ class Executor:
 
     # Teardown: deletes, and the removal half of replaces.
     def _teardown(self, step: PlanStep) -> StepOutcome:
+        if step.kind == "network":
+            return self._teardown_network(step)
+        if step.kind == "port":
+            return self._teardown_port(step)
         name = self._name(step)
         workload = self._workload(name)
         if workload is None:
@@ -508,6 +597,10 @@ class Executor:
     # Build: creates, the creation half of replaces, updates.
     def _build(self, step: PlanStep) -> StepOutcome:
         assert step.spec is not None and step.spec_hash is not None
+        if step.kind == "network":
+            return self._build_network(step)
+        if step.kind == "port":
+            return self._build_port(step)
         name = self._name(step)
         workload = self._workload(name)
         if step.action == "replace" or (workload is not None and workload.state == WorkloadState.DELETING):
@@ -520,13 +613,28 @@ class Executor:
             return StepOutcome(step.key, step.action, "waiting", "an operation on it is in progress")
         return self._update(step, workload)
 
+    def _compartments(self, names: Iterable[str]) -> list[Compartment]:
+        """The compartments named (in order); a missing one is a clear error, not the default network."""
+        names = list(names)
+        found = {c.name: c for c in Compartment.objects.filter(tenant=self.tenant, name__in=names)}
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise Conflict(f"The network {missing[0]!r} does not exist (was its creation refused?).")
+        return [found[name] for name in names]
+
     def _create(self, step: PlanStep, name: str) -> StepOutcome:
         assert step.spec is not None
         spec = _compute_spec(self.tenant, step.spec)
+        # Exactly the declared networks ([]: none): the default compartment would be drift.
+        compartments = self._compartments(step.spec.get("networks") or ())
         with transaction.atomic():
             try:
                 op = compute_services.create_workload(
-                    actor=self.actor, tenant=self.tenant, spec=spec, start=step.spec["state"] == "running"
+                    actor=self.actor,
+                    tenant=self.tenant,
+                    spec=spec,
+                    start=step.spec["state"] == "running",
+                    compartments=compartments,
                 )
             except IntegrityError:
                 raise Conflict(f"A workload named {name!r} appeared meanwhile.") from None
@@ -581,6 +689,118 @@ class Executor:
             elif current == "running":
                 ops.append(str(compute_services.stop_workload(actor=self.actor, workload=locked).pk))
         detail = ", ".join(sorted(changed)) or "recorded"
+        return StepOutcome(step.key, step.action, "submitted" if ops else "done", detail, ops)
+
+    # Networks (compartments, through compute.network_services: its quota and subnet checks).
+    def _teardown_network(self, step: PlanStep) -> StepOutcome:
+        name = self._name(step)
+        compartment = Compartment.objects.filter(tenant=self.tenant, name=name).first()
+        if compartment is None:
+            return StepOutcome(step.key, step.action, "done", "already gone")
+        if not self._wait_for_members(compartment):
+            return StepOutcome(
+                step.key, step.action, "waiting", "waiting for its workloads' deletion to finish"
+            )
+        network_services.delete_compartment(actor=self.actor, compartment=compartment)
+        return StepOutcome(step.key, step.action, "done", "deleted")
+
+    def _wait_for_members(self, compartment: Compartment) -> bool:
+        """Wait while only workloads being deleted still hold addresses in ``compartment``.
+
+        False when they are still there at the deadline (or at once without ``wait``); True when none are
+        left, or when a member is not being deleted (delete_compartment then says which one uses it).
+        """
+        deadline = time.monotonic() + apply_wait_seconds()
+        while True:
+            states = set(
+                IPAllocation.objects.filter(compartment=compartment).values_list("workload__state", flat=True)
+            )
+            if not states or states != {WorkloadState.DELETING}:
+                return True
+            if not self.wait or time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+    def _build_network(self, step: PlanStep) -> StepOutcome:
+        # The service runs in its own transaction (a refusal keeps its audit entry); the stamp follows.
+        # Interrupted in between, the compartment exists unmanaged and the resumed apply adopts it.
+        assert step.spec is not None
+        name = self._name(step)
+        compartment = Compartment.objects.filter(tenant=self.tenant, name=name).first()
+        if compartment is not None and step.action == "replace":
+            return StepOutcome(step.key, step.action, "waiting", "the old network is not deleted yet")
+        detail = "recorded"
+        if compartment is None:
+            compartment = network_services.create_compartment(
+                actor=self.actor,
+                tenant=self.tenant,
+                name=name,
+                subnet=step.spec.get("subnet"),
+                nat=bool(step.spec["nat"]),
+            )
+            detail = f"created ({compartment.subnet})"
+        Compartment.objects.filter(pk=compartment.pk).update(
+            managed_revision=self.revision, managed_spec_hash=step.spec_hash
+        )
+        return StepOutcome(step.key, step.action, "done", detail)
+
+    # Published ports (through compute.network_services: quota, the operator's range, host uniqueness).
+    def _port_rows(self, key: str) -> list[PublishedPort]:
+        _, workload, port, protocol = key.split("/", 3)
+        return list(
+            PublishedPort.objects.filter(
+                tenant=self.tenant, workload__name=workload, workload_port=int(port), protocol=protocol
+            )
+            .exclude(workload__state=WorkloadState.DELETING)
+            .order_by("host_port", "id")
+        )
+
+    def _teardown_port(self, step: PlanStep) -> StepOutcome:
+        ops = [
+            str(network_services.unpublish_port(actor=self.actor, port=row).pk)
+            for row in self._port_rows(step.key)
+        ]
+        with transaction.atomic():
+            _record_marker(self.tenant, step.key, None)
+        if not ops:
+            return StepOutcome(step.key, step.action, "done", "already gone")
+        return StepOutcome(step.key, step.action, "submitted", "unpublished", ops)
+
+    def _build_port(self, step: PlanStep) -> StepOutcome:
+        assert step.spec is not None
+        spec = step.spec
+        workload = Workload.objects.filter(tenant=self.tenant, name=spec["workload"]).first()
+        if workload is None or workload.state == WorkloadState.DELETING:
+            return StepOutcome(
+                step.key, step.action, "waiting", f"workload {spec['workload']!r} is not there yet"
+            )
+        rows = self._port_rows(step.key)
+        if rows and step.action == "replace":
+            return StepOutcome(step.key, step.action, "waiting", "the old port is not unpublished yet")
+        ops: list[str] = []
+        if rows:
+            marker = observe.port_marker(
+                DesiredState.objects.get(tenant=self.tenant).image_references, step.key
+            )
+            row = next((r for r in rows if marker and marker.get("id") == str(r.pk)), rows[0])
+            detail = "recorded"
+        else:
+            # Its own transaction, as for networks; interrupted before the marker, it is adopted later.
+            row, op = network_services.publish_port(
+                actor=self.actor,
+                workload=workload,
+                workload_port=int(spec["port"]),
+                protocol=spec["protocol"],
+                host_port=spec.get("host_port"),
+            )
+            ops.append(str(op.pk))
+            detail = f"published on host port {row.host_port}"
+        with transaction.atomic():
+            _record_marker(
+                self.tenant,
+                step.key,
+                {"id": str(row.pk), "revision": self.revision, "spec_hash": step.spec_hash},
+            )
         return StepOutcome(step.key, step.action, "submitted" if ops else "done", detail, ops)
 
 

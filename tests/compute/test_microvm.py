@@ -436,7 +436,7 @@ def test_it_opens_an_interactive_console_stream(lab: Lab) -> None:
             chunk = stream.recv(4096)
             if isinstance(chunk, bytes) and chunk:
                 received += chunk
-            elif chunk == b"":
+            elif chunk == b"" and lab.runtime.state(vm_id).status != "running":
                 break  # the guest closed the console
             else:
                 time.sleep(0.02)  # -2: nothing to read yet

@@ -299,7 +299,7 @@ def test_it_kills_a_process_ignoring_sigterm_after_the_grace_period(runtime, ima
     elapsed = time.monotonic() - started
 
     assert exit_code == 128 + signal.SIGKILL
-    assert 1 <= elapsed < 3
+    assert 1 <= elapsed < 10  # killed after the 1 s grace, not waited out (upper bound: a loaded machine)
     assert runtime.state(spec.container_id).status == "stopped"
 
 

@@ -12,11 +12,16 @@ from typing import Any
 
 import pytest
 
+from compute import network_services
+from compute import services as compute_services
+from compute.compartments import Compartment, IPAllocation, PublishedPort
 from compute.desired import services, tasks
 from compute.desired.models import DesiredPlan, DesiredRevision, DesiredState, ImmutableRevision
 from compute.desired.schema import SCHEMA
 from compute.models import Host, Workload
 from portal.models import Operation
+from tenants.actors import Actor
+from tenants.models import Quota
 from tests.conftest import World, client_for
 from tests.imaging.images import db_image
 
@@ -104,11 +109,169 @@ def test_it_checks_images_against_what_the_tenant_can_see(ready: World) -> None:
     ]
 
 
-def test_it_says_networks_and_ports_are_not_yet_supported(ready: World) -> None:
-    text = DOC + "  ports:\n    - workload: web\n      port: 80\n"
-    issue = save(ready, text).json()["error"]["issues"][0]
-    assert issue["path"] == "spec.ports[0]" and issue["line"] == 15
-    assert "not yet supported" in issue["message"]
+NET_DOC = """\
+apiVersion: bulkhead/v1
+kind: TenantConfig
+spec:
+  networks:
+    - name: front
+      subnet: 10.42.0.0/24
+  workloads:
+    - name: web
+      image: busybox:1
+      memory_mib: 64
+      state: stopped
+      networks: [front]
+  ports:
+    - workload: web
+      port: 80
+    - workload: web
+      port: 53
+      protocol: udp
+      host_port: 20053
+"""
+
+
+@pytest.fixture
+def net_ready(world: World) -> World:
+    """A host that realises compartments: only rows, allocations and quotas are looked at here."""
+    Host.objects.create(
+        name="db-net-host",
+        cpus=64,
+        memory_mib=65536,
+        facts={"oci_runtimes": ["runc"]},
+        labels={"network": "on"},
+    )
+    db_image(world.acme, "busybox", "1")
+    return world
+
+
+def test_networks_workloads_and_ports_apply_in_order_and_converge(net_ready: World) -> None:
+    revision = save(net_ready, NET_DOC).json()
+    first = plan(net_ready, revision["id"]).json()
+    assert changes(first) == [
+        ("create", "network/front"),
+        ("create", "workload/web"),
+        ("create", "port/web/53/udp"),
+        ("create", "port/web/80/tcp"),
+    ]
+    op = apply_inline(net_ready, first["id"])
+    assert op.state == "succeeded", op.error
+    assert [s["outcome"] for s in op.result["steps"]] == ["done", "submitted", "submitted", "submitted"]
+    front = Compartment.objects.get(tenant=net_ready.acme)
+    assert (front.name, front.subnet, front.nat, front.managed_revision) == ("front", "10.42.0.0/24", True, 1)
+    web = Workload.objects.get(name="web")
+    assert [(a.compartment.name, a.address) for a in IPAllocation.objects.filter(workload=web)] == [
+        ("front", "10.42.0.2")
+    ]
+    ports = {(p.workload_port, p.protocol): p.host_port for p in PublishedPort.objects.filter(workload=web)}
+    assert ports == {(80, "tcp"): 20000, (53, "udp"): 20053}
+    used = Quota.objects.get(tenant=net_ready.acme)
+    assert (used.used_compartments, used.used_published_ports) == (1, 2)
+    second = plan(net_ready, revision["id"]).json()
+    assert changes(second) == []
+    exported = services.export_for(net_ready.acme)
+    assert "networks: [front]" in exported and "host_port: 20000" in exported
+
+
+def test_a_port_removed_from_the_document_is_unpublished(net_ready: World) -> None:
+    apply_inline(net_ready, plan(net_ready, save(net_ready, NET_DOC).json()["id"]).json()["id"])
+    text = NET_DOC.replace("    - workload: web\n      port: 80\n", "")
+    planned = plan(net_ready, save(net_ready, text).json()["id"]).json()
+    assert changes(planned) == [("delete", "port/web/80/tcp")]
+    op = apply_inline(net_ready, planned["id"])
+    assert op.state == "succeeded", op.error
+    assert list(PublishedPort.objects.values_list("workload_port", "protocol")) == [(53, "udp")]
+    assert Quota.objects.get(tenant=net_ready.acme).used_published_ports == 1
+    assert changes(plan(net_ready, DesiredRevision.objects.get(number=2).pk.hex).json()) == []
+
+
+def test_an_unmanaged_port_is_adopted_and_a_hand_made_one_is_not_deleted(net_ready: World) -> None:
+    apply_inline(net_ready, plan(net_ready, save(net_ready, NET_DOC).json()["id"]).json()["id"])
+    actor = Actor(user=net_ready.user("alice"))
+    network_services.publish_port(actor=actor, workload=Workload.objects.get(name="web"), workload_port=8080)
+    planned = plan(net_ready, DesiredRevision.objects.get(number=1).pk.hex).json()
+    assert changes(planned) == []
+    assert ("noop", "port/web/8080/tcp") in [(s["action"], s["key"]) for s in planned["plan"]["steps"]]
+    text = NET_DOC + "    - workload: web\n      port: 8080\n"
+    adopted = plan(net_ready, save(net_ready, text).json()["id"]).json()
+    assert [
+        (s["action"], s["key"], s["reason"]) for s in adopted["plan"]["steps"] if s["action"] != "noop"
+    ] == [("update", "port/web/8080/tcp", "adopt: declared in the document, exists unmanaged")]
+    assert apply_inline(net_ready, adopted["id"]).state == "succeeded"
+    assert changes(plan(net_ready, DesiredRevision.objects.get(number=2).pk.hex).json()) == []
+    assert PublishedPort.objects.count() == 3
+
+
+def test_removing_everything_tears_down_ports_then_workloads_then_networks(
+    net_ready: World, settings: Any
+) -> None:
+    settings.BULKHEAD_DESIRED_APPLY_WAIT_SECONDS = 0
+    apply_inline(net_ready, plan(net_ready, save(net_ready, NET_DOC).json()["id"]).json()["id"])
+    empty = "apiVersion: bulkhead/v1\nkind: TenantConfig\nspec: {}\n"
+    planned = plan(net_ready, save(net_ready, empty).json()["id"]).json()
+    assert changes(planned) == [
+        ("delete", "port/web/53/udp"),
+        ("delete", "port/web/80/tcp"),
+        ("delete", "workload/web"),
+        ("delete", "network/front"),
+    ]
+    op = apply_inline(net_ready, planned["id"])
+    # The host has not finished deleting the workload: the network waits for it (apply wait is 0 here).
+    assert op.state == "failed" and "network/front: waiting for its workloads' deletion" in op.error
+    assert not PublishedPort.objects.exists()
+    assert Workload.objects.get(name="web").state == "deleting"
+    compute_services.forget_workload(Workload.objects.get(name="web").pk)  # what the host's task does
+    again = plan(net_ready, DesiredRevision.objects.get(number=2).pk.hex).json()
+    assert changes(again) == [("delete", "network/front")]
+    assert apply_inline(net_ready, again["id"]).state == "succeeded"
+    assert not Compartment.objects.exists()
+    used = Quota.objects.get(tenant=net_ready.acme)
+    assert (used.used_compartments, used.used_published_ports, used.used_workloads) == (0, 0, 0)
+
+
+def test_a_subnet_overlapping_an_existing_network_of_the_tenant_is_refused_at_its_line(
+    net_ready: World,
+) -> None:
+    network_services.create_compartment(
+        actor=Actor(user=net_ready.user("alice")), tenant=net_ready.acme, name="legacy", subnet="10.42.0.0/16"
+    )
+    response = save(net_ready, NET_DOC)
+    assert response.status_code == 400
+    issues = response.json()["error"]["issues"]
+    assert [(i["path"], i["line"]) for i in issues] == [("spec.networks[0].subnet", 6)]
+    assert "overlaps 10.42.0.0/16 of the tenant's existing network 'legacy'" in issues[0]["message"]
+    assert not DesiredRevision.objects.exists()
+
+
+def test_another_tenants_overlapping_subnet_fails_the_apply_clearly(net_ready: World) -> None:
+    network_services.create_compartment(
+        actor=Actor(user=net_ready.user("bob")), tenant=net_ready.globex, name="theirs", subnet="10.42.0.0/24"
+    )
+    op = apply_inline(net_ready, plan(net_ready, save(net_ready, NET_DOC).json()["id"]).json()["id"])
+    assert op.state == "failed"
+    assert "network/front: Subnet 10.42.0.0/24 overlaps a network in use on this installation." in op.error
+    assert "theirs" not in op.error
+    assert not Compartment.objects.filter(tenant=net_ready.acme).exists()
+    assert not Workload.objects.exists() and not PublishedPort.objects.exists()
+
+
+def test_an_unknown_network_or_an_unreachable_port_is_refused_with_path_and_line(net_ready: World) -> None:
+    text = NET_DOC.replace("networks: [front]", "networks: [back]")
+    issues = save(net_ready, text).json()["error"]["issues"]
+    assert [(i["path"], i["line"], i["message"]) for i in issues] == [
+        ("spec.workloads[0].networks[0]", 12, "unknown network 'back': declare it under spec.networks")
+    ]
+    no_network = NET_DOC.replace("      networks: [front]\n", "")
+    issues = save(net_ready, no_network).json()["error"]["issues"]
+    assert [(i["path"], i["line"]) for i in issues] == [
+        ("spec.ports[0].workload", 13),
+        ("spec.ports[1].workload", 15),
+    ]
+    assert "is on no network" in issues[0]["message"]
+    out_of_range = NET_DOC.replace("host_port: 20053", "host_port: 80")
+    issues = save(net_ready, out_of_range).json()["error"]["issues"]
+    assert [(i["path"], i["line"]) for i in issues] == [("spec.ports[1].host_port", 19)]
 
 
 def test_it_numbers_revisions_and_keeps_them_immutable(ready: World) -> None:

@@ -205,3 +205,52 @@ def test_autocorrect_restores_workloads_stopped_or_deleted_through_the_api(
     reconciler.reconcile_tenant(world.acme.pk)
     assert condition(world, "Ready")["status"] == "True"
     assert condition(world, "Drifted")["status"] == "False"
+
+
+NET_DOC = """\
+apiVersion: bulkhead/v1
+kind: TenantConfig
+spec:
+  networks:
+    - name: front
+  workloads:
+    - name: web
+      image: busybox:1
+      memory_mib: 64
+      networks: [front]
+  ports:
+    - workload: web
+      port: 80
+"""
+
+
+@pytest.mark.django_db
+def test_autocorrect_republishes_a_port_unpublished_by_hand(world: World) -> None:
+    from compute import network_services
+    from compute.compartments import Compartment, PublishedPort
+
+    Host.objects.create(
+        name="db-net-host",
+        cpus=64,
+        memory_mib=65536,
+        facts={"oci_runtimes": ["runc"]},
+        labels={"network": "on"},
+    )
+    db_image(world.acme, "busybox", "1")
+    apply_document(world, NET_DOC)
+    Workload.objects.update(state="running")
+    Operation.objects.update(state="succeeded")
+    assert Compartment.objects.get(name="front").subnet == "10.200.0.0/24"  # IPAM's choice is not drift
+    set_mode(world, "monitor")
+    reconciler.reconcile_tenant(world.acme.pk)
+    assert condition(world, "Ready")["status"] == "True"
+    network_services.unpublish_port(actor=Actor(user=world.user("mia")), port=PublishedPort.objects.get())
+    reconciler.reconcile_tenant(world.acme.pk)
+    assert condition(world, "Drifted")["message"] == "port/web/80/tcp missing"
+    set_mode(world, "autocorrect")
+    result = reconciler.reconcile_tenant(world.acme.pk)
+    assert [(c["key"], c["action"]) for c in result["corrected"]] == [("port/web/80/tcp", "create")]
+    assert PublishedPort.objects.get().workload_port == 80
+    Operation.objects.update(state="succeeded")
+    reconciler.reconcile_tenant(world.acme.pk)
+    assert condition(world, "Ready")["status"] == "True"

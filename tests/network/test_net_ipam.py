@@ -78,4 +78,5 @@ def test_it_allocates_in_a_crowded_big_pool_without_enumerating_it() -> None:
     taken = list(pool.subnets(new_prefix=20))[:4000]
     started = time.perf_counter()
     assert ipam.allocate_subnet(pool, 29, taken) == IPv4Network("10.250.0.0/29")
-    assert time.perf_counter() - started < 0.5
+    # A guard against enumerating the pool (tens of seconds), not a measurement: see bench/.
+    assert time.perf_counter() - started < 5
