@@ -36,7 +36,7 @@ from compute.network import (
     detach_container,
 )
 from compute.network.netns import host_networks, iproute
-from compute.runtimes.libvirt import VmNetwork
+from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_in_netns
 from portal.celery import app
 from portal.models import Operation
 from portal.tasks import OperationTask
@@ -213,7 +213,33 @@ def vm_network(workload: Workload) -> VmNetwork | None:
         ipv4_cidr=f"{allocation.address}/{compartment.network.prefixlen}",
         gateway=str(compartment.gateway),
         dns=str(compartment.gateway),
+        # A host network in a netns: libvirt's tap is born in the root namespace, attach_vm moves it.
+        attach="ethernet" if host_netns(workload.host) else "bridge",
     )
+
+
+# --- issue 7: micro-VMs on a host whose network lives in a netns ----------------------------------------
+
+
+def attach_vm(workload: Workload) -> None:
+    """After the VM started: move its tap into the host's netns onto its compartment's bridge (idempotent).
+
+    Nothing to do on a host whose network is the root namespace's: libvirt put the tap on the bridge.
+    """
+    assert workload.host is not None
+    netns = host_netns(workload.host)
+    allocation = network_services.primary_allocation(workload)
+    if netns is None or allocation is None:
+        return
+    attach_tap_in_netns(workload.pk, allocation.compartment.bridge, netns)
+
+
+def release_vm(workload: Workload) -> None:
+    """After the VM is gone: remove a tap an earlier boot may have left in the host's netns (idempotent)."""
+    assert workload.host is not None
+    netns = host_netns(workload.host)
+    if netns is not None:
+        remove_tap_in_netns(workload.pk, netns)
 
 
 def release(workload: Workload) -> None:

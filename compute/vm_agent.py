@@ -100,6 +100,7 @@ def ensure_running(workload: Workload, progress: agent.Progress) -> str:
     except VmNotFound:
         state = None
     if state is not None and state.status == "running":
+        _attach_network(runtime, workload)  # issue 7: in case the agent died between start and attach
         agent.transition(
             workload,
             [WorkloadState.PENDING, WorkloadState.CREATING, WorkloadState.UNKNOWN],
@@ -120,6 +121,7 @@ def ensure_running(workload: Workload, progress: agent.Progress) -> str:
         progress(70, "Booting the micro-VM")
         runtime.create(spec)
         runtime.start(workload.pk)
+        _attach_network(runtime, workload)  # issue 7: the tap into a netns host's compartment bridge
     except Exception as exc:
         agent.transition(
             workload, [WorkloadState.CREATING], state=WorkloadState.FAILED, status_message=str(exc)[:500]
@@ -134,6 +136,24 @@ def ensure_running(workload: Workload, progress: agent.Progress) -> str:
         exit_code=None,
     )
     return WorkloadState.RUNNING
+
+
+def _attach_network(runtime: VmRuntime, workload: Workload) -> None:
+    """Issue 7: move the VM's tap onto its compartment's bridge in a netns host (no-op elsewhere).
+
+    A VM that cannot be attached is stopped (a running VM without its network would look healthy); one
+    that already powered off lost its tap with QEMU, which is no error: handle_exits records the exit.
+    """
+    try:
+        network_agent.attach_vm(workload)
+    except Exception:
+        try:
+            running = runtime.state(workload.pk).status == "running"
+        except VmNotFound:
+            running = False
+        if running:
+            runtime.stop(workload.pk, grace_seconds=0)
+            raise
 
 
 def stop(workload: Workload, grace_seconds: float) -> None:
@@ -160,8 +180,10 @@ def remove(workload: Workload, grace_seconds: float) -> None:
         if runtime.state(workload.pk).status == "running":
             runtime.stop(workload.pk, grace_seconds=grace_seconds)
     except VmNotFound:
+        network_agent.release_vm(workload)
         return
     runtime.delete(workload.pk)
+    network_agent.release_vm(workload)  # issue 7: no tap left in a netns host's namespace
 
 
 def logs(workload: Workload, tail_bytes: int) -> bytes:

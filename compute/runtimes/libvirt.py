@@ -93,6 +93,11 @@ class VmNetwork:
     ipv4_cidr: str  # address with prefix length, e.g. "10.88.0.5/24"
     gateway: str | None = None
     dns: str | None = None
+    # Issue 7, micro-VMs on a host whose network lives in a named netns (tests): "ethernet" makes
+    # libvirt create a plain tap in the root namespace, on no bridge (`<interface type='ethernet'>`);
+    # the agent then moves it into the host's netns onto `bridge` (attach_tap_in_netns). "bridge":
+    # libvirt puts the tap on `bridge` itself (the host's network is the root namespace's).
+    attach: Literal["bridge", "ethernet"] = "bridge"
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,8 @@ def _validate_network(network: VmNetwork) -> None:
         raise InvalidVmSpec("mac must be lower-case aa:bb:cc:dd:ee:ff")
     if not _BRIDGE_RE.match(network.bridge):
         raise InvalidVmSpec("bridge must be a Linux interface name")
+    if network.attach not in ("bridge", "ethernet"):
+        raise InvalidVmSpec("attach must be 'bridge' or 'ethernet'")
     try:
         interface = ipaddress.IPv4Interface(network.ipv4_cidr)
         for address in (network.gateway, network.dns):
@@ -282,10 +289,16 @@ def domain_xml(spec: VmSpec, *, qemu_uid: int, qemu_gid: int) -> str:
     ET.SubElement(root, "shareable")
     _disk(devices, spec.rw_disk, "vdb")
     if spec.network is not None:
-        interface = ET.SubElement(devices, "interface", type="bridge")
-        ET.SubElement(interface, "mac", address=spec.network.mac)
-        ET.SubElement(interface, "source", bridge=spec.network.bridge)
-        ET.SubElement(interface, "target", dev=tap_name(spec.vm_id))
+        if spec.network.attach == "ethernet":
+            # A plain tap that libvirt creates (and removes); the agent moves it onto the bridge.
+            interface = ET.SubElement(devices, "interface", type="ethernet")
+            ET.SubElement(interface, "mac", address=spec.network.mac)
+            ET.SubElement(interface, "target", dev=tap_name(spec.vm_id), managed="yes")
+        else:
+            interface = ET.SubElement(devices, "interface", type="bridge")
+            ET.SubElement(interface, "mac", address=spec.network.mac)
+            ET.SubElement(interface, "source", bridge=spec.network.bridge)
+            ET.SubElement(interface, "target", dev=tap_name(spec.vm_id))
         ET.SubElement(interface, "model", type="virtio")
     serial = ET.SubElement(devices, "serial", type="pty")
     # virtlogd copies everything the guest writes to the serial port into this file (fresh per boot).
@@ -799,6 +812,59 @@ def _enable_hairpin(tap: str) -> None:
         return
     with contextlib.suppress(Exception):
         enable_hairpin(tap)
+
+
+# --- issue 7: a VM's tap on a bridge inside a named netns (a host whose network is a namespace) ---------
+
+
+def attach_tap_in_netns(vm_id: uuid.UUID, bridge: str, host_netns: str) -> None:
+    """Move the running VM's tap (libvirt made it in the root namespace) into `host_netns`, onto `bridge`.
+
+    QEMU keeps its open file descriptor of the tap, which goes on working after the move. Idempotent: a
+    tap already moved is only checked (MTU, master, up, hairpin); a stale tap of the same name left in
+    `host_netns` by an earlier boot is replaced. The tap leaves with QEMU (or with the namespace).
+    """
+    from compute.network.bridge import IFF_UP, enable_hairpin, link_by_name
+    from compute.network.names import validate_netns_name
+    from compute.network.netns import iproute
+
+    tap = tap_name(vm_id)
+    if not _BRIDGE_RE.match(bridge):
+        raise InvalidVmSpec("bridge must be a Linux interface name")
+    validate_netns_name(host_netns)
+    try:
+        with iproute(None) as root, iproute(host_netns) as host:
+            here = link_by_name(root, tap)
+            there = link_by_name(host, tap)
+            if here is not None:
+                if there is not None:  # left by an earlier boot: the tap QEMU uses now is `here`
+                    host.link("del", index=there["index"])
+                root.link("set", index=here["index"], net_ns_fd=validate_netns_name(host_netns))
+                there = link_by_name(host, tap)
+            if there is None:
+                raise VmError(f"the tap {tap} of {domain_name(vm_id)} is gone (is the VM running?)")
+            master = link_by_name(host, bridge)
+            if master is None:
+                raise VmError(f"bridge {bridge} is not in the host's namespace")
+            mtu = master.get_attr("IFLA_MTU")
+            if there.get_attr("IFLA_MTU") != mtu:
+                host.link("set", index=there["index"], mtu=mtu)
+            if there.get_attr("IFLA_MASTER") != master["index"]:
+                host.link("set", index=there["index"], master=master["index"])
+            if not there["flags"] & IFF_UP:
+                host.link("set", index=there["index"], state="up")
+            enable_hairpin(tap, ipr=host)
+    except VmError:
+        raise
+    except Exception as error:
+        raise VmError(f"cannot attach {tap} to {bridge} in {host_netns}: {error}") from error
+
+
+def remove_tap_in_netns(vm_id: uuid.UUID, host_netns: str) -> bool:
+    """Delete the VM's tap from `host_netns` if one is left there (idempotent); True if it was."""
+    from compute.network.bridge import delete_link
+
+    return delete_link(tap_name(vm_id), host_netns)
 
 
 def _replay_journal(disk: Path) -> None:
