@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from frontend import views, views_compute
 
@@ -44,4 +44,6 @@ urlpatterns = [
     path("hosts/", views_compute.hosts_list, name="hosts"),
     path("hosts/join/", views_compute.host_join, name="host-join"),
     path("hosts/<uuid:pk>/state/", views_compute.host_state, name="host-state"),
+    path("", include("frontend.urls_network")),
+    path("", include("frontend.urls_desired")),
 ]

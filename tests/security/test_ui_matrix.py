@@ -110,6 +110,17 @@ UI_ROUTES: dict[str, UiRoute] = {
 }
 
 
+def _merge_area_routes() -> None:
+    """Pages of other areas keep their matrix entries beside them (one file per area)."""
+    from tests.security import ui_routes_desired, ui_routes_network
+
+    for module in (ui_routes_network, ui_routes_desired):
+        UI_ROUTES.update(module.ROUTES)
+
+
+_merge_area_routes()
+
+
 def ui_route_names() -> set[str]:
     names: set[str] = set()
 
