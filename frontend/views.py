@@ -173,6 +173,9 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     if tenant is not None:
         quota = Quota.objects.for_user(user).filter(tenant=tenant).first()
         context["usage"] = usage_rows(quota) if quota is not None else []
+        from compute.usage import measured_usage
+
+        context["measured"] = measured_usage(tenant)
         context["members_count"] = Membership.objects.for_user(user).filter(tenant=tenant).count()
         context["operations"] = (
             Operation.objects.for_user(user).filter(tenant=tenant).select_related("tenant")[:8]

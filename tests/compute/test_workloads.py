@@ -283,3 +283,16 @@ def test_it_converges_after_the_agent_is_killed_during_delete(
             assert Quota.objects.get(tenant=world.acme).used_workloads == 0
     finally:
         cleanup_host(h)
+
+
+def test_it_shows_the_tenants_measured_usage_beside_its_quota(world: World, busybox: Any, host: Host) -> None:
+    from django.test import Client
+
+    create(world, "mia", name="measured", image=str(busybox.pk), command=["/bin/sleep", "300"])
+    workload_in("measured", {"running"})
+    client = Client()
+    client.force_login(world.user("mia"))
+    client.get("/")
+    page = client.get("/").content.decode()
+    assert "Measured now: 1 running workload," in page
+    assert "vCPUs busy" in page
