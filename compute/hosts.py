@@ -56,7 +56,7 @@ def gather_facts(host: Host, *, probe_runtimes: bool = True) -> dict[str, Any]:
         "hostname": socket.gethostname(),
     }
     if probe_runtimes:
-        probes = probe.probe_oci_runtimes(host_state_dir(host) / "probe")
+        probes = probe.probe_oci_runtimes(Path(settings.DATA_DIR) / "probe")
         facts["oci_runtimes"] = [p.name for p in probes if p.works]
         facts["oci_runtime_probes"] = {p.name: p.reason or "works" for p in probes}
     facts["libvirt"] = shutil.which("libvirtd") is not None and shutil.which("qemu-system-x86_64") is not None
@@ -103,11 +103,7 @@ def register_host(
 def register_local_host(*, actor: Actor) -> Host:
     """`make run`: this machine as host `local` (facts probed once per start)."""
     name = settings.BULKHEAD_HOST_NAME
-    existing = Host.objects.filter(name=name).first()
-    placeholder = existing or Host(name=name)
-    if existing is None:
-        placeholder.pk = Host._meta.pk.get_default()  # type: ignore[union-attr]
-    facts = gather_facts(placeholder)
+    facts = gather_facts(Host.objects.filter(name=name).first() or Host(name=name))
     return register_host(actor=actor, name=name, facts=facts)
 
 
