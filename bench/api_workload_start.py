@@ -34,6 +34,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def main() -> None:
     import django
 
@@ -154,8 +159,10 @@ def main() -> None:
             return time.perf_counter() - t0
 
         create_and_wait("warmup")
+        rss_before = [rss_kib(proc.pid) for proc in procs]
         for i in range(RUNS):
             ours.append(create_and_wait(f"w{i}"))
+        rss_after = [rss_kib(proc.pid) for proc in procs]
     finally:
         for proc in procs:
             proc.terminate()
@@ -209,6 +216,11 @@ def main() -> None:
                 "bare_runc_run_d_ms_median": round(bare_ms, 1),
                 "ratio_vs_bare_runc": round(ours_ms / bare_ms, 2),
                 "load_average": os.getloadavg()[0],
+                # Web, worker and agent memory, and what each further running container adds to it.
+                "rss_kib_web_worker_agent": rss_after,
+                "rss_kib_per_container": [
+                    round((a - b) / RUNS, 1) for a, b in zip(rss_after, rss_before, strict=True)
+                ],
             }
         )
     )

@@ -240,3 +240,22 @@ def operation_timings(plain: Workload) -> dict[str, float]:
         kind = f"{op.kind} (no compartment)" if op.target_id == str(plain.pk) else op.kind
         durations.setdefault(kind, []).append((op.finished_at - op.started_at).total_seconds())
     return {kind: round(statistics.median(values), 3) for kind, values in sorted(durations.items())}
+
+
+def test_the_agent_repairs_a_network_changed_from_outside_and_says_so(site: Site) -> None:
+    from compute.management.commands.agent import repair_network
+    from tenants.models import AuditEntry
+
+    front = compartment(site, "front")
+    run(site, "sleeper", "exec sleep 300", front)
+    assert repair_network(site.host) == []  # nothing to repair: re-applying changes nothing
+    for table in nftables.list_owned(site.host_netns):
+        subprocess.run(
+            ["ip", "netns", "exec", site.host_netns, "nft", "delete", "table", *table.split()], check=True
+        )
+    assert not nftables.list_owned(site.host_netns)
+    repaired = repair_network(site.host)
+    assert repaired
+    assert nftables.list_owned(site.host_netns)
+    entry = AuditEntry.objects.get(action="host.network.repaired")
+    assert entry.details["repaired"] == repaired

@@ -21,6 +21,8 @@ from compute.models import Host
 log = logging.getLogger("bulkhead.agent")
 
 HEARTBEAT_SECONDS = 10.0
+# How often the host's networks are re-applied: repairs what was changed from outside, and says so.
+NETWORK_REPAIR_SECONDS = 30.0
 EXIT_POLL_SECONDS = 0.5
 
 
@@ -53,7 +55,7 @@ class Command(BaseCommand):
         if options["once"]:
             agent.handle_exits(host)
             return
-        last_beat = time.monotonic()
+        last_beat = last_repair = time.monotonic()
         while not stopping:
             try:
                 agent.handle_exits(host)
@@ -61,6 +63,28 @@ class Command(BaseCommand):
                 if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
                     hosts.heartbeat(host.pk)
                     last_beat = time.monotonic()
+                if time.monotonic() - last_repair >= NETWORK_REPAIR_SECONDS:
+                    repair_network(host)
+                    last_repair = time.monotonic()
             except Exception:
                 log.exception("agent loop error")
             time.sleep(EXIT_POLL_SECONDS)
+
+
+def repair_network(host: Host) -> list[str]:
+    """Re-apply the host's compartments; what had to be repaired goes to the audit log and the event bus."""
+    from compute import network_agent, network_services
+    from portal import events
+    from tenants import audit
+    from tenants.actors import Actor
+
+    host.refresh_from_db()
+    if not network_services.network_enabled(host):
+        return []
+    report = network_agent.apply_host(host)
+    if report.repaired:
+        audit.record(
+            Actor.system("agent"), "host.network.repaired", host, details={"repaired": report.repaired}
+        )
+        events.publish(None, {"type": "host", "id": str(host.pk), "network_repaired": report.repaired})
+    return list(report.repaired)
