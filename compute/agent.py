@@ -6,10 +6,12 @@ twice, or runs after the agent was killed half-way, converges instead of duplica
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,28 @@ from portal import events
 log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
+
+
+@contextmanager
+def workload_lock(workload: Workload, *, blocking: bool = True) -> Iterator[bool]:
+    """One process at a time works on a workload on its host (a task, or the agent's re-sync).
+
+    An flock: the kernel drops it when its process dies, so a free lock on a workload whose operation
+    says "running" means the process running it is gone. Yields False if not blocking and busy.
+    """
+    assert workload.host is not None
+    directory = host_state_dir(workload.host) / "locks"
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{workload.runtime_id}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def failpoint(name: str) -> None:
@@ -277,10 +301,13 @@ def handle_exits(host: Host) -> list[str]:
         workload.refresh_from_db()
         if wants_restart(workload, code):
             Workload.objects.filter(pk=workload.pk).update(restart_count=F("restart_count") + 1)
-            try:
-                ensure_running(workload)
-            except Exception:
-                log.exception("restart of %s failed", workload.pk)
+            with workload_lock(workload, blocking=False) as mine:
+                if not mine:
+                    continue  # an operation on it is in flight and decides
+                try:
+                    ensure_running(workload)
+                except Exception:
+                    log.exception("restart of %s failed", workload.pk)
     return handled
 
 
@@ -310,55 +337,67 @@ def resync(host: Host, *, since: Any = None) -> dict[str, list[str]]:
         runtime.delete(runtime_id)
         report["orphans_removed"].append(runtime_id)
     for runtime_id, workload in workloads.items():
-        state = runtime.state(runtime_id)
-        if workload.state == WorkloadState.DELETING:
-            runtime.delete(runtime_id)
-            network_agent.release(workload)
-            from compute.services import forget_workload
-
-            forget_workload(workload.pk)
-            events.publish(
-                workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"}
-            )
-            report["deleted"].append(runtime_id)
-            continue
-        if workload.state in (WorkloadState.CREATING, WorkloadState.PENDING) and state.status != "running":
-            if workload.state == WorkloadState.PENDING and not workload.desired_running:
-                transition(workload, [WorkloadState.PENDING], state=WorkloadState.STOPPED)
-                continue
-            # A creation cut short: whatever it left is removed and the creation runs again.
-            if state.status != "absent":
-                runtime.delete(runtime_id, keep_upper=True)
-            Workload.objects.filter(pk=workload.pk, state=WorkloadState.CREATING).update(
-                state=WorkloadState.PENDING
-            )
-            workload.refresh_from_db()
-            try:
-                ensure_running(workload)
-            except Exception:
-                log.exception("resuming the creation of %s failed", workload.pk)
-            report["resumed"].append(runtime_id)
-            continue
-        if state.status == "running":
-            if transition(
-                workload,
-                [WorkloadState.UNKNOWN, WorkloadState.CREATING, WorkloadState.PENDING],
-                state=WorkloadState.RUNNING,
-            ):
-                report["adopted"].append(runtime_id)
-        elif state.status == "stopped" and workload.state in (WorkloadState.RUNNING, WorkloadState.UNKNOWN):
-            record_exit(workload, state.exit_code, expected=[WorkloadState.RUNNING, WorkloadState.UNKNOWN])
-            report["exited"].append(runtime_id)
-        elif state.status == "absent" and workload.state in (
-            WorkloadState.RUNNING,
-            WorkloadState.UNKNOWN,
-            WorkloadState.CREATING,
-        ):
-            transition(
-                workload, [workload.state], state=WorkloadState.FAILED, status_message="not found on the host"
-            )
-            report["missing"].append(runtime_id)
+        with workload_lock(workload, blocking=False) as mine:
+            if mine:
+                _resync_one(runtime, runtime_id, workload, report)
+            else:
+                report.setdefault("busy", []).append(runtime_id)  # a live task is working on it
     return report
+
+
+def _resync_one(
+    runtime: OciRuntime, runtime_id: str, workload: Workload, report: dict[str, list[str]]
+) -> None:
+    """Re-sync one workload; the caller holds its lock."""
+    state = runtime.state(runtime_id)
+    if workload.state == WorkloadState.DELETING:
+        runtime.delete(runtime_id)
+        network_agent.release(workload)
+        from compute.services import forget_workload
+
+        forget_workload(workload.pk)
+        events.publish(workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"})
+        report["deleted"].append(runtime_id)
+        return
+    if workload.state in (WorkloadState.CREATING, WorkloadState.PENDING) and state.status != "running":
+        if workload.state == WorkloadState.PENDING and not workload.desired_running:
+            transition(workload, [WorkloadState.PENDING], state=WorkloadState.STOPPED)
+            return
+        # A creation cut short: whatever it left is removed and the creation runs again.
+        if state.status != "absent":
+            runtime.delete(runtime_id, keep_upper=True)
+        Workload.objects.filter(pk=workload.pk, state=WorkloadState.CREATING).update(
+            state=WorkloadState.PENDING
+        )
+        workload.refresh_from_db()
+        try:
+            ensure_running(workload)
+        except Exception:
+            log.exception("resuming the creation of %s failed", workload.pk)
+        report["resumed"].append(runtime_id)
+        return
+    if state.status == "running":
+        if transition(
+            workload,
+            [WorkloadState.UNKNOWN, WorkloadState.CREATING, WorkloadState.PENDING],
+            state=WorkloadState.RUNNING,
+        ):
+            report["adopted"].append(runtime_id)
+    elif state.status == "stopped" and workload.state in (WorkloadState.RUNNING, WorkloadState.UNKNOWN):
+        record_exit(workload, state.exit_code, expected=[WorkloadState.RUNNING, WorkloadState.UNKNOWN])
+        report["exited"].append(runtime_id)
+    elif state.status == "absent" and workload.state in (
+        WorkloadState.RUNNING,
+        WorkloadState.UNKNOWN,
+        WorkloadState.CREATING,
+    ):
+        transition(
+            workload, [workload.state], state=WorkloadState.FAILED, status_message="not found on the host"
+        )
+        report["missing"].append(runtime_id)
+
+
+INTERRUPTED = "Interrupted: the host agent stopped during this operation; the agent re-synced the workload."
 
 
 def _fail_interrupted_operations(host: Host, since: Any) -> list[str]:
@@ -367,14 +406,21 @@ def _fail_interrupted_operations(host: Host, since: Any) -> list[str]:
         return []
     from portal.models import Operation, OperationState
 
+    interrupted = []
     stale = Operation.objects.filter(queue=host.queue, state=OperationState.RUNNING, started_at__lt=since)
-    ids = [str(pk) for pk in stale.values_list("pk", flat=True)]
-    stale.update(
-        state=OperationState.FAILED,
-        finished_at=timezone.now(),
-        error="Interrupted: the host agent stopped during this operation; the agent re-synced the workload.",
-    )
-    return ids
+    for op in stale:
+        workload = Workload.objects.select_related("host").filter(pk=op.target_id).first()
+        if workload is not None and op.target_type == "workload":
+            with workload_lock(workload, blocking=False) as free:
+                if not free:
+                    continue  # its process is alive and working
+        if Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING).update(
+            state=OperationState.FAILED,
+            finished_at=timezone.now(),
+            error=INTERRUPTED,
+        ):
+            interrupted.append(str(op.pk))
+    return interrupted
 
 
 def logs(workload: Workload, tail_bytes: int = 64 * 1024) -> bytes:

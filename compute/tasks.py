@@ -21,10 +21,14 @@ def create_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     op, workload = _workload(op_id)
     if workload is None:
         return {"skipped": "workload deleted"}
-    if not op.params.get("start", True):
-        agent.transition(workload, [WorkloadState.PENDING], state=WorkloadState.STOPPED)
-        return {"state": WorkloadState.STOPPED}
-    return {"state": agent.ensure_running(workload, self.progress)}
+    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
+        workload = agent.load(workload.pk)
+        if workload is None:
+            return {"skipped": "workload deleted"}
+        if not op.params.get("start", True):
+            agent.transition(workload, [WorkloadState.PENDING], state=WorkloadState.STOPPED)
+            return {"state": WorkloadState.STOPPED}
+        return {"state": agent.ensure_running(workload, self.progress)}
 
 
 @app.task(base=OperationTask, bind=True, name="compute.start_workload")
@@ -32,7 +36,11 @@ def start_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     _op, workload = _workload(op_id)
     if workload is None:
         return {"skipped": "workload deleted"}
-    return {"state": agent.ensure_running(workload, self.progress)}
+    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
+        workload = agent.load(workload.pk)
+        if workload is None:
+            return {"skipped": "workload deleted"}
+        return {"state": agent.ensure_running(workload, self.progress)}
 
 
 @app.task(base=OperationTask, bind=True, name="compute.stop_workload")
@@ -40,9 +48,13 @@ def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     op, workload = _workload(op_id)
     if workload is None:
         return {"skipped": "workload deleted"}
-    agent.stop(workload, float(op.params.get("grace_seconds", 10)))
-    workload.refresh_from_db()
-    return {"state": workload.state, "exit_code": workload.exit_code}
+    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
+        workload = agent.load(workload.pk)
+        if workload is None:
+            return {"skipped": "workload deleted"}
+        agent.stop(workload, float(op.params.get("grace_seconds", 10)))
+        workload.refresh_from_db()
+        return {"state": workload.state, "exit_code": workload.exit_code}
 
 
 @app.task(base=OperationTask, bind=True, name="compute.restart_workload")
@@ -50,10 +62,14 @@ def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     op, workload = _workload(op_id)
     if workload is None:
         return {"skipped": "workload deleted"}
-    self.progress(10, "Stopping", force=True)
-    agent.stop(workload, float(op.params.get("grace_seconds", 10)))
-    workload.refresh_from_db()
-    return {"state": agent.ensure_running(workload, self.progress)}
+    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
+        workload = agent.load(workload.pk)
+        if workload is None:
+            return {"skipped": "workload deleted"}
+        self.progress(10, "Stopping", force=True)
+        agent.stop(workload, float(op.params.get("grace_seconds", 10)))
+        workload.refresh_from_db()
+        return {"state": agent.ensure_running(workload, self.progress)}
 
 
 @app.task(base=OperationTask, bind=True, name="compute.delete_workload")
@@ -61,11 +77,17 @@ def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     op, workload = _workload(op_id)
     if workload is None:
         return {"skipped": "already deleted"}
-    self.progress(20, "Removing from the host", force=True)
-    agent.remove(workload, float(op.params.get("grace_seconds", 10)))
-    services.forget_workload(workload.pk)
-    agent.events.publish(workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"})
-    return {"deleted": str(workload.pk)}
+    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
+        workload = agent.load(workload.pk)
+        if workload is None:
+            return {"skipped": "workload deleted"}
+        self.progress(20, "Removing from the host", force=True)
+        agent.remove(workload, float(op.params.get("grace_seconds", 10)))
+        services.forget_workload(workload.pk)
+        agent.events.publish(
+            workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"}
+        )
+        return {"deleted": str(workload.pk)}
 
 
 @app.task(base=OperationTask, bind=True, name="compute.commit_workload")
@@ -75,10 +97,18 @@ def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     op, workload = _workload(op_id)
     if workload is None:
         return {"skipped": "workload deleted"}
-    image = commit.commit(
-        workload, name=op.params["name"], tag=op.params["tag"], actor_user=op.actor, progress=self.progress
-    )
-    return {"image": str(image.pk)}
+    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
+        workload = agent.load(workload.pk)
+        if workload is None:
+            return {"skipped": "workload deleted"}
+        image = commit.commit(
+            workload,
+            name=op.params["name"],
+            tag=op.params["tag"],
+            actor_user=op.actor,
+            progress=self.progress,
+        )
+        return {"image": str(image.pk)}
 
 
 @app.task(name="compute.mark_lost_hosts", ignore_result=True)
