@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from compute import agent, hosts, services
 from compute.choices import WorkloadState
+from compute.models import Workload
 from portal.celery import app
 from portal.models import Operation
 from portal.tasks import OperationTask
 
 
-def _workload(op_id: str) -> Any:
+@contextmanager
+def workload_of(op_id: str) -> Iterator[tuple[Operation, Workload | None]]:
+    """The operation and its workload, held under the workload's lock on this host (agent.resync
+    relies on it). The workload is None when it is gone, before or while waiting for the lock."""
     op = Operation.objects.get(pk=op_id)
-    return op, agent.load(op.target_id)
+    workload = agent.load(op.target_id)
+    if workload is None:
+        yield op, None
+        return
+    with agent.workload_lock(workload):
+        yield op, agent.load(workload.pk)
 
 
 @app.task(base=OperationTask, bind=True, name="compute.create_workload")
 def create_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    op, workload = _workload(op_id)
-    if workload is None:
-        return {"skipped": "workload deleted"}
-    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
-        workload = agent.load(workload.pk)
+    with workload_of(op_id) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         if not op.params.get("start", True):
@@ -33,11 +40,7 @@ def create_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
 
 @app.task(base=OperationTask, bind=True, name="compute.start_workload")
 def start_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    _op, workload = _workload(op_id)
-    if workload is None:
-        return {"skipped": "workload deleted"}
-    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
-        workload = agent.load(workload.pk)
+    with workload_of(op_id) as (_op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         return {"state": agent.ensure_running(workload, self.progress)}
@@ -45,11 +48,7 @@ def start_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
 
 @app.task(base=OperationTask, bind=True, name="compute.stop_workload")
 def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    op, workload = _workload(op_id)
-    if workload is None:
-        return {"skipped": "workload deleted"}
-    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
-        workload = agent.load(workload.pk)
+    with workload_of(op_id) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         agent.stop(workload, float(op.params.get("grace_seconds", 10)))
@@ -59,11 +58,7 @@ def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
 
 @app.task(base=OperationTask, bind=True, name="compute.restart_workload")
 def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    op, workload = _workload(op_id)
-    if workload is None:
-        return {"skipped": "workload deleted"}
-    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
-        workload = agent.load(workload.pk)
+    with workload_of(op_id) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         self.progress(10, "Stopping", force=True)
@@ -74,13 +69,9 @@ def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
 
 @app.task(base=OperationTask, bind=True, name="compute.delete_workload")
 def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    op, workload = _workload(op_id)
-    if workload is None:
-        return {"skipped": "already deleted"}
-    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
-        workload = agent.load(workload.pk)
+    with workload_of(op_id) as (op, workload):
         if workload is None:
-            return {"skipped": "workload deleted"}
+            return {"skipped": "already deleted"}
         self.progress(20, "Removing from the host", force=True)
         agent.remove(workload, float(op.params.get("grace_seconds", 10)))
         services.forget_workload(workload.pk)
@@ -94,11 +85,7 @@ def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
 def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     from compute import commit
 
-    op, workload = _workload(op_id)
-    if workload is None:
-        return {"skipped": "workload deleted"}
-    with agent.workload_lock(workload):  # one process at a time per workload (see agent.resync)
-        workload = agent.load(workload.pk)
+    with workload_of(op_id) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         image = commit.commit(
