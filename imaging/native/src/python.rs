@@ -57,6 +57,14 @@ create_exception!(
     "A blob or layer is not in the store."
 );
 
+/// Sets attributes on a fresh exception instance (which cannot fail in practice) and returns it.
+fn with_attrs(py: Python<'_>, err: PyErr, attrs: [(&str, Py<PyAny>); 2]) -> PyErr {
+    for (name, value) in attrs {
+        let _ = err.value(py).setattr(name, value);
+    }
+    err
+}
+
 /// Turns a store error into the matching Python exception, with its fields as attributes.
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let msg = e.to_string();
@@ -65,48 +73,45 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
         let _ = err.value(py).setattr(k, v);
     };
     match e {
-        Error::DigestMismatch { expected, actual } => {
-            let err = DigestMismatch::new_err(msg);
-            set(
-                &err,
-                "expected",
-                expected.into_pyobject(py).unwrap().into_any().unbind(),
-            );
-            set(
-                &err,
-                "actual",
-                actual.into_pyobject(py).unwrap().into_any().unbind(),
-            );
-            err
-        }
-        Error::SizeMismatch { expected, actual } => {
-            let err = SizeMismatch::new_err(msg);
-            set(
-                &err,
-                "expected",
-                expected.into_pyobject(py).unwrap().into_any().unbind(),
-            );
-            set(
-                &err,
-                "actual",
-                actual.into_pyobject(py).unwrap().into_any().unbind(),
-            );
-            err
-        }
-        Error::UnsafeEntry { path, reason } => {
-            let err = UnsafeEntry::new_err(msg);
-            set(
-                &err,
-                "path",
-                path.into_pyobject(py).unwrap().into_any().unbind(),
-            );
-            set(
-                &err,
-                "reason",
-                reason.into_pyobject(py).unwrap().into_any().unbind(),
-            );
-            err
-        }
+        Error::DigestMismatch { expected, actual } => with_attrs(
+            py,
+            DigestMismatch::new_err(msg),
+            [
+                (
+                    "expected",
+                    expected.into_pyobject(py).unwrap().into_any().unbind(),
+                ),
+                (
+                    "actual",
+                    actual.into_pyobject(py).unwrap().into_any().unbind(),
+                ),
+            ],
+        ),
+        Error::SizeMismatch { expected, actual } => with_attrs(
+            py,
+            SizeMismatch::new_err(msg),
+            [
+                (
+                    "expected",
+                    expected.into_pyobject(py).unwrap().into_any().unbind(),
+                ),
+                (
+                    "actual",
+                    actual.into_pyobject(py).unwrap().into_any().unbind(),
+                ),
+            ],
+        ),
+        Error::UnsafeEntry { path, reason } => with_attrs(
+            py,
+            UnsafeEntry::new_err(msg),
+            [
+                ("path", path.into_pyobject(py).unwrap().into_any().unbind()),
+                (
+                    "reason",
+                    reason.into_pyobject(py).unwrap().into_any().unbind(),
+                ),
+            ],
+        ),
         Error::LimitExceeded(_) => LimitExceeded::new_err(msg),
         Error::NotFound(_) => NotFound::new_err(msg),
         Error::Invalid(_) => PyValueError::new_err(msg),
