@@ -113,6 +113,8 @@ class PublishedPort(models.Model):
     protocol = models.CharField(max_length=3, choices=Protocol.choices, default=Protocol.TCP)
     host_port = models.PositiveIntegerField()
     workload_port = models.PositiveIntegerField()
+    managed_revision = models.PositiveIntegerField(null=True, blank=True)
+    managed_spec_hash = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = PublishedPortQuerySet.as_manager()

@@ -130,6 +130,9 @@ class Workload(models.Model):
     restart_count = models.PositiveIntegerField(default=0)
     managed_revision = models.PositiveIntegerField(null=True, blank=True)
     managed_spec_hash = models.CharField(max_length=64, blank=True)
+    # The image reference the document declared ("nginx", "nginx:1.27", "name@sha256:..."): the row keeps
+    # the image id, and the document's spelling of the same image must not look like drift.
+    managed_image_reference = models.CharField(max_length=400, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -65,3 +65,21 @@ def choose_host(*, isolation: str, vcpus: Decimal, memory_mib: int, pinned: Host
         detail = "; ".join(reasons) or "no host is ready"
         raise NoHostFits(f"No host can take {vcpus} vCPUs and {memory_mib} MiB of {isolation}: {detail}.")
     return best[1]
+
+
+def ensure_room(host: Host, *, vcpus: Decimal, memory_mib: int) -> None:
+    """Refuse growing a placed workload by (vcpus, memory_mib) beyond its host's free capacity.
+
+    Takes the host's row lock, as ``choose_host`` does, so a concurrent placement sees the growth.
+    """
+    if vcpus <= 0 and memory_mib <= 0:
+        return
+    locked = Host.objects.select_for_update().get(pk=host.pk)
+    used = usage_of(locked)
+    free_vcpus = locked.vcpu_capacity - used.vcpus
+    free_memory = locked.memory_capacity_mib - used.memory_mib
+    if vcpus > free_vcpus or memory_mib > free_memory:
+        raise NoHostFits(
+            f"Host {locked.name} has {free_vcpus} vCPUs and {free_memory} MiB free: "
+            f"it cannot grow a workload by {max(vcpus, Decimal(0))} vCPUs and {max(memory_mib, 0)} MiB."
+        )

@@ -1,4 +1,4 @@
-"""Workload services: the only code that creates, starts, stops, restarts and deletes workloads.
+"""Workload services: the only code that creates, updates, starts, stops, restarts and deletes workloads.
 
 Each writes the row and an Operation, audits, and sends the host task on commit (to `host.<id>`).
 """
@@ -140,6 +140,52 @@ def create_workload(
         details={"image": str(spec.image), "isolation": spec.isolation, "host": host.name, "start": start},
     )
     return _start_op(actor, workload, "workload.create", tasks.create_workload, start=start)
+
+
+# What an update may change in place: the process and its resources. The image, isolation, name and
+# networks are the workload's identity; changing them is a new workload (desired state: a replace).
+UPDATABLE_FIELDS = ("command", "args", "env", "workdir", "user", "vcpus", "memory_mib", "restart_policy")
+# Fields a running workload only picks up when it starts again.
+RESTART_FIELDS = frozenset(UPDATABLE_FIELDS) - {"restart_policy"}
+
+
+@audit.denials_audited
+@transaction.atomic
+def update_workload(*, actor: Actor, workload: Workload, changes: dict[str, Any]) -> set[str]:
+    """Change a workload's process and resources in place; return the names of the fields that changed.
+
+    Validated like a create; growth is checked against the tenant's quota and the host's free capacity
+    (shrinking gives both back). A running workload keeps its old process until it is restarted:
+    ``RESTART_FIELDS & changed`` says whether it needs one.
+    """
+    unknown = set(changes) - set(UPDATABLE_FIELDS)
+    if unknown:
+        raise Invalid(f"These fields cannot be changed in place: {', '.join(sorted(unknown))}.")
+    locked = _lock(workload)
+    if locked.state == WorkloadState.DELETING:
+        raise Conflict("The workload is being deleted.")
+    current = {name: getattr(locked, name) for name in UPDATABLE_FIELDS}
+    wanted = {**current, **changes}
+    wanted["vcpus"] = Decimal(str(wanted["vcpus"]))
+    wanted["workdir"] = wanted["workdir"] or ""
+    wanted["user"] = wanted["user"] or ""
+    wanted["env"] = dict(wanted["env"] or {})
+    spec = WorkloadSpec(name=locked.name, image=locked.image, isolation=locked.isolation, **wanted)
+    _validate(spec, locked.tenant)
+    changed = {name for name in UPDATABLE_FIELDS if wanted[name] != current[name]}
+    if not changed:
+        return changed
+    grow_vcpus = wanted["vcpus"] - locked.vcpus
+    grow_memory = wanted["memory_mib"] - locked.memory_mib
+    if grow_vcpus > 0 or grow_memory > 0:
+        quota.allocate(locked.tenant, vcpus=max(grow_vcpus, Decimal(0)), memory_mib=max(grow_memory, 0))
+        if locked.host is not None:
+            placement.ensure_room(locked.host, vcpus=grow_vcpus, memory_mib=grow_memory)
+    Workload.objects.filter(pk=locked.pk).update(**{name: wanted[name] for name in changed})
+    if grow_vcpus < 0 or grow_memory < 0:
+        quota.release(locked.tenant, vcpus=max(-grow_vcpus, Decimal(0)), memory_mib=max(-grow_memory, 0))
+    audit.record(actor, "workload.update", locked, details={"fields": sorted(changed)})
+    return changed
 
 
 def _lock(workload: Workload) -> Workload:

@@ -25,6 +25,7 @@ class QuotaExceeded(ServiceError):
         super().__init__(
             f"Quota exceeded for {resource}: requested {requested}, {used} of {limit} already in use.",
             field=resource,
+            audit_action="quota.exceeded",
         )
 
 

@@ -147,6 +147,38 @@ class WorkloadCreateSerializer(serializers.Serializer):
         return env
 
 
+class WorkloadUpdateSerializer(serializers.Serializer):
+    """Fields a PATCH may change in place; a running workload picks process changes up when restarted."""
+
+    command = serializers.ListField(
+        child=serializers.CharField(max_length=4096), required=False, allow_null=True, max_length=256
+    )
+    args = serializers.ListField(
+        child=serializers.CharField(max_length=4096), required=False, allow_null=True, max_length=256
+    )
+    env = serializers.DictField(
+        child=serializers.CharField(max_length=8192, allow_blank=True), required=False
+    )
+    workdir = serializers.CharField(max_length=4096, required=False, allow_blank=True)
+    user = serializers.CharField(max_length=64, required=False, allow_blank=True)
+    vcpus = serializers.DecimalField(max_digits=5, decimal_places=2, required=False)
+    memory_mib = serializers.IntegerField(required=False)
+    restart_policy = serializers.ChoiceField(choices=RestartPolicy.choices, required=False)
+
+    def validate_env(self, env: dict[str, str]) -> dict[str, str]:
+        if len(env) > 256:
+            raise serializers.ValidationError("At most 256 variables.")
+        return env
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(self.initial_data) - set(self.fields) if isinstance(self.initial_data, dict) else set()
+        if unknown:
+            raise serializers.ValidationError(
+                {name: ["This field cannot be changed in place."] for name in sorted(unknown)}
+            )
+        return attrs
+
+
 class CommitSerializer(serializers.Serializer):
     name = serializers.RegexField(r"^[a-z0-9]+([._/-][a-z0-9]+)*$", max_length=200)
     tag = serializers.RegexField(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")

@@ -98,6 +98,16 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
     def destroy(self, request: Request, pk: str) -> Response:
         return accepted(services.delete_workload(actor=self.actor, workload=self.write_object()))
 
+    @extend_schema(request=s.WorkloadUpdateSerializer, responses=s.WorkloadSerializer)
+    def partial_update(self, request: Request, pk: str) -> Response:
+        """Change the process or resources in place; restart a running workload to pick them up."""
+        workload = self.write_object()
+        data = s.WorkloadUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.update_workload(actor=self.actor, workload=workload, changes=dict(data.validated_data))
+        workload.refresh_from_db()
+        return Response(s.WorkloadSerializer(workload).data)
+
     def write_object(self) -> Workload:
         return self.get_object_for("operate")
 

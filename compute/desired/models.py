@@ -42,10 +42,6 @@ class DesiredState(models.Model):
     observed_revision = models.PositiveIntegerField(null=True, blank=True)
     conditions = models.JSONField(default=list, blank=True)
     drift = models.JSONField(default=list, blank=True)
-    # Image reference each managed workload was applied with ({name: {"image_id", "reference"}}): the
-    # database keeps the image id only, and the document's spelling ("nginx", "nginx:latest") must not
-    # look like drift.
-    image_references = models.JSONField(default=dict, blank=True)
     # Exclusive claim on the tenant's desired state (reconciler run or apply), with a lease.
     claimed_by = models.CharField(max_length=64, blank=True)
     claimed_until = models.DateTimeField(null=True, blank=True)

@@ -7,14 +7,13 @@ so are their published ports (the rows cascade with the workload's).
 
 Networks are the tenant's compartments (managed through ``Compartment.managed_revision``/
 ``managed_spec_hash``); a workload's ``networks`` are the compartments of its IP allocations, in
-allocation (interface) order. ``PublishedPort`` rows have no managed fields: an apply records its marker
-in ``DesiredState.image_references`` under the port's plan key (``port/<workload>/<port>/<protocol>``,
-which no workload name can be), with the row's id so that a re-created row is not taken for managed.
+allocation (interface) order; its image is the reference the document declared
+(``managed_image_reference``), so that ``nginx`` and ``nginx:latest`` of the same image are not drift.
+Published ports carry their own managed fields: a row re-created by hand is not managed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -65,26 +64,14 @@ def network_spec(compartment: Compartment) -> dict[str, Any]:
     return {"name": compartment.name, "subnet": compartment.subnet, "nat": compartment.nat}
 
 
-def port_marker(recorded: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
-    """The managed marker an apply recorded for the port ``key``, if any."""
-    entry = recorded.get(key)
-    return entry if isinstance(entry, Mapping) and key.startswith("port/") else None
+def image_reference(workload: Workload) -> str:
+    """The reference the workload's image was applied with, or ``name:tag`` when no apply made it."""
+    return workload.managed_image_reference or f"{workload.image.name}:{workload.image.tag}"
 
 
-def image_reference(workload: Workload, recorded: Mapping[str, Any]) -> str:
-    """The reference the workload's image was applied with, or ``name:tag`` when it was not (or changed)."""
-    entry = recorded.get(workload.name)
-    if isinstance(entry, Mapping) and entry.get("image_id") == str(workload.image_id):
-        return str(entry["reference"])
-    return f"{workload.image.name}:{workload.image.tag}"
-
-
-def observed_resources(
-    tenant: Tenant | Any, image_references: Mapping[str, Any] | None = None
-) -> list[ObservedResource]:
+def observed_resources(tenant: Tenant | Any) -> list[ObservedResource]:
     """Every resource of ``tenant``: its networks (compartments), workloads and published ports."""
     tenant_id: Any = getattr(tenant, "pk", tenant)
-    recorded = image_references or {}
     observed: list[ObservedResource] = []
     for compartment in Compartment.objects.filter(tenant_id=tenant_id).order_by("name"):
         observed.append(
@@ -117,20 +104,18 @@ def observed_resources(
             ObservedResource(
                 kind="workload",
                 key=workload_key(workload.name),
-                spec=workload_spec(
-                    workload, image_reference(workload, recorded), networks_of.get(workload.pk)
-                ),
+                spec=workload_spec(workload, image_reference(workload), networks_of.get(workload.pk)),
                 managed=workload.managed_revision is not None,
                 managed_revision=workload.managed_revision,
                 managed_spec_hash=workload.managed_spec_hash or None,
                 status={"runtime_state": workload.state, "id": str(workload.pk)},
             )
         )
-    observed.extend(_observed_ports(tenant_id, recorded))
+    observed.extend(_observed_ports(tenant_id))
     return observed
 
 
-def _observed_ports(tenant_id: Any, recorded: Mapping[str, Any]) -> list[ObservedResource]:
+def _observed_ports(tenant_id: Any) -> list[ObservedResource]:
     # A workload port may be published more than once by hand (two host ports): one resource per key,
     # the managed row (or the lowest host port) as its spec, the others listed in its status.
     rows: dict[str, list[PublishedPort]] = {}
@@ -144,11 +129,8 @@ def _observed_ports(tenant_id: Any, recorded: Mapping[str, Any]) -> list[Observe
         rows.setdefault(port_key(row.workload.name, row.workload_port, row.protocol), []).append(row)
     observed: list[ObservedResource] = []
     for key in sorted(rows):
-        marker = port_marker(recorded, key)
         candidates = rows[key]
-        chosen = next((r for r in candidates if marker and marker.get("id") == str(r.pk)), None)
-        managed = chosen is not None and marker is not None
-        chosen = chosen or candidates[0]
+        chosen = managed_row(candidates)
         observed.append(
             ObservedResource(
                 kind="port",
@@ -159,9 +141,9 @@ def _observed_ports(tenant_id: Any, recorded: Mapping[str, Any]) -> list[Observe
                     "protocol": chosen.protocol,
                     "host_port": chosen.host_port,
                 },
-                managed=managed,
-                managed_revision=marker.get("revision") if managed and marker else None,
-                managed_spec_hash=marker.get("spec_hash") if managed and marker else None,
+                managed=chosen.managed_revision is not None,
+                managed_revision=chosen.managed_revision,
+                managed_spec_hash=chosen.managed_spec_hash or None,
                 status={
                     "id": str(chosen.pk),
                     "host_ports": [r.host_port for r in candidates],
@@ -169,6 +151,11 @@ def _observed_ports(tenant_id: Any, recorded: Mapping[str, Any]) -> list[Observe
             )
         )
     return observed
+
+
+def managed_row(rows: list[PublishedPort]) -> PublishedPort:
+    """The row an apply manages among a port's publications (else the first: the lowest host port)."""
+    return next((row for row in rows if row.managed_revision is not None), rows[0])
 
 
 def deleting_workloads(tenant: Tenant | Any) -> set[str]:

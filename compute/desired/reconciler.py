@@ -232,7 +232,7 @@ def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
     revision = DesiredRevision.objects.get(tenant=tenant, number=revision_number)
     config = config_of(revision)
     desired: list[DesiredResource] = config.resources()
-    observed = observe.observed_resources(tenant, state.image_references)
+    observed = observe.observed_resources(tenant)
     drift = detect_drift(desired, observed)
 
     corrected: list[dict[str, Any]] = []

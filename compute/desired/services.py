@@ -2,8 +2,8 @@
 
 Apply and the reconciler change resources only through compute.services (create/start/stop/restart/
 delete_workload) and compute.network_services (create/delete_compartment, publish/unpublish_port), and
-stamp ``managed_revision`` and ``managed_spec_hash`` on the rows they touch (published ports: a marker in
-``DesiredState.image_references``), so that drift is a comparison. Order: networks, workloads, ports;
+stamp ``managed_revision`` and ``managed_spec_hash`` on the rows they touch (workloads also the image
+reference the document used), so that drift is a comparison. Order: networks, workloads, ports;
 deletes the other way round. Both hold the tenant's claim (``DesiredState.claimed_by``) while they work:
 one of them at a time per tenant.
 """
@@ -61,7 +61,7 @@ from imaging.models import Image
 from portal import operations
 from portal.errors import Conflict, Invalid
 from portal.models import Operation, OperationState
-from tenants import audit, quota
+from tenants import audit
 from tenants.actors import Actor
 from tenants.models import Tenant
 
@@ -355,18 +355,16 @@ def diff_revisions(old: DesiredRevision, new: DesiredRevision) -> dict[str, Any]
 
 def export_for(tenant: Tenant) -> str:
     """The tenant's current resources as a document it can submit to adopt them."""
-    state = ensure_state(tenant)
-    return export_document(observe.observed_resources(tenant, state.image_references), name=tenant.name)
+    return export_document(observe.observed_resources(tenant), name=tenant.name)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Plans
 
 
-def plan_for(tenant: Tenant, config: TenantConfig, state: DesiredState | None = None) -> Plan:
+def plan_for(tenant: Tenant, config: TenantConfig) -> Plan:
     """The plan that makes the tenant's observed resources match ``config``."""
-    state = state or ensure_state(tenant)
-    observed = observe.observed_resources(tenant, state.image_references)
+    observed = observe.observed_resources(tenant)
     try:
         return compute_plan(config.resources(), observed, prune=config.prune)
     except PlanConflict as conflict:
@@ -395,8 +393,7 @@ def create_plan(
 def _observed_fingerprint(tenant: Tenant) -> str:
     from compute.desired.planning import observed_fingerprint
 
-    state = ensure_state(tenant)
-    return observed_fingerprint(observe.observed_resources(tenant, state.image_references))
+    return observed_fingerprint(observe.observed_resources(tenant))
 
 
 def apply_plan(*, actor: Actor, plan: DesiredPlan) -> Operation:
@@ -485,34 +482,6 @@ def _compute_spec(tenant: Tenant, spec: dict[str, Any]) -> compute_services.Work
     )
 
 
-def _record_reference(tenant: Tenant, name: str, spec: dict[str, Any] | None) -> None:
-    """Remember the image reference a workload was applied with (under the tenant's claim)."""
-    state = DesiredState.objects.select_for_update().get(tenant=tenant)
-    references = dict(state.image_references)
-    if spec is None:
-        references.pop(name, None)
-    else:
-        references[name] = {"image_id": spec.get("image_id"), "reference": spec["image"]}
-    if references != state.image_references:
-        DesiredState.objects.filter(pk=state.pk).update(image_references=references)
-
-
-def _record_marker(tenant: Tenant, key: str, marker: dict[str, Any] | None) -> None:
-    """Record (or forget) the managed marker of a published port (under the tenant's claim).
-
-    PublishedPort rows have no managed fields; the markers live next to the image references, keyed by
-    the port's plan key (``port/...``, never a workload name).
-    """
-    state = DesiredState.objects.select_for_update().get(tenant=tenant)
-    references = dict(state.image_references)
-    if marker is None:
-        references.pop(key, None)
-    else:
-        references[key] = marker
-    if references != state.image_references:
-        DesiredState.objects.filter(pk=state.pk).update(image_references=references)
-
-
 class Executor:
     """Runs plan steps through compute.services (workloads) and compute.network_services (networks and
     published ports), idempotently: a step finds what an earlier, interrupted run already did.
@@ -581,9 +550,6 @@ class Executor:
         if workload.state == WorkloadState.DELETING:
             return StepOutcome(step.key, step.action, "submitted", "deletion in progress")
         op = compute_services.delete_workload(actor=self.actor, workload=workload)
-        if step.action == "delete":
-            with transaction.atomic():
-                _record_reference(self.tenant, name, None)
         return StepOutcome(step.key, step.action, "submitted", "deleting", [str(op.pk)])
 
     def _wait_until_gone(self, name: str) -> bool:
@@ -639,9 +605,10 @@ class Executor:
             except IntegrityError:
                 raise Conflict(f"A workload named {name!r} appeared meanwhile.") from None
             Workload.objects.filter(tenant=self.tenant, name=name).update(
-                managed_revision=self.revision, managed_spec_hash=step.spec_hash
+                managed_revision=self.revision,
+                managed_spec_hash=step.spec_hash,
+                managed_image_reference=step.spec["image"],
             )
-            _record_reference(self.tenant, name, step.spec)
         return StepOutcome(step.key, step.action, "submitted", "creating", [str(op.pk)])
 
     def _update(self, step: PlanStep, workload: Workload) -> StepOutcome:
@@ -650,41 +617,22 @@ class Executor:
         wanted = _compute_spec(self.tenant, spec)
         ops: list[str] = []
         with transaction.atomic():
-            locked = Workload.objects.select_for_update().get(pk=workload.pk)
-            fields: dict[str, Any] = {
-                "command": wanted.command,
-                "args": wanted.args,
-                "env": wanted.env,
-                "workdir": wanted.workdir,
-                "user": wanted.user,
-                "vcpus": wanted.vcpus,
-                "memory_mib": wanted.memory_mib,
-            }
-            changed = {name for name, value in fields.items() if getattr(locked, name) != value}
-            delta_vcpus = wanted.vcpus - locked.vcpus
-            delta_memory = wanted.memory_mib - locked.memory_mib
-            if delta_vcpus > 0 or delta_memory > 0:
-                quota.allocate(
-                    self.tenant, vcpus=max(delta_vcpus, Decimal(0)), memory_mib=max(delta_memory, 0)
-                )
-            Workload.objects.filter(pk=locked.pk).update(
-                **{name: fields[name] for name in changed},
-                restart_policy=wanted.restart_policy,
+            changed = compute_services.update_workload(
+                actor=self.actor,
+                workload=workload,
+                changes={name: getattr(wanted, name) for name in compute_services.UPDATABLE_FIELDS},
+            )
+            Workload.objects.filter(pk=workload.pk).update(
                 managed_revision=self.revision,
                 managed_spec_hash=step.spec_hash,
+                managed_image_reference=spec["image"],
             )
-            if delta_vcpus < 0 or delta_memory < 0:
-                quota.release(
-                    self.tenant, vcpus=max(-delta_vcpus, Decimal(0)), memory_mib=max(-delta_memory, 0)
-                )
-            _record_reference(self.tenant, locked.name, spec)
-            if changed:
-                audit.record(self.actor, "workload.update", locked, details={"fields": sorted(changed)})
+            locked = Workload.objects.select_related("host", "tenant").get(pk=workload.pk)
             current = observe.run_state(locked)
             if spec["state"] == "running":
                 if current == "stopped" or locked.state == WorkloadState.UNKNOWN:
                     ops.append(str(compute_services.start_workload(actor=self.actor, workload=locked).pk))
-                elif changed and locked.state == WorkloadState.RUNNING:
+                elif changed & compute_services.RESTART_FIELDS and locked.state == WorkloadState.RUNNING:
                     ops.append(str(compute_services.restart_workload(actor=self.actor, workload=locked).pk))
             elif current == "running":
                 ops.append(str(compute_services.stop_workload(actor=self.actor, workload=locked).pk))
@@ -760,8 +708,6 @@ class Executor:
             str(network_services.unpublish_port(actor=self.actor, port=row).pk)
             for row in self._port_rows(step.key)
         ]
-        with transaction.atomic():
-            _record_marker(self.tenant, step.key, None)
         if not ops:
             return StepOutcome(step.key, step.action, "done", "already gone")
         return StepOutcome(step.key, step.action, "submitted", "unpublished", ops)
@@ -779,13 +725,10 @@ class Executor:
             return StepOutcome(step.key, step.action, "waiting", "the old port is not unpublished yet")
         ops: list[str] = []
         if rows:
-            marker = observe.port_marker(
-                DesiredState.objects.get(tenant=self.tenant).image_references, step.key
-            )
-            row = next((r for r in rows if marker and marker.get("id") == str(r.pk)), rows[0])
+            row = observe.managed_row(rows)
             detail = "recorded"
         else:
-            # Its own transaction, as for networks; interrupted before the marker, it is adopted later.
+            # Its own transaction, as for networks; interrupted before the stamp, it is adopted later.
             row, op = network_services.publish_port(
                 actor=self.actor,
                 workload=workload,
@@ -795,12 +738,9 @@ class Executor:
             )
             ops.append(str(op.pk))
             detail = f"published on host port {row.host_port}"
-        with transaction.atomic():
-            _record_marker(
-                self.tenant,
-                step.key,
-                {"id": str(row.pk), "revision": self.revision, "spec_hash": step.spec_hash},
-            )
+        PublishedPort.objects.filter(pk=row.pk).update(
+            managed_revision=self.revision, managed_spec_hash=step.spec_hash
+        )
         return StepOutcome(step.key, step.action, "submitted" if ops else "done", detail, ops)
 
 

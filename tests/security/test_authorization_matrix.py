@@ -171,7 +171,7 @@ def _workload(world: World, ownership: str) -> Any:
 ROUTES.update(
     {
         "workload-list": Route(methods=("GET", "POST"), list_post=400),
-        "workload-detail": Route(methods=("GET", "DELETE"), obj=_workload),
+        "workload-detail": Route(methods=("GET", "PATCH", "DELETE"), obj=_workload),
         "workload-start": Route(methods=("POST",), obj=_workload),
         "workload-stop": Route(methods=("POST",), obj=_workload),
         "workload-restart": Route(methods=("POST",), obj=_workload),
