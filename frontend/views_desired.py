@@ -97,7 +97,7 @@ def resource_rows(tenant: Tenant, state: DesiredState) -> list[dict[str, Any]]:
     """Every resource (existing, or missing by the drift), with its drift badge."""
     drift = {item.get("key"): item for item in state.drift or []}
     try:
-        observed = observe.observed_resources(tenant, state.image_references)
+        observed = observe.observed_resources(tenant)
     except Exception:  # a runtime not reachable from here: the drift alone
         observed = []
     rows: list[dict[str, Any]] = []
