@@ -146,3 +146,29 @@ class PublishedPort(models.Model):
             "host_port": self.host_port,
             "workload": str(self.workload_id),
         }
+
+
+class NetworkRepairQuerySet(TenantOwnedQuerySet):
+    tenant_path = "compartment__tenant__"
+
+
+class NetworkRepair(models.Model):
+    """A host agent found part of a compartment's network changed outside Bulkhead and restored it.
+
+    Written by the agent's periodic re-apply (compute.management.commands.agent.repair_network); the
+    desired-state reconciler reports the repairs of managed networks as drift of the tenant.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    compartment = models.ForeignKey(Compartment, on_delete=models.CASCADE, related_name="repairs")
+    host = models.ForeignKey("compute.Host", on_delete=models.CASCADE, related_name="+")
+    details = models.JSONField(default=list)
+    at = models.DateTimeField(db_index=True)
+
+    objects = NetworkRepairQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-at"]
+
+    def __str__(self) -> str:
+        return f"repair of {self.compartment_id} on {self.host_id} at {self.at}"

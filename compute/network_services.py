@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
@@ -417,3 +418,35 @@ def note_host_networks(host: Host, networks: Sequence[IPv4Network]) -> None:
             return
         locked.facts = {**(locked.facts or {}), "networks": texts}
         locked.save(update_fields=["facts"])
+
+
+# How long the record of a repair is kept (the audit log keeps it for good).
+REPAIR_RETENTION_DAYS = 7
+
+
+@transaction.atomic
+def record_repairs(*, actor: Actor, host: Host, repaired_by_compartment: dict[str, list[str]]) -> int:
+    """Record what the host agent restored, per compartment, with an audit entry in each tenant.
+
+    Keys are the driver's compartment ids (``Compartment.network_id``); unknown ones (a compartment
+    deleted meanwhile) are skipped. Returns how many compartments were recorded.
+    """
+    from django.utils import timezone
+
+    from compute.compartments import NetworkRepair
+
+    now = timezone.now()
+    ids = {key[1:]: details for key, details in repaired_by_compartment.items() if key.startswith("c")}
+    recorded = 0
+    for compartment in Compartment.objects.filter(pk__in=list(ids)).select_related("tenant"):
+        details = ids[compartment.pk.hex]
+        NetworkRepair.objects.create(compartment=compartment, host=host, details=details, at=now)
+        audit.record(
+            actor,
+            "compartment.repaired",
+            compartment,
+            details={"host": host.name, "repaired": details},
+        )
+        recorded += 1
+    NetworkRepair.objects.filter(host=host, at__lt=now - timedelta(days=REPAIR_RETENTION_DAYS)).delete()
+    return recorded

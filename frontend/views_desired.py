@@ -42,6 +42,7 @@ DRIFT_BADGES: dict[str, str] = {
     "stopped": "state-cancelled",
     "started": "state-cancelled",
     "orphaned": "state-running",
+    "repaired": "state-cancelled",
 }
 
 

@@ -42,6 +42,8 @@ class DesiredState(models.Model):
     observed_revision = models.PositiveIntegerField(null=True, blank=True)
     conditions = models.JSONField(default=list, blank=True)
     drift = models.JSONField(default=list, blank=True)
+    # Per managed resource key: {"Ready", "Drifted", "Degraded", "Flapping": "True"/"False", "reason", ...}.
+    resource_conditions = models.JSONField(default=dict, blank=True)
     # Exclusive claim on the tenant's desired state (reconciler run or apply), with a lease.
     claimed_by = models.CharField(max_length=64, blank=True)
     claimed_until = models.DateTimeField(null=True, blank=True)

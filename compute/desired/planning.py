@@ -38,7 +38,8 @@ from compute.desired.document import (
 
 PlanAction = Literal["create", "update", "replace", "delete", "noop"]
 ChangeEffect = Literal["update", "replace"]
-DriftKind = Literal["missing", "changed", "stopped", "started", "orphaned"]
+# "repaired": the host agent restored a managed network's host-level pieces changed outside Bulkhead.
+DriftKind = Literal["missing", "changed", "stopped", "started", "orphaned", "repaired"]
 
 PLAN_FORMAT: Final = 1
 _KIND_ORDER: Final = {kind: position for position, kind in enumerate(RESOURCE_KINDS)}

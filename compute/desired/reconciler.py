@@ -30,12 +30,21 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from compute.compartments import NetworkRepair
 from compute.desired import observe, services
-from compute.desired.document import DesiredResource, DocumentError, TenantConfig, ValidationIssue
+from compute.desired.document import (
+    DesiredResource,
+    DocumentError,
+    TenantConfig,
+    ValidationIssue,
+    network_key,
+)
 from compute.desired.flapping import FlapBreaker
 from compute.desired.models import DesiredRevision, DesiredState, ReconcileMode, ResourceCorrection
-from compute.desired.planning import DriftItem, compute_plan, detect_drift
+from compute.desired.planning import DriftItem, FieldChange, compute_plan, detect_drift
 from compute.models import Workload
+from portal import events
+from tenants import audit
 from tenants.actors import Actor
 
 log = logging.getLogger(__name__)
@@ -227,13 +236,17 @@ def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
                 now,
             ),
         ]
-        _store(state, now, started, conditions, [], None)
+        _store(state, now, started, conditions, [], None, {})
         return {"drift": [], "corrected": [], "revision": None}
     revision = DesiredRevision.objects.get(tenant=tenant, number=revision_number)
     config = config_of(revision)
     desired: list[DesiredResource] = config.resources()
     observed = observe.observed_resources(tenant)
-    drift = detect_drift(desired, observed)
+    repairs = _host_repairs(state, now)
+    drift = sorted(
+        [*detect_drift(desired, observed), *repairs],
+        key=lambda item: (item.resource_kind != "network", item.key),
+    )
 
     corrected: list[dict[str, Any]] = []
     flapping: list[str] = []
@@ -242,21 +255,28 @@ def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
         corrected, flapping, failed = _correct(
             state, revision_number, desired, observed, drift, config.prune, now
         )
+    _announce_flapping(state, flapping, revision_number)
 
     broken = list(
         Workload.objects.filter(tenant=tenant, state__in=["failed", "unknown"])
         .exclude(managed_revision__isnull=True)
         .values_list("name", "state", "status_message")
     )
-    degraded_reasons = [f"workload/{name} is {st}{': ' + msg if msg else ''}" for name, st, msg in broken]
-    degraded_reasons += [f"{f['key']}: {f['detail']}" for f in failed]
+    degraded_by_key = {f"workload/{name}": f"is {st}{': ' + msg if msg else ''}" for name, st, msg in broken}
+    degraded_by_key.update({f["key"]: f"correction failed: {f['detail']}" for f in failed})
+    degraded_reasons = [f"{key} {why}" for key, why in degraded_by_key.items()]
 
-    if not drift:
-        ready = ("True", "UpToDate", f"Resources match revision {revision_number}.")
+    pending = [item for item in drift if item.kind != "repaired"]
+    if not pending:
+        ready = (
+            ("True", "Corrected", f"Restored on the host: {_describe(drift)}")
+            if drift
+            else ("True", "UpToDate", f"Resources match revision {revision_number}.")
+        )
     elif corrected:
-        ready = ("False", "Correcting", f"Correcting: {_describe(drift)}")
+        ready = ("False", "Correcting", f"Correcting: {_describe(pending)}")
     else:
-        ready = ("False", "Drifted", _describe(drift))
+        ready = ("False", "Drifted", _describe(pending))
     conditions = [
         _condition(state.conditions, "Ready", *ready, revision_number, now),
         _condition(
@@ -291,8 +311,16 @@ def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
             now,
         ),
     ]
+    per_resource = resource_conditions(
+        [r.key for r in desired] + [r.key for r in observed if r.managed],
+        drift,
+        degraded_by_key,
+        set(flapping),
+        {c["key"] for c in corrected},
+        revision_number,
+    )
     drift_json = [item.to_dict() for item in drift]
-    _store(state, now, started, conditions, drift_json, revision_number)
+    _store(state, now, started, conditions, drift_json, revision_number, per_resource)
     return {
         "revision": revision_number,
         "drift": drift_json,
@@ -302,6 +330,75 @@ def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
     }
 
 
+def resource_conditions(
+    keys: Iterable[str],
+    drift: Iterable[DriftItem],
+    degraded: dict[str, str],
+    flapping: set[str],
+    correcting: set[str],
+    revision: int,
+) -> dict[str, dict[str, Any]]:
+    """Per managed resource: Ready, Drifted, Degraded and Flapping ("True"/"False") with one reason.
+
+    Kept compact (one small dict per resource, the reason only where something is wrong): a tenant may
+    have a thousand resources and this is written on every run.
+    """
+    drift_by_key = {item.key: item for item in drift}
+    result: dict[str, dict[str, Any]] = {}
+    for key in sorted(set(keys) | set(drift_by_key)):
+        item = drift_by_key.get(key)
+        pending = item is not None and item.kind != "repaired"
+        entry: dict[str, Any] = {
+            "Ready": "False" if pending or key in degraded else "True",
+            "Drifted": "True" if item is not None else "False",
+            "Degraded": "True" if key in degraded else "False",
+            "Flapping": "True" if key in flapping else "False",
+            "observedRevision": revision,
+        }
+        if key in flapping:
+            entry["reason"] = "TooManyCorrections"
+        elif key in degraded:
+            entry["reason"], entry["message"] = "Unhealthy", degraded[key]
+        elif item is not None:
+            entry["reason"] = "Correcting" if key in correcting else f"Drift{item.kind.capitalize()}"
+        result[key] = entry
+    return result
+
+
+def _host_repairs(state: DesiredState, now: datetime) -> list[DriftItem]:
+    """Managed networks whose host-level pieces a host agent restored since the last run, as drift."""
+    since = state.last_run_at or now - timedelta(seconds=interval_seconds())
+    rows = (
+        NetworkRepair.objects.filter(
+            compartment__tenant_id=state.tenant_id,
+            compartment__managed_revision__isnull=False,
+            at__gt=since,
+        )
+        .select_related("compartment", "host")
+        .order_by("at")
+    )
+    changes: dict[str, list[FieldChange]] = {}
+    for row in rows:
+        for detail in row.details:
+            changes.setdefault(network_key(row.compartment.name), []).append(
+                FieldChange(f"host/{row.host.name}", str(detail), "restored by the host agent")
+            )
+    return [DriftItem(key, "repaired", tuple(found), "network") for key, found in sorted(changes.items())]
+
+
+def _announce_flapping(state: DesiredState, flapping: list[str], revision: int) -> None:
+    """An audit entry and an event for each resource that has just started flapping (not every run)."""
+    before = {
+        key for key, entry in (state.resource_conditions or {}).items() if entry.get("Flapping") == "True"
+    }
+    for key in sorted(set(flapping) - before):
+        details = {"key": key, "revision": revision, "window_seconds": breaker().window_seconds}
+        audit.record(
+            Actor.system("reconciler"), "desired.flapping", state, tenant=state.tenant, details=details
+        )
+        events.publish(state.tenant_id, {"type": "desired", "tenant": str(state.tenant_id), "flapping": key})
+
+
 def _store(
     state: DesiredState,
     now: datetime,
@@ -309,10 +406,12 @@ def _store(
     conditions: list[dict[str, Any]],
     drift: list[dict[str, Any]],
     revision: int | None,
+    per_resource: dict[str, dict[str, Any]],
 ) -> None:
     DesiredState.objects.filter(pk=state.pk).update(
         conditions=conditions,
         drift=drift,
+        resource_conditions=per_resource,
         observed_revision=revision,
         last_run_at=now,
         last_success_at=now,
@@ -344,6 +443,26 @@ def _correct(
     plan = compute_plan(desired, observed, prune=prune)
     allowed = []
     flapping = []
+    corrected: list[dict[str, Any]] = []
+    # A host agent restored these already (the host's rules are shared by every tenant on it, so it
+    # always does): they count towards the flap breaker like the reconciler's own corrections.
+    for item in drift:
+        if item.kind != "repaired":
+            continue
+        if flap.decide(history.get(item.key, []), now).correct:
+            corrected.append(
+                {"key": item.key, "action": "repaired", "outcome": "done", "detail": "by the host"}
+            )
+            ResourceCorrection.objects.create(
+                tenant=state.tenant,
+                key=item.key,
+                action="repaired",
+                drift="repaired",
+                revision=revision,
+                at=now,
+            )
+        else:
+            flapping.append(item.key)
     for step in plan.changes:
         if step.key not in drift_kind:
             continue
@@ -353,7 +472,8 @@ def _correct(
         else:
             flapping.append(step.key)
     if not allowed:
-        return [], sorted(flapping), []
+        _audit_corrections(state, revision, corrected)
+        return corrected, sorted(flapping), []
     executor = services.Executor(
         actor=Actor.system("reconciler"),
         tenant=state.tenant,
@@ -364,7 +484,6 @@ def _correct(
     from compute.desired.planning import Plan
 
     outcomes = executor.run(Plan(tuple(allowed), prune, plan.observed_fingerprint, plan.desired_fingerprint))
-    corrected = []
     failed = []
     seen: set[str] = set()
     for outcome in outcomes:
@@ -381,4 +500,17 @@ def _correct(
                 revision=revision,
                 at=now,
             )
+    _audit_corrections(state, revision, corrected)
     return corrected, sorted(flapping), failed
+
+
+def _audit_corrections(state: DesiredState, revision: int, corrected: list[dict[str, Any]]) -> None:
+    """One audit entry per run that corrected something (the operations it started are audited too)."""
+    if corrected:
+        audit.record(
+            Actor.system("reconciler"),
+            "desired.corrected",
+            state,
+            tenant=state.tenant,
+            details={"revision": revision, "corrected": [f"{c['action']} {c['key']}" for c in corrected]},
+        )

@@ -43,10 +43,16 @@ AF_INET = 2
 
 @dataclass(frozen=True)
 class ApplyReport:
-    """What an apply did: `changed` follows from a new wanted state, `repaired` undid outside damage."""
+    """What an apply did: `changed` follows from a new wanted state, `repaired` undid outside damage.
+
+    `repaired_by_compartment` says whose network each repair restored: a compartment's own pieces
+    (bridge, VXLAN, DNS) go to it; host-wide ones (the shared nftables tables, forwarding) to every
+    compartment on the host, since each of them depended on what was broken.
+    """
 
     changed: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    repaired_by_compartment: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def unchanged(self) -> bool:
@@ -110,16 +116,28 @@ def _uplink_facts(ipr: IPRoute, uplink: str) -> tuple[int, IPv4Address | None]:
 class _Reporter:
     """Sorts each change into changed/repaired by whether the wanted state was the same last time."""
 
-    def __init__(self) -> None:
+    def __init__(self, compartment_ids: list[str] | None = None) -> None:
         self.changed: list[str] = []
         self.repaired: list[str] = []
+        self.compartment_ids = compartment_ids or []
+        self.by_compartment: dict[str, list[str]] = {}
 
-    def note(self, what: str, changes: list[str], *, same_as_before: bool) -> None:
-        if changes:
-            (self.repaired if same_as_before else self.changed).append(f"{what}: {', '.join(changes)}")
+    def note(
+        self, what: str, changes: list[str], *, same_as_before: bool, compartment_id: str | None = None
+    ) -> None:
+        """Record `changes` to `what`; a repair of a compartment's own piece names its compartment."""
+        if not changes:
+            return
+        line = f"{what}: {', '.join(changes)}"
+        (self.repaired if same_as_before else self.changed).append(line)
+        if same_as_before:
+            for owner in [compartment_id] if compartment_id else self.compartment_ids:
+                self.by_compartment.setdefault(owner, []).append(line)
 
     def report(self) -> ApplyReport:
-        return ApplyReport(changed=self.changed, repaired=self.repaired)
+        return ApplyReport(
+            changed=self.changed, repaired=self.repaired, repaired_by_compartment=self.by_compartment
+        )
 
 
 def apply_host_network(
@@ -154,7 +172,7 @@ def _apply_locked(
 ) -> ApplyReport:
     record = _load_record(state_dir)
     previous: dict[str, str] = record.get("compartments", {})
-    reporter = _Reporter()
+    reporter = _Reporter([c.compartment_id for c in state.compartments])
 
     if ensure_sysctl("net.ipv4.ip_forward", "1", host_netns):
         reporter.note("ip_forward", ["enabled"], same_as_before=bool(record.get("ip_forward")))
@@ -189,7 +207,12 @@ def _apply_locked(
             host_netns,
             ipr=ipr,
         )
-        reporter.note(f"bridge {compartment.bridge}", changes, same_as_before=same)
+        reporter.note(
+            f"bridge {compartment.bridge}",
+            changes,
+            same_as_before=same,
+            compartment_id=compartment.compartment_id,
+        )
         if compartment.vni is not None:
             assert vxlan_local is not None
             bridge = link_by_name(ipr, compartment.bridge)
@@ -205,9 +228,16 @@ def _apply_locked(
                 host_netns,
                 ipr=ipr,
             )
-            reporter.note(f"vxlan {name}", changes, same_as_before=same)
+            reporter.note(
+                f"vxlan {name}", changes, same_as_before=same, compartment_id=compartment.compartment_id
+            )
         changes = dns.ensure_dns(compartment, state_dir, host_netns)
-        reporter.note(f"dns {compartment.compartment_id}", changes, same_as_before=same)
+        reporter.note(
+            f"dns {compartment.compartment_id}",
+            changes,
+            same_as_before=same,
+            compartment_id=compartment.compartment_id,
+        )
 
     record["nft"] = _converge_nftables(state, host_netns, record.get("nft"), reporter)
     record["compartments"] = fingerprints

@@ -18,6 +18,7 @@ from compute.desired.models import DesiredState, ResourceCorrection
 from compute.models import Host, Workload
 from portal.models import Operation
 from tenants.actors import Actor
+from tenants.models import AuditEntry
 from tests.compute.conftest import busybox, finished, host, store_dir, workload_in  # noqa: F401
 from tests.conftest import World, client_for
 from tests.imaging.images import db_image
@@ -84,6 +85,45 @@ def test_monitor_reports_drift_and_changes_nothing(applied: World) -> None:
     assert condition(applied, "Ready")["reason"] == "Drifted"
     assert Operation.objects.count() == operations_before
     assert Workload.objects.get(name="web").state == "stopped"
+    per_resource = DesiredState.objects.get(tenant=applied.acme).resource_conditions
+    assert per_resource["workload/web"]["Drifted"] == "True"
+    assert per_resource["workload/web"]["reason"] == "DriftStopped"
+    assert per_resource["workload/api"]["reason"] == "DriftMissing"
+    assert per_resource["workload/api"]["Ready"] == "False"
+
+
+@pytest.mark.django_db
+def test_mode_off_reports_and_schedules_nothing(applied: World) -> None:
+    set_mode(applied, "monitor")
+    set_mode(applied, "off")
+    Workload.objects.filter(name="web").update(state="stopped")
+
+    assert reconciler.reconcile_tenant(applied.acme.pk) == {"skipped": "mode is off"}
+    assert reconciler.due_tenants() == []
+    assert DesiredState.objects.get(tenant=applied.acme).conditions == []
+
+
+@pytest.mark.django_db
+def test_an_unhealthy_managed_workload_degrades_the_tenant_and_the_resource(applied: World) -> None:
+    set_mode(applied, "monitor")
+    Workload.objects.filter(name="web").update(state="failed", status_message="exit code 3")
+
+    reconciler.reconcile_tenant(applied.acme.pk)
+
+    degraded = condition(applied, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ResourcesUnhealthy"
+    assert degraded["message"] == "workload/web is failed: exit code 3"
+    web = DesiredState.objects.get(tenant=applied.acme).resource_conditions["workload/web"]
+    assert web["Degraded"] == "True" and web["Ready"] == "False"
+    assert web["message"] == "is failed: exit code 3"
+    api = DesiredState.objects.get(tenant=applied.acme).resource_conditions["workload/api"]
+    assert api == {
+        "Ready": "True",
+        "Drifted": "False",
+        "Degraded": "False",
+        "Flapping": "False",
+        "observedRevision": 1,
+    }
 
 
 @pytest.mark.django_db
@@ -121,6 +161,14 @@ def test_the_flap_breaker_stops_correcting_a_resource_that_keeps_changing_back(
     assert flapping["status"] == "True" and "workload/web" in flapping["message"]
     assert ResourceCorrection.objects.filter(key="workload/web").count() == 2
     assert Operation.objects.filter(kind="workload.start").count() == 2
+    # Said once, when it started flapping: in the audit log and on the resource.
+    announced = AuditEntry.objects.get(action="desired.flapping")
+    assert announced.tenant == applied.acme and announced.details["key"] == "workload/web"
+    web = DesiredState.objects.get(tenant=applied.acme).resource_conditions["workload/web"]
+    assert web["Flapping"] == "True" and web["reason"] == "TooManyCorrections"
+    reconciler.reconcile_tenant(applied.acme.pk, now=now + timedelta(seconds=100))
+    assert AuditEntry.objects.filter(action="desired.flapping").count() == 1
+    assert AuditEntry.objects.filter(action="desired.corrected").count() == 2
     # Once the window has passed it corrects again.
     Operation.objects.update(state="succeeded")
     later = reconciler.reconcile_tenant(applied.acme.pk, now=now + timedelta(seconds=700))
@@ -145,9 +193,16 @@ def test_runs_are_jittered_and_status_writes_do_not_trigger_another(applied: Wor
     settings.BULKHEAD_RECONCILE_SECONDS = 10
     set_mode(applied, "monitor")
     now = timezone.now()
-    reconciler.reconcile_tenant(applied.acme.pk, now=now)
-    next_run = DesiredState.objects.get(tenant=applied.acme).next_run_at
-    assert next_run is not None and now + timedelta(seconds=8) <= next_run <= now + timedelta(seconds=10)
+    delays = []
+    for _ in range(20):
+        reconciler.reconcile_tenant(applied.acme.pk, now=now)
+        next_run = DesiredState.objects.get(tenant=applied.acme).next_run_at
+        assert next_run is not None
+        delays.append((next_run - now).total_seconds())
+    assert all(8 <= delay <= 10 for delay in delays)
+    assert max(delays) - min(delays) > 0.2, "runs of different tenants must not line up"
+    # The run wrote its status (conditions, drift, timings) 20 times: none of that made it due again.
+    assert reconciler.due_tenants(now=now) == []
     assert reconciler.due_tenants(now=now + timedelta(seconds=5)) == []
     assert reconciler.due_tenants(now=now + timedelta(seconds=10)) == [applied.acme.pk]
 

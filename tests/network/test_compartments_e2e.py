@@ -259,3 +259,53 @@ def test_the_agent_repairs_a_network_changed_from_outside_and_says_so(site: Site
     assert nftables.list_owned(site.host_netns)
     entry = AuditEntry.objects.get(action="host.network.repaired")
     assert entry.details["repaired"] == repaired
+
+
+def test_a_repair_of_a_managed_network_is_drift_of_its_tenant(site: Site) -> None:
+    """Adopt the resources with a document, break the host's rules and bridge, see the reconciler say so."""
+    from compute.compartments import NetworkRepair
+    from compute.desired import reconciler
+    from compute.desired import services as desired
+    from compute.desired import tasks as desired_tasks
+    from compute.desired.models import DesiredState
+    from compute.management.commands.agent import repair_network
+    from tenants.models import AuditEntry
+
+    front = compartment(site, "front")
+    run(site, "sleeper", "exec sleep 300", front)
+    alice = Actor(user=site.world.user("alice"))
+    revision, _ = desired.save_revision(
+        actor=alice, tenant=site.world.acme, text=desired.export_for(site.world.acme)
+    )
+    plan = desired.create_plan(actor=alice, tenant=site.world.acme, revision=revision)
+    op = desired.apply_plan(actor=alice, plan=plan)
+    desired_tasks.apply_plan.apply(args=[str(op.pk)])
+    assert finished(str(op.pk)).state == "succeeded", finished(str(op.pk)).error
+    desired.set_mode(actor=alice, tenant=site.world.acme, mode="monitor")
+    reconciler.reconcile_tenant(site.world.acme.pk)
+    assert DesiredState.objects.get(tenant=site.world.acme).condition("Drifted")["status"] == "False"  # type: ignore[index]
+
+    subprocess.run(
+        ["ip", "netns", "exec", site.host_netns, "nft", "delete", "table", "inet", "bulkhead"], check=True
+    )
+    subprocess.run(["ip", "-n", site.host_netns, "link", "delete", front.bridge], check=True)
+    assert repair_network(site.host)
+    reconciler.reconcile_tenant(site.world.acme.pk)
+
+    state = DesiredState.objects.get(tenant=site.world.acme)
+    drifted = state.condition("Drifted")
+    assert drifted is not None and drifted["status"] == "True"
+    assert drifted["message"] == "network/front repaired"
+    (item,) = state.drift
+    assert item["kind"] == "repaired" and item["resource_kind"] == "network"
+    restored = {change["before"] for change in item["changes"]}
+    assert any(line.startswith(f"bridge {front.bridge}: ") for line in restored), restored
+    assert any(line.startswith("nftables: ") for line in restored), restored
+    assert state.resource_conditions["network/front"]["Drifted"] == "True"
+    assert state.condition("Ready")["reason"] == "Corrected"  # type: ignore[index]
+    assert NetworkRepair.objects.filter(compartment=front, host=site.host).count() == 1
+    entry = AuditEntry.objects.get(action="compartment.repaired")
+    assert entry.tenant == site.world.acme and entry.details["host"] == site.host.name
+    # The next run finds nothing new: the drift was reported once, not forever.
+    reconciler.reconcile_tenant(site.world.acme.pk)
+    assert DesiredState.objects.get(tenant=site.world.acme).condition("Drifted")["status"] == "False"  # type: ignore[index]

@@ -72,7 +72,8 @@ class Command(BaseCommand):
 
 
 def repair_network(host: Host) -> list[str]:
-    """Re-apply the host's compartments; what had to be repaired goes to the audit log and the event bus."""
+    """Re-apply the host's compartments; what had to be repaired goes to the audit log and the event bus,
+    and, per compartment, to the NetworkRepair rows the desired-state reconciler reports as drift."""
     from compute import network_agent, network_services
     from portal import events
     from tenants import audit
@@ -83,8 +84,10 @@ def repair_network(host: Host) -> list[str]:
         return []
     report = network_agent.apply_host(host)
     if report.repaired:
-        audit.record(
-            Actor.system("agent"), "host.network.repaired", host, details={"repaired": report.repaired}
+        actor = Actor.system("agent")
+        audit.record(actor, "host.network.repaired", host, details={"repaired": report.repaired})
+        network_services.record_repairs(
+            actor=actor, host=host, repaired_by_compartment=report.repaired_by_compartment
         )
         events.publish(None, {"type": "host", "id": str(host.pk), "network_repaired": report.repaired})
     return list(report.repaired)
