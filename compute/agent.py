@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +23,7 @@ from compute.models import Host, Workload
 from compute.runtimes.oci import ContainerSpec, OciRuntime
 from imaging.store import LayerSpec, LayerStore
 from portal import events
+from portal.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +50,6 @@ def workload_lock(workload: Workload, *, blocking: bool = True) -> Iterator[bool
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def failpoint(name: str) -> None:
-    """Test instrumentation: BULKHEAD_FAILPOINT=<name> kills this process right here (SIGKILL).
-
-    The kill-point tests use it to prove that an agent killed at any step converges after restart.
-    """
-    if os.environ.get("BULKHEAD_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _noop_progress(percent: float, message: str = "", **_: Any) -> None:

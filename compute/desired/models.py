@@ -125,6 +125,8 @@ class DesiredPlan(models.Model):
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     applied_at = models.DateTimeField(null=True, blank=True)
+    # When the sweep last sent an interrupted apply again (at most once per lease).
+    resume_requested_at = models.DateTimeField(null=True, blank=True)
 
     objects = TenantOwnedQuerySet.as_manager()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import os
 import re
 import time
 import uuid
@@ -60,6 +61,7 @@ from compute.models import Workload
 from imaging.models import Image
 from portal import operations
 from portal.errors import Conflict, Invalid
+from portal.failpoints import failpoint
 from portal.models import Operation, OperationState
 from tenants import audit
 from tenants.actors import Actor
@@ -67,9 +69,9 @@ from tenants.models import Tenant
 
 log = logging.getLogger(__name__)
 
-APPLY_LEASE_SECONDS = 900
+# How long an apply waits for another apply or reconciler run of its tenant to finish.
+CLAIM_WAIT_SECONDS = 900
 _DIGEST = re.compile(r"^(?P<name>.+)@(?P<digest>sha256:[a-f0-9]{64})$")
-_PROCESS_FIELDS = ("command", "args", "env", "workdir", "user", "vcpus", "memory_mib")
 
 
 class InvalidDocument(Invalid):
@@ -89,6 +91,42 @@ class StalePlan(Conflict):
 def apply_wait_seconds() -> float:
     """How long an apply waits for a deletion to finish before re-creating the same name."""
     return float(getattr(settings, "BULKHEAD_DESIRED_APPLY_WAIT_SECONDS", 600))
+
+
+def apply_lease_seconds() -> float:
+    """The apply's claim on its tenant lasts this long unless renewed (it is, between and during steps).
+
+    A worker that dies mid-apply stops renewing: one lease later ``resume_interrupted_applies`` sends
+    the apply again (``BULKHEAD_DESIRED_APPLY_LEASE_SECONDS``, default 60).
+    """
+    value = getattr(settings, "BULKHEAD_DESIRED_APPLY_LEASE_SECONDS", None)
+    return float(value if value is not None else os.environ.get("BULKHEAD_DESIRED_APPLY_LEASE_SECONDS", 60))
+
+
+class LeaseLost(Conflict):
+    """An apply found its claim taken over (it stalled longer than its lease): another run goes on."""
+
+    code = "lease_lost"
+
+
+class Lease:
+    """Keeps an apply's claim alive: call it often; it renews at most every sixth of the lease."""
+
+    def __init__(self, tenant_id: Any, owner: str) -> None:
+        self.tenant_id = tenant_id
+        self.owner = owner
+        self.seconds = apply_lease_seconds()
+        self.renewed = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.renewed < self.seconds / 6:
+            return
+        renewed = DesiredState.objects.filter(tenant_id=self.tenant_id, claimed_by=self.owner).update(
+            claimed_until=timezone.now() + timedelta(seconds=self.seconds)
+        )
+        if not renewed:
+            raise LeaseLost("This apply stalled longer than its lease and another run took its tenant over.")
+        self.renewed = time.monotonic()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -500,6 +538,7 @@ class Executor:
         wait: bool,
         skip_in_flight: bool = False,
         progress: Callable[..., None] | None = None,
+        keepalive: Callable[[], None] | None = None,
     ) -> None:
         self.actor = actor
         self.tenant = tenant
@@ -507,6 +546,7 @@ class Executor:
         self.wait = wait
         self.skip_in_flight = skip_in_flight
         self.progress = progress or (lambda *a, **k: None)
+        self.keepalive = keepalive or (lambda: None)
         self.outcomes: list[StepOutcome] = []
 
     def run(self, plan: Plan) -> list[StepOutcome]:
@@ -514,16 +554,27 @@ class Executor:
         teardown, build = plan.teardown_steps(), plan.build_steps()
         total = max(1, len(teardown) + len(build))
         for done, step in enumerate(teardown):
+            self.keepalive()
             self.progress(100 * done / total, f"Removing {step.key}")
             self._guarded(step, self._teardown)
+            failpoint("desired.apply.after_step")
         for done, step in enumerate(build, start=len(teardown)):
+            self.keepalive()
             self.progress(100 * done / total, f"{step.action.capitalize()} {step.key}")
             self._guarded(step, self._build)
+            failpoint("desired.apply.after_step")
         return self.outcomes
+
+    def _pause(self) -> None:
+        """Between two polls of a wait: the claim stays ours."""
+        time.sleep(0.2)
+        self.keepalive()
 
     def _guarded(self, step: PlanStep, run: Callable[[PlanStep], StepOutcome]) -> None:
         try:
             outcome = run(step)
+        except LeaseLost:
+            raise
         except Exception as error:  # one failed step must not stop the others; the result says which
             log.warning("desired step %s %s failed: %s", step.action, step.key, error)
             message = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
@@ -557,7 +608,7 @@ class Executor:
         while Workload.objects.filter(tenant=self.tenant, name=name).exists():
             if not self.wait or time.monotonic() > deadline:
                 return False
-            time.sleep(0.2)
+            self._pause()
         return True
 
     # Build: creates, the creation half of replaces, updates.
@@ -667,7 +718,7 @@ class Executor:
                 return True
             if not self.wait or time.monotonic() > deadline:
                 return False
-            time.sleep(0.2)
+            self._pause()
 
     def _build_network(self, step: PlanStep) -> StepOutcome:
         # The service runs in its own transaction (a refusal keeps its audit entry); the stamp follows.
@@ -763,18 +814,21 @@ def execute_plan(
     """Run a stored plan under the tenant's claim (waiting for a running apply or reconciler run).
 
     A plan still ``planned`` runs exactly as stored, after a last staleness check. One found ``applying``
-    is a redelivery after a worker was lost: its steps are re-planned from what exists now against the
-    same revision, so the apply resumes instead of repeating or refusing itself.
+    is a resumption after its worker was lost (sent again by ``resume_interrupted_applies`` or redelivered
+    by the broker): its steps are re-planned from what exists now against the same revision, so the apply
+    resumes instead of repeating or refusing itself. The claim is renewed between and during steps.
     """
-    plan_row = DesiredPlan.objects.select_related("tenant", "revision", "created_by").get(pk=plan_id)
+    plan_row = DesiredPlan.objects.select_related("tenant", "revision").get(pk=plan_id)
     tenant = plan_row.tenant
     revision = plan_row.revision
     if revision is None:
         raise Conflict("A preview plan cannot be applied.")
-    owner = f"apply:{plan_row.pk}"
-    claim_waiting(tenant.pk, owner, APPLY_LEASE_SECONDS, timeout=APPLY_LEASE_SECONDS)
-    actor = Actor(user=actor_user or plan_row.created_by)
+    owner = new_owner(f"apply:{plan_row.pk}")
+    claim_waiting(tenant.pk, owner, apply_lease_seconds(), timeout=CLAIM_WAIT_SECONDS)
     try:
+        # Read again under the claim: another delivery may have finished it while this one waited.
+        plan_row = DesiredPlan.objects.select_related("created_by").get(pk=plan_id)
+        actor = Actor(user=actor_user or plan_row.created_by)
         if plan_row.state == PlanState.PLANNED:
             plan = Plan.from_dict(plan_row.plan)
             if _observed_fingerprint(tenant) != plan.observed_fingerprint:
@@ -791,25 +845,110 @@ def execute_plan(
             resumed = True
         else:
             return {"skipped": f"plan is {plan_row.state}"}
-        DesiredState.objects.filter(tenant=tenant).update(target_revision=revision.number)
-        executor = Executor(
-            actor=actor, tenant=tenant, revision=revision.number, wait=True, progress=progress
-        )
-        result = _plan_rows_result(executor.run(plan))
-        result.update({"revision": revision.number, "resumed": resumed, "summary": plan.summary()})
+        try:
+            result = _execute(plan, plan_row, actor, revision.number, Lease(tenant.pk, owner), progress)
+        except LeaseLost:
+            raise  # the run that took over finishes the plan
+        except Exception as error:
+            # Not resumable by sending it again: say so on the plan, or the sweep would retry forever.
+            _finish_plan(plan_row, actor, f"{type(error).__name__}: {error}", {"revision": revision.number})
+            raise
+        result["resumed"] = resumed
         problems = "; ".join(
             f"{o['key']}: {o['detail']}" for o in result["steps"] if o["outcome"] in ("failed", "waiting")
         )
-        DesiredPlan.objects.filter(pk=plan_row.pk).update(
-            state=PlanState.FAILED if problems else PlanState.APPLIED,
-            applied_at=timezone.now(),
-            error=problems,
-        )
+        _finish_plan(plan_row, actor, problems, result)
         if problems:
             raise RuntimeError(f"some steps did not complete: {problems}")
         return result
     finally:
         release(tenant.pk, owner)
+
+
+def _execute(
+    plan: Plan,
+    plan_row: DesiredPlan,
+    actor: Actor,
+    revision: int,
+    lease: Lease,
+    progress: Callable[..., None] | None,
+) -> dict[str, Any]:
+    DesiredState.objects.filter(tenant_id=plan_row.tenant_id).update(target_revision=revision)
+    executor = Executor(
+        actor=actor,
+        tenant=plan_row.tenant,
+        revision=revision,
+        wait=True,
+        progress=progress,
+        keepalive=lease,
+    )
+    result = _plan_rows_result(executor.run(plan))
+    result.update({"revision": revision, "summary": plan.summary()})
+    return result
+
+
+def _finish_plan(plan_row: DesiredPlan, actor: Actor, problems: str, result: dict[str, Any]) -> None:
+    """Mark the plan applied (or failed, with why) and audit the outcome."""
+    DesiredPlan.objects.filter(pk=plan_row.pk).update(
+        state=PlanState.FAILED if problems else PlanState.APPLIED,
+        applied_at=timezone.now(),
+        error=problems[:4000],
+    )
+    audit.record(
+        actor,
+        "desired.apply.failed" if problems else "desired.applied",
+        plan_row,
+        tenant=plan_row.tenant,
+        details={
+            "revision": result.get("revision"),
+            "resumed": bool(result.get("resumed")),
+            "summary": result.get("summary", {}),
+            **({"problems": problems[:1000]} if problems else {}),
+        },
+    )
+
+
+def resume_interrupted_applies(now: Any = None) -> list[str]:
+    """Send again each apply whose worker was lost mid-way (found ``applying`` with no live claim).
+
+    Called on every beat tick. An apply renews its claim while it works, so a plan still ``applying``
+    whose tenant nobody holds has lost its worker. It is sent again (the same operation, which a
+    redelivery would also run), at most once per lease; ``execute_plan`` resumes it from what exists.
+    """
+    from compute.desired import tasks
+
+    now = now or timezone.now()
+    lease = timedelta(seconds=apply_lease_seconds())
+    resumed: list[str] = []
+    stuck = DesiredPlan.objects.filter(state=PlanState.APPLYING, operation__isnull=False).select_related(
+        "operation", "tenant"
+    )
+    for plan in stuck:
+        held = DesiredState.objects.filter(tenant_id=plan.tenant_id, claimed_until__gte=now).exists()
+        if held or (plan.resume_requested_at is not None and plan.resume_requested_at > now - lease):
+            continue
+        op = plan.operation
+        assert op is not None
+        if op.state not in (OperationState.QUEUED, OperationState.RUNNING):
+            # Its operation ended without finishing the plan: nothing would ever resume it.
+            DesiredPlan.objects.filter(pk=plan.pk, state=PlanState.APPLYING).update(
+                state=PlanState.FAILED, error=f"its operation {op.state}: {op.error}"[:4000]
+            )
+            continue
+        if not DesiredPlan.objects.filter(
+            pk=plan.pk, state=PlanState.APPLYING, resume_requested_at=plan.resume_requested_at
+        ).update(resume_requested_at=now):
+            continue  # another tick got there first
+        audit.record(
+            Actor.system("reconciler"),
+            "desired.apply.resumed",
+            plan,
+            tenant=plan.tenant,
+            details={"operation": str(op.pk)},
+        )
+        tasks.apply_plan.apply_async(args=(str(op.pk),), queue=op.queue, retry=False)
+        resumed.append(str(plan.pk))
+    return resumed
 
 
 def new_owner(prefix: str) -> str:

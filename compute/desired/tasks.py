@@ -23,7 +23,9 @@ def reconcile_tenant(tenant_id: str) -> dict[str, Any]:
 
 @app.task(name="desired.reconcile_due", ignore_result=True)
 def reconcile_due() -> list[str]:
-    """The beat tick: queue one run for each tenant whose run is due (jitter is in next_run_at)."""
+    """The beat tick: send again applies whose worker was lost, and queue one run for each tenant whose
+    run is due (jitter is in next_run_at)."""
+    services.resume_interrupted_applies()
     picked = [str(tenant_id) for tenant_id in reconciler.due_tenants()]
     for tenant_id in picked:
         reconcile_tenant.apply_async(args=(tenant_id,), queue="default")

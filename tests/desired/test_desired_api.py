@@ -6,6 +6,7 @@ side of the workloads they create is not needed: plans compare database rows.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
@@ -21,9 +22,10 @@ from compute.desired.schema import SCHEMA
 from compute.models import Host, Workload
 from portal.models import Operation
 from tenants.actors import Actor
-from tenants.models import Quota
+from tenants.models import AuditEntry, Quota
 from tests.conftest import World, client_for
 from tests.imaging.images import db_image
+from tests.processes import celery_worker, wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -430,6 +432,60 @@ def test_an_apply_interrupted_by_a_lost_worker_resumes_and_converges(ready: Worl
     assert op.result["resumed"] is True
     assert sorted(Workload.objects.values_list("name", flat=True)) == ["web", "worker"]
     assert changes(plan(ready, revision["id"]).json()) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_apply_whose_worker_is_killed_mid_way_is_resumed_and_converges(
+    ready: World, settings: Any
+) -> None:
+    settings.BULKHEAD_DESIRED_APPLY_LEASE_SECONDS = 2
+    revision = save(ready).json()
+    planned = plan(ready, revision["id"]).json()
+    lease = {"BULKHEAD_DESIRED_APPLY_LEASE_SECONDS": "2"}
+    with celery_worker(name="doomed", BULKHEAD_FAILPOINT="desired.apply.after_step", **lease) as worker:
+        response = client_for(ready, "alice").post(
+            f"/api/v1/desired/plans/{planned['id']}/apply/", {}, format="json"
+        )
+        assert response.status_code == 202
+        worker.wait(timeout=60)
+    assert worker.returncode == -signal.SIGKILL  # killed right after its first step
+    op_id = response.json()["id"]
+    assert Operation.objects.get(pk=op_id).state == "running"
+    assert DesiredPlan.objects.get(pk=planned["id"]).state == "applying"
+    assert list(Workload.objects.values_list("name", flat=True)) == ["web"]
+
+    # Once the dead worker's lease has lapsed, the beat tick's sweep sends the apply again, once.
+    wait_until(lambda: services.resume_interrupted_applies() == [planned["id"]], what="resumed", timeout=15)
+    assert services.resume_interrupted_applies() == []
+    with celery_worker(name="healthy", **lease):
+        wait_until(lambda: Operation.objects.get(pk=op_id).state != "running", what="apply done", timeout=60)
+
+    op = Operation.objects.get(pk=op_id)
+    assert op.state == "succeeded", op.error
+    assert op.result["resumed"] is True
+    assert sorted(Workload.objects.values_list("name", flat=True)) == ["web", "worker"]  # no duplicate
+    assert all(w.managed_revision == 1 for w in Workload.objects.all())  # no orphan: both are managed
+    assert DesiredPlan.objects.get(pk=planned["id"]).state == "applied"
+    assert changes(plan(ready, revision["id"]).json()) == []
+    assert AuditEntry.objects.filter(action="desired.apply.resumed").count() == 1
+    assert AuditEntry.objects.filter(action="desired.applied").count() == 1
+
+
+def test_a_live_apply_is_not_resumed_and_a_dead_operation_fails_its_plan(ready: World) -> None:
+    revision = save(ready).json()
+    planned = plan(ready, revision["id"]).json()
+    response = client_for(ready, "alice").post(
+        f"/api/v1/desired/plans/{planned['id']}/apply/", {}, format="json"
+    )
+    DesiredPlan.objects.filter(pk=planned["id"]).update(state="applying")
+    assert services.claim(ready.acme.pk, f"apply:{planned['id']}:live", 60)
+
+    assert services.resume_interrupted_applies() == []  # its worker holds a live claim
+
+    services.release(ready.acme.pk, f"apply:{planned['id']}:live")
+    Operation.objects.filter(pk=response.json()["id"]).update(state="failed", error="boom")
+    assert services.resume_interrupted_applies() == []
+    assert DesiredPlan.objects.get(pk=planned["id"]).state == "failed"
 
 
 @pytest.mark.django_db(transaction=True)
