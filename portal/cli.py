@@ -145,7 +145,12 @@ class Commands:
         plan = self.client.post("desired/plans/", {"revision": revision["id"]})
         render_plan(plan["plan"], self.out)
         if all(step["action"] == "noop" for step in plan["plan"]["steps"]):
-            return 0
+            state = self.client.get(f"desired/{self.tenant['id']}/")
+            if state["target_revision"] == revision["number"]:
+                return 0
+            # Nothing to change, but this revision becomes the one the reconciler keeps the tenant at.
+            op = self.client.post(f"desired/plans/{plan['id']}/apply/")
+            return self.follow(op, args.timeout)
         if not args.yes:
             if not sys.stdin.isatty():
                 raise CliError("refusing to apply without confirmation: pass --yes")
@@ -155,7 +160,7 @@ class Commands:
         op = self.client.post(f"desired/plans/{plan['id']}/apply/")
         return self.follow(op, args.timeout)
 
-    def follow(self, op: dict[str, Any], timeout: float) -> int:
+    def follow(self, op: dict[str, Any], timeout: float, done: str = "Applied") -> int:
         """Print an operation's progress until it finishes; 0 when it succeeded."""
         deadline = time.monotonic() + timeout
         last = None
@@ -170,7 +175,7 @@ class Commands:
             op = self.client.get(f"operations/{op['id']}/")
         if op["state"] != "succeeded":
             raise CliError(f"operation {op['kind']} {op['state']}: {op['error']}")
-        self.out.write(f"Applied: operation {op['id']} succeeded.\n")
+        self.out.write(f"{done}: operation {op['id']} succeeded.\n")
         for step in op.get("result", {}).get("steps", []):
             self.out.write(f"  {step['key']}: {step['action']} {step['outcome']} {step['detail']}\n")
         return 0
@@ -275,8 +280,10 @@ class Commands:
             self.out.write(self.client.get(f"workloads/{workload['id']}/logs/")["logs"])
             return 0
         op = self.client.post(f"workloads/{workload['id']}/{args.action}/")
-        self.out.write(f"{args.action} {args.name}: operation {op['id']} {op['state']}\n")
-        return 0
+        if args.no_wait:
+            self.out.write(f"{args.action} {args.name}: operation {op['id']} {op['state']}\n")
+            return 0
+        return self.follow(op, args.timeout, done=f"{args.action.capitalize()} {args.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("-m", "--message")
     workloads = sub.add_parser("workloads", help="list workloads, show logs, stop or start one")
     workloads.add_argument("action", choices=["list", "logs", "stop", "start"])
+    workloads.add_argument("--no-wait", action="store_true", help="stop/start: do not wait for it to finish")
+    workloads.add_argument("--timeout", type=float, default=120)
     workloads.add_argument("name", nargs="?")
     return parser
 

@@ -47,6 +47,7 @@ class DesiredStateSerializer(serializers.Serializer):
     observed_revision = serializers.IntegerField(allow_null=True)
     conditions = serializers.JSONField()
     drift = serializers.JSONField()
+    resource_conditions = serializers.JSONField()
     last_run_at = serializers.DateTimeField(allow_null=True)
     last_success_at = serializers.DateTimeField(allow_null=True)
     last_duration_ms = serializers.IntegerField(allow_null=True)
@@ -189,6 +190,7 @@ class DesiredStateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Perm
                 "observed_revision": state.observed_revision,
                 "conditions": state.conditions,
                 "drift": state.drift,
+                "resource_conditions": state.resource_conditions,
                 "last_run_at": state.last_run_at,
                 "next_run_at": state.next_run_at,
                 "failures": state.failures,

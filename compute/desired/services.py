@@ -167,6 +167,7 @@ def claim_waiting(tenant_id: Any, owner: str, lease_seconds: float, timeout: flo
         time.sleep(0.2)
 
 
+@audit.denials_audited
 @transaction.atomic
 def set_mode(*, actor: Actor, tenant: Tenant, mode: str) -> DesiredState:
     """Turn the reconciler off, to monitor, or to autocorrect; a newly enabled one runs at the next tick."""
@@ -424,6 +425,13 @@ def create_plan(
         observed_fingerprint=plan.observed_fingerprint,
         desired_fingerprint=plan.desired_fingerprint,
         created_by=actor.user,
+    )
+    audit.record(
+        actor,
+        "desired.plan",
+        row,
+        tenant=tenant,
+        details={"revision": revision.number if revision else None, "summary": plan.summary()},
     )
     return row
 

@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 
+from compute.desired.models import DesiredState
 from compute.models import Host, Workload
 from portal.cli import main
+from tests.compute.conftest import busybox, host, store_dir, workload_in  # noqa: F401
 from tests.conftest import World
 from tests.imaging.images import db_image
-from tests.processes import celery_worker
+from tests.processes import celery_worker, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -84,3 +86,44 @@ def test_cli_shows_invalid_documents_with_line_numbers(
     assert "line 8: spec.workloads[0].memory: unknown field 'memory'" in err
     code, _ = run("workloads", "stop", "nope")
     assert code == 1 and "no workload named 'nope'" in capsys.readouterr().err
+
+
+def test_cli_runs_the_everyday_workload_commands_on_a_real_host(
+    world: World,
+    live_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    busybox: Any,  # noqa: F811
+    host: Host,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("BULKHEAD_URL", live_server.url)
+    monkeypatch.setenv("BULKHEAD_TOKEN", world.tokens["alice_acme"])
+    monkeypatch.delenv("BULKHEAD_TENANT", raising=False)
+    document = tmp_path / "tenant.yaml"
+    document.write_text(
+        DOC.replace('[/bin/sleep, "300"]', '[/bin/sh, -c, "echo hello-from-cli; exec sleep 300"]')
+    )
+
+    with celery_worker(queues="default", name="desired-cli-host"):
+        code, _ = run("apply", "-f", str(document), "--yes")
+        assert code == 0, capsys.readouterr().err
+        workload_in("web", {"running"})
+        wait_until(
+            lambda: "hello-from-cli" in run("workloads", "logs", "web")[1], what="the workload's output"
+        )
+
+        code, output = run("workloads", "stop", "web")
+        assert code == 0, capsys.readouterr().err
+        assert output.splitlines()[-1].startswith("Stop web: operation ")
+        assert Workload.objects.get(name="web").state == "stopped"
+        code, output = run("workloads", "start", "web")
+        assert code == 0, capsys.readouterr().err
+        assert Workload.objects.get(name="web").state == "running"
+
+        # A revision that changes nothing still becomes the one the reconciler keeps the tenant at.
+        document.write_text("# the same resources, said again\n" + document.read_text())
+        code, output = run("apply", "-f", str(document), "--yes")
+        assert code == 0, capsys.readouterr().err
+        assert "Revision 2" in output and "No changes" in output
+    assert DesiredState.objects.get(tenant=world.acme).target_revision == 2

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+from django.db import DatabaseError, transaction
 
 from compute import network_services
 from compute import services as compute_services
@@ -286,6 +287,10 @@ def test_it_numbers_revisions_and_keeps_them_immutable(ready: World) -> None:
     revision.message = "rewritten"
     with pytest.raises(ImmutableRevision):
         revision.save()
+    # Bypassing save() does not help: the database refuses too.
+    with pytest.raises(DatabaseError, match="immutable"), transaction.atomic():
+        DesiredRevision.objects.filter(pk=revision.pk).update(text="spec: {}")
+    assert DesiredRevision.objects.get(pk=revision.pk).text == DOC
 
 
 def test_it_diffs_any_two_revisions_and_rolls_back_to_an_old_one(ready: World) -> None:
