@@ -90,6 +90,32 @@ def celery_worker(
 
 
 @contextmanager
+def celery_beat(name: str = "test", **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The real Celery beat process (the reconciler's clock), its schedule file in var/."""
+    schedule = ROOT / "var" / f"test-beat-{name}.schedule"
+    log = open(ROOT / "var" / f"test-beat-{name}.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "portal", "beat", "-s", str(schedule), "-l", "INFO"],
+        cwd=ROOT,
+        env=subprocess_env(**env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        for leftover in schedule.parent.glob(schedule.name + "*"):
+            leftover.unlink(missing_ok=True)
+
+
+@contextmanager
 def host_agent(host: Any, worker_env: dict[str, str] | None = None, **env: str) -> Iterator[None]:
     """A host's agent as on a real host: a Celery worker on `host.<id>` plus the agent loop process.
 

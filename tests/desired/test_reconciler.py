@@ -7,6 +7,9 @@ agent on a host, a workload stopped and another deleted through the API, correct
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -22,7 +25,7 @@ from tenants.models import AuditEntry
 from tests.compute.conftest import busybox, finished, host, store_dir, workload_in  # noqa: F401
 from tests.conftest import World, client_for
 from tests.imaging.images import db_image
-from tests.processes import wait_until
+from tests.processes import celery_beat, celery_worker, wait_until
 
 DOC = """\
 apiVersion: bulkhead/v1
@@ -260,6 +263,53 @@ def test_autocorrect_restores_workloads_stopped_or_deleted_through_the_api(
     reconciler.reconcile_tenant(world.acme.pk)
     assert condition(world, "Ready")["status"] == "True"
     assert condition(world, "Drifted")["status"] == "False"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_drift_made_on_the_host_shows_within_one_interval_of_the_real_beat_and_is_corrected(
+    world: World,
+    busybox: Any,  # noqa: F811
+    host: Host,  # noqa: F811
+) -> None:
+    """Real beat, real worker, real agent: a container killed behind Bulkhead's back is reported by the
+    next reconciler run in monitor mode, and started again in autocorrect mode."""
+    from compute.agent import oci_runtime
+
+    # restart: never - with the default (on-failure) the host agent itself restarts a killed container.
+    apply_document(
+        world, DOC.replace("      memory_mib: 64\n", "      memory_mib: 64\n      restart: never\n")
+    )
+    web = workload_in("web", {"running"})
+    workload_in("api", {"running"})
+    wait_until(
+        lambda: not Operation.objects.filter(state__in=["queued", "running"]).exists(), what="ops done"
+    )
+    set_mode(world, "monitor")
+    interval = {"BULKHEAD_RECONCILE_SECONDS": "2"}
+    with (
+        celery_worker(queues="default", name="reconciler", **interval),
+        celery_beat("reconciler", **interval),
+    ):
+        wait_until(lambda: _status(world, "Ready") == "True", what="a first run", timeout=30)
+        pid = oci_runtime(host).state(web.runtime_id).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: _status(world, "Drifted") == "True", what="drift reported", timeout=30)
+        # The agent notices the exit within a second; the next run comes at most one interval later.
+        assert time.monotonic() - killed < 2 + 1 + 2, "drift must show within one interval"
+        assert condition(world, "Drifted")["message"] == "workload/web stopped"
+        assert Workload.objects.get(pk=web.pk).state == "failed"  # killed: exit code 137
+
+        set_mode(world, "autocorrect")
+        workload_in("web", {"running"}, timeout=60)
+        wait_until(lambda: _status(world, "Ready") == "True", what="corrected", timeout=60)
+    assert ResourceCorrection.objects.filter(key="workload/web").count() == 1
+
+
+def _status(world: World, kind: str) -> str | None:
+    found = DesiredState.objects.get(tenant=world.acme).condition(kind)
+    return found["status"] if found else None
 
 
 NET_DOC = """\
