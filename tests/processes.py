@@ -45,33 +45,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def celery_worker(
-    queues: str = "default", name: str = "test", **env: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A real Celery worker process consuming `queues` from the real Redis broker."""
-    log = open(ROOT / "var" / f"test-worker-{name}.log", "wb")  # noqa: SIM115 - closed below
+def process(argv: list[str], log_name: str, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A project process (`argv` after the Python interpreter) on the test database, logged to var/."""
+    log = open(ROOT / "var" / log_name, "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "portal",
-            "worker",
-            "-Q",
-            queues,
-            "-c",
-            "1",
-            "-P",
-            "solo",
-            "-n",
-            f"{name}@%h",
-            "-l",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ],
+        [sys.executable, *argv],
         cwd=ROOT,
         env=subprocess_env(**env),
         stdout=log,
@@ -90,27 +68,25 @@ def celery_worker(
 
 
 @contextmanager
+def celery_worker(
+    queues: str = "default", name: str = "test", **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker process consuming `queues` from the real Redis broker."""
+    argv = ["-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1", "-P", "solo"]
+    argv += ["-n", f"{name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    with process(argv, f"test-worker-{name}.log", **env) as proc:
+        yield proc
+
+
+@contextmanager
 def celery_beat(name: str = "test", **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """The real Celery beat process (the reconciler's clock), its schedule file in var/."""
     schedule = ROOT / "var" / f"test-beat-{name}.schedule"
-    log = open(ROOT / "var" / f"test-beat-{name}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "portal", "beat", "-s", str(schedule), "-l", "INFO"],
-        cwd=ROOT,
-        env=subprocess_env(**env),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    argv = ["-m", "celery", "-A", "portal", "beat", "-s", str(schedule), "-l", "INFO"]
     try:
-        yield proc
+        with process(argv, f"test-beat-{name}.log", **env) as proc:
+            yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         for leftover in schedule.parent.glob(schedule.name + "*"):
             leftover.unlink(missing_ok=True)
 

@@ -115,11 +115,9 @@ class WorkloadSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class WorkloadCreateSerializer(serializers.Serializer):
-    tenant = serializers.UUIDField(required=False)
-    name = serializers.CharField(max_length=63, validators=[dns_label])
-    image = serializers.UUIDField()
-    isolation = serializers.ChoiceField(choices=Isolation.choices, default=Isolation.NAMESPACE)
+class WorkloadProcessSerializer(serializers.Serializer):
+    """The process fields a create sets and an update may change."""
+
     command = serializers.ListField(
         child=serializers.CharField(max_length=4096), required=False, allow_null=True, max_length=256
     )
@@ -131,6 +129,18 @@ class WorkloadCreateSerializer(serializers.Serializer):
     )
     workdir = serializers.CharField(max_length=4096, required=False, allow_blank=True)
     user = serializers.CharField(max_length=64, required=False, allow_blank=True)
+
+    def validate_env(self, env: dict[str, str]) -> dict[str, str]:
+        if len(env) > 256:
+            raise serializers.ValidationError("At most 256 variables.")
+        return env
+
+
+class WorkloadCreateSerializer(WorkloadProcessSerializer):
+    tenant = serializers.UUIDField(required=False)
+    name = serializers.CharField(max_length=63, validators=[dns_label])
+    image = serializers.UUIDField()
+    isolation = serializers.ChoiceField(choices=Isolation.choices, default=Isolation.NAMESPACE)
     vcpus = serializers.DecimalField(max_digits=5, decimal_places=2, default=Decimal(1))
     memory_mib = serializers.IntegerField(default=256)
     restart_policy = serializers.ChoiceField(choices=RestartPolicy.choices, default=RestartPolicy.NEVER)
@@ -141,34 +151,13 @@ class WorkloadCreateSerializer(serializers.Serializer):
         child=serializers.CharField(max_length=63), required=False, allow_null=True, max_length=8
     )
 
-    def validate_env(self, env: dict[str, str]) -> dict[str, str]:
-        if len(env) > 256:
-            raise serializers.ValidationError("At most 256 variables.")
-        return env
 
-
-class WorkloadUpdateSerializer(serializers.Serializer):
+class WorkloadUpdateSerializer(WorkloadProcessSerializer):
     """Fields a PATCH may change in place; a running workload picks process changes up when restarted."""
 
-    command = serializers.ListField(
-        child=serializers.CharField(max_length=4096), required=False, allow_null=True, max_length=256
-    )
-    args = serializers.ListField(
-        child=serializers.CharField(max_length=4096), required=False, allow_null=True, max_length=256
-    )
-    env = serializers.DictField(
-        child=serializers.CharField(max_length=8192, allow_blank=True), required=False
-    )
-    workdir = serializers.CharField(max_length=4096, required=False, allow_blank=True)
-    user = serializers.CharField(max_length=64, required=False, allow_blank=True)
     vcpus = serializers.DecimalField(max_digits=5, decimal_places=2, required=False)
     memory_mib = serializers.IntegerField(required=False)
     restart_policy = serializers.ChoiceField(choices=RestartPolicy.choices, required=False)
-
-    def validate_env(self, env: dict[str, str]) -> dict[str, str]:
-        if len(env) > 256:
-            raise serializers.ValidationError("At most 256 variables.")
-        return env
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         unknown = set(self.initial_data) - set(self.fields) if isinstance(self.initial_data, dict) else set()
