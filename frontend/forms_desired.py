@@ -1,4 +1,5 @@
-"""Forms of the desired-state pages: the document editor, the reconciler mode and rollback."""
+"""Forms of the desired-state pages: the document editor, the reconciler mode, rollback and the
+revision to compare a revision against."""
 
 from __future__ import annotations
 
@@ -29,3 +30,9 @@ class RollbackForm(forms.Form):
 
 class PlanForm(forms.Form):
     number = forms.IntegerField(label="Revision", min_value=1, required=False)
+
+
+class CompareForm(forms.Form):
+    """?against=<number> on a revision's page: the revision to diff it against (empty: the previous)."""
+
+    against = forms.IntegerField(label="Compare with revision", min_value=1, required=False)

@@ -89,6 +89,20 @@ def done(request: HttpRequest, url_name: str, render_partial: Callable[[HttpRequ
 # --- objects for the current user -----------------------------------------------------------------
 
 
+def current_tenant(request: HttpRequest) -> Tenant | None:
+    """The tenant the UI acts in (the middleware resolved it through the permission layer)."""
+    return getattr(request, "tenant", None)
+
+
+def may(request: HttpRequest, action: Action) -> bool:
+    tenant = current_tenant(request)
+    return tenant is not None and Tenant.objects.for_user(request.user, action).filter(pk=tenant.pk).exists()
+
+
+def op_card(request: HttpRequest, op: Operation | None = None, error: str = "") -> HttpResponse:
+    return render(request, "frontend/partials/operation_card.html", {"op": op, "error": error})
+
+
 def get_current_tenant_for_user(request: HttpRequest, action: Action = "view") -> Tenant:
     tenant = getattr(request, "tenant", None)
     if tenant is None:

@@ -27,7 +27,16 @@ from compute.choices import WorkloadState
 from compute.consumers import mint_console_token
 from compute.models import Host, Workload
 from frontend import forms as f
-from frontend.views import REFUSALS, get_current_tenant_for_user, operator_required, wants_partial
+from frontend.views import (
+    REFUSALS,
+    current_tenant,
+    get_current_tenant_for_user,
+    may,
+    op_card,
+    operator_required,
+    wants_partial,
+)
+from frontend.views_desired import mark_managed, workload_resource_key
 from imaging import services as imaging_services
 from imaging.api.views import PayloadTooLarge, StoredUpload, StoreUploadHandler, shared_layer_ids
 from imaging.models import Image, ImageLayer
@@ -53,19 +62,6 @@ HOST_BADGES = {"ready": "state-succeeded", "draining": "state-running", "mainten
 def htmx_target(request: HttpRequest) -> str:
     """The id of the element an htmx request swaps (one page, several refreshable parts)."""
     return (request.htmx.target or "") if wants_partial(request) else ""  # type: ignore[attr-defined]
-
-
-def current_tenant(request: HttpRequest) -> Tenant | None:
-    return getattr(request, "tenant", None)
-
-
-def may(request: HttpRequest, action: Action) -> bool:
-    tenant = current_tenant(request)
-    return tenant is not None and Tenant.objects.for_user(request.user, action).filter(pk=tenant.pk).exists()
-
-
-def op_card(request: HttpRequest, op: Operation | None = None, error: str = "") -> HttpResponse:
-    return render(request, "frontend/partials/operation_card.html", {"op": op, "error": error})
 
 
 # --- objects for the current user, in the current tenant ------------------------------------------
@@ -311,9 +307,11 @@ def render_workloads(
     rows = Workload.objects.for_user(request.user).select_related("image", "host")
     rows = rows.filter(tenant=tenant) if tenant else rows.none()
     can_operate = may(request, "operate")
+    workloads = [badge(w) for w in rows]
+    mark_managed(request, (workloads, workload_resource_key))
     context = {
         "tenant": tenant,
-        "workloads": [badge(w) for w in rows],
+        "workloads": workloads,
         "can_operate": can_operate,
         "form": form or (workload_form(request) if can_operate else None),
         "op": op,
@@ -421,8 +419,6 @@ def render_workload_detail(
     badge(workload)
     target = htmx_target(request)
     context: dict[str, Any] = {"workload": workload}
-    if target == "workload-summary":
-        return render(request, "frontend/partials/workload_summary.html", context)
     if target == "workload-stats":
         context["stats"] = workload_stats(workload)
         return render(request, "frontend/partials/workload_stats.html", context)
@@ -432,6 +428,9 @@ def render_workload_detail(
     if target == "workload-changes":
         context["changes"], context["changes_note"] = workload_changes(workload)
         return render(request, "frontend/partials/workload_changes.html", context)
+    mark_managed(request, ([workload], workload_resource_key))
+    if target == "workload-summary":
+        return render(request, "frontend/partials/workload_summary.html", context)
     can_operate = Workload.objects.for_user(request.user, "operate").filter(pk=workload.pk).exists()
     context.update(
         {

@@ -1,12 +1,14 @@
 """The UI of a tenant's desired state: mode, conditions and drift, the document editor, plans, apply and
 history. Same rules as frontend.views_compute: objects through `for_user` and the current tenant (a
 foreign or missing one is a 404), changes through compute.desired.services, htmx gets partials.
-Members (any role) read; owners and admins ("manage") write.
+Members (any role) read; owners and admins ("manage") write. The workload and network pages show their
+managed rows' badges through `mark_managed` / `drift_badges_for` (one DesiredState read a page).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from django.contrib import messages
@@ -17,11 +19,11 @@ from django.views.decorators.http import require_GET, require_POST
 
 from compute.desired import observe
 from compute.desired import services as desired_services
+from compute.desired.document import network_key, port_key, workload_key
 from compute.desired.models import DesiredPlan, DesiredRevision, DesiredState, PlanState
 from frontend import forms_desired as fd
 from frontend.forms import add_service_error, refusal_message
-from frontend.views import REFUSALS, get_current_tenant_for_user, wants_partial
-from frontend.views_compute import current_tenant, may, op_card
+from frontend.views import REFUSALS, current_tenant, get_current_tenant_for_user, may, op_card, wants_partial
 from portal.models import Operation
 from tenants.actors import Actor
 from tenants.models import Tenant
@@ -46,6 +48,14 @@ DRIFT_BADGES: dict[str, str] = {
 }
 
 
+# Per-resource conditions that are wrong when "True", the worst first: (condition, badge colour).
+RESOURCE_PROBLEMS: tuple[tuple[str, str], ...] = (
+    ("Flapping", "state-failed"),
+    ("Degraded", "state-failed"),
+    ("Drifted", "state-cancelled"),
+)
+
+
 # --- objects for the current user, in the current tenant ------------------------------------------
 
 
@@ -63,6 +73,71 @@ def get_plan_for_user(request: HttpRequest, pk: uuid.UUID, action: Any = "manage
         raise Http404("No tenant selected.")
     plans = DesiredPlan.objects.for_user(request.user, action).select_related("tenant", "revision")
     return get_object_or_404(plans, pk=pk, tenant=tenant)
+
+
+# --- managed and drift badges on the resources' own pages -----------------------------------------
+
+
+def resource_badge(entry: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """The badge of one resource's conditions (resource_conditions[key]): the worst of Flapping, Degraded
+    and Drifted that is "True", with its reason as the title; None when nothing is wrong or unknown."""
+    if not entry:
+        return None
+    for condition, css in RESOURCE_PROBLEMS:
+        if entry.get(condition) != "True":
+            continue
+        reason = str(entry.get("reason") or condition)
+        label = condition.lower()
+        if condition == "Drifted" and reason.startswith("Drift") and reason[5:].lower() in DRIFT_BADGES:
+            label = reason[5:].lower()  # DriftMissing -> "missing", coloured as on the desired page
+            css = DRIFT_BADGES[label]
+        return {"condition": condition, "label": label, "badge": css, "title": problem_of(entry) or reason}
+    return None
+
+
+def drift_badges_for(request: HttpRequest, keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Drift badges of the current tenant's resources `keys` (only those with a problem), from the
+    tenant's DesiredState read through the permission layer: one query, none without a key."""
+    wanted = set(keys)
+    tenant = current_tenant(request)
+    if not wanted or tenant is None:
+        return {}
+    conditions = (
+        DesiredState.objects.for_user(request.user, "view")
+        .filter(tenant=tenant)
+        .values_list("resource_conditions", flat=True)
+        .first()
+    ) or {}
+    badges = {key: resource_badge(conditions.get(key)) for key in wanted}
+    return {key: badge for key, badge in badges.items() if badge is not None}
+
+
+def workload_resource_key(workload: Any) -> str:
+    return workload_key(workload.name)
+
+
+def network_resource_key(compartment: Any) -> str:
+    return network_key(compartment.name)
+
+
+def port_resource_key(port: Any) -> str:
+    return port_key(port.workload.name, port.workload_port, port.protocol)
+
+
+RowGroup = tuple[Sequence[Any], Callable[[Any], str]]
+
+
+def mark_managed(request: HttpRequest, *groups: RowGroup) -> None:
+    """Give each row of `groups` ((rows, key of a row), ...) a `desired` attribute for
+    partials/managed_badge.html: {"revision", "key", "drift"} when a document manages the row, None
+    otherwise. One DesiredState query for all the groups, none when no row is managed."""
+    managed = [(row, key(row)) for rows, key in groups for row in rows if row.managed_revision is not None]
+    badges = drift_badges_for(request, [key for _, key in managed])
+    for rows, _ in groups:
+        for row in rows:
+            row.desired = None
+    for row, key in managed:
+        row.desired = {"revision": row.managed_revision, "key": key, "drift": badges.get(key)}
 
 
 # --- presentation helpers -------------------------------------------------------------------------
@@ -94,40 +169,60 @@ def condition_rows(state: DesiredState) -> list[dict[str, Any]]:
     return rows
 
 
+def problem_of(entry: Mapping[str, Any] | None) -> str:
+    """The reason (and message) of a resource's conditions: "Unhealthy: is failed", "DriftChanged"."""
+    entry = entry or {}
+    reason, message = str(entry.get("reason") or ""), str(entry.get("message") or "")
+    return f"{reason}: {message}" if reason and message else reason or message
+
+
+def resource_condition_cells(entry: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    """Ready, Degraded and Flapping of one resource (resource_conditions[key]) as badges, the reason as
+    the title of the ones that are not healthy. Unknown (grey) before the reconciler saw the resource."""
+    problem = problem_of(entry)
+    entry = entry or {}
+    cells = []
+    for condition in ("Ready", "Degraded", "Flapping"):
+        status = str(entry.get(condition, "Unknown"))
+        if status not in ("True", "False"):
+            badge, status = "state-queued", "Unknown"
+        elif status == ("True" if condition == "Ready" else "False"):
+            badge = "state-succeeded"
+        else:
+            badge = "state-failed"
+        title = problem if badge == "state-failed" else ""
+        cells.append({"type": condition, "status": status, "badge": badge, "title": title})
+    return cells
+
+
 def resource_rows(tenant: Tenant, state: DesiredState) -> list[dict[str, Any]]:
-    """Every resource (existing, or missing by the drift), with its drift badge."""
+    """Every resource (existing, or missing by the drift), with its drift badge and its conditions."""
     drift = {item.get("key"): item for item in state.drift or []}
+    per_resource: dict[str, Any] = state.resource_conditions or {}
     try:
         observed = observe.observed_resources(tenant)
     except Exception:  # a runtime not reachable from here: the drift alone
         observed = []
+    found: list[tuple[str, str, bool]] = [(r.key, r.kind, r.managed) for r in observed]
+    seen = {key for key, _, _ in found}
+    found += [(key, item.get("resource_kind") or "", True) for key, item in drift.items() if key not in seen]
     rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for resource in observed:
-        seen.add(resource.key)
-        item = drift.get(resource.key)
+    for key, kind, managed in found:
+        item = drift.get(key)
+        entry = per_resource.get(key)
         rows.append(
             {
-                "key": resource.key,
-                "kind": resource.kind,
-                "managed": resource.managed,
+                "key": key,
+                "kind": kind,
+                "managed": managed,
                 "drift": item.get("kind") if item else "",
                 "changes": item.get("changes", []) if item else [],
                 "badge": DRIFT_BADGES.get(item.get("kind", ""), "state-failed") if item else "",
+                "conditions": resource_condition_cells(entry) if managed or entry else [],
+                "observed_revision": (entry or {}).get("observedRevision"),
+                "problem": problem_of(entry),
             }
         )
-    for key, item in drift.items():
-        if key not in seen:
-            rows.append(
-                {
-                    "key": key,
-                    "kind": item.get("resource_kind") or "",
-                    "managed": True,
-                    "drift": item.get("kind", ""),
-                    "changes": item.get("changes", []),
-                    "badge": DRIFT_BADGES.get(item.get("kind", ""), "state-failed"),
-                }
-            )
     return rows
 
 
@@ -185,7 +280,8 @@ def render_desired(
     if tenant is None or not may(request, "view"):
         context["tenant"] = None
         return render(request, "frontend/desired.html", context, status=status)
-    state = desired_services.ensure_state(tenant)
+    desired_services.ensure_state(tenant)  # made (mode off) on first use; read like any tenant row:
+    state = get_object_or_404(DesiredState.objects.for_user(request.user), tenant=tenant)
     revisions = list(
         DesiredRevision.objects.for_user(request.user)
         .filter(tenant=tenant)
@@ -307,7 +403,7 @@ def desired_plan(request: HttpRequest) -> HttpResponse:
     """Plan a revision (the latest unless a number is given) and show what applying it would change."""
     tenant = get_current_tenant_for_user(request, "manage")
     form = fd.PlanForm(request.POST)
-    revisions = DesiredRevision.objects.filter(tenant=tenant)
+    revisions = DesiredRevision.objects.for_user(request.user, "manage").filter(tenant=tenant)
     number = form.cleaned_data.get("number") if form.is_valid() else None
     revision = revisions.filter(number=number).first() if number else revisions.order_by("-number").first()
     if revision is None:
@@ -351,37 +447,56 @@ def desired_apply(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
 # --- history --------------------------------------------------------------------------------------
 
 
+def diff_context(base: DesiredRevision | None, revision: DesiredRevision) -> dict[str, Any]:
+    """What partials/desired_diff.html shows of the way from `base` to `revision` (None: the first)."""
+    context: dict[str, Any] = {"base": base, "lines": [], "changes": [], "diff_error": ""}
+    if base is None:
+        return context
+    try:
+        diff = desired_services.diff_revisions(base, revision)
+    except desired_services.InvalidDocument as error:
+        context["diff_error"] = error.message
+    else:
+        context["lines"] = diff_lines(diff["diff"])
+        context["changes"] = [
+            {**c, "badge": ACTION_BADGES.get(c.get("action", ""), "state-queued")}
+            for c in diff["changes"]
+            if c.get("action") != "noop"
+        ]
+    return context
+
+
 @login_required
 @require_GET
 def desired_revision(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    """One revision: its text, and what changed since the previous one."""
+    """One revision: its text, and what changed since the previous one or since the revision the user
+    picked (?against=<number>; htmx gets the diff alone). Both revisions through the permission layer:
+    a number the user cannot see, or that does not exist, is a 404."""
     revision = get_revision_for_user(request, pk)
-    previous = (
-        DesiredRevision.objects.filter(tenant=revision.tenant, number__lt=revision.number)
+    siblings = DesiredRevision.objects.for_user(request.user, "view").filter(tenant=revision.tenant)
+    form = fd.CompareForm(request.GET)
+    if not form.is_valid():
+        raise Http404("No such revision.")
+    against = form.cleaned_data["against"]
+    previous = siblings.filter(number__lt=revision.number).order_by("-number").first()
+    base = get_object_or_404(siblings, number=against) if against is not None else previous
+    numbers = list(
+        siblings.exclude(number=revision.number)
         .order_by("-number")
-        .first()
+        .values_list("number", flat=True)[:HISTORY_SIZE]
     )
+    if base is not None and base.number not in numbers:
+        numbers.append(base.number)
     context: dict[str, Any] = {
         "revision": revision,
         "previous": previous,
-        "can_manage": may(request, "manage"),
-        "rollback_form": fd.RollbackForm(),
-        "lines": [],
-        "changes": [],
-        "diff_error": "",
+        "picked": against is not None,
+        "compare_numbers": numbers,
+        **diff_context(base, revision),
     }
-    if previous is not None:
-        try:
-            diff = desired_services.diff_revisions(previous, revision)
-        except desired_services.InvalidDocument as error:
-            context["diff_error"] = error.message
-        else:
-            context["lines"] = diff_lines(diff["diff"])
-            context["changes"] = [
-                {**c, "badge": ACTION_BADGES.get(c.get("action", ""), "state-queued")}
-                for c in diff["changes"]
-                if c.get("action") != "noop"
-            ]
+    if wants_partial(request):
+        return render(request, "frontend/partials/desired_diff.html", context)
+    context.update({"can_manage": may(request, "manage"), "rollback_form": fd.RollbackForm()})
     return render(request, "frontend/desired_revision.html", context)
 
 

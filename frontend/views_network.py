@@ -26,8 +26,14 @@ from compute.compartments import Compartment, IPAllocation, PublishedPort
 from compute.models import Host, Workload
 from frontend import forms as f
 from frontend import forms_network as nf
-from frontend.views import REFUSALS, get_current_tenant_for_user, wants_partial
-from frontend.views_compute import HOST_BADGES, badge, current_tenant, htmx_target, may
+from frontend.views import REFUSALS, current_tenant, get_current_tenant_for_user, may, wants_partial
+from frontend.views_compute import HOST_BADGES, badge, htmx_target
+from frontend.views_desired import (
+    mark_managed,
+    network_resource_key,
+    port_resource_key,
+    workload_resource_key,
+)
 from portal.models import Operation
 from portal.permissions import Action
 from tenants.actors import Actor
@@ -103,6 +109,7 @@ def compartment_rows(request: HttpRequest) -> list[Compartment]:
         row.hosts = [  # type: ignore[attr-defined]
             host_badge(h) for h in sorted(hosts[row.pk].values(), key=lambda h: h.name)
         ]
+    mark_managed(request, (rows, network_resource_key))
     return rows
 
 
@@ -173,10 +180,16 @@ def render_compartment_detail(
     for allocation in allocations:
         badge(allocation.workload)
     members = [a.workload_id for a in allocations]
-    ports = (
+    ports = list(
         PublishedPort.objects.for_user(request.user)
         .filter(tenant=compartment.tenant, workload_id__in=members)
         .select_related("workload", "host")
+    )
+    mark_managed(
+        request,
+        ([compartment], network_resource_key),
+        ([a.workload for a in allocations], workload_resource_key),
+        (ports, port_resource_key),
     )
     can_operate = may(request, "operate")
     context: dict[str, Any] = {

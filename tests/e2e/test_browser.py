@@ -73,3 +73,35 @@ def test_it_signs_in_creates_a_token_and_sees_it_in_the_audit_log(
     assert entry.actor == world.user("alice") and entry.outcome == "ok"
     assert entry.source_address == "127.0.0.1"
     assert outside_requests == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_compares_a_revision_with_a_picked_one_in_place(
+    world: World, live_server: Any, browser_page: Any
+) -> None:
+    from compute.desired.models import DesiredRevision
+
+    text = "apiVersion: bulkhead/v1\nkind: TenantConfig\nspec:\n  networks:\n    - name: {}\n"
+    revisions = [
+        DesiredRevision.objects.create(
+            tenant=world.acme, number=n, text=text.format(name), sha256=f"{n:064d}"
+        )
+        for n, name in ((1, "alpha"), (2, "beta"), (3, "gamma"))
+    ]
+    page = browser_page
+    page.goto(f"{live_server.url}/login/")
+    page.get_by_label("Username").fill("vic")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{live_server.url}/")
+
+    page.goto(f"{live_server.url}/desired/revisions/{revisions[2].pk}/")
+    heading = page.locator("#diff-heading")
+    assert heading.inner_text() == "Changes since revision 2"
+    page.evaluate("window.__same_page = true")  # gone if the browser loaded a new page
+    page.get_by_label("Compare with revision").select_option("1")
+    page.locator('#desired-diff[data-base="1"]').wait_for(timeout=10_000)
+    assert heading.inner_text() == "Changes since revision 1"
+    assert "- name: alpha" in page.locator("#desired-diff pre.diff").inner_text()
+    assert page.evaluate("window.__same_page === true")  # swapped by htmx, not reloaded
+    assert page.url.endswith(f"/desired/revisions/{revisions[2].pk}/?against=1")
