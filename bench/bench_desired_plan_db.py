@@ -17,8 +17,7 @@ Baseline, side by side (``floor``): what any DB-backed planner pays at least, re
 plain SQL (one ``SELECT`` per table: compartments, workloads joined with images, IP allocations, published
 ports of the tenant; ``fetchall``) plus libyaml's ``CSafeLoader`` over the same text.
 
-Run: BULKHEAD_TEST_PG_PORT=55452 BULKHEAD_TEST_REDIS_PORT=6419 \\
-     scripts/with-test-services.sh .venv/bin/python bench/bench_desired_plan_db.py [--repeat 7] [--profile]
+Run: scripts/with-test-services.sh .venv/bin/python bench/bench_desired_plan_db.py [--repeat 7] [--profile]
 Prints one JSON line (medians of ``--repeat`` runs, milliseconds); ``--profile`` adds a cProfile of one
 run on stderr. ``DEBUG`` is off (``BULKHEAD_DEBUG=0`` unless set), as in production: Django's debug cursor
 would otherwise log every query.

@@ -1,5 +1,25 @@
 #!/usr/bin/env bash
-# Runs the benchmarks, one JSON line each. Those needing PostgreSQL run under scripts/with-test-services.sh.
-set -euo pipefail
+# Runs every benchmark, one JSON line each (`make bench` runs this under scripts/with-test-services.sh,
+# which exports DATABASE_URL and REDIS_URL for a throw-away PostgreSQL and Redis). Root: the container,
+# micro-VM, layer and network benchmarks use runc, libvirt, loop mounts and network namespaces.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-BULKHEAD_TEST_PG_PORT=55452 BULKHEAD_TEST_REDIS_PORT=6419 scripts/with-test-services.sh .venv/bin/python bench/bench_desired_plan_db.py
+py=.venv/bin/python
+failed=()
+for bench in \
+  bench/bench_layers.py \
+  bench/bench_container_start.py \
+  bench/api_workload_start.py \
+  bench/bench_microvm.py \
+  bench/bench_network.py \
+  bench/api_list.py \
+  bench/bench_desired_plan.py \
+  bench/bench_desired_plan_db.py \
+  bench/bench_desired_reconcile.py; do
+  echo "== $bench" >&2
+  "$py" "$bench" || failed+=("$bench")
+done
+if ((${#failed[@]})); then
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi
