@@ -20,7 +20,7 @@ from compute import network_agent  # issue 7: compartments (also registers its t
 from compute.choices import Isolation, RestartPolicy, WorkloadState
 from compute.hosts import host_state_dir
 from compute.models import Host, Workload
-from compute.runtimes.oci import ContainerSpec, OciRuntime
+from compute.runtimes.oci import ContainerSpec, OciRuntime, parse_k8s_log
 from imaging.store import LayerSpec, LayerStore
 from portal import events
 from portal.failpoints import failpoint
@@ -421,6 +421,47 @@ def logs(workload: Workload, tail_bytes: int = 64 * 1024) -> bytes:
     assert workload.host is not None
     data = oci_runtime(workload.host).read_log(workload.runtime_id)
     return data[-tail_bytes:]
+
+
+# What a first look at a workload's output shows, and the most one read returns.
+OUTPUT_TAIL_BYTES = 64 * 1024
+OUTPUT_CHUNK_BYTES = 256 * 1024
+
+
+def output_since(workload: Workload, position: int | None) -> tuple[bytes, int]:
+    """What the workload printed after ``position`` (None: the last 64 KiB), and the next position.
+
+    Containers: ``position`` is an offset in conmon's log file and only whole lines are returned (a
+    partial last line waits for its end); a log shorter than ``position`` was restarted: read from 0.
+    Micro-VMs: an offset in the console output.
+    """
+    if workload.isolation == Isolation.MICROVM:
+        output = logs(workload, 4 * 1024 * 1024)
+        if position is None:
+            position = max(0, len(output) - OUTPUT_TAIL_BYTES)
+        elif len(output) < position:
+            position = 0
+        new = output[position : position + OUTPUT_CHUNK_BYTES]
+        return new, position + len(new)
+    assert workload.host is not None
+    path = oci_runtime(workload.host).log_path(workload.runtime_id)
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, 2)
+            if position is None or size < position:  # first look, or a new (re)started log
+                position = max(0, size - OUTPUT_TAIL_BYTES) if position is None else 0
+                if position:
+                    f.seek(position)
+                    f.readline()  # start at a whole line
+                    position = f.tell()
+            f.seek(position)
+            raw = f.read(OUTPUT_CHUNK_BYTES)
+    except FileNotFoundError:
+        return b"", position or 0
+    complete, newline, _ = raw.rpartition(b"\n")
+    if not newline:
+        return b"", position
+    return parse_k8s_log(complete + b"\n"), position + len(complete) + 1
 
 
 def stats(workload: Workload) -> dict[str, Any]:

@@ -11,6 +11,7 @@ server are small JSON notices ({"type": "hello" | "notice", ...}).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -26,14 +27,13 @@ from django.core.cache import cache
 
 from compute.choices import Isolation
 from compute.models import Workload
+from portal.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 CONSOLE_TOKEN_TTL = 60  # seconds
 POLL_INTERVAL = 0.2  # seconds between looks at a growing log
 RECHECK_EVERY = 25  # polls (~5 s) between re-checks that the user may still operate the workload
-INITIAL_TAIL_BYTES = 64 * 1024
-MAX_CHUNK = 256 * 1024
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -155,8 +155,17 @@ class WorkloadConsoleConsumer(AsyncWebsocketConsumer):
         assert self.workload is not None
         follower = OutputFollower(self.workload)
         polls = 0
+        unanswered = False
         while True:
-            chunk = await asyncio.to_thread(follower.read_new)
+            try:
+                chunk = await asyncio.to_thread(follower.read_new)
+            except ServiceError as error:  # the host's agent is away: say so once, keep trying
+                chunk = b""
+                if not unanswered:
+                    await self._notice("notice", message=error.message)
+                unanswered = True
+            else:
+                unanswered = False
             if chunk:
                 await self.send(bytes_data=chunk)
             polls += 1
@@ -197,54 +206,19 @@ class WorkloadConsoleConsumer(AsyncWebsocketConsumer):
 
 
 class OutputFollower:
-    """Reads what a workload printed since the last call (the container's log file, or a VM's output)."""
+    """Reads what a workload printed since the last call, through its host's agent (the host may be
+    another machine; see compute.host_rpc). The position lives here, the files there."""
 
     def __init__(self, workload: Workload) -> None:
         self.workload = workload
-        self.position: int | None = None  # in the raw log file (containers) or the output (VMs)
-        self.partial = b""
+        self.position: int | None = None
 
     def read_new(self) -> bytes:
-        if self.workload.isolation == Isolation.MICROVM:
-            return self._read_vm_output()
-        return self._read_container_log()
+        from compute import host_rpc
 
-    def _read_container_log(self) -> bytes:
-        from compute.agent import oci_runtime
-        from compute.runtimes.oci import parse_k8s_log
-
-        assert self.workload.host is not None
-        path = oci_runtime(self.workload.host).log_path(self.workload.runtime_id)
-        try:
-            with path.open("rb") as f:
-                size = f.seek(0, 2)
-                if self.position is None or size < self.position:  # first look, or a new (re)started log
-                    self.position = max(0, size - INITIAL_TAIL_BYTES) if self.position is None else 0
-                    self.partial = b""
-                    if self.position:
-                        f.seek(self.position)
-                        f.readline()  # start at a whole line
-                        self.position = f.tell()
-                f.seek(self.position)
-                raw = f.read(MAX_CHUNK)
-        except FileNotFoundError:
-            return b""
-        self.position += len(raw)
-        raw = self.partial + raw
-        complete, _, self.partial = raw.rpartition(b"\n")
-        return parse_k8s_log(complete + b"\n") if complete else b""
-
-    def _read_vm_output(self) -> bytes:
-        from compute import agent
-
-        output = agent.logs(self.workload, 4 * 1024 * 1024)
-        if self.position is None:
-            self.position = max(0, len(output) - INITIAL_TAIL_BYTES)
-        elif len(output) < self.position:
-            self.position = 0
-        new = output[self.position : self.position + MAX_CHUNK]
-        self.position += len(new)
-        return new
+        answer = host_rpc.ask(self.workload, "output", position=self.position)
+        self.position = int(answer["position"])
+        return base64.b64decode(answer["data"])
 
 
 # -- libvirt stream helpers (blocking calls: run in a thread) -------------------------------------

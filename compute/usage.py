@@ -9,7 +9,7 @@ from typing import Any
 
 from django.core.cache import cache
 
-from compute import agent
+from compute import host_rpc
 from compute.choices import Isolation, WorkloadState
 from compute.models import Workload
 
@@ -34,8 +34,8 @@ def measured_usage(tenant: Any) -> MeasuredUsage:
             memory += workload.memory_mib * 1024 * 1024
             continue
         try:
-            stats = agent.stats(workload)
-        except Exception:  # a container that just exited, or a host whose files are not here
+            stats = host_rpc.ask(workload, "stats", timeout=2)
+        except Exception:  # a container that just exited, or a host that does not answer
             log.debug("no stats for %s", workload.pk, exc_info=True)
             continue
         memory += int(stats.get("memory_bytes", 0))

@@ -21,7 +21,7 @@ from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from compute import agent, hosts
+from compute import host_rpc, hosts
 from compute import services as compute_services
 from compute.choices import WorkloadState
 from compute.consumers import mint_console_token
@@ -40,6 +40,7 @@ from frontend.views_desired import mark_managed, workload_resource_key
 from imaging import services as imaging_services
 from imaging.api.views import PayloadTooLarge, StoredUpload, StoreUploadHandler, shared_layer_ids
 from imaging.models import Image, ImageLayer
+from portal.errors import ServiceError
 from portal.models import Operation
 from portal.permissions import Action
 from tenants.actors import Actor
@@ -371,8 +372,8 @@ def workload_stats(workload: Workload) -> dict[str, Any]:
     if workload.host_id is None or workload.state != WorkloadState.RUNNING:
         return {}
     try:
-        stats = agent.stats(workload)
-    except Exception:  # the host is elsewhere or the container just ended: no figures, no error page
+        stats = host_rpc.ask(workload, "stats", timeout=3)
+    except Exception:  # the host does not answer or the container just ended: no figures, no error page
         return {"unavailable": True}
     if not stats:
         return {}
@@ -390,9 +391,9 @@ def workload_logs(workload: Workload, tail_bytes: int = 16 * 1024) -> str | None
     if workload.host_id is None or workload.state in (WorkloadState.PENDING,):
         return ""
     try:
-        return agent.logs(workload, tail_bytes).decode("utf-8", "replace")
+        return str(host_rpc.ask(workload, "logs", timeout=3, tail_bytes=tail_bytes))
     except Exception:
-        return None  # not readable from this server
+        return None  # the host does not answer
 
 
 def workload_changes(workload: Workload) -> tuple[list[dict[str, str]], str]:
@@ -400,14 +401,10 @@ def workload_changes(workload: Workload) -> tuple[list[dict[str, str]], str]:
     if workload.host_id is None or workload.state in (WorkloadState.PENDING, WorkloadState.CREATING):
         return [], "The workload has no changes yet."
     try:
-        upper = agent.upper_dir(workload)
-        if not upper.is_dir():
-            return [], ""
-        diff_ids = [layer.diff_id for layer in agent.image_layers(workload)]
-        changes = agent.store().changes(upper, diff_ids)
-    except Exception as exc:
-        return [], f"Changes cannot be listed now ({exc})."
-    return [{"kind": c.kind, "path": c.path} for c in changes[:1000]], ""
+        changes: list[dict[str, str]] = host_rpc.ask(workload, "changes", timeout=5)
+    except ServiceError as exc:
+        return [], f"Changes cannot be listed now ({exc.message})."
+    return changes[:1000], ""
 
 
 def render_workload_detail(

@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from compute import agent, hosts, services
+from compute import host_rpc, hosts, services
 from compute.api import serializers as s
 from compute.models import Host, Workload
 from imaging.models import Image
@@ -153,23 +153,18 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
         tail = min(int(request.query_params.get("tail_bytes", 65536) or 65536), 4 * 1024 * 1024)
         if workload.state in ("pending",):
             return Response({"logs": ""})
-        return Response({"logs": agent.logs(workload, tail).decode("utf-8", "replace")})
+        return Response({"logs": host_rpc.ask(workload, "logs", tail_bytes=tail)})
 
     @action(detail=True, methods=["get"])
     def stats(self, request: Request, pk: str) -> Response:
-        return Response(agent.stats(self.get_object()))
+        return Response(host_rpc.ask(self.get_object(), "stats"))
 
     @action(detail=True, methods=["get"])
     def changes(self, request: Request, pk: str) -> Response:
         workload = self.get_object()
         if workload.state in ("pending", "creating"):
             raise Conflict("The workload has no changes yet.")
-        upper = agent.upper_dir(workload)
-        if not upper.is_dir():
-            return Response({"changes": []})
-        diff_ids = [layer.diff_id for layer in agent.image_layers(workload)]
-        changes = agent.store().changes(upper, diff_ids)
-        return Response({"changes": [{"kind": c.kind, "path": c.path} for c in changes]})
+        return Response({"changes": host_rpc.ask(workload, "changes")})
 
 
 class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLayerViewSet):

@@ -18,6 +18,7 @@ from compute.consumers import _token_key, mint_console_token, redeem_console_tok
 from compute.models import Host, Workload
 from portal.asgi import application
 from tests.compute.conftest import finished, workload_in
+from tests.compute.host_rpc_helpers import answering
 from tests.conftest import World
 from tests.imaging.images import db_image
 
@@ -192,10 +193,11 @@ def workload_op_id(workload: Workload) -> str:
     return str(Operation.objects.get(kind="workload.create", target_id=str(workload.pk)).pk)
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_the_follower_sends_whole_lines_once_and_starts_over_on_a_new_log(
     world: World, settings: Any
 ) -> None:
+    """Through the host's agent (here a thread answering as the agent loop does), as from another machine."""
     from compute.agent import oci_runtime
     from compute.consumers import OutputFollower
 
@@ -203,14 +205,15 @@ def test_the_follower_sends_whole_lines_once_and_starts_over_on_a_new_log(
     assert workload.host is not None
     path = oci_runtime(workload.host).log_path(workload.runtime_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    follower = OutputFollower(workload)
-    assert follower.read_new() == b""  # no log yet
-    path.write_bytes(b"2026-01-01T00:00:00Z stdout F one\n2026-01-01T00:00:00Z stdout P tw")
-    assert follower.read_new() == b"one\n"
-    with path.open("ab") as f:
-        f.write(b"o-part\n2026-01-01T00:00:01Z stderr F three\n")
-    assert follower.read_new() == b"two-partthree\n"
-    assert follower.read_new() == b""
-    path.write_bytes(b"2026-01-01T00:00:02Z stdout F again\n")  # restarted: a shorter, new log
-    assert follower.read_new() == b"again\n"
+    with answering(workload.host):
+        follower = OutputFollower(workload)
+        assert follower.read_new() == b""  # no log yet
+        path.write_bytes(b"2026-01-01T00:00:00Z stdout F one\n2026-01-01T00:00:00Z stdout P tw")
+        assert follower.read_new() == b"one\n"
+        with path.open("ab") as f:
+            f.write(b"o-part\n2026-01-01T00:00:01Z stderr F three\n")
+        assert follower.read_new() == b"two-partthree\n"
+        assert follower.read_new() == b""
+        path.write_bytes(b"2026-01-01T00:00:02Z stdout F again\n")  # restarted: a shorter, new log
+        assert follower.read_new() == b"again\n"
     shutil.rmtree(path.parent)

@@ -1,4 +1,5 @@
-"""`manage.py agent --host ID`: the host agent's loop (heartbeat, exit watcher, re-sync at start).
+"""`manage.py agent --host ID`: the host agent's loop (heartbeat, exit watcher, re-sync at start, and
+answers to the portal's questions about this host's workloads: logs, stats, changes).
 
 The Celery worker consuming `host.<id>` does the requested work; this loop notices what happens on
 the host by itself: exits (recorded within a second), and the host's liveness (heartbeat).
@@ -15,7 +16,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from compute import agent, hosts, vm_agent
+from compute import agent, host_rpc, hosts, vm_agent
 from compute.models import Host
 
 log = logging.getLogger("bulkhead.agent")
@@ -68,7 +69,19 @@ class Command(BaseCommand):
                     last_repair = time.monotonic()
             except Exception:
                 log.exception("agent loop error")
-            time.sleep(EXIT_POLL_SECONDS)
+            wait_answering(host)
+
+
+def wait_answering(host: Host) -> None:
+    """The loop's pause: answer the portal's questions about this host's workloads meanwhile."""
+    started = time.monotonic()
+    try:
+        host_rpc.serve(host, EXIT_POLL_SECONDS)
+    except Exception:  # the broker is away: keep the loop's pace, exits are still recorded
+        log.exception("could not answer host requests")
+    rest = EXIT_POLL_SECONDS - (time.monotonic() - started)
+    if rest > 0:
+        time.sleep(rest)
 
 
 def repair_network(host: Host) -> list[str]:

@@ -1,0 +1,106 @@
+"""The portal asks a host's agent about its workloads over Redis (compute.host_rpc), real Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from compute import host_rpc
+from compute.models import Host, Workload
+from portal.errors import Conflict
+from tests.compute.host_rpc_helpers import answering
+from tests.conftest import World, client_for
+from tests.imaging.images import db_image
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def a_workload(world: World, host_name: str = "rpc-host") -> Workload:
+    host, _ = Host.objects.get_or_create(name=host_name)
+    return Workload.objects.create(
+        tenant=world.acme,
+        name=f"w-{host_name}",
+        image=db_image(world.acme, f"img-{host_name}"),
+        host=host,
+        state="running",
+    )
+
+
+def test_it_answers_a_question_through_the_hosts_agent(world: World) -> None:
+    workload = a_workload(world)
+    host_rpc.QUERIES["echo"] = lambda w, params: {"name": w.name, **params}
+    try:
+        with answering(workload.host):  # type: ignore[arg-type]
+            assert host_rpc.ask(workload, "echo", size=3) == {"name": "w-rpc-host", "size": 3}
+    finally:
+        del host_rpc.QUERIES["echo"]
+
+
+def test_it_says_at_once_when_the_host_does_not_answer(world: World) -> None:
+    workload = a_workload(world, "silent-host")
+    started = time.monotonic()
+    with pytest.raises(host_rpc.HostNotAnswering, match="not answering"):
+        host_rpc.ask(workload, "logs")
+    assert time.monotonic() - started < 1
+
+
+def test_it_passes_a_refusal_back_and_refuses_unknown_questions(world: World) -> None:
+    workload = a_workload(world)
+
+    def refuse(w: Workload, params: dict[str, Any]) -> Any:
+        raise Conflict("not today")
+
+    host_rpc.QUERIES["refuse"] = refuse
+    try:
+        with answering(workload.host):  # type: ignore[arg-type]
+            with pytest.raises(Conflict, match="not today"):
+                host_rpc.ask(workload, "refuse")
+            with pytest.raises(Conflict, match="Unknown host query"):
+                host_rpc.ask(workload, "rm -rf /")
+    finally:
+        del host_rpc.QUERIES["refuse"]
+
+
+def test_an_agent_answers_only_for_workloads_on_its_own_host(world: World) -> None:
+    mine = a_workload(world, "host-a")
+    theirs = a_workload(world, "host-b")
+    client = host_rpc._redis()
+    # A request for host-b's workload pushed onto host-a's list (as a confused or hostile sender would).
+    request = {"id": "0" * 32, "query": "stats", "workload": str(theirs.pk), "params": {}, "deadline": 1e12}
+    client.rpush(host_rpc._requests_key(mine.host_id), json.dumps(request))
+    host_rpc.serve(mine.host, 0.2)  # type: ignore[arg-type]
+    reply = json.loads(client.blpop(["bulkhead:rpc:reply:" + "0" * 32], timeout=1)[1])  # type: ignore[index]
+    assert reply == {"ok": False, "error": "No such workload on this host."}
+
+
+def test_it_drops_questions_whose_asker_gave_up(world: World) -> None:
+    workload = a_workload(world)
+    client = host_rpc._redis()
+    request = {"id": "1" * 32, "query": "stats", "workload": str(workload.pk), "params": {}, "deadline": 1}
+    client.rpush(host_rpc._requests_key(workload.host_id), json.dumps(request), b"not json")
+    assert host_rpc.serve(workload.host, 0.2) == 0  # type: ignore[arg-type]
+    assert client.llen("bulkhead:rpc:reply:" + "1" * 32) == 0
+
+
+def test_the_api_reads_logs_through_the_agent_and_answers_503_without_one(world: World) -> None:
+    from compute import agent
+
+    workload = a_workload(world)
+    path = agent.oci_runtime(workload.host).log_path(workload.runtime_id)  # type: ignore[arg-type]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"2026-01-01T00:00:00Z stdout F hello from the host\n")
+    mia = client_for(world, "mia")
+    try:
+        response = mia.get(f"/api/v1/workloads/{workload.pk}/logs/")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "host_not_answering"
+        with answering(workload.host):  # type: ignore[arg-type]
+            response = mia.get(f"/api/v1/workloads/{workload.pk}/logs/")
+        assert response.status_code == 200
+        assert response.json()["logs"] == "hello from the host\n"
+    finally:
+        path.unlink()
+        path.parent.rmdir()
