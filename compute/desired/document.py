@@ -668,7 +668,8 @@ def parse_document(
     """Parse and validate a desired-state document; raise :class:`DocumentError` listing every issue.
 
     ``resolve_image(reference)`` returns the id of the image the tenant can see under that reference, or None
-    (reported as "image not found" at the workload's image line). It is called once per distinct reference.
+    (reported as "image not found" at the workload's image line). It is called once per distinct reference,
+    after its ``prefetch(references)``, if it has one, was given them all.
     Without a resolver images are not checked and ``image_id`` stays None.
     ``known_networks`` are the tenant's existing networks a workload may attach to without declaring them
     (not allowed with ``prune: true``, which would delete them). ``host_port_range`` (inclusive) is the
@@ -926,6 +927,9 @@ def _resolve_images(
     resolved: dict[str, str | None] = {}
     issues: list[ValidationIssue] = []
     workloads = []
+    prefetch = getattr(resolve_image, "prefetch", None)
+    if prefetch is not None:  # a resolver that can look every reference up at once (one query)
+        prefetch({workload.image for workload in config.workloads})
     for index, workload in enumerate(config.workloads):
         if workload.image not in resolved:
             resolved[workload.image] = resolve_image(workload.image)

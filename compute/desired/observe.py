@@ -15,6 +15,7 @@ Published ports carry their own managed fields: a row re-created by hand is not 
 from __future__ import annotations
 
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 from compute.choices import WorkloadState
@@ -28,7 +29,7 @@ from tenants.models import Tenant
 _TRANSIENT_STATES = frozenset({WorkloadState.PENDING, WorkloadState.CREATING})
 
 
-def run_state(workload: Workload) -> str | None:
+def run_state(workload: Any) -> str | None:
     """The document's run state (running/stopped) a workload is in or on its way to; None if unknown."""
     if workload.state in _TRANSIENT_STATES:
         return "running" if workload.desired_running else "stopped"
@@ -39,8 +40,30 @@ def _vcpus(value: Decimal) -> int | float:
     return normalise_vcpus(float(value))
 
 
-def workload_spec(workload: Workload, reference: str, networks: list[str] | None = None) -> dict[str, Any]:
-    """A workload row as the canonical spec the planner compares (empty strings mean "the image's")."""
+_WORKLOAD_FIELDS = (
+    "id",
+    "name",
+    "image_id",
+    "isolation",
+    "command",
+    "args",
+    "env",
+    "workdir",
+    "user",
+    "vcpus",
+    "memory_mib",
+    "restart_policy",
+    "state",
+    "desired_running",
+    "managed_revision",
+    "managed_spec_hash",
+    "managed_image_reference",
+)
+
+
+def workload_spec(workload: Any, reference: str, networks: list[str] | None = None) -> dict[str, Any]:
+    """A workload (a row or its fields) as the canonical spec the planner compares (empty strings mean
+    "the image's")."""
     return {
         "name": workload.name,
         "image": reference,
@@ -93,22 +116,25 @@ def observed_resources(tenant: Tenant | Any) -> list[ObservedResource]:
     )
     for workload_id, network_name in allocations:
         networks_of.setdefault(workload_id, []).append(network_name)
-    workloads = (
+    # Plain rows, not model instances: a thousand-resource tenant is read on every plan and reconcile.
+    rows = (
         Workload.objects.filter(tenant_id=tenant_id)
         .exclude(state=WorkloadState.DELETING)
-        .select_related("image")
         .order_by("name")
+        .values(*_WORKLOAD_FIELDS, "image__name", "image__tag")
     )
-    for workload in workloads:
+    for row in rows:
+        workload = SimpleNamespace(**row)
+        reference = workload.managed_image_reference or f"{workload.image__name}:{workload.image__tag}"
         observed.append(
             ObservedResource(
                 kind="workload",
                 key=workload_key(workload.name),
-                spec=workload_spec(workload, image_reference(workload), networks_of.get(workload.pk)),
+                spec=workload_spec(workload, reference, networks_of.get(workload.id)),
                 managed=workload.managed_revision is not None,
                 managed_revision=workload.managed_revision,
                 managed_spec_hash=workload.managed_spec_hash or None,
-                status={"runtime_state": workload.state, "id": str(workload.pk)},
+                status={"runtime_state": workload.state, "id": str(workload.id)},
             )
         )
     observed.extend(_observed_ports(tenant_id))
@@ -118,15 +144,24 @@ def observed_resources(tenant: Tenant | Any) -> list[ObservedResource]:
 def _observed_ports(tenant_id: Any) -> list[ObservedResource]:
     # A workload port may be published more than once by hand (two host ports): one resource per key,
     # the managed row (or the lowest host port) as its spec, the others listed in its status.
-    rows: dict[str, list[PublishedPort]] = {}
+    rows: dict[str, list[Any]] = {}
     published = (
         PublishedPort.objects.filter(tenant_id=tenant_id)
         .exclude(workload__state=WorkloadState.DELETING)
-        .select_related("workload")
         .order_by("host_port", "protocol", "id")
+        .values(
+            "pk",
+            "workload__name",
+            "workload_port",
+            "protocol",
+            "host_port",
+            "managed_revision",
+            "managed_spec_hash",
+        )
     )
-    for row in published:
-        rows.setdefault(port_key(row.workload.name, row.workload_port, row.protocol), []).append(row)
+    for fields in published:
+        row = SimpleNamespace(**fields)
+        rows.setdefault(port_key(row.workload__name, row.workload_port, row.protocol), []).append(row)
     observed: list[ObservedResource] = []
     for key in sorted(rows):
         candidates = rows[key]
@@ -136,7 +171,7 @@ def _observed_ports(tenant_id: Any) -> list[ObservedResource]:
                 kind="port",
                 key=key,
                 spec={
-                    "workload": chosen.workload.name,
+                    "workload": chosen.workload__name,
                     "port": chosen.workload_port,
                     "protocol": chosen.protocol,
                     "host_port": chosen.host_port,
@@ -153,7 +188,7 @@ def _observed_ports(tenant_id: Any) -> list[ObservedResource]:
     return observed
 
 
-def managed_row(rows: list[PublishedPort]) -> PublishedPort:
+def managed_row(rows: list[Any]) -> Any:
     """The row an apply manages among a port's publications (else the first: the lowest host port)."""
     return next((row for row in rows if row.managed_revision is not None), rows[0])
 

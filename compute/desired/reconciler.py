@@ -133,14 +133,13 @@ def config_of(revision: DesiredRevision) -> TenantConfig:
         if len(_PARSED) >= _PARSED_MAX:
             _PARSED.clear()
         _PARSED[revision.pk] = parsed
-    resolved: dict[str, str | None] = {}
+    images = services.TenantImages(revision.tenant_id)
+    images.prefetch(workload.image for workload in parsed.workloads)
     workloads = []
     missing = []
     for index, workload in enumerate(parsed.workloads):
-        if workload.image not in resolved:
-            image = services.resolve_image(revision.tenant_id, workload.image)
-            resolved[workload.image] = str(image.pk) if image is not None else None
-        if resolved[workload.image] is None:
+        image_id = images(workload.image)
+        if image_id is None:
             missing.append(
                 ValidationIssue(
                     f"spec.workloads[{index}].image",
@@ -148,7 +147,7 @@ def config_of(revision: DesiredRevision) -> TenantConfig:
                     f"image not found: {workload.image!r}",
                 )
             )
-        workloads.append(replace(workload, image_id=resolved[workload.image]))
+        workloads.append(replace(workload, image_id=image_id))
     if missing:
         raise services.InvalidDocument(DocumentError(missing))
     return replace(parsed, workloads=tuple(workloads))

@@ -186,20 +186,63 @@ def set_mode(*, actor: Actor, tenant: Tenant, mode: str) -> DesiredState:
 # Documents
 
 
-def resolve_image(tenant: Tenant | Any, reference: str) -> Image | None:
-    """The image a tenant can see under ``reference`` (name:tag, name, name@sha256:...), its own first."""
-    tenant_id = getattr(tenant, "pk", tenant)
-    visible = Image.objects.filter(Q(tenant_id=tenant_id) | Q(tenant__isnull=True))
+def _split_reference(reference: str) -> Q:
+    """The filter for one reference: name:tag, name (tag latest) or name@sha256:..."""
     match = _DIGEST.match(reference)
     if match:
-        candidates = visible.filter(name=match["name"], manifest_digest=match["digest"])
-    else:
-        name, _, tag = reference.rpartition(":")
-        if not name or "/" in tag:  # "host:5000/name" has a port, not a tag
-            name, tag = reference, "latest"
-        candidates = visible.filter(name=name, tag=tag)
-    # Own images before public ones of the same name.
-    return candidates.order_by(F("tenant_id").asc(nulls_last=True)).first()
+        return Q(name=match["name"], manifest_digest=match["digest"])
+    name, _, tag = reference.rpartition(":")
+    if not name or "/" in tag:  # "host:5000/name" has a port, not a tag
+        name, tag = reference, "latest"
+    return Q(name=name, tag=tag)
+
+
+def _matches(image: Image, reference: str) -> bool:
+    match = _DIGEST.match(reference)
+    if match:
+        return image.name == match["name"] and image.manifest_digest == match["digest"]
+    name, _, tag = reference.rpartition(":")
+    if not name or "/" in tag:
+        name, tag = reference, "latest"
+    return image.name == name and image.tag == tag
+
+
+class TenantImages:
+    """Resolves image references as ``tenant`` sees them (its own images before public ones of the same
+    name); ``prefetch`` looks a whole document's references up in one query."""
+
+    def __init__(self, tenant: Tenant | Any) -> None:
+        self.tenant_id = getattr(tenant, "pk", tenant)
+        self.found: dict[str, Image | None] = {}
+
+    def _visible(self) -> Any:
+        return Image.objects.filter(Q(tenant_id=self.tenant_id) | Q(tenant__isnull=True))
+
+    def prefetch(self, references: Iterable[str]) -> None:
+        wanted = [reference for reference in set(references) if reference not in self.found]
+        if not wanted:
+            return
+        condition = Q()
+        for reference in wanted:
+            condition |= _split_reference(reference)
+        # Own images before public ones of the same name: the first match of a reference wins.
+        candidates = list(self._visible().filter(condition).order_by(F("tenant_id").asc(nulls_last=True)))
+        for reference in wanted:
+            self.found[reference] = next((i for i in candidates if _matches(i, reference)), None)
+
+    def image(self, reference: str) -> Image | None:
+        if reference not in self.found:
+            self.prefetch([reference])
+        return self.found[reference]
+
+    def __call__(self, reference: str) -> str | None:
+        image = self.image(reference)
+        return str(image.pk) if image is not None else None
+
+
+def resolve_image(tenant: Tenant | Any, reference: str) -> Image | None:
+    """The image a tenant can see under ``reference`` (name:tag, name, name@sha256:...), its own first."""
+    return TenantImages(tenant).image(reference)
 
 
 def _tenant_compartments(tenant_id: Any) -> list[Compartment]:
@@ -248,12 +291,14 @@ def _state_issues(
         elif wanted.subnet in (None, compartment.subnet) and wanted.nat == compartment.nat:
             staying.append(compartment)
     located: list[tuple[tuple[str | int, ...], str]] = []
+    # Each subnet parsed once: a thousand-resource document compares every pair.
+    staying_networks = [(compartment, compartment.network) for compartment in staying]
     for index, network in enumerate(config.networks):
         if network.subnet is None:
             continue
         subnet = ipaddress.IPv4Network(network.subnet)
-        for compartment in staying:
-            if compartment.name != network.name and subnet.overlaps(compartment.network):
+        for compartment, existing in staying_networks:
+            if compartment.name != network.name and subnet.overlaps(existing):
                 located.append(
                     (
                         ("spec", "networks", index, "subnet"),
@@ -275,15 +320,9 @@ def parse_for_tenant(
     ``check_state`` (default: as ``check_images``) a declared subnet overlapping one that stays is refused
     at its line. Host ports must lie in the operator's published port range.
     """
-    cache: dict[str, str | None] = {}
     tenant_id = getattr(tenant, "pk", tenant)
     check_state = check_images if check_state is None else check_state
-
-    def resolver(reference: str) -> str | None:
-        if reference not in cache:
-            image = resolve_image(tenant, reference)
-            cache[reference] = str(image.pk) if image is not None else None
-        return cache[reference]
+    resolver = TenantImages(tenant_id)
 
     compartments = _tenant_compartments(tenant_id)
     if check_state:
