@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from datetime import timedelta
 from typing import Any
 
-from django.db import models, transaction
+from django.conf import settings
+from django.db import connection, models, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from portal import events
 from portal.models import Operation, OperationState
+
+log = logging.getLogger(__name__)
 
 
 def start(
@@ -55,9 +62,10 @@ def _publish(op_id: Any) -> None:
 
 def claim(op_id: Any) -> bool:
     """queued -> running; a repeated delivery of a running op (worker lost) may claim it again."""
+    now = timezone.now()
     claimed = Operation.objects.filter(
         pk=op_id, state__in=[OperationState.QUEUED, OperationState.RUNNING]
-    ).update(state=OperationState.RUNNING, started_at=timezone.now())
+    ).update(state=OperationState.RUNNING, started_at=now, heartbeat_at=now)
     if claimed:
         _publish(op_id)
     return bool(claimed)
@@ -108,3 +116,74 @@ class Progress:
             progress=max(0, min(100, int(percent))), message=message[:500]
         )
         _publish(self.op_id)
+
+
+def heartbeat_seconds() -> float:
+    """How often a running operation's worker says it is alive (``BULKHEAD_OPERATION_HEARTBEAT_SECONDS``)."""
+    return float(getattr(settings, "BULKHEAD_OPERATION_HEARTBEAT_SECONDS", 15))
+
+
+class Heartbeat:
+    """While a worker runs an operation, a thread renews its ``heartbeat_at`` every few seconds."""
+
+    def __init__(self, op_id: Any) -> None:
+        self.op_id = op_id
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{op_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        try:
+            while not self.stopped.wait(heartbeat_seconds()):
+                Operation.objects.filter(pk=self.op_id, state=OperationState.RUNNING).update(
+                    heartbeat_at=timezone.now()
+                )
+        except Exception:  # the operation goes on; at worst the sweep calls it lost later
+            log.exception("heartbeat of operation %s failed", self.op_id)
+        finally:
+            connection.close()
+
+
+# Operations the sweep leaves alone: host tasks are settled by their agent's re-sync (a host may be
+# down for a while and its tasks wait in its queue); desired-state applies by their own lease sweep.
+SWEEP_EXCLUDED_KINDS = ("desired.apply",)
+
+
+def fail_lost(now: Any = None) -> list[str]:
+    """Mark failed the running operations of the portal's own workers whose heartbeat stopped.
+
+    A worker killed mid-task leaves its operation ``running`` for good (the broker redelivers only after
+    its visibility timeout, an hour): after four missed heartbeats it is failed with a clear message,
+    audited, and published, so the user sees it and can start it again.
+    """
+    from tenants import audit
+    from tenants.actors import Actor
+
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=4 * heartbeat_seconds())
+    lost = (
+        Operation.objects.filter(state=OperationState.RUNNING, queue="default")
+        .exclude(kind__in=SWEEP_EXCLUDED_KINDS)
+        .filter(Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True, started_at__lt=stale))
+    )
+    failed = []
+    for op in lost:
+        if Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING).update(
+            state=OperationState.FAILED, error=LOST_WORKER, finished_at=now
+        ):
+            audit.record(
+                Actor.system("portal"), "operation.lost", op, tenant=op.tenant, details={"kind": op.kind}
+            )
+            _publish(op.pk)
+            failed.append(str(op.pk))
+    return failed
+
+
+LOST_WORKER = "The worker running this operation stopped before it finished; start it again."

@@ -12,6 +12,7 @@ from django.db import connection
 
 from portal import operations
 from portal.celery import app
+from portal.failpoints import failpoint
 from portal.models import Operation
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ class OperationTask(Task):
             log.info("operation %s is finished or cancelled; nothing to do", op_id)
             return None
         self.progress = operations.Progress(op_id)
+        failpoint("operation.claimed")
         try:
-            result = super().__call__(op_id, *args, **kwargs)
+            with operations.Heartbeat(op_id):
+                result = super().__call__(op_id, *args, **kwargs)
         except Exception as exc:
             operations.fail(op_id, f"{type(exc).__name__}: {exc}")
             raise
@@ -63,3 +66,14 @@ def selfcheck(self: OperationTask, op_id: str) -> dict[str, Any]:
     for step in range(steps):
         self.progress(70 + 30 * (step + 1) / (steps + 1), f"Step {step + 1} of {steps}", force=True)
     return checks
+
+
+@app.task(name="portal.fail_lost_operations", ignore_result=True)
+def fail_lost_operations() -> list[str]:
+    return operations.fail_lost()
+
+
+app.conf.beat_schedule = {
+    **(app.conf.beat_schedule or {}),
+    "fail-lost-operations": {"task": "portal.fail_lost_operations", "schedule": 30.0},
+}

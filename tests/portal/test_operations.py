@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -125,3 +126,46 @@ def test_it_refuses_an_anonymous_websocket() -> None:
         return connected
 
     assert async_to_sync(scenario)() is False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_fails_an_operation_whose_worker_was_killed_and_says_why(world: World, settings: Any) -> None:
+    from portal import operations
+    from tenants.models import AuditEntry
+
+    settings.BULKHEAD_OPERATION_HEARTBEAT_SECONDS = 0.2
+    with celery_worker(name="doomed", BULKHEAD_FAILPOINT="operation.claimed") as worker:
+        response = client_for(world, "oscar").post(
+            "/api/v1/operations/selfcheck/", {"steps": 2}, format="json"
+        )
+        op_id = response.json()["id"]
+        worker.wait(timeout=60)
+    assert Operation.objects.get(pk=op_id).state == "running"  # and would stay so for an hour
+
+    failed = wait_until(operations.fail_lost, timeout=10, what="the sweep to call it lost")
+
+    assert failed == [op_id]
+    op = Operation.objects.get(pk=op_id)
+    assert op.state == "failed" and op.error == operations.LOST_WORKER
+    assert AuditEntry.objects.get(action="operation.lost").details == {"kind": "portal.selfcheck"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_running_operation_keeps_its_heartbeat_and_is_not_swept(world: World, settings: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from portal import operations
+
+    settings.BULKHEAD_OPERATION_HEARTBEAT_SECONDS = 0.2
+    op = Operation.objects.create(kind="portal.selfcheck", state="running")
+    assert operations.claim(op.pk)
+    with operations.Heartbeat(op.pk):
+        for _ in range(5):  # two and a half seconds: many heartbeat periods
+            time.sleep(0.5)
+            assert operations.fail_lost() == []
+    beat = Operation.objects.get(pk=op.pk).heartbeat_at
+    assert beat is not None and timezone.now() - beat < timedelta(seconds=1)
+    # Once nobody renews it, four missed heartbeats later it is lost.
+    assert operations.fail_lost(now=beat + timedelta(seconds=1)) == [str(op.pk)]
