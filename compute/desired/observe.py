@@ -58,6 +58,7 @@ _WORKLOAD_FIELDS = (
     "managed_revision",
     "managed_spec_hash",
     "managed_image_reference",
+    "status_message",
 )
 
 
@@ -134,7 +135,11 @@ def observed_resources(tenant: Tenant | Any) -> list[ObservedResource]:
                 managed=workload.managed_revision is not None,
                 managed_revision=workload.managed_revision,
                 managed_spec_hash=workload.managed_spec_hash or None,
-                status={"runtime_state": workload.state, "id": str(workload.id)},
+                status={
+                    "runtime_state": workload.state,
+                    "id": str(workload.id),
+                    "message": workload.status_message,
+                },
             )
         )
     observed.extend(_observed_ports(tenant_id))

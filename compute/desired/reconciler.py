@@ -42,7 +42,6 @@ from compute.desired.document import (
 from compute.desired.flapping import FlapBreaker
 from compute.desired.models import DesiredRevision, DesiredState, ReconcileMode, ResourceCorrection
 from compute.desired.planning import DriftItem, FieldChange, compute_plan, detect_drift
-from compute.models import Workload
 from portal import events
 from tenants import audit
 from tenants.actors import Actor
@@ -121,19 +120,22 @@ def due_tenants(now: datetime | None = None, limit: int = 1000) -> list[Any]:
 
 # Revisions are immutable: their parse (schema and semantic checks) is cached by id; images are still
 # resolved on every run, since what a name:tag points at (or whether it is visible) can change.
-_PARSED: dict[Any, TenantConfig] = {}
+_PARSED: dict[tuple[Any, int], TenantConfig] = {}
 _PARSED_MAX = 2048
 
 
-def config_of(revision: DesiredRevision) -> TenantConfig:
-    """The revision's document with image ids resolved now; raises InvalidDocument like parse_for_tenant."""
-    parsed = _PARSED.get(revision.pk)
+def config_of(tenant_id: Any, number: int) -> TenantConfig:
+    """Revision ``number`` of the tenant, with image ids resolved now; raises InvalidDocument like
+    parse_for_tenant. The parse is cached by (tenant, number): numbers are never reused, texts never
+    change (the database refuses to), so a run reads no revision row once it has seen it."""
+    parsed = _PARSED.get((tenant_id, number))
     if parsed is None:
-        parsed = services.parse_for_tenant(revision.tenant_id, revision.text, check_images=False)
+        revision = DesiredRevision.objects.get(tenant_id=tenant_id, number=number)
+        parsed = services.parse_for_tenant(tenant_id, revision.text, check_images=False)
         if len(_PARSED) >= _PARSED_MAX:
             _PARSED.clear()
-        _PARSED[revision.pk] = parsed
-    images = services.TenantImages(revision.tenant_id)
+        _PARSED[(tenant_id, number)] = parsed
+    images = services.TenantImages(tenant_id)
     images.prefetch(workload.image for workload in parsed.workloads)
     workloads = []
     missing = []
@@ -237,11 +239,11 @@ def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
         ]
         _store(state, now, started, conditions, [], None, {})
         return {"drift": [], "corrected": [], "revision": None}
-    revision = DesiredRevision.objects.get(tenant=tenant, number=revision_number)
-    config = config_of(revision)
+    config = config_of(tenant.pk, revision_number)
     desired: list[DesiredResource] = config.resources()
     observed = observe.observed_resources(tenant)
-    repairs = _host_repairs(state, now)
+    managed_networks = any(r.kind == "network" and r.managed for r in observed)
+    repairs = _host_repairs(state, now) if managed_networks else []
     drift = sorted(
         [*detect_drift(desired, observed), *repairs],
         key=lambda item: (item.resource_kind != "network", item.key),
@@ -256,12 +258,12 @@ def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
         )
     _announce_flapping(state, flapping, revision_number)
 
-    broken = list(
-        Workload.objects.filter(tenant=tenant, state__in=["failed", "unknown"])
-        .exclude(managed_revision__isnull=True)
-        .values_list("name", "state", "status_message")
-    )
-    degraded_by_key = {f"workload/{name}": f"is {st}{': ' + msg if msg else ''}" for name, st, msg in broken}
+    degraded_by_key = {
+        r.key: f"is {r.status['runtime_state']}"
+        + (f": {r.status['message']}" if r.status.get("message") else "")
+        for r in observed
+        if r.kind == "workload" and r.managed and r.status.get("runtime_state") in ("failed", "unknown")
+    }
     degraded_by_key.update({f["key"]: f"correction failed: {f['detail']}" for f in failed})
     degraded_reasons = [f"{key} {why}" for key, why in degraded_by_key.items()]
 
@@ -327,6 +329,11 @@ def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
         "flapping": flapping,
         "failed": failed,
     }
+
+
+def _unhealthy(status: dict[str, Any]) -> str:
+    message = status.get("message")
+    return f"is {status['runtime_state']}" + (f": {message}" if message else "")
 
 
 def resource_conditions(

@@ -143,11 +143,22 @@ def ensure_state(tenant: Tenant | Any) -> DesiredState:
 def claim(tenant_id: Any, owner: str, lease_seconds: float) -> bool:
     """Take the tenant's exclusive claim (or renew ours); False when someone else holds a live one."""
     now = timezone.now()
+    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now) | Q(claimed_by=owner)
+    until = now + timedelta(seconds=lease_seconds)
+    if (
+        DesiredState.objects.filter(tenant_id=tenant_id)
+        .filter(free)
+        .update(claimed_by=owner, claimed_until=until)
+    ):
+        return True
+    # Nothing updated: held by someone else, or the tenant has no state row yet (its first apply).
+    if DesiredState.objects.filter(tenant_id=tenant_id).exists():
+        return False
     ensure_state(tenant_id)
     return bool(
         DesiredState.objects.filter(tenant_id=tenant_id)
-        .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now) | Q(claimed_by=owner))
-        .update(claimed_by=owner, claimed_until=now + timedelta(seconds=lease_seconds))
+        .filter(free)
+        .update(claimed_by=owner, claimed_until=until)
     )
 
 
