@@ -262,7 +262,33 @@ def join_compartments(
             f"Host {workload.host.name} does not realise compartments (host label network=on).",
             field="compartments",
         )
-    return [allocate_address(workload, compartment) for compartment in compartments]
+    allocations = [allocate_address(workload, compartment) for compartment in compartments]
+    sync_member_hosts(actor, compartments, changed_on=workload.host)
+    return allocations
+
+
+def sync_member_hosts(
+    actor: Actor, compartments: Sequence[Compartment], *, changed_on: Host
+) -> list[Operation]:
+    """Have the other hosts with members of ``compartments`` re-apply their network now.
+
+    A compartment spanning hosts lists, on each host, the VXLAN peers and the names of every member: a
+    workload joining or leaving on one host changes what the others need. They would catch up at their
+    next periodic re-apply (30 s); this tells them at once (on commit, one operation per host).
+    """
+    hosts = {
+        allocation.workload.host
+        for allocation in IPAllocation.objects.filter(compartment__in=compartments)
+        .exclude(workload__state=WorkloadState.DELETING)
+        .exclude(workload__host=changed_on)
+        .select_related("workload__host", "compartment")
+        if allocation.workload.host is not None and network_enabled(allocation.workload.host)
+    }
+    ops = []
+    for host in sorted(hosts, key=lambda h: h.name):
+        compartment = next(c for c in compartments if c.allocations.filter(workload__host=host).exists())
+        ops.append(_apply_op(actor, compartment.tenant, compartment, host, "compartment.sync"))
+    return ops
 
 
 def allocate_address(workload: Workload, compartment: Compartment) -> IPAllocation:
@@ -292,7 +318,11 @@ def primary_allocation(workload: Workload) -> IPAllocation | None:
 
 
 def release_workload(workload: Workload) -> int:
-    """Before the row goes: the number of published ports to give back to the quota (rows cascade)."""
+    """Before the row goes: tell the compartments' other hosts it leaves; return the number of published
+    ports to give back to the quota (rows cascade)."""
+    compartments = list(Compartment.objects.filter(allocations__workload=workload).distinct())
+    if compartments and workload.host is not None:
+        sync_member_hosts(Actor.system("agent"), compartments, changed_on=workload.host)
     return PublishedPort.objects.filter(workload=workload).count()
 
 

@@ -287,6 +287,37 @@ def test_it_spans_hosts_over_vxlan_when_members_live_on_two(world: World, net_ho
     assert list(compartment.vxlan_peers) == [IPv4Address("198.18.0.9")]
 
 
+def test_it_tells_the_other_hosts_of_a_compartment_when_a_member_joins_or_leaves(
+    world: World, net_host: Host
+) -> None:
+    """Their VXLAN peers and DNS names change now, not at their next periodic re-apply."""
+    from compute.services import forget_workload
+
+    web = new_workload(world, "web")  # on net_host, the only host so far: nobody else to tell
+    assert web.host == net_host
+    assert not Operation.objects.filter(kind="compartment.sync").exists()
+    other = Host.objects.create(
+        name="bht-net-other",
+        cpus=8,
+        memory_mib=16384,
+        address="198.18.0.9",
+        facts={"oci_runtimes": ["runc"]},
+        labels={"network": "on", "uplink": "up0"},
+    )
+    # A third member placed on `other` joins: net_host, where web lives, is told.
+    net_host.pinned_only = True
+    net_host.save()
+    db = new_workload(world, "db")
+    assert Workload.objects.get(pk=db.pk).host == other
+    (sync,) = Operation.objects.filter(kind="compartment.sync")
+    assert sync.queue == net_host.queue and sync.params == {"host": str(net_host.pk)}
+    assert sync.target_label == "default"
+    # db leaves: net_host is told again; `other`, where it lived, re-applies by itself.
+    forget_workload(db.pk)
+    syncs = Operation.objects.filter(kind="compartment.sync").order_by("created_at")
+    assert [op.queue for op in syncs] == [net_host.queue, net_host.queue]
+
+
 def test_it_describes_a_micro_vms_nic_on_the_compartment_bridge(
     world: World, net_host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:
