@@ -9,6 +9,7 @@ the host by itself: exits (recorded within a second), and the host's liveness (h
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -23,7 +24,7 @@ log = logging.getLogger("bulkhead.agent")
 
 HEARTBEAT_SECONDS = 10.0
 # How often the host's networks are re-applied: repairs what was changed from outside, and says so.
-NETWORK_REPAIR_SECONDS = 30.0
+NETWORK_REPAIR_SECONDS = float(os.environ.get("BULKHEAD_NETWORK_REPAIR_SECONDS", 30))
 EXIT_POLL_SECONDS = 0.5
 
 
