@@ -157,7 +157,10 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
 
     @action(detail=True, methods=["get"])
     def stats(self, request: Request, pk: str) -> Response:
-        return Response(host_rpc.ask(self.get_object(), "stats"))
+        workload = self.get_object()
+        if workload.state != "running":
+            return Response({})  # nothing is measured on the host but a running workload
+        return Response(host_rpc.ask(workload, "stats"))
 
     @action(detail=True, methods=["get"])
     def changes(self, request: Request, pk: str) -> Response:

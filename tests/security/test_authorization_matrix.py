@@ -76,6 +76,8 @@ class Route:
     list_post: int | None = None  # expected status of an empty POST to a collection (allowed personas)
     list_post_staff_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # What an allowed GET may answer: 503 where the answer comes from a host's agent (none runs here).
+    read_ok: frozenset[int] = frozenset({200})
 
 
 def _acme_or_globex(world: World, ownership: str) -> Any:
@@ -156,6 +158,9 @@ def _host(world: World, ownership: str) -> Any:
     return Host.objects.get_or_create(name=f"matrix-{ownership}")[0].pk
 
 
+FROM_HOST = frozenset({200, 503})
+
+
 def _workload(world: World, ownership: str) -> Any:
     from compute.models import Host, Workload
 
@@ -176,9 +181,9 @@ ROUTES.update(
         "workload-stop": Route(methods=("POST",), obj=_workload),
         "workload-restart": Route(methods=("POST",), obj=_workload),
         "workload-commit": Route(methods=("POST",), obj=_workload),
-        "workload-logs": Route(methods=("GET",), obj=_workload),
+        "workload-logs": Route(methods=("GET",), obj=_workload, read_ok=FROM_HOST),
         "workload-stats": Route(methods=("GET",), obj=_workload),
-        "workload-changes": Route(methods=("GET",), obj=_workload),
+        "workload-changes": Route(methods=("GET",), obj=_workload, read_ok=FROM_HOST),
         "host-list": Route(methods=("GET",)),
         "host-detail": Route(methods=("GET", "PATCH"), obj=_host, visibility="operator", write="operator"),
         "host-join-tokens": Route(methods=("POST",), list_post=400, list_post_staff_only=True),
@@ -334,7 +339,7 @@ def expected_status(
     if not visible:
         return {404}
     if method == "GET":
-        return {200}
+        return set(route.read_ok)
     if persona in READ_ONLY_TOKENS:
         return {403}
     action = route.extra.get(method, route.write)
