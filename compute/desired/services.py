@@ -197,25 +197,15 @@ def set_mode(*, actor: Actor, tenant: Tenant, mode: str) -> DesiredState:
 # Documents
 
 
-def _split_reference(reference: str) -> Q:
-    """The filter for one reference: name:tag, name (tag latest) or name@sha256:..."""
+def _reference_fields(reference: str) -> dict[str, str]:
+    """The image fields a reference names: name and tag (name alone: tag latest), or name and digest."""
     match = _DIGEST.match(reference)
     if match:
-        return Q(name=match["name"], manifest_digest=match["digest"])
+        return {"name": match["name"], "manifest_digest": match["digest"]}
     name, _, tag = reference.rpartition(":")
     if not name or "/" in tag:  # "host:5000/name" has a port, not a tag
         name, tag = reference, "latest"
-    return Q(name=name, tag=tag)
-
-
-def _matches(image: Image, reference: str) -> bool:
-    match = _DIGEST.match(reference)
-    if match:
-        return image.name == match["name"] and image.manifest_digest == match["digest"]
-    name, _, tag = reference.rpartition(":")
-    if not name or "/" in tag:
-        name, tag = reference, "latest"
-    return image.name == name and image.tag == tag
+    return {"name": name, "tag": tag}
 
 
 class TenantImages:
@@ -233,13 +223,16 @@ class TenantImages:
         wanted = [reference for reference in set(references) if reference not in self.found]
         if not wanted:
             return
+        fields = {reference: _reference_fields(reference) for reference in wanted}
         condition = Q()
-        for reference in wanted:
-            condition |= _split_reference(reference)
+        for named in fields.values():
+            condition |= Q(**named)
         # Own images before public ones of the same name: the first match of a reference wins.
         candidates = list(self._visible().filter(condition).order_by(F("tenant_id").asc(nulls_last=True)))
-        for reference in wanted:
-            self.found[reference] = next((i for i in candidates if _matches(i, reference)), None)
+        for reference, named in fields.items():
+            self.found[reference] = next(
+                (i for i in candidates if all(getattr(i, k) == v for k, v in named.items())), None
+            )
 
     def image(self, reference: str) -> Image | None:
         if reference not in self.found:
