@@ -530,3 +530,31 @@ def test_concurrent_applies_of_one_tenant_serialize(ready: World) -> None:
     assert "StalePlanError" in failed.error
     assert len(spans) == 1  # the second found the first's result and refused to run a stale plan
     assert Workload.objects.count() == 2
+
+
+def test_it_resolves_a_documents_images_in_one_query_its_own_first(world: World) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    db_image(None, "shared", "1")
+    own = db_image(world.acme, "shared", "1")
+    public = db_image(None, "shared", "2")
+    latest = db_image(None, "registry.example:5000/tool", "latest")
+    theirs = db_image(world.globex, "private", "1")
+    images = services.TenantImages(world.acme)
+    digest = f"shared@{public.manifest_digest}"  # type: ignore[attr-defined]
+    references = ["shared:1", "shared", digest, "registry.example:5000/tool", "private:1"]
+
+    with CaptureQueriesContext(connection) as queries:
+        images.prefetch(references)
+        found = {reference: images.image(reference) for reference in references}
+
+    assert len(queries) == 1
+    assert found == {
+        "shared:1": own,  # the tenant's own image before the public one of the same name
+        "shared": None,  # no "shared:latest"
+        digest: public,
+        "registry.example:5000/tool": latest,  # a port, not a tag
+        "private:1": None,  # another tenant's image is not visible
+    }
+    assert theirs is not None
