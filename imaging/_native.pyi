@@ -89,14 +89,24 @@ class Store:
     def root(self) -> Path:
         """The store's root directory."""
     def ingest_path(
-        self, path: _Path, expected_digest: str | None = None, expected_size: int | None = None
+        self,
+        path: _Path,
+        expected_digest: str | None = None,
+        expected_size: int | None = None,
+        consume: bool = False,
     ) -> tuple[str, int]:
         """Stores a file as a blob; returns ``(digest, size)``.
 
         With ``expected_digest`` of a present blob, returns at once without reading. Otherwise
-        the data is written to ``ingest/``, hashed on the way, verified, fsynced and renamed into
-        ``blobs/sha256``; on mismatch the partial file is removed and ``DigestMismatch`` or
-        ``SizeMismatch`` raised. GIL released.
+        the data is written to ``ingest/`` (with O_DIRECT in a durable store), hashed on the
+        way, verified, fsynced and renamed into ``blobs/sha256``; on mismatch the partial file
+        is removed and ``DigestMismatch`` or ``SizeMismatch`` raised. GIL released.
+
+        ``consume=True``: the file is moved into ``ingest/`` (same filesystem), hashed in place,
+        fsynced and renamed into ``blobs/sha256``; it is removed from ``path`` whatever the
+        outcome. Falls back to copying for another filesystem, a file with other hard links or
+        another owner. A file that changes while hashed raises ``ValueError``, as does a path
+        that is not a regular file (a symlink, a directory: left where it is).
         """
     def ingest_fd(
         self, fd: int, expected_digest: str | None = None, expected_size: int | None = None

@@ -172,14 +172,27 @@ class LayerStore:
     # --- blobs -----------------------------------------------------------------------------
 
     def ingest_path(
-        self, path: str | os.PathLike[str], *, digest: str | None = None, size: int | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        digest: str | None = None,
+        size: int | None = None,
+        consume: bool = False,
     ) -> tuple[str, int]:
         """Stores a file as a blob and returns ``(digest, size)``.
 
         With ``digest`` of a blob already present this returns at once, reading and writing
         nothing. Raises ``DigestMismatch``/``SizeMismatch`` (leaving nothing behind).
+
+        ``consume=True`` hands the file over: it is moved into the store's ingest area, hashed
+        where it lies and renamed into place, so no byte is copied (on the store's filesystem;
+        elsewhere it is copied). The file is gone from ``path`` afterwards whatever the outcome.
+        Use it for files the caller made and no longer writes (e.g. an upload's temp file): an
+        open writable descriptor to it must not remain. Other hard links or another owner make
+        the store copy it instead; a size or time change while hashing raises ``ValueError``,
+        as does a path that is not a regular file (left untouched).
         """
-        return self._native.ingest_path(os.fspath(path), digest, size)
+        return self._native.ingest_path(os.fspath(path), digest, size, consume)
 
     def ingest_fd(self, fd: int, *, digest: str | None = None, size: int | None = None) -> tuple[str, int]:
         """Stores what an open descriptor yields from its current offset (the fd stays open)."""

@@ -2,11 +2,16 @@
 //! into `blobs/sha256/<hex>` without replacing an existing copy.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::mpsc;
 
+use rustix::fs::{
+    fchmod, fcntl_getfl, fcntl_setfl, fstat, futimens, openat, renameat_with, statat, AtFlags,
+    FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps, CWD, UTIME_NOW, UTIME_OMIT,
+};
+use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
@@ -23,8 +28,6 @@ pub struct Ingested {
     /// Bytes this call wrote to disk (0 when the blob was already present).
     pub written: u64,
 }
-
-const CHUNK: usize = 4 << 20;
 
 /// An in-progress ingest; write chunks, then `commit`. Dropping it removes the partial file.
 pub struct IngestWriter<'a> {
@@ -93,11 +96,11 @@ impl Store {
         }
     }
 
-    /// Ingests everything `reader` yields. Reading+hashing and writing run on two threads so the
-    /// disk and SHA-256 overlap.
+    /// Ingests everything `reader` yields (see [`hash_pipeline`]: reading, hashing and writing
+    /// run on three threads, so SHA-256 has a core to itself).
     pub fn ingest_reader<R: Read + Send>(
         &self,
-        mut reader: R,
+        reader: R,
         expected: Option<Digest>,
         expected_size: Option<u64>,
     ) -> Result<Ingested> {
@@ -106,66 +109,8 @@ impl Store {
         }
         let mut w = self.begin_ingest(expected, expected_size)?;
         let file = w.file.try_clone().ctx(|| "duplicating ingest fd".into())?;
-        let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(3);
-        let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(4);
-        for _ in 0..4 {
-            empty_tx.send(vec![0u8; CHUNK]).expect("channel open");
-        }
-        let limit = expected_size;
-        let read_result: Result<(Sha256, u64)> = std::thread::scope(|s| {
-            let writer = s.spawn(move || -> io::Result<u64> {
-                let mut file = file;
-                let mut written = 0u64;
-                let mut since_flush = 0u64;
-                for buf in full_rx {
-                    file.write_all(&buf)?;
-                    written += buf.len() as u64;
-                    since_flush += buf.len() as u64;
-                    // Start writeback early so the final fsync has little left to do.
-                    if since_flush >= 64 << 20 {
-                        start_writeback(&file);
-                        since_flush = 0;
-                    }
-                    if empty_tx.send(buf).is_err() {
-                        break;
-                    }
-                }
-                Ok(written)
-            });
-            let mut hasher = Sha256::new();
-            let mut count = 0u64;
-            let outcome = (|| -> Result<()> {
-                loop {
-                    let mut buf = empty_rx.recv().map_err(|_| writer_gone())?;
-                    buf.resize(CHUNK, 0);
-                    let n = read_full(&mut reader, &mut buf).ctx(|| "reading blob".into())?;
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    buf.truncate(n);
-                    hasher.update(&buf);
-                    count += n as u64;
-                    if let Some(want) = limit {
-                        if count > want {
-                            return Err(StoreError::SizeMismatch {
-                                expected: want,
-                                actual: count,
-                            });
-                        }
-                    }
-                    full_tx.send(buf).map_err(|_| writer_gone())?;
-                }
-            })();
-            drop(full_tx);
-            let written = writer
-                .join()
-                .map_err(|_| StoreError::Invalid("ingest writer panicked".into()))?
-                .ctx(|| "writing blob".into())?;
-            outcome?;
-            debug_assert_eq!(written, count);
-            Ok((hasher, count))
-        });
-        let (hasher, count) = read_result?;
+        let sink = Sink::new(file, self.durable);
+        let (hasher, count) = hash_pipeline(reader, Some(sink), expected_size)?;
         w.hasher = hasher;
         w.count = count;
         Stats::add(&self.stats.bytes_read, count);
@@ -186,10 +131,388 @@ impl Store {
         rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Sequential).ok();
         self.ingest_reader(f, expected, expected_size)
     }
+
+    /// Ingests a file the caller hands over: it is moved into `ingest/`, hashed where it lies and
+    /// renamed into `blobs/`, so no byte is copied. A regular file is consumed whatever the
+    /// outcome (on a mismatch it is removed like any failed ingest; a crash leaves it in
+    /// `ingest/`, where gc collects temporaries); anything else (a symlink, a directory) is
+    /// refused and left alone.
+    ///
+    /// The caller must no longer write to the file (no open writable descriptor, no writable
+    /// mapping): those cannot be seen from here. What can be seen falls back to an ordinary
+    /// copying ingest, which hashes exactly the bytes it writes: another filesystem, other hard
+    /// links to the file, a file owned by another user. A size, mtime or ctime change while
+    /// hashing fails the ingest.
+    pub fn ingest_consume(
+        &self,
+        path: &Path,
+        expected: Option<Digest>,
+        expected_size: Option<u64>,
+    ) -> Result<Ingested> {
+        let shown = || path.display().to_string();
+        let file = openat(
+            CWD,
+            path,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map(File::from)
+        .map_err(|e| match e {
+            Errno::LOOP => StoreError::Invalid(format!("{} is a symlink", shown())),
+            e => StoreError::Io {
+                context: format!("opening {}", shown()),
+                source: e.into(),
+            },
+        })?;
+        let st = fstat(&file).ctx(|| format!("inspecting {}", shown()))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(StoreError::Invalid(format!(
+                "{} is not a regular file",
+                shown()
+            )));
+        }
+        if let Some(done) = self.present(expected.as_ref(), expected_size)? {
+            remove_file_quiet(path);
+            return Ok(done);
+        }
+        let tmp = self.sub("ingest").join(random_name("blob-"));
+        match renameat_with(CWD, path, CWD, &tmp, RenameFlags::NOREPLACE) {
+            Ok(()) => {}
+            Err(Errno::XDEV) => {
+                let r = self.ingest_reader(file, expected, expected_size);
+                remove_file_quiet(path);
+                return r;
+            }
+            Err(e) => return Err(e).ctx(|| format!("moving {} into the store", shown())),
+        }
+        let mut guard = TempGuard::new(tmp);
+        // What was moved must be what was opened (and will be hashed), not a file swapped in.
+        let moved = statat(CWD, guard.path(), AtFlags::SYMLINK_NOFOLLOW)
+            .ctx(|| format!("inspecting {}", guard.path().display()))?;
+        if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino) {
+            return Err(StoreError::Invalid(format!(
+                "{} changed while it was being ingested",
+                shown()
+            )));
+        }
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential).ok();
+        let ours = st.st_nlink == 1 && st.st_uid == rustix::process::geteuid().as_raw();
+        // An ingest temp is judged by its mtime: make it young so gc leaves it alone meanwhile.
+        let now = Timestamps {
+            last_access: Timespec {
+                tv_sec: 0,
+                tv_nsec: UTIME_OMIT,
+            },
+            last_modification: Timespec {
+                tv_sec: 0,
+                tv_nsec: UTIME_NOW,
+            },
+        };
+        if !ours
+            || futimens(&file, &now).is_err()
+            || fchmod(&file, Mode::from_raw_mode(0o644)).is_err()
+        {
+            // Someone else could write to it through another name or as its owner: copy.
+            return self.ingest_reader(file, expected, expected_size);
+        }
+        let before = fstat(&file).ctx(|| format!("inspecting {}", shown()))?;
+        let (hasher, count) = hash_pipeline(&file, None, expected_size)?;
+        let after = fstat(&file).ctx(|| format!("inspecting {}", shown()))?;
+        Stats::add(&self.stats.bytes_read, count);
+        if !unchanged(&before, &after) || after.st_size as u64 != count {
+            return Err(StoreError::Invalid(format!(
+                "{} changed while it was being ingested",
+                shown()
+            )));
+        }
+        let digest = Digest::from_hasher(hasher);
+        check(&digest, count, expected.as_ref(), expected_size)?;
+        self.publish(&file, &mut guard, digest, count, 0)
+    }
+
+    /// Moves a verified temp file into `blobs/` (fsyncing it first in a durable store); if the
+    /// blob is already there, the temp is dropped. `wrote` is what this ingest wrote itself.
+    fn publish(
+        &self,
+        file: &File,
+        guard: &mut TempGuard,
+        digest: Digest,
+        size: u64,
+        wrote: u64,
+    ) -> Result<Ingested> {
+        let dest = self.blob_path(&digest);
+        let done = Ingested {
+            digest,
+            size,
+            written: wrote,
+        };
+        Stats::add(&self.stats.bytes_written, wrote);
+        if dest.is_file() {
+            Stats::add(&self.stats.blobs_deduplicated, 1);
+            return Ok(done);
+        }
+        if self.durable {
+            file.sync_all()
+                .ctx(|| format!("syncing {}", guard.path().display()))?;
+        }
+        if rename_noreplace(guard.path(), &dest)? {
+            guard.disarm();
+            if self.durable {
+                sync_dir(dest.parent().expect("blob has a parent"))?;
+            }
+            Stats::add(&self.stats.blobs_written, 1);
+        } else {
+            Stats::add(&self.stats.blobs_deduplicated, 1);
+        }
+        Ok(done)
+    }
 }
 
-fn writer_gone() -> StoreError {
-    StoreError::Invalid("ingest writer stopped early".into())
+/// Whether a consumed file kept its identity, size and times while it was hashed.
+fn unchanged(a: &rustix::fs::Stat, b: &rustix::fs::Stat) -> bool {
+    a.st_ino == b.st_ino
+        && a.st_size == b.st_size
+        && a.st_mtime == b.st_mtime
+        && a.st_mtime_nsec == b.st_mtime_nsec
+        && a.st_ctime == b.st_ctime
+        && a.st_ctime_nsec == b.st_ctime_nsec
+}
+
+fn remove_file_quiet(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+/// Compares what was hashed with what the caller promised.
+fn check(
+    digest: &Digest,
+    count: u64,
+    expected: Option<&Digest>,
+    expected_size: Option<u64>,
+) -> Result<()> {
+    if let Some(want) = expected_size {
+        if want != count {
+            return Err(StoreError::SizeMismatch {
+                expected: want,
+                actual: count,
+            });
+        }
+    }
+    if let Some(want) = expected {
+        if want != digest {
+            return Err(StoreError::DigestMismatch {
+                expected: want.to_string(),
+                actual: digest.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Bytes per buffer passed between the pipeline's threads, and buffers in flight.
+const CHUNK: usize = 4 << 20;
+const BUFFERS: usize = 4;
+/// O_DIRECT wants buffers, lengths and file offsets aligned to the logical block size; a page
+/// covers every block device in use.
+const ALIGN: usize = 4096;
+/// Buffered writes start writeback every this many bytes, so the final fsync is short.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// A page-aligned buffer (O_DIRECT wants aligned memory), passed between the threads.
+struct Chunk {
+    mem: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Chunk {
+    fn new() -> Self {
+        let mem = vec![0u8; CHUNK + ALIGN];
+        let off = mem.as_ptr().align_offset(ALIGN);
+        Chunk { mem, off, len: 0 }
+    }
+
+    fn space(&mut self) -> &mut [u8] {
+        &mut self.mem[self.off..self.off + CHUNK]
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.mem[self.off..self.off + self.len]
+    }
+}
+
+/// Where the pipeline writes what it hashed.
+struct Sink {
+    file: File,
+    /// Write with O_DIRECT: the data goes from our buffer to the device without a page cache
+    /// copy. Used when the blob must reach the disk before it is published anyway (a durable
+    /// store); falls back to buffered writes where the filesystem refuses it.
+    direct: bool,
+    /// Bytes written so far (the file offset).
+    pos: u64,
+    since_writeback: u64,
+}
+
+impl Sink {
+    fn new(file: File, durable: bool) -> Self {
+        let direct = durable && set_direct(&file, true);
+        Sink {
+            file,
+            direct,
+            pos: 0,
+            since_writeback: 0,
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.direct && !data.len().is_multiple_of(ALIGN) {
+            // The short last chunk: O_DIRECT cannot write it.
+            self.buffered();
+        }
+        let mut data = data;
+        if self.direct {
+            match self.file.write_all(data) {
+                Ok(()) => {
+                    self.pos += data.len() as u64;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The filesystem took the flag but not the write: go on buffered from
+                    // wherever the direct writes stopped.
+                    self.buffered();
+                    let done = self.file.stream_position()? - self.pos;
+                    data = &data[done as usize..];
+                    self.pos += done;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.write_all(data)?;
+        self.pos += data.len() as u64;
+        self.since_writeback += data.len() as u64;
+        if self.since_writeback >= WRITEBACK_EVERY {
+            start_writeback(&self.file);
+            self.since_writeback = 0;
+        }
+        Ok(())
+    }
+
+    fn buffered(&mut self) {
+        set_direct(&self.file, false);
+        self.direct = false;
+    }
+}
+
+/// Turns O_DIRECT on or off; false if the filesystem refuses it.
+fn set_direct(file: &File, on: bool) -> bool {
+    let Ok(fl) = fcntl_getfl(file) else {
+        return false;
+    };
+    let fl = if on {
+        fl | OFlags::DIRECT
+    } else {
+        fl - OFlags::DIRECT
+    };
+    fcntl_setfl(file, fl).is_ok()
+}
+
+/// Hashes everything `reader` yields and, with a `sink`, writes those very buffers to it.
+///
+/// Three threads: one reads into a ring of buffers, the calling thread hashes each buffer, and
+/// one writes the hashed buffers out and hands them back to the reader. SHA-256 is the
+/// slowest stage, so it gets a core of its own while the copies out of and into the kernel
+/// run on the other one. What is written is exactly what was hashed (the same memory), so a
+/// source that changes underneath cannot make the blob differ from its digest.
+fn hash_pipeline<R: Read + Send>(
+    mut reader: R,
+    sink: Option<Sink>,
+    limit: Option<u64>,
+) -> Result<(Sha256, u64)> {
+    let (empty_tx, empty_rx) = mpsc::sync_channel::<Chunk>(BUFFERS);
+    let (full_tx, full_rx) = mpsc::sync_channel::<Chunk>(BUFFERS);
+    let (hashed_tx, hashed_rx) = mpsc::sync_channel::<Chunk>(BUFFERS);
+    for _ in 0..BUFFERS {
+        empty_tx.send(Chunk::new()).expect("channel open");
+    }
+    std::thread::scope(|s| {
+        let read = s.spawn(move || -> io::Result<()> {
+            // A closed channel means a later stage stopped; its error is the one reported.
+            while let Ok(mut buf) = empty_rx.recv() {
+                let n = read_full(&mut reader, buf.space())?;
+                if n == 0 {
+                    break;
+                }
+                buf.len = n;
+                if full_tx.send(buf).is_err() || n < CHUNK {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let write = sink.map(|mut sink| {
+            let back = empty_tx.clone();
+            s.spawn(move || -> io::Result<u64> {
+                let mut written = 0u64;
+                for buf in hashed_rx {
+                    sink.write(buf.data())?;
+                    written += buf.len as u64;
+                    let _ = back.send(buf);
+                }
+                Ok(written)
+            })
+        });
+        // Without a writer the hasher recycles buffers itself. With one, no other sender may
+        // outlive it, or the reader would wait forever after a write error.
+        let back = match write {
+            Some(_) => {
+                drop(empty_tx);
+                None
+            }
+            None => Some(empty_tx),
+        };
+        let hashed = (move || -> Result<(Sha256, u64)> {
+            let mut hasher = Sha256::new();
+            let mut count = 0u64;
+            for buf in full_rx {
+                hasher.update(buf.data());
+                count += buf.len as u64;
+                if let Some(want) = limit {
+                    if count > want {
+                        return Err(StoreError::SizeMismatch {
+                            expected: want,
+                            actual: count,
+                        });
+                    }
+                }
+                let sent = match &back {
+                    Some(tx) => tx.send(buf).is_ok(),
+                    None => hashed_tx.send(buf).is_ok(),
+                };
+                if !sent && back.is_none() {
+                    return Err(StoreError::Invalid("ingest writer stopped early".into()));
+                }
+            }
+            Ok((hasher, count))
+        })();
+        let read = read
+            .join()
+            .map_err(|_| StoreError::Invalid("ingest reader panicked".into()))?;
+        let written = match write {
+            Some(w) => Some(
+                w.join()
+                    .map_err(|_| StoreError::Invalid("ingest writer panicked".into()))?,
+            ),
+            None => None,
+        };
+        read.ctx(|| "reading blob".into())?;
+        let written = written.transpose().ctx(|| "writing blob".into())?;
+        let (hasher, count) = hashed?;
+        if let Some(w) = written {
+            if w != count {
+                return Err(StoreError::Invalid("ingest writer stopped early".into()));
+            }
+        }
+        Ok((hasher, count))
+    })
 }
 
 fn start_writeback(file: &File) {
@@ -238,53 +561,14 @@ impl IngestWriter<'_> {
     /// there first, the blob is already present and this copy is discarded.
     pub fn commit(mut self) -> Result<Ingested> {
         let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
-        if let Some(want) = self.expected_size {
-            if want != self.count {
-                return Err(StoreError::SizeMismatch {
-                    expected: want,
-                    actual: self.count,
-                });
-            }
-        }
-        if let Some(want) = &self.expected {
-            if *want != digest {
-                return Err(StoreError::DigestMismatch {
-                    expected: want.to_string(),
-                    actual: digest.to_string(),
-                });
-            }
-        }
-        let store = self.store;
-        let dest = store.blob_path(&digest);
-        if dest.is_file() {
-            Stats::add(&store.stats.blobs_deduplicated, 1);
-            Stats::add(&store.stats.bytes_written, self.count);
-            return Ok(Ingested {
-                digest,
-                size: self.count,
-                written: self.count,
-            });
-        }
-        if store.durable {
-            self.file
-                .sync_all()
-                .ctx(|| format!("syncing {}", self.guard.path().display()))?;
-        }
-        Stats::add(&store.stats.bytes_written, self.count);
-        if rename_noreplace(self.guard.path(), &dest)? {
-            self.guard.disarm();
-            if store.durable {
-                sync_dir(dest.parent().expect("blob has a parent"))?;
-            }
-            Stats::add(&store.stats.blobs_written, 1);
-        } else {
-            Stats::add(&store.stats.blobs_deduplicated, 1);
-        }
-        Ok(Ingested {
-            digest,
-            size: self.count,
-            written: self.count,
-        })
+        check(
+            &digest,
+            self.count,
+            self.expected.as_ref(),
+            self.expected_size,
+        )?;
+        self.store
+            .publish(&self.file, &mut self.guard, digest, self.count, self.count)
     }
 }
 
@@ -303,6 +587,7 @@ impl Write for IngestWriter<'_> {
 mod tests {
     use super::*;
     use crate::store::{Limits, Policy};
+    use std::os::unix::fs::MetadataExt;
 
     fn store() -> (Store, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(random_name("bulkhead-ingest-test-"));
@@ -326,6 +611,154 @@ mod tests {
             .unwrap();
         assert_eq!(b.written, 0);
         assert_eq!(std::fs::read_dir(dir.join("ingest")).unwrap().count(), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn ingest_temps(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("ingest")).unwrap().count()
+    }
+
+    #[test]
+    fn odd_sizes_round_trip_through_the_pipeline() {
+        // Around the chunk size and the O_DIRECT alignment, in durable and scratch stores.
+        for durable in [true, false] {
+            let (mut s, dir) = store();
+            s.durable = durable;
+            for len in [
+                0,
+                1,
+                4095,
+                4096,
+                CHUNK - 1,
+                CHUNK,
+                CHUNK + 1,
+                3 * CHUNK + 4097,
+            ] {
+                let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+                let got = s.ingest_reader(&data[..], None, Some(len as u64)).unwrap();
+                assert_eq!(got.digest, Digest::of(&data), "{len}");
+                assert_eq!(std::fs::read(s.blob_path(&got.digest)).unwrap(), data);
+            }
+            assert_eq!(ingest_temps(&dir), 0);
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_read_error_fails_the_ingest_and_leaves_nothing() {
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("disk on fire"));
+                }
+                let n = buf.len().min(self.0);
+                buf[..n].fill(1);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let (s, dir) = store();
+        let err = s.ingest_reader(Failing(CHUNK * 2 + 5), None, None);
+        assert!(matches!(err, Err(StoreError::Io { .. })), "{err:?}");
+        assert_eq!(ingest_temps(&dir), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.join("blobs/sha256")).unwrap().count(),
+            0
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn consume_moves_the_file_without_copying() {
+        let (s, dir) = store();
+        let src = dir.join("upload");
+        let data = vec![3u8; 5 << 20];
+        std::fs::write(&src, &data).unwrap();
+        let ino = std::fs::metadata(&src).unwrap().ino();
+        let got = s
+            .ingest_consume(&src, Some(Digest::of(&data)), Some(data.len() as u64))
+            .unwrap();
+        assert_eq!(got.written, 0);
+        assert!(!src.exists());
+        let blob = s.blob_path(&got.digest);
+        assert_eq!(std::fs::metadata(&blob).unwrap().ino(), ino);
+        assert_eq!(std::fs::read(&blob).unwrap(), data);
+        assert_eq!(ingest_temps(&dir), 0);
+        // Present already: the file is still taken, nothing is read.
+        std::fs::write(&src, &data).unwrap();
+        let again = s
+            .ingest_consume(&src, Some(got.digest.clone()), None)
+            .unwrap();
+        assert_eq!(again.written, 0);
+        assert!(!src.exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn consume_of_a_wrong_file_leaves_nothing() {
+        let (s, dir) = store();
+        let src = dir.join("upload");
+        std::fs::write(&src, b"data").unwrap();
+        let err = s
+            .ingest_consume(&src, Some(Digest::of(b"other")), None)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }));
+        std::fs::write(&src, b"data").unwrap();
+        let err = s.ingest_consume(&src, None, Some(3)).unwrap_err();
+        assert!(matches!(err, StoreError::SizeMismatch { .. }));
+        assert!(!src.exists());
+        assert_eq!(ingest_temps(&dir), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.join("blobs/sha256")).unwrap().count(),
+            0
+        );
+        // A missing file is an error that leaves nothing either.
+        assert!(matches!(
+            s.ingest_consume(&src, None, None),
+            Err(StoreError::Io { .. })
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn consume_copies_a_file_someone_else_can_reach() {
+        let (s, dir) = store();
+        let src = dir.join("upload");
+        let other = dir.join("other-name");
+        std::fs::write(&src, b"shared").unwrap();
+        std::fs::hard_link(&src, &other).unwrap();
+        let got = s.ingest_consume(&src, None, None).unwrap();
+        assert_eq!(got.written, 6);
+        let blob = s.blob_path(&got.digest);
+        // The blob is a copy: writing through the other name cannot change it.
+        assert_ne!(
+            std::fs::metadata(&blob).unwrap().ino(),
+            std::fs::metadata(&other).unwrap().ino()
+        );
+        assert!(!src.exists());
+        assert_eq!(ingest_temps(&dir), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn consume_refuses_what_is_not_a_regular_file() {
+        let (s, dir) = store();
+        let target = dir.join("target");
+        std::fs::write(&target, b"keep me").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = s.ingest_consume(&link, None, None).unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+        assert_eq!(std::fs::read(&link).unwrap(), b"keep me");
+        // Nor is a directory moved (let alone removed).
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("f"), b"x").unwrap();
+        let err = s.ingest_consume(&sub, None, None).unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+        assert!(sub.join("f").is_file());
+        assert_eq!(ingest_temps(&dir), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -3,6 +3,7 @@
 //! Pure Rust modules (tested with `cargo test`) plus `python.rs`, the only PyO3 surface, which
 //! exposes them as the Python module `imaging._native`.
 
+pub mod ahead;
 pub mod diff;
 pub mod digest;
 pub mod error;

@@ -219,20 +219,28 @@ impl Store {
         self.inner.root().to_path_buf()
     }
 
-    /// Ingests a file by path; returns (digest, size).
-    #[pyo3(signature = (path, expected_digest=None, expected_size=None))]
+    /// Ingests a file by path; returns (digest, size). With `consume` the file is moved into
+    /// the store instead of copied.
+    #[pyo3(signature = (path, expected_digest=None, expected_size=None, consume=false))]
     fn ingest_path(
         &self,
         py: Python<'_>,
         path: PathBuf,
         expected_digest: Option<&str>,
         expected_size: Option<u64>,
+        consume: bool,
     ) -> PyResult<(String, u64)> {
         let exp = opt_digest(py, expected_digest)?;
         let inner = self.inner.clone();
-        py.detach(move || inner.ingest_path(&path, exp, expected_size))
-            .map(|r| (r.digest.to_string(), r.size))
-            .map_err(|e| to_py(py, e))
+        py.detach(move || {
+            if consume {
+                inner.ingest_consume(&path, exp, expected_size)
+            } else {
+                inner.ingest_path(&path, exp, expected_size)
+            }
+        })
+        .map(|r| (r.digest.to_string(), r.size))
+        .map_err(|e| to_py(py, e))
     }
 
     /// Ingests from an open file descriptor (read from its current offset; not closed).

@@ -9,17 +9,18 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
-use rayon::prelude::*;
 use rustix::fs::{
-    chownat, fchmod, fchown, fsetxattr, futimens, linkat, makedev, mkdirat, mknodat, openat,
+    chownat, fchmod, fchown, fsetxattr, fstat, futimens, linkat, makedev, mkdirat, mknodat, openat,
     statat, symlinkat, unlinkat, utimensat, AtFlags, FileType, Gid, Mode, OFlags, Timespec,
     Timestamps, Uid, XattrFlags,
 };
 use rustix::io::Errno;
 
+use crate::ahead::read_ahead;
 use crate::digest::{CountingReader, Digest, HashingReader};
 use crate::error::{IoContext, Result, StoreError};
 use crate::safepath::{split_name, NameError, ResolveError, Root};
@@ -104,8 +105,21 @@ impl Store {
     /// Layers are extracted into temporary dirs in parallel, made durable with one `syncfs` for
     /// the whole batch, then renamed into place. A layer that fails leaves nothing; the others
     /// still land (they are valid and will be wanted again).
+    ///
+    /// One worker per core takes the layers largest first (so a big layer does not start last
+    /// and run alone), and each layer decompresses on a helper thread (see `ahead`). In a
+    /// durable store a [`Flusher`] starts writeback of what is already extracted while the
+    /// rest is still being unpacked, so the final `syncfs` mostly waits for I/O in flight.
     pub fn unpack_layers(&self, specs: &[LayerSpec]) -> Result<Vec<LayerResult>> {
-        let staged: Vec<Result<Staged>> = specs.par_iter().map(|s| self.stage_layer(s)).collect();
+        let flusher = if self.durable {
+            Some(Flusher::start(self.sub("layers"))?)
+        } else {
+            None
+        };
+        let staged = self.stage_all(specs, flusher.as_ref());
+        if let Some(f) = flusher {
+            f.stop();
+        }
         if self.durable && staged.iter().any(|s| matches!(s, Ok(Staged::Fresh { .. }))) {
             let dir = File::open(self.sub("layers")).ctx(|| "opening layers dir".into())?;
             rustix::fs::syncfs(&dir).ctx(|| "syncing layers".into())?;
@@ -124,6 +138,46 @@ impl Store {
             Some(e) => Err(e),
             None => Ok(out),
         }
+    }
+
+    /// Stages every layer, largest blob first, on up to one worker per core.
+    fn stage_all(&self, specs: &[LayerSpec], flusher: Option<&Flusher>) -> Vec<Result<Staged>> {
+        let size =
+            |s: &LayerSpec| std::fs::metadata(self.blob_path(&s.blob)).map_or(0, |m| m.len());
+        let mut order: Vec<(u64, usize)> = specs.iter().map(size).zip(0..).collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        let slots: Vec<Mutex<Option<Result<Staged>>>> =
+            specs.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        let work = || {
+            while let Some(&(_, i)) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let r = self.stage_layer(&specs[i], flusher);
+                if let Some(f) = flusher {
+                    f.kick();
+                }
+                *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            }
+        };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let workers = cores.min(specs.len());
+        if workers <= 1 {
+            work();
+        } else {
+            std::thread::scope(|s| {
+                for _ in 1..workers {
+                    s.spawn(work);
+                }
+                work();
+            });
+        }
+        slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unwrap_or_else(|| Err(StoreError::Invalid("layer worker panicked".into())))
+            })
+            .collect()
     }
 
     /// Unpacks one layer, or reports it present.
@@ -179,7 +233,7 @@ impl Store {
     }
 
     /// Extracts one layer into a temporary dir (or finds it present).
-    fn stage_layer(&self, spec: &LayerSpec) -> Result<Staged> {
+    fn stage_layer(&self, spec: &LayerSpec, flusher: Option<&Flusher>) -> Result<Staged> {
         // Refuse unknown media types even when the layer is already present.
         detect_compression(&spec.media_type, &[])?;
         let known = spec
@@ -215,7 +269,7 @@ impl Store {
 
         let (counting, compressed) = CountingReader::new(file);
         let compressed_in = BufReader::with_capacity(256 << 10, counting);
-        let decoder: Box<dyn Read> = match compression {
+        let decoder: Box<dyn Read + Send> = match compression {
             Compression::None => Box::new(compressed_in),
             Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(compressed_in)),
             Compression::Zstd => Box::new(
@@ -231,15 +285,21 @@ impl Store {
             max_bytes: self.limits.max_layer_bytes,
         };
         let hashing = HashingReader::new(guarded, u64::MAX, |_| unreachable_limit());
-        let tar_in = BufReader::with_capacity(256 << 10, hashing);
 
-        let mut ex = Extractor::new(self, Root::new(root_fd));
-        let mut archive = tar::Archive::new(tar_in);
-        ex.run(&mut archive)?;
-        let mut rest = archive.into_inner();
-        // The DiffID covers the whole stream, including the padding after the end marker.
-        io::copy(&mut rest, &mut io::sink()).ctx(|| "reading layer stream".into())?;
-        let (diff_id, size) = rest.into_inner().finish();
+        // Decompression and the DiffID run on a helper thread; parsing and creating files here.
+        let mut ex = Extractor::new(self, Root::new(root_fd), flusher);
+        let (extracted, hashing) = read_ahead(hashing, |tar_in| -> Result<()> {
+            let mut archive = tar::Archive::new(tar_in);
+            ex.run(&mut archive)?;
+            // The DiffID covers the whole stream, including the padding after the end marker.
+            io::copy(&mut archive.into_inner(), &mut io::sink())
+                .ctx(|| "reading layer stream".into())?;
+            Ok(())
+        });
+        extracted?;
+        let hashing =
+            hashing.ok_or_else(|| StoreError::Invalid("layer decompressor panicked".into()))?;
+        let (diff_id, size) = hashing.finish();
         ex.finish_dir_times();
 
         if let Some(want) = &spec.expected_diff_id {
@@ -303,6 +363,50 @@ pub fn open_path_dir(p: &Path) -> Result<OwnedFd> {
     .ctx(|| format!("opening {}", p.display()))
 }
 
+/// Starts writeback of a durable unpack early. A helper thread calls `syncfs` whenever it is
+/// kicked (a layer finished, or `FLUSH_EVERY` more bytes were extracted), while the workers go on
+/// extracting; kicks that arrive during a sync are merged into the next one. Its errors are
+/// ignored: the final `syncfs` of `unpack_layers` is the one that counts.
+struct Flusher {
+    tx: mpsc::Sender<()>,
+    stopping: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Extracted file bytes between two kicks of the flusher.
+const FLUSH_EVERY: u64 = 128 << 20;
+
+impl Flusher {
+    fn start(dir: std::path::PathBuf) -> Result<Self> {
+        let dir = File::open(&dir).ctx(|| format!("opening {}", dir.display()))?;
+        let (tx, rx) = mpsc::channel::<()>();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
+        let thread = std::thread::spawn(move || {
+            while rx.recv().is_ok() && !stop.load(Ordering::Relaxed) {
+                while rx.try_recv().is_ok() {}
+                let _ = rustix::fs::syncfs(&dir);
+            }
+        });
+        Ok(Flusher {
+            tx,
+            stopping,
+            thread,
+        })
+    }
+
+    fn kick(&self) {
+        let _ = self.tx.send(());
+    }
+
+    /// Waits for a sync in progress; pending kicks are dropped (the caller syncs next).
+    fn stop(self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        drop(self.tx);
+        let _ = self.thread.join();
+    }
+}
+
 /// Stops decompression bombs: total uncompressed bytes and the uncompressed/compressed ratio.
 struct RatioGuard<R> {
     inner: R,
@@ -357,6 +461,9 @@ struct Meta {
 
 struct Extractor<'s> {
     store: &'s Store,
+    flusher: Option<&'s Flusher>,
+    /// File bytes written since the flusher was last kicked.
+    unflushed: u64,
     root: Root,
     entries: u64,
     stripped: u64,
@@ -379,9 +486,11 @@ fn strip_nuls(mut v: Vec<u8>) -> Vec<u8> {
 }
 
 impl<'s> Extractor<'s> {
-    fn new(store: &'s Store, root: Root) -> Self {
+    fn new(store: &'s Store, root: Root, flusher: Option<&'s Flusher>) -> Self {
         Extractor {
             store,
+            flusher,
+            unflushed: 0,
             root,
             entries: 0,
             stripped: 0,
@@ -707,20 +816,30 @@ impl<'s> Extractor<'s> {
         }
     }
 
-    /// chown, then xattrs, then chmod (chown clears setid bits, so the mode goes last).
+    /// chown, then xattrs, then chmod (chown clears setid bits, so the mode goes last). Each
+    /// step runs only if it changes something: nodes are created with their final permission
+    /// bits, and most images are owned by root, so usually one fstat replaces two setattrs.
     fn apply_fd(&self, fd: BorrowedFd<'_>, path: &[u8], m: &Meta) -> Result<()> {
         let shown = || String::from_utf8_lossy(path).into_owned();
-        if self.is_root {
+        let st = fstat(fd).ctx(|| format!("inspecting {}", shown()))?;
+        let mut chmod = st.st_mode & 0o7777 != m.mode;
+        if self.is_root && (st.st_uid != m.uid || st.st_gid != m.gid) {
             fchown(fd, Some(Uid::from_raw(m.uid)), Some(Gid::from_raw(m.gid)))
                 .ctx(|| format!("chown {}", shown()))?;
+            chmod = true;
         }
         for (k, v) in &m.xattrs {
             match fsetxattr(fd, k.as_str(), v, XattrFlags::empty()) {
                 Ok(()) | Err(Errno::NOTSUP) => {}
                 Err(e) => return Err(e).ctx(|| format!("setxattr {k} on {}", shown())),
             }
+            // An ACL rewrites the group bits: set the mode again after it.
+            chmod = true;
         }
-        fchmod(fd, Mode::from_raw_mode(m.mode)).ctx(|| format!("chmod {}", shown()))
+        if chmod {
+            fchmod(fd, Mode::from_raw_mode(m.mode)).ctx(|| format!("chmod {}", shown()))?;
+        }
+        Ok(())
     }
 
     fn apply_at(
@@ -733,14 +852,18 @@ impl<'s> Extractor<'s> {
     ) -> Result<()> {
         let shown = || String::from_utf8_lossy(path).into_owned();
         if self.is_root {
-            chownat(
-                pfd,
-                name,
-                Some(Uid::from_raw(m.uid)),
-                Some(Gid::from_raw(m.gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .ctx(|| format!("chown {}", shown()))?;
+            let st = statat(pfd, name, AtFlags::SYMLINK_NOFOLLOW)
+                .ctx(|| format!("inspecting {}", shown()))?;
+            if st.st_uid != m.uid || st.st_gid != m.gid {
+                chownat(
+                    pfd,
+                    name,
+                    Some(Uid::from_raw(m.uid)),
+                    Some(Gid::from_raw(m.gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .ctx(|| format!("chown {}", shown()))?;
+            }
         }
         if chmod {
             // Only reached for nodes we just created (never symlinks), so following is moot.
@@ -773,7 +896,7 @@ impl<'s> Extractor<'s> {
         let flags =
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd = self.create(parent, name, path, |pfd| {
-            openat(pfd, name, flags, Mode::from(0o600))
+            openat(pfd, name, flags, Mode::from_raw_mode(m.mode & 0o777))
         })?;
         let mut out = File::from(fd);
         loop {
@@ -793,7 +916,15 @@ impl<'s> Extractor<'s> {
             last_access: m.mtime,
             last_modification: m.mtime,
         };
-        futimens(&out, &ts).ctx(|| format!("utimes {}", String::from_utf8_lossy(path)))
+        futimens(&out, &ts).ctx(|| format!("utimes {}", String::from_utf8_lossy(path)))?;
+        self.unflushed += size;
+        if self.unflushed >= FLUSH_EVERY {
+            if let Some(f) = self.flusher {
+                f.kick();
+            }
+            self.unflushed = 0;
+        }
+        Ok(())
     }
 
     fn dir(&mut self, comps: &[&[u8]], path: &[u8], m: &Meta) -> Result<()> {
@@ -809,14 +940,15 @@ impl<'s> Extractor<'s> {
                 let dflags =
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
                 let pfd = self.parent_owned(parent, path)?;
-                match mkdirat(&pfd, *name, Mode::from(0o700)) {
+                let perm = Mode::from_raw_mode(m.mode & 0o777);
+                match mkdirat(&pfd, *name, perm) {
                     Ok(()) => {}
                     Err(Errno::EXIST) => {
                         let st = statat(&pfd, *name, AtFlags::SYMLINK_NOFOLLOW)
                             .ctx(|| format!("inspecting {}", String::from_utf8_lossy(path)))?;
                         if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
                             self.remove_existing(&pfd, name, path)?;
-                            mkdirat(&pfd, *name, Mode::from(0o700))
+                            mkdirat(&pfd, *name, perm)
                                 .ctx(|| format!("mkdir {}", String::from_utf8_lossy(path)))?;
                         }
                     }
@@ -1233,6 +1365,72 @@ mod tests {
         )
         .unwrap();
         assert_eq!(st.st_mode & 0o7777, 0o755);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn modes_are_exact_whatever_the_umask() {
+        let (s, dir) = store(Policy::default());
+        let mut t = Vec::new();
+        let mut add = |kind, name: &str, mode, data: &[u8]| {
+            let mut h = header(kind, data.len() as u64, mode);
+            h.set_path(name).unwrap();
+            h.set_cksum();
+            t.extend_from_slice(h.as_bytes());
+            t.extend_from_slice(data);
+            t.resize(t.len().div_ceil(512) * 512, 0);
+        };
+        add(tar::EntryType::Directory, "shared/", 0o2777, b"");
+        add(tar::EntryType::Regular, "shared/open", 0o777, b"x");
+        add(tar::EntryType::Regular, "shared/ro", 0o444, b"y");
+        add(tar::EntryType::Regular, "shared/none", 0o000, b"z");
+        add(tar::EntryType::Directory, "shared/sub/", 0o700, b"");
+        t.resize(t.len() + 1024, 0);
+        let r = ingest_and_unpack(&s, &t).unwrap();
+        let fs = s.layer_dir(&r.diff_id).join("fs");
+        let mode = |p: &str| {
+            statat(rustix::fs::CWD, fs.join(p), AtFlags::SYMLINK_NOFOLLOW)
+                .unwrap()
+                .st_mode
+                & 0o7777
+        };
+        assert_eq!(mode("shared"), 0o2777);
+        assert_eq!(mode("shared/open"), 0o777);
+        assert_eq!(mode("shared/ro"), 0o444);
+        assert_eq!(mode("shared/none"), 0o000);
+        // Created inside a setgid directory, it inherited the bit; the entry says it has none.
+        assert_eq!(mode("shared/sub"), 0o700);
+        assert_eq!(std::fs::read(fs.join("shared/ro")).unwrap(), b"y");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn parallel_unpacks_answer_in_the_callers_order() {
+        let (s, dir) = store(Policy::default());
+        let small = raw_tar(&[(tar::EntryType::Regular, "a", b"small", "")]);
+        let big_data = vec![9u8; 3 << 20];
+        let big = raw_tar(&[(tar::EntryType::Regular, "b", &big_data, "")]);
+        let blobs: Vec<Digest> = [&small, &big, &small]
+            .iter()
+            .map(|t| s.ingest_reader(&t[..], None, None).unwrap().digest)
+            .collect();
+        let specs: Vec<LayerSpec> = blobs
+            .iter()
+            .map(|b| LayerSpec {
+                blob: b.clone(),
+                media_type: String::new(),
+                expected_diff_id: None,
+            })
+            .collect();
+        let got = s.unpack_layers(&specs).unwrap();
+        let ids: Vec<Digest> = got.iter().map(|r| r.diff_id.clone()).collect();
+        assert_eq!(
+            ids,
+            [Digest::of(&small), Digest::of(&big), Digest::of(&small)]
+        );
+        // The same layer twice in one call: one unpacks, the other finds it there.
+        assert_eq!(got.iter().filter(|r| r.skipped).count(), 1);
+        assert_eq!(layer_tmp_dirs(&dir), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
