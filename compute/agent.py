@@ -16,7 +16,10 @@ from typing import Any
 from django.db.models import F
 from django.utils import timezone
 
-from compute import network_agent  # issue 7: compartments (also registers its task in the worker)
+from compute import (
+    network_agent,  # issue 7: compartments (also registers its task in the worker)
+    network_services,
+)
 from compute.choices import Isolation, RestartPolicy, WorkloadState
 from compute.hosts import host_state_dir
 from compute.models import Host, Workload
@@ -84,13 +87,45 @@ def transition(workload: Workload, expected: list[str], **changes: Any) -> bool:
     return done
 
 
+def _advance(workload: Workload, expected: list[str], *, never_started: bool = False, **changes: Any) -> bool:
+    """`transition` for the create path, with the event built from `workload` (just loaded under its
+    lock) with `changes` applied: when the conditional update succeeded that is what the row says, so
+    it is not read again. `workload` is updated in memory too. `never_started`: only if it never ran."""
+    rows = Workload.objects.filter(pk=workload.pk, state__in=expected)
+    if never_started:
+        rows = rows.filter(started_at__isnull=True)
+    done = bool(rows.update(**changes))
+    if done:
+        for name, value in changes.items():
+            setattr(workload, name, value)
+        events.publish(workload.tenant_id, workload.as_event())
+    return done
+
+
 def image_layers(workload: Workload) -> list[Any]:
     return [il.layer for il in workload.image.image_layers.select_related("layer").order_by("position")]
 
 
+# An image's layers never change once it exists (written with the image, content-addressed): a worker
+# reads them once per image, not once per start. Bounded; an empty list (not written yet) is not kept.
+_LAYERS_CACHE_SIZE = 256
+_layers_of_image: dict[Any, list[Any]] = {}
+
+
+def _cached_image_layers(workload: Workload) -> list[Any]:
+    layers = _layers_of_image.get(workload.image_id)
+    if layers is None:
+        layers = image_layers(workload)
+        if layers:
+            if len(_layers_of_image) >= _LAYERS_CACHE_SIZE:
+                _layers_of_image.pop(next(iter(_layers_of_image)))
+            _layers_of_image[workload.image_id] = layers
+    return layers
+
+
 def ensure_layers(workload: Workload, progress: Progress) -> list[str]:
     """Unpacked layer dirs of the workload's image, top-most first (overlayfs lowerdir order)."""
-    layers = image_layers(workload)
+    layers = _cached_image_layers(workload)
     layer_store = store()
     missing = [layer for layer in layers if not layer_store.has_layer(layer.diff_id)]
     if missing:
@@ -152,8 +187,15 @@ def load(workload_id: Any) -> Workload | None:
     return Workload.objects.select_related("host", "image", "tenant").filter(pk=workload_id).first()
 
 
-def ensure_running(workload: Workload, progress: Progress = _noop_progress) -> str:
-    """Create (if needed) and start the workload's runtime; returns the resulting state."""
+def ensure_running(
+    workload: Workload, progress: Progress = _noop_progress, *, first_start: bool = False
+) -> str:
+    """Create (if needed) and start the workload's runtime; returns the resulting state.
+
+    `first_start` (a create operation): only a workload that never ran is started. One that ran and
+    ended meanwhile (the agent's re-sync resumes pending creations when it starts, and the agent loop
+    records exits without the workload's lock) is left as it is: running it again is its restart
+    policy's call."""
     if workload.isolation == Isolation.MICROVM:
         from compute import vm_agent
 
@@ -174,9 +216,10 @@ def ensure_running(workload: Workload, progress: Progress = _noop_progress) -> s
             state=WorkloadState.RUNNING,
         )
         return WorkloadState.RUNNING
-    claimed = transition(
+    claimed = _advance(
         workload,
         [WorkloadState.PENDING, WorkloadState.STOPPED, WorkloadState.FAILED, WorkloadState.UNKNOWN],
+        never_started=first_start,
         state=WorkloadState.CREATING,
         status_message="",
     )
@@ -184,26 +227,40 @@ def ensure_running(workload: Workload, progress: Progress = _noop_progress) -> s
         # Another run (a redelivered task, the agent's re-sync) owns this creation.
         return str(Workload.objects.values_list("state", flat=True).get(pk=workload.pk))
     failpoint("create.claimed")
-    progress(10, "Preparing the image")
+    # Progress is reported only around slow steps: with the image's layers on the host a start takes
+    # less than the progress interval, and a report would be one more write and event for nothing.
+    unpacked = False
+
+    def unpacking(percent: float, message: str = "", **options: Any) -> None:
+        nonlocal unpacked
+        unpacked = True
+        progress(percent, message, **options)
+
     try:
-        lower_dirs = ensure_layers(workload, progress)
+        lower_dirs = ensure_layers(workload, unpacking)
         failpoint("create.layers")
         if state.status != "absent":
             # A stopped container (or one a killed agent left half-made) is recreated from scratch,
             # keeping its upper dir: the captured changes survive a restart.
             runtime.delete(workload.runtime_id, keep_upper=True)
-        progress(60, "Starting the container")
-        network = network_agent.ensure_container_network(workload)  # issue 7: compartments
+        if unpacked:
+            progress(60, "Starting the container")
+        # issue 7: compartments. A host that realises none needs no look-up of the workload's address.
+        network = (
+            network_agent.ensure_container_network(workload)
+            if network_services.network_enabled(workload.host)
+            else None
+        )
         runtime.create(container_spec(workload, lower_dirs, network))
         failpoint("create.created")
         runtime.start(workload.runtime_id)
         failpoint("create.started")
     except Exception as exc:
-        transition(
+        _advance(
             workload, [WorkloadState.CREATING], state=WorkloadState.FAILED, status_message=str(exc)[:500]
         )
         raise
-    transition(
+    _advance(
         workload,
         [WorkloadState.CREATING],
         state=WorkloadState.RUNNING,
@@ -328,10 +385,14 @@ def resync(host: Host, *, since: Any = None) -> dict[str, list[str]]:
         report["orphans_removed"].append(runtime_id)
     for runtime_id, workload in workloads.items():
         with workload_lock(workload, blocking=False) as mine:
-            if mine:
-                _resync_one(runtime, runtime_id, workload, report)
-            else:
+            if not mine:
                 report.setdefault("busy", []).append(runtime_id)  # a live task is working on it
+                continue
+            # Read again under the lock: a task may have created (or deleted) it since the list was
+            # read, and a stale "pending" would have this re-sync tear down a container just started.
+            current = load(workload.pk)
+            if current is not None:
+                _resync_one(runtime, runtime_id, current, report)
     return report
 
 

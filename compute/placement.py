@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from django.db.models import Sum
 
@@ -23,9 +25,27 @@ class Usage:
     memory_mib: int
 
 
+NO_USAGE = Usage(vcpus=Decimal(0), memory_mib=0)
+
+
+def usage_by_host(host_ids: Iterable[Any]) -> dict[Any, Usage]:
+    """What the workloads placed on each of these hosts take, in one query (hosts without any: absent).
+
+    Callers hold the hosts' row locks first: under READ COMMITTED this statement then sees every
+    workload a concurrent placement committed before releasing the lock."""
+    rows = (
+        Workload.objects.filter(host_id__in=list(host_ids))
+        .order_by()
+        .values("host_id")
+        .annotate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"))
+    )
+    return {
+        row["host_id"]: Usage(vcpus=row["vcpus"] or Decimal(0), memory_mib=row["memory"] or 0) for row in rows
+    }
+
+
 def usage_of(host: Host) -> Usage:
-    totals = Workload.objects.filter(host=host).aggregate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"))
-    return Usage(vcpus=totals["vcpus"] or Decimal(0), memory_mib=totals["memory"] or 0)
+    return usage_by_host([host.pk]).get(host.pk, NO_USAGE)
 
 
 def capable(host: Host, isolation: str) -> bool:
@@ -41,15 +61,17 @@ def choose_host(*, isolation: str, vcpus: Decimal, memory_mib: int, pinned: Host
         candidates = candidates.filter(pk=pinned.pk)
     else:
         candidates = candidates.filter(state=HostState.READY, pinned_only=False)
+    hosts = [  # evaluating the query takes the locks
+        host for host in candidates if pinned is not None or host.state == HostState.READY
+    ]
+    usage = usage_by_host(host.pk for host in hosts if capable(host, isolation)) if hosts else {}
     best: tuple[Decimal, Host] | None = None
     reasons: list[str] = []
-    for host in candidates:
-        if pinned is None and host.state != HostState.READY:
-            continue
+    for host in hosts:
         if not capable(host, isolation):
             reasons.append(f"{host.name}: cannot run {isolation}")
             continue
-        used = usage_of(host)
+        used = usage.get(host.pk, NO_USAGE)
         free_vcpus = host.vcpu_capacity - used.vcpus
         free_memory = host.memory_capacity_mib - used.memory_mib
         if vcpus > free_vcpus or memory_mib > free_memory:

@@ -15,10 +15,12 @@ from portal.tasks import OperationTask
 
 
 @contextmanager
-def workload_of(op_id: str) -> Iterator[tuple[Operation, Workload | None]]:
+def workload_of(op_id: str, op: Operation | None = None) -> Iterator[tuple[Operation, Workload | None]]:
     """The operation and its workload, held under the workload's lock on this host (agent.resync
-    relies on it). The workload is None when it is gone, before or while waiting for the lock."""
-    op = Operation.objects.get(pk=op_id)
+    relies on it). The workload is None when it is gone, before or while waiting for the lock.
+    `op`: the row as the task claimed it (saves reading it again)."""
+    if op is None or str(op.pk) != str(op_id):
+        op = Operation.objects.get(pk=op_id)
     workload = agent.load(op.target_id)
     if workload is None:
         yield op, None
@@ -29,18 +31,18 @@ def workload_of(op_id: str) -> Iterator[tuple[Operation, Workload | None]]:
 
 @app.task(base=OperationTask, bind=True, name="compute.create_workload")
 def create_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    with workload_of(op_id) as (op, workload):
+    with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         if not op.params.get("start", True):
             agent.transition(workload, [WorkloadState.PENDING], state=WorkloadState.STOPPED)
             return {"state": WorkloadState.STOPPED}
-        return {"state": agent.ensure_running(workload, self.progress)}
+        return {"state": agent.ensure_running(workload, self.progress, first_start=True)}
 
 
 @app.task(base=OperationTask, bind=True, name="compute.start_workload")
 def start_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    with workload_of(op_id) as (_op, workload):
+    with workload_of(op_id, self.operation) as (_op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         return {"state": agent.ensure_running(workload, self.progress)}
@@ -48,7 +50,7 @@ def start_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
 
 @app.task(base=OperationTask, bind=True, name="compute.stop_workload")
 def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    with workload_of(op_id) as (op, workload):
+    with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         agent.stop(workload, float(op.params.get("grace_seconds", 10)))
@@ -58,7 +60,7 @@ def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
 
 @app.task(base=OperationTask, bind=True, name="compute.restart_workload")
 def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    with workload_of(op_id) as (op, workload):
+    with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         self.progress(10, "Stopping", force=True)
@@ -69,7 +71,7 @@ def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
 
 @app.task(base=OperationTask, bind=True, name="compute.delete_workload")
 def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
-    with workload_of(op_id) as (op, workload):
+    with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
             return {"skipped": "already deleted"}
         self.progress(20, "Removing from the host", force=True)
@@ -85,7 +87,7 @@ def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
 def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     from compute import commit
 
-    with workload_of(op_id) as (op, workload):
+    with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         image = commit.commit(

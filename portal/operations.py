@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, models, transaction
+from django.db import connection, connections, models, router, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -60,26 +60,85 @@ def _publish(op_id: Any) -> None:
         events.publish(op.tenant_id, op.as_event())
 
 
-def claim(op_id: Any) -> bool:
-    """queued -> running; a repeated delivery of a running op (worker lost) may claim it again."""
-    now = timezone.now()
-    claimed = Operation.objects.filter(
-        pk=op_id, state__in=[OperationState.QUEUED, OperationState.RUNNING]
-    ).update(state=OperationState.RUNNING, started_at=now, heartbeat_at=now)
-    if claimed:
+def _publish_changed(op_id: Any, op: Operation | None, changes: dict[str, Any] | None) -> None:
+    """Publish the row after an update: from `op` with `changes` applied when our conditional update
+    succeeded (the row is then exactly that), else as the database has it."""
+    if op is None or changes is None:
         _publish(op_id)
-    return bool(claimed)
+        return
+    for name, value in changes.items():
+        setattr(op, name, value)
+    events.publish(op.tenant_id, op.as_event())
 
 
-def finish(op_id: Any, *, result: dict[str, Any] | None = None, message: str = "Done") -> None:
-    Operation.objects.filter(pk=op_id, state=OperationState.RUNNING).update(
-        state=OperationState.SUCCEEDED,
-        progress=100,
-        message=message,
-        result=result or {},
-        finished_at=timezone.now(),
+def claim(op_id: Any) -> Operation | None:
+    """queued -> running; a repeated delivery of a running op (worker lost) may claim it again.
+
+    Returns the claimed row (the task works from it), or None. One statement where the database can
+    return updated rows (PostgreSQL, SQLite >= 3.35): a worker's first step costs one round trip.
+    """
+    now = timezone.now()
+    op = _claim_returning(op_id, now)
+    if op is None:
+        return None
+    events.publish(op.tenant_id, op.as_event())
+    return op
+
+
+def _claim_returning(op_id: Any, now: Any) -> Operation | None:
+    meta = Operation._meta
+    conn = connections[router.db_for_write(Operation)]
+    if not conn.features.can_return_columns_from_insert:  # no UPDATE ... RETURNING either
+        claimed = Operation.objects.filter(
+            pk=op_id, state__in=[OperationState.QUEUED, OperationState.RUNNING]
+        ).update(state=OperationState.RUNNING, started_at=now, heartbeat_at=now)
+        return Operation.objects.filter(pk=op_id).first() if claimed else None
+
+    def field(name: str) -> models.Field[Any, Any]:
+        found = meta.get_field(name)
+        assert isinstance(found, models.Field)
+        return found
+
+    def column(name: str) -> str:
+        return str(conn.ops.quote_name(field(name).column))
+
+    def value(name: str, raw: Any) -> Any:
+        return field(name).get_db_prep_value(raw, conn)
+
+    # Only the model's own table and column names are formatted in; every value is a parameter.
+    sql = (
+        f"UPDATE {conn.ops.quote_name(meta.db_table)} "  # noqa: S608
+        f"SET {column('state')} = %s, {column('started_at')} = %s, {column('heartbeat_at')} = %s "
+        f"WHERE {column('id')} = %s AND {column('state')} IN (%s, %s) RETURNING *"
     )
-    _publish(op_id)
+    params = [
+        value("state", OperationState.RUNNING),
+        value("started_at", now),
+        value("heartbeat_at", now),
+        value("id", op_id),
+        value("state", OperationState.QUEUED),
+        value("state", OperationState.RUNNING),
+    ]
+    return next(iter(Operation.objects.db_manager(conn.alias).raw(sql, params)), None)
+
+
+def finish(
+    op_id: Any,
+    *,
+    result: dict[str, Any] | None = None,
+    message: str = "Done",
+    op: Operation | None = None,
+) -> None:
+    """running -> succeeded. `op`: the claimed row, if the caller has it (no re-reading for the event)."""
+    changes: dict[str, Any] = {
+        "state": OperationState.SUCCEEDED,
+        "progress": 100,
+        "message": message,
+        "result": result or {},
+        "finished_at": timezone.now(),
+    }
+    finished = Operation.objects.filter(pk=op_id, state=OperationState.RUNNING).update(**changes)
+    _publish_changed(op_id, op, changes if finished else None)
 
 
 def fail(op_id: Any, error: str) -> None:
@@ -100,11 +159,17 @@ def cancel(op: Operation) -> bool:
 
 
 class Progress:
-    """Reports percent and message to the row and the event bus, at most every `interval` seconds."""
+    """Reports percent and message to the row and the event bus, at most every `interval` seconds.
 
-    def __init__(self, op_id: Any, interval: float = 0.25) -> None:
+    The first report is written at once, later ones only `interval` after the last written one (or when
+    forced, or at 100): a step of a few milliseconds costs no write. `op`: the claimed row, which saves
+    re-reading it for each event.
+    """
+
+    def __init__(self, op_id: Any, interval: float = 0.25, op: Operation | None = None) -> None:
         self.op_id = op_id
         self.interval = interval
+        self.op = op
         self._last = 0.0
 
     def __call__(self, percent: float, message: str = "", *, force: bool = False) -> None:
@@ -112,10 +177,9 @@ class Progress:
         if not force and now - self._last < self.interval and percent < 100:
             return
         self._last = now
-        Operation.objects.filter(pk=self.op_id, state=OperationState.RUNNING).update(
-            progress=max(0, min(100, int(percent))), message=message[:500]
-        )
-        _publish(self.op_id)
+        changes = {"progress": max(0, min(100, int(percent))), "message": message[:500]}
+        updated = Operation.objects.filter(pk=self.op_id, state=OperationState.RUNNING).update(**changes)
+        _publish_changed(self.op_id, self.op, changes if updated else None)
 
 
 def heartbeat_seconds() -> float:

@@ -7,6 +7,7 @@ import shutil
 from typing import Any
 
 from celery import Task
+from celery.backends.base import DisabledBackend
 from django.conf import settings
 from django.db import connection
 
@@ -29,12 +30,17 @@ class OperationTask(Task):
     acks_late = True
     reject_on_worker_lost = True
     progress: operations.Progress
+    # The claimed row, as read right after the claim (a task needing its params or target reads it here).
+    operation: Operation | None = None
+    _backend: Any = None  # Celery's own slot behind `backend`
 
     def __call__(self, op_id: str, *args: Any, **kwargs: Any) -> Any:
-        if not operations.claim(op_id):
+        op = operations.claim(op_id)
+        if op is None:
             log.info("operation %s is finished or cancelled; nothing to do", op_id)
             return None
-        self.progress = operations.Progress(op_id)
+        self.operation = op
+        self.progress = operations.Progress(op_id, op=op)
         failpoint("operation.claimed")
         try:
             with operations.Heartbeat(op_id):
@@ -42,8 +48,29 @@ class OperationTask(Task):
         except Exception as exc:
             operations.fail(op_id, f"{type(exc).__name__}: {exc}")
             raise
-        operations.finish(op_id, result=result if isinstance(result, dict) else None)
+        operations.finish(op_id, result=result if isinstance(result, dict) else None, op=op)
         return result
+
+    @property
+    def backend(self) -> Any:
+        """The result backend, looked up once per process when results are not stored.
+
+        Celery keeps the app's backend per thread unless the backend says it is thread-safe, and
+        Django's ASGI handler runs each request in a new thread: every operation started from the web
+        looked the backend up again for the AsyncResult of `apply_async` (an entry-point scan, about
+        10 ms of CPU per request). Operations keep their results in their rows; with no result backend
+        configured the disabled one is stateless and can be shared.
+        """
+        backend = self._backend
+        if backend is None:
+            backend = self.app.backend
+            if isinstance(backend, DisabledBackend):
+                self._backend = backend
+        return backend
+
+    @backend.setter
+    def backend(self, value: Any) -> None:
+        self._backend = value
 
 
 @app.task(base=OperationTask, bind=True, name="portal.selfcheck")
