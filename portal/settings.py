@@ -168,6 +168,10 @@ CHANNEL_LAYERS = {
 # Celery: JSON only, late acks, a lost worker puts the message back, time limits on every task.
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = None
+# Operations keep their results in their rows; the (disabled) backend is stateless and may be shared by
+# threads. Without this Celery looks it up again in every thread, and Django's ASGI handler runs each
+# request in a new one: about 10 ms of CPU per request that starts an operation.
+CELERY_RESULT_BACKEND_THREAD_SAFE = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"

@@ -7,7 +7,6 @@ import shutil
 from typing import Any
 
 from celery import Task
-from celery.backends.base import DisabledBackend
 from django.conf import settings
 from django.db import connection
 
@@ -32,7 +31,6 @@ class OperationTask(Task):
     progress: operations.Progress
     # The claimed row, as read right after the claim (a task needing its params or target reads it here).
     operation: Operation | None = None
-    _backend: Any = None  # Celery's own slot behind `backend`
 
     def __call__(self, op_id: str, *args: Any, **kwargs: Any) -> Any:
         op = operations.claim(op_id)
@@ -50,27 +48,6 @@ class OperationTask(Task):
             raise
         operations.finish(op_id, result=result if isinstance(result, dict) else None, op=op)
         return result
-
-    @property
-    def backend(self) -> Any:
-        """The result backend, looked up once per process when results are not stored.
-
-        Celery keeps the app's backend per thread unless the backend says it is thread-safe, and
-        Django's ASGI handler runs each request in a new thread: every operation started from the web
-        looked the backend up again for the AsyncResult of `apply_async` (an entry-point scan, about
-        10 ms of CPU per request). Operations keep their results in their rows; with no result backend
-        configured the disabled one is stateless and can be shared.
-        """
-        backend = self._backend
-        if backend is None:
-            backend = self.app.backend
-            if isinstance(backend, DisabledBackend):
-                self._backend = backend
-        return backend
-
-    @backend.setter
-    def backend(self, value: Any) -> None:
-        self._backend = value
 
 
 @app.task(base=OperationTask, bind=True, name="portal.selfcheck")
