@@ -48,14 +48,30 @@ def usage_of(host: Host) -> Usage:
     return usage_by_host([host.pk]).get(host.pk, NO_USAGE)
 
 
-def capable(host: Host, isolation: str) -> bool:
+def capable(host: Host, isolation: str, networked: bool = False) -> bool:
+    """Can run ``isolation``; with ``networked``, also realises compartments (a workload joining one)."""
+    if networked:
+        from compute.network_services import network_enabled
+
+        if not network_enabled(host):
+            return False
     if isolation == Isolation.MICROVM:
         return bool(host.facts.get("libvirt"))
     return bool(host.facts.get("oci_runtimes")) or bool(host.oci_runtime_override)
 
 
-def choose_host(*, isolation: str, vcpus: Decimal, memory_mib: int, pinned: Host | None = None) -> Host:
-    """Pick a host, under row locks on the candidates so concurrent placements see each other."""
+def choose_host(
+    *,
+    isolation: str,
+    vcpus: Decimal,
+    memory_mib: int,
+    pinned: Host | None = None,
+    networked: bool = False,
+) -> Host:
+    """Pick a host, under row locks on the candidates so concurrent placements see each other.
+
+    ``networked``: the workload joins a compartment, so only hosts that realise compartments qualify.
+    """
     candidates = Host.objects.select_for_update().order_by("name")
     if pinned is not None:
         candidates = candidates.filter(pk=pinned.pk)
@@ -64,12 +80,13 @@ def choose_host(*, isolation: str, vcpus: Decimal, memory_mib: int, pinned: Host
     hosts = [  # evaluating the query takes the locks
         host for host in candidates if pinned is not None or host.state == HostState.READY
     ]
-    usage = usage_by_host(host.pk for host in hosts if capable(host, isolation)) if hosts else {}
+    usage = usage_by_host(host.pk for host in hosts if capable(host, isolation, networked)) if hosts else {}
     best: tuple[Decimal, Host] | None = None
     reasons: list[str] = []
     for host in hosts:
-        if not capable(host, isolation):
-            reasons.append(f"{host.name}: cannot run {isolation}")
+        if not capable(host, isolation, networked):
+            what = f"{isolation} in a compartment" if networked else isolation
+            reasons.append(f"{host.name}: cannot run {what}")
             continue
         used = usage.get(host.pk, NO_USAGE)
         free_vcpus = host.vcpu_capacity - used.vcpus

@@ -106,7 +106,11 @@ def create_workload(
         raise Conflict(f"A workload named {spec.name!r} exists in this tenant.", field="name")
     quota.allocate(tenant, workloads=1, vcpus=spec.vcpus, memory_mib=spec.memory_mib)
     host = placement.choose_host(
-        isolation=spec.isolation, vcpus=spec.vcpus, memory_mib=spec.memory_mib, pinned=spec.host
+        isolation=spec.isolation,
+        vcpus=spec.vcpus,
+        memory_mib=spec.memory_mib,
+        pinned=spec.host,
+        networked=bool(compartments),  # named compartments need a host that realises them
     )
     try:
         with transaction.atomic():

@@ -318,6 +318,19 @@ def test_it_tells_the_other_hosts_of_a_compartment_when_a_member_joins_or_leaves
     assert [op.queue for op in syncs] == [net_host.queue, net_host.queue]
 
 
+def test_it_places_a_workload_joining_a_compartment_on_a_host_that_realises_compartments(
+    world: World, net_host: Host
+) -> None:
+    # A bigger host without compartments would win the spread; the compartment rules it out.
+    Host.objects.create(name="aaa-plain", cpus=64, memory_mib=262144, facts={"oci_runtimes": ["runc"]})
+    front = network_services.create_compartment(
+        actor=Actor(user=world.user("amir")), tenant=world.acme, name="front"
+    )
+
+    assert new_workload(world, "web", [front]).host == net_host
+    assert new_workload(world, "plain", []).host.name == "aaa-plain"  # type: ignore[union-attr]
+
+
 def test_it_describes_a_micro_vms_nic_on_the_compartment_bridge(
     world: World, net_host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:
