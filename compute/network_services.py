@@ -276,17 +276,24 @@ def sync_member_hosts(
     workload joining or leaving on one host changes what the others need. They would catch up at their
     next periodic re-apply (30 s); this tells them at once (on commit, one operation per host).
     """
-    hosts = {
-        allocation.workload.host
-        for allocation in IPAllocation.objects.filter(compartment__in=compartments)
+    order = {compartment.pk: index for index, compartment in enumerate(compartments)}
+    # Each other host, with the first of ``compartments`` it has a member in (the operation's target).
+    targets: dict[Any, tuple[Host, Compartment]] = {}
+    members = (
+        IPAllocation.objects.filter(compartment__in=compartments)
         .exclude(workload__state=WorkloadState.DELETING)
         .exclude(workload__host=changed_on)
-        .select_related("workload__host", "compartment")
-        if allocation.workload.host is not None and network_enabled(allocation.workload.host)
-    }
+        .select_related("workload__host", "compartment__tenant")
+    )
+    for allocation in members:
+        host = allocation.workload.host
+        if host is None or not network_enabled(host):
+            continue
+        known = targets.get(host.pk)
+        if known is None or order[allocation.compartment_id] < order[known[1].pk]:
+            targets[host.pk] = (host, allocation.compartment)
     ops = []
-    for host in sorted(hosts, key=lambda h: h.name):
-        compartment = next(c for c in compartments if c.allocations.filter(workload__host=host).exists())
+    for host, compartment in sorted(targets.values(), key=lambda target: target[0].name):
         ops.append(_apply_op(actor, compartment.tenant, compartment, host, "compartment.sync"))
     return ops
 
