@@ -11,7 +11,7 @@ NATIVE_SRC := $(shell find imaging/native/src -name '*.rs' 2>/dev/null) imaging/
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: help setup system venv native js guest run agent test lint typecheck rust-check pytest bench clean
+.PHONY: help setup system venv native js guest run agent test lint typecheck rust-check pytest bench clean lock
 
 help:
 	@echo "make run    set up everything and start the portal on http://127.0.0.1:8000"
@@ -25,16 +25,21 @@ $(VAR)/.system-packages: scripts/system-packages.txt scripts/install-system-pack
 	bash scripts/install-system-packages.sh
 	@touch $@
 
+# Versions come from requirements.lock only (hashes required); `make lock` refreshes it on purpose.
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	@touch $@
+
+lock:
+	bash scripts/lock.sh
 
 native: $(NATIVE_SO)
 $(NATIVE_SO): $(NATIVE_SRC)
-	cd imaging/native && $(CARGO) build --release --quiet
+	cd imaging/native && $(CARGO) build --release --locked --quiet
 	cp imaging/native/target/release/lib_native.so $(NATIVE_SO).tmp && mv $(NATIVE_SO).tmp $(NATIVE_SO)
 
 js: frontend/static/vendor/.stamp
@@ -62,7 +67,7 @@ typecheck: venv
 	$(VENV)/bin/mypy .
 
 rust-check:
-	cd imaging/native && $(CARGO) fmt --check && $(CARGO) clippy --release --all-targets --quiet -- -D warnings && $(CARGO) test --release --quiet
+	cd imaging/native && $(CARGO) fmt --check && $(CARGO) clippy --release --locked --all-targets --quiet -- -D warnings && $(CARGO) test --release --locked --quiet
 
 pytest: setup
 	scripts/with-test-services.sh $(PY) -m pytest $(PYTEST_ARGS)
