@@ -100,3 +100,41 @@ def _clear_cache(request: pytest.FixtureRequest) -> Any:
 
         cache.clear()
     yield
+
+
+
+# Under CI a skipped test is a failure of set-up, except for these reasons, which cannot hold on the
+# build machines (they have /dev/kvm, but hardware virtualization does not work there).
+ALLOWED_CI_SKIP_REASONS = ("KVM does not work on this machine",)
+
+
+def _under_ci() -> bool:
+    import os
+
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _refused_skips(config: pytest.Config) -> list[str]:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return []
+    refused = []
+    for report in reporter.stats.get("skipped", []):
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not any(allowed in reason for allowed in ALLOWED_CI_SKIP_REASONS):
+            refused.append(f"{report.nodeid}: {reason}")
+    return refused
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    refused = _refused_skips(config) if _under_ci() else []
+    if refused:
+        terminalreporter.section("skipped under CI: a set-up failure", red=True)
+        for line in refused:
+            terminalreporter.line(line)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _under_ci() and session.exitstatus == 0 and _refused_skips(session.config):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -304,6 +304,84 @@ class PositionTrackingLoader(_BaseSafeLoader):  # type: ignore[valid-type,misc]
         return False
 
 
+# Characters after which a '[', '{' or quote starts a flow collection or a quoted scalar (else it is
+# part of a plain scalar such as `echo [x]` or `it's`).
+_VALUE_STARTS: Final = frozenset(":-,[{?")
+
+
+def _first_flow_nesting_beyond(text: str, max_depth: int) -> tuple[int, int] | None:
+    """Line and column of the first flow collection nested deeper than ``max_depth``, else None.
+
+    The event loader bounds nesting too, but libyaml's scanner reads a flow collection's tokens ahead
+    of the parser and stops on its own limit first; this pass keeps the refusal ours, whatever the
+    parser version. It follows quotes and comments; anything it gets wrong, the parser refuses after.
+    """
+    depth = 0
+    position = 0
+    length = len(text)
+    last_opener = -1  # a '[' after a bracket that began no collection is still inside a plain scalar
+    while position < length:
+        found = _FLOW_SIGNIFICANT.search(text, position)
+        if found is None:
+            return None
+        index = found.start()
+        char = text[index]
+        position = index + 1
+        if char == "#":
+            if index == 0 or text[index - 1] in " \t\n":
+                newline = text.find("\n", index)
+                position = length if newline < 0 else newline
+            continue
+        if char in "]}":
+            depth = max(depth - 1, 0)
+            continue
+        if not _starts_value(text, index, last_opener):
+            continue
+        if char in "'\"":
+            position = _end_of_quoted(text, index)
+            continue
+        last_opener = index
+        depth += 1
+        if depth > max_depth:
+            line_start = text.rfind("\n", 0, index) + 1
+            return text.count("\n", 0, index) + 1, index - line_start + 1
+    return None
+
+
+_FLOW_SIGNIFICANT: Final = re.compile(r"[#'\"\[\]{}]")
+
+
+def _starts_value(text: str, index: int, last_opener: int) -> bool:
+    """Whether the character at ``index`` begins a node (not the inside of a plain scalar)."""
+    before = index - 1
+    while before >= 0 and text[before] in " \t\r":
+        before -= 1
+    if before < 0 or text[before] == "\n":
+        return True
+    if text[before] in "[{":
+        return before == last_opener
+    return text[before] in _VALUE_STARTS
+
+
+def _end_of_quoted(text: str, start: int) -> int:
+    """Index just past the quoted scalar opening at ``start`` (or the end of the text)."""
+    quote = text[start]
+    index = start + 1
+    length = len(text)
+    while index < length:
+        char = text[index]
+        if quote == '"' and char == "\\":
+            index += 2
+            continue
+        if char == quote:
+            if quote == "'" and index + 1 < length and text[index + 1] == "'":
+                index += 2  # '' is an escaped quote inside single quotes
+                continue
+            return index + 1
+        index += 1
+    return length
+
+
 def load_yaml_with_positions(
     text: str, *, max_bytes: int = DEFAULT_MAX_BYTES, max_depth: int = DEFAULT_MAX_DEPTH
 ) -> tuple[Any, dict[DocumentPath, SourcePosition]]:
@@ -314,6 +392,10 @@ def load_yaml_with_positions(
     # len() counts characters, at most the byte count: a cheap first refusal before encoding a huge text.
     if len(text) > max_bytes or len(text.encode("utf-8", errors="surrogatepass")) > max_bytes:
         raise DocumentError([ValidationIssue("", None, f"document is larger than {max_bytes} bytes")])
+    too_deep = _first_flow_nesting_beyond(text, max_depth)
+    if too_deep is not None:
+        line, column = too_deep
+        raise DocumentError([ValidationIssue("", line, f"nested deeper than {max_depth} levels", column)])
     loader = PositionTrackingLoader(text, max_depth=max_depth)
     try:
         data = loader.load_with_positions()

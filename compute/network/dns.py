@@ -123,7 +123,9 @@ def running_pid(directory: Path, host_netns: str | None = None) -> int | None:
         return None
     if f"--conf-file={directory / 'dnsmasq.conf'}".encode() not in cmdline or not _process_alive(pid):
         return None
-    wanted_netns = os.stat(netns_path(host_netns) if host_netns else "/proc/1/ns/net").st_ino
+    # The agent's own namespace, not PID 1's: PID 1 may be unreadable (containers, hardened hosts) or
+    # live in another namespace than the agent (an agent started inside `ip netns exec`).
+    wanted_netns = os.stat(netns_path(host_netns) if host_netns else "/proc/self/ns/net").st_ino
     return pid if process_netns == wanted_netns else None
 
 

@@ -74,6 +74,26 @@ def test_it_rejects_deep_nesting_without_crashing() -> None:
     assert issue.line == 3
 
 
+def test_it_counts_nesting_across_block_and_flow_and_names_the_column() -> None:
+    nested = "apiVersion: bulkhead/v1\nkind: TenantConfig\nspec:\n  x: " + "[" * 40 + "]" * 40 + "\n"
+    issue = rejection_of(nested)
+    assert issue.message == "nested deeper than 32 levels"
+    assert issue.line == 4
+
+
+def test_it_does_not_count_brackets_in_quotes_comments_or_plain_scalars() -> None:
+    brackets = "[" * 40
+    text = EXAMPLE.replace("workdir: /app", f"workdir: /app  # {brackets}").replace(
+        'env: {KEY: value, OTHER: "2"}',
+        f"env: {{KEY: \"{brackets}\", OTHER: '{brackets}'}}",
+    )
+    text = text.replace("workdir: /app", f"workdir: /app{brackets}")
+    data, _ = load_yaml_with_positions(text)
+    env = data["spec"]["workloads"][0]["env"]
+    assert env == {"KEY": brackets, "OTHER": brackets}
+    assert data["spec"]["workloads"][0]["workdir"] == f"/app{brackets}"
+
+
 def test_it_rejects_python_object_tags() -> None:
     issue = rejection_of(EXAMPLE.replace("workdir: /app", "workdir: !!python/object/apply:os.system [id]"))
     assert issue.line == 18
