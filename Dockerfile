@@ -15,7 +15,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 BULKHEAD_PROFILE=production BUL
 RUN apt-get update && apt-get install -y --no-install-recommends libvirt-dev pkg-config gcc erofs-utils e2fsprogs \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml ./
+COPY pyproject.toml requirements.lock ./
+# Versions from the lock only, with hashes (the same lock make run and make test install).
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
 COPY portal/ portal/
 COPY tenants/ tenants/
 COPY imaging/ imaging/
@@ -24,6 +26,7 @@ COPY frontend/ frontend/
 COPY manage.py ./
 COPY --from=native /src/imaging/native/target/release/lib_native.so imaging/_native.abi3.so
 COPY --from=js /src/frontend/static/vendor/ frontend/static/vendor/
-RUN pip install --no-cache-dir . && mkdir -p /data
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && mkdir -p /data
 EXPOSE 8000
+# Compose runs `python manage.py deploy` once first (migrate, collectstatic, first operator).
 CMD ["python", "-m", "daphne", "-b", "0.0.0.0", "-p", "8000", "portal.asgi:application"]

@@ -6,7 +6,6 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
-from django.contrib.auth import get_user_model
 from django.db import transaction
 
 from tenants import services
@@ -24,21 +23,19 @@ class BootstrapResult:
 
 
 def bootstrap() -> BootstrapResult:
-    User = get_user_model()
     system = Actor.system("bootstrap")
     with transaction.atomic():
-        admin = User.objects.filter(username=ADMIN_USERNAME).first()
-        if admin is None:
-            password = os.environ.get("BULKHEAD_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
-            admin = User.objects.create_superuser(ADMIN_USERNAME, "admin@localhost", password)
-            shown = (
-                "the password from BULKHEAD_ADMIN_PASSWORD"
-                if os.environ.get("BULKHEAD_ADMIN_PASSWORD")
-                else f"password {password}  (shown once: write it down)"
-            )
-            message = f"Operator login: {ADMIN_USERNAME} / {shown}"
-        else:
+        given = os.environ.get("BULKHEAD_ADMIN_PASSWORD")
+        password = given or secrets.token_urlsafe(12)
+        admin, created = services.ensure_first_operator(
+            actor=system, username=ADMIN_USERNAME, password=password, email="admin@localhost"
+        )
+        if not created:
             message = f"Operator login: {ADMIN_USERNAME} (password as set before)"
+        elif given:
+            message = f"Operator login: {ADMIN_USERNAME} / the password from BULKHEAD_ADMIN_PASSWORD"
+        else:
+            message = f"Operator login: {ADMIN_USERNAME} / password {password}  (shown once: write it down)"
         if not Tenant.objects.filter(name="demo").exists():
             services.create_tenant(
                 actor=Actor(user=admin, label_override="bootstrap"),

@@ -148,13 +148,27 @@ STORAGES = {
 }
 WHITENOISE_USE_FINDERS = not PRODUCTION
 
-REDIS_URL = env("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+def _embedded_redis_password() -> str:
+    """The embedded Redis's password, generated once under the data dir like the secret key."""
+    path = DATA_DIR / "redis_password"
+    if not path.exists():
+        # Hex only: it goes into a URL and a redis.conf line without quoting.
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+# The embedded default (`make run`) always has a password; deployments give a URL with one.
+REDIS_URL = env("REDIS_URL") or f"redis://:{_embedded_redis_password()}@127.0.0.1:6379/0"
 
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "bulkhead",
+        # JSON, never pickle: a value written into Redis must not become code in the portal.
+        "OPTIONS": {"serializer": "portal.cache.JSONSerializer"},
     }
 }
 

@@ -21,13 +21,23 @@ import django
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
-def _redis_answers(host: str, port: int) -> bool:
+def _redis_answers(url: str) -> bool:
+    """Whether the Redis at `url` answers to its credentials; SystemExit if one answers without them."""
     import redis
 
     try:
-        return bool(redis.Redis(host=host, port=port, socket_connect_timeout=0.5).ping())
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError) as error:
+        # A Redis that answers but refuses our password (or has none) is not ours to share.
+        address = _redis_address(url)
+        raise SystemExit(f"a Redis on {address} refuses this portal's password: {error}") from None
     except redis.exceptions.RedisError:
         return False
+
+
+def _redis_address(url: str) -> str:
+    parsed = urlparse(url)
+    return f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}"
 
 
 def _wait_for(predicate: object, what: str, timeout: float = 15.0) -> None:
@@ -61,34 +71,39 @@ class Stack:
                 proc.kill()
 
 
-def ensure_redis(stack: Stack, data_dir: Path) -> None:
-    url = urlparse(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    host, port = url.hostname or "127.0.0.1", url.port or 6379
-    if _redis_answers(host, port):
+def ensure_redis(stack: Stack, data_dir: Path, url: str) -> None:
+    """Reuse the Redis at `url` if it answers to its password, else start one on loopback with it."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+    if _redis_answers(url):
         return
     if host not in ("127.0.0.1", "localhost"):
         raise SystemExit(f"Redis at {host}:{port} does not answer")
-    (data_dir / "redis").mkdir(parents=True, exist_ok=True)
-    stack.spawn(
-        "redis",
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data_dir / "redis"),
-            "--maxmemory-policy",
-            "noeviction",
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-        ],
-        stdout=subprocess.DEVNULL,
+    if not parsed.password:
+        raise SystemExit("REDIS_URL has no password; the embedded Redis always requires one")
+    redis_dir = data_dir / "redis"
+    redis_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The password goes in a 0600 file, not on the command line where `ps` would show it.
+    config = redis_dir / "redis.conf"
+    config.touch(mode=0o600)
+    config.chmod(0o600)
+    config.write_text(
+        "\n".join(
+            [
+                f"port {port}",
+                "bind 127.0.0.1",
+                "protected-mode yes",
+                f"dir {redis_dir}",
+                "maxmemory-policy noeviction",
+                "appendonly yes",
+                'save ""',
+                f"requirepass {parsed.password}",
+                "",
+            ]
+        )
     )
-    _wait_for(lambda: _redis_answers(host, port), "Redis")
+    stack.spawn("redis", ["redis-server", str(config)], stdout=subprocess.DEVNULL)
+    _wait_for(lambda: _redis_answers(url), "Redis")
 
 
 def worker_command(queues: list[str], node_name: str) -> list[str]:
@@ -141,7 +156,7 @@ def run(bind: str, port: int) -> int:
     from django.core.management import call_command
 
     def start(stack: Stack) -> str:
-        ensure_redis(stack, settings.DATA_DIR)
+        ensure_redis(stack, settings.DATA_DIR, settings.REDIS_URL)
         ensure_libvirtd_if_available()
         call_command("migrate", interactive=False, verbosity=0)
         from portal.bootstrap import bootstrap

@@ -16,12 +16,15 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$lock_hash" ]]; then
 fi
 
 mkdir -p "$vendor"
-# source (relative to node_modules) -> name under static/vendor
+# source (relative to node_modules) -> name under static/vendor. Source maps too: the scripts name them,
+# and the production static storage (hashed names) refuses a reference to a missing file.
 files=(
     "htmx.org/dist/htmx.min.js:htmx.min.js"
     "@xterm/xterm/lib/xterm.js:xterm.js"
+    "@xterm/xterm/lib/xterm.js.map:xterm.js.map"
     "@xterm/xterm/css/xterm.css:xterm.css"
     "@xterm/addon-fit/lib/addon-fit.js:addon-fit.js"
+    "@xterm/addon-fit/lib/addon-fit.js.map:addon-fit.js.map"
 )
 for entry in "${files[@]}"; do
     src="$frontend/node_modules/${entry%%:*}"

@@ -19,6 +19,12 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 # A leftover server from an interrupted run would hold the ports: stop it.
+# (Its password is in its own config file beside it.)
+for stale in /tmp/bulkhead-test-services.*/redis.conf; do
+  if [[ -f "$stale" ]] && grep -qx "port $redis_port" "$stale"; then
+    REDISCLI_AUTH=$(sed -n 's/^requirepass //p' "$stale") redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
+  fi
+done
 redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
 for stale in /tmp/bulkhead-test-services.*/pg; do
   # Line 4 of postmaster.pid is the port: only a cluster on our port is in our way.
@@ -27,8 +33,12 @@ for stale in /tmp/bulkhead-test-services.*/pg; do
   fi
 done
 
-redis-server --port "$redis_port" --bind 127.0.0.1 --daemonize yes --pidfile "$work/redis.pid" \
-  --dir "$work" --save '' --appendonly no --maxmemory-policy noeviction --logfile "$work/redis.log"
+# A password as in every profile (make run generates one, compose requires one); kept off the command line.
+redis_password=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+install -m 0600 /dev/null "$work/redis.conf"
+printf 'port %s\nbind 127.0.0.1\ndaemonize yes\npidfile %s\ndir %s\nsave ""\nappendonly no\nmaxmemory-policy noeviction\nlogfile %s\nrequirepass %s\n' \
+  "$redis_port" "$work/redis.pid" "$work" "$work/redis.log" "$redis_password" > "$work/redis.conf"
+redis-server "$work/redis.conf"
 
 mkdir -p "$work/pg"
 chown postgres:postgres "$work" "$work/pg"
@@ -39,11 +49,11 @@ runuser -u postgres -- "$pg_bin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w \
   start >/dev/null
 
 for _ in $(seq 50); do
-  redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
+  REDISCLI_AUTH=$redis_password redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break
   sleep 0.1
 done
 
 export DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/bulkhead"
-export REDIS_URL="redis://127.0.0.1:$redis_port/0"
+export REDIS_URL="redis://:$redis_password@127.0.0.1:$redis_port/0"
 "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres bulkhead
 "$@"

@@ -202,3 +202,18 @@ def create_user(
     user = User.objects.create_user(username=username, password=password, email=email, is_staff=is_staff)
     audit.record(actor, "user.create", user, details={"username": username, "is_staff": is_staff})
     return user
+
+
+@transaction.atomic
+def ensure_first_operator(*, actor: Actor, username: str, password: str, email: str = "") -> tuple[Any, bool]:
+    """The installation's first operator (a superuser), created once; (user, created).
+
+    Only set-up calls this (`make run`'s bootstrap, `manage.py deploy`); an existing account of that
+    name is left as it is, password included, so that running set-up again changes nothing.
+    """
+    existing = User.objects.filter(username=username).first()
+    if existing is not None:
+        return existing, False
+    user = User.objects.create_superuser(username, email, password)
+    audit.record(actor, "user.create", user, details={"username": username, "is_staff": True})
+    return user, True
