@@ -541,3 +541,53 @@ def upper_dir(workload: Workload) -> Path:
 
         return vm_agent.upper_dir(workload)
     return oci_runtime(workload.host).upper_dir(workload.runtime_id)
+
+
+# The reason a workload is stopped when its host's portal stack shuts down (`make run`, Ctrl-C). The
+# agent's next start runs again exactly the workloads that carry it and still want to run.
+HOST_SHUTDOWN_REASON = "stopped because its host shut down"
+
+
+def shut_down_host(host: Host, grace_seconds: float = 5) -> list[str]:
+    """Stop every workload of the host and remove what Bulkhead made on it (runtime state, mounts,
+    cgroups, namespaces, bridges, nftables tables). Captured changes are kept for the next start."""
+    from compute import network_services, vm_agent
+    from compute.network.host_state import remove_host_network
+
+    stopped = []
+    live = [WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.UNKNOWN]
+    for workload in Workload.objects.select_related("host").filter(host=host, state__in=live):
+        with workload_lock(workload):
+            try:
+                if workload.isolation == Isolation.MICROVM:
+                    vm_agent.stop(workload, grace_seconds)
+                else:
+                    stop(workload, grace_seconds)
+                    oci_runtime(host).delete(workload.runtime_id, keep_upper=True)
+                    network_agent.release(workload)
+            except Exception:
+                log.exception("could not stop %s at host shutdown", workload.pk)
+                continue
+            Workload.objects.filter(pk=workload.pk, state=WorkloadState.STOPPED).update(
+                status_message=HOST_SHUTDOWN_REASON
+            )
+            stopped.append(str(workload.pk))
+    if network_services.network_enabled(host):
+        remove_host_network(network_agent.host_netns(host), state_dir=network_agent.state_dir(host))
+    return stopped
+
+
+def resume_after_shutdown(host: Host) -> list[str]:
+    """Start again the workloads `shut_down_host` stopped that are still meant to run."""
+    resumed = []
+    for workload in Workload.objects.select_related("host", "image", "tenant").filter(
+        host=host, state=WorkloadState.STOPPED, status_message=HOST_SHUTDOWN_REASON, desired_running=True
+    ):
+        with workload_lock(workload):
+            try:
+                ensure_running(workload)
+            except Exception:
+                log.exception("could not resume %s after host shutdown", workload.pk)
+                continue
+        resumed.append(str(workload.pk))
+    return resumed

@@ -69,7 +69,7 @@ def gather_facts(host: Host, *, probe_runtimes: bool = True) -> dict[str, Any]:
     try:
         from compute.guest.build import load_guest
 
-        artifacts = load_guest(Path(settings.DATA_DIR) / "guest")
+        artifacts = load_guest(Path(settings.BULKHEAD_GUEST_DIR))
     except Exception:  # a host without a built guest simply reports none
         artifacts = None
     if artifacts is not None:

@@ -42,7 +42,7 @@ def vm_runtime(host: Host) -> VmRuntime:
 def guest() -> Any:
     from compute.guest.build import ensure_guest
 
-    return ensure_guest(Path(settings.DATA_DIR) / "guest")
+    return ensure_guest(Path(settings.BULKHEAD_GUEST_DIR))
 
 
 def resolve_numeric_user(workload: Workload, lower_dirs: list[str]) -> tuple[int, int]:

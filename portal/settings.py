@@ -237,6 +237,9 @@ BULKHEAD_HOST_NAME = env("BULKHEAD_HOST_NAME", "local")
 BULKHEAD_AGENT_DATABASE_URL = env("BULKHEAD_AGENT_DATABASE_URL")
 BULKHEAD_AGENT_REDIS_URL = env("BULKHEAD_AGENT_REDIS_URL")
 BULKHEAD_STORE_DIR = Path(env("BULKHEAD_STORE_DIR", str(DATA_DIR / "store")))
+# The guest kernel and initramfs are build artefacts of the checkout (`make guest`), not data: they stay
+# where the Makefile builds them whatever BULKHEAD_DATA_DIR says.
+BULKHEAD_GUEST_DIR = Path(env("BULKHEAD_GUEST_DIR", str(BASE_DIR / "var" / "guest")))
 BULKHEAD_MAX_UPLOAD_BYTES = env_int("BULKHEAD_MAX_UPLOAD_BYTES", 8 * 1024**3)
 BULKHEAD_REGISTRY_ALLOWLIST = [r for r in env("BULKHEAD_REGISTRY_ALLOWLIST", "").split(",") if r]
 BULKHEAD_REGISTRY_CA_BUNDLE = env("BULKHEAD_REGISTRY_CA_BUNDLE") or None

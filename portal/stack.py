@@ -60,15 +60,21 @@ class Stack:
         return proc
 
     def stop(self) -> None:
-        for _name, proc in reversed(self.children):
+        """Stop the children one by one, the last started first: the web server goes before the agent,
+        and the agent (which stops the host's workloads) while Redis and the worker still answer."""
+        for name, proc in reversed(self.children):
             if proc.poll() is None:
                 proc.terminate()
-        deadline = time.monotonic() + 15
-        for _name, proc in reversed(self.children):
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=STOP_TIMEOUT_SECONDS.get(name, 15))
             except subprocess.TimeoutExpired:
+                print(f"{name} did not stop in time; killing it", file=sys.stderr)
                 proc.kill()
+                proc.wait()
+
+
+# The agent stops every workload of the host (each with a short grace period) before it exits.
+STOP_TIMEOUT_SECONDS = {"agent": 180}
 
 
 def ensure_redis(stack: Stack, data_dir: Path, url: str) -> None:

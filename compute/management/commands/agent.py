@@ -34,6 +34,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--host", help="host id (uuid) or name")
         parser.add_argument("--once", action="store_true", help="re-sync and handle exits once, then exit")
+        parser.add_argument(
+            "--stop-workloads-on-exit",
+            action="store_true",
+            help="stop the host's workloads and remove its networks when the agent stops, and start them "
+            "again at the next start (make run's host `local`: Ctrl-C leaves nothing running)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         ref = options["host"]
@@ -57,6 +63,10 @@ class Command(BaseCommand):
         if options["once"]:
             agent.handle_exits(host)
             return
+        if options["stop_workloads_on_exit"]:
+            resumed = agent.resume_after_shutdown(host)
+            if resumed:
+                log.info("agent for %s started %d workloads again", host.name, len(resumed))
         last_beat = last_repair = time.monotonic()
         while not stopping:
             try:
@@ -71,6 +81,9 @@ class Command(BaseCommand):
             except Exception:
                 log.exception("agent loop error")
             wait_answering(host)
+        if options["stop_workloads_on_exit"]:
+            stopped = agent.shut_down_host(host)
+            log.info("agent for %s stopped %d workloads and removed its networks", host.name, len(stopped))
 
 
 def wait_answering(host: Host) -> None:
