@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -572,8 +573,11 @@ def shut_down_host(host: Host, grace_seconds: float = 5) -> list[str]:
                 status_message=HOST_SHUTDOWN_REASON
             )
             stopped.append(str(workload.pk))
+    oci_runtime(host).remove_cgroup_parent()
     if network_services.network_enabled(host):
-        remove_host_network(network_agent.host_netns(host), state_dir=network_agent.state_dir(host))
+        state_dir = network_agent.state_dir(host)
+        remove_host_network(network_agent.host_netns(host), state_dir=state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
     return stopped
 
 

@@ -24,7 +24,6 @@ from typing import Any
 from compute import network_services
 from compute.choices import WorkloadState
 from compute.compartments import Compartment, IPAllocation, PublishedPort
-from compute.hosts import host_state_dir
 from compute.models import Host, Workload
 from compute.network import (
     ApplyReport,
@@ -34,6 +33,7 @@ from compute.network import (
     apply_host_network,
     attach_container,
     detach_container,
+    dns,
 )
 from compute.network.netns import host_networks, iproute
 from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_in_netns
@@ -62,7 +62,11 @@ def host_netns(host: Host) -> str | None:
 
 
 def state_dir(host: Host) -> Path:
-    return host_state_dir(host) / "network"
+    """The network driver's runtime files of `host` (DNS hosts files, the applied record, its lock).
+
+    Under /run, not the data dir: dnsmasq rereads its hosts file as "nobody", which cannot traverse a data
+    dir an operator keeps private (0700), and none of this outlives a reboot, as bridges do not."""
+    return dns.DEFAULT_STATE_ROOT / f"host-{host.pk.hex}"
 
 
 def uplink_for(host: Host) -> str:

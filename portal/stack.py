@@ -178,7 +178,8 @@ def run(bind: str, port: int) -> int:
             "beat", [python, "-m", "celery", "-A", "portal", "beat", "-l", "WARNING", "-s", beat_schedule]
         )
         if login.agent_command:
-            stack.spawn("agent", [python, *login.agent_command])
+            # This machine's workloads stop with the portal and start again with it.
+            stack.spawn("agent", [python, *login.agent_command, "--stop-workloads-on-exit"])
         stack.spawn("web", [python, "-m", "daphne", "-b", bind, "-p", str(port), "portal.asgi:application"])
         return f"\nBulkhead is running: http://{bind}:{port}/\n{login.message}"
 

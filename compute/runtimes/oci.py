@@ -598,6 +598,16 @@ class OciRuntime:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
+    def remove_cgroup_parent(self) -> None:
+        """Remove this runtime's parent cgroup where it is empty (a host shutting down its workloads)."""
+        layout = _cgroup_layout()
+        mounts = list(layout.v1_mounts.values())
+        if layout.unified_mount is not None:
+            mounts.append(layout.unified_mount)
+        for mount in set(mounts):
+            with suppress(FileNotFoundError, OSError):
+                (mount / self.cgroup_parent).rmdir()  # ENOTEMPTY/EBUSY: something still lives there
+
     def _remove_cgroups(self, container_id: str) -> None:
         layout = _cgroup_layout()
         mounts = list(layout.v1_mounts.values())

@@ -73,6 +73,12 @@ def webdb_archive(path: Path) -> Path:
     return write_docker_archive(image, path, repo_tag="webdb:1")
 
 
+def enter(netns: str) -> list[str]:
+    """Run a command in `netns` only. (`ip netns exec` would also remount /sys, hiding the cgroup
+    mounts from runc: a real host's agent sees its cgroups.)"""
+    return ["nsenter", f"--net=/run/netns/{netns}"]
+
+
 @contextlib.contextmanager
 def inside(netns: str) -> Iterator[None]:
     """Sockets opened by this thread meanwhile belong to `netns` (the portal listens on its loopback)."""
@@ -101,8 +107,8 @@ def processes_in(inode: int) -> list[str]:
     return found
 
 
-def cgroups_named(fragment: str) -> set[str]:
-    return {str(path) for path in Path("/sys/fs/cgroup").glob("*/bulkhead-*/*") if fragment in str(path)}
+def cgroups_named(name: str) -> set[str]:
+    return {str(path) for path in Path("/sys/fs/cgroup").glob(f"*/{name}")}
 
 
 def libvirt_domains() -> set[str]:
@@ -120,6 +126,7 @@ class Session:
     def request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
         with inside(self.netns):
             headers = {"X-CSRFToken": self.http.cookies.get("csrftoken", ""), "Referer": PORTAL + "/"}
+            headers.update(kwargs.pop("headers", {}))  # type: ignore[arg-type]
             return self.http.request(method, path, headers=headers, **kwargs)  # type: ignore[arg-type]
 
 
@@ -142,7 +149,7 @@ def test_it_serves_a_web_and_db_app_deployed_with_the_cli_and_stops_clean(tmp_pa
     log_path = tmp_path / "make-run.log"
     with open(log_path, "wb") as log:
         make = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "make", "run"],
+            [*enter(host.netns), "make", "run"],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -196,8 +203,9 @@ def test_it_serves_a_web_and_db_app_deployed_with_the_cli_and_stops_clean(tmp_pa
         document = tmp_path / "tenant.yaml"
         document.write_text(DOCUMENT)
         cli_env = {**env, "BULKHEAD_URL": PORTAL, "BULKHEAD_TOKEN": api_token}
+        cli = str(ROOT / ".venv/bin/bulkhead")
         applied = subprocess.run(
-            ["ip", "netns", "exec", host.netns, str(ROOT / ".venv/bin/bulkhead"), "apply", "-f", str(document)],
+            [*enter(host.netns), cli, "apply", "--yes", "-f", document.name],
             cwd=tmp_path,
             env=cli_env,
             capture_output=True,
@@ -233,12 +241,38 @@ def test_it_serves_a_web_and_db_app_deployed_with_the_cli_and_stops_clean(tmp_pa
         assert libvirt_domains() - domains_before == set()
     finally:
         if make.poll() is None:
-            os.killpg(make.pid, signal.SIGKILL)
-            make.wait()
+            os.killpg(make.pid, signal.SIGINT)
+            try:
+                make.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                os.killpg(make.pid, signal.SIGKILL)
+                make.wait()
+        sweep_stack(host.netns, data_dir)
         internet.remove()
         delete_netns(host.netns)
         if sys.exc_info()[0] is not None:
             print(log_path.read_text(errors="replace")[-6000:])
+
+
+def sweep_stack(netns: str, data_dir: Path) -> None:
+    """After a failure: kill what this stack left (in its namespace and its host's cgroups), unmount its
+    data dir and remove its containers' namespaces, so that a rerun starts clean."""
+    victims = set()
+    if Path(f"/run/netns/{netns}").exists():
+        victims |= {int(entry.split()[0]) for entry in processes_in(netns_inode(netns))}
+    if (data_dir / "bulkhead.sqlite3").exists():
+        for procs in Path("/sys/fs/cgroup").glob(f"*/{_local_host_cgroup(data_dir)}/*/cgroup.procs"):
+            victims |= {int(pid) for pid in procs.read_text().split()}
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+        mount_point = line.split()[4]
+        if mount_point.startswith(str(data_dir)):
+            subprocess.run(["umount", "-l", mount_point], check=False)
+    for bundle in data_dir.glob("hosts/*/containers/bh-*"):
+        if Path(f"/run/netns/{bundle.name}").exists():
+            delete_netns(bundle.name)
 
 
 def _answering(session: Session) -> httpx.Response | None:
@@ -254,13 +288,12 @@ def _finished(session: Session, operation: str) -> dict[str, object] | None:
 
 
 def _fetch_from(netns: str, url: str) -> str | None:
-    result = subprocess.run(
-        ["ip", "netns", "exec", netns, "busybox", "wget", "-q", "-T", "3", "-O", "-", url],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    return result.stdout if result.returncode == 0 and result.stdout.strip() else None
+    with inside(netns):
+        try:
+            response = httpx.get(url, timeout=3)
+        except httpx.TransportError:
+            return None
+    return response.text if response.status_code == 200 else None
 
 
 def _local_host_cgroup(data_dir: Path) -> str:
