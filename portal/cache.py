@@ -20,6 +20,8 @@ class JSONSerializer:
         return json.dumps(obj, separators=(",", ":")).encode()
 
     def loads(self, data: bytes | int) -> Any:
+        if isinstance(data, int):
+            return data
         try:
             return int(data)
         except ValueError:

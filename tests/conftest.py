@@ -102,7 +102,6 @@ def _clear_cache(request: pytest.FixtureRequest) -> Any:
     yield
 
 
-
 # Under CI a skipped test is a failure of set-up, except for these reasons, which cannot hold on the
 # build machines (they have /dev/kvm, but hardware virtualization does not work there).
 ALLOWED_CI_SKIP_REASONS = ("KVM does not work on this machine",)
