@@ -527,11 +527,18 @@ def output_since(workload: Workload, position: int | None) -> tuple[bytes, int]:
 
 
 def stats(workload: Workload) -> dict[str, Any]:
+    """Current counters of a running workload: cpu_usage_ns, memory_bytes, block_read_bytes,
+    block_write_bytes (network counters come per host, see `compute.sampling`)."""
     assert workload.host is not None
     if workload.isolation == Isolation.MICROVM or workload.state != WorkloadState.RUNNING:
         return {}
     s = oci_runtime(workload.host).stats(workload.runtime_id)
-    return {"cpu_usage_ns": s.cpu_usage_ns, "memory_bytes": s.memory_bytes}
+    return {
+        "cpu_usage_ns": s.cpu_usage_ns,
+        "memory_bytes": s.memory_bytes,
+        "block_read_bytes": s.block_read_bytes,
+        "block_write_bytes": s.block_write_bytes,
+    }
 
 
 def upper_dir(workload: Workload) -> Path:

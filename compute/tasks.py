@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from django.conf import settings
+
 from compute import agent, hosts, services
 from compute.choices import WorkloadState
 from compute.models import Workload
@@ -105,9 +107,17 @@ def mark_lost_hosts() -> list[str]:
     return hosts.mark_lost_hosts()
 
 
+@app.task(name="compute.sample_tenants", ignore_result=True, expires=30)
+def sample_tenants() -> int:
+    from compute import sampling
+
+    return sampling.sample_tenants()
+
+
 app.conf.beat_schedule = {
     **(app.conf.beat_schedule or {}),
     "mark-lost-hosts": {"task": "compute.mark_lost_hosts", "schedule": 15.0},
+    "sample-tenants": {"task": "compute.sample_tenants", "schedule": settings.BULKHEAD_SAMPLE_SECONDS},
 }
 
 

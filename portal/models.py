@@ -72,3 +72,28 @@ class Operation(models.Model):
             "target_id": self.target_id,
             "tenant": str(self.tenant_id) if self.tenant_id else None,
         }
+
+
+class MetricSeries(models.Model):
+    """The sampled figures of one workload, host or tenant: the latest raw sample (what /metrics serves)
+    and a round-robin history of a fixed size (portal/rrd.py). Tenant-owned when it describes a tenant's
+    object; host series have no tenant and only operators see them."""
+
+    key = models.CharField(max_length=80, unique=True, help_text="<kind>:<object id>")
+    kind = models.CharField(max_length=16)
+    object_id = models.CharField(max_length=64)
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="metric_series"
+    )
+    latest = models.JSONField(default=dict, blank=True)
+    sampled_at = models.DateTimeField(null=True, blank=True)
+    header = models.JSONField(default=dict, blank=True)
+    rings = models.BinaryField(default=b"")
+
+    objects = TenantOwnedQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["kind", "object_id"], name="metric_series_object")]
+
+    def __str__(self) -> str:
+        return self.key

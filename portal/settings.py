@@ -236,6 +236,8 @@ BULKHEAD_HOST_NAME = env("BULKHEAD_HOST_NAME", "local")
 # Connection settings handed to hosts that join (addresses the hosts can reach); empty: not handed out.
 BULKHEAD_AGENT_DATABASE_URL = env("BULKHEAD_AGENT_DATABASE_URL")
 BULKHEAD_AGENT_REDIS_URL = env("BULKHEAD_AGENT_REDIS_URL")
+# How often host agents sample their workloads and themselves (history and /metrics).
+BULKHEAD_SAMPLE_SECONDS = float(env("BULKHEAD_SAMPLE_SECONDS", "10"))
 BULKHEAD_STORE_DIR = Path(env("BULKHEAD_STORE_DIR", str(DATA_DIR / "store")))
 # The guest kernel and initramfs are build artefacts of the checkout (`make guest`), not data: they stay
 # where the Makefile builds them whatever BULKHEAD_DATA_DIR says.

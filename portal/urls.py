@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.urls import URLPattern, URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from portal.metrics import MetricsView
+
 api_v1: list[URLPattern | URLResolver] = [
     path("", include("tenants.api.urls")),
     path("", include("imaging.api.urls")),
@@ -15,5 +17,6 @@ urlpatterns = [
     # Namespaced: the UI has pages of the same names (workload-detail, image-import, ...).
     path("api/v1/", include((api_v1, "api"), namespace="api")),
     path("django-admin/", admin.site.urls),
+    path("metrics", MetricsView.as_view(), name="metrics"),
     path("", include("frontend.urls")),
 ]

@@ -25,6 +25,8 @@ files=(
     "@xterm/xterm/css/xterm.css:xterm.css"
     "@xterm/addon-fit/lib/addon-fit.js:addon-fit.js"
     "@xterm/addon-fit/lib/addon-fit.js.map:addon-fit.js.map"
+    "uplot/dist/uPlot.iife.min.js:uPlot.iife.min.js"
+    "uplot/dist/uPlot.min.css:uPlot.min.css"
 )
 for entry in "${files[@]}"; do
     src="$frontend/node_modules/${entry%%:*}"

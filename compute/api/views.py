@@ -163,11 +163,27 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
         return Response(host_rpc.ask(workload, "stats"))
 
     @action(detail=True, methods=["get"])
+    def history(self, request: Request, pk: str) -> Response:
+        """CPU, memory, network and disk over `range` (hour, day, week, month), sampled by its host."""
+        workload = self.get_object()
+        return Response(history_response(request, "workload", workload.pk))
+
+    @action(detail=True, methods=["get"])
     def changes(self, request: Request, pk: str) -> Response:
         workload = self.get_object()
         if workload.state in ("pending", "creating"):
             raise Conflict("The workload has no changes yet.")
         return Response({"changes": host_rpc.ask(workload, "changes")})
+
+
+def history_response(request: Request, kind: str, object_id: Any) -> dict[str, Any]:
+    from compute import sampling
+
+    range_name = request.query_params.get("range", "hour")
+    try:
+        return sampling.history(kind, object_id, range_name)
+    except ValueError as error:
+        raise Invalid(str(error), field="range") from None
 
 
 class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLayerViewSet):
@@ -185,6 +201,13 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
             )
         }
         return {**super().get_serializer_context(), "usage": usage}
+
+    @action(detail=True, methods=["get"])
+    def history(self, request: Request, pk: str) -> Response:
+        """The host's CPU, memory and allocation over `range` (operators)."""
+        host = self.get_object()
+        require_operator(self, "see host history")
+        return Response(history_response(request, "host", host.pk))
 
     @extend_schema(request=s.HostStateSerializer, responses=s.HostSerializer)
     def partial_update(self, request: Request, pk: str) -> Response:

@@ -171,6 +171,8 @@ class ContainerStats:
     memory_bytes: int  # usage without inactive page cache, as `docker stats` shows it
     memory_limit_bytes: int | None = None
     pids: int | None = None
+    block_read_bytes: int | None = None
+    block_write_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -418,11 +420,18 @@ class OciRuntime:
             if current is None:
                 raise ContainerNotFound(container_id)
             limit_text = _read_text(directory / "memory.max")
+            io_read = io_write = 0
+            for line in (_read_text(directory / "io.stat") or "").splitlines():
+                fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+                io_read += int(fields.get("rbytes", "0") or 0)
+                io_write += int(fields.get("wbytes", "0") or 0)
             return ContainerStats(
                 cpu_usage_ns=cpu_stat.get("usage_usec", 0) * 1000,
                 memory_bytes=max(0, current - memory_stat.get("inactive_file", 0)),
                 memory_limit_bytes=int(limit_text) if limit_text and limit_text.isdigit() else None,
                 pids=self._read_int(directory / "pids.current"),
+                block_read_bytes=io_read,
+                block_write_bytes=io_write,
             )
         memory_dir = self.cgroup_path(container_id, "memory")
         usage = self._read_int(memory_dir / "memory.usage_in_bytes")
@@ -433,11 +442,16 @@ class OciRuntime:
         pids = None
         if "pids" in layout.v1_mounts:
             pids = self._read_int(self.cgroup_path(container_id, "pids") / "pids.current")
+        block_read = block_write = None
+        if "blkio" in layout.v1_mounts:
+            block_read, block_write = _blkio_totals(self.cgroup_path(container_id, "blkio"))
         return ContainerStats(
             cpu_usage_ns=cpu_usage,
             memory_bytes=max(0, usage - memory_stat.get("total_inactive_file", 0)),
             memory_limit_bytes=self._read_int(memory_dir / "memory.limit_in_bytes"),
             pids=pids,
+            block_read_bytes=block_read,
+            block_write_bytes=block_write,
         )
 
     def read_log(self, container_id: str, streams: Sequence[str] = ("stdout", "stderr")) -> bytes:
@@ -1071,6 +1085,20 @@ def _is_mount_point(path: Path) -> bool:
 
 def _is_within(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
+
+
+def _blkio_totals(directory: Path) -> tuple[int, int]:
+    """Bytes read and written by a v1 blkio cgroup (the "Total"-less per-device Read/Write lines)."""
+    read = write = 0
+    text = _read_text(directory / "blkio.throttle.io_service_bytes_recursive") or ""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2].isdigit():
+            if parts[1] == "Read":
+                read += int(parts[2])
+            elif parts[1] == "Write":
+                write += int(parts[2])
+    return read, write
 
 
 def _unescape_mountinfo(text: str) -> str:

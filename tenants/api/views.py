@@ -65,6 +65,14 @@ class TenantViewSet(
             actor=self.actor, tenant=tenant, display_name=serializer.validated_data.get("display_name", "")
         )
 
+    @action(detail=True, methods=["get"])
+    def history(self, request: Request, pk: str) -> Response:
+        """The tenant's CPU, memory and quota use over `range` (hour, day, week, month)."""
+        from compute.api.views import history_response
+
+        tenant = self.get_object()
+        return Response(history_response(request, "tenant", tenant.pk))
+
     def destroy(self, request: Request, pk: str) -> Response:
         tenant = self.get_object()
         require_operator(self, "delete tenants")

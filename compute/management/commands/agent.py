@@ -14,10 +14,11 @@ import signal
 import time
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from compute import agent, host_rpc, hosts, vm_agent
+from compute import agent, host_rpc, hosts, sampling, vm_agent
 from compute.models import Host
 
 log = logging.getLogger("bulkhead.agent")
@@ -67,7 +68,7 @@ class Command(BaseCommand):
             resumed = agent.resume_after_shutdown(host)
             if resumed:
                 log.info("agent for %s started %d workloads again", host.name, len(resumed))
-        last_beat = last_repair = time.monotonic()
+        last_beat = last_repair = last_sample = time.monotonic()
         while not stopping:
             try:
                 agent.handle_exits(host)
@@ -75,6 +76,9 @@ class Command(BaseCommand):
                 if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
                     hosts.heartbeat(host.pk)
                     last_beat = time.monotonic()
+                if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
+                    sampling.sample_host(host)
+                    last_sample = time.monotonic()
                 if time.monotonic() - last_repair >= NETWORK_REPAIR_SECONDS:
                     repair_network(host)
                     last_repair = time.monotonic()

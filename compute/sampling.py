@@ -1,0 +1,209 @@
+"""Sampling: the host agent records its workloads' and its own figures every BULKHEAD_SAMPLE_SECONDS.
+
+Each sample updates one `MetricSeries` row per object: the latest raw counters (what `/metrics` serves,
+so a scrape reads rows and never asks a host) and a fixed-size round-robin history (portal/rrd.py, what
+the pages plot). Tenant series are the sum of their workloads, recorded by the portal's beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Count, Sum
+from django.utils import timezone
+
+from compute.choices import WorkloadState
+from compute.models import Host, Workload
+from portal.models import MetricSeries
+from portal.rrd import RANGES, Archive
+
+log = logging.getLogger(__name__)
+
+WORKLOAD_SOURCES = (
+    "cpu_seconds", "memory_bytes", "net_rx_bytes", "net_tx_bytes", "block_read_bytes", "block_write_bytes",
+)  # fmt: skip
+HOST_SOURCES = (
+    "cpu_seconds", "memory_used_bytes", "allocated_vcpus", "allocated_memory_bytes", "workloads_running",
+)  # fmt: skip
+# A tenant's CPU is a gauge (cores busy, the sum of its workloads' rates): a sum of per-workload counters
+# would jump whenever one of them starts or stops.
+TENANT_SOURCES = ("cpu_cores", "memory_bytes", "workloads_running", "vcpus_used", "memory_mib_used")
+COUNTERS = frozenset({"cpu_seconds", "net_rx_bytes", "net_tx_bytes", "block_read_bytes", "block_write_bytes"})
+SOURCES_BY_KIND = {"workload": WORKLOAD_SOURCES, "host": HOST_SOURCES, "tenant": TENANT_SOURCES}
+
+
+def archive_of(series: MetricSeries) -> Archive:
+    sources = SOURCES_BY_KIND[series.kind]
+    return Archive(sources, COUNTERS, header=series.header or {}, rings=bytearray(bytes(series.rings or b"")))
+
+
+def record(kind: str, object_id: Any, tenant_id: Any, raw: dict[str, Any], timestamp: float) -> None:
+    """Add one sample to the series of an object (created on first use). One writer per series."""
+    key = f"{kind}:{object_id}"
+    series = MetricSeries.objects.filter(key=key).first() or MetricSeries(
+        key=key, kind=kind, object_id=str(object_id), tenant_id=tenant_id
+    )
+    history = archive_of(series)
+    history.add(timestamp, {name: _number(raw.get(name)) for name in history.sources})
+    series.header = history.header
+    series.rings = bytes(history.rings)
+    latest = {name: raw.get(name) for name in history.sources}
+    current = history.header["tiers"][0]
+    for index, name in enumerate(history.sources):
+        if name in COUNTERS and current["count"][index]:
+            latest[f"{name}_rate"] = current["sum"][index] / current["count"][index]
+    series.latest = latest
+    series.sampled_at = timezone.now()
+    series.save()
+
+
+def history(kind: str, object_id: Any, range_name: str) -> dict[str, Any]:
+    """The plotted history of one object: slot times (Unix seconds) and a list per figure; counters as
+    per-second rates. Empty lists when nothing was sampled yet. The caller has checked permission."""
+    if range_name not in RANGES:
+        raise ValueError(f"range must be one of {', '.join(RANGES)}")
+    series = MetricSeries.objects.filter(key=f"{kind}:{object_id}").first()
+    archive = Archive(SOURCES_BY_KIND[kind], COUNTERS) if series is None else archive_of(series)
+    return {"range": range_name, **archive.series(range_name)}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float | Decimal) else None
+
+
+def workload_sample(stats: dict[str, Any], network: dict[str, int] | None) -> dict[str, Any]:
+    """The series' figures from an agent's `stats()` answer and the workload's network counters."""
+    cpu_ns = stats.get("cpu_usage_ns")
+    return {
+        "cpu_seconds": cpu_ns / 1e9 if isinstance(cpu_ns, int | float) else None,
+        "memory_bytes": stats.get("memory_bytes"),
+        "net_rx_bytes": (network or {}).get("rx_bytes", stats.get("net_rx_bytes")),
+        "net_tx_bytes": (network or {}).get("tx_bytes", stats.get("net_tx_bytes")),
+        "block_read_bytes": stats.get("block_read_bytes"),
+        "block_write_bytes": stats.get("block_write_bytes"),
+    }
+
+
+def sample_host(host: Host, now: float | None = None) -> int:
+    """Record every running workload of `host` and the host itself; returns the workloads sampled."""
+    from compute import agent
+
+    timestamp = now if now is not None else time.time()
+    running = list(Workload.objects.select_related("host").filter(host=host, state=WorkloadState.RUNNING))
+    veth_counters = _container_network_counters(host, running)
+    sampled = 0
+    for workload in running:
+        try:
+            stats = agent.stats(workload)
+        except Exception as error:  # gone between the query and the read: next round
+            log.debug("no stats for %s: %s", workload.pk, error)
+            continue
+        if not stats:
+            continue
+        with transaction.atomic():
+            record(
+                "workload",
+                workload.pk,
+                workload.tenant_id,
+                workload_sample(stats, veth_counters.get(workload.pk)),
+                timestamp,
+            )
+        sampled += 1
+    allocated = Workload.objects.filter(
+        host=host, state__in=[WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.STOPPING]
+    ).aggregate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"), count=Count("pk"))
+    with transaction.atomic():
+        record(
+            "host",
+            host.pk,
+            None,
+            {
+                "cpu_seconds": _host_cpu_seconds(),
+                "memory_used_bytes": _host_memory_used(),
+                "allocated_vcpus": float(allocated["vcpus"] or 0),
+                "allocated_memory_bytes": (allocated["memory"] or 0) * 1024 * 1024,
+                "workloads_running": len(running),
+            },
+            timestamp,
+        )
+    return sampled
+
+
+def _container_network_counters(host: Host, workloads: Iterable[Workload]) -> dict[Any, dict[str, int]]:
+    """rx/tx bytes per container, from the host ends of their veths (one netlink dump for all).
+
+    The host end receives what the container sends: its rx is the container's tx."""
+    from compute import network_agent, network_services
+    from compute.choices import Isolation
+    from compute.network.names import host_veth_name_for
+    from compute.network.netns import iproute
+
+    containers = [w for w in workloads if w.isolation == Isolation.NAMESPACE]
+    if not containers or not network_services.network_enabled(host):
+        return {}
+    by_ifname = {host_veth_name_for(network_agent.netns_name(w)): w.pk for w in containers}
+    counters: dict[Any, dict[str, int]] = {}
+    try:
+        with iproute(network_agent.host_netns(host)) as ipr:
+            for link in ipr.get_links():
+                workload_id = by_ifname.get(link.get_attr("IFLA_IFNAME"))
+                stats = link.get_attr("IFLA_STATS64")
+                if workload_id is not None and stats is not None:
+                    counters[workload_id] = {"rx_bytes": stats["tx_bytes"], "tx_bytes": stats["rx_bytes"]}
+    except OSError as error:
+        log.debug("no network counters on %s: %s", host.name, error)
+    return counters
+
+
+def _host_cpu_seconds() -> float | None:
+    """CPU time the whole machine spent busy (all CPUs), from /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()[1:]
+    except OSError:
+        return None
+    ticks = [int(value) for value in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _host_memory_used() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo if line.strip()}
+    except (OSError, ValueError, IndexError):
+        return None
+    return values.get("MemTotal", 0) - values.get("MemAvailable", 0)
+
+
+def sample_tenants(now: float | None = None) -> int:
+    """Each tenant's series: the sum of its workloads' latest samples and its quota use (the beat)."""
+    from tenants.models import Quota
+
+    timestamp = now if now is not None else time.time()
+    totals: dict[Any, dict[str, float]] = {}
+    fresh = time.time() - 120  # a workload sampled more than two minutes ago is not running any more
+    for tenant_id, latest, sampled_at in MetricSeries.objects.filter(kind="workload").values_list(
+        "tenant_id", "latest", "sampled_at"
+    ):
+        if sampled_at is None or sampled_at.timestamp() < fresh:
+            continue
+        total = totals.setdefault(tenant_id, {"cpu_cores": 0.0, "memory_bytes": 0.0, "workloads_running": 0})
+        total["cpu_cores"] += float(latest.get("cpu_seconds_rate") or 0)
+        total["memory_bytes"] += float(latest.get("memory_bytes") or 0)
+        total["workloads_running"] += 1
+    recorded = 0
+    for quota in Quota.objects.all():
+        raw: dict[str, Any] = dict(totals.get(quota.tenant_id, {"workloads_running": 0}))
+        raw["vcpus_used"] = float(quota.used_vcpus)
+        raw["memory_mib_used"] = quota.used_memory_mib
+        with transaction.atomic():
+            record("tenant", quota.tenant_id, quota.tenant_id, raw, timestamp)
+        recorded += 1
+    return recorded
