@@ -28,6 +28,7 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from frontend import forms as f
+from frontend import plots
 from frontend.middleware import SESSION_KEY
 from portal.errors import ServiceError
 from portal.models import Operation
@@ -190,6 +191,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         from compute.usage import measured_usage
 
         context["measured"] = measured_usage(tenant)
+        context["history_url"] = reverse("api:tenant-history", args=[tenant.pk])
+        context["plots"] = plots.TENANT_PLOTS
         context["members_count"] = Membership.objects.for_user(user).filter(tenant=tenant).count()
         context["operations"] = (
             Operation.objects.for_user(user).filter(tenant=tenant).select_related("tenant")[:8]

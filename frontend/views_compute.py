@@ -27,6 +27,7 @@ from compute.choices import WorkloadState
 from compute.consumers import mint_console_token
 from compute.models import Host, Workload
 from frontend import forms as f
+from frontend import plots
 from frontend.views import (
     REFUSALS,
     current_tenant,
@@ -436,6 +437,8 @@ def render_workload_detail(
             "logs": workload_logs(workload),
             "commit_form": commit_form or f.WorkloadCommitForm(initial={"name": f"{workload.name}-snapshot"}),
             "console_token": mint_console_token(request.user, workload) if can_operate else "",
+            "history_url": reverse("api:workload-history", args=[workload.pk]),
+            "plots": plots.WORKLOAD_PLOTS,
             "operations": Operation.objects.for_user(request.user)
             .filter(target_type="workload", target_id=str(workload.pk))
             .order_by("-created_at")[:5],
@@ -570,6 +573,7 @@ def render_hosts(
 ) -> HttpResponse:
     context = {
         "hosts": host_rows(),
+        "host_plots": plots.HOST_PLOTS,
         "form": form or f.JoinTokenForm(),
         "command": command,
         "joining": joining,

@@ -105,3 +105,47 @@ def test_it_compares_a_revision_with_a_picked_one_in_place(
     assert "- name: alpha" in page.locator("#desired-diff pre.diff").inner_text()
     assert page.evaluate("window.__same_page === true")  # swapped by htmx, not reloaded
     assert page.url.endswith(f"/desired/revisions/{revisions[2].pk}/?against=1")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_plots_a_workloads_sampled_history(world: World, live_server: Any, browser_page: Any) -> None:
+    import time
+    import uuid
+
+    from compute import sampling
+    from compute.models import Host, Workload
+    from tests.imaging.images import db_image
+
+    host = Host.objects.create(name="plot-host", cpus=2, memory_mib=4096)
+    image = db_image(world.acme, f"plot-{uuid.uuid4().hex[:6]}")
+    workload = Workload.objects.create(
+        tenant=world.acme, name="plotted", image=image, host=host, state="running"
+    )
+    now = time.time()
+    for i in range(12):
+        raw = {"cpu_seconds": 0.5 * 10 * i, "memory_bytes": (20 + i) * 1024 * 1024, "net_rx_bytes": 4096 * i}
+        sampling.record("workload", workload.pk, world.acme.pk, raw, now - 110 + 10 * i)
+
+    page = browser_page
+    page.goto(f"{live_server.url}/login/")
+    page.get_by_label("Username").fill("vic")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{live_server.url}/")
+    page.goto(f"{live_server.url}/workloads/{workload.pk}/")
+    page.wait_for_function(
+        "document.querySelector('[data-plot=cpu]') && document.querySelector('[data-plot=cpu]')._uplot"
+    )
+    points = page.evaluate(
+        "() => { const u = document.querySelector('[data-plot=cpu]')._uplot;"
+        " return u.data[1].filter(v => v !== null).length; }"
+    )
+    assert points >= 10
+    memory = page.evaluate(
+        "() => Math.max(...document.querySelector('[data-plot=memory]')._uplot.data[1]"
+        ".filter(v => v !== null))"
+    )
+    assert memory == 31 * 1024 * 1024
+    assert page.locator("[data-plot=cpu] canvas").count() == 1
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "workload-plots.png"), full_page=True)
