@@ -126,4 +126,15 @@
     var path = document.body.dataset.eventsPath;
     if (path && "WebSocket" in window) { connect(path); }
   });
+
+  // --- phone width: the main menu folds behind a button -----------------------------------------
+
+  document.addEventListener("click", function (event) {
+    var toggle = event.target.closest ? event.target.closest("[data-menu-toggle]") : null;
+    if (!toggle) { return; }
+    var bar = toggle.closest(".topbar");
+    var open = !bar.classList.contains("menu-open");
+    bar.classList.toggle("menu-open", open);
+    toggle.setAttribute("aria-expanded", String(open));
+  });
 })();
