@@ -15,6 +15,7 @@ from typing import Any
 from django.db.models import Count, F, Q
 from django.http import HttpResponse
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from rest_framework.request import Request
@@ -202,6 +203,7 @@ def _queue_depths() -> Iterator[tuple[str, int]]:
 class MetricsView(APIView):
     """Prometheus text format. Scrape with `authorization: {credentials: <API token>}`."""
 
+    @extend_schema(exclude=True)  # not JSON: Prometheus' text format, outside the API's schema
     def get(self, request: Request) -> HttpResponse:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(PortalCollector(request.user))  # type: ignore[arg-type]

@@ -50,12 +50,93 @@ def update_tenant(*, actor: Actor, tenant: Tenant, display_name: str) -> Tenant:
     return tenant
 
 
+# What a tenant must not own when it is deleted: each lives on hosts or in the store, and deleting the
+# rows would leave it running or held there. (related name on Tenant, what to call it, its name field)
+OWNED_RESOURCES = (
+    ("workloads", "workloads", "name"),
+    ("compartments", "networks", "name"),
+    ("published_ports", "published ports", "host_port"),
+    ("images", "images", "name"),
+)
+
+
+def owned_resources(tenant: Tenant) -> dict[str, list[str]]:
+    """What the tenant still owns, by kind, a few names each (an empty dict: nothing)."""
+    owned: dict[str, list[str]] = {}
+    for relation, label, field in OWNED_RESOURCES:
+        manager = getattr(tenant, relation, None)
+        if manager is None:
+            continue
+        names = [str(name) for name in manager.order_by(field).values_list(field, flat=True)[:20]]
+        if names:
+            owned[label] = names
+    return owned
+
+
 @audit.denials_audited
 @transaction.atomic
 def delete_tenant(*, actor: Actor, tenant: Tenant) -> None:
+    """Delete an empty tenant (operators). One that still owns workloads, networks, ports or images is
+    refused with the list, so that nothing is left running on a host without an owner."""
     _require_operator(actor, "tenant.delete")
+    tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
+    owned = owned_resources(tenant)
+    if owned:
+        listing = "; ".join(f"{label}: {', '.join(names)}" for label, names in owned.items())
+        raise Conflict(
+            f"{tenant.name} still owns resources; delete them first ({listing}).",
+            audit_action="tenant.delete",
+            owned=owned,
+        )
     audit.record(actor, "tenant.delete", tenant, details={"name": tenant.name})
     tenant.delete()
+
+
+@audit.denials_audited
+@transaction.atomic
+def change_password(*, actor: Actor, user: Any, old_password: str, new_password: str) -> None:
+    """A signed-in user changes their own password; the old one is required."""
+    from django.contrib.auth.password_validation import validate_password
+    from django.core.exceptions import ValidationError
+
+    if actor.user is None or actor.user.pk != user.pk:
+        raise NotPermitted("You can change only your own password.", audit_action="user.password_change")
+    if not user.check_password(old_password):
+        raise Invalid(
+            "The current password is not right.", field="old_password", audit_action="user.password_change"
+        )
+    try:
+        validate_password(new_password, user)
+    except ValidationError as error:
+        raise Invalid(" ".join(error.messages), field="new_password") from None
+    user.set_password(new_password)
+    user.save(update_fields=["password"])
+    audit.record(actor, "user.password_change", user, details={"username": user.get_username()})
+
+
+@audit.denials_audited
+@transaction.atomic
+def set_user_active(*, actor: Actor, user: Any, active: bool) -> Any:
+    """Operators deactivate (or reactivate) an account. A deactivated user's sessions end at once and
+    its API tokens stop working (token authentication refuses inactive users)."""
+    action = "user.activate" if active else "user.deactivate"
+    _require_operator(actor, action)
+    if not active and actor.user is not None and actor.user.pk == user.pk:
+        raise Conflict("You cannot deactivate your own account.", audit_action=action)
+    User.objects.filter(pk=user.pk).update(is_active=active)
+    user.is_active = active
+    if not active:
+        _end_sessions_of(user)
+    audit.record(actor, action, user, details={"username": user.get_username()})
+    return user
+
+
+def _end_sessions_of(user: Any) -> None:
+    from django.contrib.sessions.models import Session
+
+    for session in Session.objects.all().iterator():
+        if str(session.get_decoded().get("_auth_user_id")) == str(user.pk):
+            session.delete()
 
 
 def _owner_count(tenant: Tenant) -> int:

@@ -141,5 +141,10 @@ class UserSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = get_user_model()
-        fields = ["id", "username", "email", "is_staff", "password"]
-        read_only_fields = ["id"]
+        fields = ["id", "username", "email", "is_staff", "is_active", "password"]
+        read_only_fields = ["id", "is_active"]
+
+
+class PasswordChangeSerializer(serializers.Serializer):
+    old_password = serializers.CharField(write_only=True, style={"input_type": "password"})
+    new_password = serializers.CharField(write_only=True, min_length=10, style={"input_type": "password"})

@@ -18,6 +18,7 @@ from portal import operations
 from portal.api.viewsets import PermissionLayerViewSet, ReadOnlyPermissionLayerViewSet
 from portal.errors import Conflict
 from portal.models import Operation
+from portal.permissions import active_token
 from portal.tasks import selfcheck
 from tenants import audit, services
 from tenants.api import serializers as s
@@ -249,6 +250,38 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
         serializer.is_valid(raise_exception=True)
         user = services.create_user(actor=self.actor, **serializer.validated_data)
         return Response(s.UserSerializer(user).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=s.PasswordChangeSerializer, responses={204: None})
+    @action(detail=False, methods=["post"], url_path="me/password")
+    def password(self, request: Request) -> Response:
+        """Change your own password (the current one is required). Not with a restricted token."""
+        token = active_token(request.user)
+        if token is not None and (token.read_only or token.tenant_id is not None):
+            audit.record_denied(self.actor, "user.password_change", reason="restricted token")
+            raise PermissionDenied("A read-only or tenant-scoped token cannot change a password.")
+        data = s.PasswordChangeSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.change_password(actor=self.actor, user=request.user, **data.validated_data)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(request=None, responses=s.UserSerializer)
+    @action(detail=True, methods=["post"])
+    def deactivate(self, request: Request, pk: str) -> Response:
+        """Operators: the user's sessions end at once and its tokens stop working."""
+        user = self.get_object()
+        require_operator(self, "deactivate users")
+        return Response(
+            s.UserSerializer(services.set_user_active(actor=self.actor, user=user, active=False)).data
+        )
+
+    @extend_schema(request=None, responses=s.UserSerializer)
+    @action(detail=True, methods=["post"])
+    def activate(self, request: Request, pk: str) -> Response:
+        user = self.get_object()
+        require_operator(self, "activate users")
+        return Response(
+            s.UserSerializer(services.set_user_active(actor=self.actor, user=user, active=True)).data
+        )
 
     @action(detail=False, methods=["get"])
     def me(self, request: Request) -> Response:

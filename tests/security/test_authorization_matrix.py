@@ -38,6 +38,7 @@ PERSONAS = list(dict.fromkeys(PERSONAS))
 TOKEN_USER = {"mia_readonly": "mia", "alice_acme": "alice", "bob": "bob"}
 READ_ONLY_TOKENS = {"mia_readonly"}
 SCOPED_TOKENS = {"alice_acme": "acme"}
+RESTRICTED_TOKENS = READ_ONLY_TOKENS | set(SCOPED_TOKENS)
 
 Ownership = str  # "acme" | "globex" | "missing"
 
@@ -78,6 +79,8 @@ class Route:
     extra: dict[str, Any] = field(default_factory=dict)
     # What an allowed GET may answer: 503 where the answer comes from a host's agent (none runs here).
     read_ok: frozenset[int] = frozenset({200})
+    # Routes about the account itself (a password): read-only and tenant-scoped tokens are refused.
+    refuses_restricted_tokens: bool = False
 
 
 def _acme_or_globex(world: World, ownership: str) -> Any:
@@ -135,6 +138,9 @@ ROUTES: dict[str, Route] = {
     "user-list": Route(methods=("GET", "POST"), list_post=400, list_post_staff_only=True),
     "user-detail": Route(methods=("GET",), obj=_user, visibility="self"),
     "user-me": Route(methods=("GET",)),
+    "user-password": Route(methods=("POST",), list_post=400, refuses_restricted_tokens=True),
+    "user-deactivate": Route(methods=("POST",), obj=_user, visibility="self", write="operator"),
+    "user-activate": Route(methods=("POST",), obj=_user, visibility="self", write="operator"),
     "image-list": Route(methods=("GET",)),
     "image-detail": Route(
         methods=("GET", "DELETE"), obj=lambda w, o: db_image(_acme_or_globex(w, o), "matrix").pk
@@ -324,6 +330,8 @@ def expected_status(
         if method == "GET":
             return {200}
         if route.list_post_staff_only and (not is_staff(persona) or persona in READ_ONLY_TOKENS):
+            return {403}
+        if route.refuses_restricted_tokens and persona in RESTRICTED_TOKENS:
             return {403}
         return {route.list_post or 400}
     if ownership == "missing":
