@@ -344,3 +344,17 @@ class JoinTokenForm(forms.Form):
             if data.get(key):
                 profile[key] = data[key]
         return profile
+
+
+class PasswordChangeForm(forms.Form):
+    old_password = forms.CharField(label="Current password", widget=forms.PasswordInput(render_value=False))
+    new_password = forms.CharField(
+        label="New password", min_length=10, widget=forms.PasswordInput(render_value=False)
+    )
+    new_password_again = forms.CharField(label="New password, again", widget=forms.PasswordInput())
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("new_password") and data.get("new_password") != data.get("new_password_again"):
+            self.add_error("new_password_again", "The two new passwords differ.")
+        return data

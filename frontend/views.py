@@ -501,6 +501,59 @@ def tenant_create(request: HttpRequest) -> HttpResponse:
     return render_tenants(request, form, status=422)
 
 
+@operator_required
+@require_POST
+def tenant_delete(request: HttpRequest, pk: Any) -> HttpResponse:
+    tenant = get_object_or_404(Tenant.objects.for_user(request.user, "own"), pk=pk)
+    try:
+        services.delete_tenant(actor=Actor.from_request(request), tenant=tenant)
+    except REFUSALS as error:
+        messages.error(request, f.refusal_message(error))
+    else:
+        messages.success(request, f"Tenant {tenant.name} deleted.")
+    return done(request, "tenants", render_tenants)
+
+
+@operator_required
+@require_POST
+def user_set_active(request: HttpRequest, pk: Any) -> HttpResponse:
+    user = get_object_or_404(get_user_model(), pk=pk)
+    active = request.POST.get("active") == "1"
+    try:
+        services.set_user_active(actor=Actor.from_request(request), user=user, active=active)
+    except REFUSALS as error:
+        messages.error(request, f.refusal_message(error))
+    else:
+        state = "activated" if active else "deactivated: their sessions ended and their tokens stopped"
+        messages.success(request, f"User {user.get_username()} {state}.")
+    return done(request, "users", render_users)
+
+
+@login_required
+@never_cache
+def password_change(request: HttpRequest) -> HttpResponse:
+    """Change your own password: the current one is required; the session stays signed in."""
+    from django.contrib.auth import update_session_auth_hash
+
+    form = f.PasswordChangeForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.change_password(
+                actor=Actor.from_request(request),
+                user=request.user,
+                old_password=form.cleaned_data["old_password"],
+                new_password=form.cleaned_data["new_password"],
+            )
+        except REFUSALS as error:
+            f.add_service_error(form, error)
+        else:
+            update_session_auth_hash(request, request.user)  # type: ignore[arg-type]
+            messages.success(request, "Your password was changed.")
+            return redirect("dashboard")
+    status = 422 if request.method == "POST" else 200
+    return render(request, "frontend/password.html", {"form": form}, status=status)
+
+
 def render_users(
     request: HttpRequest, form: f.UserCreateForm | None = None, status: int = 200
 ) -> HttpResponse:

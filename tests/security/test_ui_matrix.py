@@ -88,6 +88,13 @@ UI_ROUTES: dict[str, UiRoute] = {
     "tenant-create": UiRoute(method="POST", operator_only=True),
     "users": UiRoute(operator_only=True),
     "user-create": UiRoute(method="POST", operator_only=True),
+    "user-set-active": UiRoute(
+        method="POST", obj=lambda w, o: w.user("alice" if o == "acme" else "bob").pk, operator_only=True
+    ),
+    "tenant-delete": UiRoute(
+        method="POST", obj=lambda w, o: (w.acme if o == "acme" else w.globex).pk, operator_only=True
+    ),
+    "password-change": UiRoute(),
     "images": UiRoute(),
     "image-import": UiRoute(method="POST", acts="operate"),
     "image-pull": UiRoute(method="POST", acts="operate"),
@@ -127,7 +134,8 @@ def ui_route_names() -> set[str]:
     def walk(patterns: list[Any], prefix: str) -> None:
         for p in patterns:
             route = prefix + str(p.pattern)
-            if route.startswith(("api/", "django-admin/", "static/")):
+            # /metrics is an API (Prometheus' format, token auth): tests/portal/test_metrics_scope.py.
+            if route.startswith(("api/", "django-admin/", "static/", "metrics")):
                 continue
             if isinstance(p, URLResolver):
                 walk(p.url_patterns, route)
