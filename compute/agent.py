@@ -26,7 +26,7 @@ from compute.hosts import host_state_dir
 from compute.models import Host, Workload
 from compute.runtimes.oci import ContainerSpec, OciRuntime, parse_k8s_log
 from imaging.store import LayerSpec, LayerStore
-from portal import events
+from portal import events, operations
 from portal.failpoints import failpoint
 
 log = logging.getLogger(__name__)
@@ -471,6 +471,7 @@ def _fail_interrupted_operations(host: Host, since: Any) -> list[str]:
             finished_at=timezone.now(),
             error=INTERRUPTED,
         ):
+            operations.log_step(op.pk, "failed")
             interrupted.append(str(op.pk))
     return interrupted
 

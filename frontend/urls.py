@@ -17,6 +17,7 @@ urlpatterns = [
     path("tokens/<uuid:pk>/revoke/", views.token_revoke, name="token-revoke"),
     path("audit/", views.audit_log, name="audit"),
     path("operations/", views.operations_list, name="operations"),
+    path("operations/<uuid:pk>/", views.operation_detail, name="operation-detail"),
     path("tenants/", views.tenants, name="tenants"),
     path("tenants/create/", views.tenant_create, name="tenant-create"),
     path("tenants/<uuid:pk>/delete/", views.tenant_delete, name="tenant-delete"),

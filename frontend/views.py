@@ -450,6 +450,16 @@ def operations_list(request: HttpRequest) -> HttpResponse:
     )
 
 
+@login_required
+@require_GET
+def operation_detail(request: HttpRequest, pk: Any) -> HttpResponse:
+    """One operation's log: each step with its time and progress, and the error that ended it."""
+    op = get_object_or_404(Operation.objects.for_user(request.user).select_related("tenant", "actor"), pk=pk)
+    context = {"op": op, "entries": op.log_entries.all()}
+    template = "frontend/partials/operation_log.html" if wants_partial(request) else "frontend/operation.html"
+    return render(request, template, context)
+
+
 # --- operator pages -------------------------------------------------------------------------------
 
 

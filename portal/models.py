@@ -97,3 +97,21 @@ class MetricSeries(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+class OperationLogEntry(models.Model):
+    """One step of an operation, kept for its log page: queued, started, each new progress message,
+    and how it ended (the error itself stays on the operation, where its visibility is decided)."""
+
+    operation = models.ForeignKey(Operation, on_delete=models.CASCADE, related_name="log_entries")
+    at = models.DateTimeField(auto_now_add=True)
+    event = models.CharField(max_length=16)  # queued, started, progress, succeeded, failed, cancelled
+    progress = models.PositiveSmallIntegerField(default=0)
+    message = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["operation", "at", "pk"]
+        indexes = [models.Index(fields=["operation", "at"], name="operation_log_order")]
+
+    def __str__(self) -> str:
+        return f"{self.operation_id} {self.event} {self.message[:40]}"

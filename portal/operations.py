@@ -14,7 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from portal import events
-from portal.models import Operation, OperationState
+from portal.models import Operation, OperationLogEntry, OperationState
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def start(
         params=params or {},
         actor=getattr(actor, "user", None),
     )
+    OperationLogEntry.objects.create(operation=op, event="queued")
     op_id = str(op.pk)
 
     def send() -> None:
@@ -81,8 +82,16 @@ def claim(op_id: Any) -> Operation | None:
     op = _claim_returning(op_id, now)
     if op is None:
         return None
+    log_step(op_id, "started", op.progress)
     events.publish(op.tenant_id, op.as_event())
     return op
+
+
+def log_step(op_id: Any, event: str, progress: int = 0, message: str = "") -> None:
+    """Append one entry to the operation's log (its page and `/operations/{id}/log/`)."""
+    OperationLogEntry.objects.create(
+        operation_id=op_id, event=event, progress=progress, message=message[:500]
+    )
 
 
 def _claim_returning(op_id: Any, now: Any) -> Operation | None:
@@ -138,13 +147,19 @@ def finish(
         "finished_at": timezone.now(),
     }
     finished = Operation.objects.filter(pk=op_id, state=OperationState.RUNNING).update(**changes)
+    if finished:
+        log_step(op_id, "succeeded", 100, message)
     _publish_changed(op_id, op, changes if finished else None)
 
 
 def fail(op_id: Any, error: str) -> None:
-    Operation.objects.filter(pk=op_id).exclude(state__in=[OperationState.SUCCEEDED]).update(
-        state=OperationState.FAILED, error=error[:4000], finished_at=timezone.now()
+    failed = (
+        Operation.objects.filter(pk=op_id)
+        .exclude(state__in=[OperationState.SUCCEEDED])
+        .update(state=OperationState.FAILED, error=error[:4000], finished_at=timezone.now())
     )
+    if failed:
+        log_step(op_id, "failed")
     _publish(op_id)
 
 
@@ -154,6 +169,7 @@ def cancel(op: Operation) -> bool:
         state=OperationState.CANCELLED, finished_at=timezone.now()
     )
     if cancelled:
+        log_step(op.pk, "cancelled")
         _publish(op.pk)
     return bool(cancelled)
 
@@ -171,6 +187,7 @@ class Progress:
         self.interval = interval
         self.op = op
         self._last = 0.0
+        self._logged_message = ""
 
     def __call__(self, percent: float, message: str = "", *, force: bool = False) -> None:
         now = time.monotonic()
@@ -179,6 +196,10 @@ class Progress:
         self._last = now
         changes = {"progress": max(0, min(100, int(percent))), "message": message[:500]}
         updated = Operation.objects.filter(pk=self.op_id, state=OperationState.RUNNING).update(**changes)
+        # The log keeps each new step, not every percent: a long copy is one entry, not a thousand.
+        if updated and message and message != self._logged_message:
+            self._logged_message = message
+            log_step(self.op_id, "progress", int(changes["progress"]), message)
         _publish_changed(self.op_id, self.op, changes if updated else None)
 
 
@@ -242,6 +263,7 @@ def fail_lost(now: Any = None) -> list[str]:
         if Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING).update(
             state=OperationState.FAILED, error=LOST_WORKER, finished_at=now
         ):
+            log_step(op.pk, "failed")
             audit.record(
                 Actor.system("portal"), "operation.lost", op, tenant=op.tenant, details={"kind": op.kind}
             )

@@ -5,7 +5,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
-from portal.models import Operation
+from portal.models import Operation, OperationLogEntry
 from tenants.choices import Role
 from tenants.models import ApiToken, AuditEntry, Membership, Quota, Tenant, dns_label
 
@@ -148,3 +148,14 @@ class UserSerializer(serializers.ModelSerializer):
 class PasswordChangeSerializer(serializers.Serializer):
     old_password = serializers.CharField(write_only=True, style={"input_type": "password"})
     new_password = serializers.CharField(write_only=True, min_length=10, style={"input_type": "password"})
+
+
+class OperationLogEntrySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = OperationLogEntry
+        fields = ["at", "event", "progress", "message"]
+
+
+class OperationLogSerializer(serializers.Serializer):
+    operation = OperationSerializer()
+    entries = OperationLogEntrySerializer(many=True)

@@ -204,6 +204,14 @@ class OperationViewSet(ReadOnlyPermissionLayerViewSet):
     ordering_fields = ["created_at"]
 
     @extend_schema(request=None, responses=s.OperationSerializer)
+    @extend_schema(responses=s.OperationLogSerializer)
+    @action(detail=True, methods=["get"])
+    def log(self, request: Request, pk: str) -> Response:
+        """Every step of the operation with its time and progress, and the error that ended it."""
+        op = self.get_object()
+        entries = op.log_entries.all()
+        return Response(s.OperationLogSerializer({"operation": op, "entries": entries}).data)
+
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str) -> Response:
         op = self.get_object()

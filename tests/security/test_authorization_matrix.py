@@ -133,6 +133,7 @@ ROUTES: dict[str, Route] = {
     "audit-detail": Route(methods=("GET",), obj=_audit, read="audit"),
     "operation-list": Route(methods=("GET",)),
     "operation-detail": Route(methods=("GET",), obj=_operation),
+    "operation-log": Route(methods=("GET",), obj=_operation),
     "operation-cancel": Route(methods=("POST",), obj=_operation, write="operate"),
     "operation-selfcheck": Route(methods=("POST",), list_post=202, list_post_staff_only=True),
     "user-list": Route(methods=("GET", "POST"), list_post=400, list_post_staff_only=True),

@@ -33,6 +33,8 @@ class UiRoute:
     # For object routes: who may act on acme's object ("manage" = owner/admin of acme, "self" = alice,
     # "operate" = owner/admin/member, "view" = any role). Without an object: in the current tenant.
     acts: str = ""
+    # Operators see this object of any tenant (the operations list shows them all tenants' operations).
+    staff_sees_all: bool = False
 
 
 def _membership(world: World, ownership: str) -> Any:
@@ -57,6 +59,13 @@ def _host(world: World, ownership: str) -> Any:
     from compute.models import Host
 
     return Host.objects.get_or_create(name="matrix-host", defaults={"cpus": 4, "memory_mib": 4096})[0].pk
+
+
+def _operation(world: World, ownership: str) -> Any:
+    from portal.models import Operation
+
+    tenant = world.acme if ownership == "acme" else world.globex
+    return Operation.objects.create(kind="portal.selfcheck", tenant=tenant).pk
 
 
 def _workload(world: World, ownership: str) -> Any:
@@ -84,6 +93,7 @@ UI_ROUTES: dict[str, UiRoute] = {
     "token-revoke": UiRoute(method="POST", obj=_token, acts="self"),
     "audit": UiRoute(audit_only=True),
     "operations": UiRoute(),
+    "operation-detail": UiRoute(obj=_operation, acts="view", staff_sees_all=True),
     "tenants": UiRoute(operator_only=True),
     "tenant-create": UiRoute(method="POST", operator_only=True),
     "users": UiRoute(operator_only=True),
@@ -180,6 +190,8 @@ def expected_ok(route: UiRoute, user: str, ownership: str | None) -> bool | None
         return True
     if ownership == "missing":
         return False
+    if route.staff_sees_all and staff:
+        return True
     if route.acts == "self":
         # The UI revokes only your own tokens, operators included (the API lets operators revoke any).
         return user == ("alice" if ownership == "acme" else "bob")
