@@ -194,12 +194,13 @@ class Progress:
         if not force and now - self._last < self.interval and percent < 100:
             return
         self._last = now
-        changes = {"progress": max(0, min(100, int(percent))), "message": message[:500]}
+        progress = max(0, min(100, int(percent)))
+        changes: dict[str, Any] = {"progress": progress, "message": message[:500]}
         updated = Operation.objects.filter(pk=self.op_id, state=OperationState.RUNNING).update(**changes)
         # The log keeps each new step, not every percent: a long copy is one entry, not a thousand.
         if updated and message and message != self._logged_message:
             self._logged_message = message
-            log_step(self.op_id, "progress", int(changes["progress"]), message)
+            log_step(self.op_id, "progress", progress, message)
         _publish_changed(self.op_id, self.op, changes if updated else None)
 
 
