@@ -138,6 +138,11 @@ class PublishedPort(models.Model):
     def __str__(self) -> str:
         return f"{self.protocol}/{self.host_port} -> {self.workload_id}:{self.workload_port}"
 
+    @property
+    def connect_address(self) -> str:
+        """Where clients connect: the host's address (its name when it registered none) and the port."""
+        return f"{self.host.address or self.host.name}:{self.host_port}"
+
     def as_event(self) -> dict[str, Any]:
         return {
             "type": "published_port",

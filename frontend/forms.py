@@ -245,6 +245,10 @@ def parse_env_lines(text: str) -> dict[str, str]:
     return env
 
 
+NETWORK_AUTOMATIC = ""
+NETWORK_NONE = "none"
+
+
 class WorkloadCreateForm(forms.Form):
     name = forms.CharField(
         max_length=63, validators=[dns_label], help_text="Lowercase letters, digits, hyphens."
@@ -271,18 +275,49 @@ class WorkloadCreateForm(forms.Form):
     vcpus = forms.DecimalField(max_digits=5, decimal_places=2, initial=1, min_value=0.01, label="vCPUs")
     memory_mib = forms.IntegerField(initial=256, min_value=16, label="Memory (MiB)")
     restart_policy = forms.ChoiceField(choices=[], initial="never", label="Restart")
+    network = forms.ChoiceField(
+        choices=[],
+        required=False,
+        label="Network",
+        help_text="The compartment it joins; its address and name resolve there.",
+    )
+    ports = forms.CharField(
+        required=False,
+        max_length=500,
+        label="Published ports",
+        help_text="Workload ports to reach from outside, e.g. 80, 443/tcp, 53/udp.",
+    )
     start = forms.BooleanField(required=False, initial=True, label="Start it now")
 
-    def __init__(self, *args: Any, images: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, images: Any, networks: Any = (), **kwargs: Any) -> None:
         from compute.choices import Isolation, RestartPolicy
 
         super().__init__(*args, **kwargs)
         self.fields["image"].queryset = images  # type: ignore[attr-defined]
+        self.fields["network"].choices = [  # type: ignore[attr-defined]
+            (NETWORK_AUTOMATIC, "Automatic (the tenant's default network where hosts have networks)"),
+            (NETWORK_NONE, "None"),
+            *((str(compartment.pk), compartment.name) for compartment in networks),
+        ]
         self.fields["isolation"].choices = Isolation.choices  # type: ignore[attr-defined]
         self.fields["restart_policy"].choices = RestartPolicy.choices  # type: ignore[attr-defined]
 
     def clean_command(self) -> list[str] | None:
         return split_words(self.cleaned_data.get("command") or "", "Command")
+
+    def clean_ports(self) -> list[tuple[int, str]]:
+        """ "80, 443/tcp, 53/udp" -> [(80, "tcp"), (443, "tcp"), (53, "udp")]."""
+        ports: list[tuple[int, str]] = []
+        for item in (self.cleaned_data.get("ports") or "").replace(",", " ").split():
+            number, _, protocol = item.partition("/")
+            protocol = protocol.lower() or "tcp"
+            if not number.isdigit() or not 1 <= int(number) <= 65535 or protocol not in ("tcp", "udp"):
+                raise forms.ValidationError(f"{item!r} is not a port like 80, 443/tcp or 53/udp.")
+            if (int(number), protocol) not in ports:
+                ports.append((int(number), protocol))
+        if ports and self.cleaned_data.get("network") == NETWORK_NONE:
+            raise forms.ValidationError("A workload without a network cannot publish ports.")
+        return ports
 
     def clean_args(self) -> list[str] | None:
         return split_words(self.cleaned_data.get("args") or "", "Arguments")

@@ -24,6 +24,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from compute import host_rpc, hosts
 from compute import services as compute_services
 from compute.choices import WorkloadState
+from compute.compartments import Compartment
 from compute.consumers import mint_console_token
 from compute.models import Host, Workload
 from frontend import forms as f
@@ -41,7 +42,7 @@ from frontend.views_desired import mark_managed, workload_resource_key
 from imaging import services as imaging_services
 from imaging.api.views import PayloadTooLarge, StoredUpload, StoreUploadHandler, shared_layer_ids
 from imaging.models import Image, ImageLayer
-from portal.errors import ServiceError
+from portal.errors import Invalid, ServiceError
 from portal.models import Operation
 from portal.permissions import Action
 from tenants.actors import Actor
@@ -296,7 +297,12 @@ def badge(workload: Workload) -> Workload:
 def workload_form(request: HttpRequest, data: Any = None) -> f.WorkloadCreateForm:
     tenant = current_tenant(request)
     usable = compute_services.usable_images(tenant) if tenant else Image.objects.none()
-    return f.WorkloadCreateForm(data, images=usable.order_by("name", "tag"))
+    networks = (
+        Compartment.objects.for_user(request.user, "view").filter(tenant=tenant).order_by("name")
+        if tenant
+        else Compartment.objects.none()
+    )
+    return f.WorkloadCreateForm(data, images=usable.order_by("name", "tag"), networks=networks)
 
 
 def render_workloads(
@@ -356,9 +362,7 @@ def workload_create(request: HttpRequest) -> HttpResponse:
             restart_policy=data["restart_policy"],
         )
         try:
-            op = compute_services.create_workload(
-                actor=Actor.from_request(request), tenant=tenant, spec=spec, start=data["start"]
-            )
+            op = create_with_network(request, tenant, spec, data)
         except REFUSALS as error:
             f.add_service_error(form, error)
         else:
@@ -367,6 +371,40 @@ def workload_create(request: HttpRequest) -> HttpResponse:
             messages.success(request, f"Workload {data['name']} is being created.")
             return redirect("workload-detail", pk=op.target_id)
     return render_workloads(request, form, status=422)
+
+
+def create_with_network(
+    request: HttpRequest, tenant: Any, spec: compute_services.WorkloadSpec, data: dict[str, Any]
+) -> Operation:
+    """Create the workload on its network and publish its ports, all or nothing (one transaction)."""
+    from django.db import transaction
+
+    from compute import network_services
+
+    actor = Actor.from_request(request)
+    if data["network"] == f.NETWORK_NONE:
+        compartments: list[Compartment] | None = []
+    elif data["network"]:
+        compartment = (
+            Compartment.objects.for_user(request.user, "view")
+            .filter(tenant=tenant, pk=data["network"])
+            .first()
+        )
+        if compartment is None:
+            raise Invalid("Choose one of this tenant's networks.", field="network")
+        compartments = [compartment]
+    else:
+        compartments = None
+    with transaction.atomic():
+        op = compute_services.create_workload(
+            actor=actor, tenant=tenant, spec=spec, start=data["start"], compartments=compartments
+        )
+        workload = Workload.objects.get(pk=op.target_id)
+        for port, protocol in data["ports"]:
+            network_services.publish_port(
+                actor=actor, workload=workload, workload_port=port, protocol=protocol
+            )
+    return op
 
 
 def workload_stats(workload: Workload) -> dict[str, Any]:
