@@ -15,7 +15,8 @@ for bench in \
   bench/api_list.py \
   bench/bench_desired_plan.py \
   bench/bench_desired_plan_db.py \
-  bench/bench_desired_reconcile.py; do
+  bench/bench_desired_reconcile.py \
+  bench/bench_metrics.py; do
   echo "== $bench" >&2
   "$py" "$bench" || failed+=("$bench")
 done

@@ -17,6 +17,8 @@ from typing import Any
 # (step seconds, slots): an hour, a day, a week, 30 days.
 TIERS: tuple[tuple[int, int], ...] = ((10, 360), (240, 360), (1800, 336), (7200, 360))
 RANGES = {"hour": 0, "day": 1, "week": 2, "month": 3}
+# Where each tier's rings begin, in slots per source.
+_TIER_STARTS = tuple(sum(slots for _step, slots in TIERS[:tier]) for tier in range(len(TIERS)))
 FORMAT_VERSION = 1
 
 
@@ -50,9 +52,8 @@ class Archive:
 
     def _offset(self, tier: int, source: int, slot: int) -> int:
         """Index of a slot in the float32 view of `rings`."""
-        before = sum(slots for _step, slots in TIERS[:tier]) * len(self.sources)
         slots = TIERS[tier][1]
-        return before + source * slots + slot % slots
+        return _TIER_STARTS[tier] * len(self.sources) + source * slots + slot % slots
 
     def add(self, timestamp: float, raw: dict[str, float | None]) -> None:
         """Record one sample taken at `timestamp` (seconds): counters as running totals, gauges as is."""

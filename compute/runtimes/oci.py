@@ -1113,7 +1113,21 @@ def cgroup_mode() -> CgroupMode:
     return _cgroup_layout().mode
 
 
+# The cgroup mounts do not change under a running agent; parsing mountinfo (which grows with every
+# container's rootfs) on each call made reading one container's counters cost about 2 ms.
+_LAYOUT_TTL_SECONDS = 60.0
+_layout_cache: tuple[float, _CgroupLayout] | None = None
+
+
 def _cgroup_layout() -> _CgroupLayout:
+    global _layout_cache
+    now = time.monotonic()
+    if _layout_cache is None or now - _layout_cache[0] > _LAYOUT_TTL_SECONDS:
+        _layout_cache = (now, _read_cgroup_layout())
+    return _layout_cache[1]
+
+
+def _read_cgroup_layout() -> _CgroupLayout:
     v1_mounts: dict[str, Path] = {}
     unified: Path | None = None
     root_is_v2 = False
