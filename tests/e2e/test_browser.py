@@ -182,3 +182,32 @@ def test_it_folds_the_menu_and_scrolls_tables_inside_cards_at_phone_width(
     assert widest > 0
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "phone-audit.png"), full_page=False)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_shows_bytes_sent_while_an_image_archive_uploads(
+    world: World, live_server: Any, browser_page: Any, tmp_path: Path, settings: Any
+) -> None:
+    from tests.imaging.images import build_image, busybox_layers, write_oci_archive
+
+    settings.BULKHEAD_STORE_DIR = tmp_path / "store"
+    archive = write_oci_archive(build_image(busybox_layers()), tmp_path / "busybox.tar")
+    page = browser_page
+    page.goto(f"{live_server.url}/login/")
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{live_server.url}/")
+    page.goto(f"{live_server.url}/images/")
+    page.evaluate(
+        "() => { window.__uploadTexts = []; document.addEventListener('htmx:xhr:progress', () => {"
+        " const t = document.querySelector('[data-upload-text]');"
+        " if (t) window.__uploadTexts.push(t.textContent); }); }"
+    )
+    page.set_input_files("input[type=file]", str(archive))
+    page.get_by_label("Name").first.fill("uploaded")
+    page.get_by_role("button", name="Upload and import").click()
+    page.wait_for_function("window.__uploadTexts.some(t => t.includes('sent'))")
+    texts = page.evaluate("window.__uploadTexts")
+    assert any(text.endswith("sent; importing…") for text in texts), texts
+    assert all(" of " in text for text in texts)

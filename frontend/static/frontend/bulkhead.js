@@ -137,4 +137,23 @@
     bar.classList.toggle("menu-open", open);
     toggle.setAttribute("aria-expanded", String(open));
   });
+
+  // --- uploads: bytes sent as they go (htmx reports the browser's upload progress) ---------------
+
+  function humanBytes(n) {
+    var units = ["B", "KiB", "MiB", "GiB"], i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return n.toFixed(i ? 1 : 0) + " " + units[i];
+  }
+
+  document.addEventListener("htmx:xhr:progress", function (event) {
+    var form = event.target.closest ? event.target.closest("form") : null;
+    var box = form ? form.querySelector("[data-upload-progress]") : null;
+    if (!box || !event.detail || !event.detail.lengthComputable) { return; }
+    var loaded = event.detail.loaded, total = event.detail.total || 1;
+    box.hidden = false;
+    box.querySelector("progress").value = Math.round(100 * loaded / total);
+    box.querySelector("[data-upload-text]").textContent =
+      humanBytes(loaded) + " of " + humanBytes(total) + " sent" + (loaded >= total ? "; importing…" : "");
+  });
 })();
