@@ -13,11 +13,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from compute.routing import websocket_urlpatterns as compute_websockets  # noqa: E402
+from imaging.distribution.app import RegistryApp  # noqa: E402
 from portal.routing import websocket_urlpatterns as portal_websockets  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # /v2/: the built-in registry (streams bodies); everything else: Django.
+        "http": RegistryApp(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter([*portal_websockets, *compute_websockets]))
         ),
