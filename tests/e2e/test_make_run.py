@@ -107,6 +107,21 @@ def processes_in(inode: int) -> list[str]:
     return found
 
 
+def processes_of_stack(data_dir: Path) -> list[int]:
+    """Every process started with this stack's data dir in its environment (its children, whatever
+    session or namespace they run in)."""
+    marker = f"BULKHEAD_DATA_DIR={data_dir}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
 def cgroups_named(name: str) -> set[str]:
     return {str(path) for path in Path("/sys/fs/cgroup").glob(f"*/{name}")}
 
@@ -224,6 +239,7 @@ def test_it_serves_a_web_and_db_app_deployed_with_the_cli_and_stops_clean(tmp_pa
         make.wait(timeout=240)
         inode = netns_inode(host.netns)
         assert processes_in(inode) == [], "processes left in the host namespace"
+        assert processes_of_stack(data_dir) == [], "processes of the stack left"
         bridges = subprocess.run(
             ["ip", "-n", host.netns, "-o", "link", "show", "type", "bridge"], capture_output=True, text=True
         )
@@ -257,7 +273,7 @@ def test_it_serves_a_web_and_db_app_deployed_with_the_cli_and_stops_clean(tmp_pa
 def sweep_stack(netns: str, data_dir: Path) -> None:
     """After a failure: kill what this stack left (in its namespace and its host's cgroups), unmount its
     data dir and remove its containers' namespaces, so that a rerun starts clean."""
-    victims = set()
+    victims = set(processes_of_stack(data_dir))
     if Path(f"/run/netns/{netns}").exists():
         victims |= {int(entry.split()[0]) for entry in processes_in(netns_inode(netns))}
     if (data_dir / "bulkhead.sqlite3").exists():
