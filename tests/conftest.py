@@ -102,6 +102,18 @@ def _clear_cache(request: pytest.FixtureRequest) -> Any:
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer() -> Any:
+    """A channel layer per test: channels-redis binds its locks to the event loop that first used them,
+    and each test's async_to_sync runs another loop (a "bound to a different event loop" error)."""
+    yield
+    try:
+        from channels.layers import channel_layers
+    except ImportError:
+        return
+    channel_layers.backends.clear()
+
+
 # Under CI a skipped test is a failure of set-up, except for these reasons, which cannot hold on the
 # build machines (they have /dev/kvm, but hardware virtualization does not work there).
 ALLOWED_CI_SKIP_REASONS = ("KVM does not work on this machine",)
