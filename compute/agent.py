@@ -24,7 +24,7 @@ from compute import (
 from compute.choices import Isolation, RestartPolicy, WorkloadState
 from compute.hosts import host_state_dir
 from compute.models import Host, Workload
-from compute.runtimes.oci import ContainerSpec, OciRuntime, parse_k8s_log
+from compute.runtimes.oci import ContainerNotFound, ContainerSpec, OciRuntime, parse_k8s_log
 from imaging.store import LayerSpec, LayerStore
 from portal import events, operations
 from portal.failpoints import failpoint
@@ -564,14 +564,17 @@ def shut_down_host(host: Host, grace_seconds: float = 5) -> list[str]:
     from compute.network.host_state import remove_host_network
 
     stopped = []
-    live = [WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.UNKNOWN]
+    live: list[str] = [WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.UNKNOWN]
     for workload in Workload.objects.select_related("host").filter(host=host, state__in=live):
         with workload_lock(workload):
             try:
                 if workload.isolation == Isolation.MICROVM:
                     vm_agent.stop(workload, grace_seconds)
                 else:
-                    stop(workload, grace_seconds)
+                    try:
+                        stop(workload, grace_seconds)
+                    except ContainerNotFound:  # never created (a create cut short): nothing runs
+                        record_exit(workload, None, expected=live, requested=True)
                     oci_runtime(host).delete(workload.runtime_id, keep_upper=True)
                     network_agent.release(workload)
             except Exception:
