@@ -54,7 +54,7 @@ from compute.runtimes.userns import (
     IdRangeAllocator,
     UsernsError,
     mount_idmapped_overlay,
-    mount_sysfs_of_netns,
+    prepare_host_netns,
 )
 
 ContainerStatus = Literal["creating", "running", "stopped", "absent"]
@@ -514,7 +514,7 @@ class OciRuntime:
                     raise OciRuntimeError(f"container {container_id}: {error}") from error
         sysfs_by_host = mapping is not None and spec.netns_path is not None
         if mapping is not None and sysfs_by_host:
-            self._mount_sysfs(spec, rootfs, mapping)
+            self._prepare_host_netns(spec, rootfs, mapping)
         user = resolve_user(rootfs, spec.user)
         hostname = spec.hostname or container_id
         _write_text_atomic(bundle / "hostname", hostname + "\n")
@@ -559,8 +559,9 @@ class OciRuntime:
             os.chmod(upper, stat.S_IMODE(top.st_mode))
         return mapping
 
-    def _mount_sysfs(self, spec: ContainerSpec, rootfs: Path, mapping: IdMapping) -> None:
-        # The container cannot mount sysfs for a network namespace the host owns; the host does.
+    def _prepare_host_netns(self, spec: ContainerSpec, rootfs: Path, mapping: IdMapping) -> None:
+        # The container has no capability in a network namespace the host owns: the host mounts
+        # its sysfs and lets every uid bind low ports and ping (see userns.prepare_host_netns).
         assert spec.netns_path is not None
         target = rootfs / "sys"
         if _is_mount_point(target):
@@ -571,7 +572,7 @@ class OciRuntime:
             target.mkdir(mode=0o555)
             os.chown(target, mapping.host_base, mapping.host_base)
         try:
-            mount_sysfs_of_netns(spec.netns_path, target)
+            prepare_host_netns(spec.netns_path, target)
         except UsernsError as error:
             raise OciRuntimeError(f"container {spec.container_id}: {error}") from error
 

@@ -23,9 +23,11 @@ The overlay is mounted by the host with the idmapped layers given as file descri
 5.19) each layer's idmapped mount is attached under a private staging directory for the time of the
 overlay mount. runc 1.1 cannot make idmapped mounts itself; doing it here serves runc and crun alike.
 
-A container joining a network namespace made by the host (a compartment) cannot mount sysfs itself:
-sysfs needs privilege over the network namespace's owner, the host. The host mounts a sysfs of that
-network namespace on the container's /sys instead (read-only, as Docker's is).
+A container joining a network namespace made by the host (a compartment) has no capability in it
+(the host's user namespace owns it): it cannot mount sysfs, bind ports below 1024, or open raw
+sockets. The host mounts a sysfs of that network namespace on the container's /sys (read-only, as
+Docker's is) and sets the per-namespace sysctls Docker sets by default (unprivileged ports from 0,
+ping sockets for all). Raw sockets (CAP_NET_RAW) stay unavailable there.
 """
 
 from __future__ import annotations
@@ -391,18 +393,28 @@ def _overlay_from_staging(
             staging_dir.rmdir()
 
 
-# --------------------------------------------------------------------------- sysfs of a netns
+# --------------------------------------------------------------------------- a host-made netns
+
+# What a user-namespaced container cannot have in a network namespace the host owns (its capabilities
+# count only in namespaces its user namespace owns), given per namespace as Docker does by default:
+# binding ports below 1024 and ICMP echo sockets (ping) for every uid.
+USERNS_NETNS_SYSCTLS: tuple[tuple[str, str], ...] = (
+    ("net/ipv4/ip_unprivileged_port_start", "0"),
+    ("net/ipv4/ping_group_range", "0 2147483647"),
+)
 
 
-def mount_sysfs_of_netns(netns_path: str, target: Path) -> None:
-    """Mount a read-only sysfs showing the network namespace at `netns_path` on `target`.
+def prepare_host_netns(netns_path: str, sysfs_target: Path) -> None:
+    """Ready a host-made network namespace for a user-namespaced container that joins it.
 
-    Done on a short-lived thread: setns(CLONE_NEWNET) changes only the calling thread, and sysfs
-    takes the network namespace of the thread that mounts it.
+    Mounts a read-only sysfs showing that namespace on `sysfs_target` (the container cannot mount
+    sysfs there) and sets `USERNS_NETNS_SYSCTLS` in it. Done on a short-lived thread:
+    setns(CLONE_NEWNET) changes only the calling thread, and both sysfs and /proc/sys/net take the
+    network namespace of the thread that mounts or opens them.
     """
     failure: list[BaseException] = []
 
-    def mount_in_netns() -> None:
+    def in_netns() -> None:
         try:
             netns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -411,14 +423,17 @@ def mount_sysfs_of_netns(netns_path: str, target: Path) -> None:
                     raise OSError(error_number, f"setns {netns_path}: {os.strerror(error_number)}")
             finally:
                 os.close(netns_fd)
+            for name, value in USERNS_NETNS_SYSCTLS:
+                with open(f"/proc/sys/{name}", "w") as sysctl:
+                    sysctl.write(value)
             flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
-            if _LIBC.mount(b"sysfs", str(target).encode(), b"sysfs", flags, None) != 0:
+            if _LIBC.mount(b"sysfs", str(sysfs_target).encode(), b"sysfs", flags, None) != 0:
                 error_number = ctypes.get_errno()
-                raise OSError(error_number, f"mount sysfs on {target}: {os.strerror(error_number)}")
+                raise OSError(error_number, f"mount sysfs on {sysfs_target}: {os.strerror(error_number)}")
         except BaseException as error:  # handed to the caller's thread
             failure.append(error)
 
-    thread = threading.Thread(target=mount_in_netns, name="sysfs-of-netns")
+    thread = threading.Thread(target=in_netns, name="prepare-host-netns")
     thread.start()
     thread.join()
     if failure:

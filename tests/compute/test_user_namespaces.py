@@ -354,13 +354,16 @@ def test_it_gives_a_container_in_a_host_made_netns_a_sysfs_of_that_netns(
         ["ip", "-n", netns_name, "link", "add", "bht-veth0", "type", "veth", "peer", "name", "bht-veth1"],
         check=True,
     )
-    script = "ls /sys/class/net; touch /sys/x 2>/dev/null || echo sys-read-only; id -u"
+    script = (
+        "ls /sys/class/net; touch /sys/x 2>/dev/null || echo sys-read-only; id -u; "
+        "busybox httpd -p 80 -h /tmp && echo bound-port-80"
+    )
     spec = spec_for(new_id(), owned_image, "sh", "-c", script, netns_path=f"/var/run/netns/{netns_name}")
 
     exit_code, output = run_to_exit(runtime, spec)
 
     assert exit_code == 0, output
-    assert output.split() == ["bht-veth0", "bht-veth1", "lo", "sys-read-only", "0"]
+    assert output.split() == ["bht-veth0", "bht-veth1", "lo", "sys-read-only", "0", "bound-port-80"]
     runtime.delete(spec.container_id)
     assert not [point for point in mount_points() if spec.container_id in point]
 
