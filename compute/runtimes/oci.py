@@ -437,6 +437,9 @@ class OciRuntime:
                     foreign.add(entry.name)
         # A cgroup left behind by an agent killed mid-delete is a leak too; delete() removes it.
         ids.update(name for name in self._cgroup_children() if name not in foreign)
+        # So is an id range whose container is gone (a range kept for a restart is listed too:
+        # its workload exists, so nobody deletes it).
+        ids.update(name for name in self.id_ranges.allocations() if name not in foreign)
         return sorted(ids)
 
     def stats(self, container_id: str) -> ContainerStats:

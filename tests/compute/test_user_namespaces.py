@@ -319,6 +319,16 @@ def test_it_releases_the_range_with_the_container(runtime, owned_image, new_id):
     assert runtime.id_ranges.allocations() == {}
 
 
+def test_it_lists_a_range_left_without_its_container_so_that_it_is_released(runtime, new_id):
+    orphan = new_id()
+    runtime.id_ranges.allocate(orphan)  # an agent killed right after recording it
+
+    assert orphan in runtime.list_ids()
+    runtime.delete(orphan)
+
+    assert runtime.id_ranges.allocations() == {}
+
+
 def test_it_never_hands_out_a_range_twice_nor_beyond_the_pool(tmp_path):
     allocator = IdRangeAllocator(tmp_path / "ranges", pool_start=200_000, pool_size=3 * 65536)
 
