@@ -13,7 +13,10 @@ Baselines, all on the same busybox image and the same host:
 Contenders run interleaved, round by round, so that load from other processes hits them alike.
 Density: start N `sleep` containers at once (thread pool) and measure the monitors' memory.
 
-Usage: .venv/bin/python bench/bench_container_start.py [--runs 30] [--density 200] [--no-podman]
+`--netns`: our containers join a network namespace the bench prepares (as in a compartment), where a
+user-namespaced container's /sys and sysctls are set up by the host.
+
+Usage: .venv/bin/python bench/bench_container_start.py [--runs 30] [--density 200] [--no-podman] [--netns]
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ def prepare_bare_bundle(directory: Path, image: Path, args: list[str]) -> Path:
     return directory
 
 
-def time_ours(runtime: OciRuntime, image: Path, *, user_namespace: bool = True) -> tuple[float, float, float]:
+def time_ours(
+    runtime: OciRuntime, image: Path, *, user_namespace: bool = True, netns_path: str | None = None
+) -> tuple[float, float, float]:
     """Return (create+start until running, delete of that container, full `true` lifecycle)."""
     container_id = new_id()
     spec = ContainerSpec(
@@ -104,6 +109,7 @@ def time_ours(runtime: OciRuntime, image: Path, *, user_namespace: bool = True) 
         vcpus=0.5,
         pids_limit=64,
         user_namespace=user_namespace,
+        netns_path=netns_path,
     )
     started = time.perf_counter()
     runtime.run(spec)
@@ -121,6 +127,7 @@ def time_ours(runtime: OciRuntime, image: Path, *, user_namespace: bool = True) 
         vcpus=0.5,
         pids_limit=64,
         user_namespace=user_namespace,
+        netns_path=netns_path,
     )
     started = time.perf_counter()
     runtime.run(lifecycle_spec)
@@ -233,6 +240,7 @@ def main() -> None:
     parser.add_argument("--density", type=int, default=200)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--no-podman", action="store_true")
+    parser.add_argument("--netns", action="store_true")
     options = parser.parse_args()
     use_podman = not options.no_podman and shutil.which("podman") is not None
 
@@ -241,14 +249,18 @@ def main() -> None:
     runtime = OciRuntime("runc", state_dir=scratch / "state", cgroup_parent=CGROUP_PARENT)
     runc_root = scratch / "bare-runc"
     podman_image_id = ""
+    netns_name = f"bht-bench-{uuid.uuid4().hex[:8]}" if options.netns else None
+    netns_path = f"/var/run/netns/{netns_name}" if netns_name else None
     try:
+        if netns_name:
+            subprocess.run(["ip", "netns", "add", netns_name], check=True)
         image = build_busybox_rootfs(scratch / "image")
         bundle = prepare_bare_bundle(scratch / "bare", image, ["sleep", "30"])
         true_bundle = prepare_bare_bundle(scratch / "bare-true", image, ["true"])
         if use_podman:
             podman_image_id = import_into_podman(image, scratch)
-        time_ours(runtime, image)  # warm caches once, untimed
-        time_ours(runtime, image, user_namespace=False)
+        time_ours(runtime, image, netns_path=netns_path)  # warm caches once, untimed
+        time_ours(runtime, image, user_namespace=False, netns_path=netns_path)
         time_bare_runc(bundle, true_bundle, runc_root)
         ours_start, ours_delete, ours_lifecycle, bare_run, bare_lifecycle, podman = [], [], [], [], [], []
         mapped_start: list[float] = []
@@ -257,11 +269,11 @@ def main() -> None:
         cold_start: list[float] = []
         for round_number in range(options.runs):
             forget_user_namespaces()
-            cold_start.append(time_ours(runtime, image)[0])
+            cold_start.append(time_ours(runtime, image, netns_path=netns_path)[0])
             # Alternate which of the two goes first, so neither always runs on a warmer cache.
             for user_namespace in (True, False) if round_number % 2 == 0 else (False, True):
                 start_seconds, delete_seconds, lifecycle_seconds = time_ours(
-                    runtime, image, user_namespace=user_namespace
+                    runtime, image, user_namespace=user_namespace, netns_path=netns_path
                 )
                 starts, deletes, lifecycles = (
                     (ours_start, ours_delete, ours_lifecycle)
@@ -280,6 +292,7 @@ def main() -> None:
             "benchmark": "container_start",
             "runs": options.runs,
             "cgroup_mode": cgroup_mode(),
+            "joined_netns": bool(netns_path),
             "load_average_1m": round(os.getloadavg()[0], 2),
             "ours_create_start_ms": median_ms(ours_start),
             "ours_delete_ms": median_ms(ours_delete),
@@ -329,6 +342,8 @@ def main() -> None:
                 if image_ref:
                     subprocess.run(["podman", "rmi", "--force", image_ref], capture_output=True, check=False)
         shutil.rmtree(scratch, ignore_errors=True)
+        if netns_name:
+            subprocess.run(["ip", "netns", "delete", netns_name], check=False)
         for hierarchy in Path("/sys/fs/cgroup").iterdir():
             parent = hierarchy / CGROUP_PARENT
             if parent.is_dir():

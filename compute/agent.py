@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
@@ -71,6 +72,7 @@ def oci_runtime(host: Host) -> OciRuntime:
         host.oci_runtime,
         state_dir=host_state_dir(host) / "containers",
         cgroup_parent=f"bulkhead-{host.pk.hex[:12]}",
+        userns_pool=(settings.BULKHEAD_USERNS_POOL[0], settings.BULKHEAD_USERNS_POOL[1]),
     )
 
 

@@ -223,6 +223,11 @@ BULKHEAD_HOST_NAME = env("BULKHEAD_HOST_NAME", "local")
 BULKHEAD_AGENT_DATABASE_URL = env("BULKHEAD_AGENT_DATABASE_URL")
 BULKHEAD_AGENT_REDIS_URL = env("BULKHEAD_AGENT_REDIS_URL")
 BULKHEAD_STORE_DIR = Path(env("BULKHEAD_STORE_DIR", str(DATA_DIR / "store")))
+# Host ids handed out to containers' user namespaces, 65,536 per container: "start,count". Reserve the
+# same range in /etc/subuid and /etc/subgid (root:1000000:1000000000) so no other tool uses it.
+BULKHEAD_USERNS_POOL = tuple(
+    int(part) for part in env("BULKHEAD_USERNS_POOL", "1000000,1000000000").split(",")
+)
 BULKHEAD_MAX_UPLOAD_BYTES = env_int("BULKHEAD_MAX_UPLOAD_BYTES", 8 * 1024**3)
 BULKHEAD_REGISTRY_ALLOWLIST = [r for r in env("BULKHEAD_REGISTRY_ALLOWLIST", "").split(",") if r]
 BULKHEAD_REGISTRY_CA_BUNDLE = env("BULKHEAD_REGISTRY_CA_BUNDLE") or None
