@@ -55,6 +55,7 @@ from compute.runtimes.userns import (
     UsernsError,
     mount_idmapped_overlay,
     prepare_host_netns,
+    shift_owners,
 )
 
 ContainerStatus = Literal["creating", "running", "stopped", "absent"]
@@ -519,6 +520,10 @@ class OciRuntime:
         if mapping is not None and sysfs_by_host:
             self._prepare_host_netns(spec, rootfs, mapping)
         user = resolve_user(rootfs, spec.user)
+        if mapping is not None and max(user.uid, user.gid, *user.additional_gids) >= mapping.size:
+            raise InvalidContainerSpec(
+                f"user {spec.user!r} is outside the container's ids (0 to {mapping.size - 1})"
+            )
         hostname = spec.hostname or container_id
         _write_text_atomic(bundle / "hostname", hostname + "\n")
         _write_text_atomic(bundle / "hosts", _hosts_file(hostname, spec.ip_address))
@@ -548,11 +553,16 @@ class OciRuntime:
         if not self._traversable_checked:
             _check_traversable(self.state_dir)
             self._traversable_checked = True
+        upper = bundle / "upper"
+        had_range = self.id_ranges.find(spec.container_id) is not None
         mapping = self.id_ranges.allocate(spec.container_id)
+        if not had_range and any(upper.iterdir()):
+            # Changes kept from before user namespaces (a restart after the upgrade): give them
+            # the range's ids once, so that the files keep their owners inside.
+            shift_owners(upper, mapping)
         os.chown(bundle, 0, mapping.host_base)
         os.chmod(bundle, 0o710)  # noqa: S103 - only the container's own group may search it
         # The upper dir's root is the container's "/": owned and moded as the image's top layer's.
-        upper = bundle / "upper"
         top = os.stat(lower_dirs[0])
         upper_stat = os.lstat(upper)
         wanted = (mapping.to_host(top.st_uid), mapping.to_host(top.st_gid))

@@ -38,6 +38,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -187,6 +188,30 @@ class IdRangeAllocator:
                 yield
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def shift_owners(tree: Path, mapping: IdMapping) -> None:
+    """Give every entry of `tree` owned by a container id (< size) the range's host id. Idempotent.
+
+    For an upper dir written without a user namespace. Never follows a symlink (lchown, a walk that
+    does not descend into links); the container is not running while this runs. chown clears
+    setuid/setgid bits, so the mode is set again.
+    """
+    _shift_one(str(tree), mapping)
+    for directory, dirnames, filenames in os.walk(tree, followlinks=False):
+        for name in (*dirnames, *filenames):
+            _shift_one(os.path.join(directory, name), mapping)
+
+
+def _shift_one(path: str, mapping: IdMapping) -> None:
+    entry = os.lstat(path)
+    uid = entry.st_uid + mapping.host_base if entry.st_uid < mapping.size else entry.st_uid
+    gid = entry.st_gid + mapping.host_base if entry.st_gid < mapping.size else entry.st_gid
+    if (uid, gid) == (entry.st_uid, entry.st_gid):
+        return
+    os.lchown(path, uid, gid)
+    if not stat.S_ISLNK(entry.st_mode) and os.lstat(path).st_mode != entry.st_mode:
+        os.chmod(path, stat.S_IMODE(entry.st_mode))
 
 
 # --------------------------------------------------------------------------- idmapped overlay

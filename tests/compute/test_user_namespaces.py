@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from compute.runtimes.oci import ContainerSpec, OciRuntime
+from compute.runtimes.oci import ContainerSpec, InvalidContainerSpec, OciRuntime
 from compute.runtimes.userns import (
     AT_FDCWD,
     MOVE_MOUNT_F_EMPTY_PATH,
@@ -277,6 +277,37 @@ def test_it_commits_the_changes_with_the_ids_seen_inside(runtime, owned_image, n
     assert owners["home/app/notes.txt"] == (APP_UID, APP_UID)
     assert owners["tmp/by-app"] == (APP_UID, 50)
     assert all(uid < 65536 and gid < 65536 for uid, gid in owners.values())
+
+
+def test_it_gives_changes_kept_from_before_user_namespaces_the_containers_ids(runtime, owned_image, new_id):
+    container_id = new_id()
+    script = "touch /root/old; chmod 4755 /root/old; touch /tmp/app-old; chown 1000:1000 /tmp/app-old"
+    before = spec_for(container_id, owned_image, "sh", "-c", script, user_namespace=False)
+    assert run_to_exit(runtime, before)[0] == 0  # written root-mapped, as every container before
+    runtime.delete(container_id, keep_upper=True)
+
+    after = spec_for(
+        container_id,
+        owned_image,
+        "sh",
+        "-c",
+        "stat -c '%u:%g %a' /root/old /tmp/app-old; echo more >> /root/old && echo appended",
+    )
+    exit_code, output = run_to_exit(runtime, after)
+
+    assert exit_code == 0, output
+    assert output.splitlines() == ["0:0 4755", "1000:1000 644", "appended"]
+    base = runtime.id_mapping(container_id).host_base  # type: ignore[union-attr]
+    assert (runtime.upper_dir(container_id) / "root/old").stat().st_uid == base
+
+
+def test_it_refuses_a_user_outside_the_containers_ids(runtime, owned_image, new_id):
+    spec = spec_for(new_id(), owned_image, "true", user="70000:70000")
+
+    with pytest.raises(InvalidContainerSpec, match="outside the container's ids"):
+        runtime.run(spec)
+
+    assert runtime.list_ids() == []
 
 
 # --------------------------------------------------------------------------- ranges
