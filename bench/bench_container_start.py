@@ -1,6 +1,11 @@
 """Benchmark: how fast Bulkhead's namespace-container driver starts containers, and how densely.
 
-Prints one JSON line. Baselines, all on the same busybox image and the same host:
+Prints one JSON line. Our driver runs each container in a user namespace (the default: its own id
+range, idmapped image layers) and, side by side, root-mapped (`user_namespace=False`, what a tenant
+allowed privileged containers gets, and what every container was before): the userns cost is the
+ratio of the two. A third series runs user-namespaced with the process's kept namespaces dropped
+first (`cold`): the cost when a range is used for the first time by this agent.
+Baselines, all on the same busybox image and the same host:
   * bare runc: `runc run -d` of an equivalent prepared bundle (same config.json, plain rootfs dir)
     against our create+start; foreground `runc run` of `true` (create, start, wait, delete in one
     process) against our run + wait_exit + delete of `true`;
@@ -8,7 +13,10 @@ Prints one JSON line. Baselines, all on the same busybox image and the same host
 Contenders run interleaved, round by round, so that load from other processes hits them alike.
 Density: start N `sleep` containers at once (thread pool) and measure the monitors' memory.
 
-Usage: .venv/bin/python bench/bench_container_start.py [--runs 30] [--density 200] [--no-podman]
+`--netns`: our containers join a network namespace the bench prepares (as in a compartment), where a
+user-namespaced container's /sys and sysctls are set up by the host.
+
+Usage: .venv/bin/python bench/bench_container_start.py [--runs 30] [--density 200] [--no-podman] [--netns]
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from compute.runtimes.oci import (  # noqa: E402
     cgroup_mode,
     resolve_user,
 )
+from compute.runtimes.userns import forget_user_namespaces  # noqa: E402
 from tests.compute.rootfs import build_busybox_rootfs  # noqa: E402
 
 CGROUP_PARENT = "bht-bench"
@@ -87,7 +96,9 @@ def prepare_bare_bundle(directory: Path, image: Path, args: list[str]) -> Path:
     return directory
 
 
-def time_ours(runtime: OciRuntime, image: Path) -> tuple[float, float, float]:
+def time_ours(
+    runtime: OciRuntime, image: Path, *, user_namespace: bool = True, netns_path: str | None = None
+) -> tuple[float, float, float]:
     """Return (create+start until running, delete of that container, full `true` lifecycle)."""
     container_id = new_id()
     spec = ContainerSpec(
@@ -97,6 +108,8 @@ def time_ours(runtime: OciRuntime, image: Path) -> tuple[float, float, float]:
         memory_mib=64,
         vcpus=0.5,
         pids_limit=64,
+        user_namespace=user_namespace,
+        netns_path=netns_path,
     )
     started = time.perf_counter()
     runtime.run(spec)
@@ -113,6 +126,8 @@ def time_ours(runtime: OciRuntime, image: Path) -> tuple[float, float, float]:
         memory_mib=64,
         vcpus=0.5,
         pids_limit=64,
+        user_namespace=user_namespace,
+        netns_path=netns_path,
     )
     started = time.perf_counter()
     runtime.run(lifecycle_spec)
@@ -225,27 +240,49 @@ def main() -> None:
     parser.add_argument("--density", type=int, default=200)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--no-podman", action="store_true")
+    parser.add_argument("--netns", action="store_true")
     options = parser.parse_args()
     use_podman = not options.no_podman and shutil.which("podman") is not None
 
     scratch = Path(tempfile.mkdtemp(prefix="bht-bench-"))
+    scratch.chmod(0o711)  # a user-namespaced container's root must reach its rootfs below it
     runtime = OciRuntime("runc", state_dir=scratch / "state", cgroup_parent=CGROUP_PARENT)
     runc_root = scratch / "bare-runc"
     podman_image_id = ""
+    netns_name = f"bht-bench-{uuid.uuid4().hex[:8]}" if options.netns else None
+    netns_path = f"/var/run/netns/{netns_name}" if netns_name else None
     try:
+        if netns_name:
+            subprocess.run(["ip", "netns", "add", netns_name], check=True)
         image = build_busybox_rootfs(scratch / "image")
         bundle = prepare_bare_bundle(scratch / "bare", image, ["sleep", "30"])
         true_bundle = prepare_bare_bundle(scratch / "bare-true", image, ["true"])
         if use_podman:
             podman_image_id = import_into_podman(image, scratch)
-        time_ours(runtime, image)  # warm caches once, untimed
+        time_ours(runtime, image, netns_path=netns_path)  # warm caches once, untimed
+        time_ours(runtime, image, user_namespace=False, netns_path=netns_path)
         time_bare_runc(bundle, true_bundle, runc_root)
         ours_start, ours_delete, ours_lifecycle, bare_run, bare_lifecycle, podman = [], [], [], [], [], []
-        for _ in range(options.runs):
-            start_seconds, delete_seconds, lifecycle_seconds = time_ours(runtime, image)
-            ours_start.append(start_seconds)
-            ours_delete.append(delete_seconds)
-            ours_lifecycle.append(lifecycle_seconds)
+        mapped_start: list[float] = []
+        mapped_delete: list[float] = []
+        mapped_lifecycle: list[float] = []
+        cold_start: list[float] = []
+        for round_number in range(options.runs):
+            forget_user_namespaces()
+            cold_start.append(time_ours(runtime, image, netns_path=netns_path)[0])
+            # Alternate which of the two goes first, so neither always runs on a warmer cache.
+            for user_namespace in (True, False) if round_number % 2 == 0 else (False, True):
+                start_seconds, delete_seconds, lifecycle_seconds = time_ours(
+                    runtime, image, user_namespace=user_namespace, netns_path=netns_path
+                )
+                starts, deletes, lifecycles = (
+                    (ours_start, ours_delete, ours_lifecycle)
+                    if user_namespace
+                    else (mapped_start, mapped_delete, mapped_lifecycle)
+                )
+                starts.append(start_seconds)
+                deletes.append(delete_seconds)
+                lifecycles.append(lifecycle_seconds)
             run_seconds, lifecycle_seconds = time_bare_runc(bundle, true_bundle, runc_root)
             bare_run.append(run_seconds)
             bare_lifecycle.append(lifecycle_seconds)
@@ -255,10 +292,27 @@ def main() -> None:
             "benchmark": "container_start",
             "runs": options.runs,
             "cgroup_mode": cgroup_mode(),
+            "joined_netns": bool(netns_path),
             "load_average_1m": round(os.getloadavg()[0], 2),
             "ours_create_start_ms": median_ms(ours_start),
             "ours_delete_ms": median_ms(ours_delete),
             "ours_true_lifecycle_ms": median_ms(ours_lifecycle),
+            "root_mapped_create_start_ms": median_ms(mapped_start),
+            "root_mapped_delete_ms": median_ms(mapped_delete),
+            "root_mapped_true_lifecycle_ms": median_ms(mapped_lifecycle),
+            "userns_cold_create_start_ms": median_ms(cold_start),
+            "ratio_cold_start_userns_vs_root_mapped": round(
+                statistics.median(cold_start) / statistics.median(mapped_start), 3
+            ),
+            "ratio_start_userns_vs_root_mapped": round(
+                statistics.median(ours_start) / statistics.median(mapped_start), 3
+            ),
+            "ratio_lifecycle_userns_vs_root_mapped": round(
+                statistics.median(ours_lifecycle) / statistics.median(mapped_lifecycle), 3
+            ),
+            "ratio_delete_userns_vs_root_mapped": round(
+                statistics.median(ours_delete) / statistics.median(mapped_delete), 3
+            ),
             "bare_runc_run_d_ms": median_ms(bare_run),
             "bare_runc_run_true_ms": median_ms(bare_lifecycle),
             "ratio_start_vs_bare_runc_run_d": round(
@@ -288,6 +342,8 @@ def main() -> None:
                 if image_ref:
                     subprocess.run(["podman", "rmi", "--force", image_ref], capture_output=True, check=False)
         shutil.rmtree(scratch, ignore_errors=True)
+        if netns_name:
+            subprocess.run(["ip", "netns", "delete", netns_name], check=False)
         for hierarchy in Path("/sys/fs/cgroup").iterdir():
             parent = hierarchy / CGROUP_PARENT
             if parent.is_dir():

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
@@ -72,6 +73,7 @@ def oci_runtime(host: Host) -> OciRuntime:
         host.oci_runtime,
         state_dir=host_state_dir(host) / "containers",
         cgroup_parent=f"bulkhead-{host.pk.hex[:12]}",
+        userns_pool=(settings.BULKHEAD_USERNS_POOL[0], settings.BULKHEAD_USERNS_POOL[1]),
     )
 
 
@@ -163,9 +165,16 @@ def process_env(workload: Workload) -> list[str]:
     return [f"{k}={v}" for k, v in env.items()]
 
 
+class PrivilegedNotAllowed(Exception):
+    """A privileged workload whose tenant no longer may run privileged containers."""
+
+
 def container_spec(
     workload: Workload, lower_dirs: list[str], network: network_agent.ContainerNetwork | None = None
 ) -> ContainerSpec:
+    if workload.privileged and not workload.tenant.allow_privileged_containers:
+        # An operator withdrew the permission since the create: no root-mapped (re)start.
+        raise PrivilegedNotAllowed("privileged containers are no longer allowed in this tenant")
     config = workload.image.config or {}
     return ContainerSpec(
         container_id=workload.runtime_id,
@@ -181,6 +190,7 @@ def container_spec(
         netns_path=network.netns_path if network else None,
         dns_servers=network.dns_servers if network else (),
         ip_address=network.ip_address if network else None,
+        user_namespace=not workload.privileged,
     )
 
 
@@ -606,3 +616,12 @@ def resume_after_shutdown(host: Host) -> list[str]:
                 continue
         resumed.append(str(workload.pk))
     return resumed
+
+
+def upper_id_shift(workload: Workload) -> tuple[int, int] | None:
+    """(host_base, size) when the container's upper dir holds the host ids of its user namespace."""
+    assert workload.host is not None
+    if workload.isolation == Isolation.MICROVM:
+        return None
+    mapping = oci_runtime(workload.host).id_mapping(workload.runtime_id)
+    return (mapping.host_base, mapping.size) if mapping else None

@@ -40,7 +40,7 @@ def commit(workload: Workload, *, name: str, tag: str, actor_user: Any, progress
     layer_store = agent.store()
     progress(20, "Writing the changes as a layer", force=True)
     upper = agent.upper_dir(workload)
-    committed = layer_store.diff_upper(upper, compression="zstd")
+    committed = layer_store.diff_upper(upper, compression="zstd", id_shift=agent.upper_id_shift(workload))
     base_layers = [
         il.layer for il in workload.image.image_layers.select_related("layer").order_by("position")
     ]

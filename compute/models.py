@@ -119,6 +119,8 @@ class Workload(models.Model):
     restart_policy = models.CharField(
         max_length=16, choices=RestartPolicy.choices, default=RestartPolicy.NEVER
     )
+    # No user namespace: container root is host root. Only where an operator allowed it for the tenant.
+    privileged = models.BooleanField(default=False)
     host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.PROTECT, related_name="workloads")
     pinned = models.BooleanField(default=False)
     # Server-generated name of the container or domain on the host: never user text.

@@ -18,7 +18,7 @@ from compute.compartments import Compartment
 from compute.models import Host, Workload
 from imaging.models import Image
 from portal import operations
-from portal.errors import Conflict, Invalid
+from portal.errors import Conflict, Invalid, NotPermitted
 from portal.models import Operation
 from tenants import audit, quota
 from tenants.actors import Actor
@@ -42,6 +42,7 @@ class WorkloadSpec:
     memory_mib: int = 256
     restart_policy: str = RestartPolicy.NEVER
     host: Host | None = None  # operators may pin
+    privileged: bool = False  # root-mapped container: only in tenants an operator allowed
 
 
 def usable_images(tenant: Tenant) -> Any:
@@ -68,6 +69,19 @@ def _validate(spec: WorkloadSpec, tenant: Tenant) -> None:
             raise Invalid("Arguments cannot contain NUL bytes.")
     if spec.workdir and not spec.workdir.startswith("/"):
         raise Invalid("workdir must be an absolute path.", field="workdir")
+    if spec.privileged and spec.isolation != Isolation.NAMESPACE:
+        raise Invalid("Only namespace containers can be privileged.", field="privileged")
+
+
+def _check_privileged_allowed(tenant: Tenant) -> None:
+    # Under the tenant's row lock: an operator forbidding it at the same time is seen.
+    if not Tenant.objects.select_for_update().filter(pk=tenant.pk, allow_privileged_containers=True).exists():
+        raise NotPermitted(
+            "Privileged containers (container root is host root) are not allowed in this tenant; "
+            "an operator must allow them.",
+            audit_action="workload.create",
+            field="privileged",
+        )
 
 
 def _start_op(actor: Actor, workload: Workload, kind: str, task: Any, **params: Any) -> Operation:
@@ -102,6 +116,8 @@ def create_workload(
     from compute import network_services, tasks
 
     _validate(spec, tenant)
+    if spec.privileged:
+        _check_privileged_allowed(tenant)
     if Workload.objects.filter(tenant=tenant, name=spec.name).exists():
         raise Conflict(f"A workload named {spec.name!r} exists in this tenant.", field="name")
     quota.allocate(tenant, workloads=1, vcpus=spec.vcpus, memory_mib=spec.memory_mib)
@@ -127,6 +143,7 @@ def create_workload(
                 vcpus=spec.vcpus,
                 memory_mib=spec.memory_mib,
                 restart_policy=spec.restart_policy,
+                privileged=spec.privileged,
                 host=host,
                 pinned=spec.host is not None,
                 desired_running=start,
@@ -141,7 +158,13 @@ def create_workload(
         actor,
         "workload.create",
         workload,
-        details={"image": str(spec.image), "isolation": spec.isolation, "host": host.name, "start": start},
+        details={
+            "image": str(spec.image),
+            "isolation": spec.isolation,
+            "host": host.name,
+            "start": start,
+            **({"privileged": True} if spec.privileged else {}),
+        },
     )
     return _start_op(actor, workload, "workload.create", tasks.create_workload, start=start)
 

@@ -141,9 +141,14 @@ class Store:
     def build_disk(self, diff_ids: list[str], fs: Literal["erofs", "ext4"] = "erofs") -> Path:
         """Flattens unpacked layers (bottom first) and builds ``disks/<chainid>.<fs>``; cached."""
     def diff_upper(
-        self, upper_dir: _Path, compression: Literal["gzip", "zstd"] = "gzip"
+        self,
+        upper_dir: _Path,
+        compression: Literal["gzip", "zstd"] = "gzip",
+        id_shift: tuple[int, int] | None = None,
     ) -> tuple[str, str, int]:
         """Writes an overlayfs upper dir as an OCI layer into the store.
+
+        ``id_shift=(host_base, size)`` maps the host ids of a user-namespaced container back.
 
         Returns ``(blob_digest, diff_id, blob_size)``.
         """

@@ -258,10 +258,18 @@ class LayerStore:
         return self.root / "disks" / f"{chain_id(diff_ids).removeprefix('sha256:')}.{fs}"
 
     def diff_upper(
-        self, upper_dir: str | os.PathLike[str], *, compression: Compression = "gzip"
+        self,
+        upper_dir: str | os.PathLike[str],
+        *,
+        compression: Compression = "gzip",
+        id_shift: tuple[int, int] | None = None,
     ) -> CommittedLayer:
-        """Commits an overlayfs upper dir as a new compressed OCI layer in the store."""
-        blob, diff_id, size = self._native.diff_upper(os.fspath(upper_dir), compression)
+        """Commits an overlayfs upper dir as a new compressed OCI layer in the store.
+
+        id_shift=(host_base, size): the upper dir of a user-namespaced container holds host ids;
+        the layer gets the ids seen inside (host id - host_base; ids outside the range: nobody).
+        """
+        blob, diff_id, size = self._native.diff_upper(os.fspath(upper_dir), compression, id_shift)
         media = "application/vnd.oci.image.layer.v1.tar+" + compression
         return CommittedLayer(blob_digest=blob, diff_id=diff_id, size=size, media_type=media)
 

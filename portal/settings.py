@@ -242,6 +242,11 @@ BULKHEAD_STORE_DIR = Path(env("BULKHEAD_STORE_DIR", str(DATA_DIR / "store")))
 # The guest kernel and initramfs are build artefacts of the checkout (`make guest`), not data: they stay
 # where the Makefile builds them whatever BULKHEAD_DATA_DIR says.
 BULKHEAD_GUEST_DIR = Path(env("BULKHEAD_GUEST_DIR", str(BASE_DIR / "var" / "guest")))
+# Host ids handed out to containers' user namespaces, 65,536 per container: "start,count". Reserve the
+# same range in /etc/subuid and /etc/subgid (root:1000000:1000000000) so no other tool uses it.
+BULKHEAD_USERNS_POOL = tuple(
+    int(part) for part in env("BULKHEAD_USERNS_POOL", "1000000,1000000000").split(",")
+)
 BULKHEAD_MAX_UPLOAD_BYTES = env_int("BULKHEAD_MAX_UPLOAD_BYTES", 8 * 1024**3)
 BULKHEAD_REGISTRY_ALLOWLIST = [r for r in env("BULKHEAD_REGISTRY_ALLOWLIST", "").split(",") if r]
 BULKHEAD_REGISTRY_CA_BUNDLE = env("BULKHEAD_REGISTRY_CA_BUNDLE") or None

@@ -24,6 +24,9 @@ class Tenant(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=63, unique=True, validators=[dns_label])
     display_name = models.CharField(max_length=200, blank=True)
+    # Operators only (`services.set_privileged_containers`): its containers may ask to run without a
+    # user namespace, their root being the host's root.
+    allow_privileged_containers = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TenantQuerySet.as_manager()

@@ -75,6 +75,22 @@ def owned_resources(tenant: Tenant) -> dict[str, list[str]]:
 
 @audit.denials_audited
 @transaction.atomic
+def set_privileged_containers(*, actor: Actor, tenant: Tenant, allowed: bool) -> Tenant:
+    """Allow (or forbid) the tenant's containers to run root-mapped, without a user namespace.
+
+    Forbidding does not touch running containers; a privileged workload is refused at its next start.
+    """
+    _require_operator(actor, "tenant.privileged_containers")
+    tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
+    if tenant.allow_privileged_containers != allowed:
+        tenant.allow_privileged_containers = allowed
+        tenant.save(update_fields=["allow_privileged_containers"])
+        audit.record(actor, "tenant.privileged_containers", tenant, details={"allowed": allowed})
+    return tenant
+
+
+@audit.denials_audited
+@transaction.atomic
 def delete_tenant(*, actor: Actor, tenant: Tenant) -> None:
     """Delete an empty tenant (operators). One that still owns workloads, networks, ports or images is
     refused with the list, so that nothing is left running on a host without an owner."""

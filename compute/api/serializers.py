@@ -101,6 +101,7 @@ class WorkloadSerializer(serializers.ModelSerializer):
             "vcpus",
             "memory_mib",
             "restart_policy",
+            "privileged",
             "host",
             "host_name",
             "state",
@@ -145,6 +146,11 @@ class WorkloadCreateSerializer(WorkloadProcessSerializer):
     memory_mib = serializers.IntegerField(default=256)
     restart_policy = serializers.ChoiceField(choices=RestartPolicy.choices, default=RestartPolicy.NEVER)
     start = serializers.BooleanField(default=True)
+    privileged = serializers.BooleanField(
+        default=False,
+        help_text="Run without a user namespace (container root is host root). Only in tenants an "
+        "operator allowed it for; refused (403) otherwise.",
+    )
     host = serializers.UUIDField(required=False, help_text="Operators only: pin to a host.")
     # issue 7: compartments to join, by name or id (omitted: "default"; []: no network).
     compartments = serializers.ListField(

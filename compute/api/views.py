@@ -84,6 +84,7 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
             memory_mib=v["memory_mib"],
             restart_policy=v["restart_policy"],
             host=pinned,
+            privileged=v["privileged"],
         )
         from compute.api.network_views import resolve_compartments
 

@@ -12,7 +12,11 @@ work on the host. It never imports Django. Per container it keeps, under `state_
 
 and, shared by all containers: `_runtime/<binary>/` (the runtime's --root), `_exits/<id>` (conmon
 writes the exit code there when the container's init exits, with or without an agent running),
-`_sockets/` (conmon's attach socket links) and `_locks/<id>.lock`.
+`_sockets/` (conmon's attach socket links), `_locks/<id>.lock` and `_userns/` (each container's host id
+range, see `compute.runtimes.userns`).
+
+Containers run in a user namespace unless their spec says `user_namespace=False` (an operator's
+decision upstream): container root is an unprivileged host uid of a range no other container has.
 
 conmon (podman's monitor) double-forks away from the agent, so containers survive an agent restart;
 a new OciRuntime over the same state dir re-adopts them through `list_ids()` and `state()`.
@@ -43,6 +47,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from compute.runtimes.seccomp_default import default_seccomp_profile
+from compute.runtimes.userns import (
+    DEFAULT_POOL_SIZE,
+    DEFAULT_POOL_START,
+    IdMapping,
+    IdRangeAllocator,
+    UsernsError,
+    mount_idmapped_overlay,
+    prepare_host_netns,
+    shift_owners,
+)
 
 ContainerStatus = Literal["creating", "running", "stopped", "absent"]
 CgroupMode = Literal["v1", "v2", "hybrid"]
@@ -133,6 +147,8 @@ class ContainerSpec:
     ip_address: str | None = None  # written to /etc/hosts for the hostname
     read_only_paths: Sequence[str] = DOCKER_READONLY_PATHS
     masked_paths: Sequence[str] = DOCKER_MASKED_PATHS
+    # False only for a tenant an operator allowed privileged containers: container root is host root.
+    user_namespace: bool = True
 
     def __post_init__(self) -> None:
         # Freeze the sequences so that a spec is really immutable (and hashable).
@@ -203,6 +219,7 @@ class OciRuntime:
         conmon: str = "conmon",
         cgroup_parent: str = "bulkhead",
         log_size_max: int = DEFAULT_LOG_SIZE_MAX,
+        userns_pool: tuple[int, int] = (DEFAULT_POOL_START, DEFAULT_POOL_SIZE),
     ) -> None:
         resolved_binary = shutil.which(binary)
         if resolved_binary is None:
@@ -224,6 +241,15 @@ class OciRuntime:
         self._lock_dir = self.state_dir / "_locks"
         for directory in (self._runtime_root, self._exit_dir, self._socket_dir, self._lock_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.id_ranges = IdRangeAllocator(
+            self.state_dir / "_userns", pool_start=userns_pool[0], pool_size=userns_pool[1]
+        )
+        # A container's root (an unprivileged host uid) must reach its bundle to mount its rootfs:
+        # let anyone traverse, not list, the state dir. Bundles are 0710 root:<the container's gid>.
+        mode = self.state_dir.stat().st_mode
+        if mode & 0o011 != 0o011:
+            os.chmod(self.state_dir, stat.S_IMODE(mode) | 0o011)  # noqa: S103 - search, not read
+        self._traversable_checked = False
 
     # ----------------------------------------------------------------- paths
 
@@ -242,6 +268,13 @@ class OciRuntime:
     def rootfs_dir(self, container_id: str) -> Path:
         """Return the overlay mount point that is the container's root."""
         return self.bundle_dir(container_id) / "rootfs"
+
+    def id_mapping(self, container_id: str) -> IdMapping | None:
+        """The host id range of the container's user namespace; None for a root-mapped container.
+
+        Its upper dir holds host ids: subtract `host_base` to get the ids seen inside (commit does).
+        """
+        return self.id_ranges.find(_checked_id(container_id))
 
     def exit_file(self, container_id: str) -> Path:
         """Return the file conmon writes the exit code to when the container exits."""
@@ -407,6 +440,9 @@ class OciRuntime:
                     foreign.add(entry.name)
         # A cgroup left behind by an agent killed mid-delete is a leak too; delete() removes it.
         ids.update(name for name in self._cgroup_children() if name not in foreign)
+        # So is an id range whose container is gone (a range kept for a restart is listed too:
+        # its workload exists, so nobody deletes it).
+        ids.update(name for name in self.id_ranges.allocations() if name not in foreign)
         return sorted(ids)
 
     def stats(self, container_id: str) -> ContainerStats:
@@ -477,23 +513,95 @@ class OciRuntime:
         for name in ("upper", "work", "rootfs"):
             (bundle / name).mkdir(mode=0o755, exist_ok=True)
         (bundle / "persist").mkdir(mode=0o700, exist_ok=True)
+        mapping = self._user_namespace_for(spec, bundle, lower_dirs)
         rootfs = bundle / "rootfs"
         if not _is_mount_point(rootfs):
-            _mount_overlay(lower_dirs, bundle / "upper", bundle / "work", rootfs)
+            if mapping is None:
+                _mount_overlay(lower_dirs, bundle / "upper", bundle / "work", rootfs)
+            else:
+                try:
+                    mount_idmapped_overlay(
+                        lower_dirs,
+                        bundle / "upper",
+                        bundle / "work",
+                        rootfs,
+                        mapping,
+                        staging_dir=bundle / "layers",
+                    )
+                except UsernsError as error:
+                    raise OciRuntimeError(f"container {container_id}: {error}") from error
+        sysfs_by_host = mapping is not None and spec.netns_path is not None
+        if mapping is not None and sysfs_by_host:
+            self._prepare_host_netns(spec, rootfs, mapping)
         user = resolve_user(rootfs, spec.user)
+        if mapping is not None and max(user.uid, user.gid, *user.additional_gids) >= mapping.size:
+            raise InvalidContainerSpec(
+                f"user {spec.user!r} is outside the container's ids (0 to {mapping.size - 1})"
+            )
         hostname = spec.hostname or container_id
         _write_text_atomic(bundle / "hostname", hostname + "\n")
         _write_text_atomic(bundle / "hosts", _hosts_file(hostname, spec.ip_address))
         _write_text_atomic(bundle / "resolv.conf", _resolv_conf(spec.dns_servers, spec.dns_search))
+        if mapping is not None:
+            # The container's root may edit them, as without a user namespace.
+            for name in ("hostname", "hosts", "resolv.conf"):
+                os.chown(bundle / name, mapping.host_base, mapping.host_base)
         config = build_oci_config(
             spec,
             user=user,
             bundle=bundle,
             cgroups_path=f"/{self.cgroup_parent}/{container_id}",
             cgroup_mode=cgroup_mode(),
+            id_mapping=mapping,
+            sysfs_by_host=sysfs_by_host,
         )
         _write_text_atomic(bundle / "config.json", json.dumps(config, indent=1))
         self.log_path(container_id).touch(mode=0o600)
+
+    def _user_namespace_for(
+        self, spec: ContainerSpec, bundle: Path, lower_dirs: list[str]
+    ) -> IdMapping | None:
+        """Allocate (or find) the container's id range and give it its bundle and upper dir."""
+        if not spec.user_namespace:
+            return None
+        if not self._traversable_checked:
+            _check_traversable(self.state_dir)
+            self._traversable_checked = True
+        upper = bundle / "upper"
+        had_range = self.id_ranges.find(spec.container_id) is not None
+        mapping = self.id_ranges.allocate(spec.container_id)
+        if not had_range and any(upper.iterdir()):
+            # Changes kept from before user namespaces (a restart after the upgrade): give them
+            # the range's ids once, so that the files keep their owners inside.
+            shift_owners(upper, mapping)
+        os.chown(bundle, 0, mapping.host_base)
+        os.chmod(bundle, 0o710)  # noqa: S103 - only the container's own group may search it
+        # The upper dir's root is the container's "/": owned and moded as the image's top layer's.
+        top = os.stat(lower_dirs[0])
+        upper_stat = os.lstat(upper)
+        wanted = (mapping.to_host(top.st_uid), mapping.to_host(top.st_gid))
+        if (upper_stat.st_uid, upper_stat.st_gid) != wanted:
+            os.chown(upper, *wanted)
+        if stat.S_IMODE(upper_stat.st_mode) != stat.S_IMODE(top.st_mode):
+            os.chmod(upper, stat.S_IMODE(top.st_mode))
+        return mapping
+
+    def _prepare_host_netns(self, spec: ContainerSpec, rootfs: Path, mapping: IdMapping) -> None:
+        # The container has no capability in a network namespace the host owns: the host mounts
+        # its sysfs and lets every uid bind low ports and ping (see userns.prepare_host_netns).
+        assert spec.netns_path is not None
+        target = rootfs / "sys"
+        if _is_mount_point(target):
+            return
+        if not target.is_dir():
+            if target.is_symlink() or target.exists():
+                raise InvalidContainerSpec("the image's /sys is not a directory")
+            target.mkdir(mode=0o555)
+            os.chown(target, mapping.host_base, mapping.host_base)
+        try:
+            prepare_host_netns(spec.netns_path, target)
+        except UsernsError as error:
+            raise OciRuntimeError(f"container {spec.container_id}: {error}") from error
 
     def _launch_conmon(self, container_id: str) -> None:
         bundle = self.bundle_dir(container_id)
@@ -584,6 +692,9 @@ class OciRuntime:
                 )
         self._end_conmon(container_id)
         rootfs = bundle / "rootfs"
+        # Submounts first (the host-made sysfs of a container in a compartment), deepest first.
+        for point in sorted((p for p in _mount_points() if rootfs in p.parents), key=_depth, reverse=True):
+            _unmount(point)
         while _is_mount_point(rootfs):
             _unmount(rootfs)
         leftover_mounts = [mount for mount in _mount_points() if _is_within(mount, bundle)]
@@ -595,6 +706,9 @@ class OciRuntime:
             (self._socket_dir / container_id).unlink()
         if keep_upper_at is not None:
             (bundle / "upper").rename(keep_upper_at)
+        else:
+            # The upper dir holds the range's host ids: the range goes only with it.
+            self.id_ranges.release(container_id)
         if bundle.exists():
             shutil.rmtree(bundle)
         # Upstream serializes operations per workload, so dropping the lock file here is safe.
@@ -761,8 +875,14 @@ def build_oci_config(
     bundle: Path,
     cgroups_path: str,
     cgroup_mode: CgroupMode,
+    id_mapping: IdMapping | None = None,
+    sysfs_by_host: bool = False,
 ) -> dict[str, Any]:
-    """Build the OCI runtime config (config.json) for `spec`, Docker's defaults applied."""
+    """Build the OCI runtime config (config.json) for `spec`, Docker's defaults applied.
+
+    id_mapping: run in a user namespace with this range. sysfs_by_host: the host mounted the rootfs's
+    /sys already (a user-namespaced container joining the host's netns cannot mount it).
+    """
     _check_spec_values(spec)
     env = list(spec.env)
     env_names = {entry.split("=", 1)[0] for entry in env}
@@ -780,6 +900,8 @@ def build_oci_config(
     )
     if cgroup_mode == "v2":
         namespaces.append({"type": "cgroup"})  # Docker's default on cgroup v2 hosts
+    if id_mapping is not None:
+        namespaces.append({"type": "user"})
     memory_limit = spec.memory_mib * MIB
     memory: dict[str, Any] = {"limit": memory_limit}
     if cgroup_mode == "v2" or Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists():
@@ -806,8 +928,17 @@ def build_oci_config(
         },
         "root": {"path": "rootfs", "readonly": False},
         "hostname": spec.hostname or spec.container_id,
-        "mounts": _docker_mounts(bundle),
+        "mounts": [
+            mount
+            for mount in _docker_mounts(bundle)
+            if not (sysfs_by_host and mount["destination"] == "/sys")
+        ],
         "linux": {
+            **(
+                {"uidMappings": id_mapping.oci(), "gidMappings": id_mapping.oci()}
+                if id_mapping is not None
+                else {}
+            ),
             "namespaces": namespaces,
             "cgroupsPath": cgroups_path,
             "resources": {
@@ -1081,6 +1212,20 @@ def _mount_points() -> list[Path]:
 
 def _is_mount_point(path: Path) -> bool:
     return path in _mount_points()
+
+
+def _depth(path: Path) -> int:
+    return len(path.parts)
+
+
+def _check_traversable(directory: Path) -> None:
+    # Every directory above a bundle must let an unprivileged host uid pass (others' x bit).
+    for ancestor in (directory, *directory.parents):
+        if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+            raise OciRuntimeError(
+                f"{ancestor} must be searchable by others (chmod o+x): a container's root is an "
+                f"unprivileged host user and must reach its rootfs below {directory}"
+            )
 
 
 def _is_within(path: Path, directory: Path) -> bool:

@@ -15,8 +15,14 @@ class TenantSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Tenant
-        fields = ["id", "name", "display_name", "created_at"]
+        fields = ["id", "name", "display_name", "allow_privileged_containers", "created_at"]
         read_only_fields = ["id", "created_at"]
+        extra_kwargs = {
+            "allow_privileged_containers": {
+                "help_text": "Operators only: the tenant's containers may ask `privileged: true` "
+                "(no user namespace: container root is host root)."
+            }
+        }
 
 
 class TenantCreateSerializer(TenantSerializer):

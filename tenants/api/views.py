@@ -62,9 +62,16 @@ class TenantViewSet(
 
     def perform_update(self, serializer: Any) -> None:
         tenant = self.get_object()
-        services.update_tenant(
-            actor=self.actor, tenant=tenant, display_name=serializer.validated_data.get("display_name", "")
-        )
+        changes = serializer.validated_data
+        if "allow_privileged_containers" in changes:
+            tenant = services.set_privileged_containers(
+                actor=self.actor, tenant=tenant, allowed=changes["allow_privileged_containers"]
+            )
+        if "display_name" in changes or "allow_privileged_containers" not in changes:
+            tenant = services.update_tenant(
+                actor=self.actor, tenant=tenant, display_name=changes.get("display_name", "")
+            )
+        serializer.instance = tenant
 
     @action(detail=True, methods=["get"])
     def history(self, request: Request, pk: str) -> Response:

@@ -83,8 +83,13 @@ def remove_test_cgroup_parent() -> Iterator[None]:
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    """A short state dir (conmon's attach socket path must stay under 108 bytes)."""
+    """A short state dir (conmon's attach socket path must stay under 108 bytes).
+
+    Searchable by others like a real host's state dir: a container's root is an unprivileged host uid
+    that must reach its rootfs below it (mkdtemp makes it 0700).
+    """
     directory = Path(tempfile.mkdtemp(prefix="bht-state-"))
+    directory.chmod(0o711)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 

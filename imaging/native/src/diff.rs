@@ -41,6 +41,26 @@ impl ChangeKind {
     }
 }
 
+/// Host ids of a user-namespaced container's upper dir: `host_base..host_base+size` are the ids
+/// 0..size seen inside. Committing subtracts the base, so the layer holds the ids the container saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdShift {
+    pub host_base: u32,
+    pub size: u32,
+}
+
+/// The id a layer gets for a host id of the upper dir.
+fn unshifted(id: u32, shift: Option<IdShift>) -> u64 {
+    match shift {
+        None => id as u64,
+        Some(s) if id >= s.host_base && id - s.host_base < s.size => (id - s.host_base) as u64,
+        // Not an id the container could give (the host's, or outside its range): nobody.
+        Some(_) => NOBODY,
+    }
+}
+
+const NOBODY: u64 = 65534;
+
 /// The result of committing an upper dir.
 #[derive(Clone, Debug)]
 pub struct Committed {
@@ -194,7 +214,12 @@ fn exists_in_lowers(lowers: &[OwnedFd], path: &[u8]) -> bool {
 
 impl Store {
     /// Writes `upper` as a compressed OCI layer into the store.
-    pub fn diff_upper(&self, upper: &Path, compression: Compression) -> Result<Committed> {
+    pub fn diff_upper(
+        &self,
+        upper: &Path,
+        compression: Compression,
+        id_shift: Option<IdShift>,
+    ) -> Result<Committed> {
         let root = open_rd(&open_path_dir(upper)?, b".")?;
         let ingest = BufWriter::with_capacity(1 << 20, self.begin_ingest(None, None)?);
         let enc = match compression {
@@ -211,6 +236,7 @@ impl Store {
         let mut w = TarWalk {
             builder: &mut b,
             links: HashMap::new(),
+            id_shift,
         };
         w.dir(&root, &[], 0)?;
         let hashing = b.into_inner().ctx(|| "finishing tar".into())?;
@@ -267,14 +293,15 @@ impl<W: Write> Write for Enc<W> {
 struct TarWalk<'b, W: Write> {
     builder: &'b mut tar::Builder<W>,
     links: HashMap<(u64, u64), Vec<u8>>,
+    id_shift: Option<IdShift>,
 }
 
-fn header_for(st: &Stat, kind: tar::EntryType) -> tar::Header {
+fn header_for(st: &Stat, kind: tar::EntryType, shift: Option<IdShift>) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(st.st_mode & 0o7777);
-    h.set_uid(st.st_uid as u64);
-    h.set_gid(st.st_gid as u64);
+    h.set_uid(unshifted(st.st_uid, shift));
+    h.set_gid(unshifted(st.st_gid, shift));
     h.set_mtime(st.st_mtime.max(0) as u64);
     h.set_size(0);
     h
@@ -340,7 +367,7 @@ impl<W: Write> TarWalk<'_, W> {
                     let sub = open_rd(dir, &name)?;
                     let st = rustix::fs::fstat(&sub).ctx(ctx)?;
                     self.xattrs(&sub)?;
-                    let mut h = header_for(&st, tar::EntryType::Directory);
+                    let mut h = header_for(&st, tar::EntryType::Directory, self.id_shift);
                     let mut dpath = path.clone();
                     dpath.push(b'/');
                     self.builder
@@ -366,7 +393,7 @@ impl<W: Write> TarWalk<'_, W> {
                     let key = (st.st_dev, st.st_ino);
                     if st.st_nlink > 1 {
                         if let Some(first) = self.links.get(&key) {
-                            let mut h = header_for(&st, tar::EntryType::Link);
+                            let mut h = header_for(&st, tar::EntryType::Link, self.id_shift);
                             let first = first.clone();
                             self.builder
                                 .append_link(&mut h, os, OsStr::from_bytes(&first))
@@ -376,7 +403,7 @@ impl<W: Write> TarWalk<'_, W> {
                         self.links.insert(key, path.clone());
                     }
                     self.xattrs(&fd)?;
-                    let mut h = header_for(&st, tar::EntryType::Regular);
+                    let mut h = header_for(&st, tar::EntryType::Regular, self.id_shift);
                     let size = st.st_size as u64;
                     h.set_size(size);
                     let mut reader = ExactReader {
@@ -387,7 +414,7 @@ impl<W: Write> TarWalk<'_, W> {
                 }
                 FileType::Symlink => {
                     let target = readlinkat(dir, name.as_slice(), Vec::new()).ctx(ctx)?;
-                    let mut h = header_for(&st, tar::EntryType::Symlink);
+                    let mut h = header_for(&st, tar::EntryType::Symlink, self.id_shift);
                     self.builder
                         .append_link(&mut h, os, OsStr::from_bytes(target.as_bytes()))
                         .ctx(ctx)?;
@@ -398,7 +425,7 @@ impl<W: Write> TarWalk<'_, W> {
                         FileType::BlockDevice => tar::EntryType::Block,
                         _ => tar::EntryType::Char,
                     };
-                    let mut h = header_for(&st, kind);
+                    let mut h = header_for(&st, kind, self.id_shift);
                     h.set_device_major(rustix::fs::major(st.st_rdev)).ctx(ctx)?;
                     h.set_device_minor(rustix::fs::minor(st.st_rdev)).ctx(ctx)?;
                     self.builder.append_data(&mut h, os, io::empty()).ctx(ctx)?;
@@ -428,5 +455,25 @@ impl<R: Read> Read for ExactReader<R> {
         }
         self.left -= n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unshifts_ids_of_the_range_and_makes_others_nobody() {
+        let shift = Some(IdShift {
+            host_base: 1_000_000,
+            size: 65_536,
+        });
+        assert_eq!(unshifted(1_000_000, shift), 0);
+        assert_eq!(unshifted(1_001_000, shift), 1000);
+        assert_eq!(unshifted(1_065_535, shift), 65_535);
+        assert_eq!(unshifted(1_065_536, shift), NOBODY);
+        assert_eq!(unshifted(0, shift), NOBODY);
+        assert_eq!(unshifted(999_999, shift), NOBODY);
+        assert_eq!(unshifted(1000, None), 1000);
     }
 }

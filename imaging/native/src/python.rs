@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyDict;
 
-use crate::diff::changes;
+use crate::diff::{changes, IdShift};
 use crate::digest::{chain_id as chain_id_of, Digest};
 use crate::error::StoreError as Error;
 use crate::flatten::DiskFormat;
@@ -372,12 +372,14 @@ impl Store {
     }
 
     /// Commits an overlayfs upper dir as a compressed layer; returns (blob_digest, diff_id, size).
-    #[pyo3(signature = (upper_dir, compression="gzip"))]
+    /// `id_shift=(host_base, size)`: the upper dir of a user-namespaced container holds host ids.
+    #[pyo3(signature = (upper_dir, compression="gzip", id_shift=None))]
     fn diff_upper(
         &self,
         py: Python<'_>,
         upper_dir: PathBuf,
         compression: &str,
+        id_shift: Option<(u32, u32)>,
     ) -> PyResult<(String, String, u64)> {
         let c = match compression {
             "gzip" => Compression::Gzip,
@@ -389,7 +391,8 @@ impl Store {
             }
         };
         let inner = self.inner.clone();
-        py.detach(move || inner.diff_upper(&upper_dir, c))
+        let shift = id_shift.map(|(host_base, size)| IdShift { host_base, size });
+        py.detach(move || inner.diff_upper(&upper_dir, c, shift))
             .map(|c| {
                 (
                     c.blob.digest.to_string(),
