@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,7 +155,8 @@ def test_it_serves_a_web_and_db_app_deployed_with_the_cli_and_stops_clean(tmp_pa
     token = new_token()
     internet = Internet(token)
     host = internet.add_host("r")
-    data_dir = tmp_path / "data"
+    # Not under pytest's tmp (0700): a user-namespaced container's root must traverse to its rootfs.
+    data_dir = ROOT / "var" / f"test-make-run-{token}"
     env = {
         key: value
         for key, value in os.environ.items()
@@ -264,6 +266,7 @@ def test_it_serves_a_web_and_db_app_deployed_with_the_cli_and_stops_clean(tmp_pa
                 os.killpg(make.pid, signal.SIGKILL)
                 make.wait()
         sweep_stack(host.netns, data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
         internet.remove()
         delete_netns(host.netns)
         if sys.exc_info()[0] is not None:
