@@ -12,14 +12,14 @@ from django.db import models
 from django.db.models import Q
 
 from compute.choices import HostState, Isolation, RestartPolicy, WorkloadState
-from portal.permissions import TenantOwnedQuerySet
+from portal.permissions import TenantOwnedQuerySet, acts_as_operator
 from tenants.models import dns_label
 
 
 class HostQuerySet(models.QuerySet):
     def for_user(self, user: Any, action: str = "view") -> HostQuerySet:
         """Hosts are infrastructure: operators only."""
-        if user is None or not user.is_authenticated or not user.is_staff:
+        if not acts_as_operator(user):  # a token scoped to a tenant sees no infrastructure
             return self.none()
         token = getattr(user, "active_token", None)
         if token is not None and token.read_only and action != "view":

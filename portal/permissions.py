@@ -40,6 +40,21 @@ def active_token(user: Any) -> Any:
     return getattr(user, "active_token", None)
 
 
+def acts_as_operator(user: Any, token: Any = None) -> bool:
+    """An operator acting for the whole installation: staff, and not through a token scoped to one
+    tenant (such a token is a member of that tenant only, operator or not)."""
+    if user is None or not getattr(user, "is_authenticated", False) or not user.is_staff:
+        return False
+    token = token if token is not None else active_token(user)
+    return token is None or token.tenant_id is None
+
+
+def restricted_token(user: Any) -> Any:
+    """The request's token if it is read-only or scoped to a tenant (it then sees only itself), else None."""
+    token = active_token(user)
+    return token if token is not None and (token.read_only or token.tenant_id is not None) else None
+
+
 def role_allows(role: str | None, action: Action) -> bool:
     return role is not None and role in ROLES_ALLOWED[action]
 

@@ -94,9 +94,14 @@ class Quota(models.Model):
 class ApiTokenQuerySet(models.QuerySet):
     def for_user(self, user: Any, action: str = "view") -> ApiTokenQuerySet:
         """Users see and revoke their own tokens; operators everybody's."""
+        from portal.permissions import acts_as_operator, restricted_token
+
         if user is None or not user.is_authenticated:
             return self.none()
-        return self if user.is_staff else self.filter(user=user)
+        restricted = restricted_token(user)
+        if restricted is not None:
+            return self.filter(pk=restricted.pk)  # a read-only or scoped token sees only itself
+        return self if acts_as_operator(user) else self.filter(user=user)
 
 
 class ApiToken(models.Model):
@@ -129,9 +134,11 @@ class AuditQuerySet(TenantOwnedQuerySet):
 
         The tenants are resolved first (a handful of ids), so the log query stays on its indexes.
         """
+        from portal.permissions import acts_as_operator
+
         if user is None or not user.is_authenticated:
             return self.none()
-        if user.is_staff:
+        if acts_as_operator(user):
             return super().for_user(user, "audit")
         tenant_ids = list(Tenant.objects.for_user(user, "audit").values_list("pk", flat=True))
         own = Q(actor=user)

@@ -10,6 +10,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from portal.errors import Conflict, Invalid, NotPermitted
+from portal.permissions import acts_as_operator
 from tenants import audit
 from tenants.actors import Actor
 from tenants.choices import Role
@@ -20,8 +21,10 @@ User = get_user_model()
 
 
 def _require_operator(actor: Actor, action: str) -> None:
-    if actor.user is None or not actor.user.is_staff:
+    if not acts_as_operator(actor.user, actor.token):
         raise NotPermitted("Only operators may do this.", audit_action=action)
+    if actor.token is not None and actor.token.read_only:
+        raise NotPermitted("This token is read-only.", audit_action=action)
 
 
 @audit.denials_audited
@@ -161,7 +164,7 @@ def _owner_count(tenant: Tenant) -> int:
 
 def _may_grant(actor: Actor, tenant: Tenant, role: str) -> bool:
     """Admins manage members but only owners (and operators) hand out or take away ownership."""
-    if actor.user is not None and actor.user.is_staff:
+    if acts_as_operator(actor.user, actor.token):
         return True
     if role != Role.OWNER:
         return True

@@ -18,9 +18,10 @@ from portal import operations
 from portal.api.viewsets import PermissionLayerViewSet, ReadOnlyPermissionLayerViewSet
 from portal.errors import Conflict
 from portal.models import Operation
-from portal.permissions import active_token
+from portal.permissions import active_token, acts_as_operator
 from portal.tasks import selfcheck
 from tenants import audit, services
+from tenants.actors import Actor
 from tenants.api import serializers as s
 from tenants.api.filtersets import AuditEntryFilterSet, MembershipFilterSet, OperationFilterSet
 from tenants.models import ApiToken, AuditEntry, Membership, Quota, Tenant
@@ -29,12 +30,22 @@ UUID_LOOKUP = r"[0-9a-fA-F-]{36}"
 
 
 def require_operator(view: PermissionLayerViewSet, what: str) -> None:
+    """Operators only, acting for the installation: a token scoped to a tenant never passes, nor a
+    read-only one for a change. Every refusal is audited."""
     user = view.request.user
-    if not user.is_staff:
-        raise PermissionDenied(f"Only operators may {what}.")
     token = getattr(user, "active_token", None)
-    if token is not None and token.read_only:
-        raise PermissionDenied("This token is read-only.")
+    reason = ""
+    if not acts_as_operator(user):
+        reason = (
+            f"Only operators may {what}."
+            if not user.is_staff
+            else "A token scoped to a tenant is no operator."
+        )
+    elif token is not None and token.read_only and view.request.method not in ("GET", "HEAD", "OPTIONS"):
+        reason = "This token is read-only."
+    if reason:
+        audit.record_denied(Actor.from_request(view.request), "operator.required", reason=reason, what=what)
+        raise PermissionDenied(reason)
 
 
 class TenantViewSet(
@@ -254,7 +265,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
     def get_queryset(self) -> QuerySet[Any]:
         user = self.request.user
         users = get_user_model().objects.order_by("username")
-        return users if user.is_staff else users.filter(pk=user.pk)  # type: ignore[misc]
+        return users if acts_as_operator(user) else users.filter(pk=user.pk)  # type: ignore[misc]
 
     def get_object(self) -> Any:
         return get_object_or_404(self.get_queryset(), pk=self.kwargs["pk"])
@@ -301,6 +312,9 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
     @action(detail=False, methods=["get"])
     def me(self, request: Request) -> Response:
         memberships = Membership.objects.filter(user=request.user).select_related("tenant")  # type: ignore[misc]
+        token = active_token(request.user)
+        if token is not None and token.tenant_id is not None:
+            memberships = memberships.filter(tenant_id=token.tenant_id)  # the token's scope only
         return Response(
             {
                 **s.UserSerializer(request.user).data,
