@@ -513,6 +513,10 @@ class OciRuntime:
         for name in ("upper", "work", "rootfs"):
             (bundle / name).mkdir(mode=0o755, exist_ok=True)
         (bundle / "persist").mkdir(mode=0o700, exist_ok=True)
+        # The runtime's own mount points live in an init layer under the upper dir (as Docker's): runc
+        # finds them there and creates nothing in the upper dir, so `changes` and `commit` show only
+        # what the workload itself changed.
+        lower_dirs = [str(_prepare_init_layer(bundle / "init", lower_dirs)), *lower_dirs]
         mapping = self._user_namespace_for(spec, bundle, lower_dirs)
         rootfs = bundle / "rootfs"
         if not _is_mount_point(rootfs):
@@ -1175,6 +1179,42 @@ def read_file_in_root(root: Path, relative_path: str, max_bytes: int = IMAGE_FIL
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 MNT_DETACH = 2
+
+
+# Where the runtime mounts something of its own (relative to the rootfs), as directories or files.
+INIT_LAYER_DIRS = ("dev", "proc", "sys", "etc")
+INIT_LAYER_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
+
+
+def _prepare_init_layer(directory: Path, lower_dirs: Sequence[str]) -> Path:
+    """A layer holding the runtime's mount points, each with the attributes the image gives it (its
+    topmost layer that has it), so that the merged view of a directory the image has is unchanged."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    made = set()
+    for relative in INIT_LAYER_DIRS:
+        found = _topmost_in_image(relative, lower_dirs)
+        if found is not None and not stat.S_ISDIR(found.st_mode):
+            continue  # the image has a symlink or file there: never shadow it with a directory
+        target = directory / relative
+        target.mkdir(mode=0o755, exist_ok=True)
+        if found is not None:
+            os.chown(target, found.st_uid, found.st_gid)
+            os.chmod(target, stat.S_IMODE(found.st_mode))
+        made.add(relative)
+    for relative in INIT_LAYER_FILES:
+        target = directory / relative
+        if relative.split("/")[0] in made and not target.exists():
+            target.touch(mode=0o644)
+    return directory
+
+
+def _topmost_in_image(relative: str, lower_dirs: Sequence[str]) -> os.stat_result | None:
+    for lower in lower_dirs:  # topmost first, as overlay reads them
+        try:
+            return os.lstat(Path(lower) / relative)
+        except OSError:
+            continue
+    return None
 
 
 def _mount_overlay(lower_dirs: Sequence[str], upper: Path, work: Path, target: Path) -> None:

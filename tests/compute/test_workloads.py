@@ -116,6 +116,29 @@ def test_it_commits_a_containers_changes_into_a_new_image(world: World, busybox:
     assert "committed" in logs and "motd-gone" in logs
 
 
+def test_it_shows_no_changes_and_commits_no_files_for_a_container_that_changed_nothing(
+    world: World, busybox: Any, host: Host
+) -> None:
+    """The runtime's own mount points (/dev, /proc, /sys, /etc/hosts, resolv.conf, hostname) are not the
+    workload's changes: they come from an init layer, never from the container's upper dir."""
+    client = client_for(world, "mia")
+    create(world, "mia", name="idle", image=str(busybox.pk), command=["/bin/sleep", "0"])
+    workload = workload_in("idle", {"stopped"})
+    assert client.get(f"/api/v1/workloads/{workload.pk}/changes/").json()["changes"] == []
+    op = client.post(
+        f"/api/v1/workloads/{workload.pk}/commit/", {"name": "busybox", "tag": "same"}, format="json"
+    ).json()
+    assert finished(op["id"]).state == "succeeded"
+    from imaging.models import Image
+    from imaging.services import get_store
+
+    image = Image.objects.get(tenant=world.acme, name="busybox", tag="same")
+    top = image.image_layers.order_by("-position").first()
+    assert top is not None
+    layer_root = get_store().layer_path(top.layer.diff_id)
+    assert sorted(str(p.relative_to(layer_root)) for p in layer_root.rglob("*")) == []
+
+
 def test_it_refuses_bad_input_and_creates_nothing(world: World, busybox: Any, store_dir: Path) -> None:
     make_host("bht-host-idle")
     Quota.objects.filter(tenant=world.acme).update(workloads=1, memory_mib=1024)
