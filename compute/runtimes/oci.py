@@ -593,19 +593,34 @@ class OciRuntime:
     def _prepare_host_netns(self, spec: ContainerSpec, rootfs: Path, mapping: IdMapping) -> None:
         # The container has no capability in a network namespace the host owns: the host mounts
         # its sysfs and lets every uid bind low ports and ping (see userns.prepare_host_netns).
+        # The image decides what rootfs/sys is: everything below goes by fd, never following a link.
         assert spec.netns_path is not None
-        target = rootfs / "sys"
-        if _is_mount_point(target):
+        if _is_mount_point(rootfs / "sys"):
             return
-        if not target.is_dir():
-            if target.is_symlink() or target.exists():
-                raise InvalidContainerSpec("the image's /sys is not a directory")
-            target.mkdir(mode=0o555)
-            os.chown(target, mapping.host_base, mapping.host_base)
+        root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            prepare_host_netns(spec.netns_path, target)
+            try:
+                os.mkdir("sys", 0o555, dir_fd=root_fd)
+            except FileExistsError:
+                pass
+            else:
+                os.chown("sys", mapping.host_base, mapping.host_base, dir_fd=root_fd, follow_symlinks=False)
+            try:
+                target_fd = os.open(
+                    "sys", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd
+                )
+            except OSError as error:  # a symlink (ENOTDIR/ELOOP) or anything but a directory
+                raise InvalidContainerSpec(
+                    f"the image's /sys is not a directory ({error.strerror})"
+                ) from None
+        finally:
+            os.close(root_fd)
+        try:
+            prepare_host_netns(spec.netns_path, target_fd)
         except UsernsError as error:
             raise OciRuntimeError(f"container {spec.container_id}: {error}") from error
+        finally:
+            os.close(target_fd)
 
     def _launch_conmon(self, container_id: str) -> None:
         bundle = self.bundle_dir(container_id)

@@ -76,9 +76,11 @@ FSCONFIG_SET_STRING = 1
 FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
 MOUNT_ATTR_IDMAP = 0x00100000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -456,13 +458,14 @@ USERNS_NETNS_SYSCTLS: tuple[tuple[str, str], ...] = (
 )
 
 
-def prepare_host_netns(netns_path: str, sysfs_target: Path) -> None:
+def prepare_host_netns(netns_path: str, sysfs_target_fd: int) -> None:
     """Ready a host-made network namespace for a user-namespaced container that joins it.
 
-    Mounts a read-only sysfs showing that namespace on `sysfs_target` (the container cannot mount
-    sysfs there) and sets `USERNS_NETNS_SYSCTLS` in it. Done on a short-lived thread:
-    setns(CLONE_NEWNET) changes only the calling thread, and both sysfs and /proc/sys/net take the
-    network namespace of the thread that mounts or opens them.
+    Attaches a read-only sysfs showing that namespace to the directory `sysfs_target_fd` refers to
+    (an O_PATH fd the caller opened inside the rootfs without following symlinks: a path could be an
+    image's symlink to a host directory) and sets `USERNS_NETNS_SYSCTLS` in it. Done on a
+    short-lived thread: setns(CLONE_NEWNET) changes only the calling thread, and both sysfs and
+    /proc/sys/net take the network namespace of the thread that makes or opens them.
     """
     failure: list[BaseException] = []
 
@@ -478,10 +481,7 @@ def prepare_host_netns(netns_path: str, sysfs_target: Path) -> None:
             for name, value in USERNS_NETNS_SYSCTLS:
                 with open(f"/proc/sys/{name}", "w") as sysctl:
                     sysctl.write(value)
-            flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
-            if _LIBC.mount(b"sysfs", str(sysfs_target).encode(), b"sysfs", flags, None) != 0:
-                error_number = ctypes.get_errno()
-                raise OSError(error_number, f"mount sysfs on {sysfs_target}: {os.strerror(error_number)}")
+            _attach_sysfs(sysfs_target_fd)
         except BaseException as error:  # handed to the caller's thread
             failure.append(error)
 
@@ -490,3 +490,25 @@ def prepare_host_netns(netns_path: str, sysfs_target: Path) -> None:
     thread.join()
     if failure:
         raise UsernsError(str(failure[0])) from failure[0]
+
+
+def _attach_sysfs(target_fd: int) -> None:
+    context_fd = _syscall(SYS_FSOPEN, b"sysfs", FSOPEN_CLOEXEC, what="fsopen sysfs")
+    try:
+        _syscall(SYS_FSCONFIG, context_fd, FSCONFIG_CMD_CREATE, None, None, 0, what="creating sysfs")
+        attributes = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
+        mount_fd = _syscall(SYS_FSMOUNT, context_fd, FSMOUNT_CLOEXEC, attributes, what="fsmount sysfs")
+    finally:
+        os.close(context_fd)
+    try:
+        _syscall(
+            SYS_MOVE_MOUNT,
+            mount_fd,
+            b"",
+            target_fd,
+            b"",
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+            what="attaching sysfs",
+        )
+    finally:
+        os.close(mount_fd)

@@ -409,6 +409,27 @@ def test_it_gives_a_container_in_a_host_made_netns_a_sysfs_of_that_netns(
     assert not [point for point in mount_points() if spec.container_id in point]
 
 
+@pytest.mark.parametrize("link", ["absolute", "relative"])
+def test_it_never_mounts_on_a_host_dir_an_images_sys_symlink_points_to(
+    runtime, owned_image, new_id, netns_name, host_dir, tmp_path, link
+):
+    # The tenant's image has /sys -> a host directory; the host prepares /sys for a compartment.
+    layer = tmp_path / "evil-layer"
+    layer.mkdir()
+    target = str(host_dir) if link == "absolute" else "../" * 12 + str(host_dir).lstrip("/")
+    (layer / "sys").symlink_to(target)
+    (host_dir / "canary").write_text("host data\n")
+    spec = spec_for(new_id(), [str(layer), *owned_image], "true", netns_path=f"/var/run/netns/{netns_name}")
+
+    with pytest.raises(Exception, match="/sys"):
+        runtime.run(spec)
+
+    assert str(host_dir) not in mount_points()
+    assert [entry.name for entry in host_dir.iterdir()] == ["canary"]
+    assert (host_dir / "canary").read_text() == "host data\n"
+    assert runtime.list_ids() == []
+
+
 # --------------------------------------------------------------------------- older kernels
 
 
