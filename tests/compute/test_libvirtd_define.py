@@ -1,0 +1,68 @@
+"""The product's libvirtd defines domains in well under a second, also where /dev/kvm exists but KVM
+does not work (as on the build machines): no QEMU capability re-probe per define (issue 19)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from compute.runtimes import libvirtd
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("libvirtd") is None, reason="needs root and libvirtd"
+)
+
+
+def minimal_domain(name: str) -> str:
+    domain = ET.Element("domain", type="qemu")
+    ET.SubElement(domain, "name").text = name
+    ET.SubElement(domain, "memory", unit="MiB").text = "64"
+    ET.SubElement(domain, "vcpu").text = "1"
+    os_element = ET.SubElement(domain, "os")
+    ET.SubElement(os_element, "type", arch="x86_64", machine="q35").text = "hvm"
+    return ET.tostring(domain, encoding="unicode")
+
+
+def test_it_defines_a_domain_twice_in_a_row_in_seconds_not_half_a_minute() -> None:
+    import libvirt
+
+    libvirtd.ensure_libvirtd()
+    if libvirtd.KVM_DEVICE.exists() and not libvirtd.kvm_works_cached():
+        assert libvirtd.libvirtd_sees_kvm() is False  # masked: no /dev/kvm at all in its namespace
+    connection = libvirt.open(libvirtd.LIBVIRT_URI)
+    name = f"bht-define-{uuid.uuid4().hex[:8]}"
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            domain = connection.defineXML(minimal_domain(name))
+            elapsed = time.monotonic() - started
+            domain.undefine()
+            assert elapsed < 5, f"define took {elapsed:.1f} s: libvirt re-probes QEMU on every define"
+    finally:
+        connection.close()
+
+
+def test_it_gives_a_masked_libvirtd_a_dev_without_kvm_but_with_what_qemu_needs(tmp_path: Path) -> None:
+    checker = tmp_path / "check-dev"
+    checker.write_text(
+        "#!/bin/sh\n"
+        "[ ! -e /dev/kvm ] || exit 11\n[ -c /dev/null ] || exit 12\n[ -c /dev/net/tun ] || exit 13\n"
+        "[ -c /dev/urandom ] || exit 14\n[ -d /dev/pts ] || exit 15\n"
+    )
+    checker.chmod(0o755)
+    scratch = tmp_path / "dev"
+    scratch.mkdir()
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+         libvirtd._MASKED_LIBVIRTD_SCRIPT, str(checker), str(scratch)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert os.path.exists("/dev/null")  # the host's own /dev is untouched
