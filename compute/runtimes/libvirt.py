@@ -481,6 +481,30 @@ class ExportedChanges:
                 yield chunk
 
 
+def read_export_header(disk: Path, nonce: str, *, name: str) -> ExportedChanges:
+    """The stream the guest announced in the export disk's last sector, or ChangesNotExported.
+
+    The header is the guest's word, so everything in it is checked: this boot's nonce, the status, a
+    length within the disk (before the header) and in whole sectors, as any tar stream is.
+    """
+    try:
+        with disk.open("rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            handle.seek(max(0, size - _SECTOR))
+            header = handle.read(_SECTOR)
+    except FileNotFoundError:
+        raise ChangesNotExported(f"{name} has no export disk") from None
+    match = _EXPORT_HEADER_RE.fullmatch(header) if size >= 2 * _SECTOR else None
+    if match is None or match.group(1).decode() != nonce:
+        raise ChangesNotExported(f"{name} did not stop cleanly: changes are exported when it stops cleanly")
+    if match.group(2) != b"ok":
+        raise ChangesNotExported(f"the guest of {name} could not export its changes")
+    length = int(match.group(3))
+    if length == 0 or length % _SECTOR or length > size - _SECTOR:
+        raise ChangesNotExported(f"the export of {name} has an impossible length")
+    return ExportedChanges(disk=disk, length=length)
+
+
 def unpack_exported_changes(exported: ExportedChanges, store: LayerStore, *, lease_name: str) -> Path:
     """Take the guest's exported upper dir in as an untrusted layer; return the unpacked tree.
 
@@ -775,27 +799,7 @@ class VmRuntime:
         if domain is not None and _is_active(domain):
             raise ChangesNotExported(f"{domain_name(vm_id)} is running: its changes are exported at its stop")
         record = self._record(vm_id)
-        disk = export_disk_path(record.rw_disk)
-        try:
-            with disk.open("rb", buffering=0) as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size < 2 * _SECTOR:
-                    raise ChangesNotExported(f"{domain_name(vm_id)} has no export disk")
-                handle.seek(size - _SECTOR)
-                header = handle.read(_SECTOR)
-        except FileNotFoundError:
-            raise ChangesNotExported(f"{domain_name(vm_id)} has no export disk") from None
-        match = _EXPORT_HEADER_RE.fullmatch(header)
-        if match is None or match.group(1).decode() != record.nonce:
-            raise ChangesNotExported(
-                f"{domain_name(vm_id)} did not stop cleanly: its changes are exported when it stops cleanly"
-            )
-        if match.group(2) != b"ok":
-            raise ChangesNotExported(f"the guest of {domain_name(vm_id)} could not export its changes")
-        length = int(match.group(3))
-        if length == 0 or length % _SECTOR or length > size - _SECTOR:
-            raise ChangesNotExported(f"the export of {domain_name(vm_id)} has an impossible length")
-        return ExportedChanges(disk=disk, length=length)
+        return read_export_header(export_disk_path(record.rw_disk), record.nonce, name=domain_name(vm_id))
 
     # -- events -------------------------------------------------------------------------------------
 
