@@ -2,7 +2,7 @@
 
 The spec disk is built by the host from server values only; the export disk is the guest's word, so its
 header is checked and its stream goes through the layer store's hardened unpack like a pulled layer.
-The real guest on both ends is exercised in test_microvm.py and tests/security/test_microvm_boundary.py.
+The real guest on both ends is exercised in test_microvm.py and test_microvm_boundary.py.
 """
 
 from __future__ import annotations

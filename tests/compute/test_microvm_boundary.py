@@ -169,7 +169,7 @@ def test_a_guest_cannot_make_its_host_write_read_list_or_mount_host_files(
         # A crafted superblock, and a power-off before the init can export or unmount anything.
         "superblock": (
             f"{disk}; echo mine > /x/upper/mine.txt; sync; umount /x; "
-            "printf 'BULKHEAD-CRAFTED-SUPERBLOCK-%.0s' 1 2 3 | dd of=/dev/vdb bs=1 seek=1028 conv=notrunc; "
+            "echo CRAFTED-SUPERBLOCK-CRAFTED-SUPERBLOCK | dd of=/dev/vdb bs=1 seek=1028 conv=notrunc; "
             "sync; poweroff -f"
         ),
     }
