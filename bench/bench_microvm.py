@@ -271,28 +271,37 @@ def _old_rewrite_payload(disk: Path, mount_point: Path) -> None:
 def _raw_args(
     spec: VmSpec, accel: str, initrd: Path, disks: list[Path], readonly: tuple[int, ...] = ()
 ) -> list[str]:
+    """Raw QEMU with `disks` (the first is the rw disk); the 2nd and 3rd carry the spec/export serials."""
     args = raw_qemu_args(replace(spec, initrd=initrd), accel, disks[0])
+    serials = {1: "bulkhead-spec", 2: "bulkhead-export"}
     for index, disk in enumerate(disks[1:], start=1):
         flag = ",readonly=on" if index in readonly else ""
-        serial = (
-            {1: ",serial=bulkhead-spec", 2: ",serial=bulkhead-export"}.get(index, "")
-            if len(disks) > 1
-            else ""
-        )
-        args += ["-drive", f"file={disk},format=raw,if=virtio{flag}{serial}"]
+        args += ["-drive", f"id=extra{index},file={disk},format=raw,if=none{flag}"]
+        args += ["-device", f"virtio-blk-pci,drive=extra{index},serial={serials[index]}"]
     return args
 
 
 def boot_raw_lines(args: list[str], timeout: float = 120.0) -> tuple[float, float]:
     """Seconds from spawning QEMU to the init's first line and to BULKHEAD-START (spec read, workload up)."""
     started = time.monotonic()
+    seen_at: dict[bytes, float] = {}
     with _qemu(args) as process:
-        if not _wait_for_line(process, INIT_LINE, started + timeout):
-            raise TimeoutError("raw QEMU boot did not reach the init")
-        init = time.monotonic() - started
-        if not _wait_for_line(process, START_LINE, started + timeout):
-            raise TimeoutError("raw QEMU boot did not start the workload")
-        return init, time.monotonic() - started
+        assert process.stdout is not None
+        seen = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while START_LINE not in seen_at:
+                remaining = started + timeout - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise TimeoutError(f"raw QEMU boot stopped before {START_LINE!r}: {seen[-300:]!r}")
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    raise TimeoutError(f"raw QEMU exited before {START_LINE!r}: {seen[-300:]!r}")
+                seen = seen[-4096:] + chunk
+                for line in (INIT_LINE, START_LINE):
+                    if line in seen and line not in seen_at:
+                        seen_at[line] = time.monotonic() - started
+    return seen_at[INIT_LINE], seen_at[START_LINE]
 
 
 PHASES: dict[str, list[float]] = {"create": [], "start": []}
@@ -345,10 +354,15 @@ def raw_qemu_args(spec: VmSpec, accel: str, rw_disk: Path) -> list[str]:
         str(spec.initrd),
         "-append",
         kernel_cmdline(spec),
+        # Explicit devices in command-line order (if=virtio drives would come after any -device).
         "-drive",
-        f"file={spec.root_disk},format=raw,if=virtio,readonly=on",
+        f"id=root,file={spec.root_disk},format=raw,if=none,readonly=on",
+        "-device",
+        "virtio-blk-pci,drive=root",
         "-drive",
-        f"file={rw_disk},format=raw,if=virtio",
+        f"id=rw,file={rw_disk},format=raw,if=none",
+        "-device",
+        "virtio-blk-pci,drive=rw",
     ]
 
 
