@@ -22,7 +22,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -34,8 +36,12 @@ from compute.runtimes.libvirt import (  # noqa: E402
     VmRuntime,
     VmSpec,
     WorkloadPayload,
+    export_disk_path,
     kernel_cmdline,
+    make_export_disk,
     make_rw_disk,
+    spec_disk_path,
+    write_spec_disk,
 )
 from compute.runtimes.libvirtd import domain_type_for_host, ensure_libvirtd  # noqa: E402
 from tests.compute.guestroot import build_busybox_root, build_root_disk  # noqa: E402
@@ -51,6 +57,11 @@ def main() -> int:
     parser.add_argument("--vms", type=int, default=20)
     parser.add_argument("--vm-memory", type=int, default=128)
     parser.add_argument("--skip-density", action="store_true")
+    parser.add_argument(
+        "--spec-medium-only",
+        action="store_true",
+        help="only the spec medium figures: host step and raw boots, old layout vs new",
+    )
     options = parser.parse_args()
 
     ensure_libvirtd()
@@ -75,6 +86,10 @@ def main() -> int:
         other_initrd = build_initramfs(
             work / f"initramfs-{other_compression}", modules, compression=other_compression
         )
+
+        if options.spec_medium_only:
+            results["spec_medium"] = measure_spec_medium(work, guest, root_disk, accel, options.runs)
+            return 0
 
         def spec(machine: str = "q35", memory: int = 256, initrd: Path = guest.initrd) -> VmSpec:
             vm_id = uuid.uuid4()
@@ -126,9 +141,167 @@ def main() -> int:
                 runtime.delete(vm_id)
         runtime.close()
         shutil.rmtree(work, ignore_errors=True)
-    results["loadavg_end"] = os.getloadavg()[0]
-    print(json.dumps(results))
+        results["loadavg_end"] = os.getloadavg()[0]
+        print(json.dumps(results))
     return 0
+
+
+START_LINE = b"BULKHEAD-START"
+
+
+def measure_spec_medium(work: Path, guest: Any, root_disk: Path, accel: str, runs: int) -> dict[str, object]:
+    """Issue 13: the spec on a read-only disk built per boot vs the old spec files on the writable disk.
+
+    Host step (what a restart of a stopped VM costs before QEMU starts): old = e2fsck journal replay +
+    loop mount + write the files + umount of the writable disk; new = the spec tar disk + an empty
+    sparse export disk. Boot: raw QEMU to the init's first line and to BULKHEAD-START (the spec read)
+    with the initramfs of `main` before the change (2 disks, spec on the writable disk) vs today's
+    (4 disks), interleaved run by run.
+    """
+    old_init = work / "init-old.sh"
+    old_init.write_bytes(
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "show", f"{OLD_INIT_COMMIT}:compute/guest/init.sh"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    )
+    modules = ensure_kernel(guest.kernel.parents[1]).modules
+    old_initrd = build_initramfs(
+        work / "initramfs-old.cpio.gz", modules, compression="gzip", init_script=old_init
+    )
+    samples: dict[str, list[float]] = {}
+    base = VmSpec(
+        vm_id=uuid.uuid4(),
+        vcpus=1,
+        memory_mib=256,
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        root_disk=root_disk,
+        rw_disk=work / "medium.rw",
+        console_log=work / "medium.log",
+        payload=SLEEPER,
+        rw_disk_size_mib=256,
+    )
+    old_disk = work / "old-layout.rw"
+    _old_make_rw_disk(old_disk, base.rw_disk_size_mib)
+    make_rw_disk(base.rw_disk, base.rw_disk_size_mib)
+    for _ in range(runs * 4):
+        started = time.perf_counter()
+        _old_rewrite_payload(old_disk, work / "old-mount")
+        samples.setdefault("host_step_old_mount_write_umount", []).append(time.perf_counter() - started)
+        started = time.perf_counter()
+        write_spec_disk(spec_disk_path(base.rw_disk), base.payload, "0" * 32)
+        make_export_disk(export_disk_path(base.rw_disk), base.rw_disk_size_mib)
+        samples.setdefault("host_step_new_spec_and_export_disks", []).append(time.perf_counter() - started)
+    for _ in range(runs):
+        init, start = boot_raw_lines(_raw_args(base, accel, old_initrd, [old_disk]))
+        samples.setdefault("raw_boot_old_layout_to_init", []).append(init)
+        samples.setdefault("raw_boot_old_layout_to_start", []).append(start)
+        new_disks = [base.rw_disk, spec_disk_path(base.rw_disk), export_disk_path(base.rw_disk)]
+        init, start = boot_raw_lines(_raw_args(base, accel, guest.initrd, new_disks, readonly=(1,)))
+        samples.setdefault("raw_boot_new_layout_to_init", []).append(init)
+        samples.setdefault("raw_boot_new_layout_to_start", []).append(start)
+    medians = {name: round(statistics.median(values), 4) for name, values in samples.items()}
+    return {
+        "old_init_from": OLD_INIT_COMMIT,
+        "medians_seconds": medians,
+        "samples_seconds": {name: [round(v, 4) for v in values] for name, values in samples.items()},
+        "boot_to_start_new_vs_old_ratio": round(
+            medians["raw_boot_new_layout_to_start"] / medians["raw_boot_old_layout_to_start"], 3
+        ),
+    }
+
+
+# The last commit whose guest read its spec from the writable disk (the baseline of measure_spec_medium).
+OLD_INIT_COMMIT = "4402a37"
+
+
+def _old_make_rw_disk(path: Path, size_mib: int) -> None:
+    with tempfile.TemporaryDirectory() as staging:
+        for name in ("upper", "work", "bulkhead"):
+            Path(staging, name).mkdir()
+        _old_write_payload(Path(staging, "bulkhead"))
+        with path.open("wb") as disk:
+            disk.truncate(size_mib * 1024 * 1024)
+        subprocess.run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-d",
+                staging,
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+                path,
+            ],
+            check=True,
+        )
+
+
+def _old_write_payload(directory: Path) -> None:
+    files = {
+        "args": b"sleep\0600\0",
+        "env": b"PATH=/bin\0",
+        "cwd": b"/\0",
+        "user": b"0:0\n",
+        "nonce": b"0" * 32 + b"\n",
+        "tty": b"0\n",
+    }
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+        (directory / name).chmod(0o600)
+
+
+def _old_rewrite_payload(disk: Path, mount_point: Path) -> None:
+    """What the host did before issue 13 at every create of a stopped VM (on a disk only we wrote)."""
+    mount_point.mkdir(exist_ok=True)
+    subprocess.run(["e2fsck", "-p", "-E", "journal_only", str(disk)], capture_output=True, check=False)
+    subprocess.run(
+        ["mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noexec", str(disk), str(mount_point)], check=True
+    )
+    try:
+        _old_write_payload(mount_point / "bulkhead")
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def _raw_args(
+    spec: VmSpec, accel: str, initrd: Path, disks: list[Path], readonly: tuple[int, ...] = ()
+) -> list[str]:
+    """Raw QEMU with `disks` (the first is the rw disk); the 2nd and 3rd carry the spec/export serials."""
+    args = raw_qemu_args(replace(spec, initrd=initrd), accel, disks[0])
+    serials = {1: "bulkhead-spec", 2: "bulkhead-export"}
+    for index, disk in enumerate(disks[1:], start=1):
+        flag = ",readonly=on" if index in readonly else ""
+        args += ["-drive", f"id=extra{index},file={disk},format=raw,if=none{flag}"]
+        args += ["-device", f"virtio-blk-pci,drive=extra{index},serial={serials[index]}"]
+    return args
+
+
+def boot_raw_lines(args: list[str], timeout: float = 120.0) -> tuple[float, float]:
+    """Seconds from spawning QEMU to the init's first line and to BULKHEAD-START (spec read, workload up)."""
+    started = time.monotonic()
+    seen_at: dict[bytes, float] = {}
+    with _qemu(args) as process:
+        assert process.stdout is not None
+        seen = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while START_LINE not in seen_at:
+                remaining = started + timeout - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise TimeoutError(f"raw QEMU boot stopped before {START_LINE!r}: {seen[-300:]!r}")
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    raise TimeoutError(f"raw QEMU exited before {START_LINE!r}: {seen[-300:]!r}")
+                seen = seen[-4096:] + chunk
+                for line in (INIT_LINE, START_LINE):
+                    if line in seen and line not in seen_at:
+                        seen_at[line] = time.monotonic() - started
+    return seen_at[INIT_LINE], seen_at[START_LINE]
 
 
 PHASES: dict[str, list[float]] = {"create": [], "start": []}
@@ -154,7 +327,8 @@ def boot_vmruntime(runtime: VmRuntime, spec: VmSpec, timeout: float = 120.0) -> 
 
 
 def raw_qemu_args(spec: VmSpec, accel: str, rw_disk: Path) -> list[str]:
-    """The QEMU command line equivalent of the domain libvirt starts for `spec` (minus libvirt's extras)."""
+    """Root and writable disks as the domain has them (the spec/export disks are added by callers)."""
+    # The QEMU command line equivalent of the domain libvirt starts for `spec` (minus libvirt's extras).
     return [
         "qemu-system-x86_64",
         "-accel",
@@ -180,31 +354,40 @@ def raw_qemu_args(spec: VmSpec, accel: str, rw_disk: Path) -> list[str]:
         str(spec.initrd),
         "-append",
         kernel_cmdline(spec),
+        # Explicit devices in command-line order (if=virtio drives would come after any -device).
         "-drive",
-        f"file={spec.root_disk},format=raw,if=virtio,readonly=on",
+        f"id=root,file={spec.root_disk},format=raw,if=none,readonly=on",
+        "-device",
+        "virtio-blk-pci,drive=root",
         "-drive",
-        f"file={rw_disk},format=raw,if=virtio",
+        f"id=rw,file={rw_disk},format=raw,if=none",
+        "-device",
+        "virtio-blk-pci,drive=rw",
     ]
 
 
 def boot_raw(work: Path, spec: VmSpec, accel: str, timeout: float = 120.0) -> float:
     """Seconds from spawning QEMU directly to the init's first line on its serial stdout."""
     rw_disk = work / f"raw-{spec.vm_id}.rw"
-    make_rw_disk(rw_disk, spec.rw_disk_size_mib, spec.payload, "00")
+    make_rw_disk(rw_disk, spec.rw_disk_size_mib)
+    write_spec_disk(spec_disk_path(rw_disk), spec.payload, "0" * 32)
+    make_export_disk(export_disk_path(rw_disk), spec.rw_disk_size_mib)
+    disks = [rw_disk, spec_disk_path(rw_disk), export_disk_path(rw_disk)]
     try:
         started = time.monotonic()
-        with _qemu(raw_qemu_args(spec, accel, rw_disk)) as process:
+        with _qemu(_raw_args(spec, accel, spec.initrd, disks, readonly=(1,))) as process:
             if not _wait_for_line(process, INIT_LINE, started + timeout):
                 raise TimeoutError("raw QEMU boot did not reach the init")
             return time.monotonic() - started
     finally:
-        rw_disk.unlink(missing_ok=True)
+        for disk in disks:
+            disk.unlink(missing_ok=True)
 
 
 def probe_raw_microvm(work: Path, spec: VmSpec, accel: str, timeout: float = 60.0) -> dict[str, object]:
     """Does `-M microvm` boot to the init here (libvirt cannot define it, so raw QEMU only)?"""
     rw_disk = work / f"raw-{spec.vm_id}.rw"
-    make_rw_disk(rw_disk, spec.rw_disk_size_mib, spec.payload, "00")
+    make_rw_disk(rw_disk, spec.rw_disk_size_mib)
     args = [
         "qemu-system-x86_64",
         "-accel",

@@ -553,7 +553,7 @@ def stats(workload: Workload) -> dict[str, Any]:
 
 
 def upper_dir(workload: Workload) -> Path:
-    """The workload's captured changes (a micro-VM's writable disk is mounted read-only while stopped)."""
+    """The workload's captured changes (a micro-VM's: the layer its guest exported at its last clean stop)."""
     assert workload.host is not None
     if workload.isolation == Isolation.MICROVM:
         from compute import vm_agent

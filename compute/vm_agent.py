@@ -1,7 +1,8 @@
 """The agent's micro-VM side: the same workload rows, run by libvirt/QEMU from the same image layers.
 
 The image's layers are flattened once per chain into a read-only root disk by the layer store; each VM
-gets a writable disk whose overlay upper dir is its captured changes (same form as a container's).
+gets a writable disk whose overlay upper dir is its captured changes; the guest exports them at a clean
+stop as a layer stream, which the host takes in like any untrusted layer (same form as a container's).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from compute import agent, network_agent
 from compute.choices import Isolation, WorkloadState
 from compute.hosts import host_state_dir
 from compute.models import Host, Workload
-from compute.runtimes.libvirt import VmNotFound, VmRuntime, VmSpec, WorkloadPayload
+from compute.runtimes.libvirt import (
+    ChangesNotExported,
+    VmNotFound,
+    VmRuntime,
+    VmSpec,
+    WorkloadPayload,
+    unpack_exported_changes,
+)
+from portal.errors import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +204,27 @@ def logs(workload: Workload, tail_bytes: int) -> bytes:
 
 
 def upper_dir(workload: Workload) -> Path:
-    assert workload.host is not None
-    return vm_runtime(workload.host).upper_dir(workload.pk)
+    """The changes the guest exported at its last clean stop, taken in as an untrusted layer.
 
-
-def release_upper_dir(workload: Workload) -> None:
+    Never the writable disk itself: that filesystem is the guest's (see compute/runtimes/libvirt.py).
+    """
     assert workload.host is not None
-    vm_runtime(workload.host).unmount_upper_dir(workload.pk)
+    from imaging.store import LimitExceeded, UnsafeEntry
+
+    try:
+        exported = vm_runtime(workload.host).exported_changes(workload.pk)
+        return unpack_exported_changes(exported, agent.store(), lease_name=f"vm-changes-{workload.pk}")
+    except VmNotFound:
+        raise Conflict("The micro-VM has no changes on its host.") from None
+    except ChangesNotExported:
+        raise Conflict(
+            "The changes of a micro-VM are exported when it stops cleanly: stop it (or let it finish) first."
+        ) from None
+    except UnsafeEntry as error:
+        reason = f"{error.reason} ({error.path})"
+        raise Conflict(f"The micro-VM's exported changes were refused: {reason}.") from None
+    except LimitExceeded as error:
+        raise Conflict(f"The micro-VM's exported changes were refused: {error}.") from None
 
 
 def handle_exits(host: Host) -> list[str]:

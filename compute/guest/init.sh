@@ -4,19 +4,22 @@
 # Stage "init" (PID 1, initramfs root): load modules, mount the image's read-only root disk (/dev/vda,
 # EROFS or ext4) under an overlay whose upper dir lives on the VM's writable disk (/dev/vdb, ext4),
 # configure the network from our bulkhead.* kernel parameters, start the workload, report its exit
-# code on the console, unmount cleanly and power off.
+# code on the console, export the upper dir as a tar stream onto the export disk, unmount cleanly
+# and power off.
 # Stage "launch" (the workload's process, already chrooted and with its uid/gid by nsenter): change
 # to the workload's directory, replace the environment and exec the workload's args.
 #
-# The workload's args/env/cwd/user never travel on the kernel command line: the host writes them as
-# NUL-terminated files into /bulkhead/ on the writable disk (outside the overlay's upper dir), and
-# they are only ever read with `read -d ''` into quoted variables, never evaluated.
+# The workload's args/env/cwd/user never travel on the kernel command line: the host builds a small
+# read-only spec disk (serial bulkhead-spec), a tar of NUL-terminated files that we unpack into
+# /run/spec (outside the workload's root), and they are only ever read with `read -d ''` into quoted
+# variables, never evaluated. The host never mounts the writable disk: what it gets of our changes is
+# the tar stream we write onto the export disk (serial bulkhead-export) at a clean stop.
 
 set -f  # no pathname expansion anywhere: every word here is literal
 
 # Everything here runs busybox applets; the image's own programs run only as the workload.
 export PATH=/bin
-SPEC_DIR=/mnt/rw/bulkhead
+SPEC_DIR=/run/spec
 DEFAULT_LOOKUP_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 log() {
@@ -98,6 +101,49 @@ fail() {
     poweroff -f
 }
 
+# Overlay marks a directory that hides the lower layers' content (deleted, then made again) with an
+# xattr, which busybox tar does not carry. Find them without reading xattrs: mount the upper dir as the
+# top lower layer over a probe tree holding a file in each of its directories; an opaque directory
+# hides its probe. Each gets the OCI marker file .wh..wh..opq for the time of the export ($1 lists
+# them, NUL-separated). A directory under an opaque one is marked too, which changes nothing.
+mark_opaque_dirs() {
+    mkdir -p /run/probe /run/probed
+    (cd /mnt/rw/upper && find . -type d -print0) >/run/upper-dirs || return 1
+    while IFS= read -r -d '' dir; do
+        mkdir -p "/run/probe/$dir" && : >"/run/probe/$dir/.bulkhead-probe" || return 1
+    done </run/upper-dirs
+    mount -t overlay -o lowerdir=/mnt/rw/upper:/run/probe overlay /run/probed || return 1
+    while IFS= read -r -d '' dir; do
+        [ -e "/run/probed/$dir/.bulkhead-probe" ] && continue
+        printf '%s\0' "$dir" >>"$1"
+        : >"/mnt/rw/upper/$dir/.wh..wh..opq"
+    done </run/upper-dirs
+    umount /run/probed
+}
+
+# The captured changes leave the VM only as this stream: the upper dir as a tar (whiteouts are 0/0
+# devices, as overlay has them) from the start of the export disk, and in its last sector the header
+# "BULKHEAD-EXPORT 1 <nonce> <ok|failed> <length>". The host takes the stream in like any untrusted
+# image layer; a VM that never gets here (killed, crashed) has no header and so no changes to show.
+export_changes() {
+    status=failed
+    length=0
+    opaque_dirs=/run/opaque-dirs
+    : >"$opaque_dirs"
+    if grep -q ' /mnt/rw ' /proc/mounts && [ -d /mnt/rw/upper ] && [ ! -L /mnt/rw/upper ] \
+        && mark_opaque_dirs "$opaque_dirs"; then
+        if length=$(set -o pipefail; tar -c -C /mnt/rw/upper . | tee "$export_dev" | wc -c); then
+            status=ok
+        fi
+    fi
+    while IFS= read -r -d '' dir; do
+        rm -f "/mnt/rw/upper/$dir/.wh..wh..opq"
+    done <"$opaque_dirs"
+    sectors=$(cat "/sys/block/${export_dev#/dev/}/size")
+    printf 'BULKHEAD-EXPORT 1 %s %s %s\n' "$nonce" "$status" "${length:-0}" \
+        | dd of="$export_dev" bs=512 seek=$((sectors - 1)) count=1 conv=sync 2>/dev/null
+}
+
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -119,13 +165,30 @@ for param in $(cat /proc/cmdline); do
     esac
 done
 
-# Device probing finishes asynchronously after insmod; wait for both disks with a deadline.
+# The virtio disk whose serial is $1 (the host names its spec and export disks so).
+disk_with_serial() {
+    for name in vda vdb vdc vdd vde vdf; do
+        if [ "$(cat "/sys/block/$name/serial" 2>/dev/null)" = "$1" ] && [ -b "/dev/$name" ]; then
+            echo "/dev/$name"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Device probing finishes asynchronously after insmod; wait for the disks with a deadline.
 tries=0
-while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do
+spec_dev= export_dev=
+while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ] || [ -z "$spec_dev" ] || [ -z "$export_dev" ]; do
     tries=$((tries + 1))
-    [ "$tries" -lt 500 ] || fail "disks /dev/vda and /dev/vdb did not appear"
+    [ "$tries" -lt 500 ] || fail "the root, writable, spec and export disks did not appear"
+    [ -n "$spec_dev" ] || spec_dev=$(disk_with_serial bulkhead-spec)
+    [ -n "$export_dev" ] || export_dev=$(disk_with_serial bulkhead-export)
+    [ -n "$spec_dev" ] && [ -n "$export_dev" ] && [ -b /dev/vda ] && [ -b /dev/vdb ] && break
     usleep 10000
 done
+mkdir -p "$SPEC_DIR"
+tar -x -f "$spec_dev" -C "$SPEC_DIR" || fail "cannot read the workload spec disk"
 
 mount -t erofs -o ro /dev/vda /mnt/ro 2>/dev/null \
     || mount -t ext4 -o ro,noload /dev/vda /mnt/ro \
@@ -171,7 +234,7 @@ workload_pid=
 stop_requested=
 trap 'stop_requested=1; [ -z "$workload_pid" ] || kill -TERM "$workload_pid" 2>/dev/null' TERM
 
-user=$(cat "$SPEC_DIR/user" 2>/dev/null) || fail "no workload spec on the writable disk"
+user=$(cat "$SPEC_DIR/user" 2>/dev/null) || fail "no workload spec on the spec disk"
 nonce=$(cat "$SPEC_DIR/nonce")
 uid=${user%%:*}
 gid=${user#*:}
@@ -217,19 +280,28 @@ while [ -n "$copier_pid" ] && [ -e "/proc/$copier_pid/fd/1" ] && [ "$tries" -lt 
 done
 printf '\nBULKHEAD-EXIT %s %s\n' "$nonce" "$code"
 
-# Leave the writable disk clean: stop everything, unmount, then power off.
+# Leave the writable disk clean: stop everything, export the changes, unmount, then power off.
 trap '' TERM
 kill -TERM -1 2>/dev/null
 usleep 50000
 kill -KILL -1 2>/dev/null
-# Killed processes release their files asynchronously: retry until the writable disk is unmounted.
+# Killed processes release their files asynchronously: retry until the workload's root is unmounted.
+tries=0
+while grep -q ' /newroot ' /proc/mounts && [ "$tries" -lt 50 ]; do
+    tries=$((tries + 1))
+    for target in /newroot/dev/shm /newroot/dev/pts /newroot/dev /newroot/sys /newroot/proc \
+        /newroot/etc/resolv.conf /newroot; do
+        umount "$target" 2>/dev/null
+    done
+    grep -q ' /newroot ' /proc/mounts && usleep 20000
+done
+# Mounts the workload made itself keep /newroot busy: detach the tree (no process is left to use it).
+grep -q ' /newroot ' /proc/mounts && umount -l /newroot 2>/dev/null
+export_changes
 tries=0
 while grep -q ' /mnt/rw ' /proc/mounts && [ "$tries" -lt 50 ]; do
     tries=$((tries + 1))
-    for target in /newroot/dev/shm /newroot/dev/pts /newroot/dev /newroot/sys /newroot/proc \
-        /newroot/etc/resolv.conf /newroot /mnt/rw; do
-        umount "$target" 2>/dev/null
-    done
+    umount /mnt/rw 2>/dev/null
     grep -q ' /mnt/rw ' /proc/mounts && usleep 20000
 done
 # Last resort: at least leave the filesystem consistent on disk.

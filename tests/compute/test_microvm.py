@@ -42,8 +42,10 @@ from compute.runtimes.libvirt import (  # noqa: E402
     domain_xml,
     extract_workload_output,
     kernel_cmdline,
+    unpack_exported_changes,
 )
 from compute.runtimes.libvirtd import domain_type_for_host, ensure_libvirtd  # noqa: E402
+from imaging.store import LayerStore  # noqa: E402
 
 try:
     from tests.compute.guestroot import build_busybox_root, build_root_disk
@@ -80,6 +82,7 @@ class Lab:
     erofs_disk: Path
     ext4_disk: Path
     image_root: Path
+    store: LayerStore
     events: list[VmEvent] = field(default_factory=list)
     created: list[uuid.UUID] = field(default_factory=list)
     vms: dict[str, uuid.UUID] = field(default_factory=dict)
@@ -110,6 +113,12 @@ class Lab:
         self.vms[name] = spec.vm_id
         self.specs[name] = spec
         return spec.vm_id
+
+    def exported_upper(self, vm_id: uuid.UUID) -> Path:
+        """The VM's exported changes, taken in through a scratch layer store as the agent does."""
+        return unpack_exported_changes(
+            self.runtime.exported_changes(vm_id), self.store, lease_name=f"test-{vm_id}"
+        )
 
     def events_of(self, vm_id: uuid.UUID) -> list[VmEvent]:
         with self.events_lock:
@@ -176,6 +185,7 @@ def lab() -> Iterator[Lab]:
             erofs_disk=build_root_disk(image_root, work / "root.erofs", "erofs"),
             ext4_disk=build_root_disk(image_root, work / "root.ext4", "ext4"),
             image_root=image_root,
+            store=LayerStore(work / "store", durable=False),
         )
         events, events_lock = lab.events, lab.events_lock
 
@@ -342,13 +352,13 @@ def test_it_prints_the_same_bytes_as_a_namespace_container(lab: Lab) -> None:
     assert container_output.splitlines()[-1].decode() == platform.release()
 
 
-def test_it_exposes_written_files_in_the_upper_dir(lab: Lab) -> None:
+def test_it_exports_written_files_as_a_layer_at_a_clean_stop(lab: Lab) -> None:
     vm_id = lab.vms["erofs"]
     lab.wait_stopped(vm_id)
-    with lab.runtime.captured_changes(vm_id) as upper:
-        written = upper / "srv/work/new.txt"
-        assert written.read_text() == "written by the vm\n"
-        assert sorted(path.name for path in upper.iterdir()) == ["srv"]
+    upper = lab.exported_upper(vm_id)
+    written = upper / "srv/work/new.txt"
+    assert written.read_text() == "written by the vm\n"
+    assert sorted(path.name for path in upper.iterdir()) == ["srv"]
 
 
 def test_it_boots_an_ext4_root_and_records_deletions_as_whiteouts(lab: Lab) -> None:
@@ -356,11 +366,11 @@ def test_it_boots_an_ext4_root_and_records_deletions_as_whiteouts(lab: Lab) -> N
     lab.wait_stopped(vm_id)
     state = lab.runtime.state(vm_id)
     assert (state.status, state.exit_code) == ("stopped", 0), lab.runtime.console_log(vm_id)[-2000:]
-    with lab.runtime.captured_changes(vm_id) as upper:
-        whiteout = (upper / "srv/data/doomed.txt").lstat()
-        assert os.major(whiteout.st_rdev) == 0 and os.minor(whiteout.st_rdev) == 0
-        assert (upper / "root/made.txt").read_text() == "new\n"
-        assert not (upper / "srv/data/old.txt").exists()
+    upper = lab.exported_upper(vm_id)
+    whiteout = (upper / "srv/data/doomed.txt").lstat()
+    assert os.major(whiteout.st_rdev) == 0 and os.minor(whiteout.st_rdev) == 0
+    assert (upper / "root/made.txt").read_text() == "new\n"
+    assert not (upper / "srv/data/old.txt").exists()
 
 
 def test_it_configures_hostname_and_network_from_the_server_values(lab: Lab) -> None:
