@@ -44,7 +44,7 @@ _PROBE_INIT_LINE = b"BULKHEAD-INIT"
 _MASKED_LIBVIRTD_SCRIPT = (
     'mount -t tmpfs -o mode=0755,nosuid tmpfs "$1" && '
     '{ cp -a /dev/. "$1"/ 2>/dev/null; rm -f "$1"/kvm; } && '
-    'for sub in pts shm mqueue hugepages; do '
+    "for sub in pts shm mqueue hugepages; do "
     'if mountpoint -q "/dev/$sub"; then mount --rbind "/dev/$sub" "$1/$sub"; fi; done && '
     'mount --move "$1" /dev && exec "$0" -d'
 )
