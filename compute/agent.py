@@ -541,8 +541,12 @@ def stats(workload: Workload) -> dict[str, Any]:
     """Current counters of a running workload: cpu_usage_ns, memory_bytes, block_read_bytes,
     block_write_bytes (network counters come per host, see `compute.sampling`)."""
     assert workload.host is not None
-    if workload.isolation == Isolation.MICROVM or workload.state != WorkloadState.RUNNING:
+    if workload.state != WorkloadState.RUNNING:
         return {}
+    if workload.isolation == Isolation.MICROVM:
+        from compute import vm_agent
+
+        return vm_agent.stats(workload)
     s = oci_runtime(workload.host).stats(workload.runtime_id)
     return {
         "cpu_usage_ns": s.cpu_usage_ns,

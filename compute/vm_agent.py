@@ -195,6 +195,14 @@ def remove(workload: Workload, grace_seconds: float) -> None:
     network_agent.release_vm(workload)  # issue 7: no tap left in a netns host's namespace
 
 
+def stats(workload: Workload) -> dict[str, int]:
+    assert workload.host is not None
+    try:
+        return vm_runtime(workload.host).stats(workload.pk)
+    except VmNotFound:
+        return {}
+
+
 def logs(workload: Workload, tail_bytes: int) -> bytes:
     assert workload.host is not None
     try:

@@ -749,6 +749,38 @@ class VmRuntime:
 
     # -- console --------------------------------------------------------------------------------------
 
+    def stats(self, vm_id: uuid.UUID) -> dict[str, int]:
+        """A running VM's counters in the same shape as a container's, from libvirt's bulk domain
+        statistics: CPU time, memory in use (the guest's RSS on the host), block and network bytes."""
+        domain = self._domain(vm_id)
+        groups = (
+            libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+            | libvirt.VIR_DOMAIN_STATS_BALLOON
+            | libvirt.VIR_DOMAIN_STATS_BLOCK
+            | libvirt.VIR_DOMAIN_STATS_INTERFACE
+        )
+        try:
+            found = self._connection.domainListGetStats([domain], groups)
+        except libvirt.libvirtError as error:
+            raise VmNotFound(str(vm_id)) from error
+        if not found:
+            raise VmNotFound(str(vm_id))
+        values: dict[str, Any] = found[0][1]
+
+        def total(prefix: str, suffix: str, count_key: str) -> int:
+            return sum(
+                int(values.get(f"{prefix}.{i}.{suffix}", 0)) for i in range(int(values.get(count_key, 0)))
+            )
+
+        return {
+            "cpu_usage_ns": int(values.get("cpu.time", 0)),
+            "memory_bytes": int(values.get("balloon.rss", 0)) * 1024,
+            "block_read_bytes": total("block", "rd.bytes", "block.count"),
+            "block_write_bytes": total("block", "wr.bytes", "block.count"),
+            "net_rx_bytes": total("net", "rx.bytes", "net.count"),
+            "net_tx_bytes": total("net", "tx.bytes", "net.count"),
+        }
+
     def console_log_path(self, vm_id: uuid.UUID) -> Path:
         """The file virtlogd fills with the guest's serial console output (fresh for every boot)."""
         return self._record(vm_id).console_log

@@ -101,3 +101,35 @@ def test_it_runs_a_larger_python_image_in_both_isolations_alike(
     assert c_lines[0] == v_lines[0]
     assert '"greeting": "bulkhead"' in c_lines[0] and '"uid": 1000' in c_lines[0]
     assert c_lines[-1] == platform.release() and v_lines[-1] != platform.release()
+
+
+@pytest.mark.parametrize("isolation", ["namespace", "microvm"])
+def test_it_reports_the_same_stats_shape_and_growing_cpu_time_in_both_isolations(
+    world: World, busybox: Any, host: Host, isolation: str
+) -> None:
+    from tests.processes import wait_until
+
+    response = create(
+        world,
+        "mia",
+        name=f"busy-{isolation}",
+        image=str(busybox.pk),
+        isolation=isolation,
+        command=["/bin/sh", "-c", "while :; do :; done"],
+        memory_mib=128,
+    )
+    assert response.status_code == 202, response.json()
+    workload = workload_in(f"busy-{isolation}", {"running"}, timeout=180)
+    client = client_for(world, "mia")
+    url = f"/api/v1/workloads/{workload.pk}/stats/"
+    first = wait_until(lambda: client.get(url).json() or None, timeout=30, what="first stats")
+    assert {"cpu_usage_ns", "memory_bytes", "block_read_bytes", "block_write_bytes"} <= set(first)
+    assert first["memory_bytes"] > 0
+    later = wait_until(
+        lambda: (
+            (s := client.get(url).json()) and s["cpu_usage_ns"] > first["cpu_usage_ns"] + 200_000_000 and s
+        ),
+        timeout=60,
+        what="CPU time to grow by 0.2 s",
+    )
+    assert later["cpu_usage_ns"] > first["cpu_usage_ns"]
