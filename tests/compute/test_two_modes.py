@@ -125,11 +125,10 @@ def test_it_reports_the_same_stats_shape_and_growing_cpu_time_in_both_isolations
     first = wait_until(lambda: client.get(url).json() or None, timeout=30, what="first stats")
     assert {"cpu_usage_ns", "memory_bytes", "block_read_bytes", "block_write_bytes"} <= set(first)
     assert first["memory_bytes"] > 0
-    later = wait_until(
-        lambda: (
-            (s := client.get(url).json()) and s["cpu_usage_ns"] > first["cpu_usage_ns"] + 200_000_000 and s
-        ),
-        timeout=60,
-        what="CPU time to grow by 0.2 s",
-    )
+
+    def grown() -> dict[str, Any] | None:
+        stats = client.get(url).json()
+        return stats if stats and stats["cpu_usage_ns"] > first["cpu_usage_ns"] + 200_000_000 else None
+
+    later = wait_until(grown, timeout=60, what="CPU time to grow by 0.2 s")
     assert later["cpu_usage_ns"] > first["cpu_usage_ns"]
