@@ -16,6 +16,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -37,18 +38,13 @@ _PROBE_BOOT_SECTOR = _PROBE_CODE + b"\0" * (510 - len(_PROBE_CODE)) + b"\x55\xaa
 _PROBE_EXIT_STATUS = 3
 _PROBE_INIT_LINE = b"BULKHEAD-INIT"
 
-# The only shell text in this module: a constant that gives libvirtd a /dev without kvm, then execs it
-# ("$0"; "$1" is an empty scratch directory). /dev/kvm must not exist at all: libvirt re-validates its
-# QEMU capability cache on every define against whether /dev/kvm is accessible, and a masking node that
-# is accessible (the /dev/null bind of before) made each define re-probe QEMU for 25-35 s.
-_MASKED_LIBVIRTD_SCRIPT = (
-    'mount -t tmpfs -o mode=0755,nosuid tmpfs "$1" && '
-    '{ cp -a /dev/. "$1"/ 2>/dev/null; rm -f "$1"/kvm; } && '
-    "for sub in pts shm mqueue hugepages; do "
-    'if mountpoint -q "/dev/$sub"; then mount --rbind "/dev/$sub" "$1/$sub"; fi; done && '
-    'mount --move "$1" /dev && exec "$0" -d'
-)
-MASKED_DEV_SCRATCH = Path("/run/bulkhead/libvirtd-dev")
+# The only shell text in this module: a constant that covers /dev/kvm with "$1", then execs libvirtd
+# ("$0"). "$1" is an empty regular file only root may open. libvirt re-validates its QEMU capability
+# cache on every define against whether /dev/kvm is accessible to the QEMU user (libvirt-qemu): the
+# /dev/null of before was, so each define re-probed QEMU for 25-35 s; a root-only file is not, which
+# matches what the (KVM-less) probe found, and the cache stays valid.
+_MASKED_LIBVIRTD_SCRIPT = 'mount --bind "$1" /dev/kvm && exec "$0" -d'
+KVM_MASK = Path("/run/bulkhead/kvm-mask")
 
 _kvm_probe_result: bool | None = None
 
@@ -226,7 +222,9 @@ def ensure_libvirtd(*, mask_kvm: bool | None = None, timeout: float = 30.0) -> N
             _stop_libvirtd(running_pid, timeout)
         libvirtd = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
         if mask_kvm:
-            MASKED_DEV_SCRATCH.mkdir(parents=True, exist_ok=True)
+            KVM_MASK.parent.mkdir(parents=True, exist_ok=True)
+            KVM_MASK.touch(mode=0o600)
+            KVM_MASK.chmod(0o600)
             _spawn_daemon(
                 [
                     "unshare",
@@ -238,7 +236,7 @@ def ensure_libvirtd(*, mask_kvm: bool | None = None, timeout: float = 30.0) -> N
                     "-c",
                     _MASKED_LIBVIRTD_SCRIPT,
                     libvirtd,
-                    str(MASKED_DEV_SCRATCH),
+                    str(KVM_MASK),
                 ]
             )
         else:
@@ -261,9 +259,14 @@ def _libvirtd_pid() -> int | None:
 
 
 def _sees_kvm_device(pid: int) -> bool:
-    """Whether the daemon sees any /dev/kvm (the real one, or the accessible /dev/null mask of before,
-    which costs a capability re-probe on every define). /proc/<pid>/root is its own mount namespace."""
-    return os.path.lexists(f"/proc/{pid}/root/dev/kvm")
+    """Whether the daemon sees a /dev/kvm its QEMU user could open: the real one, or the /dev/null mask
+    of before (which cost a capability re-probe on every define). Masked, it is a root-only regular
+    file. /proc/<pid>/root is the daemon's own mount namespace."""
+    try:
+        device = os.stat(f"/proc/{pid}/root/dev/kvm")
+    except OSError:
+        return False
+    return stat.S_ISCHR(device.st_mode)
 
 
 def _stop_libvirtd(pid: int, timeout: float) -> None:

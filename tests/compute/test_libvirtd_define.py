@@ -49,20 +49,21 @@ def test_it_defines_a_domain_twice_in_a_row_in_seconds_not_half_a_minute() -> No
         connection.close()
 
 
-def test_it_gives_a_masked_libvirtd_a_dev_without_kvm_but_with_what_qemu_needs(tmp_path: Path) -> None:
+def test_it_covers_kvm_for_a_masked_libvirtd_with_a_file_its_qemu_user_cannot_open(tmp_path: Path) -> None:
     checker = tmp_path / "check-dev"
     checker.write_text(
         "#!/bin/sh\n"
-        "[ ! -e /dev/kvm ] || exit 11\n[ -c /dev/null ] || exit 12\n[ -c /dev/net/tun ] || exit 13\n"
-        "[ -c /dev/urandom ] || exit 14\n[ -d /dev/pts ] || exit 15\n"
+        "[ -f /dev/kvm ] || exit 11\n"
+        '[ "$(stat -c %a /dev/kvm)" = 600 ] || exit 12\n'
+        "[ -c /dev/null ] && [ -c /dev/net/tun ] || exit 13\n"
     )
     checker.chmod(0o755)
-    scratch = tmp_path / "dev"
-    scratch.mkdir()
+    mask = tmp_path / "kvm-mask"
+    mask.touch(mode=0o600)
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-         libvirtd._MASKED_LIBVIRTD_SCRIPT, str(checker), str(scratch)],
+         libvirtd._MASKED_LIBVIRTD_SCRIPT, str(checker), str(mask)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, (result.returncode, result.stderr)
-    assert os.path.exists("/dev/null")  # the host's own /dev is untouched
+    assert not Path("/dev/kvm").exists() or Path("/dev/kvm").is_char_device()  # the host's is untouched
