@@ -59,6 +59,9 @@ class LayerResult:
     def stripped(self) -> int:
         """setuid/setgid bits and ``security.capability`` xattrs removed by policy."""
     @property
+    def skipped_devices(self) -> list[str]:
+        """Device nodes and FIFOs left out by policy (escaped names; the runtimes supply ``/dev``)."""
+    @property
     def skipped(self) -> bool:
         """True if the layer was already unpacked and no work was done."""
 

@@ -309,6 +309,7 @@ def run_import(op_id: str, progress: Progress) -> dict[str, Any]:
         "manifest_digest": image.manifest_digest,
         "layer_bytes_written": written,
         "store": _stats_delta(before, store.stats()),
+        "warnings": unpack_warnings(results),
     }
 
 
@@ -342,6 +343,15 @@ def _ingest_from_source(
         done += desc.size
         progress(5 + 60 * done / total, f"Verified {done} of {plan.size} bytes")
     return written
+
+
+def unpack_warnings(results: list[Any]) -> list[str]:
+    """What unpacking left out of an image that the importer should know (device nodes today)."""
+    skipped = [path for result in results for path in result.skipped_devices]
+    if not skipped:
+        return []
+    shown = ", ".join(skipped[:20]) + (", …" if len(skipped) > 20 else "")
+    return [f"{len(skipped)} device node(s) or FIFO(s) were left out; the runtime provides /dev: {shown}."]
 
 
 def _unpack(store: LayerStore, plan: oci.ImagePlan, progress: Progress) -> list[Any]:
@@ -425,7 +435,12 @@ def register_image(
         actor,
         f"image.{source}.succeeded",
         image,
-        details={"manifest_digest": plan.manifest_digest, "size": plan.size, "operation": str(op.pk)},
+        details={
+            "manifest_digest": plan.manifest_digest,
+            "size": plan.size,
+            "operation": str(op.pk),
+            "warnings": unpack_warnings(results),
+        },
     )
     return image
 
@@ -538,6 +553,7 @@ def run_pull(op_id: str, progress: Progress) -> dict[str, Any]:
         "manifest_digest": image.manifest_digest,
         "layer_bytes_written": written,
         "store": _stats_delta(before, store.stats()),
+        "warnings": unpack_warnings(results),
     }
 
 

@@ -301,3 +301,63 @@ def test_a_config_that_lies_about_diff_ids_is_refused(world: World, store_dir: P
     assert "mismatch" in op.error.lower(), op.error
     assert not Image.objects.exists() and not ImageLayer.objects.exists()
     assert used_bytes(world.acme) == 0
+
+
+@pytest.mark.django_db
+def test_it_refuses_an_image_whose_config_claims_another_tenants_layer(
+    world: World, store_dir: Path, tmp_path: Path
+) -> None:
+    secret = make_layer({"etc/globex-secret": Entry(b"globex payroll\n", mode=0o600)})
+    private = build_image([*busybox_layers(), secret])
+    archive = write_oci_archive(private, tmp_path / "private.tar")
+    response = post_archive(client_for(world, "bob"), archive, name="private", tag="1", tenant=world.globex)
+    globex_op = run_inline(response.json()["id"])
+    assert globex_op.state == "succeeded", globex_op.error
+
+    # acme knows (or guesses) the DiffID and ships any small blob under it.
+    decoy = make_layer({"decoy": Entry(b"x")})
+    forged = build_image(
+        [*busybox_layers(), decoy], diff_ids=[*(layer.diff_id for layer in busybox_layers()), secret.diff_id]
+    )
+    archive = write_oci_archive(forged, tmp_path / "forged.tar")
+    response = post_archive(client_for(world, "mia"), archive, name="stolen", tag="1", tenant=world.acme)
+    op = run_inline(response.json()["id"])
+
+    assert op.state == "failed"
+    assert not Image.objects.filter(tenant=world.acme).exists()
+    assert not TenantLayer.objects.filter(tenant=world.acme, layer__diff_id=secret.diff_id).exists()
+    assert not Layer.objects.filter(digest=decoy.digest).exists()
+    assert AuditEntry.objects.filter(action="image.import", outcome="failed", tenant=world.acme).exists()
+    # The same forged blob is refused again (the store remembers what it really unpacks to).
+    response = post_archive(client_for(world, "mia"), archive, name="stolen", tag="2", tenant=world.acme)
+    assert run_inline(response.json()["id"]).state == "failed"
+    assert not Image.objects.filter(tenant=world.acme).exists()
+
+
+@pytest.mark.django_db
+def test_it_imports_a_debootstrap_tree_with_device_nodes_and_warns_about_them(
+    world: World, store_dir: Path, tmp_path: Path
+) -> None:
+    from tests.imaging import hostile
+
+    tar = hostile.archive(
+        hostile.member("./", kind=b"5", mode=0o755),
+        hostile.member("./dev/", kind=b"5", mode=0o755),
+        hostile.member("./dev/full", kind=b"3", devmajor=1, devminor=7, mode=0o666),
+        hostile.member("./dev/null", kind=b"3", devmajor=1, devminor=3, mode=0o666),
+        hostile.member("./etc/debian_version", b"12.8\n"),
+    )
+    layer = BuiltLayer(tar, tar, "application/vnd.oci.image.layer.v1.tar")
+    archive = write_oci_archive(build_image([layer]), tmp_path / "debian.tar")
+    response = post_archive(client_for(world, "mia"), archive, name="debian", tag="12", tenant=world.acme)
+    op = run_inline(response.json()["id"])
+
+    assert op.state == "succeeded", op.error
+    [warning] = op.result["warnings"]
+    assert "./dev/full" in warning and "./dev/null" in warning
+    shown = client_for(world, "mia").get(f"/api/v1/operations/{op.pk}/").json()
+    assert shown["result"]["warnings"] == [warning]
+    image = Image.objects.get(tenant=world.acme, name="debian")
+    entry = AuditEntry.objects.get(action="image.import.succeeded", object_id=str(image.pk))
+    assert entry.details["warnings"] == [warning]
+    assert (get_store().layer_path(layer.diff_id) / "etc/debian_version").read_bytes() == b"12.8\n"

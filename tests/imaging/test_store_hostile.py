@@ -120,3 +120,55 @@ def test_expected_diff_id_mismatch_leaves_nothing(tmp_path: Path) -> None:
         store.unpack_layers([LayerSpec(blob, diff_id="sha256:" + "0" * 64)])
     assert err.value.expected == "sha256:" + "0" * 64
     assert leftover_layer_dirs(tmp_path / "store") == []
+
+
+def test_device_nodes_are_left_out_and_listed_not_refused(tmp_path: Path) -> None:
+    store = LayerStore(tmp_path / "store")
+    tar = hostile.archive(
+        hostile.member("./dev/", kind=b"5", mode=0o755),
+        hostile.member("./dev/full", kind=b"3", devmajor=1, devminor=7, mode=0o666),
+        hostile.member("./dev/null", kind=b"3", devmajor=1, devminor=3, mode=0o666),
+        hostile.member("./bin/su", b"#!", mode=0o4755),
+    )
+    blob, _ = store.ingest_bytes(tar)
+    [result] = store.unpack_layers([LayerSpec(blob)])
+    assert result.skipped_devices == ["./dev/full", "./dev/null"]
+    fs = store.layer_path(result.diff_id)
+    assert list((fs / "dev").iterdir()) == []
+    assert (fs / "bin/su").stat().st_mode & 0o7777 == 0o755  # set-id bits still stripped
+    # The list is kept with the layer: a second import of it reports the same.
+    [again] = LayerStore(tmp_path / "store").unpack_layers([LayerSpec(blob)])
+    assert again.skipped and again.skipped_devices == ["./dev/full", "./dev/null"]
+
+
+def test_a_root_entry_cannot_make_the_store_directories_writable_to_others(tmp_path: Path) -> None:
+    store = LayerStore(tmp_path / "store")
+    tar = hostile.archive(
+        hostile.member("./", kind=b"5", mode=0o777), hostile.member("./tmp/", kind=b"5", mode=0o1777)
+    )
+    blob, _ = store.ingest_bytes(tar)
+    [result] = store.unpack_layers([LayerSpec(blob)])
+    fs = store.layer_path(result.diff_id)
+    for directory in (fs, fs.parent, fs.parent.parent, fs.parent.parent.parent):
+        assert directory.stat().st_mode & 0o022 == 0, f"{directory} is writable by others"
+    assert (fs / "tmp").stat().st_mode & 0o7777 == 0o1777  # the layer's own entries keep their modes
+
+
+def test_a_claimed_diff_id_does_not_reuse_a_layer_the_blob_never_produced(tmp_path: Path) -> None:
+    from imaging.store import DigestMismatch
+
+    store = LayerStore(tmp_path / "store")
+    secret_blob, _ = store.ingest_bytes(hostile.archive(hostile.member("secret", b"globex only\n")))
+    [secret] = store.unpack_layers([LayerSpec(secret_blob)])
+    forged_tar = hostile.archive(hostile.member("x", b""))
+    forged_blob, _ = store.ingest_bytes(forged_tar)
+    with pytest.raises(DigestMismatch) as err:
+        store.unpack_layers([LayerSpec(forged_blob, diff_id=secret.diff_id)])
+    assert err.value.actual == "sha256:" + hashlib.sha256(forged_tar).hexdigest()
+    # The store remembers what the forged blob really is, in another process as well.
+    reopened = LayerStore(tmp_path / "store")
+    with pytest.raises(DigestMismatch):
+        reopened.unpack_layers([LayerSpec(forged_blob, diff_id=secret.diff_id)])
+    [proven] = reopened.unpack_layers([LayerSpec(secret_blob, diff_id=secret.diff_id)])
+    assert proven.skipped
+    assert leftover_layer_dirs(tmp_path / "store") == [secret.diff_id.removeprefix("sha256:")]

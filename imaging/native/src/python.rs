@@ -157,6 +157,8 @@ pub struct LayerResult {
     stripped: u64,
     /// True if the layer was already present (no work done).
     skipped: bool,
+    /// Device nodes and FIFOs left out by policy (escaped names).
+    skipped_devices: Vec<String>,
 }
 
 #[pymethods]
@@ -357,6 +359,7 @@ impl Store {
                 entries: r.entries,
                 stripped: r.stripped,
                 skipped: r.skipped,
+                skipped_devices: r.skipped_devices,
             })
             .collect())
     }

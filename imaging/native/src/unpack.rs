@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -50,7 +51,13 @@ pub struct LayerResult {
     pub stripped: u64,
     /// True if the layer was already unpacked and no work was done.
     pub skipped: bool,
+    /// Device nodes and FIFOs left out by policy (the runtimes supply `/dev`), shown escaped;
+    /// at most `MAX_LISTED_DEVICES` are named.
+    pub skipped_devices: Vec<String>,
 }
+
+/// Skipped device nodes named in a layer's result (a debootstrap tree has about ten).
+pub const MAX_LISTED_DEVICES: usize = 64;
 
 /// A layer extracted into a temporary dir, waiting to be synced and renamed into place.
 enum Staged {
@@ -224,6 +231,11 @@ impl Store {
             entries: field("entries")?,
             stripped: field("stripped").unwrap_or(0),
             skipped: true,
+            skipped_devices: text
+                .lines()
+                .filter_map(|l| l.strip_prefix("skipped_device="))
+                .map(str::to_string)
+                .collect(),
         })
     }
 
@@ -236,12 +248,19 @@ impl Store {
     fn stage_layer(&self, spec: &LayerSpec, flusher: Option<&Flusher>) -> Result<Staged> {
         // Refuse unknown media types even when the layer is already present.
         detect_compression(&spec.media_type, &[])?;
-        let known = spec
-            .expected_diff_id
-            .clone()
-            .or_else(|| self.diff_id_of_blob(&spec.blob));
-        if let Some(done) = known.as_ref().and_then(|d| self.layer_meta(d)) {
-            if spec.expected_diff_id.is_none() || known == spec.expected_diff_id {
+        // Only this blob's own record proves which layer it produces: a DiffID named by an image
+        // config is a claim, and an unpacked layer with that DiffID may be another tenant's.
+        // Without the record the blob is unpacked and checked like a new one.
+        if let Some(proven) = self.diff_id_of_blob(&spec.blob) {
+            if let Some(want) = &spec.expected_diff_id {
+                if *want != proven {
+                    return Err(StoreError::DigestMismatch {
+                        expected: want.to_string(),
+                        actual: proven.to_string(),
+                    });
+                }
+            }
+            if let Some(done) = self.layer_meta(&proven) {
                 Stats::add(&self.stats.layers_skipped, 1);
                 return Ok(Staged::Present(done));
             }
@@ -265,6 +284,11 @@ impl Store {
         let guard = TempGuard::new(tmp.clone());
         let fs_dir = tmp.join("fs");
         std::fs::create_dir(&fs_dir).ctx(|| format!("creating {}", fs_dir.display()))?;
+        // The store's own directories get their modes from us, not from the process umask.
+        for d in [&tmp, &fs_dir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(STORE_DIR_MODE))
+                .ctx(|| format!("chmod {}", d.display()))?;
+        }
         let root_fd = open_path_dir(&fs_dir)?;
 
         let (counting, compressed) = CountingReader::new(file);
@@ -316,11 +340,15 @@ impl Store {
             entries: ex.entries,
             stripped: ex.stripped,
             skipped: false,
+            skipped_devices: ex.skipped_devices.clone(),
         };
-        let meta = format!(
+        let mut meta = format!(
             "diff_id={}\nblob={}\nsize={}\nentries={}\nstripped={}\n",
             diff_id, spec.blob, size, ex.entries, ex.stripped
         );
+        for d in &ex.skipped_devices {
+            meta.push_str(&format!("skipped_device={d}\n"));
+        }
         std::fs::write(tmp.join("meta"), meta).ctx(|| "writing layer meta".into())?;
         Ok(Staged::Fresh {
             guard,
@@ -329,13 +357,29 @@ impl Store {
         })
     }
 
+    /// Records that `blob` was unpacked and hashed to `diff_id` (the proof `stage_layer` asks
+    /// for). Written whole and renamed into place; a record lost in a crash only costs a
+    /// re-check, and a torn one does not parse (so it proves nothing).
     fn record_blob_diff_id(&self, blob: &Digest, diff_id: &Digest) -> Result<()> {
         let dir = self.sub("layers/by-blob");
         let tmp = dir.join(random_name(".tmp-"));
-        std::fs::write(&tmp, diff_id.to_string()).ctx(|| "writing blob index".into())?;
-        std::fs::rename(&tmp, dir.join(blob.hex())).ctx(|| "renaming blob index".into())
+        let mut guard = TempGuard::new(tmp.clone());
+        {
+            let mut f = File::create(&tmp).ctx(|| "writing blob index".into())?;
+            f.write_all(diff_id.to_string().as_bytes())
+                .ctx(|| "writing blob index".into())?;
+            if self.durable {
+                f.sync_all().ctx(|| "syncing blob index".into())?;
+            }
+        }
+        std::fs::rename(&tmp, dir.join(blob.hex())).ctx(|| "renaming blob index".into())?;
+        guard.disarm();
+        Ok(())
     }
 }
+
+/// Mode of the directories the store makes for a layer (`.tmp-*`, later `sha256/<diffid>`).
+const STORE_DIR_MODE: u32 = 0o755;
 
 fn unreachable_limit() -> StoreError {
     StoreError::LimitExceeded("stream length".into())
@@ -471,6 +515,7 @@ struct Extractor<'s> {
     dir_times: Vec<(Vec<u8>, Timespec)>,
     is_root: bool,
     buf: Vec<u8>,
+    skipped_devices: Vec<String>,
 }
 
 /// The usual "entry is unsafe" error, with a lossily decoded name.
@@ -498,6 +543,7 @@ impl<'s> Extractor<'s> {
             dir_times: Vec::new(),
             is_root: rustix::process::geteuid().is_root(),
             buf: vec![0u8; 1 << 20],
+            skipped_devices: Vec::new(),
         }
     }
 
@@ -960,7 +1006,20 @@ impl<'s> Extractor<'s> {
                     .ctx(|| format!("opening {}", String::from_utf8_lossy(path)))?
             }
         };
-        self.apply_fd(fd.as_fd(), path, m)?;
+        if comps.is_empty() {
+            // `./` is the store's directory `layers/sha256/<diffid>/fs`: the layer may give it an
+            // owner and read/execute bits, never group or world write.
+            let root_meta = Meta {
+                mode: m.mode & !0o022 & 0o1777,
+                uid: m.uid,
+                gid: m.gid,
+                mtime: m.mtime,
+                xattrs: m.xattrs.clone(),
+            };
+            self.apply_fd(fd.as_fd(), path, &root_meta)?;
+        } else {
+            self.apply_fd(fd.as_fd(), path, m)?;
+        }
         // Directory mtimes change as children are added, so they are set at the very end.
         self.dir_times.push((comps.join(&b'/'), m.mtime));
         if !comps.is_empty() {
@@ -1050,12 +1109,14 @@ impl<'s> Extractor<'s> {
             return self.whiteout(parent, name, path);
         }
         if !self.store.policy.allow_devices {
-            let what = match kind {
-                tar::EntryType::Fifo => "fifo",
-                tar::EntryType::Block => "block device",
-                _ => "character device",
-            };
-            return Err(unsafe_at(path, format!("{what} not allowed by policy")));
+            // Left out, not refused: `podman import` of a debootstrap tree carries /dev/null,
+            // /dev/full, ... and the runtimes mount their own /dev. The caller reports them.
+            if self.skipped_devices.len() < MAX_LISTED_DEVICES {
+                // Escaped so that a name cannot forge lines in the layer's meta file.
+                let shown: String = String::from_utf8_lossy(path).escape_debug().collect();
+                self.skipped_devices.push(shown);
+            }
+            return Ok(());
         }
         let ft = match kind {
             tar::EntryType::Fifo => FileType::Fifo,
@@ -1326,14 +1387,6 @@ mod tests {
                 &[(tar::EntryType::Regular, "a/.wh...", b"", "")],
                 "whiteout of an invalid name",
             ),
-            (
-                &[(tar::EntryType::Block, "dev/sda", b"", "")],
-                "block device not allowed by policy",
-            ),
-            (
-                &[(tar::EntryType::Fifo, "fifo", b"", "")],
-                "fifo not allowed by policy",
-            ),
         ];
         for (entries, reason) in cases {
             let (s, dir) = store(Policy::default());
@@ -1344,6 +1397,128 @@ mod tests {
             assert_eq!(layer_tmp_dirs(&dir), 0);
             std::fs::remove_dir_all(dir).unwrap();
         }
+    }
+
+    fn spec(blob: &Digest, expected: Option<Digest>) -> LayerSpec {
+        LayerSpec {
+            blob: blob.clone(),
+            media_type: String::new(),
+            expected_diff_id: expected,
+        }
+    }
+
+    #[test]
+    fn a_claimed_diff_id_does_not_reuse_a_layer_the_blob_never_produced() {
+        let (s, dir) = store(Policy::default());
+        let secret = raw_tar(&[(tar::EntryType::Regular, "secret", b"globex", "")]);
+        let secret_blob = s.ingest_reader(&secret[..], None, None).unwrap().digest;
+        let victim = s.unpack_layer(&spec(&secret_blob, None)).unwrap().diff_id;
+        let forged = raw_tar(&[(tar::EntryType::Regular, "x", b"", "")]);
+        let forged_blob = s.ingest_reader(&forged[..], None, None).unwrap().digest;
+        match s.unpack_layer(&spec(&forged_blob, Some(victim.clone()))) {
+            Err(StoreError::DigestMismatch { expected, actual }) => {
+                assert_eq!(expected, victim.to_string());
+                assert_eq!(actual, Digest::of(&forged).to_string());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Once checked, the same claim is refused from the record, across store instances.
+        let again = Store::open(&dir, Policy::default(), Limits::default()).unwrap();
+        assert!(matches!(
+            again.unpack_layer(&spec(&forged_blob, Some(victim.clone()))),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        // The blob that really produces the layer is proven by its record: no work.
+        let r = again
+            .unpack_layer(&spec(&secret_blob, Some(victim)))
+            .unwrap();
+        assert!(r.skipped);
+        assert_eq!(again.stats.layers_unpacked.load(Ordering::Relaxed), 0);
+        assert_eq!(layer_tmp_dirs(&dir), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_blob_of_a_present_layer_is_unpacked_and_checked() {
+        let (s, dir) = store(Policy::default());
+        let t = raw_tar(&[(tar::EntryType::Regular, "f", b"data", "")]);
+        let plain = s.ingest_reader(&t[..], None, None).unwrap().digest;
+        let diff_id = s.unpack_layer(&spec(&plain, None)).unwrap().diff_id;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&t).unwrap();
+        let gz = gz.finish().unwrap();
+        let gz_blob = s.ingest_reader(&gz[..], None, None).unwrap().digest;
+        let r = s
+            .unpack_layer(&spec(&gz_blob, Some(diff_id.clone())))
+            .unwrap();
+        assert_eq!(r.diff_id, diff_id);
+        // It was really read: the record of the gzip blob now exists.
+        assert_eq!(s.diff_id_of_blob(&gz_blob), Some(diff_id));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_root_entry_never_makes_the_store_directories_writable_to_others() {
+        let (s, dir) = store(Policy::default());
+        let mut t = Vec::new();
+        for (name, mode) in [("./", 0o777u32), ("./tmp/", 0o1777)] {
+            let mut h = header(tar::EntryType::Directory, 0, mode);
+            h.set_path(name).unwrap();
+            h.set_cksum();
+            t.extend_from_slice(h.as_bytes());
+        }
+        t.resize(t.len() + 1024, 0);
+        let r = ingest_and_unpack(&s, &t).unwrap();
+        let mode = |p: &Path| {
+            statat(rustix::fs::CWD, p, AtFlags::SYMLINK_NOFOLLOW)
+                .unwrap()
+                .st_mode
+                & 0o7777
+        };
+        let layer = s.layer_dir(&r.diff_id);
+        assert_eq!(mode(&layer.join("fs")), 0o755);
+        assert_eq!(mode(&layer) & 0o022, 0);
+        // The layer's own entries keep their odd modes.
+        assert_eq!(mode(&layer.join("fs/tmp")), 0o1777);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn device_nodes_are_left_out_and_listed() {
+        let (s, dir) = store(Policy::default());
+        let t = raw_tar(&[
+            (tar::EntryType::Directory, "./dev/", b"", ""),
+            (tar::EntryType::Block, "./dev/sda", b"", ""),
+            (
+                tar::EntryType::Fifo,
+                "./run/pipe\nskipped_device=x",
+                b"",
+                "",
+            ),
+            (tar::EntryType::Regular, "./etc/hostname", b"deb", ""),
+        ]);
+        // A real /dev/full (1:7), not a 0:0 whiteout, goes first.
+        let mut full = header(tar::EntryType::Char, 0, 0o666);
+        full.set_path("./dev/full").unwrap();
+        full.set_device_major(1).unwrap();
+        full.set_device_minor(7).unwrap();
+        full.set_cksum();
+        let t = [full.as_bytes().as_slice(), &t].concat();
+        let r = ingest_and_unpack(&s, &t).unwrap();
+        assert_eq!(
+            r.skipped_devices,
+            ["dev/full", "./dev/sda", "./run/pipe\\nskipped_device=x"]
+        );
+        let fs = s.layer_dir(&r.diff_id).join("fs");
+        assert_eq!(std::fs::read_dir(fs.join("dev")).unwrap().count(), 0);
+        assert!(!fs.join("run/pipe").exists());
+        assert_eq!(std::fs::read(fs.join("etc/hostname")).unwrap(), b"deb");
+        // The list survives: a later import of the same layer reports it too.
+        assert_eq!(
+            s.layer_meta(&r.diff_id).unwrap().skipped_devices,
+            r.skipped_devices
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
