@@ -39,10 +39,11 @@ _PROBE_EXIT_STATUS = 3
 _PROBE_INIT_LINE = b"BULKHEAD-INIT"
 
 # The only shell text in this module: a constant that covers /dev/kvm with "$1", then execs libvirtd
-# ("$0"). "$1" is an empty regular file only root may open. libvirt re-validates its QEMU capability
+# ("$0"). "$1" is a null device node (1:3) only root may open. libvirt re-validates its QEMU capability
 # cache on every define against whether /dev/kvm is accessible to the QEMU user (libvirt-qemu): the
-# /dev/null of before was, so each define re-probed QEMU for 25-35 s; a root-only file is not, which
-# matches what the (KVM-less) probe found, and the cache stays valid.
+# /dev/null of before was (0666), so each define re-probed QEMU for 25-35 s; a root-only node is not,
+# which matches what the (KVM-less) probe found, and the cache stays valid. It must stay a character
+# device: libvirt moves /dev's mounts into each QEMU's private /dev, and cannot move a regular file.
 _MASKED_LIBVIRTD_SCRIPT = 'mount --bind "$1" /dev/kvm && exec "$0" -d'
 KVM_MASK = Path("/run/bulkhead/kvm-mask")
 
@@ -222,9 +223,7 @@ def ensure_libvirtd(*, mask_kvm: bool | None = None, timeout: float = 30.0) -> N
             _stop_libvirtd(running_pid, timeout)
         libvirtd = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
         if mask_kvm:
-            KVM_MASK.parent.mkdir(parents=True, exist_ok=True)
-            KVM_MASK.touch(mode=0o600)
-            KVM_MASK.chmod(0o600)
+            _make_kvm_mask()
             _spawn_daemon(
                 [
                     "unshare",
@@ -258,15 +257,30 @@ def _libvirtd_pid() -> int | None:
     return pid if Path(f"/proc/{pid}").exists() else None
 
 
+def _make_kvm_mask() -> None:
+    KVM_MASK.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        found = os.stat(KVM_MASK)
+    except FileNotFoundError:
+        found = None
+    if found is None or not stat.S_ISCHR(found.st_mode) or found.st_rdev != os.makedev(1, 3):
+        KVM_MASK.unlink(missing_ok=True)
+        os.mknod(KVM_MASK, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.chown(KVM_MASK, 0, 0)
+    KVM_MASK.chmod(0o600)
+
+
 def _sees_kvm_device(pid: int) -> bool:
-    """Whether the daemon sees a /dev/kvm its QEMU user could open: the real one, or the /dev/null mask
-    of before (which cost a capability re-probe on every define). Masked, it is a root-only regular
-    file. /proc/<pid>/root is the daemon's own mount namespace."""
+    """Whether the daemon sees a /dev/kvm that counts: the real one, or the world-accessible /dev/null
+    mask of before (which cost a capability re-probe on every define). Masked, it is a root-only null
+    node. /proc/<pid>/root is the daemon's own mount namespace."""
     try:
         device = os.stat(f"/proc/{pid}/root/dev/kvm")
     except OSError:
         return False
-    return stat.S_ISCHR(device.st_mode)
+    if not stat.S_ISCHR(device.st_mode):
+        return False
+    return device.st_rdev == os.makedev(10, 232) or bool(device.st_mode & 0o066)
 
 
 def _stop_libvirtd(pid: int, timeout: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import time
 import uuid
@@ -49,17 +50,17 @@ def test_it_defines_a_domain_twice_in_a_row_in_seconds_not_half_a_minute() -> No
         connection.close()
 
 
-def test_it_covers_kvm_for_a_masked_libvirtd_with_a_file_its_qemu_user_cannot_open(tmp_path: Path) -> None:
+def test_it_covers_kvm_for_a_masked_libvirtd_with_a_node_its_qemu_user_cannot_open(tmp_path: Path) -> None:
     checker = tmp_path / "check-dev"
     checker.write_text(
         "#!/bin/sh\n"
-        "[ -f /dev/kvm ] || exit 11\n"
-        '[ "$(stat -c %a /dev/kvm)" = 600 ] || exit 12\n'
+        "[ -c /dev/kvm ] || exit 11\n"
+        '[ "$(stat -c %a:%t:%T /dev/kvm)" = 600:1:3 ] || exit 12\n'
         "[ -c /dev/null ] && [ -c /dev/net/tun ] || exit 13\n"
     )
     checker.chmod(0o755)
     mask = tmp_path / "kvm-mask"
-    mask.touch(mode=0o600)
+    os.mknod(mask, stat.S_IFCHR | 0o600, os.makedev(1, 3))
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
          libvirtd._MASKED_LIBVIRTD_SCRIPT, str(checker), str(mask)],
