@@ -49,7 +49,14 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
-DEBUG = env_bool("BULKHEAD_DEBUG", not PRODUCTION)
+# Off unless asked for: Django's debug pages show the whole URL map and settings to whoever gets an
+# error or a 404. Asked for, only while the portal listens on loopback alone, never in production.
+LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1")
+DEBUG = (
+    env_bool("BULKHEAD_DEBUG", False)
+    and not PRODUCTION
+    and env("BULKHEAD_BIND", "127.0.0.1") in LOOPBACK_BINDS
+)
 ALLOWED_HOSTS = [h for h in env("BULKHEAD_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
 CSRF_TRUSTED_ORIGINS = [o for o in env("BULKHEAD_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
