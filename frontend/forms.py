@@ -6,15 +6,13 @@ from datetime import datetime, time, timedelta
 from typing import Any
 
 from django import forms
-from django.conf import settings
 from django.contrib.auth import password_validation
 from django.contrib.auth.forms import AuthenticationForm
-from django.core.cache import cache
 from django.utils import timezone
 
 from imaging.models import Image
 from portal.models import OperationState
-from tenants import audit
+from tenants import audit, throttle
 from tenants.actors import Actor
 from tenants.choices import AuditOutcome, Role
 from tenants.models import Tenant, dns_label
@@ -39,12 +37,11 @@ class LoginForm(AuthenticationForm):
         "throttled": "Too many failed sign-in attempts from your address; wait a minute and retry.",
     }
 
-    def _failure_key(self) -> str:
-        address = self.request.META.get("REMOTE_ADDR", "-") if self.request else "-"
-        return f"authfail:{address}"
+    def _subject(self) -> str:
+        return "user:" + str(self.data.get("username", ""))[:150].lower()
 
     def clean(self) -> dict[str, Any]:
-        if (cache.get(self._failure_key()) or 0) >= settings.BULKHEAD_AUTH_FAILURES_PER_MINUTE:
+        if throttle.throttled(self.request, self._subject()):
             raise forms.ValidationError(self.error_messages["throttled"], code="throttled")
         try:
             return super().clean()
@@ -53,12 +50,7 @@ class LoginForm(AuthenticationForm):
             raise
 
     def _note_failure(self) -> None:
-        key = self._failure_key()
-        if not cache.add(key, 1, timeout=60):
-            try:
-                cache.incr(key)
-            except ValueError:
-                cache.set(key, 1, timeout=60)
+        throttle.note_failure(self.request, self._subject())
         if self.request is not None:
             username = (self.cleaned_data.get("username") or "")[:150]
             audit.record_denied(Actor.from_request(self.request), "auth.login", username=username)

@@ -238,6 +238,10 @@ SPECTACULAR_SETTINGS = {
 
 # Failed authentications per source address and minute before the API answers 429.
 BULKHEAD_AUTH_FAILURES_PER_MINUTE = env_int("BULKHEAD_AUTH_FAILURES_PER_MINUTE", 20)
+# Behind a reverse proxy: the header it sets with the client's address, and the proxies' networks that
+# are trusted to set it (tenants/throttle.py). Empty: the peer's address is the client's.
+BULKHEAD_CLIENT_IP_HEADER = env("BULKHEAD_CLIENT_IP_HEADER", "X-Forwarded-For")
+BULKHEAD_TRUSTED_PROXIES = [n for n in env("BULKHEAD_TRUSTED_PROXIES", "").split(",") if n]
 BULKHEAD_OPERATOR_EMAIL = env("BULKHEAD_OPERATOR_EMAIL", "admin@localhost")
 BULKHEAD_HOST_NAME = env("BULKHEAD_HOST_NAME", "local")
 # Connection settings handed to hosts that join (addresses the hosts can reach); empty: not handed out.

@@ -24,7 +24,7 @@ class Actor:
             user=user if authenticated else None,
             token=active_token(user) if authenticated else None,
             request_id=getattr(request, "request_id", "") or "",
-            source_address=request.META.get("REMOTE_ADDR") or None,
+            source_address=_client_address(request),
         )
 
     @classmethod
@@ -40,3 +40,10 @@ class Actor:
         if self.token is not None:
             return f"{self.user.get_username()} (token {self.token.prefix})"
         return str(self.user.get_username())
+
+
+def _client_address(request: Any) -> str | None:
+    from tenants.throttle import client_address
+
+    address = client_address(request) if hasattr(request, "META") else "-"
+    return None if address == "-" else address

@@ -4,35 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
-from django.core.cache import cache
 from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.request import Request
 
-from tenants import audit
+from tenants import audit, throttle
 from tenants.actors import Actor
 from tenants.models import ApiToken
 from tenants.tokens import matches, prefix_of
 
 
-def _failure_key(request: Request) -> str:
-    return f"authfail:{request.META.get('REMOTE_ADDR', '-')}"
-
-
-def check_auth_throttle(request: Any) -> None:
-    if (cache.get(_failure_key(request)) or 0) >= settings.BULKHEAD_AUTH_FAILURES_PER_MINUTE:
+def check_auth_throttle(request: Any, subject: str = "") -> None:
+    if throttle.throttled(request, subject):
         raise exceptions.Throttled(wait=60, detail="Too many failed authentication attempts; retry later.")
 
 
-def note_auth_failure(request: Any, reason: str) -> None:
-    key = _failure_key(request)
-    if not cache.add(key, 1, timeout=60):
-        try:
-            cache.incr(key)
-        except ValueError:
-            cache.set(key, 1, timeout=60)
+def note_auth_failure(request: Any, reason: str, subject: str = "") -> None:
+    throttle.note_failure(request, subject)
     # Not Actor.from_request(request): reading request.user would re-run authentication.
     actor = Actor(
         request_id=getattr(request._request, "request_id", ""),
@@ -48,12 +37,13 @@ class BearerTokenAuthentication(BaseAuthentication):
         parts = get_authorization_header(request).split()
         if not parts or parts[0].lower() != self.keyword:
             return None
-        check_auth_throttle(request)
-        if len(parts) != 2:
-            note_auth_failure(request, "malformed header")
-            raise exceptions.AuthenticationFailed("Malformed Authorization header.")
-        secret = parts[1].decode("latin-1")
+        secret = parts[1].decode("latin-1") if len(parts) == 2 else ""
         prefix = prefix_of(secret)
+        subject = f"token:{prefix or '-'}"
+        check_auth_throttle(request, subject)
+        if len(parts) != 2:
+            note_auth_failure(request, "malformed header", subject)
+            raise exceptions.AuthenticationFailed("Malformed Authorization header.")
         token = (
             ApiToken.objects.select_related("user", "tenant").filter(prefix=prefix).first()
             if prefix
@@ -61,16 +51,16 @@ class BearerTokenAuthentication(BaseAuthentication):
         )
         now = timezone.now()
         if token is None or not matches(secret, token.secret_hash):
-            note_auth_failure(request, "unknown token")
+            note_auth_failure(request, "unknown token", subject)
             raise exceptions.AuthenticationFailed("Invalid token.")
         if token.revoked_at is not None:
-            note_auth_failure(request, "revoked token")
+            note_auth_failure(request, "revoked token", subject)
             raise exceptions.AuthenticationFailed("Token revoked.")
         if token.expires_at is not None and token.expires_at <= now:
-            note_auth_failure(request, "expired token")
+            note_auth_failure(request, "expired token", subject)
             raise exceptions.AuthenticationFailed("Token expired.")
         if not token.user.is_active:
-            note_auth_failure(request, "inactive user")
+            note_auth_failure(request, "inactive user", subject)
             raise exceptions.AuthenticationFailed("User inactive.")
         # last_used_at at minute granularity: one write per token per minute, not per request.
         if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
