@@ -186,6 +186,7 @@ def container_spec(
         hostname=workload.name,
         vcpus=float(workload.vcpus),
         memory_mib=workload.memory_mib,
+        disk_bytes=workload.disk_gib * 1024**3,
         # issue 7: a workload in a compartment joins the netns its agent attached to the bridge.
         netns_path=network.netns_path if network else None,
         dns_servers=network.dns_servers if network else (),

@@ -52,6 +52,8 @@ def gather_facts(host: Host, *, probe_runtimes: bool = True) -> dict[str, Any]:
         "cpus": os.cpu_count() or 1,
         "memory_mib": _meminfo_mib(),
         "disk_free_bytes": shutil.disk_usage(settings.DATA_DIR).free,
+        # Workload disks are sparse files here: placement keeps their sizes within the filesystem's.
+        "disk_gib": shutil.disk_usage(settings.DATA_DIR).total // 1024**3,
         "kernel": platform.release(),
         "cgroup_mode": probe.cgroup_mode(),
         "hostname": socket.gethostname(),

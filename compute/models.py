@@ -116,6 +116,8 @@ class Workload(models.Model):
     user = models.CharField(max_length=64, blank=True)
     vcpus = models.DecimalField(max_digits=5, decimal_places=2, default=Decimal(1))
     memory_mib = models.PositiveIntegerField(default=256)
+    # Writable layer (container) or writable disk (micro-VM) size: a filesystem of this size holds it.
+    disk_gib = models.PositiveIntegerField(default=1)
     restart_policy = models.CharField(
         max_length=16, choices=RestartPolicy.choices, default=RestartPolicy.NEVER
     )
@@ -147,6 +149,7 @@ class Workload(models.Model):
             models.UniqueConstraint(fields=["tenant", "name"], name="workload_unique_name_in_tenant"),
             models.CheckConstraint(condition=Q(vcpus__gt=0), name="workload_vcpus_positive"),
             models.CheckConstraint(condition=Q(memory_mib__gte=16), name="workload_memory_minimum"),
+            models.CheckConstraint(condition=Q(disk_gib__gte=1), name="workload_disk_minimum"),
         ]
 
     def __str__(self) -> str:

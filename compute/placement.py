@@ -23,6 +23,7 @@ class NoHostFits(ServiceError):
 class Usage:
     vcpus: Decimal
     memory_mib: int
+    disk_gib: int = 0
 
 
 NO_USAGE = Usage(vcpus=Decimal(0), memory_mib=0)
@@ -37,11 +38,20 @@ def usage_by_host(host_ids: Iterable[Any]) -> dict[Any, Usage]:
         Workload.objects.filter(host_id__in=list(host_ids))
         .order_by()
         .values("host_id")
-        .annotate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"))
+        .annotate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"), disk=Sum("disk_gib"))
     )
     return {
-        row["host_id"]: Usage(vcpus=row["vcpus"] or Decimal(0), memory_mib=row["memory"] or 0) for row in rows
+        row["host_id"]: Usage(
+            vcpus=row["vcpus"] or Decimal(0), memory_mib=row["memory"] or 0, disk_gib=row["disk"] or 0
+        )
+        for row in rows
     }
+
+
+def disk_capacity_gib(host: Host) -> int | None:
+    """What the host's state filesystem can hold for workload disks (None: the host did not say)."""
+    capacity = host.facts.get("disk_gib")
+    return int(capacity) if isinstance(capacity, int) and capacity > 0 else None
 
 
 def usage_of(host: Host) -> Usage:
@@ -65,6 +75,7 @@ def choose_host(
     isolation: str,
     vcpus: Decimal,
     memory_mib: int,
+    disk_gib: int = 0,
     pinned: Host | None = None,
     networked: bool = False,
 ) -> Host:
@@ -93,6 +104,10 @@ def choose_host(
         free_memory = host.memory_capacity_mib - used.memory_mib
         if vcpus > free_vcpus or memory_mib > free_memory:
             reasons.append(f"{host.name}: {free_vcpus} vCPUs and {free_memory} MiB free")
+            continue
+        disk_capacity = disk_capacity_gib(host)
+        if disk_capacity is not None and disk_gib > disk_capacity - used.disk_gib:
+            reasons.append(f"{host.name}: {disk_capacity - used.disk_gib} GiB of disk free")
             continue
         share = min(
             free_vcpus / host.vcpu_capacity if host.vcpu_capacity else Decimal(0),

@@ -26,6 +26,7 @@ from tenants.models import Tenant
 
 MAX_VCPUS = Decimal(64)
 MAX_MEMORY_MIB = 256 * 1024
+MAX_DISK_GIB = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class WorkloadSpec:
     user: str = ""
     vcpus: Decimal = Decimal(1)
     memory_mib: int = 256
+    disk_gib: int = 1
     restart_policy: str = RestartPolicy.NEVER
     host: Host | None = None  # operators may pin
     privileged: bool = False  # root-mapped container: only in tenants an operator allowed
@@ -61,6 +63,8 @@ def _validate(spec: WorkloadSpec, tenant: Tenant) -> None:
         raise Invalid(f"memory_mib must be between 16 and {MAX_MEMORY_MIB}.", field="memory_mib")
     if spec.isolation == Isolation.MICROVM and spec.memory_mib < 64:
         raise Invalid("A micro-VM needs at least 64 MiB.", field="memory_mib")
+    if not 1 <= spec.disk_gib <= MAX_DISK_GIB:
+        raise Invalid(f"disk_gib must be between 1 and {MAX_DISK_GIB}.", field="disk_gib")
     for key, value in spec.env.items():
         if not key or "=" in key or "\0" in key or "\0" in str(value):
             raise Invalid(f"Invalid environment variable name {key!r}.", field="env")
@@ -120,11 +124,12 @@ def create_workload(
         _check_privileged_allowed(tenant)
     if Workload.objects.filter(tenant=tenant, name=spec.name).exists():
         raise Conflict(f"A workload named {spec.name!r} exists in this tenant.", field="name")
-    quota.allocate(tenant, workloads=1, vcpus=spec.vcpus, memory_mib=spec.memory_mib)
+    quota.allocate(tenant, workloads=1, vcpus=spec.vcpus, memory_mib=spec.memory_mib, disk_gib=spec.disk_gib)
     host = placement.choose_host(
         isolation=spec.isolation,
         vcpus=spec.vcpus,
         memory_mib=spec.memory_mib,
+        disk_gib=spec.disk_gib,
         pinned=spec.host,
         networked=bool(compartments),  # named compartments need a host that realises them
     )
@@ -142,6 +147,7 @@ def create_workload(
                 user=spec.user,
                 vcpus=spec.vcpus,
                 memory_mib=spec.memory_mib,
+                disk_gib=spec.disk_gib,
                 restart_policy=spec.restart_policy,
                 privileged=spec.privileged,
                 host=host,
@@ -197,7 +203,9 @@ def update_workload(*, actor: Actor, workload: Workload, changes: dict[str, Any]
     wanted["workdir"] = wanted["workdir"] or ""
     wanted["user"] = wanted["user"] or ""
     wanted["env"] = dict(wanted["env"] or {})
-    spec = WorkloadSpec(name=locked.name, image=locked.image, isolation=locked.isolation, **wanted)
+    spec = WorkloadSpec(
+        name=locked.name, image=locked.image, isolation=locked.isolation, disk_gib=locked.disk_gib, **wanted
+    )
     _validate(spec, locked.tenant)
     changed = {name for name in UPDATABLE_FIELDS if wanted[name] != current[name]}
     if not changed:
@@ -287,7 +295,12 @@ def forget_workload(workload_id: Any) -> None:
         if workload is None:
             return
         tenant = workload.tenant
-        amounts = {"workloads": 1, "vcpus": workload.vcpus, "memory_mib": workload.memory_mib}
+        amounts = {
+            "workloads": 1,
+            "vcpus": workload.vcpus,
+            "memory_mib": workload.memory_mib,
+            "disk_gib": workload.disk_gib,
+        }
         # Issue 7 (compartments): its published ports go with it (rows cascade; quota given back here).
         from compute import network_services
 

@@ -87,6 +87,7 @@ def vm_spec(workload: Workload, progress: agent.Progress) -> VmSpec:
         initrd=artifacts.initrd,
         root_disk=root_disk,
         rw_disk=vm_dir / f"{workload.pk}.rw.ext4",
+        rw_disk_size_mib=workload.disk_gib * 1024,  # a sparse file: its size is the guest's limit
         console_log=vm_dir / f"{workload.pk}.console.log",
         payload=WorkloadPayload(
             args=tuple(agent.process_args(workload)),

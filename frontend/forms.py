@@ -266,6 +266,9 @@ class WorkloadCreateForm(forms.Form):
     user = forms.CharField(required=False, max_length=64, help_text="uid[:gid] or a name from the image.")
     vcpus = forms.DecimalField(max_digits=5, decimal_places=2, initial=1, min_value=0.01, label="vCPUs")
     memory_mib = forms.IntegerField(initial=256, min_value=16, label="Memory (MiB)")
+    disk_gib = forms.IntegerField(
+        initial=1, min_value=1, required=False, label="Disk (GiB)", help_text="Writable space."
+    )
     restart_policy = forms.ChoiceField(choices=[], initial="never", label="Restart")
     network = forms.ChoiceField(
         choices=[],

@@ -145,6 +145,7 @@ logout_view = auth_views.LogoutView.as_view()
 RESOURCE_LABELS = {
     "vcpus": "vCPUs",
     "memory_mib": "Memory",
+    "disk_gib": "Disk",
     "workloads": "Workloads",
     "compartments": "Networks",
     "image_bytes": "Image storage",
@@ -157,6 +158,8 @@ def _amount(resource: str, value: Any) -> str:
         return f"{value / 1024:.1f} GiB" if value >= 1024 else f"{value} MiB"
     if resource == "image_bytes":
         return filesizeformat(value)
+    if resource == "disk_gib":
+        return f"{value} GiB"
     if isinstance(value, Decimal):
         return f"{value.normalize():f}"
     return str(value)

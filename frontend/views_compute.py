@@ -359,6 +359,7 @@ def workload_create(request: HttpRequest) -> HttpResponse:
             user=data["user"],
             vcpus=Decimal(data["vcpus"]),
             memory_mib=data["memory_mib"],
+            disk_gib=data["disk_gib"] or 1,
             restart_policy=data["restart_policy"],
         )
         try:

@@ -136,6 +136,7 @@ def _actor_of(op: Operation) -> Actor:
 # --- starting operations ------------------------------------------------------------------------
 
 
+@audit.denials_audited
 @transaction.atomic
 def start_import(
     *,
@@ -159,6 +160,7 @@ def start_import(
     elif upload is not None:
         if upload.parent != upload_dir() or not UPLOAD_RE.match(upload.name):
             raise Invalid("The upload is not in the ingest area.")
+        _refuse_upload_beyond_quota(tenant, upload.stat().st_size)
         params["upload"] = upload.name
     else:
         raise Invalid("Upload an archive.", field="archive")
@@ -169,6 +171,51 @@ def start_import(
     op.save(update_fields=["target_label"])
     audit.record(actor, "image.import", op, tenant=tenant, details={"name": name, "tag": tag, **params})
     return op
+
+
+def _refuse_upload_beyond_quota(tenant: Tenant | None, archive_bytes: int) -> None:
+    """An archive larger than what is left of the tenant's image storage is refused before any import."""
+    if tenant is None:
+        return
+    limits = Quota.objects.get(tenant=tenant)
+    remaining = max(limits.image_bytes - limits.used_image_bytes, 0)
+    if archive_bytes > remaining:
+        raise quota.QuotaExceeded("image_bytes", archive_bytes, limits.used_image_bytes, limits.image_bytes)
+
+
+def reserve_image_bytes(op: Operation, layers: Iterable[oci.Descriptor], failure: type[ServiceError]) -> None:
+    """Charge the tenant now for the layers it does not hold yet, as the descriptors give their sizes.
+
+    Runs before a byte of them is fetched or written: what cannot fit is refused up front, and two
+    concurrent imports cannot both pass the limit. The reservation is kept on the operation's row (in
+    the same transaction), so that `register_image` settles it against what the image really adds, a
+    failure gives it back (`release_reservation`), and so does the lost-operation sweep after a killed
+    worker.
+    """
+    tenant: Tenant | None = op.tenant
+    if tenant is None:
+        return
+    sizes = {desc.digest: desc.size for desc in layers}
+    with transaction.atomic():
+        quota.allocate(tenant, image_bytes=0)  # the quota row lock: held-layer checks serialize
+        held = _held_digests(tenant, sizes)
+        needed = sum(size for digest, size in sizes.items() if digest not in held)
+        try:
+            quota.allocate(tenant, image_bytes=needed)
+        except quota.QuotaExceeded as exc:
+            raise failure(
+                f"The image needs {needed} more bytes of image storage; {exc.used} of {exc.limit} "
+                "are in use. Delete images or ask an operator for more quota."
+            ) from None
+        operations.set_reserved_quota(op.pk, {"image_bytes": needed})
+
+
+def release_reservation(op: Operation) -> None:
+    """Give back what `reserve_image_bytes` charged for this operation (nothing if it was settled)."""
+    if op.tenant is not None:
+        with transaction.atomic():
+            quota.allocate(op.tenant, image_bytes=0)  # the quota row lock, then the operation's row
+            operations.release_reserved_quota(op.pk)
 
 
 def _fernet() -> Fernet:
@@ -275,6 +322,7 @@ def run_import(op_id: str, progress: Progress) -> dict[str, Any]:
         else:
             source = oci.DirectorySource(op.params["directory"])
         plan = oci.plan_archive(source, f"{op.params['name']}:{op.params['tag']}")
+        reserve_image_bytes(op, plan.manifest.layers, ImportFailed)
         lease.add(*_plan_digests(plan))
         written = _ingest_from_source(store, source, plan, progress)
         _keep_small_blob(store, plan.config_bytes, plan.manifest.config.digest)
@@ -282,7 +330,11 @@ def run_import(op_id: str, progress: Progress) -> dict[str, Any]:
         results = _unpack(store, plan, progress)
         source_kind = c.ImageSource.IMPORT if upload else c.ImageSource.DIRECTORY
         image = register_image(
-            op=op, plan=plan, results=results, source=source_kind, reference=op.params.get("directory", "")
+            op=op,
+            plan=plan,
+            results=results,
+            source=source_kind,
+            reference=op.params.get("directory", ""),
         )
         committed = True
     except oci.ImageFormatError as exc:
@@ -302,6 +354,7 @@ def run_import(op_id: str, progress: Progress) -> dict[str, Any]:
         if committed:
             lease.renew(LEASE_AFTER_COMMIT)
         else:
+            release_reservation(op)
             lease.release()
     progress(100, "Imported", force=True)
     return {
@@ -367,11 +420,18 @@ def _unpack(store: LayerStore, plan: oci.ImagePlan, progress: Progress) -> list[
 
 @transaction.atomic
 def register_image(
-    *, op: Operation, plan: oci.ImagePlan, results: list[Any], source: str, reference: str = ""
+    *,
+    op: Operation,
+    plan: oci.ImagePlan,
+    results: list[Any],
+    source: str,
+    reference: str = "",
 ) -> Image:
     """Write Layer/Image/ImageLayer/TenantLayer rows and charge the tenant for layers new to it.
 
-    Idempotent: a repeated run of the same operation finds its image and returns it.
+    What ``reserve_image_bytes`` already charged for this operation is settled to what the image adds.
+    Idempotent: a repeated run of the same operation finds its image and returns
+    it.
     """
     tenant: Tenant | None = op.tenant
     actor = _actor_of(op)
@@ -381,6 +441,7 @@ def register_image(
     existing = Image.objects.filter(tenant=tenant, name=name, tag=tag).first()
     if existing is not None:
         if existing.manifest_digest == plan.manifest_digest:
+            operations.release_reserved_quota(op.pk)
             return existing
         raise Conflict(f"An image {name}:{tag} already exists.")
     layers: list[Layer] = []
@@ -402,7 +463,9 @@ def register_image(
         new = {layer.pk: layer for layer in layers if layer.pk not in held}
         new_bytes = sum(layer.size for layer in new.values())
         try:
-            quota.allocate(tenant, image_bytes=new_bytes)
+            reserved = operations.settle_reserved_quota(op.pk).get("image_bytes", 0)
+            quota.allocate(tenant, image_bytes=max(new_bytes - reserved, 0))
+            quota.release(tenant, image_bytes=max(reserved - new_bytes, 0))
         except quota.QuotaExceeded as exc:
             raise ImportFailed(
                 f"The image needs {new_bytes} more bytes of image storage; {exc.used} of {exc.limit} "
@@ -499,6 +562,8 @@ def run_pull(op_id: str, progress: Progress) -> dict[str, Any]:
             ca_bundle=getattr(settings, "BULKHEAD_REGISTRY_CA_BUNDLE", None),
         ) as client:
             manifest_bytes, manifest_digest, manifest = _resolve_manifest(client, ref.digest or ref.tag or "")
+            # Before any blob is fetched: the manifest's descriptors say what the image needs.
+            reserve_image_bytes(op, manifest.layers, PullFailed)
             config_bytes = client.blob_bytes(manifest.config, c.MAX_JSON_BYTES)
             plan = oci.check_plan(
                 oci.ImagePlan(
@@ -530,7 +595,11 @@ def run_pull(op_id: str, progress: Progress) -> dict[str, Any]:
         _keep_small_blob(store, manifest_bytes, manifest_digest)
         results = _unpack(store, plan, progress)
         image = register_image(
-            op=op, plan=plan, results=results, source=c.ImageSource.PULL, reference=str(ref)
+            op=op,
+            plan=plan,
+            results=results,
+            source=c.ImageSource.PULL,
+            reference=str(ref),
         )
         committed = True
     except (RegistryError, oci.ImageFormatError) as exc:
@@ -546,6 +615,7 @@ def run_pull(op_id: str, progress: Progress) -> dict[str, Any]:
         if committed:
             lease.renew(LEASE_AFTER_COMMIT)
         else:
+            release_reservation(op)
             lease.release()
     progress(100, "Pulled", force=True)
     return {

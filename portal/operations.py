@@ -261,9 +261,13 @@ def fail_lost(now: Any = None) -> list[str]:
     )
     failed = []
     for op in lost:
-        if Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING).update(
-            state=OperationState.FAILED, error=LOST_WORKER, finished_at=now
-        ):
+        with transaction.atomic():
+            marked = Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING).update(
+                state=OperationState.FAILED, error=LOST_WORKER, finished_at=now
+            )
+            if marked:
+                release_reserved_quota(op.pk)  # e.g. image storage a killed pull had reserved
+        if marked:
             log_step(op.pk, "failed")
             audit.record(
                 Actor.system("portal"), "operation.lost", op, tenant=op.tenant, details={"kind": op.kind}
@@ -274,3 +278,36 @@ def fail_lost(now: Any = None) -> list[str]:
 
 
 LOST_WORKER = "The worker running this operation stopped before it finished; start it again."
+
+
+# --- quota an operation reserved before doing its work (imports and pulls: image_bytes) -----------
+# Kept on the operation's row, changed in the transaction that charges or gives back the quota, so that
+# exactly one of: the operation's success (settle), its failure (release) or the lost sweep gives it back.
+
+RESERVED_QUOTA = "reserved_quota"
+
+
+def set_reserved_quota(op_id: Any, amounts: dict[str, int]) -> None:
+    """Record what the caller just charged to the tenant's quota for this operation (same transaction)."""
+    op = Operation.objects.select_for_update().get(pk=op_id)
+    Operation.objects.filter(pk=op_id).update(params={**op.params, RESERVED_QUOTA: amounts})
+
+
+def settle_reserved_quota(op_id: Any) -> dict[str, int]:
+    """Take the reservation off the operation and return it: the caller charges the real amounts."""
+    op = Operation.objects.select_for_update().get(pk=op_id)
+    amounts = dict(op.params.get(RESERVED_QUOTA) or {})
+    if amounts:
+        params = {k: v for k, v in op.params.items() if k != RESERVED_QUOTA}
+        Operation.objects.filter(pk=op_id).update(params=params)
+    return amounts
+
+
+def release_reserved_quota(op_id: Any) -> None:
+    """Give the operation's reservation back to its tenant (nothing if it was settled or released)."""
+    from tenants import quota
+
+    amounts = settle_reserved_quota(op_id)
+    op = Operation.objects.select_related("tenant").get(pk=op_id)
+    if amounts and op.tenant is not None:
+        quota.release(op.tenant, **amounts)

@@ -64,19 +64,29 @@ class Quota(models.Model):
     compartments = models.PositiveIntegerField(default=5)
     image_bytes = models.PositiveBigIntegerField(default=20 * 1024**3)
     published_ports = models.PositiveIntegerField(default=20)
+    disk_gib = models.PositiveBigIntegerField(default=100)
     used_vcpus = models.DecimalField(max_digits=8, decimal_places=2, default=Decimal(0))
     used_memory_mib = models.PositiveBigIntegerField(default=0)
     used_workloads = models.PositiveIntegerField(default=0)
     used_compartments = models.PositiveIntegerField(default=0)
     used_image_bytes = models.PositiveBigIntegerField(default=0)
     used_published_ports = models.PositiveIntegerField(default=0)
+    used_disk_gib = models.PositiveBigIntegerField(default=0)
 
     objects = TenantOwnedQuerySet.as_manager()
 
     class Meta:
         ordering = ["tenant__name"]
 
-    RESOURCES = ("vcpus", "memory_mib", "workloads", "compartments", "image_bytes", "published_ports")
+    RESOURCES = (
+        "vcpus",
+        "memory_mib",
+        "disk_gib",
+        "workloads",
+        "compartments",
+        "image_bytes",
+        "published_ports",
+    )
 
     def __str__(self) -> str:
         return f"quota of {self.tenant}"

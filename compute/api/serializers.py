@@ -54,7 +54,7 @@ class HostSerializer(serializers.ModelSerializer):
     def get_usage(self, host: Host) -> dict[str, Any]:
         usage = self.context.get("usage", {}).get(host.pk)
         if usage is None:
-            return {"vcpus": "0", "memory_mib": 0, "workloads": 0}
+            return {"vcpus": "0", "memory_mib": 0, "disk_gib": 0, "workloads": 0}
         return usage
 
 
@@ -100,6 +100,7 @@ class WorkloadSerializer(serializers.ModelSerializer):
             "user",
             "vcpus",
             "memory_mib",
+            "disk_gib",
             "restart_policy",
             "privileged",
             "host",
@@ -144,6 +145,7 @@ class WorkloadCreateSerializer(WorkloadProcessSerializer):
     isolation = serializers.ChoiceField(choices=Isolation.choices, default=Isolation.NAMESPACE)
     vcpus = serializers.DecimalField(max_digits=5, decimal_places=2, default=Decimal(1))
     memory_mib = serializers.IntegerField(default=256)
+    disk_gib = serializers.IntegerField(default=1, help_text="Size of the writable layer or disk (GiB).")
     restart_policy = serializers.ChoiceField(choices=RestartPolicy.choices, default=RestartPolicy.NEVER)
     start = serializers.BooleanField(default=True)
     privileged = serializers.BooleanField(

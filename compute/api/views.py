@@ -82,6 +82,7 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
             user=v.get("user", ""),
             vcpus=v["vcpus"],
             memory_mib=v["memory_mib"],
+            disk_gib=v["disk_gib"],
             restart_policy=v["restart_policy"],
             host=pinned,
             privileged=v["privileged"],
@@ -196,9 +197,14 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
 
     def get_serializer_context(self) -> dict[str, Any]:
         usage = {
-            row["host"]: {"vcpus": str(row["vcpus"]), "memory_mib": row["memory"], "workloads": row["n"]}
+            row["host"]: {
+                "vcpus": str(row["vcpus"]),
+                "memory_mib": row["memory"],
+                "disk_gib": row["disk"],
+                "workloads": row["n"],
+            }
             for row in Workload.objects.values("host").annotate(
-                vcpus=Sum("vcpus"), memory=Sum("memory_mib"), n=Count("id")
+                vcpus=Sum("vcpus"), memory=Sum("memory_mib"), disk=Sum("disk_gib"), n=Count("id")
             )
         }
         return {**super().get_serializer_context(), "usage": usage}

@@ -638,6 +638,7 @@ class WorkloadSpec:
     user: str | None = None
     vcpus: int | float = tenant_schema.DEFAULT_VCPUS
     memory_mib: int = tenant_schema.DEFAULT_MEMORY_MIB
+    disk_gib: int = tenant_schema.DEFAULT_DISK_GIB
     restart: str = tenant_schema.DEFAULT_RESTART
     state: str = tenant_schema.DEFAULT_STATE
     networks: tuple[str, ...] = ()
@@ -656,10 +657,17 @@ class WorkloadSpec:
             "user": self.user,
             "vcpus": normalise_vcpus(self.vcpus),
             "memory_mib": self.memory_mib,
+            **disk_field(self.disk_gib),
             "restart": self.restart,
             "state": self.state,
             "networks": list(self.networks),
         }
+
+
+def disk_field(disk_gib: int) -> dict[str, int]:
+    """``disk_gib`` in a canonical spec only when it is not the default: the specs (and hashes) of
+    workloads declared before disks had a size stay the same."""
+    return {} if disk_gib == tenant_schema.DEFAULT_DISK_GIB else {"disk_gib": disk_gib}
 
 
 @dataclass(frozen=True)
@@ -808,6 +816,7 @@ def _build_config(data: Mapping[str, Any], positions: Mapping[DocumentPath, Sour
             user=item.get("user"),
             vcpus=item.get("vcpus", tenant_schema.DEFAULT_VCPUS),
             memory_mib=item.get("memory_mib", tenant_schema.DEFAULT_MEMORY_MIB),
+            disk_gib=item.get("disk_gib", tenant_schema.DEFAULT_DISK_GIB),
             restart=item.get("restart", tenant_schema.DEFAULT_RESTART),
             state=item.get("state", tenant_schema.DEFAULT_STATE),
             networks=tuple(item.get("networks", ())),
@@ -1073,6 +1082,7 @@ _EXPORT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
         "user",
         "vcpus",
         "memory_mib",
+        "disk_gib",
         "restart",
         "state",
         "networks",

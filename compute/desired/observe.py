@@ -20,7 +20,7 @@ from typing import Any
 
 from compute.choices import WorkloadState
 from compute.compartments import Compartment, IPAllocation, PublishedPort
-from compute.desired.document import network_key, normalise_vcpus, port_key, workload_key
+from compute.desired.document import disk_field, network_key, normalise_vcpus, port_key, workload_key
 from compute.desired.planning import ObservedResource, observed_run_state
 from compute.models import Workload
 from tenants.models import Tenant
@@ -52,6 +52,7 @@ _WORKLOAD_FIELDS = (
     "user",
     "vcpus",
     "memory_mib",
+    "disk_gib",
     "restart_policy",
     "state",
     "desired_running",
@@ -77,6 +78,7 @@ def workload_spec(workload: Any, reference: str, networks: list[str] | None = No
         "user": workload.user or None,
         "vcpus": _vcpus(workload.vcpus),
         "memory_mib": workload.memory_mib,
+        **disk_field(workload.disk_gib),
         "restart": workload.restart_policy,
         "state": run_state(workload),
         "networks": list(networks or []),

@@ -79,6 +79,8 @@ FIELD_RULES: Final[dict[ResourceKind, tuple[FieldRule, ...]]] = {
         # Limits and policies: cgroup/libvirt live updates.
         FieldRule("vcpus", "update"),
         FieldRule("memory_mib", "update"),
+        # A filesystem of that size holds the writable layer: a new size is a new workload.
+        FieldRule("disk_gib", "replace"),
         FieldRule("restart", "update"),
         FieldRule("state", "update"),
     ),
@@ -99,6 +101,7 @@ SPEC_FIELDS: Final[dict[ResourceKind, tuple[str, ...]]] = {
         "user",
         "vcpus",
         "memory_mib",
+        "disk_gib",
         "restart",
         "state",
         "networks",

@@ -49,6 +49,7 @@ DEFAULT_NAT: Final = True
 DEFAULT_ISOLATION: Final = "namespace"
 DEFAULT_VCPUS: Final = 1
 DEFAULT_MEMORY_MIB: Final = 256
+DEFAULT_DISK_GIB: Final = 1
 DEFAULT_RESTART: Final = "on-failure"
 DEFAULT_STATE: Final = "running"
 DEFAULT_PROTOCOL: Final = "tcp"
@@ -182,6 +183,13 @@ SCHEMA: Final[dict[str, Any]] = {
                     "minimum": 16,
                     "maximum": 4_194_304,
                     "default": DEFAULT_MEMORY_MIB,
+                },
+                "disk_gib": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 16384,
+                    "default": DEFAULT_DISK_GIB,
+                    "description": "Size of the writable layer (container) or disk (micro-VM), GiB.",
                 },
                 "restart": {"enum": list(RESTART_POLICIES), "default": DEFAULT_RESTART},
                 "state": {

@@ -567,6 +567,7 @@ def _compute_spec(tenant: Tenant, spec: dict[str, Any]) -> compute_services.Work
         user=spec["user"] or "",
         vcpus=Decimal(str(spec["vcpus"])),
         memory_mib=int(spec["memory_mib"]),
+        disk_gib=int(spec.get("disk_gib", 1)),
         restart_policy=spec["restart"],
     )
 

@@ -4,8 +4,10 @@ This is a driver layer: it takes plain frozen dataclasses of server-generated va
 work on the host. It never imports Django. Per container it keeps, under `state_dir/<id>/`:
 
     config.json        the OCI runtime config built from the ContainerSpec
-    rootfs/            overlay mount of the image's layer dirs + upper/ + work/
-    upper/ work/       the container's captured changes (upper) and overlayfs scratch (work)
+    rootfs/            overlay mount of the image's layer dirs + disk/upper/ + disk/work/
+    disk.img           the container's writable filesystem: a sparse ext4 image of spec.disk_bytes
+    disk/              disk.img loop-mounted (nodev, nosuid): the kernel enforces the size (ENOSPC)
+    disk/upper/ disk/work/  the container's captured changes (upper) and overlayfs scratch (work)
     hosts resolv.conf hostname   bind-mounted over /etc/...
     container.log      stdout+stderr in conmon's k8s-file format (see `read_log`)
     container.pid conmon.pid started_at runtime
@@ -111,6 +113,8 @@ DEFAULT_LOG_SIZE_MAX = 16 * MIB
 # Docker's default hard limit; capped by what this process may grant.
 NOFILE_LIMIT = 1_048_576
 IMAGE_FILE_MAX_BYTES = 4 * MIB
+MIN_DISK_BYTES = 16 * MIB  # ext4 with a journal needs a few MiB of its own
+DEFAULT_DISK_BYTES = 1024 * MIB
 CONMON_SYNC_TIMEOUT_S = 30.0
 KILL_WAIT_S = 5.0
 
@@ -141,6 +145,7 @@ class ContainerSpec:
     vcpus: float = 1.0
     memory_mib: int = 256
     pids_limit: int = 1024
+    disk_bytes: int = DEFAULT_DISK_BYTES  # the writable layer's filesystem size
     netns_path: str | None = None  # join this prepared netns; None: a private netns with only lo
     dns_servers: Sequence[str] = ()
     dns_search: Sequence[str] = ()
@@ -263,7 +268,7 @@ class OciRuntime:
 
     def upper_dir(self, container_id: str) -> Path:
         """Return the overlay upper dir: every file the container created, changed or deleted."""
-        return self.bundle_dir(container_id) / "upper"
+        return self.bundle_dir(container_id) / "disk" / "upper"
 
     def rootfs_dir(self, container_id: str) -> Path:
         """Return the overlay mount point that is the container's root."""
@@ -412,14 +417,14 @@ class OciRuntime:
         """
         with self._locked(container_id):
             kept = self.state_dir / "_kept" / container_id
-            upper = self.bundle_dir(container_id) / "upper"
-            if keep_upper and upper.is_dir():
+            disk = self.bundle_dir(container_id) / "disk.img"
+            keep = keep_upper and disk.is_file()
+            if keep:
                 kept.parent.mkdir(mode=0o700, exist_ok=True)
-                if kept.exists():
-                    shutil.rmtree(kept)
-            self._delete_locked(container_id, keep_upper_at=kept if keep_upper and upper.is_dir() else None)
-            if not keep_upper and kept.exists():
-                shutil.rmtree(kept)
+                _remove_kept(kept)
+            self._delete_locked(container_id, keep_upper_at=kept if keep else None)
+            if not keep_upper:
+                _remove_kept(kept)
 
     def list_ids(self) -> list[str]:
         """Return every container id that exists on the host: in the runtime or as a bundle dir."""
@@ -507,11 +512,17 @@ class OciRuntime:
         _check_spec_values(spec)
         bundle.mkdir(mode=0o700, exist_ok=True)
         _write_text_atomic(bundle / "runtime", self.runtime_name)
-        kept_upper = self.state_dir / "_kept" / container_id
-        if kept_upper.is_dir() and not (bundle / "upper").exists():
-            kept_upper.rename(bundle / "upper")  # changes kept across a restart
-        for name in ("upper", "work", "rootfs"):
-            (bundle / name).mkdir(mode=0o755, exist_ok=True)
+        kept_disk = self.state_dir / "_kept" / container_id
+        if kept_disk.is_file() and not (bundle / "disk.img").exists():
+            kept_disk.rename(bundle / "disk.img")  # changes kept across a restart
+        disk = bundle / "disk"
+        disk.mkdir(mode=0o700, exist_ok=True)
+        if not _is_mount_point(disk):
+            if not (bundle / "disk.img").is_file():
+                _make_disk_image(bundle / "disk.img", spec.disk_bytes)
+            _mount_disk_image(bundle / "disk.img", disk)
+        for directory in (disk / "upper", disk / "work", bundle / "rootfs"):
+            directory.mkdir(mode=0o755, exist_ok=True)
         (bundle / "persist").mkdir(mode=0o700, exist_ok=True)
         # The runtime's own mount points live in an init layer under the upper dir (as Docker's): runc
         # finds them there and creates nothing in the upper dir, so `changes` and `commit` show only
@@ -521,13 +532,13 @@ class OciRuntime:
         rootfs = bundle / "rootfs"
         if not _is_mount_point(rootfs):
             if mapping is None:
-                _mount_overlay(lower_dirs, bundle / "upper", bundle / "work", rootfs)
+                _mount_overlay(lower_dirs, disk / "upper", disk / "work", rootfs)
             else:
                 try:
                     mount_idmapped_overlay(
                         lower_dirs,
-                        bundle / "upper",
-                        bundle / "work",
+                        disk / "upper",
+                        disk / "work",
                         rootfs,
                         mapping,
                         staging_dir=bundle / "layers",
@@ -571,7 +582,7 @@ class OciRuntime:
         if not self._traversable_checked:
             _check_traversable(self.state_dir)
             self._traversable_checked = True
-        upper = bundle / "upper"
+        upper = bundle / "disk" / "upper"
         had_range = self.id_ranges.find(spec.container_id) is not None
         mapping = self.id_ranges.allocate(spec.container_id)
         if not had_range and any(upper.iterdir()):
@@ -714,8 +725,9 @@ class OciRuntime:
         # Submounts first (the host-made sysfs of a container in a compartment), deepest first.
         for point in sorted((p for p in _mount_points() if rootfs in p.parents), key=_depth, reverse=True):
             _unmount(point)
-        while _is_mount_point(rootfs):
-            _unmount(rootfs)
+        for mount_point in (rootfs, bundle / "disk"):  # the overlay first: it uses the disk
+            while _is_mount_point(mount_point):
+                _unmount(mount_point)
         leftover_mounts = [mount for mount in _mount_points() if _is_within(mount, bundle)]
         if leftover_mounts:
             raise OciRuntimeError(f"refusing to remove {bundle}: still mounted: {leftover_mounts}")
@@ -724,7 +736,7 @@ class OciRuntime:
         with suppress(FileNotFoundError):
             (self._socket_dir / container_id).unlink()
         if keep_upper_at is not None:
-            (bundle / "upper").rename(keep_upper_at)
+            (bundle / "disk.img").rename(keep_upper_at)
         else:
             # The upper dir holds the range's host ids: the range goes only with it.
             self.id_ranges.release(container_id)
@@ -1063,6 +1075,8 @@ def _check_spec_values(spec: ContainerSpec) -> None:
         raise InvalidContainerSpec("memory_mib must be at least 4")
     if spec.pids_limit < 1:
         raise InvalidContainerSpec("pids_limit must be positive")
+    if spec.disk_bytes < MIN_DISK_BYTES:
+        raise InvalidContainerSpec(f"disk_bytes must be at least {MIN_DISK_BYTES}")
     if spec.netns_path is not None and not Path(spec.netns_path).is_absolute():
         raise InvalidContainerSpec("netns_path must be an absolute path")
     for name in spec.dns_search:
@@ -1242,6 +1256,50 @@ def _mount_overlay(lower_dirs: Sequence[str], upper: Path, work: Path, target: P
     if result != 0:
         error_number = ctypes.get_errno()
         raise OciRuntimeError(f"mount overlay on {target}: {os.strerror(error_number)}")
+
+
+def _make_disk_image(image: Path, size_bytes: int) -> None:
+    """A sparse ext4 image of ``size_bytes`` (built aside, renamed into place: a kill leaves no half disk).
+
+    No reserved blocks: root in the container gets exactly the size, and its files take host space only
+    as they are written.
+    """
+    partial = image.with_name(image.name + ".partial")
+    with open(partial, "wb") as handle:
+        handle.truncate(size_bytes)
+    result = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,root_owner=0:0", str(partial)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise OciRuntimeError(f"mkfs.ext4 {image}: {result.stderr.strip()}")
+    partial.rename(image)
+
+
+def _mount_disk_image(image: Path, target: Path) -> None:
+    """Loop-mount the container's disk image. ``mount -o loop`` sets the loop device to clear itself
+    on its last close, so neither an unmount nor a process killed before the mount leaks a device.
+    The container reaches this filesystem only through the overlay (the kernel's ext4), never as a
+    block device."""
+    result = subprocess.run(
+        ["mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noatime", str(image), str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise OciRuntimeError(f"mount {image}: {result.stderr.strip()}")
+
+
+def _remove_kept(kept: Path) -> None:
+    """Remove a kept writable layer: a disk image, or an upper dir kept before disks had a size."""
+    if kept.is_dir() and not kept.is_symlink():
+        shutil.rmtree(kept)
+    else:
+        kept.unlink(missing_ok=True)
 
 
 def _unmount(target: Path) -> None:

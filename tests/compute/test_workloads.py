@@ -251,6 +251,13 @@ def leaked_mounts(h: Host) -> list[str]:
         return [line.split()[4] for line in f if line.split()[4].startswith(root)]
 
 
+def leaked_loop_devices(h: Host) -> list[str]:
+    """Loop devices backed by a file of the host's state dir (containers' disk images)."""
+    root = str(hosts.host_state_dir(h))
+    backing = (device / "loop" / "backing_file" for device in Path("/sys/block").glob("loop*"))
+    return [path.read_text().strip() for path in backing if path.exists() and root in path.read_text()]
+
+
 @pytest.mark.parametrize("point", CREATE_KILL_POINTS)
 def test_it_converges_after_the_agent_is_killed_during_create(
     world: World, busybox: Any, store_dir: Path, point: str
@@ -268,13 +275,25 @@ def test_it_converges_after_the_agent_is_killed_during_create(
             workload = workload_in("victim", {"running", "failed"}, timeout=30)
             runtime = oci_runtime(h)
             assert runtime.list_ids() == ([workload.runtime_id] if workload.state == "running" else [])
-            assert len(leaked_mounts(h)) == (1 if workload.state == "running" else 0)
+            running = workload.state == "running"
+            # A running container has its disk and its overlay root mounted; nothing else is left.
+            expected = (
+                {
+                    str(runtime.bundle_dir(workload.runtime_id) / "disk"),
+                    str(runtime.rootfs_dir(workload.runtime_id)),
+                }
+                if running
+                else set()
+            )
+            assert set(leaked_mounts(h)) == expected
+            assert len(leaked_loop_devices(h)) == (1 if running else 0)
             # The killed worker's operation is failed by the re-sync and says why; no operation hangs.
             op = finished(str(Operation.objects.get(kind="workload.create", target_id=str(workload.pk)).pk))
             assert op.state == "succeeded" or "Interrupted" in op.error
     finally:
         cleanup_host(h)
     assert leaked_mounts(h) == []
+    assert leaked_loop_devices(h) == []
 
 
 @pytest.mark.parametrize("point", DELETE_KILL_POINTS)
@@ -301,6 +320,7 @@ def test_it_converges_after_the_agent_is_killed_during_delete(
             )
             assert oci_runtime(h).list_ids() == []
             assert leaked_mounts(h) == []
+            assert leaked_loop_devices(h) == []
             from tenants.models import Quota
 
             assert Quota.objects.get(tenant=world.acme).used_workloads == 0
