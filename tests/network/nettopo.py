@@ -31,6 +31,8 @@ PREFIX = "bhtn"
 NETNS_DIR = Path("/run/netns")
 # The fake internet: 198.18.0.0/15 is reserved for benchmarking and never routed on the real internet.
 INTERNET_GATEWAY = IPv4Interface("198.18.0.1/24")
+# A server "far away" on the internet, beyond the hosts' own segment (which workloads may not reach).
+INTERNET_SERVER = IPv4Address("198.19.0.1")
 
 
 def new_token() -> str:
@@ -207,6 +209,7 @@ class Internet:
             index = _link(ipr, "wan")
             ipr.addr("add", index=index, address=str(INTERNET_GATEWAY.ip), prefixlen=24)
             ipr.link("set", index=index, state="up")
+            ipr.addr("add", index=_link(ipr, "lo"), address=str(INTERNET_SERVER), prefixlen=32)
 
     def add_host(self, label: str, uplink_mtu: int = 1500) -> Host:
         """A new "host" namespace whose uplink ``up0`` sits on the internet switch; default route to it."""
