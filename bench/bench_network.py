@@ -4,6 +4,9 @@
   compartment bridge, against a bare
   veth pair between two namespaces (goal: ratio >= 0.9);
 - apply: time to apply 1,000 published ports on a host (goal: < 1 s), and an unchanged re-apply;
+- egress policy: iperf3 from a workload through the NAT to the internet with the egress policy
+  (protected networks, anti-spoofing, VXLAN port closed) against the same rule set without those
+  rules, interleaved in one run (goal: ratio >= 0.95);
 - path cost: TCP connect latency from the fake internet through the DNAT to a workload with 10 and
   with 1,000 published ports (goal: equal within noise), plus iperf3 through the DNAT for both.
 
@@ -26,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "network")]
 
-from nettopo import Internet, new_token, run_in_netns, sweep  # noqa: E402
+from nettopo import INTERNET_SERVER, Internet, new_token, run_in_netns, sweep  # noqa: E402
 
 from compute.network import (  # noqa: E402
     CompartmentNet,
@@ -35,6 +38,7 @@ from compute.network import (  # noqa: E402
     apply_host_network,
     attach_container,
     mac_for,
+    nftables,
     remove_host_network,
 )
 from compute.network.names import bridge_name_for  # noqa: E402
@@ -42,6 +46,7 @@ from compute.network.netns import ensure_netns, iproute, netns_path, ns_command 
 
 IPERF_SECONDS = 3
 IPERF_ROUNDS = 3
+EGRESS_ROUNDS = 5  # NAT throughput varies ~15 % run to run on the shared machine: more rounds
 IPERF_PORT = 5201
 CONNECT_SAMPLES = 1500
 COMPARTMENT = CompartmentNet(
@@ -145,6 +150,27 @@ def connect_latency_us(netns: str, address: str, port: int, samples: int) -> dic
     return {"median": round(statistics.median(timings), 1), "p90": round(timings[int(len(timings) * 0.9)], 1)}
 
 
+# A plausible operator's list: a few infrastructure subnets and hosts.
+PROTECTED = [IPv4Network(f"172.16.{i}.0/24") for i in range(16)] + [
+    IPv4Network(f"192.168.50.{i}/32") for i in range(1, 17)
+]
+
+
+def without_egress_policy(document: dict[str, object]) -> dict[str, object]:
+    """`document` minus the egress policy's rules: the rule set as it was before the policy existed."""
+
+    def is_policy(command: dict[str, object]) -> bool:
+        text = json.dumps(command)
+        if '"rule"' not in text:
+            return False
+        own_subnet_negated = '"@own_subnet"' in text and '"!="' in text
+        return '"@protected"' in text or own_subnet_negated or '"right": 4789' in text
+
+    commands = document["nftables"]
+    assert isinstance(commands, list)
+    return {"nftables": [c for c in commands if not is_policy(c)]}
+
+
 def ports_state(count: int) -> HostNetworkState:
     ports = [PortMapping("tcp", PUBLISHED_PORT, SERVER_IP, IPERF_PORT)]
     ports += [PortMapping("tcp", 40000 + i, SERVER_IP, 80) for i in range(count - 1)]
@@ -189,6 +215,28 @@ def main() -> None:
         figures["iperf3_runs_compartment_gbps"] = [round(x, 2) for x in compartment_runs]
         figures["compartment_vs_bare_veth"] = round(compartment / bare, 3)
         figures["throughput_goal_ratio"] = 0.9
+
+        # --- egress through the NAT with and without the egress policy -----------------------------
+        policy_state = HostNetworkState("up0", [COMPARTMENT], protected=PROTECTED)
+        with_policy = nftables.build_ruleset(policy_state)
+        without_policy = without_egress_policy(with_policy)
+        figures["egress_policy_rules_removed_for_baseline"] = len(with_policy["nftables"]) - len(
+            without_policy["nftables"]
+        )
+        policy_runs, no_policy_runs = [], []
+        far_server = str(INTERNET_SERVER)
+        for _ in range(EGRESS_ROUNDS):
+            nftables.run_nft(without_policy, host.netns)
+            no_policy_runs.append(iperf3(client_ns, internet.netns, far_server, seconds=IPERF_SECONDS))
+            nftables.run_nft(with_policy, host.netns)
+            policy_runs.append(iperf3(client_ns, internet.netns, far_server, seconds=IPERF_SECONDS))
+        policy, no_policy = statistics.median(policy_runs), statistics.median(no_policy_runs)
+        figures["iperf3_egress_nat_no_policy_gbps"] = round(no_policy, 2)
+        figures["iperf3_egress_nat_with_policy_gbps"] = round(policy, 2)
+        figures["iperf3_runs_egress_no_policy_gbps"] = [round(x, 2) for x in no_policy_runs]
+        figures["iperf3_runs_egress_with_policy_gbps"] = [round(x, 2) for x in policy_runs]
+        figures["egress_policy_vs_none"] = round(policy / no_policy, 3)
+        figures["egress_policy_goal_ratio"] = 0.95
 
         # --- path cost through the DNAT with 10 vs 1000 published ports ----------------------------
         listener = accept_forever(server_ns, str(SERVER_IP), IPERF_PORT + 1)

@@ -147,7 +147,12 @@ def build_host_state(host: Host) -> HostNetworkState:
         ports.append(
             PortMapping(port.protocol, port.host_port, IPv4Address(allocation.address), port.workload_port)  # type: ignore[arg-type]
         )
-    return HostNetworkState(uplink=uplink_for(host), compartments=nets, ports=ports)
+    return HostNetworkState(
+        uplink=uplink_for(host),
+        compartments=nets,
+        ports=ports,
+        protected=network_services.protected_networks(),
+    )
 
 
 @contextmanager

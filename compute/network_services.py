@@ -9,6 +9,7 @@ change - an operation sent to the host's queue on commit.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from ipaddress import IPv4Address, IPv4Network
@@ -52,6 +53,48 @@ def _setting(name: str, default: str) -> str:
 def compartment_pool() -> IPv4Network:
     """BULKHEAD_COMPARTMENT_POOL: where compartment subnets without an explicit one come from."""
     return IPv4Network(_setting("BULKHEAD_COMPARTMENT_POOL", "10.200.0.0/16"))
+
+
+def _networks_setting(name: str) -> list[IPv4Network]:
+    """A comma-separated list of IPv4 networks (a setting an operator wrote: a typo is an error)."""
+    return [IPv4Network(text.strip(), strict=False) for text in _setting(name, "").split(",") if text.strip()]
+
+
+def compartment_pools() -> list[IPv4Network]:
+    """The only ranges compartment subnets may come from: the compartment pool (where automatic
+    allocation carves them) and the ranges of BULKHEAD_COMPARTMENT_POOLS (comma-separated) where a
+    tenant admin may ask for a subnet by hand."""
+    pool = compartment_pool()
+    return [pool, *(n for n in _networks_setting("BULKHEAD_COMPARTMENT_POOLS") if n != pool)]
+
+
+def _literal_address(url: str) -> IPv4Network | None:
+    """The address of a service URL when it is an IPv4 literal (names are the operator's to list)."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+        return IPv4Network(IPv4Address(host)) if host else None
+    except ValueError:
+        return None
+
+
+def protected_networks() -> list[IPv4Network]:
+    """What no workload may reach: BULKHEAD_PROTECTED_CIDRS, plus always the hosts' own networks and
+    underlay addresses and the IPv4 literals of the database and broker URLs (link-local is added by
+    the driver). Loopback stays out: a workload's packets never route there."""
+    networks = [*_networks_setting("BULKHEAD_PROTECTED_CIDRS"), *_host_networks()]
+    for host in Host.objects.only("address", "labels"):
+        for text in ((host.labels or {}).get("vxlan_address"), host.address):
+            address = _literal_address(f"//{text}") if text else None
+            if address is not None:
+                networks.append(address)
+    database = settings.DATABASES["default"]
+    urls = [
+        f"//{database.get('HOST') or ''}",
+        str(getattr(settings, "REDIS_URL", "") or ""),
+        str(getattr(settings, "CELERY_BROKER_URL", "") or ""),
+    ]
+    networks += [n for n in map(_literal_address, urls) if n is not None]
+    return sorted({n for n in networks if not n.is_loopback})
 
 
 def published_port_range() -> range:
@@ -111,16 +154,17 @@ def _all_subnets(exclude_tenant: Tenant | None = None) -> list[tuple[IPv4Network
 
 def _choose_subnet(tenant: Tenant, requested: str | None, prefix_length: int | None) -> IPv4Network:
     taken = _all_subnets()
-    host_networks = _host_networks()
+    # The infrastructure is never a compartment: a bridge on it would capture the hosts' own traffic.
+    host_networks = _host_networks() + protected_networks()
+    pools = compartment_pools()
+    pool_names = ", ".join(str(p) for p in pools)
     if requested is None:
         prefixlen = prefix_length or POOL_PREFIXLEN
         try:
-            return ipam.allocate_subnet(
-                compartment_pool(), prefixlen, [n for n, _, _ in taken], host_networks
-            )
+            return ipam.allocate_subnet(pools[0], prefixlen, [n for n, _, _ in taken], host_networks)
         except ipam.AddressPoolExhausted as error:
             raise Conflict(
-                f"No free /{prefixlen} is left in the compartment pool.", field="subnet"
+                f"No free /{prefixlen} is left in the compartment pool {pools[0]}.", field="subnet"
             ) from error
         except ValueError as error:
             raise Invalid(str(error), field="prefix_length") from error
@@ -133,16 +177,25 @@ def _choose_subnet(tenant: Tenant, requested: str | None, prefix_length: int | N
     try:
         ipam.validate_compartment_subnet(subnet)
     except ValueError as error:
-        raise Invalid(str(error), field="subnet") from None
+        raise Invalid(f"{error}; compartment subnets come from {pool_names}.", field="subnet") from None
+    if not any(subnet.subnet_of(pool) for pool in pools):
+        raise Invalid(
+            f"Subnet {subnet} is outside the compartment pools; choose one inside {pool_names}.",
+            field="subnet",
+        )
     for network, name, tenant_id in taken:
         if subnet.overlaps(network):
             if tenant_id == tenant.pk:
                 raise Conflict(f"Subnet {subnet} overlaps compartment {name!r} ({network}).", field="subnet")
             # Another tenant's: say that it is taken, not whose or what it is.
             raise Conflict(f"Subnet {subnet} overlaps a network in use on this installation.", field="subnet")
-    clash = ipam.find_overlap(subnet, host_networks)
-    if clash is not None:
-        raise Conflict(f"Subnet {subnet} overlaps the host network {clash}.", field="subnet")
+    if ipam.find_overlap(subnet, host_networks) is not None:
+        # Which infrastructure network is not the tenant's business.
+        raise Conflict(
+            f"Subnet {subnet} overlaps a network reserved for the infrastructure; choose another inside "
+            f"{pool_names}.",
+            field="subnet",
+        )
     return subnet
 
 

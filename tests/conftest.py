@@ -91,6 +91,15 @@ def _fast_password_hashing(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(autouse=True)
+def _compartment_pools(request: pytest.FixtureRequest) -> Any:
+    """The test installation's operator lets tenants pick compartment subnets anywhere in 10.0.0.0/8."""
+    if request.node.get_closest_marker("django_db") is not None:
+        settings = request.getfixturevalue("settings")
+        settings.BULKHEAD_COMPARTMENT_POOLS = "10.0.0.0/8"
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _clear_cache(request: pytest.FixtureRequest) -> Any:
     """Auth-failure counters live in the cache: every test starts with none."""
     from django.conf import settings

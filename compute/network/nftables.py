@@ -15,12 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Iterable
+from ipaddress import IPv4Network, collapse_addresses
 from typing import Any
 
 from compute.network.names import gateway_mac_for, validate_ifname, vxlan_name_for
 from compute.network.netns import ns_command
 from compute.network.spec import VXLAN_PORT, HostNetworkState
 
+# Never reachable from a workload, whatever the operator configured: the metadata-service range.
+ALWAYS_PROTECTED = (IPv4Network("169.254.0.0/16"),)
 TABLE = "bulkhead"
 INET = "inet"
 BRIDGE = "bridge"
@@ -106,6 +110,11 @@ class _TableBuilder:
         self.commands.append({"add": {"rule": body}})
 
 
+def _collapsed(networks: Iterable[IPv4Network]) -> list[IPv4Network]:
+    """Overlapping or adjacent networks merged: an nft interval set refuses overlapping elements."""
+    return list(collapse_addresses(networks))
+
+
 def _published_lookup(map_name: str) -> Json:
     return {"map": {"key": _concat(_meta("l4proto"), _payload("th", "dport")), "data": f"@{map_name}"}}
 
@@ -126,6 +135,18 @@ def _inet_table(state: HostNetworkState) -> list[Json]:
         "own_subnet",
         ["ifname", "ipv4_addr"],
         [_concat(c.bridge, _prefix(c.subnet)) for c in compartments],
+        ["interval"],
+    )
+    table.set(
+        "protected",
+        "ipv4_addr",
+        [_prefix(n) for n in _collapsed([*ALWAYS_PROTECTED, *state.protected])],
+        ["interval"],
+    )
+    table.set(
+        "egress_allowed",
+        ["ifname", "ipv4_addr"],
+        [_concat(c.bridge, _prefix(n)) for c in compartments for n in _collapsed(c.egress_allowed)],
         ["interval"],
     )
     vxlan_peers = sorted({str(peer) for c in compartments for peer in c.vxlan_peers})
@@ -201,15 +222,30 @@ def _inet_table(state: HostNetworkState) -> list[Json]:
         MASQUERADE,
     )
 
+    # Anti-spoofing: a workload sends only from an address of its own compartment (checked before
+    # conntrack's shortcut, so a forged source cannot ride on a neighbour's connection either).
+    from_foreign_source = _match(_concat(_meta("iifname"), _payload("ip", "saddr")), "@own_subnet", "!=")
     table.chain("forward", "filter", "forward", 0)
+    table.rule("forward", from_bridge, ipv4, from_foreign_source, DROP)
     table.rule("forward", _match(_ct("state"), ["established", "related"], "in"), ACCEPT)
     # Frames bridged inside one compartment reach this hook when br_netfilter is loaded: let them be.
     table.rule("forward", _match(_concat(_meta("iifname"), _meta("oifname")), "@same_bridge"), ACCEPT)
     table.rule("forward", _match(_ct("status"), "dnat", "in"), to_bridge, ACCEPT)
+    # The infrastructure (portal, database, broker, other hosts, metadata) is out of reach unless the
+    # operator allowed a network to this compartment's tenant; the underlay's VXLAN port always is.
+    table.rule(
+        "forward",
+        from_bridge,
+        _match(_payload("ip", "daddr"), "@protected"),
+        _match(_concat(_meta("iifname"), _payload("ip", "daddr")), "@egress_allowed", "!="),
+        DROP,
+    )
+    table.rule("forward", from_bridge, _match(_payload("udp", "dport"), VXLAN_PORT), DROP)
     table.rule(
         "forward",
         _match(_meta("iifname"), "@egress_bridges"),
         _match(_meta("oifname"), uplink),
+        ipv4,
         ACCEPT,
     )
     # Everything else from or to a compartment: other compartments (of any tenant), other host networks,
@@ -218,8 +254,10 @@ def _inet_table(state: HostNetworkState) -> list[Json]:
     table.rule("forward", to_bridge, DROP)
 
     table.chain("input", "filter", "input", 0)
-    table.rule("input", from_bridge, _match(_ct("state"), ["established", "related"], "in"), ACCEPT)
+    # DHCP first: a client asks from 0.0.0.0 before it has an address.
     table.rule("input", from_bridge, _match(_payload("udp", "dport"), 67), ACCEPT)
+    table.rule("input", from_bridge, ipv4, from_foreign_source, DROP)
+    table.rule("input", from_bridge, _match(_ct("state"), ["established", "related"], "in"), ACCEPT)
     at_own_gateway = _match(_concat(_meta("iifname"), _payload("ip", "daddr")), "@gateways")
     table.rule("input", at_own_gateway, tcp_or_udp, _match(_payload("th", "dport"), 53), ACCEPT)
     table.rule("input", at_own_gateway, _match(_payload("icmp", "type"), "echo-request"), ACCEPT)

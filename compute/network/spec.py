@@ -48,6 +48,7 @@ class CompartmentNet:
     dns_names: Mapping[str, IPv4Address] = field(default_factory=dict)
     mtu: int | None = None
     dns_upstreams: Sequence[IPv4Address] = ()
+    egress_allowed: Sequence[IPv4Network] = ()
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,16 @@ class HostNetworkState:
     """Everything Bulkhead wants on one host's network. Anything Bulkhead owns that is not here is removed.
 
     `vxlan_local` is the underlay address VXLAN uses; None means the uplink's first IPv4 address.
+    `protected` are networks no workload may reach (the operator's infrastructure: portal, database,
+    broker, other hosts); link-local ranges are always protected. A compartment's `egress_allowed`
+    networks are the operator's exceptions for that compartment's tenant.
     """
 
     uplink: str
     compartments: Sequence[CompartmentNet] = ()
     ports: Sequence[PortMapping] = ()
     vxlan_local: IPv4Address | None = None
+    protected: Sequence[IPv4Network] = ()
 
 
 def _validate_port(number: int, what: str) -> None:
@@ -104,6 +109,9 @@ def validate_compartment(compartment: CompartmentNet) -> None:
     for name, address in compartment.dns_names.items():
         validate_dns_label(name)
         ipam.validate_member_address(compartment.subnet, compartment.gateway, address)
+    for allowed in compartment.egress_allowed:
+        if not isinstance(allowed, IPv4Network):
+            raise ValueError(f"egress_allowed entries must be IPv4Networks, got {allowed!r}")
     for upstream in compartment.dns_upstreams:
         if not isinstance(upstream, IPv4Address) or upstream.is_unspecified or upstream.is_multicast:
             raise ValueError(f"invalid DNS upstream: {upstream!r}")
@@ -142,6 +150,9 @@ def validate_host_state(state: HostNetworkState, host_networks: Iterable[IPv4Net
         raise ValueError(f"uplink {state.uplink!r} is a Bulkhead-owned interface")
     if state.vxlan_local is not None and not isinstance(state.vxlan_local, IPv4Address):
         raise ValueError("vxlan_local must be an IPv4Address")
+    for network in state.protected:
+        if not isinstance(network, IPv4Network):
+            raise ValueError(f"protected entries must be IPv4Networks, got {network!r}")
     host_networks = list(host_networks)
     seen_ids: set[str] = set()
     seen_bridges: set[str] = set()

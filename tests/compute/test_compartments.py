@@ -87,7 +87,7 @@ def test_it_takes_a_given_subnet_and_keeps_the_pool_clear_of_it(world: World, se
         ("10.9.9.0/30", 400, "too small"),
         ("127.0.0.0/24", 400, "special-purpose"),
         ("10.200.0.128/25", 409, "overlaps compartment 'front'"),
-        ("192.0.2.0/25", 409, "overlaps the host network 192.0.2.0/24"),
+        ("192.0.2.0/25", 400, "outside the compartment pools; choose one inside 10.200.0.0/16, 10.0.0.0/8"),
     ],
 )
 def test_it_refuses_a_bad_subnet_clearly_and_creates_nothing(
@@ -107,7 +107,45 @@ def test_it_does_not_say_whose_subnet_another_tenant_uses(world: World) -> None:
     response = post_compartment(world, name="mine", subnet="10.42.0.0/25")
     assert response.status_code == 409
     assert "secret" not in response.json()["error"]["message"]
+    assert "10.42.0.0/24" not in response.json()["error"]["message"]
     assert "in use on this installation" in response.json()["error"]["message"]
+
+
+def test_it_refuses_a_subnet_outside_the_operators_pools_naming_them(world: World, settings: Any) -> None:
+    settings.BULKHEAD_COMPARTMENT_POOLS = "172.20.0.0/16"
+    for subnet in ("10.0.0.0/8", "192.168.1.0/24", "10.1.0.0/24"):
+        response = post_compartment(world, name="wide", subnet=subnet)
+        assert response.status_code == 400, (subnet, response.json())
+        assert "10.200.0.0/16, 172.20.0.0/16" in response.json()["error"]["message"]
+    assert post_compartment(world, name="inside", subnet="172.20.5.0/24").status_code == 201
+    assert list(Compartment.objects.values_list("name", flat=True)) == ["inside"]
+
+
+def test_it_keeps_compartments_off_the_database_broker_and_protected_networks(
+    world: World, net_host: Host, settings: Any
+) -> None:
+    settings.REDIS_URL = "redis://10.5.0.7:6379/0"
+    settings.BULKHEAD_PROTECTED_CIDRS = "10.6.0.0/16"
+    net_host.address = "10.7.0.9"
+    net_host.save(update_fields=["address"])
+    for subnet in ("10.5.0.0/24", "10.6.8.0/24", "10.7.0.0/24", "192.0.2.0/24"):
+        response = post_compartment(world, name="grab", subnet=subnet)
+        assert response.status_code in (400, 409), (subnet, response.json())
+        message = response.json()["error"]["message"]
+        assert "10.200.0.0/16" in message, message
+        for secret in ("10.5.0.7", "10.6.0.0/16", "10.7.0.9"):
+            assert secret not in message
+    assert not Compartment.objects.filter(name="grab").exists()
+    assert AuditEntry.objects.filter(action="compartment.create").count() == 0
+
+
+def test_it_sends_the_protected_networks_to_the_host(world: World, net_host: Host, settings: Any) -> None:
+    settings.REDIS_URL = "redis://10.5.0.7:6379/0"
+    settings.BULKHEAD_PROTECTED_CIDRS = "10.6.0.0/16, 198.51.100.0/24"
+    net_host.address = "10.7.0.9"
+    net_host.save(update_fields=["address"])
+    protected = {str(n) for n in network_agent.build_host_state(net_host).protected}
+    assert {"10.5.0.7/32", "10.6.0.0/16", "198.51.100.0/24", "10.7.0.9/32", "192.0.2.0/24"} <= protected
 
 
 def test_it_lets_admins_manage_compartments_and_members_only_use_them(world: World) -> None:

@@ -31,6 +31,8 @@ PREFIX = "bhtn"
 NETNS_DIR = Path("/run/netns")
 # The fake internet: 198.18.0.0/15 is reserved for benchmarking and never routed on the real internet.
 INTERNET_GATEWAY = IPv4Interface("198.18.0.1/24")
+# A server "far away" on the internet, beyond the hosts' own segment (which workloads may not reach).
+INTERNET_SERVER = IPv4Address("198.19.0.1")
 
 
 def new_token() -> str:
@@ -91,6 +93,59 @@ class TcpListener:
 
     def stop(self) -> None:
         self.sock.close()
+
+
+class UdpInbox:
+    """A UDP socket in a namespace that keeps what it receives (to prove a datagram did or did not arrive)."""
+
+    def __init__(self, netns: str, address: str, port: int) -> None:
+        def bind() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((address, port))
+            sock.settimeout(0.05)
+            return sock
+
+        self.sock = run_in_netns(netns, bind)
+        self.received: list[bytes] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    def _collect(self) -> None:
+        while self.running:
+            try:
+                self.received.append(self.sock.recv(2048))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def got(self, payload: bytes, timeout: float = 1.0) -> bool:
+        """True once `payload` arrived, False if it did not within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while payload not in self.received:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def udp_send(netns: str, host: str, port: int, payload: bytes, source: str | None = None) -> None:
+    """Send one datagram from inside `netns` (from `source` when given: a forged address the sender owns)."""
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            if source is not None:
+                sock.bind((source, 0))
+            with contextlib.suppress(OSError):
+                sock.sendto(payload, (host, port))
+
+    run_in_netns(netns, send)
 
 
 def http_get(netns: str, host: str, port: int, timeout: float = 2.0) -> str | None:
@@ -154,6 +209,7 @@ class Internet:
             index = _link(ipr, "wan")
             ipr.addr("add", index=index, address=str(INTERNET_GATEWAY.ip), prefixlen=24)
             ipr.link("set", index=index, state="up")
+            ipr.addr("add", index=_link(ipr, "lo"), address=str(INTERNET_SERVER), prefixlen=32)
 
     def add_host(self, label: str, uplink_mtu: int = 1500) -> Host:
         """A new "host" namespace whose uplink ``up0`` sits on the internet switch; default route to it."""

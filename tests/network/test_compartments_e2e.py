@@ -18,7 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nettopo import INTERNET_GATEWAY, EchoHTTPServer, Internet, http_get, new_token, sweep, tcp_connects
+from nettopo import (
+    INTERNET_GATEWAY,
+    INTERNET_SERVER,
+    EchoHTTPServer,
+    Internet,
+    TcpListener,
+    UdpInbox,
+    http_get,
+    new_token,
+    sweep,
+    tcp_connects,
+    udp_send,
+)
 
 from compute import network_agent, services
 from compute.compartments import Compartment, IPAllocation
@@ -45,7 +57,7 @@ from tests.processes import host_agent, wait_until
 NEEDS_HOST = True
 pytestmark = pytest.mark.django_db(transaction=True)
 
-INTERNET = str(INTERNET_GATEWAY.ip)
+INTERNET = str(INTERNET_SERVER)
 APPLETS = ("sh", "echo", "cat", "mkdir", "sleep", "seq", "sed", "printf", "nslookup", "httpd", "nc")
 WEB_COMMAND = "mkdir -p /www && echo hello-from-web > /www/index.html && exec httpd -f -p 80 -h /www"
 # busybox-static's wget crashes without glibc's NSS libraries in the image: nslookup (its own resolver)
@@ -123,7 +135,10 @@ def site(world: World, store_dir: Path, net_image: Any) -> Iterator[Site]:  # no
     servers: list[EchoHTTPServer] = []
     try:
         servers.append(EchoHTTPServer(internet.netns, INTERNET, 80, "internet"))
-        with portal_host(internet, "c", store_dir) as (host, host_netns):
+        # The operator protects the hosts' segment, where the portal, database and broker live.
+        with portal_host(
+            internet, "c", store_dir, BULKHEAD_PROTECTED_CIDRS=str(INTERNET_GATEWAY.network)
+        ) as (host, host_netns):
             uplink_ip = host.address or ""
             yield Site(world, host, host_netns, uplink_ip, internet.netns, net_image)
     finally:
@@ -160,6 +175,46 @@ def address_of(workload: Workload) -> str:
 def logs(site: Site, workload: Workload) -> str:
     response = client_for(site.world, "mia").get(f"/api/v1/workloads/{workload.pk}/logs/")
     return str(response.json()["logs"])
+
+
+def test_a_container_reaches_the_internet_and_nothing_of_the_host_or_the_infrastructure(site: Site) -> None:
+    # Stand-ins on the hosts' segment and behind the router: portal, PostgreSQL, Redis, metadata.
+    portal = str(INTERNET_GATEWAY.ip)
+    metadata = "169.254.169.254"
+    with iproute(site.internet_netns) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=metadata, prefixlen=32)
+    targets = [(portal, 8000), (portal, 5432), (portal, 6379), (metadata, 80)]
+    listeners = [TcpListener(site.internet_netns, address, port) for address, port in targets]
+    listeners.append(TcpListener(site.host_netns, "0.0.0.0", 2222))
+    inboxes = {
+        "broker": UdpInbox(site.internet_netns, portal, 6379),
+        "host": UdpInbox(site.host_netns, "0.0.0.0", 5001),
+        "internet": UdpInbox(site.internet_netns, str(INTERNET_SERVER), 5000),
+    }
+    try:
+        probe = run(site, "probe", "exec sleep 300", compartment(site, "front"))
+        workload_in("probe", {"running"})
+        attacker = probe.runtime_id
+        gateway = str(Compartment.objects.get(name="front", tenant=site.world.acme).gateway_address)
+        for address, port in [*targets, (site.uplink_ip, 2222), (gateway, 2222)]:
+            assert not tcp_connects(attacker, address, port, timeout=1.0), (address, port)
+        for address, port in targets:
+            assert tcp_connects(site.internet_netns, address, port), (address, port)
+        udp_send(attacker, portal, 6379, b"SET pwned 1")
+        udp_send(attacker, site.uplink_ip, 5001, b"to the host")
+        udp_send(attacker, str(INTERNET_SERVER), 5000, b"hello internet")
+        assert inboxes["internet"].got(b"hello internet")
+        assert not inboxes["broker"].got(b"SET pwned 1", timeout=0.3)
+        assert not inboxes["host"].got(b"to the host", timeout=0.3)
+        assert http_get(attacker, INTERNET, 80) == f"internet {site.uplink_ip}"
+        # A forged source address never leaves the host.
+        with iproute(attacker) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address="203.0.113.9", prefixlen=32)
+        udp_send(attacker, str(INTERNET_SERVER), 5000, b"forged", source="203.0.113.9")
+        assert not inboxes["internet"].got(b"forged", timeout=0.3)
+    finally:
+        for listener in [*listeners, *inboxes.values()]:
+            listener.stop()
 
 
 def test_compartments_end_to_end(site: Site) -> None:

@@ -17,11 +17,13 @@ from nettopo import (
     Host,
     Internet,
     TcpListener,
+    UdpInbox,
     http_get,
     new_token,
     nslookup,
     sweep,
     tcp_connects,
+    udp_send,
     wait_for,
 )
 
@@ -44,6 +46,13 @@ A_WEB, A_API, B_DB = IPv4Address("10.80.1.2"), IPv4Address("10.80.1.3"), IPv4Add
 V_ONE, V_TWO = IPv4Address("10.80.9.2"), IPv4Address("10.80.9.3")
 C_ISO = IPv4Address("10.80.3.2")
 HOST_SERVICE_PORT = 2222
+# The operator's infrastructure, reachable through the uplink like the internet: portal, database, broker.
+INFRA_NETWORK = IPv4Network("198.51.100.0/24")
+PORTAL, DATABASE, BROKER = "198.51.100.10", "198.51.100.11", "198.51.100.12"
+METADATA = "169.254.169.254"
+# An address the tenant was allowed to reach inside the protected range (a per-tenant exception).
+ALLOWED_FOR_A = "198.51.100.20"
+INFRA_PORTS = {PORTAL: 8000, DATABASE: 5432, BROKER: 6379, METADATA: 80, ALLOWED_FOR_A: 443}
 
 
 def compartment(cid: str, subnet: str, names: dict[str, IPv4Address], **extra: object) -> CompartmentNet:
@@ -70,6 +79,7 @@ class Site:
     v_on_1: CompartmentNet
     v_on_2: CompartmentNet
     workloads: dict[str, str] = field(default_factory=dict)  # label -> netns name
+    inboxes: dict[str, UdpInbox] = field(default_factory=dict)  # where a datagram may land -> its socket
 
     def ns(self, label: str) -> str:
         return self.workloads[label]
@@ -78,14 +88,19 @@ class Site:
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
     token = new_token()
-    servers: list[EchoHTTPServer | TcpListener] = []
+    servers: list[EchoHTTPServer | TcpListener | UdpInbox] = []
     hosts: list[Host] = []
     site = None
     try:
         internet = Internet(token)
         host1, host2 = internet.add_host("1"), internet.add_host("2")
         hosts += [host1, host2]
-        a = compartment("cmpa", "10.80.1.0/24", {"web": A_WEB, "api": A_API})
+        a = compartment(
+            "cmpa",
+            "10.80.1.0/24",
+            {"web": A_WEB, "api": A_API},
+            egress_allowed=[IPv4Network(f"{ALLOWED_FOR_A}/32")],
+        )
         b = compartment("cmpb", "10.80.2.0/24", {"db": B_DB})
         c = compartment("cmpc", "10.80.3.0/24", {"iso": C_ISO}, nat=False)
         v_names = {"one": V_ONE, "two": V_TWO}
@@ -96,7 +111,10 @@ def site() -> Iterator[Site]:
             PortMapping("tcp", 8081, B_DB, 80),
             PortMapping("udp", 5353, A_WEB, 53),
         ]
-        apply_host_network(HostNetworkState("up0", [a, b, c, v_on_1], ports), host1.netns)
+        protected = [INFRA_NETWORK, IPv4Network(f"{host2.uplink_address.ip}/32")]
+        apply_host_network(
+            HostNetworkState("up0", [a, b, c, v_on_1], ports, protected=protected), host1.netns
+        )
         apply_host_network(HostNetworkState("up0", [v_on_2]), host2.netns)
         site = Site(token, internet, host1, host2, a, b, c, v_on_1, v_on_2)
         for label, comp, address, host in (
@@ -113,6 +131,19 @@ def site() -> Iterator[Site]:
             servers.append(EchoHTTPServer(netns, "0.0.0.0", 80, label))
         servers.append(EchoHTTPServer(internet.netns, INTERNET, 80, "internet"))
         servers.append(TcpListener(host1.netns, "0.0.0.0", HOST_SERVICE_PORT))
+        # The infrastructure and the metadata address live behind the internet's router.
+        with iproute(internet.netns) as ipr:
+            for address in INFRA_PORTS:
+                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=address, prefixlen=32)
+        for address, port in INFRA_PORTS.items():
+            servers.append(TcpListener(internet.netns, address, port))
+            site.inboxes[address] = UdpInbox(internet.netns, address, port)
+        site.inboxes["internet"] = UdpInbox(internet.netns, INTERNET, 5000)
+        site.inboxes["internet-vxlan"] = UdpInbox(internet.netns, INTERNET, 4789)
+        site.inboxes["host1"] = UdpInbox(host1.netns, "0.0.0.0", 5001)
+        site.inboxes["host2"] = UdpInbox(host2.netns, "0.0.0.0", 5002)
+        servers.append(TcpListener(host2.netns, "0.0.0.0", HOST_SERVICE_PORT))
+        servers += site.inboxes.values()
         # The internet knows a route to compartment A via host 1, as a hostile neighbour would.
         with iproute(internet.netns) as ipr:
             ipr.route("add", dst="10.80.1.0/24", gateway=str(host1.uplink_address.ip))
@@ -201,3 +232,77 @@ def test_it_sizes_vxlan_compartments_for_the_tunnel_overhead(site: Site) -> None
         assert ipr.get_links(ifname="eth0")[0].get_attr("IFLA_MTU") == 1450
     with iproute(site.ns("web")) as ipr:
         assert ipr.get_links(ifname="eth0")[0].get_attr("IFLA_MTU") == 1500
+
+
+# --- the workload as an attacker: nothing of the host or the infrastructure is reachable ------------
+
+
+def test_it_keeps_workloads_off_the_portal_database_broker_and_metadata(site: Site) -> None:
+    for address, port in INFRA_PORTS.items():
+        if address == ALLOWED_FOR_A:
+            continue
+        # The service is really up: the internet side reaches it.
+        assert tcp_connects(site.internet.netns, address, port), address
+        assert not tcp_connects(site.ns("web"), address, port), address
+        assert not tcp_connects(site.ns("iso"), address, port), address
+
+
+def test_it_drops_udp_from_workloads_to_the_infrastructure(site: Site) -> None:
+    for address, port in INFRA_PORTS.items():
+        if address == ALLOWED_FOR_A:
+            continue
+        payload = f"probe {address}".encode()
+        udp_send(site.ns("web"), address, port, payload)
+        assert not site.inboxes[address].got(payload, timeout=0.3), address
+
+
+def test_it_keeps_workloads_off_another_host_and_its_vxlan_port(site: Site) -> None:
+    other_host = str(site.host2.uplink_address.ip)
+    assert tcp_connects(site.internet.netns, other_host, HOST_SERVICE_PORT)
+    assert not tcp_connects(site.ns("web"), other_host, HOST_SERVICE_PORT)
+    udp_send(site.ns("web"), other_host, 5002, b"to host 2")
+    assert not site.inboxes["host2"].got(b"to host 2", timeout=0.3)
+    # A VXLAN frame forged by a workload never reaches the underlay, whatever address it is sent to.
+    udp_send(site.ns("web"), INTERNET, 4789, b"forged vxlan")
+    assert not site.inboxes["internet-vxlan"].got(b"forged vxlan", timeout=0.3)
+
+
+def test_it_drops_udp_from_workloads_to_the_hosts_own_addresses(site: Site) -> None:
+    udp_send(site.internet.netns, str(site.host1.uplink_address.ip), 5001, b"from outside")
+    assert site.inboxes["host1"].got(b"from outside")
+    for address in (str(site.a.gateway), str(site.b.gateway), str(site.host1.uplink_address.ip)):
+        payload = f"from web to {address}".encode()
+        udp_send(site.ns("web"), address, 5001, payload)
+        assert not site.inboxes["host1"].got(payload, timeout=0.3), address
+
+
+def test_it_still_lets_workloads_reach_the_internet_over_udp(site: Site) -> None:
+    udp_send(site.ns("web"), INTERNET, 5000, b"hello internet")
+    assert site.inboxes["internet"].got(b"hello internet")
+
+
+def test_it_lets_a_tenant_reach_what_the_operator_allowed_it_and_no_one_else(site: Site) -> None:
+    assert tcp_connects(site.ns("web"), ALLOWED_FOR_A, INFRA_PORTS[ALLOWED_FOR_A])
+    assert not tcp_connects(site.ns("db"), ALLOWED_FOR_A, INFRA_PORTS[ALLOWED_FOR_A])
+
+
+def test_it_never_lets_a_forged_source_address_leave_the_host(site: Site) -> None:
+    web = site.ns("web")
+    forged = {"another compartment": "10.80.2.77", "an outside address": "203.0.113.9"}
+    with iproute(web) as ipr:
+        eth0 = ipr.link_lookup(ifname="eth0")[0]
+        for address in forged.values():
+            ipr.addr("add", index=eth0, address=address, prefixlen=32)
+    try:
+        for what, source in forged.items():
+            payload = f"forged from {what}".encode()
+            udp_send(web, INTERNET, 5000, payload, source=source)
+            assert not site.inboxes["internet"].got(payload, timeout=0.3), what
+        # The same socket call from the workload's own address does leave.
+        udp_send(web, INTERNET, 5000, b"honest", source=str(A_WEB))
+        assert site.inboxes["internet"].got(b"honest")
+    finally:
+        with iproute(web) as ipr:
+            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            for address in forged.values():
+                ipr.addr("del", index=eth0, address=address, prefixlen=32)
