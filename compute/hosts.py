@@ -140,7 +140,8 @@ def mark_lost_hosts(now: Any = None) -> list[str]:
 
 
 def _require_operator(actor: Actor, action: str) -> None:
-    if actor.user is None or not actor.user.is_staff:
+    # A scoped or read-only token of an operator is no operator.
+    if not actor.is_operator:
         raise NotPermitted("Only operators manage hosts.", audit_action=action)
 
 

@@ -12,19 +12,14 @@ from django.db import models
 from django.db.models import Q
 
 from compute.choices import HostState, Isolation, RestartPolicy, WorkloadState
-from portal.permissions import TenantOwnedQuerySet
+from portal.permissions import TenantOwnedQuerySet, acts_as_operator
 from tenants.models import dns_label
 
 
 class HostQuerySet(models.QuerySet):
     def for_user(self, user: Any, action: str = "view") -> HostQuerySet:
-        """Hosts are infrastructure: operators only."""
-        if user is None or not user.is_authenticated or not user.is_staff:
-            return self.none()
-        token = getattr(user, "active_token", None)
-        if token is not None and token.read_only and action != "view":
-            return self.none()
-        return self
+        """Hosts are infrastructure: operators only (a token scoped to a tenant is no operator)."""
+        return self if acts_as_operator(user, write=action != "view") else self.none()
 
 
 class Host(models.Model):

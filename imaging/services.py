@@ -36,7 +36,7 @@ from imaging.store import LayerSpec, LayerStore, StoreError, chain_id
 from portal import operations
 from portal.errors import Conflict, Invalid, NotPermitted, ServiceError
 from portal.models import Operation
-from portal.permissions import Action
+from portal.permissions import Action, acts_as_operator
 from tenants import audit, quota
 from tenants.actors import Actor
 from tenants.choices import AuditOutcome
@@ -114,10 +114,9 @@ def validate_name_tag(name: str, tag: str) -> None:
 
 
 def _require_operator(actor: Actor, action: str) -> None:
-    if actor.user is None or not actor.user.is_staff:
+    # A scoped or read-only token of an operator is no operator.
+    if not actor.is_operator:
         raise NotPermitted("Only operators may do this.", audit_action=action)
-    if actor.token is not None and actor.token.read_only:
-        raise NotPermitted("This token is read-only.", audit_action=action)
 
 
 def _check_target(actor: Actor, tenant: Tenant | None, name: str, tag: str, action: str) -> None:
@@ -678,7 +677,7 @@ def store_usage(user: Any) -> dict[str, Any]:
         for t in tenants
     ]
     body: dict[str, Any] = {"tenants": rows}
-    if user.is_staff:
+    if acts_as_operator(user):
         root = get_store().root
         store: dict[str, Any] = {"root": str(root)}
         for part, sub in (("blobs", "blobs/sha256"), ("layers", "layers/sha256"), ("disks", "disks")):

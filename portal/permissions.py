@@ -40,6 +40,27 @@ def active_token(user: Any) -> Any:
     return getattr(user, "active_token", None)
 
 
+def is_restricted(token: Any) -> bool:
+    """A token narrowed to one tenant or to reading."""
+    return token is not None and (token.read_only or token.tenant_id is not None)
+
+
+def acts_as_operator(user: Any, *, write: bool = False) -> bool:
+    """Whether this request may use operator powers (every tenant, hosts, users, tokens, the store).
+
+    A token scoped to a tenant is a member of that tenant only, operator or not; a read-only token of
+    an operator reads as an operator and changes nothing.
+    """
+    if user is None or not user.is_authenticated or not user.is_staff:
+        return False
+    token = active_token(user)
+    if token is None:
+        return True
+    if token.tenant_id is not None:
+        return False
+    return not (write and token.read_only)
+
+
 def role_allows(role: str | None, action: Action) -> bool:
     return role is not None and role in ROLES_ALLOWED[action]
 

@@ -32,6 +32,13 @@ class Actor:
         return cls(label_override=label)
 
     @property
+    def is_operator(self) -> bool:
+        """An operator acting with full powers: not through a scoped or read-only token."""
+        if self.user is None or not self.user.is_staff:
+            return False
+        return self.token is None or (self.token.tenant_id is None and not self.token.read_only)
+
+    @property
     def label(self) -> str:
         if self.label_override:
             return self.label_override

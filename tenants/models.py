@@ -11,7 +11,13 @@ from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
 
-from portal.permissions import TenantOwnedQuerySet, TenantQuerySet
+from portal.permissions import (
+    TenantOwnedQuerySet,
+    TenantQuerySet,
+    active_token,
+    acts_as_operator,
+    is_restricted,
+)
 from tenants.choices import AuditOutcome, Role
 
 dns_label = RegexValidator(
@@ -90,10 +96,13 @@ class Quota(models.Model):
 
 class ApiTokenQuerySet(models.QuerySet):
     def for_user(self, user: Any, action: str = "view") -> ApiTokenQuerySet:
-        """Users see and revoke their own tokens; operators everybody's."""
+        """Users see and revoke their own tokens; operators everybody's; a restricted token only itself."""
         if user is None or not user.is_authenticated:
             return self.none()
-        return self if user.is_staff else self.filter(user=user)
+        token = active_token(user)
+        if is_restricted(token):
+            return self.filter(pk=token.pk)
+        return self if acts_as_operator(user) else self.filter(user=user)
 
 
 class ApiToken(models.Model):

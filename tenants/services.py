@@ -20,7 +20,8 @@ User = get_user_model()
 
 
 def _require_operator(actor: Actor, action: str) -> None:
-    if actor.user is None or not actor.user.is_staff:
+    # A scoped or read-only token of an operator is no operator.
+    if not actor.is_operator:
         raise NotPermitted("Only operators may do this.", audit_action=action)
 
 

@@ -18,6 +18,7 @@ from portal import operations
 from portal.api.viewsets import PermissionLayerViewSet, ReadOnlyPermissionLayerViewSet
 from portal.errors import Conflict
 from portal.models import Operation
+from portal.permissions import active_token, acts_as_operator
 from portal.tasks import selfcheck
 from tenants import audit, services
 from tenants.api import serializers as s
@@ -28,10 +29,13 @@ UUID_LOOKUP = r"[0-9a-fA-F-]{36}"
 
 
 def require_operator(view: PermissionLayerViewSet, what: str) -> None:
+    """Operator endpoints: staff through a session or an unrestricted token (never a scoped one)."""
     user = view.request.user
+    token = getattr(user, "active_token", None)
+    if user.is_staff and token is not None and token.tenant_id is not None:
+        raise PermissionDenied(f"A token scoped to a tenant cannot {what}.")
     if not user.is_staff:
         raise PermissionDenied(f"Only operators may {what}.")
-    token = getattr(user, "active_token", None)
     if token is not None and token.read_only:
         raise PermissionDenied("This token is read-only.")
 
@@ -152,7 +156,8 @@ class ApiTokenViewSet(ReadOnlyPermissionLayerViewSet):
     def destroy(self, request: Request, pk: str) -> Response:
         token = self.get_object()
         own = getattr(request.user, "active_token", None)
-        if own is not None and own.read_only:
+        # A restricted token sees only itself (get_object): it may revoke itself, nothing else.
+        if own is not None and own.read_only and own.pk != token.pk:
             raise PermissionDenied("This token is read-only.")
         services.revoke_token(actor=self.actor, token=token)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -230,7 +235,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
     def get_queryset(self) -> QuerySet[Any]:
         user = self.request.user
         users = get_user_model().objects.order_by("username")
-        return users if user.is_staff else users.filter(pk=user.pk)  # type: ignore[misc]
+        return users if acts_as_operator(user) else users.filter(pk=user.pk)  # type: ignore[misc]
 
     def get_object(self) -> Any:
         return get_object_or_404(self.get_queryset(), pk=self.kwargs["pk"])
@@ -245,6 +250,9 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
     @action(detail=False, methods=["get"])
     def me(self, request: Request) -> Response:
         memberships = Membership.objects.filter(user=request.user).select_related("tenant")  # type: ignore[misc]
+        token = active_token(request.user)
+        if token is not None and token.tenant_id is not None:
+            memberships = memberships.filter(tenant_id=token.tenant_id)
         return Response(
             {
                 **s.UserSerializer(request.user).data,
