@@ -13,6 +13,7 @@ from django.core.cache import cache
 from django.utils import timezone
 
 from imaging.models import Image
+from portal.client_address import client_address
 from portal.models import OperationState
 from tenants import audit
 from tenants.actors import Actor
@@ -32,7 +33,7 @@ def refusal_message(error: Exception) -> str:
 
 
 class LoginForm(AuthenticationForm):
-    """Django's login form with the API's per-address throttle on failed attempts."""
+    """Django's login form with the API's throttle on failed attempts, per client address and username."""
 
     error_messages = {
         **AuthenticationForm.error_messages,
@@ -40,8 +41,9 @@ class LoginForm(AuthenticationForm):
     }
 
     def _failure_key(self) -> str:
-        address = self.request.META.get("REMOTE_ADDR", "-") if self.request else "-"
-        return f"authfail:{address}"
+        address = (client_address(self.request.META) if self.request else None) or "-"
+        username = (self.data.get("username") or "")[:150].lower()
+        return f"authfail:{address}:user:{username}"
 
     def clean(self) -> dict[str, Any]:
         if (cache.get(self._failure_key()) or 0) >= settings.BULKHEAD_AUTH_FAILURES_PER_MINUTE:

@@ -215,8 +215,12 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
-# Failed authentications per source address and minute before the API answers 429.
+# Failed authentications per client address and credential (token prefix) a minute before the API
+# answers 429 for that pair. The client address is REMOTE_ADDR unless it is a trusted proxy (CIDRs,
+# comma-separated), whose BULKHEAD_CLIENT_IP_HEADER then names the client.
 BULKHEAD_AUTH_FAILURES_PER_MINUTE = env_int("BULKHEAD_AUTH_FAILURES_PER_MINUTE", 20)
+BULKHEAD_TRUSTED_PROXIES = [p.strip() for p in env("BULKHEAD_TRUSTED_PROXIES", "").split(",") if p.strip()]
+BULKHEAD_CLIENT_IP_HEADER = env("BULKHEAD_CLIENT_IP_HEADER", "X-Forwarded-For")
 BULKHEAD_OPERATOR_EMAIL = env("BULKHEAD_OPERATOR_EMAIL", "admin@localhost")
 BULKHEAD_HOST_NAME = env("BULKHEAD_HOST_NAME", "local")
 # Connection settings handed to hosts that join (addresses the hosts can reach); empty: not handed out.

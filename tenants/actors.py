@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from portal.client_address import client_address
 from portal.permissions import active_token
 
 
@@ -24,7 +25,7 @@ class Actor:
             user=user if authenticated else None,
             token=active_token(user) if authenticated else None,
             request_id=getattr(request, "request_id", "") or "",
-            source_address=request.META.get("REMOTE_ADDR") or None,
+            source_address=client_address(request.META),
         )
 
     @classmethod
