@@ -49,7 +49,11 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
-DEBUG = env_bool("BULKHEAD_DEBUG", not PRODUCTION)
+# Debug pages (the whole URL map, settings, tracebacks) only on request, never in production and never
+# when the web server listens beyond loopback (BULKHEAD_BIND, set by `make run`).
+BULKHEAD_BIND = env("BULKHEAD_BIND", "127.0.0.1")
+LOOPBACK_BINDS = {"127.0.0.1", "::1", "localhost"}
+DEBUG = env_bool("BULKHEAD_DEBUG", False) and not PRODUCTION and BULKHEAD_BIND in LOOPBACK_BINDS
 ALLOWED_HOSTS = [h for h in env("BULKHEAD_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
 CSRF_TRUSTED_ORIGINS = [o for o in env("BULKHEAD_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
