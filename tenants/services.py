@@ -203,3 +203,36 @@ def create_user(
     user = User.objects.create_user(username=username, password=password, email=email, is_staff=is_staff)
     audit.record(actor, "user.create", user, details={"username": username, "is_staff": is_staff})
     return user
+
+
+@audit.denials_audited
+@transaction.atomic
+def update_user(
+    *,
+    actor: Actor,
+    user: Any,
+    email: str | None = None,
+    is_staff: bool | None = None,
+    is_active: bool | None = None,
+    password: str | None = None,
+) -> Any:
+    """Operators change an account: e-mail, operator flag, active flag, password (never audited)."""
+    _require_operator(actor, "user.update")
+    if user.pk == actor.user.pk and (is_staff is False or is_active is False):
+        raise Conflict("You cannot take away your own operator rights or deactivate yourself.")
+    user = User.objects.select_for_update().get(pk=user.pk)
+    changed: dict[str, Any] = {}
+    for field, value in (("email", email), ("is_staff", is_staff), ("is_active", is_active)):
+        if value is not None and getattr(user, field) != value:
+            setattr(user, field, value)
+            changed[field] = value
+    if password is not None:
+        user.set_password(password)
+        changed["password"] = "changed"  # noqa: S105 - a marker, the password itself is never kept
+    if changed:
+        user.save()
+        if is_active is False:
+            # A deactivated account's tokens stop working at once (the backend checks is_active too).
+            ApiToken.objects.filter(user=user, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    audit.record(actor, "user.update", user, details=changed)
+    return user

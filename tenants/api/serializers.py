@@ -141,5 +141,12 @@ class UserSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = get_user_model()
-        fields = ["id", "username", "email", "is_staff", "password"]
-        read_only_fields = ["id"]
+        fields = ["id", "username", "email", "is_staff", "is_active", "password"]
+        read_only_fields = ["id", "is_active"]
+
+
+class UserUpdateSerializer(serializers.Serializer):
+    email = serializers.EmailField(required=False, allow_blank=True)
+    is_staff = serializers.BooleanField(required=False)
+    is_active = serializers.BooleanField(required=False)
+    password = serializers.CharField(write_only=True, required=False, min_length=10)

@@ -247,6 +247,15 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
         user = services.create_user(actor=self.actor, **serializer.validated_data)
         return Response(s.UserSerializer(user).data, status=status.HTTP_201_CREATED)
 
+    @extend_schema(request=s.UserUpdateSerializer, responses=s.UserSerializer)
+    def partial_update(self, request: Request, pk: str) -> Response:
+        target = self.get_object()
+        require_operator(self, "change users")
+        serializer = s.UserUpdateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        user = services.update_user(actor=self.actor, user=target, **serializer.validated_data)
+        return Response(s.UserSerializer(user).data)
+
     @action(detail=False, methods=["get"])
     def me(self, request: Request) -> Response:
         memberships = Membership.objects.filter(user=request.user).select_related("tenant")  # type: ignore[misc]

@@ -1,6 +1,6 @@
 """The UI half of the authorization matrix: every UI route x every persona x own/foreign/missing object.
 
-UI routes are enumerated from the resolver (everything outside /api/, /django-admin/ and /static/); a
+UI routes are enumerated from the resolver (everything outside /api/ and /static/); a
 route missing from UI_ROUTES fails the suite. Sessions only: API tokens do not sign in to the UI.
 """
 
@@ -127,7 +127,7 @@ def ui_route_names() -> set[str]:
     def walk(patterns: list[Any], prefix: str) -> None:
         for p in patterns:
             route = prefix + str(p.pattern)
-            if route.startswith(("api/", "django-admin/", "static/")):
+            if route.startswith(("api/", "static/")):
                 continue
             if isinstance(p, URLResolver):
                 walk(p.url_patterns, route)
