@@ -20,7 +20,6 @@ from compute.choices import HostState, WorkloadState
 from compute.models import Host, JoinToken, Workload
 from portal import events
 from portal.errors import Conflict, Invalid, NotPermitted
-from portal.permissions import acts_as_operator
 from tenants import audit
 from tenants.actors import Actor
 
@@ -143,7 +142,8 @@ def mark_lost_hosts(now: Any = None) -> list[str]:
 
 
 def _require_operator(actor: Actor, action: str) -> None:
-    if not acts_as_operator(actor.user, actor.token):
+    # A scoped or read-only token of an operator is no operator.
+    if not actor.is_operator:
         raise NotPermitted("Only operators manage hosts.", audit_action=action)
     if actor.token is not None and actor.token.read_only:
         raise NotPermitted("This token is read-only.", audit_action=action)

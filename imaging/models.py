@@ -14,7 +14,7 @@ from django.db import models
 from django.db.models import Q
 
 from imaging.choices import DEFAULT_PLATFORM, ImageSource
-from portal.permissions import Action, TenantOwnedQuerySet
+from portal.permissions import Action, TenantOwnedQuerySet, acts_as_operator
 
 
 class Layer(models.Model):
@@ -36,7 +36,7 @@ class ImageQuerySet(TenantOwnedQuerySet):
     def for_user(self, user: Any, action: Action = "view") -> Self:
         """The tenant permission layer, plus public images readable by every signed-in user."""
         own = super().for_user(user, action)
-        if action != "view" or user is None or not user.is_authenticated or user.is_staff:
+        if action != "view" or user is None or not user.is_authenticated or acts_as_operator(user):
             return own
         return self.filter(Q(pk__in=own.values("pk")) | Q(tenant__isnull=True))
 

@@ -114,10 +114,9 @@ def validate_name_tag(name: str, tag: str) -> None:
 
 
 def _require_operator(actor: Actor, action: str) -> None:
-    if not acts_as_operator(actor.user, actor.token):
+    # A scoped or read-only token of an operator is no operator.
+    if not actor.is_operator:
         raise NotPermitted("Only operators may do this.", audit_action=action)
-    if actor.token is not None and actor.token.read_only:
-        raise NotPermitted("This token is read-only.", audit_action=action)
 
 
 def _check_target(actor: Actor, tenant: Tenant | None, name: str, tag: str, action: str) -> None:

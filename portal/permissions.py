@@ -40,19 +40,32 @@ def active_token(user: Any) -> Any:
     return getattr(user, "active_token", None)
 
 
-def acts_as_operator(user: Any, token: Any = None) -> bool:
-    """An operator acting for the whole installation: staff, and not through a token scoped to one
-    tenant (such a token is a member of that tenant only, operator or not)."""
-    if user is None or not getattr(user, "is_authenticated", False) or not user.is_staff:
-        return False
-    token = token if token is not None else active_token(user)
-    return token is None or token.tenant_id is None
+def is_restricted(token: Any) -> bool:
+    """A token narrowed to one tenant or to reading."""
+    return token is not None and (token.read_only or token.tenant_id is not None)
 
 
 def restricted_token(user: Any) -> Any:
     """The request's token if it is read-only or scoped to a tenant (it then sees only itself), else None."""
     token = active_token(user)
-    return token if token is not None and (token.read_only or token.tenant_id is not None) else None
+    return token if is_restricted(token) else None
+
+
+def acts_as_operator(user: Any, token: Any = None, *, write: bool = False) -> bool:
+    """Whether this request may use operator powers (every tenant, hosts, users, tokens, the store).
+
+    A token scoped to a tenant is a member of that tenant only, operator or not; a read-only token of
+    an operator reads as an operator and changes nothing. `token`: the actor's token where the user
+    object does not carry it (services); by default the request's.
+    """
+    if user is None or not getattr(user, "is_authenticated", False) or not user.is_staff:
+        return False
+    token = token if token is not None else active_token(user)
+    if token is None:
+        return True
+    if token.tenant_id is not None:
+        return False
+    return not (write and token.read_only)
 
 
 def role_allows(role: str | None, action: Action) -> bool:

@@ -49,20 +49,16 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
-# Off unless asked for: Django's debug pages show the whole URL map and settings to whoever gets an
-# error or a 404. Asked for, only while the portal listens on loopback alone, never in production.
-LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1")
-DEBUG = (
-    env_bool("BULKHEAD_DEBUG", False)
-    and not PRODUCTION
-    and env("BULKHEAD_BIND", "127.0.0.1") in LOOPBACK_BINDS
-)
+# Debug pages (the whole URL map, settings, tracebacks) only on request, never in production and never
+# when the web server listens beyond loopback (BULKHEAD_BIND, set by `make run`).
+BULKHEAD_BIND = env("BULKHEAD_BIND", "127.0.0.1")
+LOOPBACK_BINDS = {"127.0.0.1", "::1", "localhost"}
+DEBUG = env_bool("BULKHEAD_DEBUG", False) and not PRODUCTION and BULKHEAD_BIND in LOOPBACK_BINDS
 ALLOWED_HOSTS = [h for h in env("BULKHEAD_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
 CSRF_TRUSTED_ORIGINS = [o for o in env("BULKHEAD_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -236,12 +232,12 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
-# Failed authentications per source address and minute before the API answers 429.
+# Failed authentications per client address and credential (token prefix) a minute before the API
+# answers 429 for that pair. The client address is REMOTE_ADDR unless it is a trusted proxy (CIDRs,
+# comma-separated), whose BULKHEAD_CLIENT_IP_HEADER then names the client.
 BULKHEAD_AUTH_FAILURES_PER_MINUTE = env_int("BULKHEAD_AUTH_FAILURES_PER_MINUTE", 20)
-# Behind a reverse proxy: the header it sets with the client's address, and the proxies' networks that
-# are trusted to set it (tenants/throttle.py). Empty: the peer's address is the client's.
+BULKHEAD_TRUSTED_PROXIES = [p.strip() for p in env("BULKHEAD_TRUSTED_PROXIES", "").split(",") if p.strip()]
 BULKHEAD_CLIENT_IP_HEADER = env("BULKHEAD_CLIENT_IP_HEADER", "X-Forwarded-For")
-BULKHEAD_TRUSTED_PROXIES = [n for n in env("BULKHEAD_TRUSTED_PROXIES", "").split(",") if n]
 BULKHEAD_OPERATOR_EMAIL = env("BULKHEAD_OPERATOR_EMAIL", "admin@localhost")
 BULKHEAD_HOST_NAME = env("BULKHEAD_HOST_NAME", "local")
 # Connection settings handed to hosts that join (addresses the hosts can reach); empty: not handed out.

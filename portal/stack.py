@@ -157,6 +157,8 @@ def supervise(start: Callable[[Stack], str]) -> int:
 def run(bind: str, port: int) -> int:
     """`make run`: Redis, libvirtd, migrations, bootstrap, worker, beat, the local agent, the web server."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    # The settings (here and in every child) see where the web server listens: no debug pages beyond loopback.
+    os.environ["BULKHEAD_BIND"] = bind
     django.setup()
     from django.conf import settings
     from django.core.management import call_command

@@ -1,4 +1,3 @@
-from django.contrib import admin
 from django.urls import URLPattern, URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
@@ -16,7 +15,6 @@ api_v1: list[URLPattern | URLResolver] = [
 urlpatterns = [
     # Namespaced: the UI has pages of the same names (workload-detail, image-import, ...).
     path("api/v1/", include((api_v1, "api"), namespace="api")),
-    path("django-admin/", admin.site.urls),
     path("metrics", MetricsView.as_view(), name="metrics"),
     path("", include("frontend.urls")),
 ]

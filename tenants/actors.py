@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from portal.client_address import client_address
 from portal.permissions import active_token
 
 
@@ -24,12 +25,19 @@ class Actor:
             user=user if authenticated else None,
             token=active_token(user) if authenticated else None,
             request_id=getattr(request, "request_id", "") or "",
-            source_address=_client_address(request),
+            source_address=client_address(request.META),
         )
 
     @classmethod
     def system(cls, label: str = "system") -> Actor:
         return cls(label_override=label)
+
+    @property
+    def is_operator(self) -> bool:
+        """An operator acting with full powers: not through a scoped or read-only token."""
+        if self.user is None or not self.user.is_staff:
+            return False
+        return self.token is None or (self.token.tenant_id is None and not self.token.read_only)
 
     @property
     def label(self) -> str:
@@ -40,10 +48,3 @@ class Actor:
         if self.token is not None:
             return f"{self.user.get_username()} (token {self.token.prefix})"
         return str(self.user.get_username())
-
-
-def _client_address(request: Any) -> str | None:
-    from tenants.throttle import client_address
-
-    address = client_address(request) if hasattr(request, "META") else "-"
-    return None if address == "-" else address

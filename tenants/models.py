@@ -11,7 +11,13 @@ from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
 
-from portal.permissions import TenantOwnedQuerySet, TenantQuerySet
+from portal.permissions import (
+    TenantOwnedQuerySet,
+    TenantQuerySet,
+    active_token,
+    acts_as_operator,
+    is_restricted,
+)
 from tenants.choices import AuditOutcome, Role
 
 dns_label = RegexValidator(
@@ -103,14 +109,12 @@ class Quota(models.Model):
 
 class ApiTokenQuerySet(models.QuerySet):
     def for_user(self, user: Any, action: str = "view") -> ApiTokenQuerySet:
-        """Users see and revoke their own tokens; operators everybody's."""
-        from portal.permissions import acts_as_operator, restricted_token
-
+        """Users see and revoke their own tokens; operators everybody's; a restricted token only itself."""
         if user is None or not user.is_authenticated:
             return self.none()
-        restricted = restricted_token(user)
-        if restricted is not None:
-            return self.filter(pk=restricted.pk)  # a read-only or scoped token sees only itself
+        token = active_token(user)
+        if is_restricted(token):
+            return self.filter(pk=token.pk)
         return self if acts_as_operator(user) else self.filter(user=user)
 
 

@@ -21,7 +21,8 @@ User = get_user_model()
 
 
 def _require_operator(actor: Actor, action: str) -> None:
-    if not acts_as_operator(actor.user, actor.token):
+    # A scoped or read-only token of an operator is no operator.
+    if not actor.is_operator:
         raise NotPermitted("Only operators may do this.", audit_action=action)
     if actor.token is not None and actor.token.read_only:
         raise NotPermitted("This token is read-only.", audit_action=action)
@@ -317,3 +318,36 @@ def ensure_first_operator(*, actor: Actor, username: str, password: str, email: 
     user = User.objects.create_superuser(username, email, password)
     audit.record(actor, "user.create", user, details={"username": username, "is_staff": True})
     return user, True
+
+
+@audit.denials_audited
+@transaction.atomic
+def update_user(
+    *,
+    actor: Actor,
+    user: Any,
+    email: str | None = None,
+    is_staff: bool | None = None,
+    is_active: bool | None = None,
+    password: str | None = None,
+) -> Any:
+    """Operators change an account: e-mail, operator flag, active flag, password (never audited)."""
+    _require_operator(actor, "user.update")
+    if user.pk == actor.user.pk and (is_staff is False or is_active is False):
+        raise Conflict("You cannot take away your own operator rights or deactivate yourself.")
+    user = User.objects.select_for_update().get(pk=user.pk)
+    changed: dict[str, Any] = {}
+    for field, value in (("email", email), ("is_staff", is_staff), ("is_active", is_active)):
+        if value is not None and getattr(user, field) != value:
+            setattr(user, field, value)
+            changed[field] = value
+    if password is not None:
+        user.set_password(password)
+        changed["password"] = "changed"  # noqa: S105 - a marker, the password itself is never kept
+    if changed:
+        user.save()
+        if is_active is False:
+            # A deactivated account's tokens stop working at once (the backend checks is_active too).
+            ApiToken.objects.filter(user=user, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    audit.record(actor, "user.update", user, details=changed)
+    return user

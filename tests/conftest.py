@@ -2,7 +2,7 @@
 
 Tenant A ("acme"): owner alice, admin amir, member mia, viewer vic. Tenant B ("globex"): owner bob.
 charlie belongs to no tenant; oscar is an operator. Tokens: a read-only token of mia, a token of alice
-scoped to acme, a token of bob.
+scoped to acme, a token of bob, oscar's token scoped to acme and oscar's read-only token.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def build_world() -> World:
         "mia_readonly": services.create_token(actor=Actor(user=users["mia"]), name="ro", read_only=True)[1],
         "alice_acme": services.create_token(actor=Actor(user=users["alice"]), name="acme", tenant=acme)[1],
         "bob": services.create_token(actor=Actor(user=users["bob"]), name="bob")[1],
+        "oscar_acme": services.create_token(actor=op, name="op-acme", tenant=acme)[1],
+        "oscar_readonly": services.create_token(actor=op, name="op-ro", read_only=True)[1],
     }
     return World(acme=acme, globex=globex, users=users, tokens=tokens)
 

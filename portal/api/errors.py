@@ -63,10 +63,20 @@ def _audit_denied(request: Any, context: dict[str, Any], reason: str, action: st
 
     view = context.get("view")
     name = type(view).__name__ if view is not None else "api"
+    actor = Actor.from_request(request)
     audit.record_denied(
-        Actor.from_request(request),
+        actor,
         action or f"api.{request.method.lower()}",
+        tenant=_tenant_concerned(view, actor),
         view=name,
         path=request.path,
         reason=reason,
     )
+
+
+def _tenant_concerned(view: Any, actor: Any) -> Any:
+    """The tenant a refusal concerns, so that its admins see it: the object's, else the token's scope."""
+    tenant = getattr(view, "tenant_concerned", None)
+    if tenant is None and actor.token is not None and actor.token.tenant_id is not None:
+        tenant = actor.token.tenant
+    return tenant

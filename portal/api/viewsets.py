@@ -16,11 +16,22 @@ from rest_framework.exceptions import PermissionDenied
 from portal.permissions import Action
 from tenants.actors import Actor
 
+
+def tenant_of(obj: Any) -> Any:
+    """The tenant an object belongs to (a Tenant is its own), or None for installation objects."""
+    from tenants.models import Tenant
+
+    if isinstance(obj, Tenant):
+        return obj
+    return getattr(obj, "tenant", None)
+
+
 READ_ACTIONS = {"list", "retrieve", "metadata"}
 
 
 class PermissionLayerViewSet(viewsets.GenericViewSet):
     model: ClassVar[type[Model]]
+    tenant_concerned: Any = None
     write_action: ClassVar[Action] = "operate"
     action_overrides: ClassVar[dict[str, Action]] = {}
 
@@ -45,7 +56,10 @@ class PermissionLayerViewSet(viewsets.GenericViewSet):
         if obj is None:
             visible = self.base_queryset().for_user(self.request.user, "view")  # type: ignore[attr-defined]
             found = get_object_or_404(visible, **{self.lookup_field: lookup})
+            self.tenant_concerned = tenant_of(found)
             raise PermissionDenied(f"Your role does not allow '{action}' on this {found._meta.verbose_name}.")
+        # A later refusal on this object (an operator-only action) concerns its tenant.
+        self.tenant_concerned = tenant_of(obj)
         self.check_object_permissions(self.request, obj)
         return obj
 

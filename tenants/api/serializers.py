@@ -165,3 +165,10 @@ class OperationLogEntrySerializer(serializers.ModelSerializer):
 class OperationLogSerializer(serializers.Serializer):
     operation = OperationSerializer()
     entries = OperationLogEntrySerializer(many=True)
+
+
+class UserUpdateSerializer(serializers.Serializer):
+    email = serializers.EmailField(required=False, allow_blank=True)
+    is_staff = serializers.BooleanField(required=False)
+    is_active = serializers.BooleanField(required=False)
+    password = serializers.CharField(write_only=True, required=False, min_length=10)

