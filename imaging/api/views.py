@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from imaging.filtersets import ImageFilterSet
 from imaging.models import Image, ImageLayer
 from portal.api.viewsets import PermissionLayerViewSet
 from portal.models import Operation
+from portal.permissions import acts_as_operator
 from tenants.api.serializers import OperationSerializer
 from tenants.api.views import UUID_LOOKUP, require_operator
 from tenants.models import Tenant
@@ -156,10 +158,28 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionL
             return None
         tenant = Tenant.objects.for_user(self.request.user, "operate").filter(pk=tenant_id).first()
         if tenant is None:
-            if not Tenant.objects.for_user(self.request.user, "view").filter(pk=tenant_id).exists():
+            self.tenant_concerned = (
+                Tenant.objects.for_user(self.request.user, "view").filter(pk=tenant_id).first()
+            )
+            if self.tenant_concerned is None:
                 raise NotFound("No such tenant.")
             raise PermissionDenied("Your role does not allow adding images to this tenant.")
         return tenant
+
+    def _refuse_before_the_body(self) -> None:
+        """Whoever may not add images anywhere (viewers, read-only tokens) is refused before one byte
+        of the upload is read (DRF parses the body lazily, on `request.data`)."""
+        tenant_id = self.request.query_params.get("tenant")
+        if tenant_id:
+            try:
+                uuid.UUID(tenant_id)
+            except ValueError:
+                raise NotFound("No such tenant.") from None
+            self._tenant(tenant_id)
+            return
+        user = self.request.user
+        if not acts_as_operator(user, write=True) and not Tenant.objects.for_user(user, "operate").exists():
+            raise PermissionDenied("Your role does not allow adding images.")
 
     def _accepted(self, op: Operation) -> Response:
         return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
@@ -167,7 +187,11 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionL
     @extend_schema(request=s.ImportSerializer, responses={202: OperationSerializer})
     @action(detail=False, methods=["post"], url_path="import", url_name="import")
     def import_archive(self, request: Request) -> Response:
-        """Upload an image archive (multipart `archive`); imported by an operation."""
+        """Upload an image archive (multipart `archive`); imported by an operation.
+
+        `?tenant=<id>` in the query string lets the role in that tenant be checked before the body is read.
+        """
+        self._refuse_before_the_body()
         upload: Any = None
         try:
             serializer = s.ImportSerializer(data=request.data)

@@ -131,7 +131,9 @@ class MembershipViewSet(ReadOnlyPermissionLayerViewSet):
     def _tenant_for(self, tenant_id: Any, action_name: Any) -> Tenant:
         tenant = Tenant.objects.for_user(self.request.user, action_name).filter(pk=tenant_id).first()
         if tenant is None:
-            get_object_or_404(Tenant.objects.for_user(self.request.user, "view"), pk=tenant_id)
+            self.tenant_concerned = get_object_or_404(
+                Tenant.objects.for_user(self.request.user, "view"), pk=tenant_id
+            )
             raise PermissionDenied("Your role does not allow managing members of this tenant.")
         return tenant
 

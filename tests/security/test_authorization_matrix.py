@@ -92,6 +92,7 @@ class Route:
     visibility: str = "tenant"  # "tenant" | "self" (tokens, users: only their user and operators)
     list_post: int | None = None  # expected status of an empty POST to a collection (allowed personas)
     list_post_staff_only: bool = False
+    list_post_operate: bool = False  # refused (403) to personas that may operate in no tenant
     extra: dict[str, Any] = field(default_factory=dict)
     # What an allowed GET may answer: 503 where the answer comes from a host's agent (none runs here).
     read_ok: frozenset[int] = frozenset({200})
@@ -162,7 +163,8 @@ ROUTES: dict[str, Route] = {
     "image-detail": Route(
         methods=("GET", "DELETE"), obj=lambda w, o: db_image(_acme_or_globex(w, o), "matrix").pk
     ),
-    "image-import": Route(methods=("POST",), list_post=400),
+    # Refused before the body is read to whoever may add images nowhere.
+    "image-import": Route(methods=("POST",), list_post=400, list_post_operate=True),
     "image-pull": Route(methods=("POST",), list_post=400),
     "image-tag": Route(methods=("POST",), obj=lambda w, o: db_image(_acme_or_globex(w, o), "matrix").pk),
     "image-publish": Route(
@@ -350,6 +352,10 @@ def expected_status(
             return {403}
         if route.refuses_restricted_tokens and persona in RESTRICTED_TOKENS:
             return {403}
+        if route.list_post_operate and not writes_as_operator(persona):
+            roles = {role_in(world, persona, t) for t in ("acme", "globex")}
+            if persona in READ_ONLY_TOKENS or not roles & ROLES_ALLOWED["operate"]:
+                return {403}
         return {route.list_post or 400}
     if ownership == "missing":
         return {404}
