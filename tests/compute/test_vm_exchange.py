@@ -158,9 +158,27 @@ def hostile_streams(canary: Path) -> dict[str, bytes]:
         ),
         "hard-link-out": tar_stream((entry("stolen", tarfile.LNKTYPE, link=str(canary)), b"")),
         "hard-link-up": tar_stream((entry("stolen", tarfile.LNKTYPE, link="../../../canary"), b"")),
-        "block-device": tar_stream((device("disk", tarfile.BLKTYPE, 8, 0), b"")),
-        "char-device": tar_stream((device("mem", tarfile.CHRTYPE, 1, 1), b"")),
     }
+
+
+# Device nodes are left out (and listed), not refused, as in any image layer: a guest's /dev/sda or
+# /dev/mem in its changes becomes nothing on the host.
+DEVICE_STREAMS = {
+    "block-device": lambda: tar_stream((device("disk", tarfile.BLKTYPE, 8, 0), b"")),
+    "char-device": lambda: tar_stream((device("mem", tarfile.CHRTYPE, 1, 1), b"")),
+}
+
+
+@pytest.mark.parametrize("kind", list(DEVICE_STREAMS))
+def test_it_leaves_device_nodes_of_an_export_out(tmp_path: Path, kind: str) -> None:
+    stream = DEVICE_STREAMS[kind]()
+    header = f"BULKHEAD-EXPORT 1 {NONCE} ok {len(stream)}\n".encode()
+    exported = read_export_header(export_disk(tmp_path, stream, header), NONCE, name="vm")
+    upper = unpack_exported_changes(
+        exported, LayerStore(tmp_path / "store", durable=False), lease_name="test"
+    )
+    assert not any(path.is_block_device() or path.is_char_device() for path in upper.rglob("*"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["store", "vm.rw.export"]
 
 
 @pytest.mark.parametrize("kind", list(hostile_streams(Path("/nowhere/canary"))))

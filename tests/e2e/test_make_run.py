@@ -206,7 +206,7 @@ def test_it_serves_a_web_and_db_app_deployed_with_the_cli_and_stops_clean(tmp_pa
             imported = session.request(
                 "POST",
                 "/api/v1/images/import/",
-                data={"name": "webdb", "tag": "1"},
+                data={"name": "webdb", "tag": "1", "tenant": demo["id"]},
                 files={"archive": ("webdb.tar", upload, "application/x-tar")},
                 headers={"Authorization": f"Bearer {api_token}"},
             )
