@@ -405,6 +405,10 @@ def resync(host: Host, *, since: Any = None) -> dict[str, list[str]]:
             current = load(workload.pk)
             if current is not None:
                 _resync_one(runtime, runtime_id, current, report)
+    if Workload.objects.filter(host=host, isolation=Isolation.MICROVM).exists():
+        from compute import vm_agent
+
+        vm_agent.resync(host, report)
     return report
 
 

@@ -28,6 +28,7 @@ from compute.runtimes.libvirt import (
     unpack_exported_changes,
 )
 from portal.errors import Conflict
+from portal.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,11 @@ def ensure_running(workload: Workload, progress: agent.Progress) -> str:
     try:
         # A VM that ran before is defined again over the same writable disk: its changes stay.
         spec = vm_spec(workload, progress)
-        progress(70, "Booting the micro-VM")
+        progress(60, "Defining the VM", force=True)  # slow steps always show
+        failpoint("vm.defining")
         runtime.create(spec)
+        progress(70, "Booting the micro-VM", force=True)
+        failpoint("vm.booting")
         runtime.start(workload.pk)
         _attach_network(runtime, workload)  # issue 7: the tap into a netns host's compartment bridge
     except Exception as exc:
@@ -234,6 +238,71 @@ def upper_dir(workload: Workload) -> Path:
         raise Conflict(f"The micro-VM's exported changes were refused: {reason}.") from None
     except LimitExceeded as error:
         raise Conflict(f"The micro-VM's exported changes were refused: {error}.") from None
+
+
+def resync(host: Host, report: dict[str, list[str]]) -> None:
+    """After an agent (re)start: finish what a killed agent or worker left half-done on this host's
+    micro-VMs. A creation cut short runs again (the create is what was asked), a deletion completes,
+    a stop is recorded; a workload whose lock a live task holds is left to it."""
+    half_done = [
+        WorkloadState.PENDING,
+        WorkloadState.CREATING,
+        WorkloadState.STOPPING,
+        WorkloadState.DELETING,
+    ]
+    for workload in Workload.objects.select_related("host", "image", "tenant").filter(
+        host=host, isolation=Isolation.MICROVM, state__in=half_done
+    ):
+        with agent.workload_lock(workload, blocking=False) as mine:
+            if not mine:
+                report.setdefault("busy", []).append(str(workload.pk))
+                continue
+            current = agent.load(workload.pk)
+            if current is not None and current.state in half_done:
+                try:
+                    _resync_one(current, report)
+                except Exception:
+                    log.exception("re-sync of micro-VM %s failed", current.pk)
+                    agent.transition(
+                        current,
+                        [WorkloadState.CREATING, WorkloadState.PENDING],
+                        state=WorkloadState.FAILED,
+                        status_message="its creation was interrupted and could not be finished",
+                    )
+
+
+def _resync_one(workload: Workload, report: dict[str, list[str]]) -> None:
+    assert workload.host is not None
+    runtime = vm_runtime(workload.host)
+    if workload.state == WorkloadState.DELETING:
+        remove(workload, grace_seconds=5)
+        from compute.services import forget_workload
+
+        forget_workload(workload.pk)
+        report["deleted"].append(str(workload.pk))
+        return
+    try:
+        status: str = runtime.state(workload.pk).status
+    except VmNotFound:
+        status = "absent"
+    if workload.state == WorkloadState.STOPPING:
+        if status == "running":
+            stop(workload, grace_seconds=5)
+        else:
+            agent.record_exit(workload, None, expected=[WorkloadState.STOPPING], requested=True)
+        report["exited"].append(str(workload.pk))
+        return
+    if workload.state == WorkloadState.PENDING and not workload.desired_running:
+        agent.transition(workload, [WorkloadState.PENDING], state=WorkloadState.STOPPED)
+        return
+    if status != "running":
+        # A creation cut short (while defining or booting): it runs again from the start.
+        Workload.objects.filter(pk=workload.pk, state=WorkloadState.CREATING).update(
+            state=WorkloadState.PENDING
+        )
+        workload.refresh_from_db()
+    ensure_running(workload, agent._noop_progress)  # a running domain is adopted as it is
+    report["resumed"].append(str(workload.pk))
 
 
 def handle_exits(host: Host) -> list[str]:

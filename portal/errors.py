@@ -39,3 +39,7 @@ class NotPermitted(ServiceError):
 class Unavailable(ServiceError):
     status_code = 503
     code = "unavailable"
+
+
+class BrokerUnavailable(Unavailable):
+    code = "broker_unavailable"

@@ -29,7 +29,12 @@ def start(
     queue: str = "default",
     params: dict[str, Any] | None = None,
 ) -> Operation:
-    """Write the Operation row and send `task` (a Celery task) with its id on commit."""
+    """Write the Operation row and send `task` (a Celery task) with its id on commit.
+
+    BrokerUnavailable (503) when the broker does not answer: raised before any row is written, so the
+    caller's transaction rolls back and no workload waits in `creating` for a task never queued.
+    """
+    ensure_broker_answers()
     op = Operation.objects.create(
         kind=kind,
         tenant=tenant,
@@ -53,6 +58,34 @@ def start(
 
     transaction.on_commit(send)
     return op
+
+
+_broker_client: Any = None
+
+
+def ensure_broker_answers() -> None:
+    """One PING on the broker's pooled connection (a round trip on loopback); BrokerUnavailable if none."""
+    global _broker_client
+    import redis
+
+    from portal.celery import app
+    from portal.errors import BrokerUnavailable
+
+    url = str(app.conf.broker_url or "")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return
+    if _broker_client is None or _broker_client.url != url:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        client.url = url  # type: ignore[attr-defined]
+        _broker_client = client
+    try:
+        _broker_client.ping()
+    except redis.exceptions.RedisError as exc:
+        log.warning("broker does not answer: %s", exc)
+        raise BrokerUnavailable(
+            "The message broker (Redis) is not answering, so nothing was started. "
+            "Try again in a moment; an operator should check that Redis is running."
+        ) from None
 
 
 def _publish(op_id: Any) -> None:
