@@ -96,9 +96,7 @@ class Stack:
                 )
             self._restarts[name] = [*recent, now]
             args, kwargs = self._commands[name]
-            replacement = subprocess.Popen(
-                args, start_new_session=True, preexec_fn=_die_with_parent, **kwargs
-            )  # type: ignore[call-overload]
+            replacement = _popen(args, kwargs)
             self.children[index] = (name, replacement)
             said.append(f"{name} exited with {proc.returncode}; restarted it (pid {replacement.pid})")
         return said
