@@ -27,6 +27,14 @@ CHROMIUM_ARGS = [
 ]
 
 
+def sign_in(page: Any, live_server: Any, username: str) -> None:
+    page.goto(f"{live_server.url}/login/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{live_server.url}/")
+
+
 @pytest.fixture
 def browser_page() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
@@ -51,11 +59,7 @@ def test_it_signs_in_creates_a_token_and_sees_it_in_the_audit_log(
     outside_requests: list[str] = []
     local = (live_server.url, "data:")
     page.on("request", lambda r: None if r.url.startswith(local) else outside_requests.append(r.url))
-    page.goto(f"{live_server.url}/login/")
-    page.get_by_label("Username").fill("alice")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{live_server.url}/")
+    sign_in(page, live_server, "alice")
 
     page.goto(f"{live_server.url}/tokens/")
     page.get_by_label("Name").fill("laptop")
@@ -89,11 +93,7 @@ def test_it_compares_a_revision_with_a_picked_one_in_place(
         for n, name in ((1, "alpha"), (2, "beta"), (3, "gamma"))
     ]
     page = browser_page
-    page.goto(f"{live_server.url}/login/")
-    page.get_by_label("Username").fill("vic")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{live_server.url}/")
+    sign_in(page, live_server, "vic")
 
     page.goto(f"{live_server.url}/desired/revisions/{revisions[2].pk}/")
     heading = page.locator("#diff-heading")
@@ -127,11 +127,7 @@ def test_it_plots_a_workloads_sampled_history(world: World, live_server: Any, br
         sampling.record("workload", workload.pk, world.acme.pk, raw, now - 110 + 10 * i)
 
     page = browser_page
-    page.goto(f"{live_server.url}/login/")
-    page.get_by_label("Username").fill("vic")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{live_server.url}/")
+    sign_in(page, live_server, "vic")
     page.goto(f"{live_server.url}/workloads/{workload.pk}/")
     page.wait_for_function(
         "document.querySelector('[data-plot=cpu]') && document.querySelector('[data-plot=cpu]')._uplot"
@@ -157,11 +153,7 @@ def test_it_folds_the_menu_and_scrolls_tables_inside_cards_at_phone_width(
 ) -> None:
     page = browser_page
     page.set_viewport_size({"width": 390, "height": 844})
-    page.goto(f"{live_server.url}/login/")
-    page.get_by_label("Username").fill("oscar")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{live_server.url}/")
+    sign_in(page, live_server, "oscar")
     page.goto(f"{live_server.url}/audit/")
     header = page.locator("header.topbar").bounding_box()
     assert header is not None and header["height"] < 80  # one row: the menu is folded
@@ -193,11 +185,7 @@ def test_it_shows_bytes_sent_while_an_image_archive_uploads(
     settings.BULKHEAD_STORE_DIR = tmp_path / "store"
     archive = write_oci_archive(build_image(busybox_layers()), tmp_path / "busybox.tar")
     page = browser_page
-    page.goto(f"{live_server.url}/login/")
-    page.get_by_label("Username").fill("alice")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{live_server.url}/")
+    sign_in(page, live_server, "alice")
     page.goto(f"{live_server.url}/images/")
     page.evaluate(
         "() => { window.__uploadTexts = []; document.addEventListener('htmx:xhr:progress', () => {"
