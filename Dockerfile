@@ -15,9 +15,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 BULKHEAD_PROFILE=production BUL
 RUN apt-get update && apt-get install -y --no-install-recommends libvirt-dev pkg-config gcc erofs-utils e2fsprogs \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml requirements.lock ./
+COPY pyproject.toml requirements.lock.txt ./
 # Versions from the lock only, with hashes (the same lock make run and make test install).
-RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock.txt
 COPY portal/ portal/
 COPY tenants/ tenants/
 COPY imaging/ imaging/

@@ -25,11 +25,11 @@ $(VAR)/.system-packages: scripts/system-packages.txt scripts/install-system-pack
 	bash scripts/install-system-packages.sh
 	@touch $@
 
-# Versions come from requirements.lock only (hashes required); `make lock` refreshes it on purpose.
+# Versions come from requirements.lock.txt only (hashes required); `make lock` refreshes it on purpose.
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements.lock.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	@touch $@

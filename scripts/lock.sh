@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Refreshes requirements.lock from the ranges in pyproject.toml (runtime + dev) and requirements-build.in.
+# Refreshes requirements.lock.txt from the ranges in pyproject.toml (runtime + dev) and requirements-build.in.
 # Run it on purpose (`make lock`) when you change a dependency or want newer versions, then run
 # `make test` and commit the lock with the change. Every set-up installs exactly the lock, with hashes.
 set -euo pipefail
@@ -12,5 +12,5 @@ if [[ ! -x "$tools/bin/uv" ]] || [[ "$("$tools/bin/uv" --version | cut -d' ' -f2
 fi
 cd "$root"
 "$tools/bin/uv" pip compile pyproject.toml requirements-build.in --extra dev \
-  --generate-hashes --python-version 3.11 --no-header --upgrade -o requirements.lock
-echo "requirements.lock refreshed; run make test before committing it"
+  --generate-hashes --python-version 3.11 --no-header --upgrade -o requirements.lock.txt
+echo "requirements.lock.txt refreshed; run make test before committing it"
