@@ -160,7 +160,8 @@ def test_it_serves_a_web_and_db_app_deployed_with_the_cli_and_stops_clean(tmp_pa
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("DATABASE_URL", "REDIS_URL") and not key.startswith(("PYTEST", "DJANGO"))
+        # A user's shell: none of the test run's own settings (other tests may have exported some).
+        if key not in ("DATABASE_URL", "REDIS_URL") and not key.startswith(("PYTEST", "DJANGO", "BULKHEAD_"))
     }
     env.update(BULKHEAD_DATA_DIR=str(data_dir), BULKHEAD_HOST_NETWORK="on", BULKHEAD_UPLINK="up0")
     log_path = tmp_path / "make-run.log"
