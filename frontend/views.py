@@ -533,7 +533,7 @@ def user_set_active(request: HttpRequest, pk: Any) -> HttpResponse:
     user = get_object_or_404(get_user_model(), pk=pk)
     active = request.POST.get("active") == "1"
     try:
-        services.set_user_active(actor=Actor.from_request(request), user=user, active=active)
+        services.update_user(actor=Actor.from_request(request), user=user, is_active=active)
     except REFUSALS as error:
         messages.error(request, f.refusal_message(error))
     else:

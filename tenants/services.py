@@ -134,23 +134,6 @@ def change_password(*, actor: Actor, user: Any, old_password: str, new_password:
     audit.record(actor, "user.password_change", user, details={"username": user.get_username()})
 
 
-@audit.denials_audited
-@transaction.atomic
-def set_user_active(*, actor: Actor, user: Any, active: bool) -> Any:
-    """Operators deactivate (or reactivate) an account. A deactivated user's sessions end at once and
-    its API tokens stop working (token authentication refuses inactive users)."""
-    action = "user.activate" if active else "user.deactivate"
-    _require_operator(actor, action)
-    if not active and actor.user is not None and actor.user.pk == user.pk:
-        raise Conflict("You cannot deactivate your own account.", audit_action=action)
-    User.objects.filter(pk=user.pk).update(is_active=active)
-    user.is_active = active
-    if not active:
-        _end_sessions_of(user)
-    audit.record(actor, action, user, details={"username": user.get_username()})
-    return user
-
-
 def _end_sessions_of(user: Any) -> None:
     from django.contrib.sessions.models import Session
 
@@ -347,7 +330,9 @@ def update_user(
     if changed:
         user.save()
         if is_active is False:
-            # A deactivated account's tokens stop working at once (the backend checks is_active too).
+            # A deactivated account stops at once: its tokens are revoked (they do not come back with a
+            # reactivation) and its sessions end (the session backend checks is_active too).
             ApiToken.objects.filter(user=user, revoked_at__isnull=True).update(revoked_at=timezone.now())
+            _end_sessions_of(user)
     audit.record(actor, "user.update", user, details=changed)
     return user

@@ -292,7 +292,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
         user = self.get_object()
         require_operator(self, "deactivate users")
         return Response(
-            s.UserSerializer(services.set_user_active(actor=self.actor, user=user, active=False)).data
+            s.UserSerializer(services.update_user(actor=self.actor, user=user, is_active=False)).data
         )
 
     @extend_schema(request=None, responses=s.UserSerializer)
@@ -301,7 +301,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
         user = self.get_object()
         require_operator(self, "activate users")
         return Response(
-            s.UserSerializer(services.set_user_active(actor=self.actor, user=user, active=True)).data
+            s.UserSerializer(services.update_user(actor=self.actor, user=user, is_active=True)).data
         )
 
     @extend_schema(request=s.UserUpdateSerializer, responses=s.UserSerializer)
