@@ -28,7 +28,9 @@ from compute.models import Host, Workload
 from compute.runtimes.oci import ContainerNotFound, ContainerSpec, OciRuntime, parse_k8s_log
 from imaging.store import LayerSpec, LayerStore
 from portal import events, operations
+from portal.errors import Explained, tenant_message
 from portal.failpoints import failpoint
+from tenants.services import secret_values
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,7 @@ def process_args(workload: Workload) -> list[str]:
         cmd = []  # Docker's rule: overriding the entrypoint drops the image's cmd
     args = [*entrypoint, *cmd]
     if not args:
-        raise ValueError("The image has no entrypoint or cmd and the workload gives none.")
+        raise ImageHasNoCommand("The image has no entrypoint or cmd and the workload gives none.")
     return args
 
 
@@ -160,12 +162,19 @@ def process_env(workload: Workload) -> list[str]:
         key, _, value = item.partition("=")
         env[key] = value
     env.update({str(k): str(v) for k, v in (workload.env or {}).items()})
+    # Secret values are unsealed only here, as the process starts: they live in its environment (and
+    # the host-private bundle or spec disk that hands it over), nowhere a tenant's reader can see.
+    env.update(secret_values(workload.tenant_id, dict(workload.secret_env or {})))
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     env["HOSTNAME"] = workload.name
     return [f"{k}={v}" for k, v in env.items()]
 
 
-class PrivilegedNotAllowed(Exception):
+class ImageHasNoCommand(Explained, ValueError):
+    """Neither the image nor the workload says what to run."""
+
+
+class PrivilegedNotAllowed(Explained):
     """A privileged workload whose tenant no longer may run privileged containers."""
 
 
@@ -269,7 +278,10 @@ def ensure_running(
         failpoint("create.started")
     except Exception as exc:
         _advance(
-            workload, [WorkloadState.CREATING], state=WorkloadState.FAILED, status_message=str(exc)[:500]
+            workload,
+            [WorkloadState.CREATING],
+            state=WorkloadState.FAILED,
+            status_message=tenant_message(exc)[:500],
         )
         raise
     _advance(

@@ -107,6 +107,9 @@ class Workload(models.Model):
     command = models.JSONField(null=True, blank=True, help_text="Entrypoint override")
     args = models.JSONField(null=True, blank=True, help_text="Cmd override")
     env = models.JSONField(default=dict, blank=True)
+    # Environment variables whose values are the tenant's secrets: {"DB_PASSWORD": "<secret name>"}.
+    # Names only; the values are resolved on the host when the workload starts (agent.process_env).
+    secret_env = models.JSONField(default=dict, blank=True)
     workdir = models.CharField(max_length=4096, blank=True)
     user = models.CharField(max_length=64, blank=True)
     vcpus = models.DecimalField(max_digits=5, decimal_places=2, default=Decimal(1))

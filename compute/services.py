@@ -5,6 +5,7 @@ Each writes the row and an Operation, audits, and sends the host task on commit 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -22,11 +23,12 @@ from portal.errors import Conflict, Invalid, NotPermitted
 from portal.models import Operation
 from tenants import audit, quota
 from tenants.actors import Actor
-from tenants.models import Tenant
+from tenants.models import Secret, Tenant
 
 MAX_VCPUS = Decimal(64)
 MAX_MEMORY_MIB = 256 * 1024
 MAX_DISK_GIB = 16 * 1024
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class WorkloadSpec:
     command: list[str] | None = None
     args: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    secret_env: dict[str, str] = field(default_factory=dict)  # {NAME: secret name}
     workdir: str = ""
     user: str = ""
     vcpus: Decimal = Decimal(1)
@@ -68,6 +71,7 @@ def _validate(spec: WorkloadSpec, tenant: Tenant) -> None:
     for key, value in spec.env.items():
         if not key or "=" in key or "\0" in key or "\0" in str(value):
             raise Invalid(f"Invalid environment variable name {key!r}.", field="env")
+    _validate_secret_env(spec, tenant)
     for part in [*(spec.command or []), *(spec.args or []), spec.workdir, spec.user]:
         if "\0" in part:
             raise Invalid("Arguments cannot contain NUL bytes.")
@@ -75,6 +79,20 @@ def _validate(spec: WorkloadSpec, tenant: Tenant) -> None:
         raise Invalid("workdir must be an absolute path.", field="workdir")
     if spec.privileged and spec.isolation != Isolation.NAMESPACE:
         raise Invalid("Only namespace containers can be privileged.", field="privileged")
+
+
+def _validate_secret_env(spec: WorkloadSpec, tenant: Tenant) -> None:
+    """Each secret variable has a valid name of its own and names a secret of the workload's tenant."""
+    for key in spec.secret_env:
+        if not ENV_NAME.match(key):
+            raise Invalid(f"Invalid environment variable name {key!r}.", field="secret_env")
+        if key in spec.env:
+            raise Invalid(f"{key} is set both as a plain and as a secret variable.", field="secret_env")
+    wanted = set(spec.secret_env.values())
+    known = set(Secret.objects.filter(tenant=tenant, name__in=wanted).values_list("name", flat=True))
+    missing = sorted(wanted - known)
+    if missing:
+        raise Invalid(f"No secret named {missing[0]!r} in this tenant.", field="secret_env")
 
 
 def _check_privileged_allowed(tenant: Tenant) -> None:
@@ -143,6 +161,7 @@ def create_workload(
                 command=spec.command,
                 args=spec.args,
                 env=spec.env,
+                secret_env=spec.secret_env,
                 workdir=spec.workdir,
                 user=spec.user,
                 vcpus=spec.vcpus,
@@ -177,7 +196,17 @@ def create_workload(
 
 # What an update may change in place: the process and its resources. The image, isolation, name and
 # networks are the workload's identity; changing them is a new workload (desired state: a replace).
-UPDATABLE_FIELDS = ("command", "args", "env", "workdir", "user", "vcpus", "memory_mib", "restart_policy")
+UPDATABLE_FIELDS = (
+    "command",
+    "args",
+    "env",
+    "secret_env",
+    "workdir",
+    "user",
+    "vcpus",
+    "memory_mib",
+    "restart_policy",
+)
 # Fields a running workload only picks up when it starts again.
 RESTART_FIELDS = frozenset(UPDATABLE_FIELDS) - {"restart_policy"}
 
@@ -203,6 +232,7 @@ def update_workload(*, actor: Actor, workload: Workload, changes: dict[str, Any]
     wanted["workdir"] = wanted["workdir"] or ""
     wanted["user"] = wanted["user"] or ""
     wanted["env"] = dict(wanted["env"] or {})
+    wanted["secret_env"] = dict(wanted["secret_env"] or {})
     spec = WorkloadSpec(
         name=locked.name, image=locked.image, isolation=locked.isolation, disk_gib=locked.disk_gib, **wanted
     )

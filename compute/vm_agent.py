@@ -27,7 +27,7 @@ from compute.runtimes.libvirt import (
     WorkloadPayload,
     unpack_exported_changes,
 )
-from portal.errors import Conflict
+from portal.errors import Conflict, tenant_message
 from portal.failpoints import failpoint
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,10 @@ def ensure_running(workload: Workload, progress: agent.Progress) -> str:
         _attach_network(runtime, workload)  # issue 7: the tap into a netns host's compartment bridge
     except Exception as exc:
         agent.transition(
-            workload, [WorkloadState.CREATING], state=WorkloadState.FAILED, status_message=str(exc)[:500]
+            workload,
+            [WorkloadState.CREATING],
+            state=WorkloadState.FAILED,
+            status_message=tenant_message(exc)[:500],
         )
         raise
     agent.transition(

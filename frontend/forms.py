@@ -272,6 +272,13 @@ class WorkloadCreateForm(forms.Form):
         label="Environment",
         widget=forms.Textarea(attrs={"rows": 3, "placeholder": "KEY=VALUE, one per line"}),
     )
+    secret_env = forms.CharField(
+        required=False,
+        max_length=20000,
+        label="Secret variables",
+        help_text="The value comes from the tenant's secret of that name when the workload starts.",
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "DB_PASSWORD=db-password, one per line"}),
+    )
     workdir = forms.CharField(required=False, max_length=4096, label="Working directory")
     user = forms.CharField(required=False, max_length=64, help_text="uid[:gid] or a name from the image.")
     vcpus = forms.DecimalField(max_digits=5, decimal_places=2, initial=1, min_value=0.01, label="vCPUs")
@@ -329,6 +336,9 @@ class WorkloadCreateForm(forms.Form):
 
     def clean_env(self) -> dict[str, str]:
         return parse_env_lines(self.cleaned_data.get("env") or "")
+
+    def clean_secret_env(self) -> dict[str, str]:
+        return {k: v.strip() for k, v in parse_env_lines(self.cleaned_data.get("secret_env") or "").items()}
 
 
 class WorkloadCommitForm(forms.Form):

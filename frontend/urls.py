@@ -1,6 +1,6 @@
 from django.urls import include, path
 
-from frontend import views, views_compute
+from frontend import views, views_compute, views_secrets
 
 urlpatterns = [
     path("login/", views.login_view, name="login"),
@@ -12,6 +12,10 @@ urlpatterns = [
     path("members/add/", views.member_add, name="member-add"),
     path("members/<int:pk>/role/", views.member_role, name="member-role"),
     path("members/<int:pk>/remove/", views.member_remove, name="member-remove"),
+    path("secrets/", views_secrets.secrets, name="secrets"),
+    path("secrets/create/", views_secrets.secret_create, name="secret-create"),
+    path("secrets/<uuid:pk>/value/", views_secrets.secret_set_value, name="secret-set-value"),
+    path("secrets/<uuid:pk>/delete/", views_secrets.secret_delete, name="secret-delete"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/create/", views.token_create, name="token-create"),
     path("tokens/<uuid:pk>/revoke/", views.token_revoke, name="token-revoke"),

@@ -32,7 +32,7 @@ from frontend import plots
 from frontend.middleware import SESSION_KEY
 from portal.errors import ServiceError
 from portal.models import Operation
-from portal.permissions import Action
+from portal.permissions import Action, acts_as_operator
 from tenants import audit, services
 from tenants.actors import Actor
 from tenants.api.views import start_selfcheck
@@ -458,7 +458,9 @@ def operations_list(request: HttpRequest) -> HttpResponse:
 def operation_detail(request: HttpRequest, pk: Any) -> HttpResponse:
     """One operation's log: each step with its time and progress, and the error that ended it."""
     op = get_object_or_404(Operation.objects.for_user(request.user).select_related("tenant", "actor"), pk=pk)
-    context = {"op": op, "entries": op.log_entries.all()}
+    # The real error and store figures are for operators; tenants read the operation's own error text.
+    details = op.operator_details if acts_as_operator(request.user) else {}
+    context = {"op": op, "entries": op.log_entries.all(), "operator_details": details}
     template = "frontend/partials/operation_log.html" if wants_partial(request) else "frontend/operation.html"
     return render(request, template, context)
 

@@ -355,6 +355,7 @@ def workload_create(request: HttpRequest) -> HttpResponse:
             command=data["command"],
             args=data["args"],
             env=data["env"],
+            secret_env=data["secret_env"],
             workdir=data["workdir"],
             user=data["user"],
             vcpus=Decimal(data["vcpus"]),

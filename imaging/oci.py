@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from imaging import choices as c
+from portal.errors import Explained
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK = 1024 * 1024
 
 
-class ImageFormatError(Exception):
+class ImageFormatError(Explained):
     """The archive, layout or manifest is malformed, incomplete or unsafe."""
 
 

@@ -34,6 +34,7 @@ import httpx
 
 from imaging import choices as c
 from imaging.oci import DIGEST_RE, Descriptor, sha256_digest
+from portal.errors import Explained
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -62,7 +63,7 @@ METADATA_NAMES = frozenset({"metadata", "metadata.google.internal", "metadata.go
 MAX_REDIRECTS = 5
 
 
-class RegistryError(Exception):
+class RegistryError(Explained):
     """A pull cannot proceed: refused by policy, unreachable, unauthorized or malformed."""
 
 

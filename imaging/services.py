@@ -32,9 +32,18 @@ from imaging import choices as c
 from imaging import oci
 from imaging.models import Image, ImageLayer, Layer, TenantLayer
 from imaging.registry import REPOSITORY_RE, RegistryClient, RegistryError, endpoint_for, parse_reference
-from imaging.store import LayerSpec, LayerStore, StoreError, chain_id
+from imaging.store import (
+    DigestMismatch,
+    LayerSpec,
+    LayerStore,
+    LimitExceeded,
+    SizeMismatch,
+    StoreError,
+    UnsafeEntry,
+    chain_id,
+)
 from portal import operations
-from portal.errors import Conflict, Invalid, NotPermitted, ServiceError
+from portal.errors import INTERNAL_FAILURE, Conflict, Invalid, NotPermitted, ServiceError
 from portal.models import Operation
 from portal.permissions import Action, acts_as_operator
 from tenants import audit, quota
@@ -340,8 +349,11 @@ def run_import(op_id: str, progress: Progress) -> dict[str, Any]:
         _record_failure(op, "image.import", str(exc))
         raise ImportFailed(str(exc)) from None
     except StoreError as exc:
-        _record_failure(op, "image.import", _store_message(exc))
-        raise ImportFailed(_store_message(exc)) from None
+        message = _store_message(exc)
+        _record_failure(op, "image.import", message or INTERNAL_FAILURE)
+        if message is None:
+            raise  # the store itself failed: a generic text for the tenant, the error for operators
+        raise ImportFailed(message) from None
     except ServiceError as exc:
         _record_failure(op, "image.import", exc.message)
         raise
@@ -359,19 +371,23 @@ def run_import(op_id: str, progress: Progress) -> dict[str, Any]:
     return {
         "image": str(image.pk),
         "manifest_digest": image.manifest_digest,
-        "layer_bytes_written": written,
-        "store": _stats_delta(before, store.stats()),
         "warnings": unpack_warnings(results),
+        # Whether bytes were written tells what the shared store held before: operators only.
+        operations.OPERATOR_ONLY: {
+            "layer_bytes_written": written,
+            "store": _stats_delta(before, store.stats()),
+        },
     }
 
 
-def _store_message(exc: StoreError) -> str:
-    name = type(exc).__name__
-    path = getattr(exc, "path", None)
-    reason = getattr(exc, "reason", None)
-    if path is not None and reason is not None:
-        return f"The image has an unsafe entry {path!r}: {reason}."
-    return f"{name}: {exc}"
+def _store_message(exc: StoreError) -> str | None:
+    """What the tenant reads about a refusal of their content; None when the store itself failed (an
+    I/O error names host paths: that text is for operators only)."""
+    if isinstance(exc, UnsafeEntry):
+        return f"The image has an unsafe entry {exc.path!r}: {exc.reason}."
+    if isinstance(exc, DigestMismatch | SizeMismatch | LimitExceeded):
+        return f"The image's content was refused: {exc}."
+    return None
 
 
 def _ingest_from_source(
@@ -605,8 +621,11 @@ def run_pull(op_id: str, progress: Progress) -> dict[str, Any]:
         _record_failure(op, "image.pull", str(exc))
         raise PullFailed(str(exc)) from None
     except StoreError as exc:
-        _record_failure(op, "image.pull", _store_message(exc))
-        raise PullFailed(_store_message(exc)) from None
+        message = _store_message(exc)
+        _record_failure(op, "image.pull", message or INTERNAL_FAILURE)
+        if message is None:
+            raise
+        raise PullFailed(message) from None
     except ServiceError as exc:
         _record_failure(op, "image.pull", exc.message)
         raise
@@ -620,9 +639,12 @@ def run_pull(op_id: str, progress: Progress) -> dict[str, Any]:
     return {
         "image": str(image.pk),
         "manifest_digest": image.manifest_digest,
-        "layer_bytes_written": written,
-        "store": _stats_delta(before, store.stats()),
         "warnings": unpack_warnings(results),
+        # Whether bytes were written tells what the shared store held before: operators only.
+        operations.OPERATOR_ONLY: {
+            "layer_bytes_written": written,
+            "store": _stats_delta(before, store.stats()),
+        },
     }
 
 

@@ -10,6 +10,9 @@ Configuration from the environment: ``BULKHEAD_URL`` (the portal, e.g. https://c
     bulkhead export [-o FILE]             the tenant's current resources as a document (adoption)
     bulkhead status | mode off|monitor|autocorrect | revisions | rollback N
     bulkhead workloads list | logs NAME | stop NAME | start NAME
+    bulkhead secrets list | set NAME < value-file | delete NAME
+                                          a secret's value is read from standard input, never an argument
+                                          (arguments are visible to every user of the machine in `ps`)
 
 Exit status: 0 success, 1 failure (invalid document, refused, failed operation), 2 usage errors.
 """
@@ -59,6 +62,9 @@ class Client:
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self.request("POST", path, json=body or {})
+
+    def put(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("PUT", path, json=body)
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -110,10 +116,11 @@ def _read(path: str) -> str:
 
 
 class Commands:
-    def __init__(self, client: Client, tenant: str | None, out: TextIO) -> None:
+    def __init__(self, client: Client, tenant: str | None, out: TextIO, stdin: TextIO | None = None) -> None:
         self.client = client
         self.tenant_hint = tenant
         self.out = out
+        self.stdin = stdin or sys.stdin
         self._tenant: dict[str, Any] | None = None
 
     @property
@@ -285,6 +292,37 @@ class Commands:
             return 0
         return self.follow(op, args.timeout, done=f"{args.action.capitalize()} {args.name}")
 
+    def secrets(self, args: argparse.Namespace) -> int:
+        found = self.client.get("secrets/", tenant=self.tenant["id"], page_size=500)["results"]
+        if args.action == "list":
+            for row in found:
+                used = ", ".join(row["used_by"]) or "-"
+                self.out.write(f"{row['name']:<30} set, updated {row['updated_at'][:19]}, used by {used}\n")
+            return 0
+        if not args.name:
+            raise CliError(f"secrets {args.action} needs a NAME")
+        existing = next((row for row in found if row["name"] == args.name), None)
+        if args.action == "delete":
+            if existing is None:
+                raise CliError(f"no secret named {args.name!r}")
+            self.client.request("DELETE", f"secrets/{existing['id']}/")
+            self.out.write(f"Deleted secret {args.name}.\n")
+            return 0
+        value = self.stdin.read()
+        # A value typed or piped ends with one newline that is not part of it.
+        value = value[:-1] if value.endswith("\n") else value
+        if not value:
+            raise CliError("give the secret's value on standard input")
+        if existing is None:
+            self.client.post("secrets/", {"tenant": self.tenant["id"], "name": args.name, "value": value})
+            self.out.write(f"Created secret {args.name}.\n")
+        else:
+            self.client.put(f"secrets/{existing['id']}/", {"value": value})
+            self.out.write(
+                f"Changed secret {args.name}; workloads using it get the value when they restart.\n"
+            )
+        return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bulkhead", description="Bulkhead portal client.")
@@ -315,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     workloads.add_argument("--no-wait", action="store_true", help="stop/start: do not wait for it to finish")
     workloads.add_argument("--timeout", type=float, default=120)
     workloads.add_argument("name", nargs="?")
+    secrets = sub.add_parser("secrets", help="list secrets, set one's value from standard input, delete one")
+    secrets.add_argument("action", choices=["list", "set", "delete"])
+    secrets.add_argument("name", nargs="?")
     return parser
 
 
@@ -322,6 +363,7 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     out: TextIO | None = None,
+    stdin: TextIO | None = None,
     transport: httpx.BaseTransport | None = None,
 ) -> int:
     """Entry point of the ``bulkhead`` console script."""
@@ -331,7 +373,7 @@ def main(
     if not url or not token:
         sys.stderr.write("bulkhead: set BULKHEAD_URL and BULKHEAD_TOKEN\n")
         return 2
-    commands = Commands(Client(url, token, transport=transport), args.tenant, out)
+    commands = Commands(Client(url, token, transport=transport), args.tenant, out, stdin)
     try:
         return int(getattr(commands, args.command)(args))
     except CliError as error:

@@ -43,3 +43,29 @@ class Unavailable(ServiceError):
 
 class BrokerUnavailable(Unavailable):
     code = "broker_unavailable"
+
+
+class Explained(Exception):
+    """An error whose text was written for the tenant: it says what is wrong with their request or
+    object and names nothing of the host. Anything else that fails an operation is shown to tenants as
+    a generic message (``tenant_message``); its text (paths, runtime output) is kept for operators."""
+
+
+INTERNAL_FAILURE = (
+    "The operation failed because of a problem on the platform, not in your request. "
+    "An operator can see the details of this operation."
+)
+
+
+def tenant_message(exc: BaseException) -> str:
+    """What a tenant may read about `exc`: its own text if it was written for them, else a generic one."""
+    if isinstance(exc, ServiceError):
+        return exc.message
+    if isinstance(exc, Explained):
+        return str(exc)
+    return INTERNAL_FAILURE
+
+
+def operator_detail(exc: BaseException) -> str:
+    """The full text of `exc` for operators (type and message; the traceback is in the worker's log)."""
+    return f"{type(exc).__name__}: {exc}"

@@ -33,7 +33,11 @@ class Operation(models.Model):
     state = models.CharField(max_length=16, choices=OperationState.choices, default=OperationState.QUEUED)
     progress = models.PositiveSmallIntegerField(default=0)
     message = models.CharField(max_length=500, blank=True)
+    # What the tenant reads: their own error's text, or a generic one (portal.errors.tenant_message).
     error = models.TextField(blank=True)
+    # Only operators read this: the real error (paths, runtime output) and figures about the shared
+    # store (what was written, deduplicated) that would tell a tenant what others hold.
+    operator_details = models.JSONField(default=dict, blank=True)
     params = models.JSONField(default=dict, blank=True)
     result = models.JSONField(default=dict, blank=True)
     queue = models.CharField(max_length=100, default="default")

@@ -14,6 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from portal import events
+from portal.errors import operator_detail
 from portal.models import Operation, OperationLogEntry, OperationState
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def start(
         try:
             task.apply_async(args=[op_id], task_id=op_id, queue=queue, retry=False)
         except Exception as exc:  # any broker failure: the row says why, the caller goes on
-            fail(op_id, f"Could not queue the task: {exc}")
+            fail(op_id, "Could not queue the task; try again.", detail=operator_detail(exc))
         else:
             events.publish(op.tenant_id, op.as_event())
 
@@ -171,25 +172,41 @@ def finish(
     message: str = "Done",
     op: Operation | None = None,
 ) -> None:
-    """running -> succeeded. `op`: the claimed row, if the caller has it (no re-reading for the event)."""
+    """running -> succeeded. `op`: the claimed row, if the caller has it (no re-reading for the event).
+
+    A result's ``OPERATOR_ONLY`` entry goes to ``operator_details``, which tenants never read."""
+    result = dict(result or {})
+    operator_only = result.pop(OPERATOR_ONLY, None)
     changes: dict[str, Any] = {
         "state": OperationState.SUCCEEDED,
         "progress": 100,
         "message": message,
-        "result": result or {},
+        "result": result,
         "finished_at": timezone.now(),
     }
+    if operator_only:
+        changes["operator_details"] = operator_only
     finished = Operation.objects.filter(pk=op_id, state=OperationState.RUNNING).update(**changes)
     if finished:
         log_step(op_id, "succeeded", 100, message)
     _publish_changed(op_id, op, changes if finished else None)
 
 
-def fail(op_id: Any, error: str) -> None:
+# The key of a task's result whose value only operators see (Operation.operator_details).
+OPERATOR_ONLY = "operator_only"
+
+
+def fail(op_id: Any, error: str, *, detail: str = "") -> None:
+    """-> failed. `error` is what the tenant reads; `detail`, if any, what only operators read."""
+    changes: dict[str, Any] = {
+        "state": OperationState.FAILED,
+        "error": error[:4000],
+        "finished_at": timezone.now(),
+    }
+    if detail:
+        changes["operator_details"] = {"error": detail[:8000]}
     failed = (
-        Operation.objects.filter(pk=op_id)
-        .exclude(state__in=[OperationState.SUCCEEDED])
-        .update(state=OperationState.FAILED, error=error[:4000], finished_at=timezone.now())
+        Operation.objects.filter(pk=op_id).exclude(state__in=[OperationState.SUCCEEDED]).update(**changes)
     )
     if failed:
         log_step(op_id, "failed")

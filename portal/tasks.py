@@ -12,6 +12,7 @@ from django.db import connection
 
 from portal import operations
 from portal.celery import app
+from portal.errors import operator_detail, tenant_message
 from portal.failpoints import failpoint
 from portal.models import Operation
 
@@ -44,7 +45,7 @@ class OperationTask(Task):
             with operations.Heartbeat(op_id):
                 result = super().__call__(op_id, *args, **kwargs)
         except Exception as exc:
-            operations.fail(op_id, f"{type(exc).__name__}: {exc}")
+            operations.fail(op_id, tenant_message(exc), detail=operator_detail(exc))
             raise
         operations.finish(op_id, result=result if isinstance(result, dict) else None, op=op)
         return result

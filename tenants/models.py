@@ -217,3 +217,30 @@ class AuditEntry(models.Model):
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise TypeError("The audit log is append-only")
+
+
+class Secret(models.Model):
+    """A tenant's secret value (a database password, an API key), referenced by workloads' `secret_env`.
+
+    The value is write-only: sealed with a key derived from the installation's secret key
+    (tenants.secret_box), never returned by the API or the UI, never in documents, revisions, plans,
+    operation parameters or audit details. A workload receives it in its environment when it starts.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="secrets")
+    name = models.CharField(max_length=63, validators=[dns_label])
+    sealed_value = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = TenantOwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="secret_unique_name_in_tenant"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -9,15 +10,17 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from portal import events
 from portal.errors import Conflict, Invalid, NotPermitted
 from portal.permissions import acts_as_operator
-from tenants import audit
+from tenants import audit, secret_box
 from tenants.actors import Actor
 from tenants.choices import Role
-from tenants.models import ApiToken, Membership, Quota, Tenant
+from tenants.models import ApiToken, Membership, Quota, Secret, Tenant
 from tenants.tokens import new_token_secret
 
 User = get_user_model()
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def _require_operator(actor: Actor, action: str) -> None:
@@ -109,6 +112,7 @@ def delete_tenant(*, actor: Actor, tenant: Tenant) -> None:
             owned=owned,
         )
     audit.record(actor, "tenant.delete", tenant, details={"name": tenant.name})
+    _tell_sockets(*tenant.memberships.values_list("user_id", flat=True))
     tenant.delete()
 
 
@@ -132,6 +136,13 @@ def change_password(*, actor: Actor, user: Any, old_password: str, new_password:
     user.set_password(new_password)
     user.save(update_fields=["password"])
     audit.record(actor, "user.password_change", user, details={"username": user.get_username()})
+    _tell_sockets(user.pk)  # sockets of other sessions were signed in with the old password
+
+
+def _tell_sockets(*user_ids: Any) -> None:
+    """After commit, the users' live event sockets look again at what they may receive."""
+    ids = list(user_ids)
+    transaction.on_commit(lambda: events.access_changed(*ids))
 
 
 def _end_sessions_of(user: Any) -> None:
@@ -171,6 +182,7 @@ def add_member(*, actor: Actor, tenant: Tenant, username: str, role: str) -> Mem
     except IntegrityError:
         raise Conflict(f"{username} is already a member of {tenant.name}.", field="username") from None
     audit.record(actor, "membership.create", membership, details={"user": username, "role": role})
+    _tell_sockets(user.pk)
     return membership
 
 
@@ -188,6 +200,7 @@ def change_role(*, actor: Actor, membership: Membership, role: str) -> Membershi
     membership.role = role
     membership.save(update_fields=["role"])
     audit.record(actor, "membership.update", membership, details={"from": before, "to": role})
+    _tell_sockets(membership.user_id)
     return membership
 
 
@@ -201,6 +214,7 @@ def remove_member(*, actor: Actor, membership: Membership) -> None:
         if _owner_count(membership.tenant) == 1:
             raise Conflict("A tenant keeps at least one owner.")
     audit.record(actor, "membership.delete", membership, details={"user": membership.user.get_username()})
+    _tell_sockets(membership.user_id)
     membership.delete()
 
 
@@ -334,5 +348,91 @@ def update_user(
             # reactivation) and its sessions end (the session backend checks is_active too).
             ApiToken.objects.filter(user=user, revoked_at__isnull=True).update(revoked_at=timezone.now())
             _end_sessions_of(user)
+        _tell_sockets(user.pk)
     audit.record(actor, "user.update", user, details=changed)
     return user
+
+
+# --- secrets: write-only values that workloads receive in their environment ----------------------
+
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def _checked_value(value: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise Invalid("A secret needs a value.", field="value")
+    if "\0" in value:
+        raise Invalid("A secret value cannot contain NUL bytes.", field="value")
+    if len(value.encode()) > MAX_SECRET_BYTES:
+        raise Invalid(f"A secret value is at most {MAX_SECRET_BYTES} bytes.", field="value")
+    return value
+
+
+@audit.denials_audited
+@transaction.atomic
+def create_secret(*, actor: Actor, tenant: Tenant, name: str, value: str) -> Secret:
+    """A new secret of the tenant. The audit entry names it; its value is never recorded."""
+    if not DNS_LABEL.match(name or ""):
+        raise Invalid("A secret's name is 1-63 lowercase letters, digits and hyphens.", field="name")
+    sealed = secret_box.seal(_checked_value(value))
+    try:
+        with transaction.atomic():
+            secret = Secret.objects.create(tenant=tenant, name=name, sealed_value=sealed)
+    except IntegrityError:
+        raise Conflict(f"A secret named {name!r} exists in this tenant.", field="name") from None
+    audit.record(actor, "secret.create", secret, details={"name": name})
+    return secret
+
+
+@audit.denials_audited
+@transaction.atomic
+def set_secret_value(*, actor: Actor, secret: Secret, value: str) -> Secret:
+    """Replace a secret's value; workloads get the new one when they next start."""
+    sealed = secret_box.seal(_checked_value(value))
+    secret = Secret.objects.select_for_update().get(pk=secret.pk)
+    secret.sealed_value = sealed
+    secret.save(update_fields=["sealed_value", "updated_at"])
+    audit.record(actor, "secret.update", secret, details={"name": secret.name})
+    return secret
+
+
+def workloads_using(secret: Secret) -> list[str]:
+    """Names of the tenant's workloads whose environment refers to this secret."""
+    from compute.models import Workload
+
+    rows = Workload.objects.filter(tenant_id=secret.tenant_id).values_list("name", "secret_env")
+    return sorted(name for name, refs in rows if secret.name in (refs or {}).values())
+
+
+@audit.denials_audited
+@transaction.atomic
+def delete_secret(*, actor: Actor, secret: Secret) -> None:
+    """Delete a secret no workload refers to (one in use is refused with their names)."""
+    secret = Secret.objects.select_for_update().get(pk=secret.pk)
+    users = workloads_using(secret)
+    if users:
+        raise Conflict(
+            f"The secret {secret.name!r} is used by {', '.join(users[:20])}; change those workloads first.",
+            audit_action="secret.delete",
+        )
+    audit.record(actor, "secret.delete", secret, details={"name": secret.name})
+    secret.delete()
+
+
+def secret_values(tenant_id: Any, refs: dict[str, str]) -> dict[str, str]:
+    """`refs` ({ENV_NAME: secret name}) with the secrets' values: for the host starting a workload."""
+    if not refs:
+        return {}
+    sealed = dict(
+        Secret.objects.filter(tenant_id=tenant_id, name__in=set(refs.values())).values_list(
+            "name", "sealed_value"
+        )
+    )
+    values: dict[str, str] = {}
+    for env_name, secret_name in refs.items():
+        if secret_name not in sealed:
+            raise secret_box.SecretUnreadable(
+                f"The secret {secret_name!r} (for {env_name}) no longer exists in this tenant."
+            )
+        values[env_name] = secret_box.unseal(sealed[secret_name], secret_name)
+    return values

@@ -24,8 +24,10 @@ from tenants.api.views import UUID_LOOKUP
 from tenants.models import Tenant
 
 
-def tenant_for(user: Any, tenant_id: Any, action: Action, what: str) -> Tenant:
-    """The tenant a new object goes into: the one named, the token's, or the user's only one."""
+def tenant_for(user: Any, tenant_id: Any, action: Action, what: str, view: Any = None) -> Tenant:
+    """The tenant a new object goes into: the one named, the token's, or the user's only one.
+
+    `view`: its `tenant_concerned` is set on a refusal, so that the tenant's admins see it audited."""
     token = getattr(user, "active_token", None)
     if tenant_id is None and token is not None and token.tenant_id:
         tenant_id = token.tenant_id
@@ -36,7 +38,10 @@ def tenant_for(user: Any, tenant_id: Any, action: Action, what: str) -> Tenant:
         return mine[0]
     tenant = Tenant.objects.for_user(user, action).filter(pk=tenant_id).first()
     if tenant is None:
-        if Tenant.objects.for_user(user, "view").filter(pk=tenant_id).exists():
+        visible = Tenant.objects.for_user(user, "view").filter(pk=tenant_id).first()
+        if visible is not None:
+            if view is not None:
+                view.tenant_concerned = visible
             raise PermissionDenied(f"Your role does not allow creating {what}s in this tenant.")
         raise Invalid("No such tenant.", field="tenant")
     return tenant
@@ -81,7 +86,7 @@ class CompartmentViewSet(ReadOnlyPermissionLayerViewSet):
         data = s.CompartmentCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        tenant = tenant_for(request.user, v.get("tenant"), "manage", "compartment")
+        tenant = tenant_for(request.user, v.get("tenant"), "manage", "compartment", self)
         compartment = network_services.create_compartment(
             actor=self.actor,
             tenant=tenant,

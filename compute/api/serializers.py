@@ -96,6 +96,7 @@ class WorkloadSerializer(serializers.ModelSerializer):
             "command",
             "args",
             "env",
+            "secret_env",
             "workdir",
             "user",
             "vcpus",
@@ -129,8 +130,19 @@ class WorkloadProcessSerializer(serializers.Serializer):
     env = serializers.DictField(
         child=serializers.CharField(max_length=8192, allow_blank=True), required=False
     )
+    secret_env = serializers.DictField(
+        child=serializers.CharField(max_length=63),
+        required=False,
+        help_text="Variables whose values are the tenant's secrets: {NAME: secret name}. The workload "
+        "gets the value when it starts; nobody reads it back.",
+    )
     workdir = serializers.CharField(max_length=4096, required=False, allow_blank=True)
     user = serializers.CharField(max_length=64, required=False, allow_blank=True)
+
+    def validate_secret_env(self, refs: dict[str, str]) -> dict[str, str]:
+        if len(refs) > 256:
+            raise serializers.ValidationError("At most 256 variables.")
+        return refs
 
     def validate_env(self, env: dict[str, str]) -> dict[str, str]:
         if len(env) > 256:

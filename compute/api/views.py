@@ -78,6 +78,7 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
             command=v.get("command"),
             args=v.get("args"),
             env=v.get("env") or {},
+            secret_env=v.get("secret_env") or {},
             workdir=v.get("workdir", ""),
             user=v.get("user", ""),
             vcpus=v["vcpus"],

@@ -37,6 +37,7 @@ import jsonschema
 import yaml
 
 from compute.desired import schema as tenant_schema
+from portal.errors import Explained
 
 if TYPE_CHECKING:
     from compute.desired.planning import ObservedResource
@@ -91,7 +92,7 @@ class ValidationIssue:
         return {"path": self.path, "line": self.line, "column": self.column, "message": self.message}
 
 
-class DocumentError(ValueError):
+class DocumentError(Explained, ValueError):
     """The document is not a valid TenantConfig; ``issues`` says every reason found, sorted by line."""
 
     def __init__(self, issues: Sequence[ValidationIssue]) -> None:
@@ -634,6 +635,7 @@ class WorkloadSpec:
     command: tuple[str, ...] | None = None
     args: tuple[str, ...] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    secret_env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
     user: str | None = None
     vcpus: int | float = tenant_schema.DEFAULT_VCPUS
@@ -653,6 +655,7 @@ class WorkloadSpec:
             "command": list(self.command) if self.command is not None else None,
             "args": list(self.args) if self.args is not None else None,
             "env": dict(sorted(self.env.items())),
+            **secret_env_field(self.secret_env),
             "workdir": self.workdir,
             "user": self.user,
             "vcpus": normalise_vcpus(self.vcpus),
@@ -662,6 +665,11 @@ class WorkloadSpec:
             "state": self.state,
             "networks": list(self.networks),
         }
+
+
+def secret_env_field(secret_env: Mapping[str, str] | None) -> dict[str, dict[str, str]]:
+    """``secret_env`` in a canonical spec only when there is one: older specs and hashes stay the same."""
+    return {"secret_env": dict(sorted(secret_env.items()))} if secret_env else {}
 
 
 def disk_field(disk_gib: int) -> dict[str, int]:
@@ -812,6 +820,7 @@ def _build_config(data: Mapping[str, Any], positions: Mapping[DocumentPath, Sour
             command=tuple(command) if command is not None else None,
             args=tuple(args) if args is not None else None,
             env=dict(item.get("env", {})),
+            secret_env=dict(item.get("secret_env", {})),
             workdir=item.get("workdir"),
             user=item.get("user"),
             vcpus=item.get("vcpus", tenant_schema.DEFAULT_VCPUS),
@@ -925,6 +934,14 @@ def _semantic_issues(
             )
         else:
             workload_index[workload.name] = index
+        for variable in sorted(set(workload.env) & set(workload.secret_env)):
+            issues.append(
+                _issue_at(
+                    positions,
+                    (*path, "secret_env", variable),
+                    f"{variable} is set both in env and in secret_env",
+                )
+            )
         if not math.isfinite(workload.vcpus):
             issues.append(_issue_at(positions, (*path, "vcpus"), "must be a finite number"))
         elif workload.isolation == "microvm" and not float(workload.vcpus).is_integer():
@@ -1078,6 +1095,7 @@ _EXPORT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
         "command",
         "args",
         "env",
+        "secret_env",
         "workdir",
         "user",
         "vcpus",

@@ -20,7 +20,14 @@ from typing import Any
 
 from compute.choices import WorkloadState
 from compute.compartments import Compartment, IPAllocation, PublishedPort
-from compute.desired.document import disk_field, network_key, normalise_vcpus, port_key, workload_key
+from compute.desired.document import (
+    disk_field,
+    network_key,
+    normalise_vcpus,
+    port_key,
+    secret_env_field,
+    workload_key,
+)
 from compute.desired.planning import ObservedResource, observed_run_state
 from compute.models import Workload
 from tenants.models import Tenant
@@ -48,6 +55,7 @@ _WORKLOAD_FIELDS = (
     "command",
     "args",
     "env",
+    "secret_env",
     "workdir",
     "user",
     "vcpus",
@@ -74,6 +82,7 @@ def workload_spec(workload: Any, reference: str, networks: list[str] | None = No
         "command": list(workload.command) if workload.command is not None else None,
         "args": list(workload.args) if workload.args is not None else None,
         "env": {str(k): str(v) for k, v in sorted((workload.env or {}).items())},
+        **secret_env_field(workload.secret_env),
         "workdir": workload.workdir or None,
         "user": workload.user or None,
         "vcpus": _vcpus(workload.vcpus),

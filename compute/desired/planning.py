@@ -35,6 +35,7 @@ from compute.desired.document import (
     network_key,
     normalise_vcpus,
 )
+from portal.errors import Explained
 
 PlanAction = Literal["create", "update", "replace", "delete", "noop"]
 ChangeEffect = Literal["update", "replace"]
@@ -74,6 +75,7 @@ FIELD_RULES: Final[dict[ResourceKind, tuple[FieldRule, ...]]] = {
         FieldRule("command", "update"),
         FieldRule("args", "update"),
         FieldRule("env", "update"),
+        FieldRule("secret_env", "update"),
         FieldRule("workdir", "update"),
         FieldRule("user", "update"),
         # Limits and policies: cgroup/libvirt live updates.
@@ -97,6 +99,7 @@ SPEC_FIELDS: Final[dict[ResourceKind, tuple[str, ...]]] = {
         "command",
         "args",
         "env",
+        "secret_env",
         "workdir",
         "user",
         "vcpus",
@@ -279,7 +282,7 @@ class Plan:
         )
 
 
-class PlanConflict(ValueError):
+class PlanConflict(Explained, ValueError):
     """The desired and observed states cannot be reconciled by any order of steps (see ``problems``)."""
 
     def __init__(self, problems: Sequence[str]) -> None:
@@ -287,7 +290,7 @@ class PlanConflict(ValueError):
         super().__init__("; ".join(self.problems))
 
 
-class StalePlanError(RuntimeError):
+class StalePlanError(Explained, RuntimeError):
     """The observed state changed since the plan was computed; plan again."""
 
 
@@ -325,7 +328,7 @@ def canonical_observed_spec(kind: ResourceKind, spec: Mapping[str, Any]) -> dict
         value = spec.get(name)
         if isinstance(value, tuple):
             value = list(value)
-        elif name == "env":
+        elif name in ("env", "secret_env"):
             value = dict(value or {})
         elif name == "vcpus" and isinstance(value, int | float) and not isinstance(value, bool):
             value = normalise_vcpus(value)
@@ -346,6 +349,8 @@ def compare_specs(
             continue
         if rule.name == "state" and before is None:
             continue
+        if rule.name == "secret_env":  # absent from a spec without secrets
+            before, after = dict(before or {}), dict(after or {})
         if _same_value(before, after):
             continue
         effect = rule.on_change
@@ -356,12 +361,11 @@ def compare_specs(
         ):
             # Another reference to the very same image (tag -> digest): only the recorded reference changes.
             effect = "update"
-        if rule.name == "env" and isinstance(before, dict) and isinstance(after, dict):
+        if rule.name in ("env", "secret_env") and isinstance(before, dict) and isinstance(after, dict):
             for name in sorted(set(before) | set(after)):
                 if before.get(name) != after.get(name):
-                    differences.append(
-                        (FieldChange(format_path(("env", name)), before.get(name), after.get(name)), effect)
-                    )
+                    path = format_path((rule.name, name))
+                    differences.append((FieldChange(path, before.get(name), after.get(name)), effect))
             continue
         differences.append((FieldChange(rule.name, before, after), effect))
     return differences

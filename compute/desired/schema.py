@@ -164,6 +164,24 @@ SCHEMA: Final[dict[str, Any]] = {
                     "additionalProperties": {"type": "string", "maxLength": 32768},
                     "maxProperties": 1024,
                 },
+                "secret_env": {
+                    "type": "object",
+                    "description": "Environment variables whose values are the tenant's secrets, by the "
+                    "secret's name (set through the API or UI; the document never holds a value).",
+                    "propertyNames": {
+                        "pattern": ENV_NAME_PATTERN,
+                        "maxLength": 256,
+                        "x-pattern-description": "an environment variable name (letters, digits, '_', "
+                        "not starting with a digit)",
+                    },
+                    "additionalProperties": {
+                        "type": "string",
+                        "pattern": DNS_LABEL_PATTERN,
+                        "maxLength": 63,
+                        "x-pattern-description": "a secret's name (lowercase letters, digits, '-')",
+                    },
+                    "maxProperties": 256,
+                },
                 "workdir": {
                     "type": "string",
                     "pattern": "^/",

@@ -60,7 +60,7 @@ from compute.desired.planning import (
 from compute.models import Workload
 from imaging.models import Image
 from portal import operations
-from portal.errors import Conflict, Invalid
+from portal.errors import Conflict, Explained, Invalid, tenant_message
 from portal.failpoints import failpoint
 from portal.models import Operation, OperationState
 from tenants import audit
@@ -563,6 +563,7 @@ def _compute_spec(tenant: Tenant, spec: dict[str, Any]) -> compute_services.Work
         command=spec["command"],
         args=spec["args"],
         env=dict(spec["env"]),
+        secret_env=dict(spec.get("secret_env") or {}),
         workdir=spec["workdir"] or "",
         user=spec["user"] or "",
         vcpus=Decimal(str(spec["vcpus"])),
@@ -570,6 +571,10 @@ def _compute_spec(tenant: Tenant, spec: dict[str, Any]) -> compute_services.Work
         disk_gib=int(spec.get("disk_gib", 1)),
         restart_policy=spec["restart"],
     )
+
+
+class ApplyIncomplete(Explained, RuntimeError):
+    """Some steps of an apply failed or still wait; their reasons are the tenant's to read."""
 
 
 class Executor:
@@ -629,8 +634,8 @@ class Executor:
             raise
         except Exception as error:  # one failed step must not stop the others; the result says which
             log.warning("desired step %s %s failed: %s", step.action, step.key, error)
-            message = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
-            outcome = StepOutcome(step.key, step.action, "failed", str(message)[:500])
+            # The result is the tenant's to read: their own errors in full, a generic text for ours.
+            outcome = StepOutcome(step.key, step.action, "failed", tenant_message(error)[:500])
         self.outcomes.append(outcome)
 
     @staticmethod
@@ -911,7 +916,7 @@ def execute_plan(
         )
         _finish_plan(plan_row, actor, problems, result)
         if problems:
-            raise RuntimeError(f"some steps did not complete: {problems}")
+            raise ApplyIncomplete(f"some steps did not complete: {problems}")
         return result
     finally:
         release(tenant.pk, owner)

@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import libvirt
 
+from portal.errors import Explained
+
 if TYPE_CHECKING:
     from imaging.store import LayerStore
 
@@ -357,7 +359,7 @@ EXPORTED_LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 _EXPORT_LEASE_SECONDS = 3600.0
 
 
-class ChangesNotExported(VmError):
+class ChangesNotExported(VmError, Explained):
     """The VM has no exported changes for its last boot (running, or it did not stop cleanly)."""
 
 

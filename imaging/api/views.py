@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import secrets
 import uuid
 from pathlib import Path
@@ -24,6 +25,7 @@ from imaging.api import serializers as s
 from imaging.filtersets import ImageFilterSet
 from imaging.models import Image, ImageLayer
 from portal.api.viewsets import PermissionLayerViewSet
+from portal.errors import Unavailable
 from portal.models import Operation
 from portal.permissions import acts_as_operator
 from tenants.api.serializers import OperationSerializer
@@ -81,7 +83,13 @@ class StoreUploadHandler(FileUploadHandler):
         if self.received > self.limit:
             self.discard()
             raise PayloadTooLarge(f"The upload is larger than {self.limit} bytes.")
-        self.file.write(raw_data)
+        try:
+            self.file.write(raw_data)
+        except OSError as exc:
+            self.discard()
+            if exc.errno == errno.ENOSPC:
+                raise Unavailable("The image store is out of space; an operator must free some.") from None
+            raise
         return None
 
     def file_complete(self, file_size: int) -> StoredUpload | None:

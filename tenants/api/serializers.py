@@ -6,8 +6,9 @@ from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
 from portal.models import Operation, OperationLogEntry
+from portal.permissions import acts_as_operator
 from tenants.choices import Role
-from tenants.models import ApiToken, AuditEntry, Membership, Quota, Tenant, dns_label
+from tenants.models import ApiToken, AuditEntry, Membership, Quota, Secret, Tenant, dns_label
 
 
 class TenantSerializer(serializers.ModelSerializer):
@@ -121,6 +122,8 @@ class AuditEntrySerializer(serializers.ModelSerializer):
 
 
 class OperationSerializer(serializers.ModelSerializer):
+    """An operation; `operator_details` (the real error, store figures) only for operators."""
+
     class Meta:
         model = Operation
         fields = [
@@ -135,11 +138,19 @@ class OperationSerializer(serializers.ModelSerializer):
             "message",
             "error",
             "result",
+            "operator_details",
             "created_at",
             "started_at",
             "finished_at",
         ]
         read_only_fields = fields
+
+    def to_representation(self, instance: Operation) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        request = self.context.get("request")
+        if request is None or not acts_as_operator(request.user):
+            data.pop("operator_details", None)
+        return data
 
 
 class UserSerializer(serializers.ModelSerializer):
@@ -172,3 +183,35 @@ class UserUpdateSerializer(serializers.Serializer):
     is_staff = serializers.BooleanField(required=False)
     is_active = serializers.BooleanField(required=False)
     password = serializers.CharField(write_only=True, required=False, min_length=10)
+
+
+class SecretSerializer(serializers.ModelSerializer):
+    """A secret as every role sees it: its name and that it is set, never its value."""
+
+    value = serializers.SerializerMethodField(
+        method_name="value_shown", help_text='Always "set": values are write-only.'
+    )
+    used_by = serializers.SerializerMethodField(help_text="Workloads whose environment refers to it.")
+
+    class Meta:
+        model = Secret
+        fields = ["id", "tenant", "name", "value", "used_by", "created_at", "updated_at"]
+        read_only_fields = fields
+
+    def value_shown(self, secret: Secret) -> str:
+        return "set"
+
+    def get_used_by(self, secret: Secret) -> list[str]:
+        from tenants.services import workloads_using
+
+        return workloads_using(secret)
+
+
+class SecretCreateSerializer(serializers.Serializer):
+    tenant = serializers.UUIDField(required=False)
+    name = serializers.CharField(max_length=63)
+    value = serializers.CharField(write_only=True, trim_whitespace=False, style={"input_type": "password"})
+
+
+class SecretValueSerializer(serializers.Serializer):
+    value = serializers.CharField(write_only=True, trim_whitespace=False, style={"input_type": "password"})

@@ -23,7 +23,7 @@ from portal.tasks import selfcheck
 from tenants import audit, services
 from tenants.api import serializers as s
 from tenants.api.filtersets import AuditEntryFilterSet, MembershipFilterSet, OperationFilterSet
-from tenants.models import ApiToken, AuditEntry, Membership, Quota, Tenant
+from tenants.models import ApiToken, AuditEntry, Membership, Quota, Secret, Tenant
 
 UUID_LOOKUP = r"[0-9a-fA-F-]{36}"
 
@@ -136,6 +136,46 @@ class MembershipViewSet(ReadOnlyPermissionLayerViewSet):
             )
             raise PermissionDenied("Your role does not allow managing members of this tenant.")
         return tenant
+
+
+class SecretViewSet(ReadOnlyPermissionLayerViewSet):
+    """A tenant's secrets: every role sees names; admins set values, which nobody reads back."""
+
+    model = Secret
+    serializer_class = s.SecretSerializer
+    lookup_value_regex = UUID_LOOKUP
+    write_action = "manage"
+    filterset_fields = ["tenant", "name"]
+    ordering_fields = ["name", "updated_at"]
+    http_method_names = ["get", "post", "put", "delete", "head", "options"]
+
+    def base_queryset(self) -> QuerySet[Secret]:
+        return Secret.objects.select_related("tenant")
+
+    @extend_schema(request=s.SecretCreateSerializer, responses={201: s.SecretSerializer})
+    def create(self, request: Request) -> Response:
+        from compute.api.network_views import tenant_for
+
+        data = s.SecretCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        tenant = tenant_for(request.user, data.validated_data.get("tenant"), "manage", "secret", self)
+        v = data.validated_data
+        secret = services.create_secret(actor=self.actor, tenant=tenant, name=v["name"], value=v["value"])
+        return Response(s.SecretSerializer(secret).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=s.SecretValueSerializer, responses=s.SecretSerializer)
+    def update(self, request: Request, pk: str) -> Response:
+        secret = self.get_object()
+        data = s.SecretValueSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        value = data.validated_data["value"]
+        secret = services.set_secret_value(actor=self.actor, secret=secret, value=value)
+        return Response(s.SecretSerializer(secret).data)
+
+    @extend_schema(request=None, responses={204: None})
+    def destroy(self, request: Request, pk: str) -> Response:
+        services.delete_secret(actor=self.actor, secret=self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class ApiTokenViewSet(ReadOnlyPermissionLayerViewSet):

@@ -127,3 +127,18 @@ def test_cli_runs_the_everyday_workload_commands_on_a_real_host(
         assert code == 0, capsys.readouterr().err
         assert "Revision 2" in output and "No changes" in output
     assert DesiredState.objects.get(tenant=world.acme).target_revision == 2
+
+
+def test_cli_sets_a_secret_from_standard_input_and_never_prints_it(portal: World) -> None:
+    from tenants.models import Secret
+
+    code = main(["secrets", "set", "db-password"], out=io.StringIO(), stdin=io.StringIO("s3cret-value\n"))
+    assert code == 0
+    assert Secret.objects.get(tenant=portal.acme, name="db-password")
+    code, output = run("secrets", "list")
+    assert code == 0 and output.startswith("db-password") and "s3cret" not in output
+    out = io.StringIO()
+    assert main(["secrets", "set", "db-password"], out=out, stdin=io.StringIO("rotated\n")) == 0
+    assert "Changed secret db-password" in out.getvalue()
+    code, output = run("secrets", "delete", "db-password")
+    assert code == 0 and not Secret.objects.exists()

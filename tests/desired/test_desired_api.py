@@ -527,7 +527,7 @@ def test_concurrent_applies_of_one_tenant_serialize(ready: World) -> None:
     states = sorted(Operation.objects.get(pk=op).state for op in ops)
     assert states == ["failed", "succeeded"]
     failed = Operation.objects.get(pk__in=ops, state="failed")
-    assert "StalePlanError" in failed.error
+    assert "StalePlanError" in failed.operator_details["error"]
     assert len(spans) == 1  # the second found the first's result and refused to run a stale plan
     assert Workload.objects.count() == 2
 

@@ -87,8 +87,8 @@ def test_it_imports_a_skopeo_archive_through_a_real_worker_and_dedups_storage(
         again = post_archive(client_for(world, "alice"), archive, name="busybox", tag="2", tenant=world.acme)
         op2 = wait_until(lambda: finished(again.json()["id"]), timeout=120, what="the re-import")
         assert op2.state == "succeeded", op2.error
-        assert op2.result["layer_bytes_written"] == 0
-        assert op2.result["store"]["bytes_written"] == 0
+        assert op2.operator_details["layer_bytes_written"] == 0
+        assert op2.operator_details["store"]["bytes_written"] == 0
         assert blob_stamps(store_dir) == stamps
         assert used_bytes(world.acme) == layer_bytes
 
@@ -96,7 +96,7 @@ def test_it_imports_a_skopeo_archive_through_a_real_worker_and_dedups_storage(
         other = post_archive(client_for(world, "bob"), archive, name="busybox", tag="1", tenant=world.globex)
         op3 = wait_until(lambda: finished(other.json()["id"]), timeout=120, what="globex's import")
         assert op3.state == "succeeded", op3.error
-        assert op3.result["layer_bytes_written"] == 0
+        assert op3.operator_details["layer_bytes_written"] == 0
     assert used_bytes(world.globex) == layer_bytes
     assert Layer.objects.count() == 2
     assert TenantLayer.objects.filter(tenant=world.globex).count() == 2
@@ -247,7 +247,7 @@ HOSTILE = {
     "path traversal": (traversal_member, "unsafe member name"),
     "absolute name": (absolute_member, "unsafe member name"),
     "missing blob": (missing_blob, "missing the layer blob"),
-    "digest mismatch": (digest_mismatch, "DigestMismatch"),
+    "digest mismatch": (digest_mismatch, "digest mismatch"),
     "oversized manifest": (oversized_index, "larger than"),
     "duplicate member": (duplicate_member, "twice"),
 }

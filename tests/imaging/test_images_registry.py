@@ -137,7 +137,7 @@ def test_it_pulls_through_a_real_worker_and_skips_what_the_tenant_has(
         pulled = Image.objects.get(tenant=world.acme, name="busybox", tag="1")
         assert pulled.manifest_digest == image.manifest_digest
         assert pulled.source == "pull" and pulled.source_reference == f"{registry.host}/test/busybox:1"
-        assert op.result["layer_bytes_written"] == sum(len(layer.blob) for layer in image.layers)
+        assert op.operator_details["layer_bytes_written"] == sum(len(layer.blob) for layer in image.layers)
 
         again = pull(client_for(world, "alice"), f"{registry.host}/test/busybox:1", world.acme, tag="again")
         op2 = wait_until(
@@ -148,7 +148,8 @@ def test_it_pulls_through_a_real_worker_and_skips_what_the_tenant_has(
             what="the second pull",
         )
     assert op2.state == "succeeded", op2.error
-    assert op2.result["layer_bytes_written"] == 0 and op2.result["store"]["bytes_read"] < 10_000
+    assert op2.operator_details["layer_bytes_written"] == 0
+    assert op2.operator_details["store"]["bytes_read"] < 10_000
 
 
 @pytest.mark.django_db

@@ -122,6 +122,13 @@ def _operation(world: World, ownership: str) -> Any:
     return Operation.objects.create(kind="test.noop", tenant=_acme_or_globex(world, ownership)).pk
 
 
+def _secret(world: World, ownership: str) -> Any:
+    from tenants.models import Secret
+
+    tenant = _acme_or_globex(world, ownership)
+    return Secret.objects.get_or_create(tenant=tenant, name="matrix", defaults={"sealed_value": "x"})[0].pk
+
+
 def _user(world: World, ownership: str) -> Any:
     return world.user("alice" if ownership == "acme" else "bob").pk
 
@@ -140,6 +147,8 @@ ROUTES: dict[str, Route] = {
     "membership-detail": Route(methods=("GET", "PATCH", "DELETE"), obj=_membership, write="manage"),
     "token-list": Route(methods=("GET", "POST"), list_post=400),
     "token-detail": Route(methods=("GET", "DELETE"), obj=_token, visibility="self", write="view"),
+    "secret-list": Route(methods=("GET", "POST"), list_post=400),
+    "secret-detail": Route(methods=("GET", "PUT", "DELETE"), obj=_secret, write="manage"),
     "quota-list": Route(methods=("GET",)),
     "quota-detail": Route(
         methods=("GET", "PATCH"),

@@ -61,6 +61,13 @@ def _host(world: World, ownership: str) -> Any:
     return Host.objects.get_or_create(name="matrix-host", defaults={"cpus": 4, "memory_mib": 4096})[0].pk
 
 
+def _secret(world: World, ownership: str) -> Any:
+    from tenants.models import Secret
+
+    tenant = world.acme if ownership == "acme" else world.globex
+    return Secret.objects.get_or_create(tenant=tenant, name="matrix", defaults={"sealed_value": "x"})[0].pk
+
+
 def _operation(world: World, ownership: str) -> Any:
     from portal.models import Operation
 
@@ -88,6 +95,10 @@ UI_ROUTES: dict[str, UiRoute] = {
     "member-add": UiRoute(method="POST", acts="manage"),
     "member-role": UiRoute(method="POST", obj=_membership, acts="manage"),
     "member-remove": UiRoute(method="POST", obj=_membership, acts="manage"),
+    "secrets": UiRoute(),
+    "secret-create": UiRoute(method="POST", acts="manage"),
+    "secret-set-value": UiRoute(method="POST", obj=_secret, acts="manage"),
+    "secret-delete": UiRoute(method="POST", obj=_secret, acts="manage"),
     "tokens": UiRoute(),
     "token-create": UiRoute(method="POST"),
     "token-revoke": UiRoute(method="POST", obj=_token, acts="self"),
