@@ -11,7 +11,7 @@ NATIVE_SRC := $(shell find imaging/native/src -name '*.rs' 2>/dev/null) imaging/
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: help setup system venv native js guest run agent test lint typecheck rust-check pytest bench clean lock
+.PHONY: help setup system venv native js guest run agent test lint typecheck rust-check pytest bench clean lock conformance
 
 help:
 	@echo "make run    set up everything and start the portal on http://127.0.0.1:8000"
@@ -69,11 +69,15 @@ typecheck: venv
 rust-check:
 	cd imaging/native && $(CARGO) fmt --check && $(CARGO) clippy --release --locked --all-targets --quiet -- -D warnings && $(CARGO) test --release --locked --quiet
 
-pytest: setup
+pytest: setup conformance
 	scripts/with-test-services.sh $(PY) -m pytest $(PYTEST_ARGS)
 
-test: setup lint typecheck rust-check
+test: setup conformance lint typecheck rust-check
 	scripts/with-test-services.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+# The OCI distribution-spec conformance suite (Go, pinned in tests/conformance/go.sum), for the registry tests.
+conformance:
+	scripts/build-conformance.sh
 
 bench: setup
 	scripts/with-test-services.sh bash bench/run-all.sh
