@@ -19,6 +19,13 @@ class RestartPolicy(models.TextChoices):
     ALWAYS = "always", "Always"
 
 
+class HostLostPolicy(models.TextChoices):
+    """What happens to a workload when its host is lost (silent past the heartbeat deadline)."""
+
+    WAIT = "wait", "Wait for the host"
+    RESCHEDULE = "reschedule", "Run it on another host"
+
+
 class WorkloadState(models.TextChoices):
     PENDING = "pending", "Pending"
     CREATING = "creating", "Creating"

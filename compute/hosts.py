@@ -16,10 +16,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from compute.choices import HostState, WorkloadState
+from compute.choices import HostLostPolicy, HostState, WorkloadState
 from compute.models import Host, JoinToken, Workload
 from portal import events
-from portal.errors import Conflict, Invalid, NotPermitted
+from portal.errors import Conflict, Invalid, NotPermitted, ServiceError
 from tenants import audit
 from tenants.actors import Actor
 
@@ -113,7 +113,7 @@ def heartbeat(host_id: Any) -> None:
     """The agent is alive: a lost host comes back as ready (its agent re-syncs workloads)."""
     now = timezone.now()
     Host.objects.filter(pk=host_id).update(last_heartbeat=now)
-    if Host.objects.filter(pk=host_id, state=HostState.LOST).update(state=HostState.READY):
+    if Host.objects.filter(pk=host_id, state=HostState.LOST).update(state=HostState.READY, lost_at=None):
         host = Host.objects.get(pk=host_id)
         audit.record(Actor.system("agent"), "host.recovered", host)
         events.publish(None, {"type": "host", "id": str(host_id), "state": HostState.READY})
@@ -126,7 +126,8 @@ def mark_lost_hosts(now: Any = None) -> list[str]:
     silent = Host.objects.filter(last_heartbeat__lt=now - LOST_AFTER).exclude(state=HostState.LOST)
     for host in silent:
         with transaction.atomic():
-            if not Host.objects.filter(pk=host.pk).exclude(state=HostState.LOST).update(state=HostState.LOST):
+            marked = Host.objects.filter(pk=host.pk).exclude(state=HostState.LOST)
+            if not marked.update(state=HostState.LOST, lost_at=now):
                 continue
             changed = Workload.objects.filter(host=host).exclude(
                 state__in=[WorkloadState.DELETING, WorkloadState.UNKNOWN]
@@ -139,6 +140,40 @@ def mark_lost_hosts(now: Any = None) -> list[str]:
         events.publish(None, {"type": "host", "id": str(host.pk), "state": HostState.LOST})
         lost.append(host.name)
     return lost
+
+
+def reschedule_grace() -> timedelta:
+    """How long a lost host may come back before its `reschedule` workloads move
+    (``BULKHEAD_RESCHEDULE_GRACE_SECONDS``): a short network blip must not double a workload."""
+    return timedelta(seconds=float(getattr(settings, "BULKHEAD_RESCHEDULE_GRACE_SECONDS", 30)))
+
+
+def reschedule_lost_workloads(now: Any = None) -> list[str]:
+    """Move the `reschedule` workloads of hosts lost for longer than the grace to other hosts.
+
+    A workload pinned to its host by an operator stays. One that no host can take now stays `unknown`,
+    says why, and is tried again at the next sweep. The lost host's copy, if the host comes back, is
+    removed by its agent's re-sync (the workload no longer belongs to it)."""
+    from compute import services
+
+    now = now or timezone.now()
+    moved = []
+    candidates = Workload.objects.filter(
+        host__state=HostState.LOST,
+        host__lost_at__lte=now - reschedule_grace(),
+        on_host_lost=HostLostPolicy.RESCHEDULE,
+        pinned=False,
+    ).exclude(state=WorkloadState.DELETING)
+    for workload in candidates.select_related("host", "tenant"):
+        try:
+            services.reschedule_workload(actor=Actor.system("heartbeat"), workload=workload)
+        except ServiceError as error:
+            Workload.objects.filter(pk=workload.pk, state=WorkloadState.UNKNOWN).update(
+                status_message=f"host lost; not moved yet: {error.message}"[:500]
+            )
+            continue
+        moved.append(workload.name)
+    return moved
 
 
 def _require_operator(actor: Actor, action: str) -> None:

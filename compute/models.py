@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from compute.choices import HostState, Isolation, RestartPolicy, WorkloadState
+from compute.choices import HostLostPolicy, HostState, Isolation, RestartPolicy, WorkloadState
 from portal.permissions import TenantOwnedQuerySet, acts_as_operator
 from tenants.models import dns_label
 
@@ -37,6 +37,8 @@ class Host(models.Model):
     domain_type_override = models.CharField(max_length=8, blank=True)
     pinned_only = models.BooleanField(default=False, help_text="Only workloads pinned to it by an operator.")
     last_heartbeat = models.DateTimeField(null=True, blank=True)
+    # When the heartbeat sweep marked it lost (None while it answers): reschedules wait a grace after it.
+    lost_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = HostQuerySet.as_manager()
@@ -118,6 +120,9 @@ class Workload(models.Model):
     disk_gib = models.PositiveIntegerField(default=1)
     restart_policy = models.CharField(
         max_length=16, choices=RestartPolicy.choices, default=RestartPolicy.NEVER
+    )
+    on_host_lost = models.CharField(
+        max_length=16, choices=HostLostPolicy.choices, default=HostLostPolicy.WAIT
     )
     # No user namespace: container root is host root. Only where an operator allowed it for the tenant.
     privileged = models.BooleanField(default=False)

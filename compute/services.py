@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 
 from compute import placement
-from compute.choices import Isolation, RestartPolicy, WorkloadState
+from compute.choices import HostLostPolicy, HostState, Isolation, RestartPolicy, WorkloadState
 from compute.compartments import Compartment
 from compute.models import Host, Workload
 from imaging.models import Image
@@ -46,6 +46,7 @@ class WorkloadSpec:
     memory_mib: int = 256
     disk_gib: int = 1
     restart_policy: str = RestartPolicy.NEVER
+    on_host_lost: str = HostLostPolicy.WAIT
     host: Host | None = None  # operators may pin
     privileged: bool = False  # root-mapped container: only in tenants an operator allowed
 
@@ -168,6 +169,7 @@ def create_workload(
                 memory_mib=spec.memory_mib,
                 disk_gib=spec.disk_gib,
                 restart_policy=spec.restart_policy,
+                on_host_lost=spec.on_host_lost,
                 privileged=spec.privileged,
                 host=host,
                 pinned=spec.host is not None,
@@ -206,9 +208,10 @@ UPDATABLE_FIELDS = (
     "vcpus",
     "memory_mib",
     "restart_policy",
+    "on_host_lost",
 )
 # Fields a running workload only picks up when it starts again.
-RESTART_FIELDS = frozenset(UPDATABLE_FIELDS) - {"restart_policy"}
+RESTART_FIELDS = frozenset(UPDATABLE_FIELDS) - {"restart_policy", "on_host_lost"}
 
 
 @audit.denials_audited
@@ -304,6 +307,49 @@ def delete_workload(*, actor: Actor, workload: Workload, grace_seconds: int = 10
     Workload.objects.filter(pk=workload.pk).update(state=WorkloadState.DELETING, desired_running=False)
     audit.record(actor, "workload.delete", workload)
     return _start_op(actor, workload, "workload.delete", tasks.delete_workload, grace_seconds=grace_seconds)
+
+
+@audit.denials_audited
+@transaction.atomic
+def reschedule_workload(*, actor: Actor, workload: Workload) -> Operation:
+    """Run a workload of a lost host on another host: same name, identity, address and settings.
+
+    Its captured changes stay on the lost host (there are no volumes yet): the workload starts fresh
+    from its image. Placement is under the candidate hosts' row locks like a create."""
+    from compute import tasks
+    from compute.compartments import PublishedPort
+
+    locked = _lock(workload)
+    old = locked.host
+    if old is None or old.state != HostState.LOST:
+        raise Conflict("Only a workload of a lost host is moved.", audit_action="workload.reschedule")
+    if locked.state == WorkloadState.DELETING:
+        raise Conflict("The workload is being deleted.")
+    networked = locked.ip_allocations.exists()
+    host = placement.choose_host(
+        isolation=locked.isolation,
+        vcpus=locked.vcpus,
+        memory_mib=locked.memory_mib,
+        disk_gib=locked.disk_gib,
+        networked=networked,
+    )
+    # Its published ports go with it, on the same host ports (the address changes to the new host's).
+    ports = PublishedPort.objects.filter(workload=locked)
+    for port in ports:
+        if PublishedPort.objects.filter(host=host, protocol=port.protocol, host_port=port.host_port).exists():
+            raise Conflict(f"Port {port.protocol}/{port.host_port} is taken on {host.name}.")
+    ports.update(host=host)
+    Workload.objects.filter(pk=locked.pk).update(
+        host=host,
+        state=WorkloadState.PENDING,
+        status_message=f"moved from {old.name} (host lost)"[:500],
+        exit_code=None,
+    )
+    locked.host = host
+    audit.record(actor, "workload.reschedule", locked, details={"from": old.name, "to": host.name})
+    return _start_op(
+        actor, locked, "workload.reschedule", tasks.create_workload, start=locked.desired_running
+    )
 
 
 @transaction.atomic

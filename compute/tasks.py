@@ -102,6 +102,11 @@ def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"image": str(image.pk)}
 
 
+@app.task(name="compute.reschedule_lost_workloads", ignore_result=True)
+def reschedule_lost_workloads() -> list[str]:
+    return hosts.reschedule_lost_workloads()
+
+
 @app.task(name="compute.mark_lost_hosts", ignore_result=True)
 def mark_lost_hosts() -> list[str]:
     return hosts.mark_lost_hosts()
@@ -117,6 +122,7 @@ def sample_tenants() -> int:
 app.conf.beat_schedule = {
     **(app.conf.beat_schedule or {}),
     "mark-lost-hosts": {"task": "compute.mark_lost_hosts", "schedule": 15.0},
+    "reschedule-lost-workloads": {"task": "compute.reschedule_lost_workloads", "schedule": 15.0},
     "sample-tenants": {"task": "compute.sample_tenants", "schedule": settings.BULKHEAD_SAMPLE_SECONDS},
 }
 

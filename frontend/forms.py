@@ -287,6 +287,12 @@ class WorkloadCreateForm(forms.Form):
         initial=1, min_value=1, required=False, label="Disk (GiB)", help_text="Writable space."
     )
     restart_policy = forms.ChoiceField(choices=[], initial="never", label="Restart")
+    on_host_lost = forms.ChoiceField(
+        choices=[("wait", "Wait for the host"), ("reschedule", "Run it on another host")],
+        initial="wait",
+        label="If its host is lost",
+        required=False,
+    )
     network = forms.ChoiceField(
         choices=[],
         required=False,

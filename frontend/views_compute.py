@@ -362,6 +362,7 @@ def workload_create(request: HttpRequest) -> HttpResponse:
             memory_mib=data["memory_mib"],
             disk_gib=data["disk_gib"] or 1,
             restart_policy=data["restart_policy"],
+            on_host_lost=data["on_host_lost"] or "wait",
         )
         try:
             op = create_with_network(request, tenant, spec, data)

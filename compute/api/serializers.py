@@ -5,7 +5,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from compute.choices import Isolation, RestartPolicy
+from compute.choices import HostLostPolicy, Isolation, RestartPolicy
 from compute.compartments import Compartment, IPAllocation, Protocol, PublishedPort
 from compute.models import Host, Workload
 from tenants.models import dns_label
@@ -103,6 +103,7 @@ class WorkloadSerializer(serializers.ModelSerializer):
             "memory_mib",
             "disk_gib",
             "restart_policy",
+            "on_host_lost",
             "privileged",
             "host",
             "host_name",
@@ -159,6 +160,11 @@ class WorkloadCreateSerializer(WorkloadProcessSerializer):
     memory_mib = serializers.IntegerField(default=256)
     disk_gib = serializers.IntegerField(default=1, help_text="Size of the writable layer or disk (GiB).")
     restart_policy = serializers.ChoiceField(choices=RestartPolicy.choices, default=RestartPolicy.NEVER)
+    on_host_lost = serializers.ChoiceField(
+        choices=HostLostPolicy.choices,
+        default=HostLostPolicy.WAIT,
+        help_text="reschedule: when its host is lost, run it on another host (fresh from its image).",
+    )
     start = serializers.BooleanField(default=True)
     privileged = serializers.BooleanField(
         default=False,
@@ -178,6 +184,7 @@ class WorkloadUpdateSerializer(WorkloadProcessSerializer):
     vcpus = serializers.DecimalField(max_digits=5, decimal_places=2, required=False)
     memory_mib = serializers.IntegerField(required=False)
     restart_policy = serializers.ChoiceField(choices=RestartPolicy.choices, required=False)
+    on_host_lost = serializers.ChoiceField(choices=HostLostPolicy.choices, required=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         unknown = set(self.initial_data) - set(self.fields) if isinstance(self.initial_data, dict) else set()

@@ -85,6 +85,7 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
             memory_mib=v["memory_mib"],
             disk_gib=v["disk_gib"],
             restart_policy=v["restart_policy"],
+            on_host_lost=v["on_host_lost"],
             host=pinned,
             privileged=v["privileged"],
         )

@@ -642,6 +642,7 @@ class WorkloadSpec:
     memory_mib: int = tenant_schema.DEFAULT_MEMORY_MIB
     disk_gib: int = tenant_schema.DEFAULT_DISK_GIB
     restart: str = tenant_schema.DEFAULT_RESTART
+    on_host_lost: str = "wait"
     state: str = tenant_schema.DEFAULT_STATE
     networks: tuple[str, ...] = ()
 
@@ -662,6 +663,7 @@ class WorkloadSpec:
             "memory_mib": self.memory_mib,
             **disk_field(self.disk_gib),
             "restart": self.restart,
+            **on_host_lost_field(self.on_host_lost),
             "state": self.state,
             "networks": list(self.networks),
         }
@@ -670,6 +672,11 @@ class WorkloadSpec:
 def secret_env_field(secret_env: Mapping[str, str] | None) -> dict[str, dict[str, str]]:
     """``secret_env`` in a canonical spec only when there is one: older specs and hashes stay the same."""
     return {"secret_env": dict(sorted(secret_env.items()))} if secret_env else {}
+
+
+def on_host_lost_field(policy: str) -> dict[str, str]:
+    """``on_host_lost`` in a canonical spec only when it is not "wait" (older specs and hashes stay)."""
+    return {"on_host_lost": policy} if policy and policy != "wait" else {}
 
 
 def disk_field(disk_gib: int) -> dict[str, int]:
@@ -827,6 +834,7 @@ def _build_config(data: Mapping[str, Any], positions: Mapping[DocumentPath, Sour
             memory_mib=item.get("memory_mib", tenant_schema.DEFAULT_MEMORY_MIB),
             disk_gib=item.get("disk_gib", tenant_schema.DEFAULT_DISK_GIB),
             restart=item.get("restart", tenant_schema.DEFAULT_RESTART),
+            on_host_lost=item.get("on_host_lost", "wait"),
             state=item.get("state", tenant_schema.DEFAULT_STATE),
             networks=tuple(item.get("networks", ())),
         )
@@ -1102,6 +1110,7 @@ _EXPORT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
         "memory_mib",
         "disk_gib",
         "restart",
+        "on_host_lost",
         "state",
         "networks",
     ),

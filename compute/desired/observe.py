@@ -24,6 +24,7 @@ from compute.desired.document import (
     disk_field,
     network_key,
     normalise_vcpus,
+    on_host_lost_field,
     port_key,
     secret_env_field,
     workload_key,
@@ -62,6 +63,7 @@ _WORKLOAD_FIELDS = (
     "memory_mib",
     "disk_gib",
     "restart_policy",
+    "on_host_lost",
     "state",
     "desired_running",
     "managed_revision",
@@ -89,6 +91,7 @@ def workload_spec(workload: Any, reference: str, networks: list[str] | None = No
         "memory_mib": workload.memory_mib,
         **disk_field(workload.disk_gib),
         "restart": workload.restart_policy,
+        **on_host_lost_field(workload.on_host_lost),
         "state": run_state(workload),
         "networks": list(networks or []),
     }

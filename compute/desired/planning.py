@@ -84,6 +84,7 @@ FIELD_RULES: Final[dict[ResourceKind, tuple[FieldRule, ...]]] = {
         # A filesystem of that size holds the writable layer: a new size is a new workload.
         FieldRule("disk_gib", "replace"),
         FieldRule("restart", "update"),
+        FieldRule("on_host_lost", "update"),
         FieldRule("state", "update"),
     ),
     "port": (FieldRule("host_port", "replace", system_assigned=True),),
@@ -106,6 +107,7 @@ SPEC_FIELDS: Final[dict[ResourceKind, tuple[str, ...]]] = {
         "memory_mib",
         "disk_gib",
         "restart",
+        "on_host_lost",
         "state",
         "networks",
     ),
@@ -351,6 +353,8 @@ def compare_specs(
             continue
         if rule.name == "secret_env":  # absent from a spec without secrets
             before, after = dict(before or {}), dict(after or {})
+        if rule.name == "on_host_lost":  # absent from a spec with the default
+            before, after = before or "wait", after or "wait"
         if _same_value(before, after):
             continue
         effect = rule.on_change

@@ -210,6 +210,11 @@ SCHEMA: Final[dict[str, Any]] = {
                     "description": "Size of the writable layer (container) or disk (micro-VM), GiB.",
                 },
                 "restart": {"enum": list(RESTART_POLICIES), "default": DEFAULT_RESTART},
+                "on_host_lost": {
+                    "enum": ["wait", "reschedule"],
+                    "default": "wait",
+                    "description": "reschedule: when its host is lost, run it on another host.",
+                },
                 "state": {
                     "enum": list(RUN_STATES),
                     "default": DEFAULT_STATE,

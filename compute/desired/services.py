@@ -570,6 +570,7 @@ def _compute_spec(tenant: Tenant, spec: dict[str, Any]) -> compute_services.Work
         memory_mib=int(spec["memory_mib"]),
         disk_gib=int(spec.get("disk_gib", 1)),
         restart_policy=spec["restart"],
+        on_host_lost=spec.get("on_host_lost") or "wait",
     )
 
 

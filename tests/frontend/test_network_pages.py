@@ -60,12 +60,12 @@ def a_port(world: World, workload: Workload, port: int = 80) -> PublishedPort:
 def test_it_lists_the_tenants_networks_for_every_role(world: World, persona: str) -> None:
     front = a_compartment(world, "front", subnet="10.210.0.0/24", nat=False)
     a_port(world, a_member(world, front))
-    a_compartment(world, "secret", tenant=world.globex)
+    a_compartment(world, "hidden-net", tenant=world.globex)
     response = signed_in(world, persona).get(reverse("compartments"))
     assert response.status_code == 200
     html = response.content.decode()
     assert "front" in html and "10.210.0.0/24" in html and "10.210.0.1" in html and "net-ui-host" in html
-    assert "secret" not in html
+    assert "hidden-net" not in html
     row = html[html.index(f'data-compartment-id="{front.pk}"') :].split("</tr>")[0]
     assert "<td>No</td>" in row and row.count("<td>1</td>") == 2  # NAT off, one member, one port
     assert ('action="/networks/create/"' in html) == (persona in {"oscar", "alice", "amir"})
