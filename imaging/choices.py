@@ -39,3 +39,4 @@ class ImageSource(models.TextChoices):
     PULL = "pull", "Pulled from a registry"
     TAG = "tag", "Tagged"
     PUBLISH = "publish", "Published"
+    PUSH = "push", "Pushed to the built-in registry"

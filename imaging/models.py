@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Self
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
@@ -111,3 +112,110 @@ class TenantLayer(models.Model):
 
     def __str__(self) -> str:
         return f"{self.layer} of {self.tenant}"
+
+
+# --- the built-in registry's own metadata -------------------------------------------------------------
+# Names here are repositories within a tenant (`<tenant>/<repository>` on the wire; tenant null: the
+# public `library/` namespace). Queries reach these rows only after `imaging.distribution.access` granted
+# the caller the repository's action, through the same role rules as the permission layer.
+
+
+class RegistryBlob(models.Model):
+    """A blob a tenant proved it has, by uploading its bytes into (or mounting it within) a repository.
+
+    What lets the tenant's manifests reference the blob and the repository serve it; gc keeps it. Until
+    an image of the tenant holds it as a layer (`TenantLayer`), its size counts against what is left of
+    the tenant's `image_bytes` for further uploads, so pushes cannot outgrow the quota before a tag.
+    """
+
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="registry_blobs"
+    )
+    repository = models.CharField(max_length=255)
+    digest = models.CharField(max_length=80)
+    size = models.PositiveBigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TenantOwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["tenant", "repository", "digest"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "repository", "digest"], name="registry_blob_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.repository}@{self.digest[:19]}"
+
+
+class RegistryManifest(models.Model):
+    """A manifest or index pushed to a repository: pullable by digest at once, whatever it describes."""
+
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="registry_manifests"
+    )
+    repository = models.CharField(max_length=255)
+    digest = models.CharField(max_length=80)
+    media_type = models.CharField(max_length=200)
+    size = models.PositiveBigIntegerField()
+    # Digests of the blobs (config, layers) or manifests (an index's) it references.
+    references = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TenantOwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["tenant", "repository", "digest"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "repository", "digest"], name="registry_manifest_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.repository}@{self.digest[:19]}"
+
+
+class RegistryTag(models.Model):
+    """A tag of a repository naming a pushed manifest (moved by the next push of the same tag)."""
+
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="registry_tags"
+    )
+    repository = models.CharField(max_length=255)
+    tag = models.CharField(max_length=128)
+    manifest = models.ForeignKey(RegistryManifest, on_delete=models.CASCADE, related_name="tags")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = TenantOwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["tenant", "repository", "tag"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "repository", "tag"], name="registry_tag_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+
+class RegistryUpload(models.Model):
+    """An upload session: its bytes grow in the store's ingest area (gc keeps files touched within a
+    day); abandoned sessions expire (`imaging.distribution.services.expire_uploads`)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="registry_uploads"
+    )
+    repository = models.CharField(max_length=255)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = TenantOwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return f"upload {self.id} to {self.repository}"

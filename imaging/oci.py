@@ -118,6 +118,11 @@ def _descriptor(raw: Any, what: str) -> Descriptor:
     )
 
 
+def descriptor(raw: Any, what: str) -> Descriptor:
+    """A content descriptor ({mediaType, digest, size}), checked."""
+    return _descriptor(raw, what)
+
+
 def media_type_of(doc: Any) -> str:
     """The media type a manifest or index declares (old indexes omit it; schema 1 is refused)."""
     if not isinstance(doc, dict):

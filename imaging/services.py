@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography.fernet import Fernet, InvalidToken
 from django.apps import apps
@@ -30,7 +30,8 @@ from django.http import Http404
 
 from imaging import choices as c
 from imaging import oci
-from imaging.models import Image, ImageLayer, Layer, TenantLayer
+from imaging.distribution import services as registry_services
+from imaging.models import Image, ImageLayer, Layer, RegistryBlob, RegistryManifest, TenantLayer
 from imaging.registry import REPOSITORY_RE, RegistryClient, RegistryError, endpoint_for, parse_reference
 from imaging.store import (
     DigestMismatch,
@@ -69,6 +70,10 @@ class ImportFailed(ServiceError):
 
 class PullFailed(ServiceError):
     code = "pull_failed"
+
+
+class PushFailed(ServiceError):
+    code = "push_failed"
 
 
 # --- the store and lookups ----------------------------------------------------------------------
@@ -648,6 +653,80 @@ def run_pull(op_id: str, progress: Progress) -> dict[str, Any]:
     }
 
 
+def run_push(op_id: str, progress: Progress) -> dict[str, Any]:
+    """Unpack an image pushed to the built-in registry (the checks of imports) and register it.
+
+    The manifest and its blobs are in the store already (verified when pushed). A tag that named
+    another image of the tenant moves: that image is replaced unless a workload uses it. On failure
+    the tag this push set is removed again, so a refused image is not pullable under it.
+    """
+    op = Operation.objects.select_related("tenant", "actor").get(pk=op_id)
+    store = get_store()
+    lease = store.acquire_lease(f"op-{op.pk}", ttl=TEMP_MAX_AGE)
+    committed = False
+    try:
+        progress(2, "Reading the pushed manifest", force=True)
+        manifest_bytes = store.read_blob(op.params["manifest_digest"])
+        manifest = oci.parse_manifest(oci.load_json(manifest_bytes, "manifest"))
+        config_bytes = store.read_blob(manifest.config.digest)
+        plan = oci.check_plan(
+            oci.ImagePlan(
+                manifest_digest=op.params["manifest_digest"],
+                manifest_bytes=manifest_bytes,
+                manifest=manifest,
+                config_bytes=config_bytes,
+                config=oci.parse_config(config_bytes),
+            )
+        )
+        lease.add(*_plan_digests(plan))
+        _replace_retagged_image(op, plan)
+        results = _unpack(store, plan, progress)
+        image = register_image(
+            op=op, plan=plan, results=results, source=c.ImageSource.PUSH, reference=op.params["repository"]
+        )
+        committed = True
+    except oci.ImageFormatError as exc:
+        _fail_push(op, str(exc))
+    except StoreError as exc:
+        _fail_push(op, _store_message(exc))
+    except ServiceError as exc:
+        _fail_push(op, exc.message)
+    finally:
+        if committed:
+            lease.renew(LEASE_AFTER_COMMIT)
+        else:
+            release_reservation(op)
+            lease.release()
+    progress(100, "Pushed", force=True)
+    return {
+        "image": str(image.pk),
+        "manifest_digest": image.manifest_digest,
+        "warnings": unpack_warnings(results),
+    }
+
+
+def _replace_retagged_image(op: Operation, plan: oci.ImagePlan) -> None:
+    existing = Image.objects.filter(tenant=op.tenant, name=op.params["name"], tag=op.params["tag"]).first()
+    if existing is None or existing.manifest_digest == plan.manifest_digest:
+        return
+    if image_in_use(existing):
+        raise Conflict(f"A workload uses the image {existing}; the pushed tag cannot replace it.")
+    _delete_image(_actor_of(op), existing)
+
+
+def _fail_push(op: Operation, message: str) -> NoReturn:
+    from imaging.models import RegistryTag
+
+    _record_failure(op, "image.push", message)
+    RegistryTag.objects.filter(
+        tenant=op.tenant,
+        repository=op.params["name"],
+        tag=op.params["tag"],
+        manifest__digest=op.params["manifest_digest"],
+    ).delete()
+    raise PushFailed(message)
+
+
 def _held_digests(tenant: Tenant | None, digests: Iterable[str]) -> set[str]:
     if tenant is None:
         return set()
@@ -832,12 +911,23 @@ def run_gc(op_id: str, progress: Progress) -> dict[str, Any]:
         chains.setdefault(image_id, []).append(diff_id)
     for manifest, config in Image.objects.values_list("manifest_digest", "config_digest"):
         keep_blobs.update((manifest, config))
+    # The built-in registry's pushed content (abandoned uploads and orphan blobs expire first).
+    expired = registry_services.expire_abandoned()
+    keep_blobs.update(RegistryBlob.objects.values_list("digest", flat=True))
+    for manifest, references in RegistryManifest.objects.values_list("digest", "references"):
+        keep_blobs.add(manifest)
+        keep_blobs.update(references or [])
     keep_disks = {chain_id(ids) for ids in chains.values() if ids}
     progress(40, "Removing unreferenced content", force=True)
     started = time.monotonic()
     report = get_store().gc(
         keep_blobs=keep_blobs, keep_layers=keep_layers, keep_disks=keep_disks, temp_max_age=TEMP_MAX_AGE
     )
-    result = {**asdict(report), "seconds": round(time.monotonic() - started, 3)}
+    result = {
+        **asdict(report),
+        "seconds": round(time.monotonic() - started, 3),
+        "expired_uploads": expired["uploads"],
+        "expired_registry_blobs": expired["blobs"],
+    }
     audit.record(_actor_of(op), "store.gc.succeeded", op, details=result)
     return result

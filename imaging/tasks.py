@@ -21,6 +21,12 @@ def pull_image(self: OperationTask, op_id: str) -> dict[str, Any]:
     return services.run_pull(op_id, self.progress)
 
 
+@app.task(base=OperationTask, bind=True, name="imaging.push_image")
+def push_image(self: OperationTask, op_id: str) -> dict[str, Any]:
+    """Unpack and register an image pushed to the built-in registry."""
+    return services.run_push(op_id, self.progress)
+
+
 @app.task(base=OperationTask, bind=True, name="imaging.gc_store")
 def gc_store(self: OperationTask, op_id: str) -> dict[str, Any]:
     """Garbage-collect the layer store."""

@@ -3,8 +3,13 @@ ASGI application beside Django (bodies stream in bounded chunks; Django would bu
 
 Pull serves what imports, pulls and commits stored: manifests, configs and layer blobs straight from the
 layer store, by tag or digest, `HEAD` and `GET`, blobs with `Range`. A blob is served only through a
-repository the caller may pull that references it: dedup in the store grants nothing. Push is not yet
-implemented (it answers the spec's UNSUPPORTED); see NOTES.md.
+repository the caller may pull that references it: dedup in the store grants nothing.
+
+Push (`imaging.distribution.services`): upload sessions (`POST`, chunked `PATCH` with `Content-Range`,
+status by `GET`, `PUT ?digest=` to finish, the single-`POST` form, `DELETE` to cancel), mounts from a
+repository the pusher may pull, manifests by tag or digest, and deletes. Bodies are read in bounded
+chunks into the upload's file; an upload past what the tenant's quota leaves is refused (`DENIED`) before
+its bytes reach the store.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from urllib.parse import parse_qs
 from asgiref.sync import sync_to_async
 
 from imaging.distribution import access
+from imaging.distribution import services as push
 from imaging.distribution.access import Grant, NameInvalid, Principal, Repository
 
 Scope = dict[str, Any]
@@ -29,11 +35,13 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 CHUNK_BYTES = 1024 * 1024
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+UPLOAD_ROUTE_RE = re.compile(r"^/v2/(?P<name>.+?)/blobs/uploads/?(?P<upload>[^/]*)$")
 ROUTE_RE = re.compile(
     r"^/v2/(?P<name>.+?)/(?:(?P<kind>manifests|blobs|referrers)/(?P<reference>[^/]+)|(?P<tags>tags/list))$"
 )
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 BASE_HEADERS = [(b"docker-distribution-api-version", b"registry/2.0")]
 
 
@@ -66,31 +74,91 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
     if path == "/v2/token":
         await _token_endpoint(send, headers, query)
         return
-    if method not in ("GET", "HEAD"):
-        await _error(send, 405, "UNSUPPORTED", "pushing to Bulkhead's registry is not available yet")
-        return
-    route = ROUTE_RE.match(path)
-    if route is None:
+    upload_route = UPLOAD_ROUTE_RE.match(path)
+    route = None if upload_route else ROUTE_RE.match(path)
+    matched = upload_route or route
+    if matched is None:
         await _error(send, 404, "NAME_UNKNOWN", "no such repository or endpoint")
         return
     try:
-        repository = access.parse_name(route["name"])
+        repository = access.parse_name(matched["name"])
     except NameInvalid:
         await _error(send, 400, "NAME_INVALID", "not a repository name under a tenant or library/")
         return
-    grant = await _grant_from_headers(headers)
-    if grant is None or not await sync_to_async(grant.allows)(repository.name, "pull"):
-        await _deny(grant, repository, "pull")
-        await _challenge(send, headers, scope_text=f"repository:{repository.name}:pull")
+    action = _action_for(method, upload_route is not None, route)
+    if action is None:
+        await _error(send, 405, "UNSUPPORTED", "this method is not supported here")
         return
-    if route["tags"]:
-        await _tags(send, repository, query)
-    elif route["kind"] == "manifests":
-        await _manifest(send, method, repository, route["reference"])
-    elif route["kind"] == "blobs":
-        await _blob(send, method, headers, repository, route["reference"])
-    else:
-        await _referrers(send, repository, route["reference"])
+    grant = await _grant_from_headers(headers)
+    if action == "pull":
+        if grant is None or not await sync_to_async(grant.allows)(repository.name, "pull"):
+            await _deny(grant, repository, "pull")
+            await _challenge(send, headers, scope_text=f"repository:{repository.name}:pull")
+            return
+    elif not await _authorized(send, headers, grant, repository, action):
+        return
+    assert grant is not None
+    try:
+        if upload_route is not None:
+            await _uploads(send, receive, method, headers, query, grant, repository, upload_route["upload"])
+        elif route is not None and route["tags"]:
+            await _tags(send, repository, query)
+        elif route is not None and route["kind"] == "manifests":
+            if method == "PUT":
+                await _put_manifest(send, receive, headers, grant, repository, route["reference"])
+            elif method == "DELETE":
+                await _delete_manifest(send, grant, repository, route["reference"])
+            else:
+                await _manifest(send, method, repository, route["reference"])
+        elif route is not None and route["kind"] == "blobs":
+            if method == "DELETE":
+                await _delete_blob(send, grant, repository, route["reference"])
+            else:
+                await _blob(send, method, headers, repository, route["reference"])
+        elif route is not None:
+            await _referrers(send, repository, route["reference"])
+    except push.RegistryRefusal as refusal:
+        if isinstance(refusal, push.Denied) and grant.principal is not None:
+            await sync_to_async(_audit_denied)(
+                grant.principal,
+                refusal.audit_action or f"registry.{action}",
+                {"repository": repository.name, "reason": refusal.message},
+            )
+        await _error(send, refusal.status_code, refusal.registry_code, refusal.message)
+
+
+def _action_for(method: str, upload: bool, route: re.Match[str] | None) -> str | None:
+    """The token action a request needs (pull, push, delete), None: a method the endpoint lacks."""
+    if upload:
+        return "push" if method in ("POST", "PATCH", "PUT", "GET", "DELETE") else None
+    assert route is not None
+    if method in ("GET", "HEAD"):
+        return "pull"
+    if route["kind"] == "manifests":
+        return {"PUT": "push", "DELETE": "delete"}.get(method)
+    if route["kind"] == "blobs" and method == "DELETE":
+        return "delete"
+    return None
+
+
+async def _authorized(
+    send: Send, headers: dict[str, str], grant: Grant | None, repository: Repository, action: str
+) -> bool:
+    """Push and delete: 401 to ask for a token with the scope (client retries), DENIED when the
+    principal may not do it at all (audited). A missing repository and a foreign one answer alike."""
+    scope_text = f"repository:{repository.name}:pull,{action}"
+    if grant is None or grant.principal is None:
+        await _challenge(send, headers, scope_text=scope_text)
+        return False
+    if await sync_to_async(grant.allows)(repository.name, action):
+        return True
+    may = await sync_to_async(access.granted_actions)(grant.principal, repository, [action])
+    if may:
+        await _challenge(send, headers, scope_text=scope_text)
+        return False
+    await _deny(grant, repository, action)
+    await _error(send, 403, "DENIED", "requested access to the resource is denied")
+    return False
 
 
 # --- auth ---------------------------------------------------------------------------------------------
@@ -194,27 +262,50 @@ def _images(repository: Repository) -> Any:
     return Image.objects.filter(tenant__name=repository.tenant_name, name=repository.image_name)
 
 
+def _registry_rows(model: Any, repository: Repository) -> Any:
+    """Rows of the registry's own metadata (pushed manifests, tags, proved blobs) of a repository."""
+    rows = model.objects.filter(repository=repository.image_name)
+    if repository.tenant_name is None:
+        return rows.filter(tenant__isnull=True)
+    return rows.filter(tenant__name=repository.tenant_name)
+
+
 def _find_manifest(repository: Repository, reference: str) -> tuple[bytes, str, str] | None:
+    from imaging.models import RegistryManifest, RegistryTag
     from imaging.services import get_store
     from imaging.store import StoreError
 
-    images = _images(repository)
-    image = (
-        images.filter(manifest_digest=reference).first()
-        if DIGEST_RE.match(reference)
-        else images.filter(tag=reference).first()
-    )
-    if image is None:
-        return None
+    digest, media_type = None, None
+    if DIGEST_RE.match(reference):
+        pushed = _registry_rows(RegistryManifest, repository).filter(digest=reference).first()
+        if pushed is not None:
+            digest, media_type = pushed.digest, pushed.media_type
+    else:
+        tagged = (
+            _registry_rows(RegistryTag, repository).select_related("manifest").filter(tag=reference).first()
+        )
+        if tagged is not None:
+            digest, media_type = tagged.manifest.digest, tagged.manifest.media_type
+    if digest is None:
+        images = _images(repository)
+        image = (
+            images.filter(manifest_digest=reference).first()
+            if DIGEST_RE.match(reference)
+            else images.filter(tag=reference).first()
+        )
+        if image is None:
+            return None
+        digest = image.manifest_digest
     try:
-        body = get_store().read_blob(image.manifest_digest)
+        body = get_store().read_blob(digest)
     except (StoreError, OSError):
         return None
-    try:
-        media_type = str(json.loads(body).get("mediaType") or OCI_MANIFEST)
-    except ValueError:
-        media_type = OCI_MANIFEST
-    return body, image.manifest_digest, media_type
+    if media_type is None:
+        try:
+            media_type = str(json.loads(body).get("mediaType") or OCI_MANIFEST)
+        except ValueError:
+            media_type = OCI_MANIFEST
+    return body, digest, media_type
 
 
 async def _manifest(send: Send, method: str, repository: Repository, reference: str) -> None:
@@ -234,15 +325,21 @@ async def _manifest(send: Send, method: str, repository: Repository, reference: 
     await _respond(send, 200, headers, b"" if method == "HEAD" else body)
 
 
-def _blob_path(repository: Repository, digest: str) -> str | None:
-    """The blob's file, if an image of this repository references it (layer, config or manifest)."""
+def blob_path_in(repository: Repository, digest: str) -> str | None:
+    """The blob's file, if this repository references it (a layer, config or manifest of its images or
+    pushed manifests) or a push proved it here."""
     from django.db.models import Q
 
+    from imaging.models import RegistryBlob, RegistryManifest
     from imaging.services import get_store
 
     referenced = (
         _images(repository)
         .filter(Q(config_digest=digest) | Q(manifest_digest=digest) | Q(image_layers__layer__digest=digest))
+        .exists()
+        or _registry_rows(RegistryBlob, repository).filter(digest=digest).exists()
+        or _registry_rows(RegistryManifest, repository)
+        .filter(Q(digest=digest) | Q(references__contains=[digest]))
         .exists()
     )
     if not referenced:
@@ -257,7 +354,7 @@ async def _blob(
     if not DIGEST_RE.match(digest):
         await _error(send, 400, "DIGEST_INVALID", "not a sha256 digest")
         return
-    path = await sync_to_async(_blob_path)(repository, digest)
+    path = await sync_to_async(blob_path_in)(repository, digest)
     if path is None:
         await _error(send, 404, "BLOB_UNKNOWN", "no such blob in this repository")
         return
@@ -324,11 +421,16 @@ def _parse_range(text: str, size: int) -> tuple[int, int] | None:
     return (start, end) if start <= end < size else None
 
 
-def _tag_page(repository: Repository, limit: int | None, last: str) -> list[str]:
-    tags = _images(repository).order_by("tag").values_list("tag", flat=True)
-    if last:
-        tags = tags.filter(tag__gt=last)
-    return list(tags[:limit] if limit is not None else tags)
+def _tag_page(repository: Repository, limit: int | None, last: str) -> list[str] | None:
+    """A page of the repository's tags (imported and pushed), None if the repository has none."""
+    from imaging.models import RegistryManifest, RegistryTag
+
+    tags = set(_images(repository).values_list("tag", flat=True))
+    tags.update(_registry_rows(RegistryTag, repository).values_list("tag", flat=True))
+    if not tags and not _registry_rows(RegistryManifest, repository).exists():
+        return None
+    ordered = sorted(tag for tag in tags if tag > last) if last else sorted(tags)
+    return ordered[:limit] if limit is not None else ordered
 
 
 async def _tags(send: Send, repository: Repository, query: dict[str, list[str]]) -> None:
@@ -336,8 +438,7 @@ async def _tags(send: Send, repository: Repository, query: dict[str, list[str]])
     limit = int(limit_text) if limit_text.isdigit() else None
     last = (query.get("last") or [""])[0]
     tags = await sync_to_async(_tag_page)(repository, limit, last)
-    exists = tags or await sync_to_async(_images(repository).exists)()
-    if not exists:
+    if tags is None:
         await _error(send, 404, "NAME_UNKNOWN", "no such repository")
         return
     headers: list[tuple[bytes, bytes]] = []
@@ -354,6 +455,243 @@ async def _referrers(send: Send, repository: Repository, digest: str) -> None:
     # Nothing stored here refers to another manifest yet: an empty index, as the spec asks.
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
     await _json(send, 200, index, [(b"content-type", OCI_INDEX.encode())])
+
+
+# --- push ------------------------------------------------------------------------------------------------
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _append_body(receive: Receive, path: str, room: int | None) -> int:
+    """Append the request body to the upload's file in bounded chunks; past `room` bytes it stops.
+
+    The file is locked while written, so two requests cannot interleave bytes in one upload.
+    """
+    import fcntl
+
+    handle = await asyncio.to_thread(open, path, "ab")
+    try:
+        try:
+            await asyncio.to_thread(fcntl.flock, handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise push.RegistryRefusal("another request is writing this upload") from None
+        written = 0
+        pending = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise push.RegistryRefusal("the client went away")
+            chunk = message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            written += len(chunk)
+            if room is not None and written > room:
+                raise _BodyTooLarge
+            pending += chunk
+            if len(pending) >= CHUNK_BYTES or (not more and pending):
+                await asyncio.to_thread(handle.write, bytes(pending))
+                pending.clear()
+        await asyncio.to_thread(handle.flush)
+        return written
+    finally:
+        await asyncio.to_thread(handle.close)
+
+
+def _room_for(upload: Any, repository: Repository) -> int | None:
+    room = push.upload_room(push.tenant_of(repository))
+    if room is None:
+        return None
+    return max(room - push.upload_path(upload).stat().st_size, 0)
+
+
+async def _write_upload(
+    receive: Receive, headers: dict[str, str], grant: Grant, repository: Repository, upload: Any
+) -> None:
+    """The body into the upload, refused with DENIED (and the upload dropped) past the quota's room."""
+    room = await sync_to_async(_room_for)(upload, repository)
+    declared = headers.get("content-length", "")
+    try:
+        if room is not None and declared.isdigit() and int(declared) > room:
+            raise _BodyTooLarge
+        await _append_body(receive, str(push.upload_path(upload)), room)
+    except _BodyTooLarge:
+        await sync_to_async(push.cancel_upload)(upload)
+        raise push.Denied(
+            f"the upload is larger than the {room} bytes left of the tenant's image storage",
+            audit_action="registry.push",
+        ) from None
+    await sync_to_async(push.touch_upload)(upload)
+
+
+def _upload_headers(repository: Repository, upload: Any, size: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"location", f"/v2/{repository.name}/blobs/uploads/{upload.pk}".encode()),
+        (b"range", f"0-{max(size - 1, 0)}".encode()),
+        (b"docker-upload-uuid", str(upload.pk).encode()),
+    ]
+
+
+def _blob_created(repository: Repository, digest: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"location", f"/v2/{repository.name}/blobs/{digest}".encode()),
+        (b"docker-content-digest", digest.encode()),
+    ]
+
+
+async def _uploads(
+    send: Send,
+    receive: Receive,
+    method: str,
+    headers: dict[str, str],
+    query: dict[str, list[str]],
+    grant: Grant,
+    repository: Repository,
+    upload_id: str,
+) -> None:
+    principal = grant.principal
+    assert principal is not None
+    digest = (query.get("digest") or [""])[0]
+    if digest and not DIGEST_RE.match(digest):
+        raise push.DigestInvalid("not a sha256 digest")
+    if method == "POST" and not upload_id:
+        mount = (query.get("mount") or [""])[0]
+        if mount and await _mounted(send, grant, repository, mount, (query.get("from") or [""])[0]):
+            return
+        upload = await sync_to_async(push.start_upload)(principal, repository)
+        if digest:  # the single-POST form: the whole blob in this request
+            await _write_upload(receive, headers, grant, repository, upload)
+            await sync_to_async(push.finish_upload)(principal, repository, upload, digest)
+            await _respond(send, 201, [*_blob_created(repository, digest), (b"content-length", b"0")], b"")
+            return
+        await _respond(send, 202, [*_upload_headers(repository, upload, 0), (b"content-length", b"0")], b"")
+        return
+    if not upload_id:
+        await _error(send, 405, "UNSUPPORTED", "start an upload with POST")
+        return
+    upload = await sync_to_async(push.find_upload)(repository, upload_id)
+    path = str(push.upload_path(upload))
+    size = await asyncio.to_thread(_stat_size, path)
+    if method == "GET":
+        await _respond(
+            send, 204, [*_upload_headers(repository, upload, size), (b"content-length", b"0")], b""
+        )
+    elif method == "DELETE":
+        await sync_to_async(push.cancel_upload)(upload)
+        await _respond(send, 204, [(b"content-length", b"0")], b"")
+    elif method == "PATCH":
+        content_range = headers.get("content-range", "")
+        if content_range:
+            match = re.fullmatch(r"(?:bytes[ =])?(\d+)-(\d+)(?:/\d+|/\*)?", content_range.strip())
+            if match is None or int(match[1]) != size or int(match[2]) < int(match[1]):
+                await _error(
+                    send,
+                    416,
+                    "BLOB_UPLOAD_INVALID",
+                    "the chunk does not start where the upload ends",
+                    _upload_headers(repository, upload, size),
+                )
+                return
+        await _write_upload(receive, headers, grant, repository, upload)
+        size = await asyncio.to_thread(_stat_size, path)
+        await _respond(
+            send, 202, [*_upload_headers(repository, upload, size), (b"content-length", b"0")], b""
+        )
+    elif method == "PUT":
+        if not digest:
+            raise push.DigestInvalid("finish an upload with ?digest=")
+        await _write_upload(receive, headers, grant, repository, upload)
+        await sync_to_async(push.finish_upload)(principal, repository, upload, digest)
+        await _respond(send, 201, [*_blob_created(repository, digest), (b"content-length", b"0")], b"")
+    else:
+        await _error(send, 405, "UNSUPPORTED", "this method is not supported on an upload")
+
+
+async def _mounted(send: Send, grant: Grant, repository: Repository, digest: str, source_name: str) -> bool:
+    """Mount a blob from a repository the pusher may pull; False: not mountable, upload it instead."""
+    if not DIGEST_RE.match(digest) or not source_name:
+        return False
+    try:
+        source = access.parse_name(source_name)
+    except NameInvalid:
+        return False
+    assert grant.principal is not None
+    if not await sync_to_async(_may_pull)(grant, source):
+        await _deny(grant, source, "mount")
+        return False
+    try:
+        await sync_to_async(push.mount_blob)(grant.principal, repository, source, digest)
+    except push.BlobUnknown:
+        return False
+    await _respond(send, 201, [*_blob_created(repository, digest), (b"content-length", b"0")], b"")
+    return True
+
+
+def _may_pull(grant: Grant, repository: Repository) -> bool:
+    # A bearer token carries the scopes the client asked for; the source's pull may have been left out
+    # by a client that still may read it: ask the same rules directly.
+    if grant.allows(repository.name, "pull"):
+        return True
+    return bool(access.granted_actions(grant.principal, repository, ["pull"]))
+
+
+async def _read_small_body(receive: Receive, limit: int) -> bytes | None:
+    body = bytearray()
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def _put_manifest(
+    send: Send,
+    receive: Receive,
+    headers: dict[str, str],
+    grant: Grant,
+    repository: Repository,
+    reference: str,
+) -> None:
+    if not (DIGEST_RE.match(reference) or TAG_RE.match(reference)):
+        raise push.ManifestInvalid("not a tag or a sha256 digest")
+    body = await _read_small_body(receive, MAX_MANIFEST_BYTES)
+    if body is None:
+        raise push.ManifestInvalid(f"a manifest is at most {MAX_MANIFEST_BYTES} bytes")
+    assert grant.principal is not None
+    content_type = headers.get("content-type", "").split(";")[0].strip()
+    pushed = await sync_to_async(push.put_manifest)(
+        grant.principal, repository, reference, body, content_type
+    )
+    response = [
+        (b"location", f"/v2/{repository.name}/manifests/{pushed.digest}".encode()),
+        (b"docker-content-digest", pushed.digest.encode()),
+        (b"content-length", b"0"),
+    ]
+    if pushed.operation_id:
+        response.append((b"bulkhead-operation", pushed.operation_id.encode()))
+    await _respond(send, 201, response, b"")
+
+
+async def _delete_manifest(send: Send, grant: Grant, repository: Repository, reference: str) -> None:
+    if not (DIGEST_RE.match(reference) or TAG_RE.match(reference)):
+        raise push.ManifestInvalid("not a tag or a sha256 digest")
+    assert grant.principal is not None
+    await sync_to_async(push.delete_manifest)(grant.principal, repository, reference)
+    await _respond(send, 202, [(b"content-length", b"0")], b"")
+
+
+async def _delete_blob(send: Send, grant: Grant, repository: Repository, digest: str) -> None:
+    if not DIGEST_RE.match(digest):
+        raise push.DigestInvalid("not a sha256 digest")
+    assert grant.principal is not None
+    await sync_to_async(push.delete_blob)(grant.principal, repository, digest)
+    await _respond(send, 202, [(b"content-length", b"0")], b"")
 
 
 # --- responses -------------------------------------------------------------------------------------------

@@ -243,7 +243,12 @@ def run_inline(op_id: str) -> object:
     from portal.models import Operation
 
     op = Operation.objects.get(pk=op_id)
-    task = {"image.import": tasks.import_image, "image.pull": tasks.pull_image, "store.gc": tasks.gc_store}
+    task = {
+        "image.import": tasks.import_image,
+        "image.pull": tasks.pull_image,
+        "store.gc": tasks.gc_store,
+        "image.push": tasks.push_image,
+    }
     task[op.kind].apply(args=[op_id])
     op.refresh_from_db()
     return op

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +25,10 @@ from tests.imaging.images import (
     run_inline,
     write_oci_archive,
 )
-from tests.processes import process, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def imported(world: World, tmp_path: Path, persona: str, tenant: Any, name: str, layers: list[Any]) -> Image:
@@ -50,21 +41,8 @@ def imported(world: World, tmp_path: Path, persona: str, tenant: Any, name: str,
 
 
 @pytest.fixture
-def registry(world: World, settings: Any, tmp_path: Path) -> Iterator[str]:
-    settings.BULKHEAD_STORE_DIR = tmp_path / "store"
-    port = _free_port()
-    argv = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"]
-    with process(argv, "test-registry.log", BULKHEAD_STORE_DIR=str(tmp_path / "store")):
-        address = f"127.0.0.1:{port}"
-
-        def answering() -> bool:
-            try:
-                return httpx.get(f"http://{address}/v2/", timeout=2).status_code == 401
-            except httpx.TransportError:
-                return False
-
-        wait_until(answering, timeout=60, what="daphne to serve /v2/")
-        yield address
+def registry(registry_server: str) -> str:
+    return registry_server
 
 
 def token_of(world: World, persona: str, **options: Any) -> str:
@@ -160,10 +138,3 @@ def test_it_serves_ranges_and_pages_tags(world: World, registry: str, tmp_path: 
     assert 'rel="next"' in first.headers["link"]
     rest = httpx.get(f"http://{registry}/v2/acme/paged/tags/list?n=2&last=2", auth=("vic", secret))
     assert rest.json()["tags"] == ["3"]
-
-
-def test_it_refuses_a_push_clearly_for_now(world: World, registry: str) -> None:
-    secret = token_of(world, "mia")
-    response = httpx.post(f"http://{registry}/v2/acme/app/blobs/uploads/", auth=("mia", secret))
-    assert response.status_code == 405
-    assert response.json()["errors"][0]["code"] == "UNSUPPORTED"
