@@ -141,8 +141,14 @@ class Store:
         is skipped. Hostile entries raise ``UnsafeEntry``/``LimitExceeded`` and leave nothing.
         A DiffID different from ``expected_diff_id`` raises ``DigestMismatch`` and leaves nothing.
         """
+    def chain_dirs(self, diff_ids: list[str]) -> list[Path]:
+        """The dirs to stack for a chain (bottom first): each layer's ``fs``, or where a layer's
+        implicit directories resolve through a symlink of the layers below (chroot-style, as
+        containerd and Docker apply layers), ``layers/chains/<chainid>/fs``: a variant built once
+        from hard links to the layer's inodes. Raises ``UnsafeEntry`` for links that loop or
+        lead through a non-directory, ``NotFound`` for a layer not unpacked. GIL released."""
     def build_disk(self, diff_ids: list[str], fs: Literal["erofs", "ext4"] = "erofs") -> Path:
-        """Flattens unpacked layers (bottom first) and builds ``disks/<chainid>.<fs>``; cached."""
+        """Flattens the chain's dirs (``chain_dirs``) and builds ``disks/<chainid>.<fs>``; cached."""
     def diff_upper(
         self,
         upper_dir: _Path,

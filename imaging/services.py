@@ -434,6 +434,9 @@ def _unpack(store: LayerStore, plan: oci.ImagePlan, progress: Progress) -> list[
         for d, diff_id in zip(plan.manifest.layers, plan.config.diff_ids, strict=True)
     ]
     results = store.unpack_layers(specs)
+    # Stack the layers as the runtimes will: links that loop are refused now, not at a start, and
+    # a layer writing through a lower layer's symlinked directory gets this chain's variant now.
+    store.lower_dirs([r.diff_id for r in results])
     progress(90, "Recording the image", force=True)
     return results
 

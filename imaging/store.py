@@ -4,6 +4,7 @@ Layout under the store root (see imaging/native/src/store.rs)::
 
     blobs/sha256/<hex>          verified blobs        ingest/<random>     partial writes
     layers/sha256/<hex>/fs      unpacked layers       disks/<chain>.<fs>  flattened disks
+    layers/chains/<chain>/fs    a layer as stacked on a chain it writes through symlinks of
     leases/<name>.json          what work in progress uses (honoured by gc)
 
 Untrusted images are unpacked safely by the Rust side: no entry can reach outside its layer,
@@ -246,8 +247,15 @@ class LayerStore:
         return Path(self._native.layer_path(diff_id))
 
     def lower_dirs(self, diff_ids: Sequence[str]) -> list[Path]:
-        """Lower dirs for an overlay mount, bottom layer first (overlayfs wants top first: reverse)."""
-        return [self.layer_path(d) for d in diff_ids]
+        """Lower dirs for an overlay mount, bottom layer first (overlayfs wants top first: reverse).
+
+        A layer that writes through a symlinked directory of the layers below it (``cur/file``
+        over ``cur -> versions/1``) is given as this chain's variant of it, built once, with its
+        files where containerd and Docker would have written them; every other layer as itself.
+        Raises ``UnsafeEntry`` for a chain whose links loop or lead through a file, ``NotFound``
+        for a layer that is not unpacked.
+        """
+        return [Path(p) for p in self._native.chain_dirs(list(diff_ids))]
 
     def build_disk(self, diff_ids: Sequence[str], fs: DiskFormat = DEFAULT_DISK_FORMAT) -> Path:
         """Builds (or finds) the read-only root disk of a layer chain (bottom first)."""
@@ -275,7 +283,7 @@ class LayerStore:
 
     def changes(self, upper_dir: str | os.PathLike[str], lower_diff_ids: Sequence[str] = ()) -> list[Change]:
         """What a container changed: entries of its upper dir against its image's layers."""
-        lowers = [os.fspath(self.layer_path(d)) for d in lower_diff_ids]
+        lowers = [os.fspath(p) for p in self.lower_dirs(lower_diff_ids)] if lower_diff_ids else []
         return [
             Change(kind=kind, path=path)  # type: ignore[arg-type]
             for kind, path in self._native.changes(os.fspath(upper_dir), lowers)

@@ -47,8 +47,9 @@ def canary(tmp_path: Path) -> Path:
 def leftover_layer_dirs(store_root: Path) -> list[str]:
     layers = store_root / "layers"
     return sorted(
-        [p.name for p in layers.iterdir() if p.name not in ("sha256", "by-blob")]
+        [p.name for p in layers.iterdir() if p.name not in ("sha256", "by-blob", "chains")]
         + [p.name for p in (layers / "sha256").iterdir()]
+        + [p.name for p in (layers / "chains").iterdir()]
     )
 
 

@@ -72,13 +72,9 @@ impl Store {
         if out.is_file() {
             return Ok(out);
         }
-        let mut layers = Vec::with_capacity(diff_ids.len());
-        for d in diff_ids {
-            if !self.has_layer(d) {
-                return Err(StoreError::NotFound(format!("layer {d} is not unpacked")));
-            }
-            layers.push(self.layer_dir(d).join("fs"));
-        }
+        // Each layer as stacked on the ones below (a variant where it writes through their
+        // symlinked directories), exactly what containers get as lower dirs.
+        let layers = self.chain_dirs(diff_ids)?;
         let tmp = self.sub("disks").join(random_name(".tmp-"));
         std::fs::create_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         let _guard = TempGuard::new(tmp.clone());

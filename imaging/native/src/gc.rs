@@ -61,6 +61,27 @@ impl Store {
                 remove_any(&path).ctx(|| format!("removing {}", path.display()))?;
             }
         }
+        // A chain's variant of a layer lives as long as every layer of its chain.
+        for (name, path) in entries(&self.sub("layers/chains"))? {
+            if name.starts_with(".tmp-") {
+                continue;
+            }
+            let ids: Vec<Option<Digest>> = std::fs::read_to_string(path.join("meta"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.strip_prefix("diff_id="))
+                .map(|v| Digest::parse(v).ok())
+                .collect();
+            let live = !ids.is_empty()
+                && ids
+                    .iter()
+                    .all(|d| d.as_ref().is_some_and(|d| keep.layers.contains(d)));
+            if !live {
+                // Its files are hard links to the layers' inodes: nothing of their size is freed.
+                remove_any(&path).ctx(|| format!("removing {}", path.display()))?;
+                r.removed_layers += 1;
+            }
+        }
         for (name, path) in entries(&self.sub("disks"))? {
             if name.starts_with(".tmp-") {
                 continue;
@@ -74,7 +95,13 @@ impl Store {
             }
         }
         let now = SystemTime::now();
-        for dir in ["ingest", "layers", "disks", "layers/by-blob"] {
+        for dir in [
+            "ingest",
+            "layers",
+            "disks",
+            "layers/by-blob",
+            "layers/chains",
+        ] {
             for (name, path) in entries(&self.sub(dir))? {
                 let is_temp = dir == "ingest" || name.starts_with(".tmp-");
                 if !is_temp {

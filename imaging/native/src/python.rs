@@ -364,6 +364,15 @@ impl Store {
             .collect())
     }
 
+    /// The dirs to stack for a chain of diff ids (bottom first): each layer's tree, or this
+    /// chain's variant of it where it writes through a lower layer's symlinked directory.
+    fn chain_dirs(&self, py: Python<'_>, diff_ids: Vec<String>) -> PyResult<Vec<PathBuf>> {
+        let ids = digests(py, &diff_ids)?;
+        let inner = self.inner.clone();
+        py.detach(move || inner.chain_dirs(&ids))
+            .map_err(|e| to_py(py, e))
+    }
+
     /// Builds (or finds) the disk for a chain of diff ids (bottom first); returns its path.
     #[pyo3(signature = (diff_ids, fs="erofs"))]
     fn build_disk(&self, py: Python<'_>, diff_ids: Vec<String>, fs: &str) -> PyResult<PathBuf> {

@@ -79,6 +79,9 @@ pub struct Root {
     fd: OwnedFd,
     openat2_ok: bool,
     cache: Option<(Vec<u8>, OwnedFd)>,
+    /// Directories created because a deeper name needed them (`a/b` for an entry `a/b/c`),
+    /// joined by `/`, in creation order.
+    created: Vec<Vec<u8>>,
 }
 
 const DIR_FLAGS: OFlags = OFlags::PATH
@@ -93,6 +96,7 @@ impl Root {
             fd,
             openat2_ok: true,
             cache: None,
+            created: Vec::new(),
         }
     }
 
@@ -105,6 +109,11 @@ impl Root {
     /// a cached descriptor would then point at a detached directory.
     pub fn invalidate(&mut self) {
         self.cache = None;
+    }
+
+    /// Directories this root created on the way to other names (see `dir`), creation order.
+    pub fn take_created(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.created)
     }
 
     /// Remembers `fd` as the directory named by `comps`.
@@ -156,16 +165,20 @@ impl Root {
     }
 
     /// Component-by-component resolution with O_NOFOLLOW; also creates missing directories.
-    fn walk(&self, comps: &[&[u8]], create: bool) -> Result<OwnedFd, ResolveError> {
+    fn walk(&mut self, comps: &[&[u8]], create: bool) -> Result<OwnedFd, ResolveError> {
         let mut cur = openat(&self.fd, ".", DIR_FLAGS, Mode::empty()).map_err(ResolveError::Os)?;
-        for comp in comps {
-            cur = open_child_dir(&cur, comp, create)?;
+        for (i, comp) in comps.iter().enumerate() {
+            let (fd, made) = open_or_make_child_dir(&cur, comp, create)?;
+            if made {
+                self.created.push(comps[..=i].join(&b'/'));
+            }
+            cur = fd;
         }
         Ok(cur)
     }
 
     /// Finds out why a path could not be opened as a directory.
-    fn classify(&self, comps: &[&[u8]]) -> ResolveError {
+    fn classify(&mut self, comps: &[&[u8]]) -> ResolveError {
         match self.walk(comps, false) {
             Ok(_) => ResolveError::Os(Errno::NOTDIR),
             Err(e) => e,
@@ -175,12 +188,26 @@ impl Root {
 
 /// Opens `name` in `dir` as a directory, refusing symlinks; creates it if missing and `create`.
 pub fn open_child_dir(dir: &OwnedFd, name: &[u8], create: bool) -> Result<OwnedFd, ResolveError> {
+    open_or_make_child_dir(dir, name, create).map(|(fd, _)| fd)
+}
+
+/// `open_child_dir`, also telling whether it created the directory.
+fn open_or_make_child_dir(
+    dir: &OwnedFd,
+    name: &[u8],
+    create: bool,
+) -> Result<(OwnedFd, bool), ResolveError> {
+    let mut made = false;
     for _ in 0..2 {
         match openat(dir, name, DIR_FLAGS, Mode::empty()) {
-            Ok(fd) => return Ok(fd),
+            Ok(fd) => return Ok((fd, made)),
             Err(Errno::NOENT) if create => {
                 match rustix::fs::mkdirat(dir, name, Mode::from(0o755)) {
-                    Ok(()) | Err(Errno::EXIST) => continue,
+                    Ok(()) => {
+                        made = true;
+                        continue;
+                    }
+                    Err(Errno::EXIST) => continue,
                     Err(e) => return Err(ResolveError::Os(e)),
                 }
             }

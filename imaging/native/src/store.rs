@@ -6,7 +6,11 @@
 //! root/layers/sha256/<diffid>/fs     one unpacked layer (overlayfs lower dir)
 //! root/layers/sha256/<diffid>/meta   its size and entry count
 //! root/layers/by-blob/<blobhex>      which diff id a compressed blob unpacks to
+//! root/layers/sha256/<diffid>/implicit  its directories that had no entry of their own
 //! root/layers/.tmp-<random>/         a layer being unpacked (renamed into sha256/ at the end)
+//! root/layers/chains/<chainid>/fs    a layer as stacked on a chain whose symlinked directories
+//!                                    it writes through (hard links to its inodes; see `chain`)
+//! root/layers/chains/<chainid>/meta  the chain's diff ids
 //! root/disks/<chainid>.<fs>          a flattened image chain as an erofs or ext4 disk
 //! root/disks/.tmp-<random>/          a disk being built
 //! ```
@@ -115,6 +119,7 @@ impl Store {
             "ingest",
             "layers/sha256",
             "layers/by-blob",
+            "layers/chains",
             "disks",
         ] {
             let p = root.join(sub);

@@ -324,6 +324,7 @@ impl Store {
         let hashing =
             hashing.ok_or_else(|| StoreError::Invalid("layer decompressor panicked".into()))?;
         let (diff_id, size) = hashing.finish();
+        let implicit = ex.implicit_dirs();
         ex.finish_dir_times();
 
         if let Some(want) = &spec.expected_diff_id {
@@ -348,6 +349,12 @@ impl Store {
         );
         for d in &ex.skipped_devices {
             meta.push_str(&format!("skipped_device={d}\n"));
+        }
+        if !implicit.is_empty() {
+            // Read when the layer is stacked on others (see `chain`): these are the only
+            // directories that may resolve through a symlink of a layer below.
+            std::fs::write(tmp.join(IMPLICIT_DIRS_FILE), implicit.join(&0u8))
+                .ctx(|| "writing implicit dirs".into())?;
         }
         std::fs::write(tmp.join("meta"), meta).ctx(|| "writing layer meta".into())?;
         Ok(Staged::Fresh {
@@ -377,6 +384,10 @@ impl Store {
         Ok(())
     }
 }
+
+/// `layers/sha256/<diffid>/implicit`: the layer's directories that had no entry of their own,
+/// NUL-separated, sorted (absent when there are none).
+pub const IMPLICIT_DIRS_FILE: &str = "implicit";
 
 /// Mode of the directories the store makes for a layer (`.tmp-*`, later `sha256/<diffid>`).
 const STORE_DIR_MODE: u32 = 0o755;
@@ -1160,6 +1171,24 @@ impl<'s> Extractor<'s> {
             .ctx(|| format!("marking {} opaque", String::from_utf8_lossy(path)))
     }
 
+    /// Directories created only as parents of other entries (no directory entry of their
+    /// own anywhere in the layer), sorted so that parents come before their children.
+    fn implicit_dirs(&mut self) -> Vec<Vec<u8>> {
+        let created = self.root.take_created();
+        if created.is_empty() {
+            return created;
+        }
+        let explicit: std::collections::HashSet<&[u8]> =
+            self.dir_times.iter().map(|(p, _)| p.as_slice()).collect();
+        let mut out: Vec<Vec<u8>> = created
+            .into_iter()
+            .filter(|p| !explicit.contains(p.as_slice()))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Sets directory mtimes last (creating children changed them).
     fn finish_dir_times(&mut self) {
         self.root.invalidate();
@@ -1236,12 +1265,12 @@ fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::{Limits, Policy};
     use std::path::PathBuf;
 
-    fn store(policy: Policy) -> (Store, PathBuf) {
+    pub(crate) fn store(policy: Policy) -> (Store, PathBuf) {
         let dir = std::env::temp_dir().join(random_name("bulkhead-unpack-test-"));
         (Store::open(&dir, policy, Limits::default()).unwrap(), dir)
     }
@@ -1257,10 +1286,10 @@ mod tests {
         h
     }
 
-    type RawEntry<'a> = (tar::EntryType, &'a str, &'a [u8], &'a str);
+    pub(crate) type RawEntry<'a> = (tar::EntryType, &'a str, &'a [u8], &'a str);
 
     /// Builds a tar with raw names (bypassing the builder's own path checks).
-    fn raw_tar(entries: &[RawEntry]) -> Vec<u8> {
+    pub(crate) fn raw_tar(entries: &[RawEntry]) -> Vec<u8> {
         let mut out = Vec::new();
         for (kind, name, data, link) in entries {
             let mut h = header(*kind, data.len() as u64, 0o644);
@@ -1276,7 +1305,7 @@ mod tests {
         out
     }
 
-    fn ingest_and_unpack(s: &Store, tar_bytes: &[u8]) -> Result<LayerResult> {
+    pub(crate) fn ingest_and_unpack(s: &Store, tar_bytes: &[u8]) -> Result<LayerResult> {
         let blob = s.ingest_reader(tar_bytes, None, None).unwrap().digest;
         s.unpack_layer(&LayerSpec {
             blob,
