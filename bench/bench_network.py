@@ -190,17 +190,37 @@ def without_egress_policy(document: dict[str, object]) -> dict[str, object]:
     return {"nftables": [c for c in commands if not is_policy(c)]}
 
 
+def _is_bridge_object(command: dict[str, object], kind: str, name: str) -> bool:
+    body = command.get("add", {}).get(kind, {})  # type: ignore[attr-defined]
+    return bool(body) and body.get("family") == "bridge" and name in (body.get("name"), body.get("chain"))
+
+
 def session11_policy(document: dict[str, object]) -> dict[str, object]:
-    """`document` as session 11 built it: no per-port bindings, and the subnet anti-spoofing check on
-    every packet (before the conntrack shortcut) instead of on new connections only."""
-    commands = [c for c in document["nftables"] if not _is_port_binding(c)]  # type: ignore[attr-defined]
+    """`document` as session 11 built it: no per-port bindings, the subnet anti-spoofing check on every
+    packet (before the conntrack shortcut), and bridged frames untracked by an interval lookup on the
+    destination address in the inet table instead of a MAC lookup in the bridge table."""
+    commands = [
+        c
+        for c in document["nftables"]  # type: ignore[attr-defined]
+        if not _is_port_binding(c)
+        and not _is_bridge_object(c, "chain", "prerouting_untracked")
+        and not _is_bridge_object(c, "rule", "prerouting_untracked")
+    ]
     for chain in ("forward", "input"):
         positions = [i for i, c in enumerate(commands) if _is_rule_of(c, "inet", chain)]
         spoof = next(i for i in positions if '"@own_subnet"' in json.dumps(commands[i]))
-        established = next(i for i in positions if '"established"' in json.dumps(commands[i]))
-        assert established < spoof
-        # Session 11's order: anti-spoofing, established, same bridge, ...
-        commands.insert(established, commands.pop(spoof))
+        # Session 11's order: anti-spoofing first, then established, same bridge, ...
+        commands.insert(positions[0], commands.pop(spoof))
+    key = {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ip", "field": "daddr"}}]}
+    untracked = [
+        {"match": {"op": "==", "left": key, "right": "@own_subnet"}},
+        {"match": {"op": "!=", "left": key, "right": "@gateways"}},
+        {"notrack": None},
+    ]
+    inet = {"family": "inet", "table": "bulkhead"}
+    chain = {**inet, "name": "prerouting_raw", "type": "filter", "hook": "prerouting", "prio": -300}
+    commands.append({"add": {"chain": {**chain, "policy": "accept"}}})
+    commands.append({"add": {"rule": {**inet, "chain": "prerouting_raw", "expr": untracked}}})
     return {"nftables": commands}
 
 
