@@ -5,8 +5,9 @@
   veth pair between two namespaces (goal: ratio >= 0.9);
 - apply: time to apply 1,000 published ports on a host (goal: < 1 s), and an unchanged re-apply;
 - egress policy: iperf3 from a workload through the NAT to the internet with the egress policy
-  (protected networks, anti-spoofing, VXLAN port closed) against the same rule set without those
-  rules, interleaved in one run (goal: ratio >= 0.95);
+  (protected networks, per-port MAC+address binding, VXLAN port closed) against the same rule set
+  without those rules, and against session 11's policy (subnet anti-spoofing on every packet),
+  interleaved in one run (goal: ratio >= 0.95);
 - path cost: TCP connect latency from the fake internet through the DNAT to a workload with 10 and
   with 1,000 published ports (goal: equal within noise), plus iperf3 through the DNAT for both.
 
@@ -34,6 +35,7 @@ from nettopo import INTERNET_SERVER, Internet, new_token, run_in_netns, sweep  #
 from compute.network import (  # noqa: E402
     CompartmentNet,
     HostNetworkState,
+    PortBinding,
     PortMapping,
     apply_host_network,
     attach_container,
@@ -41,12 +43,12 @@ from compute.network import (  # noqa: E402
     nftables,
     remove_host_network,
 )
-from compute.network.names import bridge_name_for  # noqa: E402
+from compute.network.names import bridge_name_for, host_veth_name_for  # noqa: E402
 from compute.network.netns import ensure_netns, iproute, netns_path, ns_command  # noqa: E402
 
 IPERF_SECONDS = 3
 IPERF_ROUNDS = 3
-EGRESS_ROUNDS = 5  # NAT throughput varies ~15 % run to run on the shared machine: more rounds
+EGRESS_ROUNDS = 9  # NAT throughput varies ~15 % run to run on the shared machine: more rounds
 IPERF_PORT = 5201
 CONNECT_SAMPLES = 1500
 COMPARTMENT = CompartmentNet(
@@ -156,25 +158,104 @@ PROTECTED = [IPv4Network(f"172.16.{i}.0/24") for i in range(16)] + [
 ]
 
 
+def _is_rule_of(command: dict[str, object], family: str, chain: str) -> bool:
+    rule = command.get("add", {}).get("rule", {})  # type: ignore[attr-defined]
+    return bool(rule) and rule.get("family") == family and rule.get("chain") == chain
+
+
+def _is_port_binding(command: dict[str, object]) -> bool:
+    """The bridge table's per-port anti-spoofing: its rules and its chain."""
+    chain = command.get("add", {}).get("chain", {})  # type: ignore[attr-defined]
+    if chain and chain.get("family") == "bridge" and chain.get("name") == "prerouting":
+        return True
+    return _is_rule_of(command, "bridge", "prerouting")
+
+
 def without_egress_policy(document: dict[str, object]) -> dict[str, object]:
-    """`document` minus the egress policy's rules: the rule set as it was before the policy existed."""
+    """`document` minus the egress policy's rules and the anti-spoofing: the rule set as it was before
+    either existed."""
 
     def is_policy(command: dict[str, object]) -> bool:
+        if _is_port_binding(command):
+            return True
         text = json.dumps(command)
         if '"rule"' not in text:
             return False
         own_subnet_negated = '"@own_subnet"' in text and '"!="' in text
-        return '"@protected"' in text or own_subnet_negated or '"right": 4789' in text
+        protected = '"@protected"' in text or '"@never_reachable"' in text
+        return protected or own_subnet_negated or '"right": 4789' in text
 
     commands = document["nftables"]
     assert isinstance(commands, list)
     return {"nftables": [c for c in commands if not is_policy(c)]}
 
 
-def ports_state(count: int) -> HostNetworkState:
+def _is_bridge_object(command: dict[str, object], kind: str, name: str) -> bool:
+    body = command.get("add", {}).get(kind, {})  # type: ignore[attr-defined]
+    return bool(body) and body.get("family") == "bridge" and name in (body.get("name"), body.get("chain"))
+
+
+def session11_policy(document: dict[str, object]) -> dict[str, object]:
+    """`document` as session 11 built it: no per-port bindings, the subnet anti-spoofing check on every
+    packet (before the conntrack shortcut), and bridged frames untracked by an interval lookup on the
+    destination address in the inet table instead of a MAC lookup in the bridge table."""
+    commands = [
+        c
+        for c in document["nftables"]  # type: ignore[attr-defined]
+        if not _is_port_binding(c)
+        and not _is_bridge_object(c, "chain", "prerouting_untracked")
+        and not _is_bridge_object(c, "rule", "prerouting_untracked")
+    ]
+    for chain in ("forward", "input"):
+        positions = [i for i, c in enumerate(commands) if _is_rule_of(c, "inet", chain)]
+        spoof = next(i for i in positions if '"@own_subnet"' in json.dumps(commands[i]))
+        # Session 11's order: anti-spoofing first, then established, same bridge, ...
+        commands.insert(positions[0], commands.pop(spoof))
+    key = {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ip", "field": "daddr"}}]}
+    untracked = [
+        {"match": {"op": "==", "left": key, "right": "@own_subnet"}},
+        {"match": {"op": "!=", "left": key, "right": "@gateways"}},
+        {"notrack": None},
+    ]
+    inet = {"family": "inet", "table": "bulkhead"}
+    chain = {**inet, "name": "prerouting_raw", "type": "filter", "hook": "prerouting", "prio": -300}
+    commands.append({"add": {"chain": {**chain, "policy": "accept"}}})
+    commands.append({"add": {"rule": {**inet, "chain": "prerouting_raw", "expr": untracked}}})
+    return {"nftables": commands}
+
+
+def ab_rounds(
+    variants: dict[str, dict[str, object]], host_netns: str, client_ns: str, server_ns: str, server_ip: str
+) -> dict[str, list[float]]:
+    """iperf3 under each rule set in turn, EGRESS_ROUNDS times; the order rotates every round so that
+    neither position nor the machine's drift favours one variant."""
+    names = list(variants)
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for round_number in range(EGRESS_ROUNDS):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            nftables.run_nft(variants[name], host_netns)
+            runs[name].append(iperf3(client_ns, server_ns, server_ip, seconds=IPERF_SECONDS))
+    return runs
+
+
+def paired_ratio(variant: list[float], baseline: list[float]) -> float:
+    """Median of the per-round ratios: each round's pair ran back to back under the same load."""
+    return round(statistics.median(v / b for v, b in zip(variant, baseline, strict=True)), 3)
+
+
+def workload_bindings(token: str) -> list[PortBinding]:
+    """The bench's two workloads' ports, bound to their MACs and addresses."""
+    return [
+        PortBinding(host_veth_name_for(f"bhtnb{role}{token}"), mac_for(f"bench-{name}"), address)
+        for role, name, address in (("s", "server", SERVER_IP), ("c", "client", CLIENT_IP))
+    ]
+
+
+def ports_state(count: int, bindings: list[PortBinding]) -> HostNetworkState:
     ports = [PortMapping("tcp", PUBLISHED_PORT, SERVER_IP, IPERF_PORT)]
     ports += [PortMapping("tcp", 40000 + i, SERVER_IP, 80) for i in range(count - 1)]
-    return HostNetworkState("up0", [COMPARTMENT], ports)
+    return HostNetworkState("up0", [COMPARTMENT], ports, bindings=bindings)
 
 
 def main() -> None:
@@ -185,16 +266,17 @@ def main() -> None:
         internet = Internet(token)
         host = internet.add_host("b")
         uplink = str(host.uplink_address.ip)
+        bindings = workload_bindings(token)
 
         # --- apply cost -------------------------------------------------------------------------
         started = time.perf_counter()
-        apply_host_network(HostNetworkState("up0", [COMPARTMENT]), host.netns)
+        apply_host_network(HostNetworkState("up0", [COMPARTMENT], bindings=bindings), host.netns)
         figures["apply_first_compartment_s"] = round(time.perf_counter() - started, 3)
         started = time.perf_counter()
-        apply_host_network(ports_state(1000), host.netns)
+        apply_host_network(ports_state(1000, bindings), host.netns)
         figures["apply_1000_ports_s"] = round(time.perf_counter() - started, 3)
         started = time.perf_counter()
-        report = apply_host_network(ports_state(1000), host.netns)
+        report = apply_host_network(ports_state(1000, bindings), host.netns)
         figures["reapply_unchanged_1000_ports_s"] = round(time.perf_counter() - started, 3)
         assert report.unchanged, report
         figures["apply_goal_s"] = 1.0
@@ -217,25 +299,31 @@ def main() -> None:
         figures["throughput_goal_ratio"] = 0.9
 
         # --- egress through the NAT with and without the egress policy -----------------------------
-        policy_state = HostNetworkState("up0", [COMPARTMENT], protected=PROTECTED)
+        policy_state = HostNetworkState("up0", [COMPARTMENT], protected=PROTECTED, bindings=bindings)
         with_policy = nftables.build_ruleset(policy_state)
         without_policy = without_egress_policy(with_policy)
+        before = session11_policy(with_policy)
         figures["egress_policy_rules_removed_for_baseline"] = len(with_policy["nftables"]) - len(
             without_policy["nftables"]
         )
-        policy_runs, no_policy_runs = [], []
-        far_server = str(INTERNET_SERVER)
-        for _ in range(EGRESS_ROUNDS):
-            nftables.run_nft(without_policy, host.netns)
-            no_policy_runs.append(iperf3(client_ns, internet.netns, far_server, seconds=IPERF_SECONDS))
-            nftables.run_nft(with_policy, host.netns)
-            policy_runs.append(iperf3(client_ns, internet.netns, far_server, seconds=IPERF_SECONDS))
-        policy, no_policy = statistics.median(policy_runs), statistics.median(no_policy_runs)
-        figures["iperf3_egress_nat_no_policy_gbps"] = round(no_policy, 2)
-        figures["iperf3_egress_nat_with_policy_gbps"] = round(policy, 2)
-        figures["iperf3_runs_egress_no_policy_gbps"] = [round(x, 2) for x in no_policy_runs]
-        figures["iperf3_runs_egress_with_policy_gbps"] = [round(x, 2) for x in policy_runs]
-        figures["egress_policy_vs_none"] = round(policy / no_policy, 3)
+        variants = {"none": without_policy, "session11": before, "policy": with_policy}
+        runs = ab_rounds(variants, host.netns, client_ns, internet.netns, str(INTERNET_SERVER))
+        medians = {name: statistics.median(values) for name, values in runs.items()}
+        figures["iperf3_egress_nat_no_policy_gbps"] = round(medians["none"], 2)
+        figures["iperf3_egress_nat_session11_policy_gbps"] = round(medians["session11"], 2)
+        figures["iperf3_egress_nat_with_policy_gbps"] = round(medians["policy"], 2)
+        figures["iperf3_runs_egress_no_policy_gbps"] = [round(x, 2) for x in runs["none"]]
+        figures["iperf3_runs_egress_session11_policy_gbps"] = [round(x, 2) for x in runs["session11"]]
+        figures["iperf3_runs_egress_with_policy_gbps"] = [round(x, 2) for x in runs["policy"]]
+        figures["egress_policy_vs_none"] = paired_ratio(runs["policy"], runs["none"])
+        figures["egress_session11_policy_vs_none"] = paired_ratio(runs["session11"], runs["none"])
+        # Inside one compartment (bridged, no NAT): the per-port binding is the only policy on the path.
+        runs = ab_rounds(
+            {"none": without_policy, "policy": with_policy}, host.netns, client_ns, server_ns, str(SERVER_IP)
+        )
+        figures["iperf3_runs_compartment_no_binding_gbps"] = [round(x, 2) for x in runs["none"]]
+        figures["iperf3_runs_compartment_with_binding_gbps"] = [round(x, 2) for x in runs["policy"]]
+        figures["compartment_binding_vs_none"] = paired_ratio(runs["policy"], runs["none"])
         figures["egress_policy_goal_ratio"] = 0.95
 
         # --- path cost through the DNAT with 10 vs 1000 published ports ----------------------------
@@ -248,8 +336,9 @@ def main() -> None:
                     [COMPARTMENT],
                     [
                         PortMapping("tcp", PUBLISHED_PORT + 1, SERVER_IP, IPERF_PORT + 1),
-                        *list(ports_state(count).ports)[: count - 1],
+                        *list(ports_state(count, bindings).ports)[: count - 1],
                     ],
+                    bindings=bindings,
                 ),
                 host.netns,
             )
@@ -262,7 +351,7 @@ def main() -> None:
             3,
         )
         for count in (10, 1000):
-            apply_host_network(ports_state(count), host.netns)
+            apply_host_network(ports_state(count, bindings), host.netns)
             figures[f"iperf3_through_dnat_gbps_{count}_ports"] = round(
                 iperf3(internet.netns, server_ns, uplink, port=PUBLISHED_PORT, seconds=2), 2
             )

@@ -177,3 +177,36 @@ class NetworkRepair(models.Model):
 
     def __str__(self) -> str:
         return f"repair of {self.compartment_id} on {self.host_id} at {self.at}"
+
+
+class EgressAllowanceQuerySet(TenantOwnedQuerySet):
+    pass
+
+
+class EgressAllowance(models.Model):
+    """An operator's exception to the egress policy: the tenant's workloads may reach `network` although
+    it is protected (an infrastructure service the tenant needs). Rows change only through
+    compute.network_services.allow_egress / revoke_egress; link-local networks are never allowed."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="egress_allowances")
+    # CIDR text ("192.0.2.10/32"), parsed by `ipv4_network`; never reaches a host as text.
+    network = models.CharField(max_length=18)
+    # Why the operator allowed it (shown to operators and the tenant; never reaches a host).
+    note = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = EgressAllowanceQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["network"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "network"], name="egressallowance_unique_per_tenant"),
+        ]
+
+    def __str__(self) -> str:
+        return self.network
+
+    @property
+    def ipv4_network(self) -> IPv4Network:
+        return IPv4Network(self.network)

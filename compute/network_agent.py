@@ -22,21 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from compute import network_services
-from compute.choices import WorkloadState
+from compute.choices import Isolation, WorkloadState
 from compute.compartments import Compartment, IPAllocation, PublishedPort
 from compute.models import Host, Workload
 from compute.network import (
     ApplyReport,
     CompartmentNet,
     HostNetworkState,
+    PortBinding,
     PortMapping,
     apply_host_network,
     attach_container,
     detach_container,
     dns,
 )
+from compute.network.names import host_veth_name_for
 from compute.network.netns import host_networks, iproute
-from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_in_netns
+from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_in_netns, tap_name
 from portal.celery import app
 from portal.models import Operation
 from portal.tasks import OperationTask
@@ -131,12 +133,33 @@ def compartment_net(compartment: Compartment, host: Host | None = None) -> Compa
         vxlan_peers=tuple(sorted(peers)),
         dns_names=names,
         dns_upstreams=tuple(upstreams),
+        egress_allowed=tuple(network_services.egress_allowed(compartment.tenant_id)),
     )
+
+
+def workload_port(workload: Workload) -> str:
+    """The workload's port on its compartment's bridge: a micro-VM's tap, or a container's host-side veth."""
+    if workload.isolation == Isolation.MICROVM:
+        return tap_name(workload.pk)
+    return host_veth_name_for(netns_name(workload))
+
+
+def port_bindings(allocations: Any) -> list[PortBinding]:
+    """Each workload's port bound to the MAC and address of its primary allocation (the one attached)."""
+    bindings: dict[Any, PortBinding] = {}
+    for allocation in allocations:
+        if allocation.workload_id not in bindings:
+            bindings[allocation.workload_id] = PortBinding(
+                workload_port(allocation.workload), allocation.mac, IPv4Address(allocation.address)
+            )
+    return list(bindings.values())
 
 
 def build_host_state(host: Host) -> HostNetworkState:
     """Everything Bulkhead wants on this host's network, from the rows."""
-    allocations = _live(IPAllocation.objects.filter(workload__host=host)).select_related("compartment")
+    allocations = _live(IPAllocation.objects.filter(workload__host=host)).select_related(
+        "compartment", "workload"
+    )
     compartments = {a.compartment_id: a.compartment for a in allocations}
     nets = [compartment_net(c, host) for c in sorted(compartments.values(), key=lambda c: c.network_id)]
     ports = []
@@ -152,6 +175,7 @@ def build_host_state(host: Host) -> HostNetworkState:
         compartments=nets,
         ports=ports,
         protected=network_services.protected_networks(),
+        bindings=port_bindings(allocations),
     )
 
 

@@ -9,6 +9,8 @@ change - an operation sent to the host's queue on commit.
 from __future__ import annotations
 
 import os
+import socket
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -20,12 +22,13 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 
 from compute.choices import WorkloadState
-from compute.compartments import Compartment, IPAllocation, Protocol, PublishedPort
+from compute.compartments import Compartment, EgressAllowance, IPAllocation, Protocol, PublishedPort
 from compute.models import Host, Workload
 from compute.network import ipam, mac_for
+from compute.network.nftables import ALWAYS_PROTECTED
 from compute.network.spec import MAX_VNI
 from portal import operations
-from portal.errors import Conflict, Invalid
+from portal.errors import Conflict, Invalid, NotPermitted
 from portal.models import Operation
 from tenants import audit, quota
 from tenants.actors import Actor
@@ -68,33 +71,70 @@ def compartment_pools() -> list[IPv4Network]:
     return [pool, *(n for n in _networks_setting("BULKHEAD_COMPARTMENT_POOLS") if n != pool)]
 
 
-def _literal_address(url: str) -> IPv4Network | None:
-    """The address of a service URL when it is an IPv4 literal (names are the operator's to list)."""
+# How long a name's addresses are kept: protected_networks() runs at every apply of every host.
+RESOLVE_TTL_S = 300.0
+_resolved: dict[str, tuple[float, list[IPv4Address]]] = {}
+
+
+def resolve_ipv4(name: str) -> list[IPv4Address]:
+    """The IPv4 addresses of `name`: itself when it is a literal, else what the resolver answers now
+    (kept RESOLVE_TTL_S; a name that does not resolve gives none, and is asked again after the TTL)."""
+    name = name.strip().strip("[]")
+    if not name:
+        return []
     try:
-        host = urllib.parse.urlsplit(url).hostname
-        return IPv4Network(IPv4Address(host)) if host else None
+        return [IPv4Address(name)]
     except ValueError:
-        return None
+        pass
+    now = time.monotonic()
+    cached = _resolved.get(name)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    try:
+        answers = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+        addresses = sorted({IPv4Address(answer[4][0]) for answer in answers})
+    except (OSError, UnicodeError, ValueError):
+        addresses = []
+    _resolved[name] = (now + RESOLVE_TTL_S, addresses)
+    return addresses
+
+
+def _service_names() -> list[str]:
+    """Where the portal, its database and its broker live, as the settings name them (host names or
+    literals): the URLs the portal and the hosts' agents use, the portal's bind address and host names."""
+    database = settings.DATABASES["default"]
+    names = [str(database.get("HOST") or "")]
+    for setting in (
+        "REDIS_URL",
+        "CELERY_BROKER_URL",
+        "BULKHEAD_AGENT_DATABASE_URL",
+        "BULKHEAD_AGENT_REDIS_URL",
+    ):
+        url = str(getattr(settings, setting, "") or "")
+        try:
+            names.append(urllib.parse.urlsplit(url).hostname or "")
+        except ValueError:
+            continue
+    names.append(str(getattr(settings, "BULKHEAD_BIND", "") or ""))
+    # ALLOWED_HOSTS: exact names only ("*" and ".example.com" patterns name no address).
+    names += [
+        str(h) for h in getattr(settings, "ALLOWED_HOSTS", []) if h and h != "*" and not h.startswith(".")
+    ]
+    return [name for name in names if name]
 
 
 def protected_networks() -> list[IPv4Network]:
     """What no workload may reach: BULKHEAD_PROTECTED_CIDRS, plus always the hosts' own networks and
-    underlay addresses and the IPv4 literals of the database and broker URLs (link-local is added by
-    the driver). Loopback stays out: a workload's packets never route there."""
+    underlay addresses, and the addresses of the portal, the database and the broker (names resolved,
+    see `_service_names`); link-local is added by the driver. Loopback and 0.0.0.0 stay out: a
+    workload's packets never route there."""
     networks = [*_networks_setting("BULKHEAD_PROTECTED_CIDRS"), *_host_networks()]
     for host in Host.objects.only("address", "labels"):
         for text in ((host.labels or {}).get("vxlan_address"), host.address):
-            address = _literal_address(f"//{text}") if text else None
-            if address is not None:
-                networks.append(address)
-    database = settings.DATABASES["default"]
-    urls = [
-        f"//{database.get('HOST') or ''}",
-        str(getattr(settings, "REDIS_URL", "") or ""),
-        str(getattr(settings, "CELERY_BROKER_URL", "") or ""),
-    ]
-    networks += [n for n in map(_literal_address, urls) if n is not None]
-    return sorted({n for n in networks if not n.is_loopback})
+            networks += [IPv4Network(a) for a in resolve_ipv4(str(text or ""))]
+    for name in _service_names():
+        networks += [IPv4Network(a) for a in resolve_ipv4(name)]
+    return sorted({n for n in networks if not n.is_loopback and not n.is_unspecified})
 
 
 def published_port_range() -> range:
@@ -540,3 +580,94 @@ def record_repairs(*, actor: Actor, host: Host, repaired_by_compartment: dict[st
         recorded += 1
     NetworkRepair.objects.filter(host=host, at__lt=now - timedelta(days=REPAIR_RETENTION_DAYS)).delete()
     return recorded
+
+
+# --- operator exceptions to the egress policy, per tenant -----------------------------------------
+
+
+def _require_operator(actor: Actor, action: str) -> None:
+    # A scoped or read-only token of an operator is no operator.
+    if not actor.is_operator:
+        raise NotPermitted(
+            "Only operators may change what a tenant's workloads can reach.", audit_action=action
+        )
+    if actor.token is not None and actor.token.read_only:
+        raise NotPermitted("This token is read-only.", audit_action=action)
+
+
+def _allowance_network(text: str, action: str) -> IPv4Network:
+    try:
+        network = IPv4Network(str(text).strip(), strict=True)
+    except ValueError as error:
+        raise Invalid(
+            f"{text!r} is not an IPv4 network in CIDR form ({error}).", field="network", audit_action=action
+        ) from None
+    if any(network.overlaps(never) for never in ALWAYS_PROTECTED):
+        raise Invalid(
+            f"{network} overlaps link-local addresses (169.254.0.0/16, the metadata service), which no "
+            "workload may ever reach.",
+            field="network",
+            audit_action=action,
+        )
+    if network.is_loopback or network.is_multicast or network.is_unspecified:
+        raise Invalid(
+            f"{network} is not a network a workload could reach.", field="network", audit_action=action
+        )
+    return network
+
+
+def egress_allowed(tenant_id: Any) -> list[IPv4Network]:
+    """The protected networks an operator opened to the tenant's workloads (fed to the host driver)."""
+    return [
+        IPv4Network(text)
+        for text in EgressAllowance.objects.filter(tenant_id=tenant_id).values_list("network", flat=True)
+    ]
+
+
+def _reapply_tenant_hosts(actor: Actor, tenant: Tenant, target: Any, kind: str) -> list[Operation]:
+    """Have every host with a member of the tenant's compartments re-apply its network (on commit)."""
+    hosts = {
+        allocation.workload.host.pk: allocation.workload.host
+        for allocation in IPAllocation.objects.filter(compartment__tenant=tenant)
+        .exclude(workload__state=WorkloadState.DELETING)
+        .select_related("workload__host")
+        if allocation.workload.host is not None and network_enabled(allocation.workload.host)
+    }
+    return [
+        _apply_op(actor, tenant, target, host, kind) for host in sorted(hosts.values(), key=lambda h: h.name)
+    ]
+
+
+@audit.denials_audited
+@transaction.atomic
+def allow_egress(
+    *, actor: Actor, tenant: Tenant, network: str, note: str = ""
+) -> tuple[EgressAllowance, list[Operation]]:
+    """Let the tenant's workloads reach `network` although it is protected (operators only); the hosts of
+    the tenant's compartments re-apply their network on commit. Link-local stays closed whatever."""
+    action = "tenant.egress_allow"
+    _require_operator(actor, action)
+    parsed = _allowance_network(network, action)
+    tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
+    if EgressAllowance.objects.filter(tenant=tenant, network=str(parsed)).exists():
+        raise Conflict(f"{parsed} is already allowed to {tenant.name}.", field="network", audit_action=action)
+    allowance = EgressAllowance.objects.create(tenant=tenant, network=str(parsed), note=note)
+    audit.record(actor, action, tenant, details={"network": str(parsed), "note": note})
+    return allowance, _reapply_tenant_hosts(actor, tenant, allowance, action)
+
+
+@audit.denials_audited
+@transaction.atomic
+def revoke_egress(*, actor: Actor, allowance: EgressAllowance) -> list[Operation]:
+    """Close an allowed network to the tenant's workloads again (operators only); hosts re-apply on commit.
+
+    New connections are refused once the hosts re-applied; one already open stays until it ends (its
+    conntrack entry is established, and established traffic is not re-checked)."""
+    action = "tenant.egress_revoke"
+    allowance = EgressAllowance.objects.select_related("tenant").get(pk=allowance.pk)
+    tenant = allowance.tenant
+    _require_operator(actor, action)
+    audit.record(actor, action, tenant, details={"network": allowance.network})
+    ops = _reapply_tenant_hosts(actor, tenant, tenant, action)
+    allowance.delete()
+    return ops

@@ -1,7 +1,8 @@
 """Bulkhead's nftables rules, built as JSON documents and loaded with ``nft -j -f -`` in one transaction.
 
 Bulkhead owns two tables on a host and nothing else: ``inet bulkhead`` (filtering, NAT, published ports)
-and ``bridge bulkhead`` (keeps an anycast gateway's frames off VXLAN links). Every apply replaces both
+and ``bridge bulkhead`` (binds each workload port to its workload's MAC and address, and keeps an
+anycast gateway's frames off VXLAN links). Every apply replaces both
 whole in one transaction (add, delete, add), so the kernel never sees a half-built rule set and nothing
 stale survives. Everything variable lives in sets and maps: a thousand published ports are one map
 lookup, not a thousand rules.
@@ -19,7 +20,13 @@ from collections.abc import Iterable
 from ipaddress import IPv4Network, collapse_addresses
 from typing import Any
 
-from compute.network.names import gateway_mac_for, validate_ifname, vxlan_name_for
+from compute.network.names import (
+    HOST_VETH_PREFIX,
+    VXLAN_PREFIX,
+    gateway_mac_for,
+    validate_ifname,
+    vxlan_name_for,
+)
 from compute.network.netns import ns_command
 from compute.network.spec import VXLAN_PORT, HostNetworkState
 
@@ -143,6 +150,7 @@ def _inet_table(state: HostNetworkState) -> list[Json]:
         [_prefix(n) for n in _collapsed([*ALWAYS_PROTECTED, *state.protected])],
         ["interval"],
     )
+    table.set("never_reachable", "ipv4_addr", [_prefix(n) for n in ALWAYS_PROTECTED], ["interval"])
     table.set(
         "egress_allowed",
         ["ifname", "ipv4_addr"],
@@ -181,16 +189,6 @@ def _inet_table(state: HostNetworkState) -> list[Json]:
         }
     }
 
-    # br_netfilter (on by default wherever it is loaded) runs frames bridged inside a compartment
-    # through conntrack and these hooks; they need neither, and skipping conntrack is most of the cost.
-    table.chain("prerouting_raw", "filter", "prerouting", -300)
-    table.rule(
-        "prerouting_raw",
-        _match(_concat(_meta("iifname"), _payload("ip", "daddr")), "@own_subnet"),
-        _match(_concat(_meta("iifname"), _payload("ip", "daddr")), "@gateways", "!="),
-        {"notrack": None},
-    )
-
     # Published ports: any packet to one of the host's own addresses on a published port, from the
     # outside, from a workload (hairpin) or from the host itself.
     table.chain("prerouting_nat", "nat", "prerouting", -100)
@@ -222,17 +220,22 @@ def _inet_table(state: HostNetworkState) -> list[Json]:
         MASQUERADE,
     )
 
-    # Anti-spoofing: a workload sends only from an address of its own compartment (checked before
-    # conntrack's shortcut, so a forged source cannot ride on a neighbour's connection either).
+    # Anti-spoofing proper is per port, per frame, in the bridge table (`_bridge_table`): a frame from a
+    # workload port with another source MAC or address never reaches conntrack, so it cannot ride a
+    # neighbour's connection. A new connection from a compartment must also come from its own subnet
+    # (what arrives over VXLAN from a peer host, or from a port the bridge table does not know).
     from_foreign_source = _match(_concat(_meta("iifname"), _payload("ip", "saddr")), "@own_subnet", "!=")
     table.chain("forward", "filter", "forward", 0)
-    table.rule("forward", from_bridge, ipv4, from_foreign_source, DROP)
     table.rule("forward", _match(_ct("state"), ["established", "related"], "in"), ACCEPT)
-    # Frames bridged inside one compartment reach this hook when br_netfilter is loaded: let them be.
+    # Frames bridged inside one compartment reach this hook when br_netfilter is loaded (untracked, so
+    # never "established"): the bridge table checked each one already, let them be without a lookup.
     table.rule("forward", _match(_concat(_meta("iifname"), _meta("oifname")), "@same_bridge"), ACCEPT)
+    table.rule("forward", from_bridge, ipv4, from_foreign_source, DROP)
     table.rule("forward", _match(_ct("status"), "dnat", "in"), to_bridge, ACCEPT)
-    # The infrastructure (portal, database, broker, other hosts, metadata) is out of reach unless the
-    # operator allowed a network to this compartment's tenant; the underlay's VXLAN port always is.
+    # The infrastructure (portal, database, broker, other hosts) is out of reach unless the operator
+    # allowed a network to this compartment's tenant; link-local (metadata) and the underlay's VXLAN
+    # port always are.
+    table.rule("forward", from_bridge, _match(_payload("ip", "daddr"), "@never_reachable"), DROP)
     table.rule(
         "forward",
         from_bridge,
@@ -256,8 +259,8 @@ def _inet_table(state: HostNetworkState) -> list[Json]:
     table.chain("input", "filter", "input", 0)
     # DHCP first: a client asks from 0.0.0.0 before it has an address.
     table.rule("input", from_bridge, _match(_payload("udp", "dport"), 67), ACCEPT)
-    table.rule("input", from_bridge, ipv4, from_foreign_source, DROP)
     table.rule("input", from_bridge, _match(_ct("state"), ["established", "related"], "in"), ACCEPT)
+    table.rule("input", from_bridge, ipv4, from_foreign_source, DROP)
     at_own_gateway = _match(_concat(_meta("iifname"), _payload("ip", "daddr")), "@gateways")
     table.rule("input", at_own_gateway, tcp_or_udp, _match(_payload("th", "dport"), 53), ACCEPT)
     table.rule("input", at_own_gateway, _match(_payload("icmp", "type"), "echo-request"), ACCEPT)
@@ -276,6 +279,62 @@ def _inet_table(state: HostNetworkState) -> list[Json]:
 def _bridge_table(state: HostNetworkState) -> list[Json]:
     spanning = [c for c in state.compartments if c.vni is not None]
     table = _TableBuilder(BRIDGE)
+    bindings = sorted(state.bindings, key=lambda b: b.port)
+    table.set(
+        "port_ipv4",
+        ["ifname", "ether_addr", "ipv4_addr"],
+        [_concat(b.port, b.mac, str(b.address)) for b in bindings],
+    )
+    table.set(
+        "port_arp",
+        ["ifname", "ether_addr", "ether_addr", "ipv4_addr"],
+        [_concat(b.port, b.mac, b.mac, str(b.address)) for b in bindings],
+    )
+    # Anti-spoofing, first thing a frame meets on the bridge (before br_netfilter hands it to conntrack
+    # and the inet table): from a workload port, only IPv4 from its own MAC and address and ARP that
+    # speaks for them (frame and ARP sender MAC, ARP sender address) pass. One hash lookup per frame;
+    # anything else from a workload port (another address or MAC, IPv6, VLAN tags, other ethertypes, a
+    # port without a binding) is dropped.
+    table.chain("prerouting", "filter", "prerouting", -300)
+    table.rule(
+        "prerouting",
+        _match(_concat(_meta("iifname"), _payload("ether", "saddr"), _payload("ip", "saddr")), "@port_ipv4"),
+        ACCEPT,
+    )
+    table.rule(
+        "prerouting",
+        _match(
+            _concat(
+                _meta("iifname"),
+                _payload("ether", "saddr"),
+                _payload("arp", "saddr ether"),
+                _payload("arp", "saddr ip"),
+            ),
+            "@port_arp",
+        ),
+        ACCEPT,
+    )
+    table.rule("prerouting", _match(_meta("iifname"), f"{HOST_VETH_PREFIX}*"), DROP)
+    # br_netfilter (on by default wherever it is loaded) runs frames bridged inside a compartment
+    # through conntrack and the inet hooks; they need neither. A frame not addressed to a gateway is
+    # bridged, not routed: no conntrack for it (decided here by one hash lookup on the destination MAC,
+    # rather than by an interval lookup on the destination address in the inet table, on every packet).
+    table.set(
+        "local_gateway_macs",
+        "ether_addr",
+        sorted({gateway_mac_for(c.compartment_id) for c in state.compartments}),
+    )
+    table.chain("prerouting_untracked", "filter", "prerouting", -200)
+    # Frames of Bulkhead's ports only (workloads, VXLAN): other bridges on the host (docker0, virbr0)
+    # keep their conntrack.
+    for ports in (HOST_VETH_PREFIX, VXLAN_PREFIX):
+        table.rule(
+            "prerouting_untracked",
+            _match(_meta("iifname"), f"{ports}*"),
+            _match(_payload("ether", "type"), "ip"),
+            _match(_payload("ether", "daddr"), "@local_gateway_macs", "!="),
+            {"notrack": None},
+        )
     table.set("vxlan_ports", "ifname", [vxlan_name_for(c.compartment_id) for c in spanning])
     table.set("gateway_macs", "ether_addr", [gateway_mac_for(c.compartment_id) for c in spanning])
     # Every host of a spanning compartment answers as the same gateway (same IP, same MAC); its frames

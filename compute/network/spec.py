@@ -14,8 +14,10 @@ from typing import Literal
 from compute.network import ipam
 from compute.network.names import (
     BRIDGE_PREFIX,
+    HOST_VETH_PREFIX,
     validate_dns_label,
     validate_ifname,
+    validate_mac,
     validate_owned_ifname,
 )
 
@@ -62,13 +64,28 @@ class PortMapping:
 
 
 @dataclass(frozen=True)
+class PortBinding:
+    """A workload's port on its compartment's bridge (a container's host-side veth or a micro-VM's tap)
+    and the only source MAC and IPv4 address frames entering the bridge from it may carry.
+
+    Ports are named by the server (``bhv`` + a hash), so the binding can be applied before the port
+    exists: the port is born bound.
+    """
+
+    port: str
+    mac: str
+    address: IPv4Address
+
+
+@dataclass(frozen=True)
 class HostNetworkState:
     """Everything Bulkhead wants on one host's network. Anything Bulkhead owns that is not here is removed.
 
     `vxlan_local` is the underlay address VXLAN uses; None means the uplink's first IPv4 address.
     `protected` are networks no workload may reach (the operator's infrastructure: portal, database,
     broker, other hosts); link-local ranges are always protected. A compartment's `egress_allowed`
-    networks are the operator's exceptions for that compartment's tenant.
+    networks are the operator's exceptions for that compartment's tenant. `bindings` tie every workload
+    port to its workload's MAC and address; a workload port without a binding sends nothing.
     """
 
     uplink: str
@@ -76,6 +93,7 @@ class HostNetworkState:
     ports: Sequence[PortMapping] = ()
     vxlan_local: IPv4Address | None = None
     protected: Sequence[IPv4Network] = ()
+    bindings: Sequence[PortBinding] = ()
 
 
 def _validate_port(number: int, what: str) -> None:
@@ -139,6 +157,27 @@ def validate_port_mapping(port: PortMapping, compartments: Iterable[CompartmentN
     raise ValueError(f"published port destination {port.dest_ip} is in no compartment on this host")
 
 
+def validate_bindings(bindings: Iterable[PortBinding], compartments: Iterable[CompartmentNet]) -> None:
+    """Raise ValueError unless each binding names a workload port, a canonical unicast MAC and a member
+    address of one of `compartments`, with no port, MAC or address bound twice."""
+    compartments = list(compartments)
+    seen: set[tuple[str, object]] = set()
+    for binding in bindings:
+        validate_owned_ifname(binding.port, HOST_VETH_PREFIX)
+        if validate_mac(binding.mac) != binding.mac:
+            raise ValueError(f"binding MAC must be lower case: {binding.mac!r}")
+        if not isinstance(binding.address, IPv4Address):
+            raise ValueError(f"binding address must be an IPv4Address, got {binding.address!r}")
+        home = next((c for c in compartments if binding.address in c.subnet), None)
+        if home is None:
+            raise ValueError(f"bound address {binding.address} is in no compartment on this host")
+        ipam.validate_member_address(home.subnet, home.gateway, binding.address)
+        for key in (("port", binding.port), ("MAC", binding.mac), ("address", binding.address)):
+            if key in seen:
+                raise ValueError(f"{key[0]} {key[1]} is bound twice")
+            seen.add(key)
+
+
 def validate_host_state(state: HostNetworkState, host_networks: Iterable[IPv4Network] = ()) -> None:
     """Raise ValueError unless the whole state is consistent and safe; checks everything before any change.
 
@@ -181,6 +220,7 @@ def validate_host_state(state: HostNetworkState, host_networks: Iterable[IPv4Net
         if key in published:
             raise ValueError(f"port {port.protocol}/{port.host_port} is published twice")
         published.add(key)
+    validate_bindings(state.bindings, state.compartments)
 
 
 def effective_mtu(compartment: CompartmentNet, uplink_mtu: int) -> int:

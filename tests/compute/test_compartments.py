@@ -5,6 +5,7 @@ The host side (bridges, namespaces, real traffic) is proven in tests/network/tes
 
 from __future__ import annotations
 
+import socket
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -13,6 +14,8 @@ import pytest
 from compute import network_agent, network_services, services
 from compute.compartments import Compartment, IPAllocation, PublishedPort
 from compute.models import Host, Workload
+from compute.network.names import host_veth_name_for
+from compute.runtimes.libvirt import tap_name
 from portal.errors import Conflict, Invalid
 from portal.models import Operation
 from tenants.actors import Actor
@@ -146,6 +149,39 @@ def test_it_sends_the_protected_networks_to_the_host(world: World, net_host: Hos
     net_host.save(update_fields=["address"])
     protected = {str(n) for n in network_agent.build_host_state(net_host).protected}
     assert {"10.5.0.7/32", "10.6.0.0/16", "198.51.100.0/24", "10.7.0.9/32", "192.0.2.0/24"} <= protected
+
+
+def test_it_resolves_the_names_of_the_portal_database_and_broker_into_protected_networks(
+    world: World, net_host: Host, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = {
+        "redis.internal": ["10.5.2.1"],
+        "agent-db.internal": ["10.5.3.1", "10.5.3.2"],
+        "portal.example.net": ["203.0.113.80"],
+    }
+    asked: list[str] = []
+
+    def getaddrinfo(name: str, port: Any, family: int, kind: int) -> list[Any]:
+        asked.append(name)
+        if name not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        return [(family, kind, 6, "", (address, 0)) for address in answers[name]]
+
+    monkeypatch.setattr(network_services.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(network_services, "_resolved", {})
+    settings.REDIS_URL = settings.CELERY_BROKER_URL = "redis://:secret@redis.internal:6379/0"
+    settings.BULKHEAD_AGENT_DATABASE_URL = "postgres://agent:pw@agent-db.internal:5432/bulkhead"
+    settings.ALLOWED_HOSTS = ["portal.example.net", "*", ".example.org", "gone.internal", "localhost"]
+
+    protected = {str(n) for n in network_services.protected_networks()}
+    network_services.protected_networks()
+
+    wanted = {"10.5.2.1/32", "10.5.3.1/32", "10.5.3.2/32", "203.0.113.80/32"}
+    assert wanted <= protected
+    assert not any(network.startswith("127.") for network in protected)
+    # Patterns name no address; a name that does not resolve gives none; each name is asked once.
+    assert "*" not in asked and ".example.org" not in asked and "gone.internal" in asked
+    assert sorted(asked) == sorted(set(asked))
 
 
 def test_it_lets_admins_manage_compartments_and_members_only_use_them(world: World) -> None:
@@ -305,6 +341,20 @@ def test_it_builds_the_host_network_state_from_the_rows(world: World, net_host: 
     assert [(p.protocol, p.host_port, str(p.dest_ip), p.dest_port) for p in state.ports] == [
         ("tcp", 20080, "10.200.0.2", 80)
     ]
+
+
+def test_it_binds_each_workloads_port_to_its_mac_and_address(world: World, net_host: Host) -> None:
+    web, vm = new_workload(world, "web"), new_workload(world, "vm")
+    Workload.objects.filter(pk=vm.pk).update(isolation="microvm")
+    vm.refresh_from_db()
+
+    bindings = {b.port: b for b in network_agent.build_host_state(net_host).bindings}
+
+    for workload, port in ((web, host_veth_name_for(web.runtime_id)), (vm, tap_name(vm.pk))):
+        allocation = IPAllocation.objects.get(workload=workload)
+        assert bindings[port].mac == allocation.mac
+        assert str(bindings[port].address) == allocation.address
+    assert len(bindings) == 2
 
 
 def test_it_spans_hosts_over_vxlan_when_members_live_on_two(world: World, net_host: Host) -> None:

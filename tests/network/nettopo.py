@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -96,9 +97,14 @@ class TcpListener:
 
 
 class UdpInbox:
-    """A UDP socket in a namespace that keeps what it receives (to prove a datagram did or did not arrive)."""
+    """A UDP socket in a namespace that keeps what it receives (to prove a datagram did or did not arrive).
 
-    def __init__(self, netns: str, address: str, port: int) -> None:
+    With `echo` it also sends every datagram back to its sender (a conversation conntrack calls
+    established)."""
+
+    def __init__(self, netns: str, address: str, port: int, echo: bool = False) -> None:
+        self.echo = echo
+
         def bind() -> socket.socket:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.bind((address, port))
@@ -114,7 +120,10 @@ class UdpInbox:
     def _collect(self) -> None:
         while self.running:
             try:
-                self.received.append(self.sock.recv(2048))
+                payload, sender = self.sock.recvfrom(2048)
+                self.received.append(payload)
+                if self.echo:
+                    self.sock.sendto(payload, sender)
             except TimeoutError:
                 continue
             except OSError:
@@ -146,6 +155,107 @@ def udp_send(netns: str, host: str, port: int, payload: bytes, source: str | Non
                 sock.sendto(payload, (host, port))
 
     run_in_netns(netns, send)
+
+
+# --- raw frames: what a hostile workload can put on its own wire without any help from its kernel ------
+
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def _ipv4_checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_frame(
+    src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, sport: int, dport: int, payload: bytes
+) -> bytes:
+    """An Ethernet frame carrying one UDP datagram, every field as given (UDP checksum 0: none)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        0x1234,
+        0,
+        64,
+        socket.IPPROTO_UDP,
+        0,
+        socket.inet_aton(src_ip),
+        socket.inet_aton(dst_ip),
+    )
+    header = header[:10] + struct.pack("!H", _ipv4_checksum(header)) + header[12:]
+    return _mac_bytes(dst_mac) + _mac_bytes(src_mac) + struct.pack("!H", ETH_P_IP) + header + udp
+
+
+def arp_frame(
+    src_mac: str, dst_mac: str, sender_mac: str, sender_ip: str, target_mac: str, target_ip: str, op: int = 2
+) -> bytes:
+    """An Ethernet frame carrying one ARP message (op 1 request, 2 reply), every field as given."""
+    arp = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, op)
+    arp += _mac_bytes(sender_mac) + socket.inet_aton(sender_ip)
+    arp += _mac_bytes(target_mac) + socket.inet_aton(target_ip)
+    return _mac_bytes(dst_mac) + _mac_bytes(src_mac) + struct.pack("!H", ETH_P_ARP) + arp
+
+
+def send_frame(netns: str, ifname: str, frame: bytes) -> None:
+    """Put `frame` on `ifname` inside `netns` as it is (a packet socket: no routing, no checks)."""
+
+    def send() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+            sock.bind((ifname, 0))
+            sock.send(frame)
+
+    run_in_netns(netns, send)
+
+
+class FrameInbox:
+    """Keeps every frame of `ethertype` that arrives on `ifname` inside `netns` (a packet socket)."""
+
+    def __init__(self, netns: str, ifname: str, ethertype: int) -> None:
+        def bind() -> socket.socket:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
+            sock.bind((ifname, ethertype))
+            sock.settimeout(0.05)
+            return sock
+
+        self.sock = run_in_netns(netns, bind)
+        self.received: list[bytes] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    def _collect(self) -> None:
+        while self.running:
+            try:
+                self.received.append(self.sock.recv(4096))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def got(self, needle: bytes, timeout: float = 1.0) -> bool:
+        """True once a frame containing `needle` arrived, False if none did within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not any(needle in frame for frame in list(self.received)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(timeout=5)
+        self.sock.close()
 
 
 def http_get(netns: str, host: str, port: int, timeout: float = 2.0) -> str | None:

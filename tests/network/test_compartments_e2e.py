@@ -81,17 +81,22 @@ class Site:
     image: Any
 
 
-@pytest.fixture
-def net_image(world: World, store_dir: Path, tmp_path: Path) -> Any:  # noqa: F811
+def nettools_image(world: World, tmp_path: Path, persona: str, tenant: Any) -> Any:
+    """A busybox image with the network applets, imported into `tenant` by `persona`."""
     base = {"bin/busybox": Entry(BUSYBOX.read_bytes(), mode=0o755)}
     base.update({f"bin/{applet}": Entry(symlink="busybox") for applet in APPLETS})
-    archive = write_oci_archive(build_image([make_layer(base)]), tmp_path / "net.tar")
-    response = post_archive(client_for(world, "alice"), archive, name="nettools", tag="1", tenant=world.acme)
+    archive = write_oci_archive(build_image([make_layer(base)]), tmp_path / f"net-{tenant.name}.tar")
+    response = post_archive(client_for(world, persona), archive, name="nettools", tag="1", tenant=tenant)
     assert response.status_code == 202, response.json()  # type: ignore[attr-defined]
     assert run_inline(response.json()["id"]).state == "succeeded"  # type: ignore[attr-defined]
     from imaging.models import Image
 
-    return Image.objects.get(tenant=world.acme, name="nettools")
+    return Image.objects.get(tenant=tenant, name="nettools")
+
+
+@pytest.fixture
+def net_image(world: World, store_dir: Path, tmp_path: Path) -> Any:  # noqa: F811
+    return nettools_image(world, tmp_path, "alice", world.acme)
 
 
 def leftovers(host: Host, host_netns: str) -> list[str]:
@@ -147,20 +152,31 @@ def site(world: World, store_dir: Path, net_image: Any) -> Iterator[Site]:  # no
         sweep(token)
 
 
-def compartment(site: Site, name: str) -> Compartment:
-    response = client_for(site.world, "amir").post(
-        "/api/v1/compartments/", {"tenant": str(site.world.acme.pk), "name": name}, format="json"
+def compartment(site: Site, name: str, persona: str = "amir", tenant: Any = None) -> Compartment:
+    tenant = tenant or site.world.acme
+    response = client_for(site.world, persona).post(
+        "/api/v1/compartments/", {"tenant": str(tenant.pk), "name": name}, format="json"
     )
     assert response.status_code == 201, response.json()
     return Compartment.objects.get(pk=response.json()["id"])
 
 
-def run(site: Site, name: str, command: str, joins: Compartment | None, host: Host | None = None) -> Workload:
+def run(
+    site: Site,
+    name: str,
+    command: str,
+    joins: Compartment | None,
+    host: Host | None = None,
+    *,
+    persona: str = "mia",
+    image: Any = None,
+) -> Workload:
     # Through the service (pinning to a host is an operator's choice the API checks first).
-    spec = services.WorkloadSpec(name=name, image=site.image, command=["/bin/sh", "-c", command], host=host)
+    image = image or site.image
+    spec = services.WorkloadSpec(name=name, image=image, command=["/bin/sh", "-c", command], host=host)
     op = services.create_workload(
-        actor=Actor(user=site.world.user("mia")),
-        tenant=site.world.acme,
+        actor=Actor(user=site.world.user(persona)),
+        tenant=image.tenant,
         spec=spec,
         compartments=[joins] if joins else [],
     )
@@ -214,6 +230,58 @@ def test_a_container_reaches_the_internet_and_nothing_of_the_host_or_the_infrast
         assert not inboxes["internet"].got(b"forged", timeout=0.3)
     finally:
         for listener in [*listeners, *inboxes.values()]:
+            listener.stop()
+
+
+def test_an_operator_opens_a_protected_service_to_one_tenant_and_no_other(site: Site, tmp_path: Path) -> None:
+    # A service on the hosts' protected segment that acme's workloads need (a licence server, say).
+    service = (str(INTERNET_GATEWAY.ip), 8443)
+    metadata = ("169.254.169.254", 80)
+    with iproute(site.internet_netns) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=metadata[0], prefixlen=32)
+    host_service = (site.uplink_ip, 2222)
+    listeners = [
+        TcpListener(site.internet_netns, *service),
+        TcpListener(site.internet_netns, *metadata),
+        TcpListener(site.host_netns, "0.0.0.0", host_service[1]),
+    ]
+    try:
+        acme_probe = run(site, "probe", "exec sleep 300", compartment(site, "front"))
+        globex_image = nettools_image(site.world, tmp_path, "bob", site.world.globex)
+        globex_net = compartment(site, "gx", persona="bob", tenant=site.world.globex)
+        globex_probe = run(site, "gx", "exec sleep 300", globex_net, persona="bob", image=globex_image)
+        workload_in("probe", {"running"})
+        workload_in("gx", {"running"})
+        for target in (service, metadata, host_service):
+            assert tcp_connects(site.internet_netns, *target), target
+        for probe in (acme_probe, globex_probe):
+            assert not tcp_connects(probe.runtime_id, *service, timeout=1.0), probe.name
+
+        url = f"/api/v1/tenants/{site.world.acme.pk}/egress-allowances/"
+        # The tenant's owner cannot open it for herself.
+        refused = client_for(site.world, "alice").post(url, {"network": f"{service[0]}/32"}, format="json")
+        assert refused.status_code == 403
+        allowed = client_for(site.world, "oscar").post(url, {"network": f"{service[0]}/32"}, format="json")
+        assert allowed.status_code == 201, allowed.json()
+        assert Operation.objects.filter(kind="tenant.egress_allow", queue=site.host.queue).exists()
+
+        wait_until(
+            lambda: tcp_connects(acme_probe.runtime_id, *service), timeout=30, what="acme reaches the service"
+        )
+        assert not tcp_connects(globex_probe.runtime_id, *service, timeout=1.0)
+        # Link-local stays closed for the tenant that got an exception, and so does the host itself.
+        for target in (metadata, host_service):
+            assert not tcp_connects(acme_probe.runtime_id, *target, timeout=1.0), target
+
+        revoked = client_for(site.world, "oscar").delete(f"{url}{allowed.json()['id']}/")
+        assert revoked.status_code == 204
+        wait_until(
+            lambda: not tcp_connects(acme_probe.runtime_id, *service, timeout=1.0),
+            timeout=30,
+            what="the service closed to acme again",
+        )
+    finally:
+        for listener in listeners:
             listener.stop()
 
 

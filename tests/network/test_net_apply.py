@@ -9,12 +9,13 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-from nettopo import Host, leftovers, lonely_host, new_token, nslookup, sweep, wait_for
+from nettopo import Host, leftovers, lonely_host, new_token, nslookup, sweep, tcp_connects, wait_for
 
 from compute.network import (
     CompartmentMissing,
     CompartmentNet,
     HostNetworkState,
+    PortBinding,
     PortMapping,
     apply_host_network,
     attach_container,
@@ -188,7 +189,11 @@ def test_it_attaches_and_detaches_a_container_idempotently(lonely: Host) -> None
     with iproute(workload_ns) as ipr:
         eth0 = link_by_name(ipr, "eth0")
         assert eth0 is not None and eth0.get_attr("IFLA_ADDRESS") == mac_for("w1")
-    # The workload reaches its gateway's DNS.
+    # A port nobody bound sends nothing, not even to its own gateway.
+    assert not tcp_connects(workload_ns, str(comp.gateway), 53)
+    # Bound to the workload's MAC and address, it reaches its gateway's DNS.
+    binding = PortBinding(host_veth_name_for(workload_ns), mac_for("w1"), IPv4Address("10.80.1.2"))
+    apply_host_network(HostNetworkState("up0", [comp], bindings=[binding]), lonely.netns)
     assert nslookup(workload_ns, "web", comp.gateway) == ["10.80.1.2"]
 
     detach_container(workload_ns, lonely.netns)

@@ -6,23 +6,30 @@ on it, compartments A and B on host 1, a compartment V spanning both hosts over 
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 
 import pytest
 from nettopo import (
+    ETH_P_ARP,
     INTERNET_GATEWAY,
     EchoHTTPServer,
+    FrameInbox,
     Host,
     Internet,
     TcpListener,
     UdpInbox,
+    arp_frame,
     http_get,
     new_token,
     nslookup,
+    send_frame,
     sweep,
     tcp_connects,
+    udp_frame,
     udp_send,
     wait_for,
 )
@@ -30,6 +37,7 @@ from nettopo import (
 from compute.network import (
     CompartmentNet,
     HostNetworkState,
+    PortBinding,
     PortMapping,
     apply_host_network,
     attach_container,
@@ -37,8 +45,8 @@ from compute.network import (
     mac_for,
     remove_host_network,
 )
-from compute.network.names import bridge_name_for
-from compute.network.netns import iproute
+from compute.network.names import bridge_name_for, gateway_mac_for, host_veth_name_for
+from compute.network.netns import iproute, run_in_netns
 
 NEEDS_HOST = True
 INTERNET = str(INTERNET_GATEWAY.ip)
@@ -112,19 +120,31 @@ def site() -> Iterator[Site]:
             PortMapping("udp", 5353, A_WEB, 53),
         ]
         protected = [INFRA_NETWORK, IPv4Network(f"{host2.uplink_address.ip}/32")]
-        apply_host_network(
-            HostNetworkState("up0", [a, b, c, v_on_1], ports, protected=protected), host1.netns
-        )
-        apply_host_network(HostNetworkState("up0", [v_on_2]), host2.netns)
-        site = Site(token, internet, host1, host2, a, b, c, v_on_1, v_on_2)
-        for label, comp, address, host in (
+        members = (
             ("web", a, A_WEB, host1),
             ("api", a, A_API, host1),
             ("db", b, B_DB, host1),
             ("iso", c, C_ISO, host1),
             ("one", v_on_1, V_ONE, host1),
             ("two", v_on_2, V_TWO, host2),
-        ):
+        )
+        bindings = {
+            host.netns: [
+                PortBinding(host_veth_name_for(f"bhtnw{label}{token}"), mac_for(label + token), address)
+                for label, _comp, address, member_host in members
+                if member_host is host
+            ]
+            for host in (host1, host2)
+        }
+        apply_host_network(
+            HostNetworkState(
+                "up0", [a, b, c, v_on_1], ports, protected=protected, bindings=bindings[host1.netns]
+            ),
+            host1.netns,
+        )
+        apply_host_network(HostNetworkState("up0", [v_on_2], bindings=bindings[host2.netns]), host2.netns)
+        site = Site(token, internet, host1, host2, a, b, c, v_on_1, v_on_2)
+        for label, comp, address, host in members:
             netns = f"bhtnw{label}{token}"
             attach_container(comp, netns, address, mac_for(label + token), host.netns)
             site.workloads[label] = netns
@@ -139,6 +159,7 @@ def site() -> Iterator[Site]:
             servers.append(TcpListener(internet.netns, address, port))
             site.inboxes[address] = UdpInbox(internet.netns, address, port)
         site.inboxes["internet"] = UdpInbox(internet.netns, INTERNET, 5000)
+        site.inboxes["internet-echo"] = UdpInbox(internet.netns, INTERNET, 5003, echo=True)
         site.inboxes["internet-vxlan"] = UdpInbox(internet.netns, INTERNET, 4789)
         site.inboxes["host1"] = UdpInbox(host1.netns, "0.0.0.0", 5001)
         site.inboxes["host2"] = UdpInbox(host2.netns, "0.0.0.0", 5002)
@@ -306,3 +327,127 @@ def test_it_never_lets_a_forged_source_address_leave_the_host(site: Site) -> Non
             eth0 = ipr.link_lookup(ifname="eth0")[0]
             for address in forged.values():
                 ipr.addr("del", index=eth0, address=address, prefixlen=32)
+
+
+# --- anti-spoofing per port: a workload's frames carry its own MAC and address, or go nowhere ------------
+
+FORGED_MAC = "02:66:66:66:66:66"
+NEIGHBOUR_PORT = 5004
+
+
+def mac_of(site: Site, label: str) -> str:
+    return mac_for(label + site.token)
+
+
+def test_it_lets_a_workload_send_only_from_its_own_address_and_mac(site: Site) -> None:
+    web, web_mac, api_mac = site.ns("web"), mac_of(site, "web"), mac_of(site, "api")
+    gateway_mac = gateway_mac_for(site.a.compartment_id)
+    internet = site.inboxes["internet"]
+    neighbour = UdpInbox(site.ns("api"), "0.0.0.0", NEIGHBOUR_PORT)
+    try:
+        # Frames written by hand on the workload's own wire, as a root process in it can.
+        attempts = {
+            "a neighbour's address, to the internet": (web_mac, gateway_mac, A_API, INTERNET, internet),
+            "an unused address of its compartment, to a neighbour": (
+                web_mac,
+                api_mac,
+                "10.80.1.77",
+                A_API,
+                neighbour,
+            ),
+            "a neighbour's MAC and address, to the internet": (
+                api_mac,
+                gateway_mac,
+                A_API,
+                INTERNET,
+                internet,
+            ),
+            "a forged MAC, to the internet": (FORGED_MAC, gateway_mac, A_WEB, INTERNET, internet),
+            "a forged MAC, to a neighbour": (FORGED_MAC, api_mac, A_WEB, A_API, neighbour),
+        }
+        for what, (src_mac, dst_mac, src_ip, dst_ip, inbox) in attempts.items():
+            payload = f"spoofed: {what}".encode()
+            port = 5000 if inbox is internet else NEIGHBOUR_PORT
+            send_frame(
+                web, "eth0", udp_frame(src_mac, dst_mac, str(src_ip), str(dst_ip), 40000, port, payload)
+            )
+            assert not inbox.got(payload, timeout=0.3), what
+        # The same frames with the workload's own MAC and address arrive: the attempts above could have.
+        for dst_mac, dst_ip, port, inbox in (
+            (gateway_mac, INTERNET, 5000, internet),
+            (api_mac, str(A_API), NEIGHBOUR_PORT, neighbour),
+        ):
+            payload = f"honest to {dst_ip}".encode()
+            send_frame(web, "eth0", udp_frame(web_mac, dst_mac, str(A_WEB), dst_ip, 40000, port, payload))
+            assert inbox.got(payload), dst_ip
+    finally:
+        neighbour.stop()
+
+
+def test_it_drops_arp_that_speaks_for_another_address_or_mac(site: Site) -> None:
+    web, web_mac, api_mac = site.ns("web"), mac_of(site, "web"), mac_of(site, "api")
+    heard = FrameInbox(site.ns("api"), "eth0", ETH_P_ARP)
+    try:
+        lies = {
+            "the gateway's address (poisoning the neighbour)": arp_frame(
+                web_mac, api_mac, web_mac, str(site.a.gateway), api_mac, str(A_API)
+            ),
+            "an unused address of its compartment": arp_frame(
+                web_mac, api_mac, web_mac, "10.80.1.77", api_mac, str(A_API)
+            ),
+            "another MAC inside the ARP message": arp_frame(
+                web_mac, api_mac, FORGED_MAC, str(A_WEB), api_mac, str(A_API)
+            ),
+            "another MAC on the frame": arp_frame(
+                FORGED_MAC, api_mac, FORGED_MAC, str(A_WEB), api_mac, str(A_API)
+            ),
+        }
+        for what, frame in lies.items():
+            send_frame(web, "eth0", frame)
+            assert not heard.got(frame, timeout=0.3), what
+        honest = arp_frame(web_mac, api_mac, web_mac, str(A_WEB), api_mac, str(A_API))
+        send_frame(web, "eth0", honest)
+        assert heard.got(honest)
+    finally:
+        heard.stop()
+
+
+def test_it_never_lets_a_workload_ride_a_neighbours_connection(site: Site) -> None:
+    echo = site.inboxes["internet-echo"]
+
+    def converse() -> tuple[int, bytes]:
+        # The neighbour talks to the internet and gets its answer: conntrack holds the flow as established.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(2)
+            sock.bind((str(A_API), 0))
+            sock.sendto(b"api asks", (INTERNET, 5003))
+            return sock.getsockname()[1], sock.recv(2048)
+
+    api_port, answer = run_in_netns(site.ns("api"), converse)
+    assert answer == b"api asks"
+    # The attacker next door sends into that flow: the neighbour's address and port, its own MAC.
+    forged = udp_frame(
+        mac_of(site, "web"),
+        gateway_mac_for(site.a.compartment_id),
+        str(A_API),
+        INTERNET,
+        api_port,
+        5003,
+        b"riding the neighbour's flow",
+    )
+    send_frame(site.ns("web"), "eth0", forged)
+    assert not echo.got(b"riding the neighbour's flow", timeout=0.5)
+
+
+def conntrack_entries(netns: str) -> list[str]:
+    """The host's connection tracking table, one line per connection."""
+    return run_in_netns(netns, lambda: Path("/proc/thread-self/net/nf_conntrack").read_text().splitlines())
+
+
+def test_it_tracks_routed_connections_but_not_frames_bridged_inside_a_compartment(site: Site) -> None:
+    assert http_get(site.ns("api"), str(A_WEB), 80) == f"web {A_API}"
+    assert http_get(site.ns("web"), INTERNET, 80) == f"internet {site.host1.uplink_address.ip}"
+    entries = conntrack_entries(site.host1.netns)
+    # Conntrack is skipped for what the bridge carries (throughput); NAT and the policy need it for the rest.
+    assert not [e for e in entries if f"src={A_API} dst={A_WEB} " in e and "dport=80 " in e]
+    assert [e for e in entries if f"src={A_WEB} dst={INTERNET} " in e and "dport=80 " in e]

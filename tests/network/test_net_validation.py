@@ -18,7 +18,13 @@ from compute.network.names import (
     validate_dns_label,
     vxlan_name_for,
 )
-from compute.network.spec import CompartmentNet, HostNetworkState, PortMapping, validate_host_state
+from compute.network.spec import (
+    CompartmentNet,
+    HostNetworkState,
+    PortBinding,
+    PortMapping,
+    validate_host_state,
+)
 
 INJECTIONS = ["a;b", "x\nserver=1.1.1.1", "web\x00", "Web", "-web", "a b", "a.b", "", "x" * 64, '"; drop']
 
@@ -109,6 +115,59 @@ def test_it_refuses_injected_compartment_ids(cid: str) -> None:
 def test_it_refuses_inconsistent_state(state: HostNetworkState, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         validate_host_state(state)
+
+
+WEB_PORT, WEB_MAC, WEB_IP = host_veth_name_for("w1"), mac_for("w1"), IPv4Address("10.80.1.2")
+
+
+@pytest.mark.parametrize(
+    ("bindings", "message"),
+    [
+        ([PortBinding("eth0", WEB_MAC, WEB_IP)], "interface name"),
+        ([PortBinding("bhv;drop", WEB_MAC, WEB_IP)], "interface name"),
+        ([PortBinding(WEB_PORT, "01:00:5e:00:00:01", WEB_IP)], "multicast"),
+        ([PortBinding(WEB_PORT, WEB_MAC.upper(), WEB_IP)], "lower case"),
+        ([PortBinding(WEB_PORT, '02:00:00:00:00:01" . 1', WEB_IP)], "MAC"),
+        ([PortBinding(WEB_PORT, WEB_MAC, "10.80.1.2")], "IPv4Address"),  # type: ignore[arg-type]
+        ([PortBinding(WEB_PORT, WEB_MAC, IPv4Address("10.80.9.2"))], "no compartment"),
+        ([PortBinding(WEB_PORT, WEB_MAC, IPv4Address("10.80.1.1"))], "gateway"),
+        ([PortBinding(WEB_PORT, WEB_MAC, WEB_IP), PortBinding(WEB_PORT, mac_for("w2"), WEB_IP + 1)], "twice"),
+        (
+            [
+                PortBinding(WEB_PORT, WEB_MAC, WEB_IP),
+                PortBinding(host_veth_name_for("w2"), WEB_MAC, WEB_IP + 1),
+            ],
+            "twice",
+        ),
+        (
+            [
+                PortBinding(WEB_PORT, WEB_MAC, WEB_IP),
+                PortBinding(host_veth_name_for("w2"), mac_for("w2"), WEB_IP),
+            ],
+            "twice",
+        ),
+    ],
+)
+def test_it_refuses_port_bindings_that_are_not_a_workloads_own(
+    bindings: list[PortBinding], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate_host_state(HostNetworkState("up0", [compartment()], bindings=bindings))
+
+
+def test_it_binds_ports_in_sets_so_the_rules_do_not_grow_with_workloads() -> None:
+    def bridge_rules(workloads: int) -> list[dict[str, Any]]:
+        bindings = [
+            PortBinding(host_veth_name_for(f"w{i}"), mac_for(f"w{i}"), IPv4Address("10.80.0.0") + 2 + i)
+            for i in range(workloads)
+        ]
+        state = HostNetworkState("up0", [compartment(subnet="10.80.0.0/16", dns_names={})], bindings=bindings)
+        commands = nftables.build_ruleset(state)["nftables"]
+        return [
+            c["add"]["rule"] for c in commands if c.get("add", {}).get("rule", {}).get("family") == "bridge"
+        ]
+
+    assert bridge_rules(2) == bridge_rules(500)
 
 
 def test_it_refuses_a_subnet_that_overlaps_the_hosts_own_networks() -> None:
