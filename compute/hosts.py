@@ -176,6 +176,58 @@ def reschedule_lost_workloads(now: Any = None) -> list[str]:
     return moved
 
 
+EVACUATION_DEADLINE_SECONDS = 1800
+
+
+def run_evacuation(op_id: Any, progress: Any) -> dict[str, Any]:
+    """The body of a host evacuation: queue a move per workload, then wait for each to land."""
+    import time
+
+    from compute import services
+    from portal.models import Operation, OperationState
+
+    op = Operation.objects.get(pk=op_id)
+    host = Host.objects.get(pk=op.target_id)
+    actor = Actor(user=op.actor) if op.actor is not None else Actor.system("evacuation")
+    workloads = list(Workload.objects.filter(host=host).exclude(state=WorkloadState.DELETING))
+    refused: dict[str, str] = {}
+    moves: dict[str, str] = {}
+    for workload in workloads:
+        try:
+            moves[workload.name] = str(services.move_workload(actor=actor, workload=workload).pk)
+        except ServiceError as error:
+            refused[workload.name] = error.message
+    total = max(len(moves), 1)
+    progress(
+        5,
+        f"Moving {len(moves)} workload(s)" + (f"; {len(refused)} cannot move" if refused else ""),
+        force=True,
+    )
+    landed: dict[str, str] = {}
+    deadline = time.monotonic() + EVACUATION_DEADLINE_SECONDS
+    while len(landed) < len(moves) and time.monotonic() < deadline:
+        for name, move_id in moves.items():
+            if name in landed:
+                continue
+            move = Operation.objects.get(pk=move_id)
+            created = (move.result or {}).get("create_operation")
+            if move.state == OperationState.FAILED:
+                landed[name] = "failed"
+            elif created:
+                create = Operation.objects.get(pk=created)
+                if create.finished:
+                    landed[name] = str(create.state)
+        progress(5 + 90 * len(landed) / total, f"Moved {len(landed)} of {len(moves)}")
+        time.sleep(0.5)
+    failed = sorted(name for name, state in landed.items() if state != OperationState.SUCCEEDED)
+    return {
+        "moved": sorted(name for name, state in landed.items() if state == OperationState.SUCCEEDED),
+        "failed": failed,
+        "not_moved": refused,
+        "unfinished": sorted(set(moves) - set(landed)),
+    }
+
+
 def _require_operator(actor: Actor, action: str) -> None:
     # A scoped or read-only token of an operator is no operator.
     if not actor.is_operator:

@@ -344,12 +344,85 @@ def reschedule_workload(*, actor: Actor, workload: Workload) -> Operation:
         state=WorkloadState.PENDING,
         status_message=f"moved from {old.name} (host lost)"[:500],
         exit_code=None,
+        started_at=None,  # a first start on its new host (agent.ensure_running's create path)
+        finished_at=None,
     )
     locked.host = host
     audit.record(actor, "workload.reschedule", locked, details={"from": old.name, "to": host.name})
     return _start_op(
         actor, locked, "workload.reschedule", tasks.create_workload, start=locked.desired_running
     )
+
+
+@audit.denials_audited
+@transaction.atomic
+def move_workload(*, actor: Actor, workload: Workload) -> Operation:
+    """Move a workload off its (draining) host: its host removes it, then another host creates it
+    (same name, identity, address; fresh from its image). The target is chosen now, so that a move
+    nobody can take is refused before anything stops."""
+    from compute import tasks
+
+    locked = _lock(workload)
+    if locked.host is None or locked.host.state not in (HostState.DRAINING, HostState.MAINTENANCE):
+        raise Conflict("Drain the host before moving its workloads.", audit_action="workload.move")
+    if locked.pinned:
+        raise Conflict(f"{locked.name} is pinned to {locked.host.name}.", audit_action="workload.move")
+    if locked.state == WorkloadState.DELETING:
+        raise Conflict("The workload is being deleted.")
+    target = placement.choose_host(
+        isolation=locked.isolation,
+        vcpus=locked.vcpus,
+        memory_mib=locked.memory_mib,
+        disk_gib=locked.disk_gib,
+        networked=locked.ip_allocations.exists(),
+    )
+    audit.record(actor, "workload.move", locked, details={"from": locked.host.name, "to": target.name})
+    return _start_op(actor, locked, "workload.move", tasks.move_workload, to_host=str(target.pk))
+
+
+def land_moved_workload(*, actor: Actor, workload: Workload, to_host: Any) -> Operation:
+    """The old host removed the workload: it now belongs to `to_host`, which creates it."""
+    from compute import tasks
+    from compute.compartments import PublishedPort
+
+    with transaction.atomic():
+        locked = _lock(workload)
+        target = placement.choose_host(
+            isolation=locked.isolation,
+            vcpus=locked.vcpus,
+            memory_mib=locked.memory_mib,
+            disk_gib=locked.disk_gib,
+            pinned=Host.objects.get(pk=to_host),
+            networked=locked.ip_allocations.exists(),
+        )
+        old = locked.host
+        PublishedPort.objects.filter(workload=locked).update(host=target)
+        Workload.objects.filter(pk=locked.pk).update(
+            host=target,
+            state=WorkloadState.PENDING,
+            status_message=f"moved from {old.name if old else '?'}",
+            started_at=None,
+            finished_at=None,
+        )
+        locked.host = target
+        return _start_op(
+            actor, locked, "workload.create", tasks.create_workload, start=locked.desired_running
+        )
+
+
+@audit.denials_audited
+def evacuate_host(*, actor: Actor, host: Host) -> Operation:
+    """Drain a host and move every workload it runs to other hosts; one operation follows them all."""
+    from compute import tasks
+
+    if not actor.is_operator or (actor.token is not None and actor.token.read_only):
+        raise NotPermitted("Only operators evacuate hosts.", audit_action="host.evacuate")
+    with transaction.atomic():
+        Host.objects.filter(pk=host.pk).exclude(state=HostState.LOST).update(state=HostState.DRAINING)
+        audit.record(actor, "host.evacuate", host)
+        return operations.start(
+            kind="host.evacuate", task=tasks.evacuate_host, actor=actor, tenant=None, target=host
+        )
 
 
 @transaction.atomic

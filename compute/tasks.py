@@ -14,6 +14,7 @@ from compute.models import Workload
 from portal.celery import app
 from portal.models import Operation
 from portal.tasks import OperationTask
+from tenants.actors import Actor
 
 
 @contextmanager
@@ -100,6 +101,27 @@ def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
             progress=self.progress,
         )
         return {"image": str(image.pk)}
+
+
+@app.task(base=OperationTask, bind=True, name="compute.move_workload")
+def move_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+    """On the host a workload leaves: remove it here, then hand it to its new host."""
+    with workload_of(op_id, self.operation) as (op, workload):
+        if workload is None:
+            return {"skipped": "workload deleted"}
+        self.progress(20, "Removing it from this host", force=True)
+        agent.remove(workload, grace_seconds=10)
+        self.progress(70, "Handing it to its new host", force=True)
+        created = services.land_moved_workload(
+            actor=Actor.system("evacuation"), workload=workload, to_host=op.params["to_host"]
+        )
+        return {"create_operation": str(created.pk)}
+
+
+@app.task(base=OperationTask, bind=True, name="compute.evacuate_host")
+def evacuate_host(self: OperationTask, op_id: str) -> dict[str, Any]:
+    """Move every workload of the host, then follow the moves until each has landed (or failed)."""
+    return hosts.run_evacuation(op_id, self.progress)
 
 
 @app.task(name="compute.reschedule_lost_workloads", ignore_result=True)

@@ -691,7 +691,9 @@ def run_push(op_id: str, progress: Progress) -> dict[str, Any]:
     except oci.ImageFormatError as exc:
         _fail_push(op, str(exc))
     except StoreError as exc:
-        _fail_push(op, _store_message(exc))
+        message = _store_message(exc)
+        # The store itself failed: a generic text for the tenant, the error itself for operators.
+        _fail_push(op, message or INTERNAL_FAILURE, cause=None if message else exc)
     except ServiceError as exc:
         _fail_push(op, exc.message)
     finally:
@@ -717,7 +719,7 @@ def _replace_retagged_image(op: Operation, plan: oci.ImagePlan) -> None:
     _delete_image(_actor_of(op), existing)
 
 
-def _fail_push(op: Operation, message: str) -> NoReturn:
+def _fail_push(op: Operation, message: str, cause: BaseException | None = None) -> NoReturn:
     from imaging.models import RegistryTag
 
     _record_failure(op, "image.push", message)
@@ -727,6 +729,8 @@ def _fail_push(op: Operation, message: str) -> NoReturn:
         tag=op.params["tag"],
         manifest__digest=op.params["manifest_digest"],
     ).delete()
+    if cause is not None:
+        raise cause
     raise PushFailed(message)
 
 

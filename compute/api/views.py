@@ -226,6 +226,14 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
         host = hosts.set_host_state(actor=self.actor, host=host, state=data.validated_data["state"])
         return Response(s.HostSerializer(host, context=self.get_serializer_context()).data)
 
+    @extend_schema(request=None, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def evacuate(self, request: Request, pk: str) -> Response:
+        """Drain the host and move every workload it runs to other hosts (operators)."""
+        host = self.get_object()
+        require_operator(self, "evacuate hosts")
+        return accepted(services.evacuate_host(actor=self.actor, host=host))
+
     @extend_schema(request=s.JoinTokenRequestSerializer, responses={201: dict})
     @action(detail=False, methods=["post"], url_path="join-tokens")
     def join_tokens(self, request: Request) -> Response:

@@ -85,3 +85,24 @@ def test_it_passes_the_conformance_suites_pull_tests(world: World, registry: str
     print("conformance (pull, read-only):", {status: len(names) for status, names in outcomes.items()})
     assert not outcomes.get("Fail") and not outcomes.get("Error"), outcomes
     assert len(outcomes["Pass"]) >= 10, outcomes
+
+
+def test_it_passes_the_conformance_suites_push_and_pull_tests(
+    world: World, registry: str, tmp_path: Path
+) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    outcomes = run_suite(
+        registry,
+        results,
+        OCI_USERNAME="alice",
+        OCI_PASSWORD=token_of(world, "alice"),
+        OCI_REPO1="acme/conformance/one",
+        OCI_REPO2="acme/conformance/two",
+        # Digests are sha256 in the layer store (sha512 is optional in the spec).
+        OCI_DATA_SHA512="false",
+        # Layers that live on a foreign server (`urls`) are refused: an installation has no outside service.
+        OCI_DATA_NONDISTRIBUTABLE="false",
+    )
+    print("conformance (push and pull):", {status: len(names) for status, names in outcomes.items()})
+    assert not outcomes.get("Fail") and not outcomes.get("Error"), outcomes

@@ -223,6 +223,7 @@ ROUTES.update(
         "host-list": Route(methods=("GET",)),
         "host-detail": Route(methods=("GET", "PATCH"), obj=_host, visibility="operator", write="operator"),
         "host-history": Route(methods=("GET",), obj=_host, visibility="operator"),
+        "host-evacuate": Route(methods=("POST",), obj=_host, visibility="operator", write="operator"),
         "host-join-tokens": Route(methods=("POST",), list_post=400, list_post_staff_only=True),
         "host-join": Route(methods=("POST",), visibility="public", list_post=400),
     }
