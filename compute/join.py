@@ -57,8 +57,13 @@ def write_env(path: Path, joined: dict[str, Any]) -> None:
         if key.startswith(("BULKHEAD_", "DATABASE_URL", "REDIS_URL")) and "\n" not in str(value):
             lines.append(f"{key}={value}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
+    # Created 0600 (not chmod'ed after writing): the settings hold credentials from the first byte.
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.replace(temporary, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,21 @@ def test_it_joins_a_host_with_one_command_and_its_profile(
     assert str(host.cpu_overcommit) == "2.50" and host.domain_type == "qemu"
     assert host.cpus > 0 and host.facts["cgroup_mode"] in {"v1", "v2", "hybrid"}
     assert f"BULKHEAD_HOST_ID={host.pk}" in env_file.read_text()
+    assert env_file.stat().st_mode & 0o777 == 0o600  # it holds connection credentials
     assert AuditEntry.objects.filter(action="host.join", object_id=str(host.pk)).exists()
+
+
+def test_it_writes_the_settings_file_private_and_never_through_a_planted_link(tmp_path: Path) -> None:
+    from compute.join import write_env
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    env_file = tmp_path / "agent.env"
+    (tmp_path / ".agent.env.tmp").symlink_to(victim)  # planted where the file is first written
+    write_env(env_file, {"host": "h1", "name": "edge-1", "env": {"REDIS_URL": "redis://:secret@x/0"}})
+    assert victim.read_text() == "keep me"
+    assert env_file.stat().st_mode & 0o777 == 0o600 and not env_file.is_symlink()
+    assert "REDIS_URL=redis://:secret@x/0" in env_file.read_text()
 
 
 def test_it_refuses_a_used_or_expired_join_token(world: World, live_server: Any, tmp_path: Path) -> None:
