@@ -500,10 +500,13 @@ async def _append_body(receive: Receive, path: str, room: int | None) -> int:
 
 
 def _room_for(upload: Any, repository: Repository) -> int | None:
-    room = push.upload_room(push.tenant_of(repository))
+    """What this upload may still append: the quota's room less every open upload of the tenant (this
+    one included), so that many sessions at once hold no more of the host's disk than one could."""
+    tenant = push.tenant_of(repository)
+    room = push.upload_room(tenant)
     if room is None:
         return None
-    return max(room - push.upload_path(upload).stat().st_size, 0)
+    return max(room - push.uploading_bytes(tenant), 0)
 
 
 async def _write_upload(

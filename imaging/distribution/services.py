@@ -14,6 +14,7 @@ Image; the manifest is pullable by tag and digest from the moment it is accepted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -124,6 +125,15 @@ def pending_bytes(tenant: Tenant) -> int:
         RegistryBlob.objects.filter(tenant=tenant).exclude(digest__in=held).values_list("digest", "size")
     )
     return sum(sizes.values())
+
+
+def uploading_bytes(tenant: Tenant | None) -> int:
+    """Bytes on disk in the tenant's open upload sessions."""
+    total = 0
+    for upload in RegistryUpload.objects.filter(tenant=tenant):
+        with contextlib.suppress(FileNotFoundError):
+            total += upload_path(upload).stat().st_size
+    return total
 
 
 def upload_room(tenant: Tenant | None) -> int | None:
