@@ -13,6 +13,9 @@ comparison read the same input files and write to the same filesystem.
 3. disks: ``build_disk`` (erofs and ext4) of the unpacked chain vs ``mkfs.erofs`` / ``mkfs.ext4 -d``
    of the tree ``tar -x`` already flattened.
 4. re-import of the same image into the populated store: bytes written (goal 0) and time.
+5. chains (``--only unpack,chains``): ``lower_dirs`` of the image (its layers have implicit ``usr/``
+   dirs, none over a symlink: the check alone), and the per-chain variant of the man-page layer stacked
+   on a layer whose ``usr`` is a symlink (every file relocated) vs ``cp -al`` of that layer's tree.
 
 Run as root: ``.venv/bin/python bench/bench_layers.py`` (``--rounds N``, default 3; best of N;
 ``--only ingest,unpack`` skips the slow disk section).
@@ -401,6 +404,55 @@ def bench_disks(
     r["reimport_disks_built"] = stats["disks_built"]
 
 
+def bench_chains(
+    mnt: Path,
+    layers: list[dict[str, object]],
+    store: LayerStore,
+    gz_specs: list[LayerSpec],
+    rounds: int,
+    r: dict[str, object],
+) -> None:
+    """Stacking layers: the symlink check of an ordinary image, and one variant built from scratch."""
+    diff_ids = [str(x["diff_id"]) for x in layers]
+    store.unpack_layers(gz_specs)
+    t, _ = timed(lambda: store.lower_dirs(diff_ids), rounds * 5)
+    r["lower_dirs_5_layers_ms"] = round(t * 1e3, 2)
+    r["lower_dirs_variants"] = sum(1 for p in store.lower_dirs(diff_ids) if "chains" in p.parts)
+
+    # A base whose /usr is a symlink: the man-page layer's implicit usr/ resolves through it.
+    base_tar = mnt / "usr-link.tar"
+    link_src = fresh(mnt / "usr-link")
+    (link_src / "usr").symlink_to("/opt/usr")
+    run("tar", "-cf", str(base_tar), "-C", str(link_src), "usr")
+    blob, _ = store.ingest_path(base_tar)
+    [base] = store.unpack_layers([LayerSpec(blob, "application/vnd.oci.image.layer.v1.tar")])
+    chain = [base.diff_id, diff_ids[0]]
+    chains_dir = store.root / "layers" / "chains"
+
+    def drop_variants() -> None:
+        for p in chains_dir.iterdir():
+            shutil.rmtree(p)
+
+    t_variant, _ = timed(lambda: store.lower_dirs(chain), rounds, drop_variants)
+    variant = store.lower_dirs(chain)[1]
+    assert (variant / "opt/usr/share/man").is_dir(), variant
+    r["variant_entries"] = sum(1 for _ in variant.rglob("*"))
+    t_found, _ = timed(lambda: store.lower_dirs(chain), rounds * 5)
+    layer_tree = store.layer_path(diff_ids[0])
+    copy = mnt / "cp-al"
+    t_cp, _ = timed(
+        lambda: run("cp", "-al", str(layer_tree), str(copy)),
+        rounds,
+        lambda: shutil.rmtree(copy, ignore_errors=True),
+    )
+    shutil.rmtree(copy, ignore_errors=True)
+    drop_variants()
+    r["variant_build_s"] = round(t_variant, 3)
+    r["variant_found_ms"] = round(t_found * 1e3, 2)
+    r["cp_al_layer_s"] = round(t_cp, 3)
+    r["variant_build_vs_cp_al"] = round(t_cp / t_variant, 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -408,12 +460,12 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="ingest,unpack,disks",
-        help="comma-separated sections: ingest, unpack, disks (disks, with the re-import, needs unpack)",
+        help="comma-separated sections: ingest, unpack, disks, chains (disks and chains need unpack)",
     )
     args = ap.parse_args()
     only = set(args.only.split(","))
-    if "disks" in only and "unpack" not in only:
-        ap.error("disks needs unpack")
+    if ("disks" in only or "chains" in only) and "unpack" not in only:
+        ap.error("disks and chains need unpack")
     rounds = args.rounds
     layers = build_layers()
     r: dict[str, object] = {
@@ -429,6 +481,8 @@ def main() -> None:
             store, gz_specs = bench_unpack(mnt, layers, rounds, r)
             if "disks" in only:
                 bench_disks(mnt, layers, store, gz_specs, rounds, r)
+            if "chains" in only:
+                bench_chains(mnt, layers, store, gz_specs, rounds, r)
     r["load_avg_1m_end"] = os.getloadavg()[0]
     goals = {
         "ingest_vs_openssl>=0.9": ("ingest_vs_openssl", 0.9),
