@@ -61,16 +61,25 @@ def run_suite(registry: str, results: Path, **settings: str) -> dict[str, list[s
     return outcomes
 
 
+def passes_the_suite(world: World, registry: str, tmp_path: Path, what: str, **settings: str) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    user = settings.pop("user")
+    outcomes = run_suite(registry, results, OCI_USERNAME=user, OCI_PASSWORD=token_of(world, user), **settings)
+    print(f"conformance ({what}):", {status: len(names) for status, names in outcomes.items()})
+    assert not outcomes.get("Fail") and not outcomes.get("Error"), outcomes
+    assert len(outcomes["Pass"]) >= 10, outcomes
+
+
 def test_it_passes_the_conformance_suites_pull_tests(world: World, registry: str, tmp_path: Path) -> None:
     image = imported(world, tmp_path, "alice", world.acme, "busybox", busybox_layers())
     blobs = [layer.digest for layer in image.layers.all()] + [image.config_digest]
-    results = tmp_path / "results"
-    results.mkdir()
-    outcomes = run_suite(
+    passes_the_suite(
+        world,
         registry,
-        results,
-        OCI_USERNAME="mia",
-        OCI_PASSWORD=token_of(world, "mia"),
+        tmp_path,
+        "pull, read-only",
+        user="mia",
         OCI_REPO1="acme/busybox",
         OCI_REPO2="acme/busybox",
         OCI_API_PUSH="false",
@@ -82,21 +91,17 @@ def test_it_passes_the_conformance_suites_pull_tests(world: World, registry: str
         OCI_RO_DATA_MANIFESTS=image.manifest_digest,
         OCI_RO_DATA_BLOBS=" ".join(blobs),
     )
-    print("conformance (pull, read-only):", {status: len(names) for status, names in outcomes.items()})
-    assert not outcomes.get("Fail") and not outcomes.get("Error"), outcomes
-    assert len(outcomes["Pass"]) >= 10, outcomes
 
 
 def test_it_passes_the_conformance_suites_push_and_pull_tests(
     world: World, registry: str, tmp_path: Path
 ) -> None:
-    results = tmp_path / "results"
-    results.mkdir()
-    outcomes = run_suite(
+    passes_the_suite(
+        world,
         registry,
-        results,
-        OCI_USERNAME="alice",
-        OCI_PASSWORD=token_of(world, "alice"),
+        tmp_path,
+        "push and pull",
+        user="alice",
         OCI_REPO1="acme/conformance/one",
         OCI_REPO2="acme/conformance/two",
         # Digests are sha256 in the layer store (sha512 is optional in the spec).
@@ -104,5 +109,3 @@ def test_it_passes_the_conformance_suites_push_and_pull_tests(
         # Layers that live on a foreign server (`urls`) are refused: an installation has no outside service.
         OCI_DATA_NONDISTRIBUTABLE="false",
     )
-    print("conformance (push and pull):", {status: len(names) for status, names in outcomes.items()})
-    assert not outcomes.get("Fail") and not outcomes.get("Error"), outcomes
