@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import ssl
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +356,22 @@ def test_it_lets_podman_push_an_image_from_its_own_storage(
     assert json.loads(get_store().read_blob(image.config_digest))["rootfs"]["diff_ids"] == [
         layer.diff_id for layer in built.layers
     ]
+
+
+def test_it_closes_a_tls_handshake_on_its_plain_http_port_at_once(registry_server: str) -> None:
+    # Clients with --tls-verify=false try TLS first: a stalled handshake cost each of them 10 s.
+    host, port = registry_server.split(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        try:
+            context.wrap_socket(raw, server_hostname=host)
+        except TimeoutError:
+            pytest.fail("the handshake was left hanging")
+        except (ssl.SSLError, ConnectionError):
+            pass
+        else:
+            pytest.fail("the plain-HTTP port completed a TLS handshake")
+    assert time.monotonic() - started < 3

@@ -1,0 +1,45 @@
+"""Daphne's plain-HTTP port closes a TLS handshake at once instead of waiting for a request line.
+
+OCI clients (skopeo, podman) told `--tls-verify=false` try HTTPS first and fall back to HTTP only when
+that fails. Twisted waits for the end of a request line that a TLS ClientHello never sends, so each
+client invocation stalled for its 10 s handshake timeout before every push or pull. A first byte of
+0x16 (a TLS handshake record) can never start an HTTP request: the connection is closed, the client
+falls back at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TLS_HANDSHAKE_RECORD = 0x16
+
+
+def refuse_tls_handshakes() -> None:
+    """Patch daphne's HTTP factory (idempotent); a no-op where daphne is not installed."""
+    try:
+        from daphne.http_protocol import HTTPFactory
+    except ImportError:
+        return
+    if getattr(HTTPFactory, "_bulkhead_refuses_tls", False):
+        return
+    build = HTTPFactory.buildProtocol
+
+    def build_protocol(self: Any, addr: Any) -> Any:
+        protocol = build(self, addr)
+        received = protocol.dataReceived
+        first = True
+
+        def data_received(data: bytes) -> None:
+            nonlocal first
+            if first and data:
+                first = False
+                if data[0] == TLS_HANDSHAKE_RECORD:
+                    protocol.transport.abortConnection()
+                    return
+            received(data)
+
+        protocol.dataReceived = data_received
+        return protocol
+
+    HTTPFactory.buildProtocol = build_protocol  # type: ignore[method-assign]
+    HTTPFactory._bulkhead_refuses_tls = True  # type: ignore[attr-defined]
