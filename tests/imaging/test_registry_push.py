@@ -343,8 +343,28 @@ def test_it_lets_podman_push_an_image_from_its_own_storage(
         loaded = podman("pull", f"oci:{layout}:latest")
         assert loaded.returncode == 0, loaded.stderr
         image_id = loaded.stdout.strip().splitlines()[-1]
+        authfile = str(tmp_path / "auth.json")
+        login = subprocess.run(
+            [
+                PODMAN,
+                *storage,
+                "login",
+                "--tls-verify=false",
+                "--authfile",
+                authfile,
+                "-u",
+                "mia",
+                "--password-stdin",
+                registry,
+            ],
+            input=secret,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert login.returncode == 0, login.stderr
         target = f"docker://{registry}/acme/podman:1"
-        pushed = podman("push", "--tls-verify=false", "--creds", f"mia:{secret}", image_id, target)
+        pushed = podman("push", "--tls-verify=false", "--authfile", authfile, image_id, target)
     finally:
         shutil.rmtree(runroot, ignore_errors=True)
 
