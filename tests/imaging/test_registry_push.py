@@ -9,17 +9,20 @@ import ssl
 import subprocess
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from django.utils import timezone
 
 from imaging.models import Image, RegistryBlob, RegistryTag, RegistryUpload
-from imaging.services import get_store
+from imaging.services import get_store, start_gc
 from portal.models import Operation
+from tenants.actors import Actor
 from tenants.models import AuditEntry, Quota
-from tests.conftest import World
+from tests.conftest import World, client_for
 from tests.imaging import hostile
 from tests.imaging.images import (
     BuiltImage,
@@ -395,3 +398,56 @@ def test_it_closes_a_tls_handshake_on_its_plain_http_port_at_once(registry_serve
         else:
             pytest.fail("the plain-HTTP port completed a TLS handshake")
     assert time.monotonic() - started < 3
+
+
+def test_it_keeps_uploads_and_pushed_blobs_through_gc_and_expires_abandoned_ones(
+    world: World, registry_server: str
+) -> None:
+    registry = registry_server
+    auth = ("mia", token_of(world, "mia"))
+    data = b"kept" * 100_000
+    started = httpx.post(f"http://{registry}/v2/acme/gc/blobs/uploads/", auth=auth)
+    location = f"http://{registry}{started.headers['location']}"
+    assert httpx.patch(location, content=data[:1000], auth=auth).status_code == 202
+    old = httpx.post(f"http://{registry}/v2/acme/gc/blobs/uploads/", auth=auth)
+    old_location = f"http://{registry}{old.headers['location']}"
+    assert httpx.patch(old_location, content=b"left behind", auth=auth).status_code == 202
+    alone = b"pushed, no manifest yet"
+    assert upload_blob(registry, auth, "acme/gc", alone).status_code == 201
+    RegistryUpload.objects.filter(pk=old.headers["docker-upload-uuid"]).update(
+        updated_at=timezone.now() - timedelta(hours=13)
+    )
+
+    for lease in (get_store().root / "leases").glob("registry-*.json"):
+        lease.unlink()  # ten minutes later: the upload's lease after its commit has run out
+
+    gc = run_inline(str(start_gc(actor=Actor(user=world.user("oscar"))).pk))
+
+    assert gc.state == "succeeded", gc.error  # type: ignore[attr-defined]
+    assert gc.result["expired_uploads"] == 1  # type: ignore[attr-defined]
+    assert get_store().has_blob(digest_of(alone))
+    assert httpx.head(f"http://{registry}/v2/acme/gc/blobs/{digest_of(alone)}", auth=auth).status_code == 200
+    assert httpx.get(old_location, auth=auth).status_code == 404
+    assert not [
+        p for p in (get_store().root / "ingest").iterdir() if old.headers["docker-upload-uuid"] in p.name
+    ]
+    rest = httpx.patch(location, content=data[1000:], auth=auth)
+    assert rest.status_code == 202
+    assert httpx.put(location, params={"digest": digest_of(data)}, auth=auth).status_code == 201
+    assert get_store().blob_path(digest_of(data)).read_bytes() == data
+
+
+def test_it_drops_the_registry_tag_when_the_pushed_image_is_deleted_through_the_api(
+    world: World, registry_server: str
+) -> None:
+    registry = registry_server
+    built = build_image(busybox_layers("api-deleted"))
+    mia = ("mia", token_of(world, "mia"))
+    assert push_by_http(registry, mia, "acme/apidel", "1", built).status_code == 201
+    image = pushed_image(world, world.acme, "apidel", "1")
+
+    assert client_for(world, "alice").delete(f"/api/v1/images/{image.pk}/").status_code == 204
+
+    assert httpx.head(f"http://{registry}/v2/acme/apidel/manifests/1", auth=mia).status_code == 404
+    by_digest = httpx.head(f"http://{registry}/v2/acme/apidel/manifests/{built.manifest_digest}", auth=mia)
+    assert by_digest.status_code == 200
