@@ -167,14 +167,14 @@ def start_upload(principal: Principal, repository: Repository) -> RegistryUpload
     return upload
 
 
-def find_upload(repository: Repository, upload_id: str) -> RegistryUpload:
-    """The session of this repository, or UploadUnknown (another repository's id reads as none)."""
+def find_upload(principal: Principal, repository: Repository, upload_id: str) -> RegistryUpload:
+    """The caller's session in this repository, or UploadUnknown (anyone else's id reads as none)."""
     try:
         uuid.UUID(upload_id)
     except ValueError:
         raise UploadUnknown("No such upload session in this repository.") from None
     upload = RegistryUpload.objects.filter(
-        pk=upload_id, repository=repository.image_name, tenant=tenant_of(repository)
+        pk=upload_id, repository=repository.image_name, tenant=tenant_of(repository), user=principal.user
     ).first()
     if upload is None or not upload_path(upload).is_file():
         raise UploadUnknown("No such upload session in this repository.")

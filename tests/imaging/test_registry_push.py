@@ -206,6 +206,17 @@ def test_it_keeps_another_tenant_out_of_pushing_and_mounting(
         response = httpx.post(f"http://{registry}/v2/{name}/blobs/uploads/", auth=bob)
         answers.append((response.status_code, error_code(response)))
     assert answers == [(403, "DENIED")] * 2
+    scoped = httpx.post(
+        f"http://{registry}/v2/globex/mine/blobs/uploads/", auth=("alice", world.tokens["alice_acme"])
+    )
+    assert (scoped.status_code, error_code(scoped)) == (403, "DENIED")
+    started = httpx.post(f"http://{registry}/v2/acme/private/blobs/uploads/", auth=mia)
+    taken_over = httpx.patch(
+        f"http://{registry}{started.headers['location']}",
+        content=b"x",
+        auth=("alice", world.tokens["alice_acme"]),
+    )
+    assert (taken_over.status_code, error_code(taken_over)) == (404, "BLOB_UPLOAD_UNKNOWN")
 
     mount = httpx.post(
         f"http://{registry}/v2/globex/mine/blobs/uploads/",
