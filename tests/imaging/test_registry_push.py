@@ -31,7 +31,9 @@ from tests.imaging.images import (
     busybox_layers,
     digest_of,
     run_inline,
+    write_docker_archive,
     write_layout,
+    write_oci_archive,
 )
 from tests.imaging.test_registry_server import skopeo, token_of
 
@@ -462,3 +464,39 @@ def test_it_drops_the_registry_tag_when_the_pushed_image_is_deleted_through_the_
     assert httpx.head(f"http://{registry}/v2/acme/apidel/manifests/1", auth=mia).status_code == 404
     by_digest = httpx.head(f"http://{registry}/v2/acme/apidel/manifests/{built.manifest_digest}", auth=mia)
     assert by_digest.status_code == 200
+
+
+MANIFEST_TYPE_OF = {
+    "docker-archive": "application/vnd.docker.distribution.manifest.v2+json",
+    "oci-archive": "application/vnd.oci.image.manifest.v1+json",
+}
+
+
+@pytest.mark.parametrize("transport", sorted(MANIFEST_TYPE_OF))
+def test_it_takes_skopeo_pushes_from_archives(
+    world: World, registry_server: str, tmp_path: Path, transport: str
+) -> None:
+    registry = registry_server
+    built = build_image(busybox_layers(transport))
+    if transport == "docker-archive":
+        archive = write_docker_archive(built, tmp_path / "image.tar")
+    else:
+        archive = write_oci_archive(built, tmp_path / "image.tar")
+    secret = token_of(world, "mia")
+
+    pushed = skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"mia:{secret}",
+        f"{transport}:{archive}",
+        f"docker://{registry}/acme/archived:1",
+    )
+
+    assert pushed.returncode == 0, pushed.stderr
+    image = pushed_image(world, world.acme, "archived", "1")
+    assert [layer.diff_id for layer in image.layers.order_by("image_layers__position")] == [
+        layer.diff_id for layer in built.layers
+    ]
+    head = httpx.head(f"http://{registry}/v2/acme/archived/manifests/1", auth=("mia", secret))
+    assert head.headers["content-type"] == MANIFEST_TYPE_OF[transport]
