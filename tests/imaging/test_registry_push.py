@@ -335,6 +335,12 @@ def test_it_lets_an_admin_delete_a_tag_and_not_a_member(world: World, registry_s
     assert httpx.head(f"http://{registry}/v2/acme/gone/manifests/1", auth=mia).status_code == 404
     assert not Image.objects.filter(tenant=world.acme, name="gone").exists()
     assert AuditEntry.objects.filter(action="registry.delete", actor=world.user("amir")).exists()
+    loose = b"a blob no manifest uses"
+    assert upload_blob(registry, mia, "acme/gone", loose).status_code == 201
+    blob_url = f"http://{registry}/v2/acme/gone/blobs/{digest_of(loose)}"
+    assert httpx.delete(blob_url, auth=mia).status_code == 403
+    assert httpx.delete(blob_url, auth=("amir", token_of(world, "amir"))).status_code == 202
+    assert httpx.head(blob_url, auth=mia).status_code == 404
     assert AuditEntry.objects.filter(
         action="registry.delete", outcome="denied", actor=world.user("mia")
     ).exists()
