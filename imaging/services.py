@@ -31,7 +31,7 @@ from django.http import Http404
 from imaging import choices as c
 from imaging import oci
 from imaging.distribution import services as registry_services
-from imaging.models import Image, ImageLayer, Layer, RegistryBlob, RegistryManifest, TenantLayer
+from imaging.models import Image, ImageLayer, Layer, RegistryBlob, RegistryManifest, RegistryTag, TenantLayer
 from imaging.registry import REPOSITORY_RE, RegistryClient, RegistryError, endpoint_for, parse_reference
 from imaging.store import (
     DigestMismatch,
@@ -720,8 +720,6 @@ def _replace_retagged_image(op: Operation, plan: oci.ImagePlan) -> None:
 
 
 def _fail_push(op: Operation, message: str, cause: BaseException | None = None) -> NoReturn:
-    from imaging.models import RegistryTag
-
     _record_failure(op, "image.push", message)
     RegistryTag.objects.filter(
         tenant=op.tenant,
@@ -814,6 +812,10 @@ def _delete_image(actor: Actor, image: Image) -> None:
         quota.allocate(tenant, image_bytes=0)  # the quota row lock, as in register_image
     layer_ids = set(ImageLayer.objects.filter(image=image).values_list("layer_id", flat=True))
     image.delete()
+    # The registry's tag of a pushed image goes with it (the manifest stays pullable by digest).
+    RegistryTag.objects.filter(
+        tenant=tenant, repository=image.name, tag=image.tag, manifest__digest=image.manifest_digest
+    ).delete()
     if tenant is None:
         return
     still_used = set(

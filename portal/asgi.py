@@ -14,7 +14,10 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 from compute.routing import websocket_urlpatterns as compute_websockets  # noqa: E402
 from imaging.distribution.app import RegistryApp  # noqa: E402
+from portal.daphne_tuning import tune_daphne  # noqa: E402
 from portal.routing import websocket_urlpatterns as portal_websockets  # noqa: E402
+
+tune_daphne()
 
 application = ProtocolTypeRouter(
     {

@@ -116,3 +116,28 @@ def host_agent(host: Any, worker_env: dict[str, str] | None = None, **env: str) 
             loop.kill()
             loop.wait()
         log.close()
+
+
+@contextmanager
+def serve_registry(store_dir: Path) -> Iterator[str]:
+    """daphne serving portal.asgi (and so the registry at /v2/) on the test database and `store_dir`;
+    yields host:port once /v2/ answers."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    argv = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"]
+    with process(argv, f"test-registry-{port}.log", BULKHEAD_STORE_DIR=str(store_dir)):
+        address = f"127.0.0.1:{port}"
+
+        def answering() -> bool:
+            try:
+                return httpx.get(f"http://{address}/v2/", timeout=2).status_code == 401
+            except httpx.TransportError:
+                return False
+
+        wait_until(answering, timeout=60, what="daphne to serve /v2/")
+        yield address

@@ -573,7 +573,7 @@ async def _uploads(
     if not upload_id:
         await _error(send, 405, "UNSUPPORTED", "start an upload with POST")
         return
-    upload = await sync_to_async(push.find_upload)(repository, upload_id)
+    upload = await sync_to_async(push.find_upload)(principal, repository, upload_id)
     path = str(push.upload_path(upload))
     size = await asyncio.to_thread(_stat_size, path)
     if method == "GET":

@@ -167,7 +167,7 @@ def upload_path(upload: RegistryUpload) -> Path:
 @transaction.atomic
 def start_upload(principal: Principal, repository: Repository) -> RegistryUpload:
     """A new upload session with an empty file in the store's ingest area."""
-    expire_abandoned()
+    expire_uploads()
     upload = RegistryUpload.objects.create(
         tenant=tenant_of(repository), repository=repository.image_name, user=principal.user
     )
@@ -177,14 +177,14 @@ def start_upload(principal: Principal, repository: Repository) -> RegistryUpload
     return upload
 
 
-def find_upload(repository: Repository, upload_id: str) -> RegistryUpload:
-    """The session of this repository, or UploadUnknown (another repository's id reads as none)."""
+def find_upload(principal: Principal, repository: Repository, upload_id: str) -> RegistryUpload:
+    """The caller's session in this repository, or UploadUnknown (anyone else's id reads as none)."""
     try:
         uuid.UUID(upload_id)
     except ValueError:
         raise UploadUnknown("No such upload session in this repository.") from None
     upload = RegistryUpload.objects.filter(
-        pk=upload_id, repository=repository.image_name, tenant=tenant_of(repository)
+        pk=upload_id, repository=repository.image_name, tenant=tenant_of(repository), user=principal.user
     ).first()
     if upload is None or not upload_path(upload).is_file():
         raise UploadUnknown("No such upload session in this repository.")
@@ -298,19 +298,26 @@ def delete_blob(principal: Principal, repository: Repository, digest: str) -> No
     )
 
 
-def expire_abandoned(now: Any = None) -> dict[str, int]:
-    """Drop upload sessions untouched for UPLOAD_TTL and proved blobs nothing references after BLOB_TTL."""
+def expire_uploads(now: Any = None) -> int:
+    """Drop upload sessions untouched for UPLOAD_TTL (and their files); how many."""
     now = now or timezone.now()
     stale = list(RegistryUpload.objects.filter(updated_at__lt=now - UPLOAD_TTL)[:1000])
     for upload in stale:
         cancel_upload(upload)
+    return len(stale)
+
+
+def expire_abandoned(now: Any = None) -> dict[str, int]:
+    """Drop upload sessions untouched for UPLOAD_TTL and proved blobs nothing references after BLOB_TTL."""
+    now = now or timezone.now()
+    uploads = expire_uploads(now)
     referenced: dict[Any, set[str]] = {}
     for tenant_id, refs in RegistryManifest.objects.values_list("tenant_id", "references"):
         referenced.setdefault(tenant_id, set()).update(refs or [])
     old = RegistryBlob.objects.filter(created_at__lt=now - BLOB_TTL).values_list("pk", "tenant_id", "digest")
     orphans = [pk for pk, tenant_id, digest in old if digest not in referenced.get(tenant_id, set())]
     RegistryBlob.objects.filter(pk__in=orphans).delete()
-    return {"uploads": len(stale), "blobs": len(orphans)}
+    return {"uploads": uploads, "blobs": len(orphans)}
 
 
 # --- manifests and tags ------------------------------------------------------------------------------

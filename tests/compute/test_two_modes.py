@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import pytest
 from compute.models import Host, Workload
 from tests.compute.conftest import cleanup_host, create, make_host, workload_in
 from tests.conftest import World, client_for
-from tests.processes import host_agent
+from tests.imaging.images import build_image, busybox_layers, run_inline, write_layout
+from tests.processes import host_agent, serve_registry
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -63,6 +65,43 @@ def test_it_runs_one_image_in_both_isolations_with_the_same_userland_result(
     assert c_lines[:-1] == v_lines[:-1] == ["hello bulkhead from /etc as 1000", "/etc/motd"]
     assert c_lines[-1] == platform.release()
     assert v_lines[-1] != platform.release() and v_lines[-1].endswith("cloud-amd64")
+
+
+def test_it_runs_an_image_pushed_with_skopeo_in_both_isolations_alike(
+    world: World, store_dir: Path, host: Host, tmp_path: Path
+) -> None:
+    from imaging.models import Image
+    from portal.models import Operation
+    from tenants import services
+    from tenants.actors import Actor
+
+    layout = write_layout(build_image(busybox_layers("pushed")), tmp_path / "layout")
+    secret = services.create_token(actor=Actor(user=world.user("mia")), name="push")[1]
+    with serve_registry(store_dir) as registry:
+        pushed = subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                f"mia:{secret}",
+                f"oci:{layout}:latest",
+                f"docker://{registry}/acme/pushed:1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert pushed.returncode == 0, pushed.stderr
+    op = run_inline(str(Operation.objects.get(kind="image.push").pk))
+    assert op.state == "succeeded", op.error  # type: ignore[attr-defined]
+    image = Image.objects.get(tenant=world.acme, name="pushed", tag="1")
+
+    container, container_logs = run_in(world, image, "namespace", "pushed-container")
+    vm, vm_logs = run_in(world, image, "microvm", "pushed-vm")
+    assert container.exit_code == vm.exit_code == 3, (container.status_message, vm.status_message, vm_logs)
+    c_lines, v_lines = container_logs.strip().splitlines(), vm_logs.strip().splitlines()
+    assert c_lines[:-1] == v_lines[:-1] == ["hello bulkhead from /etc as 1000", "/etc/motd"]
 
 
 PYTHON_PROGRAM = (

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import ssl
 import subprocess
 import tempfile
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from django.utils import timezone
 
 from imaging.models import Image, RegistryBlob, RegistryTag, RegistryUpload
-from imaging.services import get_store
+from imaging.services import get_store, start_gc
 from portal.models import Operation
+from tenants.actors import Actor
 from tenants.models import AuditEntry, Quota
-from tests.conftest import World
+from tests.conftest import World, client_for
 from tests.imaging import hostile
 from tests.imaging.images import (
     BuiltImage,
@@ -25,7 +31,9 @@ from tests.imaging.images import (
     busybox_layers,
     digest_of,
     run_inline,
+    write_docker_archive,
     write_layout,
+    write_oci_archive,
 )
 from tests.imaging.test_registry_server import skopeo, token_of
 
@@ -200,6 +208,17 @@ def test_it_keeps_another_tenant_out_of_pushing_and_mounting(
         response = httpx.post(f"http://{registry}/v2/{name}/blobs/uploads/", auth=bob)
         answers.append((response.status_code, error_code(response)))
     assert answers == [(403, "DENIED")] * 2
+    scoped = httpx.post(
+        f"http://{registry}/v2/globex/mine/blobs/uploads/", auth=("alice", world.tokens["alice_acme"])
+    )
+    assert (scoped.status_code, error_code(scoped)) == (403, "DENIED")
+    started = httpx.post(f"http://{registry}/v2/acme/private/blobs/uploads/", auth=mia)
+    taken_over = httpx.patch(
+        f"http://{registry}{started.headers['location']}",
+        content=b"x",
+        auth=("alice", world.tokens["alice_acme"]),
+    )
+    assert (taken_over.status_code, error_code(taken_over)) == (404, "BLOB_UPLOAD_UNKNOWN")
 
     mount = httpx.post(
         f"http://{registry}/v2/globex/mine/blobs/uploads/",
@@ -316,6 +335,12 @@ def test_it_lets_an_admin_delete_a_tag_and_not_a_member(world: World, registry_s
     assert httpx.head(f"http://{registry}/v2/acme/gone/manifests/1", auth=mia).status_code == 404
     assert not Image.objects.filter(tenant=world.acme, name="gone").exists()
     assert AuditEntry.objects.filter(action="registry.delete", actor=world.user("amir")).exists()
+    loose = b"a blob no manifest uses"
+    assert upload_blob(registry, mia, "acme/gone", loose).status_code == 201
+    blob_url = f"http://{registry}/v2/acme/gone/blobs/{digest_of(loose)}"
+    assert httpx.delete(blob_url, auth=mia).status_code == 403
+    assert httpx.delete(blob_url, auth=("amir", token_of(world, "amir"))).status_code == 202
+    assert httpx.head(blob_url, auth=mia).status_code == 404
     assert AuditEntry.objects.filter(
         action="registry.delete", outcome="denied", actor=world.user("mia")
     ).exists()
@@ -340,8 +365,28 @@ def test_it_lets_podman_push_an_image_from_its_own_storage(
         loaded = podman("pull", f"oci:{layout}:latest")
         assert loaded.returncode == 0, loaded.stderr
         image_id = loaded.stdout.strip().splitlines()[-1]
+        authfile = str(tmp_path / "auth.json")
+        login = subprocess.run(
+            [
+                PODMAN,
+                *storage,
+                "login",
+                "--tls-verify=false",
+                "--authfile",
+                authfile,
+                "-u",
+                "mia",
+                "--password-stdin",
+                registry,
+            ],
+            input=secret,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert login.returncode == 0, login.stderr
         target = f"docker://{registry}/acme/podman:1"
-        pushed = podman("push", "--tls-verify=false", "--creds", f"mia:{secret}", image_id, target)
+        pushed = podman("push", "--tls-verify=false", "--authfile", authfile, image_id, target)
     finally:
         shutil.rmtree(runroot, ignore_errors=True)
 
@@ -353,3 +398,111 @@ def test_it_lets_podman_push_an_image_from_its_own_storage(
     assert json.loads(get_store().read_blob(image.config_digest))["rootfs"]["diff_ids"] == [
         layer.diff_id for layer in built.layers
     ]
+
+
+def test_it_closes_a_tls_handshake_on_its_plain_http_port_at_once(registry_server: str) -> None:
+    # Clients with --tls-verify=false try TLS first: a stalled handshake cost each of them 10 s.
+    host, port = registry_server.split(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        try:
+            context.wrap_socket(raw, server_hostname=host)
+        except TimeoutError:
+            pytest.fail("the handshake was left hanging")
+        except (ssl.SSLError, ConnectionError):
+            pass
+        else:
+            pytest.fail("the plain-HTTP port completed a TLS handshake")
+    assert time.monotonic() - started < 3
+
+
+def test_it_keeps_uploads_and_pushed_blobs_through_gc_and_expires_abandoned_ones(
+    world: World, registry_server: str
+) -> None:
+    registry = registry_server
+    auth = ("mia", token_of(world, "mia"))
+    data = b"kept" * 100_000
+    started = httpx.post(f"http://{registry}/v2/acme/gc/blobs/uploads/", auth=auth)
+    location = f"http://{registry}{started.headers['location']}"
+    assert httpx.patch(location, content=data[:1000], auth=auth).status_code == 202
+    old = httpx.post(f"http://{registry}/v2/acme/gc/blobs/uploads/", auth=auth)
+    old_location = f"http://{registry}{old.headers['location']}"
+    assert httpx.patch(old_location, content=b"left behind", auth=auth).status_code == 202
+    alone = b"pushed, no manifest yet"
+    assert upload_blob(registry, auth, "acme/gc", alone).status_code == 201
+    RegistryUpload.objects.filter(pk=old.headers["docker-upload-uuid"]).update(
+        updated_at=timezone.now() - timedelta(hours=13)
+    )
+
+    for lease in (get_store().root / "leases").glob("registry-*.json"):
+        lease.unlink()  # ten minutes later: the upload's lease after its commit has run out
+
+    gc = run_inline(str(start_gc(actor=Actor(user=world.user("oscar"))).pk))
+
+    assert gc.state == "succeeded", gc.error  # type: ignore[attr-defined]
+    assert gc.result["expired_uploads"] == 1  # type: ignore[attr-defined]
+    assert get_store().has_blob(digest_of(alone))
+    assert httpx.head(f"http://{registry}/v2/acme/gc/blobs/{digest_of(alone)}", auth=auth).status_code == 200
+    assert httpx.get(old_location, auth=auth).status_code == 404
+    assert not [
+        p for p in (get_store().root / "ingest").iterdir() if old.headers["docker-upload-uuid"] in p.name
+    ]
+    rest = httpx.patch(location, content=data[1000:], auth=auth)
+    assert rest.status_code == 202
+    assert httpx.put(location, params={"digest": digest_of(data)}, auth=auth).status_code == 201
+    assert get_store().blob_path(digest_of(data)).read_bytes() == data
+
+
+def test_it_drops_the_registry_tag_when_the_pushed_image_is_deleted_through_the_api(
+    world: World, registry_server: str
+) -> None:
+    registry = registry_server
+    built = build_image(busybox_layers("api-deleted"))
+    mia = ("mia", token_of(world, "mia"))
+    assert push_by_http(registry, mia, "acme/apidel", "1", built).status_code == 201
+    image = pushed_image(world, world.acme, "apidel", "1")
+
+    assert client_for(world, "alice").delete(f"/api/v1/images/{image.pk}/").status_code == 204
+
+    assert httpx.head(f"http://{registry}/v2/acme/apidel/manifests/1", auth=mia).status_code == 404
+    by_digest = httpx.head(f"http://{registry}/v2/acme/apidel/manifests/{built.manifest_digest}", auth=mia)
+    assert by_digest.status_code == 200
+
+
+MANIFEST_TYPE_OF = {
+    "docker-archive": "application/vnd.docker.distribution.manifest.v2+json",
+    "oci-archive": "application/vnd.oci.image.manifest.v1+json",
+}
+
+
+@pytest.mark.parametrize("transport", sorted(MANIFEST_TYPE_OF))
+def test_it_takes_skopeo_pushes_from_archives(
+    world: World, registry_server: str, tmp_path: Path, transport: str
+) -> None:
+    registry = registry_server
+    built = build_image(busybox_layers(transport))
+    if transport == "docker-archive":
+        archive = write_docker_archive(built, tmp_path / "image.tar")
+    else:
+        archive = write_oci_archive(built, tmp_path / "image.tar")
+    secret = token_of(world, "mia")
+
+    pushed = skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"mia:{secret}",
+        f"{transport}:{archive}",
+        f"docker://{registry}/acme/archived:1",
+    )
+
+    assert pushed.returncode == 0, pushed.stderr
+    image = pushed_image(world, world.acme, "archived", "1")
+    assert [layer.diff_id for layer in image.layers.order_by("image_layers__position")] == [
+        layer.diff_id for layer in built.layers
+    ]
+    head = httpx.head(f"http://{registry}/v2/acme/archived/manifests/1", auth=("mia", secret))
+    assert head.headers["content-type"] == MANIFEST_TYPE_OF[transport]
