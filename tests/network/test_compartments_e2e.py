@@ -58,7 +58,21 @@ NEEDS_HOST = True
 pytestmark = pytest.mark.django_db(transaction=True)
 
 INTERNET = str(INTERNET_SERVER)
-APPLETS = ("sh", "echo", "cat", "mkdir", "sleep", "seq", "sed", "printf", "nslookup", "httpd", "nc")
+APPLETS = (
+    "sh",
+    "echo",
+    "cat",
+    "mkdir",
+    "sleep",
+    "seq",
+    "sed",
+    "printf",
+    "nslookup",
+    "httpd",
+    "nc",
+    "ip",
+    "tail",
+)
 WEB_COMMAND = "mkdir -p /www && echo hello-from-web > /www/index.html && exec httpd -f -p 80 -h /www"
 # busybox-static's wget crashes without glibc's NSS libraries in the image: nslookup (its own resolver)
 # finds the neighbour through the gateway's dnsmasq, nc talks HTTP to the address it found.

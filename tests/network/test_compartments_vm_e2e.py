@@ -10,12 +10,13 @@ Deleting both leaves no domain, tap, bridge or namespace behind.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
-from nettopo import nslookup
+from nettopo import http_get, nslookup
 from test_compartments_e2e import (  # noqa: F401 - fixtures
     Site,
     address_of,
@@ -152,6 +153,89 @@ def test_a_container_and_a_micro_vm_in_one_compartment_reach_each_other_by_name(
         f"timings: box+vm running {started - began:.1f} s, VM reached the container "
         f"{vm_reached - started:.1f} s later, whole test body {time.monotonic() - began:.1f} s"
     )
+
+
+# Inside the VM, as its root would: probe the host, the infrastructure, the metadata address, another
+# compartment and the internet; then take a neighbour-free address of the compartment, then another MAC,
+# and try the internet again with each; then its own identity back, and the internet once more.
+VM_ATTACK = """
+probe() {{
+  r=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 "$1" "$2" 2>/dev/null | tail -n 1); echo "probe $3: [$r]"
+}}
+own=$(ip -4 addr show dev eth0 | sed -n 's/^ *inet \\([0-9./]*\\) .*/\\1/p')
+mac=$(ip link show dev eth0 | sed -n 's/^ *link\\/ether \\([0-9a-f:]*\\) .*/\\1/p')
+echo "own $own $mac"
+for i in $(seq 50); do probe {internet} 80 warmup | grep -q internet && break; sleep 0.2; done
+probe {host} 2222 host
+probe {gateway} 2222 gateway
+probe {portal} 8000 portal
+probe 169.254.169.254 80 metadata
+probe {other} 80 other-compartment
+probe {internet} 80 internet
+ip addr flush dev eth0; ip addr add {forged}/{prefix} dev eth0; ip route add default via {gateway}
+probe {internet} 80 forged-address
+ip addr flush dev eth0; ip addr add "$own" dev eth0; ip route add default via {gateway}
+ip link set dev eth0 address 02:66:66:66:66:66
+probe {internet} 80 forged-mac
+ip link set dev eth0 address "$mac"
+probe {internet} 80 own-again
+echo attack-done
+"""
+
+
+def test_a_micro_vm_reaches_the_internet_and_nothing_else_and_cannot_spoof(vm_site: Site) -> None:
+    from nettopo import INTERNET_GATEWAY, INTERNET_SERVER, EchoHTTPServer
+    from test_compartments_e2e import WEB_COMMAND
+
+    metadata = "169.254.169.254"
+    with iproute(vm_site.internet_netns) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=metadata, prefixlen=32)
+    portal = str(INTERNET_GATEWAY.ip)  # on the hosts' segment, which the operator protects
+    servers = [
+        EchoHTTPServer(vm_site.host_netns, "0.0.0.0", 2222, "host"),
+        EchoHTTPServer(vm_site.internet_netns, portal, 8000, "portal"),
+        EchoHTTPServer(vm_site.internet_netns, metadata, 80, "metadata"),
+    ]
+    try:
+        front, back = compartment(vm_site, "front"), compartment(vm_site, "back")
+        other = run(vm_site, "other", WEB_COMMAND, back, Isolation.NAMESPACE)
+        workload_in("other", {"running"})
+        # Every target is really up: each answers from where it may be reached.
+        for netns, address, port, answer in (
+            (vm_site.internet_netns, vm_site.uplink_ip, 2222, "host"),
+            (vm_site.internet_netns, portal, 8000, "portal"),
+            (vm_site.internet_netns, metadata, 80, "metadata"),
+            (other.runtime_id, address_of(other), 80, "hello-from-web"),
+        ):
+            assert answer in (http_get(netns, address, port) or ""), (address, port)
+        command = VM_ATTACK.format(
+            internet=INTERNET_SERVER,
+            host=vm_site.uplink_ip,
+            gateway=front.gateway_address,
+            portal=portal,
+            other=address_of(other),
+            forged=front.network.network_address + 200,
+            prefix=front.network.prefixlen,
+        )
+        vm = run(vm_site, "vm", command, front, Isolation.MICROVM)
+        wait_until(lambda: "attack-done" in logs(vm_site, vm), timeout=240, what="the VM's probes")
+        output = logs(vm_site, vm)
+        results = dict(re.findall(r"^probe ([a-z-]+): \[(.*)\]$", output, flags=re.MULTILINE))
+        assert results.pop("internet").startswith("internet "), output
+        assert results.pop("own-again").startswith("internet "), output
+        results.pop("warmup", None)
+        assert results == {
+            "host": "",
+            "gateway": "",
+            "portal": "",
+            "metadata": "",
+            "other-compartment": "",
+            "forged-address": "",
+            "forged-mac": "",
+        }, output
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def test_a_vm_nic_for_a_netns_host_is_a_plain_tap_for_the_agent_to_move() -> None:
