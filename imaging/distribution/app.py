@@ -584,18 +584,9 @@ async def _uploads(
         await sync_to_async(push.cancel_upload)(upload)
         await _respond(send, 204, [(b"content-length", b"0")], b"")
     elif method == "PATCH":
-        content_range = headers.get("content-range", "")
-        if content_range:
-            match = re.fullmatch(r"(?:bytes[ =])?(\d+)-(\d+)(?:/\d+|/\*)?", content_range.strip())
-            if match is None or int(match[1]) != size or int(match[2]) < int(match[1]):
-                await _error(
-                    send,
-                    416,
-                    "BLOB_UPLOAD_INVALID",
-                    "the chunk does not start where the upload ends",
-                    _upload_headers(repository, upload, size),
-                )
-                return
+        if not _chunk_in_order(headers, size):
+            await _out_of_order(send, repository, upload, size)
+            return
         await _write_upload(receive, headers, grant, repository, upload)
         size = await asyncio.to_thread(_stat_size, path)
         await _respond(
@@ -604,11 +595,43 @@ async def _uploads(
     elif method == "PUT":
         if not digest:
             raise push.DigestInvalid("finish an upload with ?digest=")
+        if not _chunk_in_order(headers, size):  # a last chunk may come with the PUT
+            await _out_of_order(send, repository, upload, size)
+            return
         await _write_upload(receive, headers, grant, repository, upload)
         await sync_to_async(push.finish_upload)(principal, repository, upload, digest)
         await _respond(send, 201, [*_blob_created(repository, digest), (b"content-length", b"0")], b"")
     else:
         await _error(send, 405, "UNSUPPORTED", "this method is not supported on an upload")
+
+
+def _chunk_in_order(headers: dict[str, str], size: int) -> bool:
+    """Whether a chunk's Content-Range (if any) starts where the upload ends."""
+    content_range = headers.get("content-range", "").strip()
+    if not content_range:
+        return True
+    match = re.fullmatch(r"(?:bytes[ =])?(\d+)-(\d+)(?:/\d+|/\*)?", content_range)
+    return match is not None and int(match[1]) == size and int(match[2]) >= int(match[1])
+
+
+async def _out_of_order(send: Send, repository: Repository, upload: Any, size: int) -> None:
+    await _error(
+        send,
+        416,
+        "BLOB_UPLOAD_INVALID",
+        "the chunk does not start where the upload ends",
+        _upload_headers(repository, upload, size),
+    )
+
+
+def _subject_of(body: bytes) -> str | None:
+    """The digest a pushed manifest names as its `subject` (a signature's or SBOM's image), if any."""
+    try:
+        subject = json.loads(body).get("subject")
+    except (ValueError, AttributeError):
+        return None
+    digest = subject.get("digest") if isinstance(subject, dict) else None
+    return digest if isinstance(digest, str) and DIGEST_RE.match(digest) else None
 
 
 async def _mounted(send: Send, grant: Grant, repository: Repository, digest: str, source_name: str) -> bool:
@@ -678,6 +701,10 @@ async def _put_manifest(
     ]
     if pushed.operation_id:
         response.append((b"bulkhead-operation", pushed.operation_id.encode()))
+    subject = _subject_of(body)
+    if subject is not None:
+        # The referrers API knows this manifest now (clients then skip the tag-schema fallback).
+        response.append((b"oci-subject", subject.encode()))
     await _respond(send, 201, response, b"")
 
 
