@@ -160,6 +160,11 @@ class RegistryManifest(models.Model):
     size = models.PositiveBigIntegerField()
     # Digests of the blobs (config, layers) or manifests (an index's) it references.
     references = models.JSONField(default=list, blank=True)
+    # The referrers API: the manifest this one is about (a signature's or an SBOM's image), its artifact
+    # type and annotations, as the manifest says them.
+    subject = models.CharField(max_length=80, blank=True, db_index=True)
+    artifact_type = models.CharField(max_length=255, blank=True)
+    annotations = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TenantOwnedQuerySet.as_manager()

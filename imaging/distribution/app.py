@@ -116,7 +116,7 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
             else:
                 await _blob(send, method, headers, repository, route["reference"])
         elif route is not None:
-            await _referrers(send, repository, route["reference"])
+            await _referrers(send, repository, route["reference"], query)
     except push.RegistryRefusal as refusal:
         if isinstance(refusal, push.Denied) and grant.principal is not None:
             await sync_to_async(_audit_denied)(
@@ -448,13 +448,19 @@ async def _tags(send: Send, repository: Repository, query: dict[str, list[str]])
     await _json(send, 200, {"name": repository.name, "tags": tags}, headers)
 
 
-async def _referrers(send: Send, repository: Repository, digest: str) -> None:
+async def _referrers(send: Send, repository: Repository, digest: str, query: dict[str, list[str]]) -> None:
+    """The manifests of this repository whose subject is `digest` (signatures, SBOMs), as an index; an
+    empty one when there are none (or the subject is unknown), as the spec asks."""
     if not DIGEST_RE.match(digest):
         await _error(send, 400, "DIGEST_INVALID", "not a sha256 digest")
         return
-    # Nothing stored here refers to another manifest yet: an empty index, as the spec asks.
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-    await _json(send, 200, index, [(b"content-type", OCI_INDEX.encode())])
+    artifact_type = (query.get("artifactType") or [""])[0][:255]
+    manifests = await sync_to_async(push.referrers)(repository, digest, artifact_type)
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+    headers = [(b"content-type", OCI_INDEX.encode())]
+    if artifact_type:
+        headers.append((b"oci-filters-applied", b"artifactType"))
+    await _json(send, 200, index, headers)
 
 
 # --- push ------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -393,6 +394,50 @@ def _runnable_plan(doc: Any, body: bytes, digest: str) -> oci.ImagePlan | None:
         return None
 
 
+MAX_ANNOTATIONS_BYTES = 16 * 1024
+
+
+def referrer_fields(doc: Any) -> dict[str, Any]:
+    """What the referrers API lists of a manifest: its subject, artifact type and annotations.
+
+    The artifact type is the manifest's own, else its config's media type (as the spec says); annotations
+    larger than MAX_ANNOTATIONS_BYTES are left out of the listing (the manifest itself keeps them)."""
+    subject = doc.get("subject") if isinstance(doc, dict) else None
+    digest = subject.get("digest") if isinstance(subject, dict) else None
+    if not (isinstance(digest, str) and oci.DIGEST_RE.match(digest)):
+        return {"subject": "", "artifact_type": "", "annotations": {}}
+    artifact_type = doc.get("artifactType")
+    if not isinstance(artifact_type, str):
+        config = doc.get("config")
+        artifact_type = config.get("mediaType") if isinstance(config, dict) else ""
+    annotations = doc.get("annotations")
+    if not isinstance(annotations, dict) or len(json.dumps(annotations)) > MAX_ANNOTATIONS_BYTES:
+        annotations = {}
+    return {
+        "subject": digest,
+        "artifact_type": str(artifact_type or "")[:255],
+        "annotations": {str(k): str(v) for k, v in annotations.items()},
+    }
+
+
+def referrers(repository: Repository, subject: str, artifact_type: str = "") -> list[dict[str, Any]]:
+    """Descriptors of the repository's manifests whose subject is `subject` (optionally of one type)."""
+    rows = RegistryManifest.objects.filter(
+        tenant=tenant_of(repository), repository=repository.image_name, subject=subject
+    )
+    if artifact_type:
+        rows = rows.filter(artifact_type=artifact_type)
+    descriptors = []
+    for row in rows.order_by("created_at", "digest"):
+        descriptor: dict[str, Any] = {"mediaType": row.media_type, "digest": row.digest, "size": row.size}
+        if row.artifact_type:
+            descriptor["artifactType"] = row.artifact_type
+        if row.annotations:
+            descriptor["annotations"] = row.annotations
+        descriptors.append(descriptor)
+    return descriptors
+
+
 def put_manifest(
     principal: Principal, repository: Repository, reference: str, body: bytes, content_type: str
 ) -> Pushed:
@@ -438,7 +483,12 @@ def put_manifest(
                 tenant=tenant,
                 repository=repository.image_name,
                 digest=digest,
-                defaults={"media_type": media_type, "size": len(body), "references": references},
+                defaults={
+                    "media_type": media_type,
+                    "size": len(body),
+                    "references": references,
+                    **referrer_fields(doc),
+                },
             )
             if tag:
                 RegistryTag.objects.update_or_create(
