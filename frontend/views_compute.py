@@ -41,7 +41,7 @@ from frontend.views import (
 from frontend.views_desired import mark_managed, workload_resource_key
 from imaging import services as imaging_services
 from imaging.api.views import PayloadTooLarge, StoredUpload, StoreUploadHandler, shared_layer_ids
-from imaging.models import Image, ImageLayer
+from imaging.models import Image, ImageLayer, pull_reference
 from portal.errors import Invalid, ServiceError
 from portal.models import Operation
 from portal.permissions import Action
@@ -226,6 +226,8 @@ def render_image_detail(
         else [],
         "can_operate": image.tenant_id is not None and may(request, "operate"),
         "tag_form": tag_form or f.ImageTagForm(initial={"name": image.name}),
+        "pull_reference": pull_reference(image, request.get_host()),
+        "registry_host": request.get_host(),
     }
     return render(request, "frontend/image_detail.html", context, status=status)
 

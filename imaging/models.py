@@ -224,3 +224,12 @@ class RegistryUpload(models.Model):
 
     def __str__(self) -> str:
         return f"upload {self.id} to {self.repository}"
+
+
+def pull_reference(image: Image, registry_host: str) -> str:
+    """Where OCI clients pull an image from the built-in registry: `<host>/<tenant>/<name>:<tag>`
+    (`library/` for public images)."""
+    from imaging.distribution.access import PUBLIC_NAMESPACE
+
+    namespace = image.tenant.name if image.tenant is not None else PUBLIC_NAMESPACE
+    return f"{registry_host}/{namespace}/{image.name}:{image.tag}"

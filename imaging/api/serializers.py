@@ -6,7 +6,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from imaging.models import Image, ImageLayer
+from imaging.models import Image, ImageLayer, pull_reference
 
 
 class ImageLayerSerializer(serializers.ModelSerializer):
@@ -28,6 +28,9 @@ class ImageLayerSerializer(serializers.ModelSerializer):
 class ImageSerializer(serializers.ModelSerializer):
     tenant_name = serializers.SerializerMethodField()
     public = serializers.SerializerMethodField()
+    pull_reference = serializers.SerializerMethodField(
+        help_text="Where podman or skopeo pull it from the built-in registry (an API token is the password)."
+    )
     layers = ImageLayerSerializer(source="image_layers", many=True, read_only=True)
 
     class Meta:
@@ -40,6 +43,7 @@ class ImageSerializer(serializers.ModelSerializer):
             "name",
             "tag",
             "reference",
+            "pull_reference",
             "manifest_digest",
             "config_digest",
             "platform",
@@ -51,6 +55,10 @@ class ImageSerializer(serializers.ModelSerializer):
             "created_at",
         ]
         read_only_fields = fields
+
+    def get_pull_reference(self, obj: Image) -> str | None:
+        request = self.context.get("request")
+        return pull_reference(obj, request.get_host()) if request is not None else None
 
     def get_tenant_name(self, obj: Image) -> str | None:
         return obj.tenant.name if obj.tenant is not None else None

@@ -75,3 +75,19 @@ def test_it_lists_an_images_referrers_to_those_who_may_pull_it(world: World, reg
     )
     assert theirs.status_code == missing.status_code and theirs.status_code in (401, 403, 404)
     assert digest_of(sbom) not in theirs.text
+
+
+@pytest.mark.django_db
+def test_it_shows_every_image_its_pull_reference_and_the_login_line(world: World) -> None:
+    from django.test import Client
+
+    from tests.conftest import client_for
+    from tests.imaging.images import db_image
+
+    image = db_image(world.acme, "tools/app", "2")
+    body = client_for(world, "mia").get(f"/api/v1/images/{image.pk}/").json()  # type: ignore[attr-defined]
+    assert body["pull_reference"] == "testserver/acme/tools/app:2"
+    browser = Client()
+    browser.force_login(world.user("mia"))
+    page = browser.get(f"/images/{image.pk}/").content.decode()  # type: ignore[attr-defined]
+    assert "testserver/acme/tools/app:2" in page and "podman login testserver -u mia" in page
