@@ -134,6 +134,7 @@ def ensure_layers(workload: Workload, progress: Progress) -> list[str]:
     layer_store = store()
     missing = [layer for layer in layers if not layer_store.has_layer(layer.diff_id)]
     if missing:
+        fetch_missing_blobs(layer_store, missing, progress)
         progress(20, f"Unpacking {len(missing)} layer(s)")
         layer_store.unpack_layers(
             [
@@ -142,6 +143,38 @@ def ensure_layers(workload: Workload, progress: Progress) -> list[str]:
             ]
         )
     return [str(p) for p in reversed(layer_store.lower_dirs([layer.diff_id for layer in layers]))]
+
+
+def fetch_missing_blobs(layer_store: LayerStore, layers: list[Any], progress: Progress) -> int:
+    """Blobs this host's store lacks, fetched from the portal with the host's own credential and
+    verified by digest while they stream in (a host on another machine has no share of the portal's
+    store). Without a portal configured (the portal's own machine) nothing is fetched."""
+    portal, credential = settings.BULKHEAD_PORTAL_URL, settings.BULKHEAD_HOST_CREDENTIAL
+    wanted = [layer for layer in layers if not layer_store.has_blob(layer.digest)]
+    if not wanted or not portal or not credential:
+        return 0
+    import httpx
+
+    fetched = 0
+    with httpx.Client(
+        base_url=portal, headers={"Authorization": f"Bearer {credential}"}, timeout=60
+    ) as client:
+        for number, layer in enumerate(wanted, start=1):
+            progress(10, f"Fetching layer {number} of {len(wanted)} from the portal", force=True)
+            with client.stream("GET", f"/api/v1/hosts/blobs/{layer.digest}/") as response:
+                if response.status_code != 200:
+                    raise BlobUnavailable(
+                        f"The portal did not hand out the layer {layer.digest} ({response.status_code})."
+                    )
+                layer_store.ingest_chunks(
+                    response.iter_bytes(1024 * 1024), digest=layer.digest, size=layer.size
+                )
+            fetched += 1
+    return fetched
+
+
+class BlobUnavailable(RuntimeError):
+    """The portal refused or failed to hand this host a blob it needs."""
 
 
 def process_args(workload: Workload) -> list[str]:

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from compute.choices import HostLostPolicy, HostState, WorkloadState
-from compute.models import Host, JoinToken, Workload
+from compute.models import Host, HostCredential, JoinToken, Workload
 from portal import events
 from portal.errors import Conflict, Invalid, NotPermitted, ServiceError
 from tenants import audit
@@ -249,6 +249,61 @@ def set_host_state(*, actor: Actor, host: Host, state: str) -> Host:
     return host
 
 
+HOST_CREDENTIAL_PREFIX = "bhh_"
+
+
+def issue_host_credential(*, actor: Actor, host: Host) -> str:
+    """A new credential for the host (the previous one stops working); the secret, shown once."""
+    secret = HOST_CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic():
+        HostCredential.objects.filter(host=host, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        HostCredential.objects.create(host=host, secret_hash=hash_join_secret(secret))
+        audit.record(actor, "host.credential.issue", host)
+    return secret
+
+
+@audit.denials_audited
+def rotate_host_credential(*, actor: Actor, host: Host) -> str:
+    _require_operator(actor, "host.credential.issue")
+    return issue_host_credential(actor=actor, host=host)
+
+
+@audit.denials_audited
+@transaction.atomic
+def revoke_host_credentials(*, actor: Actor, host: Host) -> int:
+    """The host's credential stops working at once (a host that was stolen or retired)."""
+    _require_operator(actor, "host.credential.revoke")
+    active = HostCredential.objects.filter(host=host, revoked_at__isnull=True)
+    revoked = active.update(revoked_at=timezone.now())
+    audit.record(actor, "host.credential.revoke", host, details={"revoked": revoked})
+    return revoked
+
+
+def host_for_credential(secret: str) -> Host | None:
+    """The host whose current credential this is, or None."""
+    if not secret.startswith(HOST_CREDENTIAL_PREFIX) or len(secret) > 200:
+        return None
+    credential = (
+        HostCredential.objects.select_related("host")
+        .filter(secret_hash=hash_join_secret(secret), revoked_at__isnull=True)
+        .first()
+    )
+    return credential.host if credential is not None else None
+
+
+def blob_placed_on(host: Host, digest: str) -> bool:
+    """Whether a workload placed on the host uses an image with this blob (layer, config or manifest):
+    the only blobs a host may fetch from the portal."""
+    from imaging.models import Image
+
+    images = Image.objects.filter(workloads__host=host)
+    return (
+        images.filter(image_layers__layer__digest=digest).exists()
+        or images.filter(config_digest=digest).exists()
+        or images.filter(manifest_digest=digest).exists()
+    )
+
+
 def hash_join_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -289,4 +344,6 @@ def redeem_join_token(
     token.host = host
     token.save(update_fields=["used_at", "host"])
     audit.record(actor, "host.join", host, details={"name": host.name})
-    return host, token.profile
+    profile = dict(token.profile)
+    profile["credential"] = issue_host_credential(actor=actor, host=host)
+    return host, profile

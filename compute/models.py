@@ -96,6 +96,22 @@ class JoinToken(models.Model):
         return f"join token for {self.host_name}"
 
 
+class HostCredential(models.Model):
+    """A host's own secret (issued at join, rotatable, revocable): what the host presents to the portal.
+    Only its sha256 is kept; it is shown once. A host has at most one that is not revoked."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="credentials")
+    secret_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = HostQuerySet.as_manager()
+
+    def __str__(self) -> str:
+        return f"credential of {self.host_id}"
+
+
 def new_runtime_id() -> str:
     return "bh-" + secrets.token_hex(16)
 

@@ -240,6 +240,9 @@ BULKHEAD_TRUSTED_PROXIES = [p.strip() for p in env("BULKHEAD_TRUSTED_PROXIES", "
 BULKHEAD_CLIENT_IP_HEADER = env("BULKHEAD_CLIENT_IP_HEADER", "X-Forwarded-For")
 BULKHEAD_OPERATOR_EMAIL = env("BULKHEAD_OPERATOR_EMAIL", "admin@localhost")
 BULKHEAD_HOST_NAME = env("BULKHEAD_HOST_NAME", "local")
+# A joined host: the portal it fetches missing image blobs from, with its own credential (issue 16).
+BULKHEAD_PORTAL_URL = env("BULKHEAD_PORTAL_URL")
+BULKHEAD_HOST_CREDENTIAL = env("BULKHEAD_HOST_CREDENTIAL")
 # Connection settings handed to hosts that join (addresses the hosts can reach); empty: not handed out.
 BULKHEAD_AGENT_DATABASE_URL = env("BULKHEAD_AGENT_DATABASE_URL")
 BULKHEAD_AGENT_REDIS_URL = env("BULKHEAD_AGENT_REDIS_URL")

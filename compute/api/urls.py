@@ -16,5 +16,6 @@ router.register("published-ports", network_views.PublishedPortViewSet, basename=
 
 urlpatterns = [
     path("hosts/join/", views.JoinView.as_view(), name="host-join"),
+    path("hosts/blobs/<str:pk>/", views.HostBlobView.as_view(), name="host-blob"),
     *router.urls,
 ]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.db.models import Count, QuerySet, Sum
+from django.http import FileResponse
+from django.http.response import HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import NotAuthenticated, NotFound, PermissionDenied
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -17,12 +20,17 @@ from rest_framework.views import APIView
 from compute import host_rpc, hosts, services
 from compute.api import serializers as s
 from compute.models import Host, Workload
+from imaging import services as imaging_services
 from imaging.models import Image
 from portal.api.viewsets import PermissionLayerViewSet, ReadOnlyPermissionLayerViewSet
 from portal.errors import Conflict, Invalid
+from tenants import audit
+from tenants.actors import Actor
 from tenants.api.serializers import OperationSerializer
 from tenants.api.views import UUID_LOOKUP, require_operator
 from tenants.models import Tenant
+
+DIGEST_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def accepted(op: Any) -> Response:
@@ -195,7 +203,7 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
     serializer_class = s.HostSerializer
     lookup_value_regex = UUID_LOOKUP
     write_action = "view"
-    http_method_names = ["get", "post", "patch", "head", "options"]
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
     def get_serializer_context(self) -> dict[str, Any]:
         usage = {
@@ -233,6 +241,18 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
         host = self.get_object()
         require_operator(self, "evacuate hosts")
         return accepted(services.evacuate_host(actor=self.actor, host=host))
+
+    @extend_schema(request=None, responses={201: dict, 204: None})
+    @action(detail=True, methods=["post", "delete"])
+    def credential(self, request: Request, pk: str) -> Response:
+        """POST: a new credential for the host (shown once; the old one stops working). DELETE: revoke."""
+        host = self.get_object()
+        require_operator(self, "manage host credentials")
+        if request.method == "DELETE":
+            hosts.revoke_host_credentials(actor=self.actor, host=host)
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        secret = hosts.rotate_host_credential(actor=self.actor, host=host)
+        return Response({"credential": secret}, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=s.JoinTokenRequestSerializer, responses={201: dict})
     @action(detail=False, methods=["post"], url_path="join-tokens")
@@ -276,14 +296,21 @@ class JoinView(APIView):
             if getattr(exc, "status_code", None) == 403:
                 note_auth_failure(request, "bad join token")
             raise
+        credential = profile.pop("credential")
         return Response(
             {
                 "host": str(host.pk),
                 "name": host.name,
                 "queue": host.queue,
                 "profile": profile,
+                # The host's own secret, shown this once (the host keeps it in its 0600 settings file).
+                "credential": credential,
                 # What an agent needs to reach the portal's database and broker (operator-configured).
-                "env": agent_connection_settings(),
+                "env": {
+                    **agent_connection_settings(),
+                    "BULKHEAD_HOST_CREDENTIAL": credential,
+                    "BULKHEAD_PORTAL_URL": request.build_absolute_uri("/").rstrip("/"),
+                },
             },
             status=status.HTTP_201_CREATED,
         )
@@ -300,3 +327,35 @@ def agent_connection_settings() -> dict[str, str]:
         }.items()
         if value
     }
+
+
+class HostBlobView(APIView):
+    """`GET /api/v1/hosts/blobs/<digest>/` for a host's agent, authenticated by the host's own credential
+    (`Authorization: Bearer bhh_…`): a blob of an image that a workload placed on this host uses, and
+    nothing else (another host's or nobody's blob answers 404 like a missing one, audited as denied)."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    def get_authenticate_header(self, request: Request) -> str:
+        return 'Bearer realm="bulkhead-hosts"'  # a 401, not a 403, for a missing or wrong credential
+
+    @extend_schema(exclude=True)
+    def get(self, request: Request, pk: str) -> HttpResponseBase:
+        digest = pk
+        from tenants.authentication import check_auth_throttle, note_auth_failure
+
+        check_auth_throttle(request)
+        scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+        host = hosts.host_for_credential(secret.strip()) if scheme.lower() == "bearer" else None
+        if host is None:
+            note_auth_failure(request, "bad host credential")
+            raise NotAuthenticated("A host credential is needed.")
+        store = imaging_services.get_store()
+        placed = DIGEST_PATTERN.match(digest) and hosts.blob_placed_on(host, digest)
+        if not (placed and store.has_blob(digest)):
+            audit.record_denied(
+                Actor.system(f"host {host.name}"), "host.blob.fetch", digest=digest[:80], host=host.name
+            )
+            raise NotFound("No such blob for this host.")
+        return FileResponse(open(store.blob_path(digest), "rb"), content_type="application/octet-stream")

@@ -224,6 +224,13 @@ ROUTES.update(
         "host-detail": Route(methods=("GET", "PATCH"), obj=_host, visibility="operator", write="operator"),
         "host-history": Route(methods=("GET",), obj=_host, visibility="operator"),
         "host-evacuate": Route(methods=("POST",), obj=_host, visibility="operator", write="operator"),
+        "host-credential": Route(
+            methods=("POST", "DELETE"), obj=_host, visibility="operator", write="operator"
+        ),
+        # A host's own credential only: no user, token or session of any persona fetches a blob.
+        "host-blob": Route(
+            methods=("GET",), obj=lambda w, o: "sha256:" + "0" * 64, visibility="public", list_post=401
+        ),
         "host-join-tokens": Route(methods=("POST",), list_post=400, list_post_staff_only=True),
         "host-join": Route(methods=("POST",), visibility="public", list_post=400),
     }
