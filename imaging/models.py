@@ -214,6 +214,9 @@ class RegistryUpload(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # Bytes of the quota's room this session holds while a request writes into it (reserved under the
+    # quota row lock before the first byte, so parallel requests cannot each take the whole room).
+    reserved = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -518,24 +518,17 @@ async def _append_body(receive: Receive, path: str, room: int | None) -> int:
         await asyncio.to_thread(handle.close)
 
 
-def _room_for(upload: Any, repository: Repository) -> int | None:
-    """What this upload may still append: the quota's room less every open upload of the tenant (this
-    one included), so that many sessions at once hold no more of the host's disk than one could."""
-    tenant = push.tenant_of(repository)
-    room = push.upload_room(tenant)
-    if room is None:
-        return None
-    return max(room - push.uploading_bytes(tenant), 0)
-
-
 async def _write_upload(
     receive: Receive, headers: dict[str, str], grant: Grant, repository: Repository, upload: Any
 ) -> None:
     """The body into the upload, refused with DENIED (and the upload dropped) past the quota's room."""
-    room = await sync_to_async(_room_for)(upload, repository)
-    declared = headers.get("content-length", "")
+    declared_text = headers.get("content-length", "")
+    declared = int(declared_text) if declared_text.isdigit() else None
+    # The room is reserved before the first byte: many sessions at once, or parallel requests, hold no
+    # more of the host's disk together than the tenant's quota leaves.
+    room = await sync_to_async(push.reserve_upload_room)(upload, repository, declared)
     try:
-        if room is not None and declared.isdigit() and int(declared) > room:
+        if room is not None and declared is not None and declared > room:
             raise _BodyTooLarge
         await _append_body(receive, str(push.upload_path(upload)), room)
     except _BodyTooLarge:
@@ -544,6 +537,8 @@ async def _write_upload(
             f"the upload is larger than the {room} bytes left of the tenant's image storage",
             audit_action="registry.push",
         ) from None
+    finally:
+        await sync_to_async(push.settle_upload_room)(upload)  # a row already gone: nothing to settle
     await sync_to_async(push.touch_upload)(upload)
 
 

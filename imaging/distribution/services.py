@@ -14,7 +14,6 @@ Image; the manifest is pullable by tag and digest from the moment it is accepted
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import uuid
@@ -125,16 +124,49 @@ def pending_bytes(tenant: Tenant) -> int:
     sizes = dict(
         RegistryBlob.objects.filter(tenant=tenant).exclude(digest__in=held).values_list("digest", "size")
     )
-    return sum(sizes.values())
+    # Manifests and indexes are stored too (any number, up to 4 MiB each): they count as well.
+    manifests = dict(RegistryManifest.objects.filter(tenant=tenant).values_list("digest", "size"))
+    return sum(sizes.values()) + sum(manifests.values())
 
 
-def uploading_bytes(tenant: Tenant | None) -> int:
-    """Bytes on disk in the tenant's open upload sessions."""
-    total = 0
-    for upload in RegistryUpload.objects.filter(tenant=tenant):
-        with contextlib.suppress(FileNotFoundError):
-            total += upload_path(upload).stat().st_size
-    return total
+def _on_disk(upload: RegistryUpload) -> int:
+    try:
+        return upload_path(upload).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def uploading_bytes(tenant: Tenant | None, *, besides: RegistryUpload | None = None) -> int:
+    """What the tenant's open upload sessions hold: each its bytes on disk or its reservation."""
+    sessions = RegistryUpload.objects.filter(tenant=tenant)
+    if besides is not None:
+        sessions = sessions.exclude(pk=besides.pk)
+    return sum(max(_on_disk(upload), upload.reserved) for upload in sessions)
+
+
+@transaction.atomic
+def reserve_upload_room(upload: RegistryUpload, repository: Repository, declared: int | None) -> int | None:
+    """Reserve, under the quota row lock, what one request may append to `upload` (None: no limit).
+
+    The reservation covers the declared length, or the whole room when none is declared (a streamed
+    body); `settle_upload_room` gives back what was not written."""
+    tenant = tenant_of(repository)
+    room = upload_room(tenant)
+    if tenant is None or room is None:
+        return None
+    quota.allocate(tenant, image_bytes=0)  # the quota row lock: reservations of one tenant serialize
+    room = upload_room(tenant) or 0
+    own = _on_disk(upload)
+    grant = max(room - uploading_bytes(tenant, besides=upload) - own, 0)
+    if declared is not None and declared <= grant:
+        grant = declared
+    RegistryUpload.objects.filter(pk=upload.pk).update(reserved=own + grant)
+    return grant
+
+
+def settle_upload_room(upload: RegistryUpload) -> None:
+    """After a request: the session holds what it wrote, not what it reserved."""
+    RegistryUpload.objects.filter(pk=upload.pk).update(reserved=0)
 
 
 def upload_room(tenant: Tenant | None) -> int | None:
@@ -353,7 +385,17 @@ def _known_manifest(tenant: Tenant | None, repository: Repository, digest: str) 
 def _references(tenant: Tenant | None, repository: Repository, doc: Any, media_type: str) -> list[str]:
     """What the document references, each checked present and readable by the tenant."""
     store = _store()
-    if media_type in c.INDEX_TYPES or "manifests" in doc:
+    # The media type alone says what the document is; keys of the other kind make it ambiguous, and a
+    # reader that trusted those keys (the unpacking of a pushed image) would skip the checks below.
+    if media_type in c.INDEX_TYPES:
+        if "config" in doc or "layers" in doc:
+            raise ManifestInvalid("An index has no config or layers.")
+    elif media_type in c.MANIFEST_TYPES:
+        if "manifests" in doc:
+            raise ManifestInvalid("An image manifest has no manifests list.")
+    else:
+        raise ManifestInvalid(f"Unsupported manifest media type {media_type[:100]!r}.")
+    if media_type in c.INDEX_TYPES:
         raw = doc.get("manifests")
         if not isinstance(raw, list) or len(raw) > 1024:
             raise ManifestInvalid("The index's manifests are not a list of at most 1024 entries.")
@@ -376,10 +418,15 @@ def _references(tenant: Tenant | None, repository: Repository, doc: Any, media_t
     return [desc.digest for desc in descriptors]
 
 
-def _runnable_plan(doc: Any, body: bytes, digest: str) -> oci.ImagePlan | None:
-    """The image plan of a linux/amd64 image manifest whose layers are tars; None for anything else."""
+def _runnable_plan(doc: Any, body: bytes, digest: str, checked: list[str]) -> oci.ImagePlan | None:
+    """The image plan of a linux/amd64 image manifest whose layers are tars; None for anything else.
+
+    `checked`: the digests `_references` proved the tenant may use; a plan naming anything else is no
+    plan (a second guard: only proved blobs are ever unpacked into a tenant's image)."""
     try:
         manifest = oci.parse_manifest(doc)
+        if not {manifest.config.digest, *(layer.digest for layer in manifest.layers)} <= set(checked):
+            return None
         config_bytes = _store().read_blob(manifest.config.digest)
         return oci.check_plan(
             oci.ImagePlan(
@@ -465,13 +512,17 @@ def put_manifest(
     except oci.ImageFormatError as exc:
         raise ManifestInvalid(str(exc)) from None
     tag = "" if by_digest else reference
-    plan = _runnable_plan(doc, body, digest) if tag and media_type in c.MANIFEST_TYPES else None
+    plan = _runnable_plan(doc, body, digest, references) if tag and media_type in c.MANIFEST_TYPES else None
     if plan is not None:
         try:
             validate_name_tag(repository.image_name, tag)
         except ServiceError:
             plan = None
     store = _store()
+    if tenant is not None and not RegistryManifest.objects.filter(tenant=tenant, digest=digest).exists():
+        with transaction.atomic():
+            quota.allocate(tenant, image_bytes=0)  # the quota row lock: room checks serialize
+            _refuse_beyond_room(tenant, len(body) + uploading_bytes(tenant))
     lease = store.acquire_lease(f"registry-m-{digest[7:]}", [digest], ttl=LEASE_AFTER_COMMIT)
     if not store.has_blob(digest):
         store.ingest_bytes(body, digest=digest)
