@@ -647,6 +647,10 @@ def allow_egress(
     the tenant's compartments re-apply their network on commit. Link-local stays closed whatever."""
     action = "tenant.egress_allow"
     _require_operator(actor, action)
+    if not isinstance(note, str) or len(note) > 200:
+        raise Invalid("note must be text of at most 200 characters.", field="note", audit_action=action)
+    if not isinstance(network, str) or not network.strip():
+        raise Invalid("network is required (IPv4, CIDR form).", field="network", audit_action=action)
     parsed = _allowance_network(network, action)
     tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
     if EgressAllowance.objects.filter(tenant=tenant, network=str(parsed)).exists():

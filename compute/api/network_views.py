@@ -14,7 +14,7 @@ from rest_framework.response import Response
 
 from compute import network_services
 from compute.api import serializers as s
-from compute.compartments import Compartment, PublishedPort
+from compute.compartments import Compartment, EgressAllowance, PublishedPort
 from compute.models import Workload
 from portal.api.viewsets import ReadOnlyPermissionLayerViewSet
 from portal.errors import Invalid
@@ -138,3 +138,23 @@ class PublishedPortViewSet(ReadOnlyPermissionLayerViewSet):
     def destroy(self, request: Request, pk: str) -> Response:
         op = network_services.unpublish_port(actor=self.actor, port=self.get_object())
         return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
+
+
+class EgressAllowanceViewSet(ReadOnlyPermissionLayerViewSet):
+    """Operators' exceptions to the egress policy (created under /tenants/{id}/egress-allowances/)."""
+
+    model = EgressAllowance
+    serializer_class = s.EgressAllowanceSerializer
+    lookup_value_regex = UUID_LOOKUP
+    # Whoever sees one reaches the service, which refuses (and audits) anyone but an operator.
+    write_action = "view"
+    filterset_fields = ["tenant"]
+    ordering_fields = ["network", "created_at"]
+
+    def base_queryset(self) -> QuerySet[EgressAllowance]:
+        return EgressAllowance.objects.select_related("tenant")
+
+    @extend_schema(responses={204: None})
+    def destroy(self, request: Request, pk: str) -> Response:
+        network_services.revoke_egress(actor=self.actor, allowance=self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -6,7 +6,7 @@ from typing import Any
 from rest_framework import serializers
 
 from compute.choices import HostLostPolicy, Isolation, RestartPolicy
-from compute.compartments import Compartment, IPAllocation, Protocol, PublishedPort
+from compute.compartments import Compartment, EgressAllowance, IPAllocation, Protocol, PublishedPort
 from compute.models import Host, Workload
 from tenants.models import dns_label
 
@@ -229,6 +229,27 @@ class CompartmentSerializer(serializers.ModelSerializer):
 
     def get_members(self, compartment: Compartment) -> int:
         return compartment.allocations.count()
+
+
+class EgressAllowanceSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = EgressAllowance
+        fields = ["id", "tenant", "network", "note", "created_at"]
+        read_only_fields = fields
+        extra_kwargs = {
+            "network": {
+                "help_text": "An IPv4 network (CIDR) the tenant's workloads may reach, protected or not."
+            }
+        }
+
+
+class EgressAllowanceCreateSerializer(serializers.Serializer):
+    """Documentation only: the service validates (after refusing anyone but an operator)."""
+
+    network = serializers.CharField(
+        help_text="IPv4 network in CIDR form, e.g. 192.0.2.10/32. Link-local (169.254.0.0/16) never."
+    )
+    note = serializers.CharField(required=False, allow_blank=True, help_text="Why (at most 200 characters).")
 
 
 class PublishedPortSerializer(serializers.ModelSerializer):

@@ -13,6 +13,7 @@ router.register("desired/plans", desired_api.PlanViewSet, basename="desired-plan
 router.register("desired", desired_api.DesiredStateViewSet, basename="desired")
 router.register("compartments", network_views.CompartmentViewSet, basename="compartment")  # issue 7
 router.register("published-ports", network_views.PublishedPortViewSet, basename="published-port")  # issue 7
+router.register("egress-allowances", network_views.EgressAllowanceViewSet, basename="egress-allowance")
 
 urlpatterns = [
     path("hosts/join/", views.JoinView.as_view(), name="host-join"),

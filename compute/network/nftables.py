@@ -228,7 +228,8 @@ def _inet_table(state: HostNetworkState) -> list[Json]:
     table.chain("forward", "filter", "forward", 0)
     table.rule("forward", _match(_ct("state"), ["established", "related"], "in"), ACCEPT)
     # Frames bridged inside one compartment reach this hook when br_netfilter is loaded (untracked, so
-    # never "established"): the bridge table checked each one already, let them be without a lookup.
+    # never "established"): the bridge table checked each one already (a peer host did, for what comes
+    # over VXLAN), let them be without a lookup.
     table.rule("forward", _match(_concat(_meta("iifname"), _meta("oifname")), "@same_bridge"), ACCEPT)
     table.rule("forward", from_bridge, ipv4, from_foreign_source, DROP)
     table.rule("forward", _match(_ct("status"), "dnat", "in"), to_bridge, ACCEPT)

@@ -35,17 +35,6 @@ class TenantCreateSerializer(TenantSerializer):
         fields = [*TenantSerializer.Meta.fields, "owner"]
 
 
-class EgressAllowanceSerializer(serializers.Serializer):
-    id = serializers.UUIDField(read_only=True)
-    network = serializers.CharField(
-        max_length=43,
-        help_text='An IPv4 network in CIDR form ("192.0.2.10/32") the tenant\'s workloads may reach although '
-        "it is protected. Link-local (169.254.0.0/16) never.",
-    )
-    note = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    created_at = serializers.DateTimeField(read_only=True)
-
-
 class MembershipSerializer(serializers.ModelSerializer):
     username = serializers.CharField(source="user.username")
     tenant_name = serializers.CharField(source="tenant.name", read_only=True)

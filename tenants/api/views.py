@@ -14,6 +14,7 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from compute.api.serializers import EgressAllowanceCreateSerializer, EgressAllowanceSerializer
 from portal import operations
 from portal.api.viewsets import PermissionLayerViewSet, ReadOnlyPermissionLayerViewSet
 from portal.errors import Conflict
@@ -48,7 +49,7 @@ class TenantViewSet(
     write_action = "own"
     # Egress allowances are the operators' to change: every member reaches the service, which refuses
     # (and audits) anyone else under the allowance's own action.
-    action_overrides = {"egress_allowances": "view", "revoke_egress_allowance": "view"}
+    action_overrides = {"egress_allowances": "view"}
     lookup_value_regex = UUID_LOOKUP
     ordering_fields = ["name", "created_at"]
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
@@ -87,44 +88,27 @@ class TenantViewSet(
         tenant = self.get_object()
         return Response(history_response(request, "tenant", tenant.pk))
 
-    @extend_schema(request=s.EgressAllowanceSerializer, responses=s.EgressAllowanceSerializer(many=True))
+    @extend_schema(
+        request=EgressAllowanceCreateSerializer,
+        responses={200: EgressAllowanceSerializer(many=True), 201: EgressAllowanceSerializer},
+    )
     @action(detail=True, methods=["get", "post"], url_path="egress-allowances")
     def egress_allowances(self, request: Request, pk: str) -> Response:
-        """The protected networks an operator opened to the tenant's workloads; operators add one (POST)."""
+        """The protected networks an operator opened to the tenant's workloads; operators add one (POST
+        {"network": CIDR, "note": why}). One is closed again by DELETE /api/v1/egress-allowances/{id}/."""
         from compute import network_services
         from compute.compartments import EgressAllowance
 
         tenant = self.get_object()
         if request.method == "GET":
             allowances = EgressAllowance.objects.for_user(request.user).filter(tenant=tenant)
-            return Response(s.EgressAllowanceSerializer(allowances, many=True).data)
-        serializer = s.EgressAllowanceSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
+            return Response(EgressAllowanceSerializer(allowances, many=True).data)
+        # The service refuses anyone but an operator before it looks at the body.
+        body = request.data if isinstance(request.data, dict) else {}
         allowance, _ops = network_services.allow_egress(
-            actor=self.actor,
-            tenant=tenant,
-            network=serializer.validated_data["network"],
-            note=serializer.validated_data.get("note", ""),
+            actor=self.actor, tenant=tenant, network=body.get("network", ""), note=body.get("note", "")
         )
-        return Response(s.EgressAllowanceSerializer(allowance).data, status=status.HTTP_201_CREATED)
-
-    @extend_schema(request=None, responses={204: None})
-    @action(
-        detail=True,
-        methods=["delete"],
-        url_path=rf"egress-allowances/(?P<allowance_id>{UUID_LOOKUP})",
-    )
-    def revoke_egress_allowance(self, request: Request, pk: str, allowance_id: str) -> Response:
-        """Close an allowed network to the tenant's workloads again (operators)."""
-        from compute import network_services
-        from compute.compartments import EgressAllowance
-
-        tenant = self.get_object()
-        allowance = get_object_or_404(
-            EgressAllowance.objects.for_user(request.user).filter(tenant=tenant), pk=allowance_id
-        )
-        network_services.revoke_egress(actor=self.actor, allowance=allowance)
-        return Response(status=status.HTTP_204_NO_CONTENT)
+        return Response(EgressAllowanceSerializer(allowance).data, status=status.HTTP_201_CREATED)
 
     def destroy(self, request: Request, pk: str) -> Response:
         tenant = self.get_object()

@@ -88,6 +88,7 @@ def test_it_does_not_show_another_tenant_that_the_tenant_exists(world: World) ->
         ("10.0.0.1/8", "CIDR"),
         ("not-a-network", "CIDR"),
         ("198.51.100.0/24; drop", "CIDR"),
+        ("", "required"),
         ("127.0.0.0/8", "not a network"),
         ("224.0.0.0/4", "not a network"),
     ],
@@ -112,12 +113,14 @@ def test_it_refuses_the_same_network_twice(world: World) -> None:
 
 def test_it_lets_only_an_operator_revoke_an_allowance(world: World) -> None:
     allowance_id = allow(world, "oscar", world.acme).json()["id"]
-    url = f"{allowances_url(world.acme)}{allowance_id}/"
+    url = f"/api/v1/egress-allowances/{allowance_id}/"
 
     assert client_for(world, "alice").delete(url).status_code == 403
+    assert client_for(world, "oscar_acme").delete(url).status_code == 403
     assert client_for(world, "bob").delete(url).status_code == 404
+    assert client_for(world, "mia").get(url).json()["network"] == SERVICE
     assert EgressAllowance.objects.filter(pk=allowance_id).exists()
-    assert len(denials("tenant.egress_revoke")) == 1
+    assert len(denials("tenant.egress_revoke")) == 2
 
     assert client_for(world, "oscar").delete(url).status_code == 204
     assert not EgressAllowance.objects.exists()

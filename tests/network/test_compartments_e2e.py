@@ -287,7 +287,7 @@ def test_an_operator_opens_a_protected_service_to_one_tenant_and_no_other(site: 
         for target in (metadata, host_service):
             assert not tcp_connects(acme_probe.runtime_id, *target, timeout=1.0), target
 
-        revoked = client_for(site.world, "oscar").delete(f"{url}{allowed.json()['id']}/")
+        revoked = client_for(site.world, "oscar").delete(f"/api/v1/egress-allowances/{allowed.json()['id']}/")
         assert revoked.status_code == 204
         wait_until(
             lambda: not tcp_connects(acme_probe.runtime_id, *service, timeout=1.0),

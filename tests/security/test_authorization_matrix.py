@@ -133,6 +133,13 @@ def _user(world: World, ownership: str) -> Any:
     return world.user("alice" if ownership == "acme" else "bob").pk
 
 
+def _egress_allowance(world: World, ownership: str) -> Any:
+    from compute.compartments import EgressAllowance
+
+    tenant = _acme_or_globex(world, ownership)
+    return EgressAllowance.objects.get_or_create(tenant=tenant, network="198.51.100.20/32")[0].pk
+
+
 ROUTES: dict[str, Route] = {
     "api-root": Route(methods=("GET",)),
     "tenant-list": Route(methods=("GET", "POST"), list_post=400, list_post_staff_only=True),
@@ -143,6 +150,12 @@ ROUTES: dict[str, Route] = {
         extra={"DELETE": "operator"},
     ),
     "tenant-history": Route(methods=("GET",), obj=lambda w, o: _acme_or_globex(w, o).pk),
+    # Operators only open a protected network to a tenant; its members may see what was opened.
+    "tenant-egress-allowances": Route(
+        methods=("GET", "POST"), obj=lambda w, o: _acme_or_globex(w, o).pk, write="operator"
+    ),
+    "egress-allowance-list": Route(methods=("GET",)),
+    "egress-allowance-detail": Route(methods=("GET", "DELETE"), obj=_egress_allowance, write="operator"),
     "membership-list": Route(methods=("GET", "POST"), list_post=400),
     "membership-detail": Route(methods=("GET", "PATCH", "DELETE"), obj=_membership, write="manage"),
     "token-list": Route(methods=("GET", "POST"), list_post=400),
