@@ -211,8 +211,8 @@ def run_evacuation(op_id: Any, progress: Any) -> dict[str, Any]:
                 continue
             move = Operation.objects.get(pk=move_id)
             created = (move.result or {}).get("create_operation")
-            if move.state == OperationState.FAILED:
-                landed[name] = "failed"
+            if move.state == OperationState.FAILED or (move.finished and not created):
+                landed[name] = "failed"  # the move itself failed, or its target no longer took it
             elif created:
                 create = Operation.objects.get(pk=created)
                 if create.finished:

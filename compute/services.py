@@ -19,7 +19,7 @@ from compute.compartments import Compartment
 from compute.models import Host, Workload
 from imaging.models import Image
 from portal import operations
-from portal.errors import Conflict, Invalid, NotPermitted
+from portal.errors import Conflict, Invalid, NotPermitted, ServiceError
 from portal.models import Operation
 from tenants import audit, quota
 from tenants.actors import Actor
@@ -334,11 +334,8 @@ def reschedule_workload(*, actor: Actor, workload: Workload) -> Operation:
         networked=networked,
     )
     # Its published ports go with it, on the same host ports (the address changes to the new host's).
-    ports = PublishedPort.objects.filter(workload=locked)
-    for port in ports:
-        if PublishedPort.objects.filter(host=host, protocol=port.protocol, host_port=port.host_port).exists():
-            raise Conflict(f"Port {port.protocol}/{port.host_port} is taken on {host.name}.")
-    ports.update(host=host)
+    _refuse_port_clash(locked, host)
+    PublishedPort.objects.filter(workload=locked).update(host=host)
     Workload.objects.filter(pk=locked.pk).update(
         host=host,
         state=WorkloadState.PENDING,
@@ -376,25 +373,52 @@ def move_workload(*, actor: Actor, workload: Workload) -> Operation:
         disk_gib=locked.disk_gib,
         networked=locked.ip_allocations.exists(),
     )
+    # Refused before anything stops: a move that could not land would lose the workload.
+    _refuse_port_clash(locked, target, audit_action="workload.move")
     audit.record(actor, "workload.move", locked, details={"from": locked.host.name, "to": target.name})
     return _start_op(actor, locked, "workload.move", tasks.move_workload, to_host=str(target.pk))
 
 
-def land_moved_workload(*, actor: Actor, workload: Workload, to_host: Any) -> Operation:
-    """The old host removed the workload: it now belongs to `to_host`, which creates it."""
+def _refuse_port_clash(workload: Workload, host: Host, audit_action: str = "") -> None:
+    from compute.compartments import PublishedPort
+
+    for port in PublishedPort.objects.filter(workload=workload):
+        taken = PublishedPort.objects.filter(host=host, protocol=port.protocol, host_port=port.host_port)
+        if taken.exclude(workload=workload).exists():
+            raise Conflict(
+                f"Port {port.protocol}/{port.host_port} of {workload.name} is taken on {host.name}.",
+                audit_action=audit_action,
+            )
+
+
+def land_moved_workload(*, actor: Actor, workload: Workload, to_host: Any) -> Operation | None:
+    """The old host removed the workload: it now belongs to `to_host`, which creates it.
+
+    None when it cannot land: deleted meanwhile (the deletion finishes it), or the target no longer
+    takes it (then it is `failed`, saying why, and an operator can start it again elsewhere)."""
     from compute import tasks
     from compute.compartments import PublishedPort
 
     with transaction.atomic():
         locked = _lock(workload)
-        target = placement.choose_host(
-            isolation=locked.isolation,
-            vcpus=locked.vcpus,
-            memory_mib=locked.memory_mib,
-            disk_gib=locked.disk_gib,
-            pinned=Host.objects.get(pk=to_host),
-            networked=locked.ip_allocations.exists(),
-        )
+        if locked.state == WorkloadState.DELETING:
+            return None
+        try:
+            target = placement.choose_host(
+                isolation=locked.isolation,
+                vcpus=locked.vcpus,
+                memory_mib=locked.memory_mib,
+                disk_gib=locked.disk_gib,
+                pinned=Host.objects.get(pk=to_host),
+                networked=locked.ip_allocations.exists(),
+            )
+            _refuse_port_clash(locked, target)
+        except ServiceError as error:
+            Workload.objects.filter(pk=locked.pk).update(
+                state=WorkloadState.FAILED, status_message=f"not moved: {error.message}"[:500]
+            )
+            audit.record(actor, "workload.move", locked, outcome="failed", details={"reason": error.message})
+            return None
         old = locked.host
         PublishedPort.objects.filter(workload=locked).update(host=target)
         Workload.objects.filter(pk=locked.pk).update(

@@ -115,6 +115,8 @@ def move_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         created = services.land_moved_workload(
             actor=Actor.system("evacuation"), workload=workload, to_host=op.params["to_host"]
         )
+        if created is None:
+            return {"landed": False}
         return {"create_operation": str(created.pk)}
 
 

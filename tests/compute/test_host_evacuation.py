@@ -59,3 +59,33 @@ def test_it_moves_every_workload_off_an_evacuated_host(world: World, busybox: An
     finally:
         cleanup_host(a)
         cleanup_host(b)
+
+
+def test_it_refuses_a_move_whose_published_port_is_taken_on_the_target_before_anything_stops(
+    world: World, busybox: Any
+) -> None:
+    from compute import services
+    from compute.compartments import PublishedPort
+    from portal.errors import Conflict
+
+    a, b = make_host("bht-clash-a"), make_host("bht-clash-b")
+    oscar = Actor(user=world.user("oscar"))
+    mine = Workload.objects.create(tenant=world.acme, name="mine", image=busybox, host=a, state="running")
+    theirs_image = busybox.__class__.objects.create(
+        tenant=world.globex, name="theirs", tag="1", manifest_digest="sha256:" + "b" * 64
+    )
+    theirs = Workload.objects.create(tenant=world.globex, name="theirs", image=theirs_image, host=b)
+    PublishedPort.objects.create(tenant=world.acme, workload=mine, host=a, host_port=20443, workload_port=443)
+    PublishedPort.objects.create(
+        tenant=world.globex, workload=theirs, host=b, host_port=20443, workload_port=80
+    )
+    hosts.set_host_state(actor=oscar, host=a, state="draining")
+    with pytest.raises(Conflict):
+        services.move_workload(actor=oscar, workload=mine)
+    assert Workload.objects.get(pk=mine.pk).host == a  # nothing queued, nothing stopped
+    assert AuditEntry.objects.filter(action="workload.move", outcome="denied").exists()
+
+    # Taken after the move was queued: the landing refuses, the workload says why instead of vanishing.
+    assert services.land_moved_workload(actor=oscar, workload=mine, to_host=b.pk) is None
+    failed = Workload.objects.get(pk=mine.pk)
+    assert failed.state == "failed" and "20443" in failed.status_message
