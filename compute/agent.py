@@ -341,6 +341,7 @@ def stop(workload: Workload, grace_seconds: float = 10) -> None:
         [WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.UNKNOWN],
         state=WorkloadState.STOPPING,
     )
+    failpoint("stop.stopping")
     code = runtime.stop(workload.runtime_id, grace_seconds=grace_seconds)
     record_exit(workload, code, expected=[WorkloadState.STOPPING, WorkloadState.RUNNING], requested=True)
 
@@ -470,6 +471,12 @@ def _resync_one(
         forget_workload(workload.pk)
         events.publish(workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"})
         report["deleted"].append(runtime_id)
+        return
+    if workload.state == WorkloadState.STOPPING:
+        # A stop cut short (its worker died): the stop is what was asked, so it is finished.
+        code = runtime.stop(runtime_id, grace_seconds=5) if state.status == "running" else state.exit_code
+        record_exit(workload, code, expected=[WorkloadState.STOPPING], requested=True)
+        report["exited"].append(runtime_id)
         return
     if workload.state in (WorkloadState.CREATING, WorkloadState.PENDING) and state.status != "running":
         if workload.state == WorkloadState.PENDING and not workload.desired_running:

@@ -180,6 +180,7 @@ def stop(workload: Workload, grace_seconds: float) -> None:
         [WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.UNKNOWN],
         state=WorkloadState.STOPPING,
     )
+    failpoint("vm.stopping")
     try:
         state = vm_runtime(workload.host).stop(workload.pk, grace_seconds=grace_seconds)
         code = state.exit_code
@@ -199,6 +200,7 @@ def remove(workload: Workload, grace_seconds: float) -> None:
     except VmNotFound:
         network_agent.release_vm(workload)
         return
+    failpoint("vm.deleting")
     runtime.delete(workload.pk)
     network_agent.release_vm(workload)  # issue 7: no tap left in a netns host's namespace
 

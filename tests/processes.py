@@ -92,11 +92,20 @@ def celery_beat(name: str = "test", **env: str) -> Iterator[subprocess.Popen[byt
 
 
 @contextmanager
-def host_agent(host: Any, worker_env: dict[str, str] | None = None, **env: str) -> Iterator[None]:
+def host_agent(
+    host: Any, worker_env: dict[str, str] | None = None, *, resynced: bool = False, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
     """A host's agent as on a real host: a Celery worker on `host.<id>` plus the agent loop process.
 
     worker_env: extra environment for the worker only (e.g. a failpoint that kills it mid-task).
+    resynced: enter only once the loop has finished its re-sync at start and answers (a test that
+    wants its request handled by the worker, not by that re-sync, waits for it).
+    Yields the worker process (a test that kills it at a failpoint waits for it to be gone).
     """
+    from compute import host_rpc
+
+    if resynced:  # a previous agent's "answering" mark must not count
+        host_rpc._redis().delete(host_rpc._alive_key(host.pk))
     log = open(ROOT / "var" / f"test-agent-{host.name}.log", "wb")  # noqa: SIM115 - closed below
     loop = subprocess.Popen(
         [sys.executable, "manage.py", "agent", "--host", str(host.pk)],
@@ -106,8 +115,14 @@ def host_agent(host: Any, worker_env: dict[str, str] | None = None, **env: str) 
         stderr=subprocess.STDOUT,
     )
     try:
-        with celery_worker(queues=host.queue, name=host.name, **env, **(worker_env or {})):
-            yield
+        with celery_worker(queues=host.queue, name=host.name, **env, **(worker_env or {})) as worker:
+            if resynced:
+                wait_until(
+                    lambda: host_rpc._redis().exists(host_rpc._alive_key(host.pk)),
+                    timeout=120,
+                    what="the agent's re-sync at start",
+                )
+            yield worker
     finally:
         loop.terminate()
         try:

@@ -259,7 +259,8 @@ else
     mkfifo /run/output
     cat /run/output >/dev/console &
     copier_pid=$!
-    env -i nsenter -F -r/newroot -w/newroot -S "$uid" -G "$gid" sh /proc/self/fd/8 launch "$uid" \
+    # A session of its own: what the workload leaves behind can go with it (see below).
+    setsid env -i nsenter -F -r/newroot -w/newroot -S "$uid" -G "$gid" sh /proc/self/fd/8 launch "$uid" \
         </dev/null >/run/output 2>&1 8</init 6<"$SPEC_DIR/args" 7<"$SPEC_DIR/env" 9<"$SPEC_DIR/cwd" &
     workload_pid=$!
 fi
@@ -271,6 +272,15 @@ while kill -0 "$workload_pid" 2>/dev/null; do
     wait "$workload_pid"
     code=$?
 done
+# An interrupted `wait` says 128+TERM even when the workload then exits by itself (a TERM handler
+# that ends with `exit 0`): its own status is there for one more `wait` (busybox keeps it).
+if [ "$code" -gt 128 ]; then
+    wait "$workload_pid"
+    code=$?
+fi
+# As in a container whose first process exited, its leftover processes go too: they would hold the
+# output pipe open and keep the copier (and the stop) waiting out its bound below.
+[ -z "$copier_pid" ] || kill -KILL "-$workload_pid" 2>/dev/null
 # Let the copier drain what the workload wrote (bounded: a leftover child may hold the pipe open).
 # A finished copier is a zombie until reaped, still "there" for kill -0: its fds tell it apart.
 tries=0
