@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Sum
+from django.db.models import Case, F, IntegerField, Sum, When
 
 from compute.choices import HostState, Isolation
 from compute.models import Host, Workload
@@ -29,6 +29,20 @@ class Usage:
 NO_USAGE = Usage(vcpus=Decimal(0), memory_mib=0)
 
 
+def host_disk_gib(isolation: str, disk_gib: int) -> int:
+    """What a workload can take of its host's disk: its writable disk, and for a micro-VM also the
+    export disk its guest writes its changes to (as large as the writable disk plus 64 MiB, writable by
+    the guest while it runs), so a host never promises more disk than it has."""
+    return disk_gib * 2 + 1 if isolation == Isolation.MICROVM else disk_gib
+
+
+_HOST_DISK = Case(
+    When(isolation=Isolation.MICROVM, then=F("disk_gib") * 2 + 1),
+    default=F("disk_gib"),
+    output_field=IntegerField(),
+)
+
+
 def usage_by_host(host_ids: Iterable[Any]) -> dict[Any, Usage]:
     """What the workloads placed on each of these hosts take, in one query (hosts without any: absent).
 
@@ -38,7 +52,7 @@ def usage_by_host(host_ids: Iterable[Any]) -> dict[Any, Usage]:
         Workload.objects.filter(host_id__in=list(host_ids))
         .order_by()
         .values("host_id")
-        .annotate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"), disk=Sum("disk_gib"))
+        .annotate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"), disk=Sum(_HOST_DISK))
     )
     return {
         row["host_id"]: Usage(
@@ -106,7 +120,7 @@ def choose_host(
             reasons.append(f"{host.name}: {free_vcpus} vCPUs and {free_memory} MiB free")
             continue
         disk_capacity = disk_capacity_gib(host)
-        if disk_capacity is not None and disk_gib > disk_capacity - used.disk_gib:
+        if disk_capacity is not None and host_disk_gib(isolation, disk_gib) > disk_capacity - used.disk_gib:
             reasons.append(f"{host.name}: {disk_capacity - used.disk_gib} GiB of disk free")
             continue
         share = min(

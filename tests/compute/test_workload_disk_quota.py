@@ -110,3 +110,22 @@ def test_it_refuses_to_change_the_disk_in_place(world: World) -> None:
     assert response.status_code == 400, response.json()
     assert Workload.objects.get(pk=workload.pk).disk_gib == 2
     assert Quota.objects.get(tenant=world.acme).used_disk_gib == 2
+
+
+def test_it_counts_a_micro_vms_export_disk_in_its_hosts_capacity(world: World) -> None:
+    # A micro-VM's guest can fill its export disk (as large as its writable disk) while it runs: the
+    # host's disk holds both, so placement counts both.
+    Host.objects.create(
+        name="bht-vm-disk",
+        cpus=8,
+        memory_mib=16384,
+        facts={"oci_runtimes": ["runc"], "libvirt": True, "disk_gib": 10},
+    )
+    image = db_image(world.acme, "img")
+    first = create(world, name="vm-one", image=str(image.pk), isolation="microvm", disk_gib=4)
+    assert first.status_code == 202, first.json()  # 4 + 4 + 1 = 9 of 10
+    second = create(world, name="vm-two", image=str(image.pk), isolation="microvm", disk_gib=1)
+    assert second.status_code == 409, second.json()  # 3 more would not fit
+    third = create(world, name="ct", image=str(image.pk), disk_gib=1)
+    assert third.status_code == 202, third.json()  # a container's 1 does
+    assert Quota.objects.get(tenant=world.acme).used_disk_gib == 5  # the tenant pays its disk_gib only
