@@ -201,6 +201,13 @@ def libvirtd_answers(uri: str = LIBVIRT_URI) -> bool:
     return True
 
 
+def wants_kvm_mask(device: Path, kvm_works: Callable[[], bool]) -> bool:
+    """Whether libvirtd must not see /dev/kvm: only where the device exists and KVM does not work.
+    Without the device (no KVM at all) libvirt already knows there is none, and nothing is probed; with
+    working KVM, domains use it (type 'kvm')."""
+    return device.exists() and not kvm_works()
+
+
 def ensure_libvirtd(*, mask_kvm: bool | None = None, timeout: float = 30.0) -> None:
     """Start virtlogd and libvirtd unless they already answer; idempotent and safe to call often.
 
@@ -216,7 +223,7 @@ def ensure_libvirtd(*, mask_kvm: bool | None = None, timeout: float = 30.0) -> N
         if running_pid is not None and (mask_kvm is False or not _sees_kvm_device(running_pid)):
             return
         if mask_kvm is None:
-            mask_kvm = KVM_DEVICE.exists() and not kvm_works_cached()
+            mask_kvm = wants_kvm_mask(KVM_DEVICE, kvm_works_cached)
         if running_pid is not None:
             if not mask_kvm:
                 return

@@ -11,6 +11,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,21 @@ def test_it_covers_kvm_for_a_masked_libvirtd_with_a_node_its_qemu_user_cannot_op
     )  # fmt: skip
     assert result.returncode == 0, (result.returncode, result.stderr)
     assert not Path("/dev/kvm").exists() or Path("/dev/kvm").is_char_device()  # the host's is untouched
+
+
+def test_it_masks_kvm_only_where_the_device_exists_and_kvm_does_not_work(tmp_path: Path) -> None:
+    probed: list[bool] = []
+
+    def probe(answer: bool) -> Any:
+        def kvm_works() -> bool:
+            probed.append(answer)
+            return answer
+
+        return kvm_works
+
+    missing = tmp_path / "no-kvm"  # a machine without /dev/kvm: started plainly, nothing probed
+    assert libvirtd.wants_kvm_mask(missing, probe(False)) is False and probed == []
+    present = tmp_path / "kvm"
+    present.touch()
+    assert libvirtd.wants_kvm_mask(present, probe(False)) is True  # this machine: present, not working
+    assert libvirtd.wants_kvm_mask(present, probe(True)) is False  # working KVM: domains use it
