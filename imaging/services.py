@@ -223,6 +223,16 @@ def reserve_image_bytes(op: Operation, layers: Iterable[oci.Descriptor], failure
         operations.set_reserved_quota(op.pk, {"image_bytes": needed})
 
 
+def _end_operation_lease(op: Operation, lease: Any, committed: bool) -> None:
+    """After an import, pull or push: a committed image keeps its blobs leased a while longer (its
+    rows are written); one that failed gives its reserved quota back and lets gc have the blobs."""
+    if committed:
+        lease.renew(LEASE_AFTER_COMMIT)
+    else:
+        release_reservation(op)
+        lease.release()
+
+
 def release_reservation(op: Operation) -> None:
     """Give back what `reserve_image_bytes` charged for this operation (nothing if it was settled)."""
     if op.tenant is not None:
@@ -367,11 +377,7 @@ def run_import(op_id: str, progress: Progress) -> dict[str, Any]:
             source.close()
         if path is not None:
             path.unlink(missing_ok=True)
-        if committed:
-            lease.renew(LEASE_AFTER_COMMIT)
-        else:
-            release_reservation(op)
-            lease.release()
+        _end_operation_lease(op, lease, committed)
     progress(100, "Imported", force=True)
     return {
         "image": str(image.pk),
@@ -638,11 +644,7 @@ def run_pull(op_id: str, progress: Progress) -> dict[str, Any]:
         _record_failure(op, "image.pull", exc.message)
         raise
     finally:
-        if committed:
-            lease.renew(LEASE_AFTER_COMMIT)
-        else:
-            release_reservation(op)
-            lease.release()
+        _end_operation_lease(op, lease, committed)
     progress(100, "Pulled", force=True)
     return {
         "image": str(image.pk),
@@ -697,11 +699,7 @@ def run_push(op_id: str, progress: Progress) -> dict[str, Any]:
     except ServiceError as exc:
         _fail_push(op, exc.message)
     finally:
-        if committed:
-            lease.renew(LEASE_AFTER_COMMIT)
-        else:
-            release_reservation(op)
-            lease.release()
+        _end_operation_lease(op, lease, committed)
     progress(100, "Pushed", force=True)
     return {
         "image": str(image.pk),
