@@ -325,16 +325,8 @@ def reschedule_workload(*, actor: Actor, workload: Workload) -> Operation:
         raise Conflict("Only a workload of a lost host is moved.", audit_action="workload.reschedule")
     if locked.state == WorkloadState.DELETING:
         raise Conflict("The workload is being deleted.")
-    networked = locked.ip_allocations.exists()
-    host = placement.choose_host(
-        isolation=locked.isolation,
-        vcpus=locked.vcpus,
-        memory_mib=locked.memory_mib,
-        disk_gib=locked.disk_gib,
-        networked=networked,
-    )
     # Its published ports go with it, on the same host ports (the address changes to the new host's).
-    _refuse_port_clash(locked, host)
+    host = _place_existing(locked)
     PublishedPort.objects.filter(workload=locked).update(host=host)
     Workload.objects.filter(pk=locked.pk).update(
         host=host,
@@ -366,17 +358,25 @@ def move_workload(*, actor: Actor, workload: Workload) -> Operation:
         raise Conflict(f"{locked.name} is pinned to {locked.host.name}.", audit_action="workload.move")
     if locked.state == WorkloadState.DELETING:
         raise Conflict("The workload is being deleted.")
-    target = placement.choose_host(
-        isolation=locked.isolation,
-        vcpus=locked.vcpus,
-        memory_mib=locked.memory_mib,
-        disk_gib=locked.disk_gib,
-        networked=locked.ip_allocations.exists(),
-    )
     # Refused before anything stops: a move that could not land would lose the workload.
-    _refuse_port_clash(locked, target, audit_action="workload.move")
+    target = _place_existing(locked, audit_action="workload.move")
     audit.record(actor, "workload.move", locked, details={"from": locked.host.name, "to": target.name})
     return _start_op(actor, locked, "workload.move", tasks.move_workload, to_host=str(target.pk))
+
+
+def _place_existing(workload: Workload, *, pinned: Host | None = None, audit_action: str = "") -> Host:
+    """Another host for an existing workload (its resources, its compartments), where its published
+    ports are free too; under the candidates' row locks like a create."""
+    host = placement.choose_host(
+        isolation=workload.isolation,
+        vcpus=workload.vcpus,
+        memory_mib=workload.memory_mib,
+        disk_gib=workload.disk_gib,
+        pinned=pinned,
+        networked=workload.ip_allocations.exists(),
+    )
+    _refuse_port_clash(workload, host, audit_action=audit_action)
+    return host
 
 
 def _refuse_port_clash(workload: Workload, host: Host, audit_action: str = "") -> None:
@@ -404,15 +404,7 @@ def land_moved_workload(*, actor: Actor, workload: Workload, to_host: Any) -> Op
         if locked.state == WorkloadState.DELETING:
             return None
         try:
-            target = placement.choose_host(
-                isolation=locked.isolation,
-                vcpus=locked.vcpus,
-                memory_mib=locked.memory_mib,
-                disk_gib=locked.disk_gib,
-                pinned=Host.objects.get(pk=to_host),
-                networked=locked.ip_allocations.exists(),
-            )
-            _refuse_port_clash(locked, target)
+            target = _place_existing(locked, pinned=Host.objects.get(pk=to_host))
         except ServiceError as error:
             Workload.objects.filter(pk=locked.pk).update(
                 state=WorkloadState.FAILED, status_message=f"not moved: {error.message}"[:500]
