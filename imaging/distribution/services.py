@@ -151,9 +151,8 @@ def reserve_upload_room(upload: RegistryUpload, repository: Repository, declared
     The reservation covers the declared length, or the whole room when none is declared (a streamed
     body); `settle_upload_room` gives back what was not written."""
     tenant = tenant_of(repository)
-    room = upload_room(tenant)
-    if tenant is None or room is None:
-        return None
+    if tenant is None:
+        return None  # the operators' public namespace has no quota
     quota.allocate(tenant, image_bytes=0)  # the quota row lock: reservations of one tenant serialize
     room = upload_room(tenant) or 0
     own = _on_disk(upload)
