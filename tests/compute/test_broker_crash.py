@@ -52,7 +52,8 @@ def test_a_creation_in_flight_when_the_broker_dies_finishes_and_says_so(
     host = make_host("bht-broker-crash")
     pause = {"BULKHEAD_PAUSEPOINT": f"{slow_step}:4"}
     try:
-        with host_agent(host, pause, BULKHEAD_STORE_DIR=str(store_dir)):
+        # Entered once the agent loop has re-synced at its start: that re-sync is not what this tests.
+        with host_agent(host, pause, resynced=True, BULKHEAD_STORE_DIR=str(store_dir)):
             response = create(
                 world,
                 "mia",
