@@ -483,8 +483,8 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _append_body(receive: Receive, path: str, room: int | None) -> int:
-    """Append the request body to the upload's file in bounded chunks; past `room` bytes it stops.
+async def _append_body(receive: Receive, path: str, room: RoomGrant | None) -> int:
+    """Append the request body to the upload's file in bounded chunks, within the room `room` grants.
 
     The file is locked while written, so two requests cannot interleave bytes in one upload.
     """
@@ -505,9 +505,14 @@ async def _append_body(receive: Receive, path: str, room: int | None) -> int:
                 raise push.RegistryRefusal("the client went away")
             chunk = message.get("body", b"")
             more = bool(message.get("more_body", False))
+            if room is not None and written + len(chunk) > room.limit:
+                # Past the reservation: what is buffered goes to disk first, so the store's count of
+                # the session (its file) is exact when more room is asked for.
+                await asyncio.to_thread(handle.write, bytes(pending))
+                pending.clear()
+                await asyncio.to_thread(handle.flush)
+                await room.extend(written, written + len(chunk))
             written += len(chunk)
-            if room is not None and written > room:
-                raise _BodyTooLarge
             pending += chunk
             if len(pending) >= CHUNK_BYTES or (not more and pending):
                 await asyncio.to_thread(handle.write, bytes(pending))
@@ -518,6 +523,43 @@ async def _append_body(receive: Receive, path: str, room: int | None) -> int:
         await asyncio.to_thread(handle.close)
 
 
+class RoomGrant:
+    """What one request may append to an upload, reserved under the tenant's quota lock.
+
+    A body of declared length reserves all of it at once. A streamed body (no Content-Length, as
+    skopeo and podman send layers) reserves a step at a time: parallel streamed uploads of one tenant
+    then share the room instead of the first one holding all of it. A request that finds no room
+    waits briefly when other requests hold room they may give back unwritten."""
+
+    STEP_BYTES = 32 * 1024 * 1024
+    RETRIES = 10
+    RETRY_SECONDS = 0.2
+
+    def __init__(self, upload: Any, repository: Repository) -> None:
+        self.upload = upload
+        self.repository = repository
+        self.limit = 0
+        self.left = 0
+
+    async def reserve(self, written: int, wanted: int, enough: int) -> bool:
+        """Reserve up to `wanted` bytes past the `written` ones of this request (already on disk);
+        False when not even `enough` could be had."""
+        reserve = sync_to_async(push.reserve_upload_room)
+        for attempt in range(self.RETRIES + 1):
+            reserved = await reserve(self.upload, self.repository, wanted)
+            self.limit, self.left = written + reserved.granted, reserved.left
+            if reserved.granted >= enough:
+                return True
+            if reserved.granted + reserved.lent < enough or attempt == self.RETRIES:
+                return False  # even what the others hold for a moment would not be enough
+            await asyncio.sleep(self.RETRY_SECONDS)
+        return False
+
+    async def extend(self, written: int, needed: int) -> None:
+        if not await self.reserve(written, max(self.STEP_BYTES, needed - written), needed - written):
+            raise _BodyTooLarge
+
+
 async def _write_upload(
     receive: Receive, headers: dict[str, str], grant: Grant, repository: Repository, upload: Any
 ) -> None:
@@ -526,15 +568,21 @@ async def _write_upload(
     declared = int(declared_text) if declared_text.isdigit() else None
     # The room is reserved before the first byte: many sessions at once, or parallel requests, hold no
     # more of the host's disk together than the tenant's quota leaves.
-    room = await sync_to_async(push.reserve_upload_room)(upload, repository, declared)
+    room: RoomGrant | None = None
+    if repository.tenant_name is not None:  # the operators' public namespace has no quota
+        room = RoomGrant(upload, repository)
     try:
-        if room is not None and declared is not None and declared > room:
-            raise _BodyTooLarge
+        if room is not None:
+            if declared is None:
+                await room.reserve(0, RoomGrant.STEP_BYTES, 0)
+            elif not await room.reserve(0, declared, declared):
+                raise _BodyTooLarge
         await _append_body(receive, str(push.upload_path(upload)), room)
     except _BodyTooLarge:
         await sync_to_async(push.cancel_upload)(upload)
+        left = room.left if room is not None else 0
         raise push.Denied(
-            f"the upload is larger than the {room} bytes left of the tenant's image storage",
+            f"the upload is larger than the {left} bytes left of the tenant's image storage",
             audit_action="registry.push",
         ) from None
     finally:

@@ -138,29 +138,42 @@ def _on_disk(upload: RegistryUpload) -> int:
 
 def uploading_bytes(tenant: Tenant | None, *, besides: RegistryUpload | None = None) -> int:
     """What the tenant's open upload sessions hold: each its bytes on disk or its reservation."""
+    return sum(max(on_disk, reserved) for on_disk, reserved in _sessions(tenant, besides))
+
+
+def _sessions(tenant: Tenant | None, besides: RegistryUpload | None) -> list[tuple[int, int]]:
+    """(bytes on disk, bytes reserved) of each open upload session of the tenant."""
     sessions = RegistryUpload.objects.filter(tenant=tenant)
     if besides is not None:
         sessions = sessions.exclude(pk=besides.pk)
-    return sum(max(_on_disk(upload), upload.reserved) for upload in sessions)
+    return [(_on_disk(upload), upload.reserved) for upload in sessions]
+
+
+@dataclass(frozen=True)
+class RoomReserved:
+    granted: int  # what this request may now append
+    left: int  # what the tenant had left besides the other sessions
+    lent: int  # what other requests reserved and have not written yet (given back when they end)
 
 
 @transaction.atomic
-def reserve_upload_room(upload: RegistryUpload, repository: Repository, declared: int | None) -> int | None:
-    """Reserve, under the quota row lock, what one request may append to `upload` (None: no limit).
+def reserve_upload_room(upload: RegistryUpload, repository: Repository, wanted: int) -> RoomReserved:
+    """Reserve, under the quota row lock, up to `wanted` more bytes for `upload` beyond its file.
 
-    The reservation covers the declared length, or the whole room when none is declared (a streamed
-    body); `settle_upload_room` gives back what was not written."""
+    The reservation replaces the session's earlier one; `settle_upload_room` gives back what was not
+    written."""
     tenant = tenant_of(repository)
     if tenant is None:
-        return None  # the operators' public namespace has no quota
+        return RoomReserved(granted=wanted, left=wanted, lent=0)  # the operators' namespace: no quota
     quota.allocate(tenant, image_bytes=0)  # the quota row lock: reservations of one tenant serialize
     room = upload_room(tenant) or 0
     own = _on_disk(upload)
-    grant = max(room - uploading_bytes(tenant, besides=upload) - own, 0)
-    if declared is not None and declared <= grant:
-        grant = declared
-    RegistryUpload.objects.filter(pk=upload.pk).update(reserved=own + grant)
-    return grant
+    others = _sessions(tenant, upload)
+    left = max(room - sum(max(on_disk, reserved) for on_disk, reserved in others) - own, 0)
+    granted = min(wanted, left)
+    RegistryUpload.objects.filter(pk=upload.pk).update(reserved=own + granted)
+    lent = sum(max(reserved - on_disk, 0) for on_disk, reserved in others)
+    return RoomReserved(granted=granted, left=left, lent=lent)
 
 
 def settle_upload_room(upload: RegistryUpload) -> None:
