@@ -18,6 +18,7 @@ from compute.choices import HostLostPolicy, HostState, Isolation, RestartPolicy,
 from compute.compartments import Compartment
 from compute.models import Host, Workload
 from imaging.models import Image
+from imaging.services import require_ready
 from portal import operations
 from portal.errors import Conflict, Invalid, NotPermitted, ServiceError
 from portal.models import Operation
@@ -139,6 +140,9 @@ def create_workload(
     from compute import network_services, tasks
 
     _validate(spec, tenant)
+    # A pushed image is listed at once but runs only once its layers are unpacked: a clear 409 (with the
+    # operation to follow) rather than a workload stuck waiting on a push that may yet be refused.
+    require_ready(Image.objects.select_related("operation").get(pk=spec.image.pk), "workload.create")
     if spec.privileged:
         _check_privileged_allowed(tenant)
     if Workload.objects.filter(tenant=tenant, name=spec.name).exists():

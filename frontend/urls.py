@@ -36,6 +36,7 @@ urlpatterns = [
     path("images/<uuid:pk>/", views_compute.image_detail, name="image-detail"),
     path("images/<uuid:pk>/tag/", views_compute.image_tag, name="image-tag"),
     path("images/<uuid:pk>/delete/", views_compute.image_delete, name="image-delete"),
+    path("tenants/<uuid:pk>/repositories/", views_compute.repositories, name="repositories"),
     path("workloads/", views_compute.workloads, name="workloads"),
     path("workloads/create/", views_compute.workload_create, name="workload-create"),
     path("workloads/<uuid:pk>/", views_compute.workload_detail, name="workload-detail"),

@@ -42,6 +42,7 @@ from frontend.views_desired import mark_managed, workload_resource_key
 from imaging import services as imaging_services
 from imaging.api.views import PayloadTooLarge, StoredUpload, StoreUploadHandler, shared_layer_ids
 from imaging.models import Image, ImageLayer, pull_reference
+from imaging.repositories import tenant_repositories
 from portal.errors import Invalid, ServiceError
 from portal.models import Operation
 from portal.permissions import Action
@@ -111,10 +112,17 @@ def render_images(
     status: int = 200,
 ) -> HttpResponse:
     user = request.user
-    rows = images_for(request).select_related("tenant").annotate(layer_count=Count("image_layers"))
+    rows = list(
+        images_for(request).select_related("tenant", "operation").annotate(layer_count=Count("image_layers"))
+    )
+    registry_host = request.get_host()
+    for image in rows:
+        image.pull = pull_reference(image, registry_host)  # type: ignore[attr-defined]
     context: dict[str, Any] = {
         "tenant": current_tenant(request),
         "images": rows,
+        "unpacking": any(not image.ready and not image.unpack_failed for image in rows),
+        "registry_host": registry_host,
         "can_operate": may(request, "operate"),
         "import_form": import_form or f.ImageImportForm(),
         "pull_form": pull_form or f.ImagePullForm(),
@@ -236,6 +244,20 @@ def render_image_detail(
 @require_GET
 def image_detail(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     return render_image_detail(request, get_image_for_user(request, pk))
+
+
+@login_required
+@require_GET
+def repositories(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
+    """A tenant's registry repositories: tags, sizes, layers shared between its repositories."""
+    tenant = get_object_or_404(Tenant.objects.for_user(request.user, "view"), pk=pk)
+    registry_host = request.get_host()
+    context = {
+        "repo_tenant": tenant,
+        "repositories": tenant_repositories(tenant, registry_host),
+        "registry_host": registry_host,
+    }
+    return render(request, "frontend/repositories.html", context)
 
 
 @login_required

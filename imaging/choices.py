@@ -40,3 +40,9 @@ class ImageSource(models.TextChoices):
     TAG = "tag", "Tagged"
     PUBLISH = "publish", "Published"
     PUSH = "push", "Pushed to the built-in registry"
+
+
+class ImageState(models.TextChoices):
+    READY = "ready", "Ready"
+    # A pushed image is an Image from its manifest's 201 on; its layers are unpacked by its operation.
+    UNPACKING = "unpacking", "Unpacking layers"

@@ -10,4 +10,4 @@ class ImageFilterSet(django_filters.FilterSet):
 
     class Meta:
         model = Image
-        fields = ["name", "tag", "tenant", "source", "manifest_digest"]
+        fields = ["name", "tag", "tenant", "source", "manifest_digest", "state"]

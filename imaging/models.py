@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from imaging.choices import DEFAULT_PLATFORM, ImageSource
+from imaging.choices import DEFAULT_PLATFORM, ImageSource, ImageState
 from portal.permissions import Action, TenantOwnedQuerySet, acts_as_operator
 
 
@@ -60,6 +60,12 @@ class Image(models.Model):
     size = models.PositiveBigIntegerField(default=0)
     source = models.CharField(max_length=16, choices=ImageSource.choices, default=ImageSource.IMPORT)
     source_reference = models.CharField(max_length=500, blank=True)
+    # `unpacking`: listed, but no workload may use it until its operation unpacked the layers.
+    state = models.CharField(max_length=16, choices=ImageState.choices, default=ImageState.READY)
+    # The operation that unpacks a pushed image's layers (its progress is the image's).
+    operation = models.ForeignKey(
+        "portal.Operation", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = ImageQuerySet.as_manager()
@@ -80,6 +86,16 @@ class Image(models.Model):
     @property
     def reference(self) -> str:
         return f"{self.name}:{self.tag}"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == ImageState.READY
+
+    @property
+    def unpack_failed(self) -> bool:
+        """An unpacking image whose operation ended without it (a lost worker, a cancel)."""
+        op = self.operation
+        return not self.ready and (op is None or op.finished)
 
 
 class ImageLayer(models.Model):

@@ -116,6 +116,26 @@ def image_in_use(image: Image) -> bool:
     return bool(workload._default_manager.filter(image=image).exists())
 
 
+def require_ready(image: Image, audit_action: str = "") -> None:
+    """Refuse (409) to use an image whose pushed layers are not unpacked yet, saying how far it is."""
+    if image.ready:
+        return
+    op = image.operation
+    if image.unpack_failed:
+        reason = f": {op.error}" if op is not None and op.error else ""
+        raise Conflict(
+            f"The image {image} could not be unpacked{reason}. Push it again or delete it.",
+            field="image",
+            audit_action=audit_action,
+        )
+    progress = f" ({op.progress} %, operation {op.pk})" if op is not None else ""
+    raise Conflict(
+        f"The image {image} is still being unpacked{progress}; use it once it is ready.",
+        field="image",
+        audit_action=audit_action,
+    )
+
+
 def validate_name_tag(name: str, tag: str) -> None:
     if not NAME_RE.match(name) or len(name) > 200:
         raise Invalid(
@@ -467,12 +487,15 @@ def register_image(
     name, tag = op.params["name"], op.params["tag"]
     if tenant is not None:
         quota.allocate(tenant, image_bytes=0)  # takes the quota row lock: held-layer checks serialize
-    existing = Image.objects.filter(tenant=tenant, name=name, tag=tag).first()
+    existing = Image.objects.select_for_update().filter(tenant=tenant, name=name, tag=tag).first()
+    pending: Image | None = None
     if existing is not None:
-        if existing.manifest_digest == plan.manifest_digest:
+        if existing.manifest_digest != plan.manifest_digest:
+            raise Conflict(f"An image {name}:{tag} already exists.")
+        if existing.ready:
             operations.release_reserved_quota(op.pk)
             return existing
-        raise Conflict(f"An image {name}:{tag} already exists.")
+        pending = existing  # a pushed image listed since its manifest was accepted: completed here
     layers: list[Layer] = []
     for desc, result in zip(plan.manifest.layers, results, strict=True):
         layer, _ = Layer.objects.get_or_create(
@@ -501,22 +524,26 @@ def register_image(
                 "are in use. Delete images or ask an operator for more quota."
             ) from None
         TenantLayer.objects.bulk_create([TenantLayer(tenant=tenant, layer=layer) for layer in new.values()])
-    try:
-        with transaction.atomic():
-            image = Image.objects.create(
-                tenant=tenant,
-                name=name,
-                tag=tag,
-                manifest_digest=plan.manifest_digest,
-                config_digest=plan.manifest.config.digest,
-                platform=c.DEFAULT_PLATFORM,
-                config=plan.config.runtime,
-                size=plan.size,
-                source=source,
-                source_reference=reference[:500],
-            )
-    except IntegrityError:
-        raise Conflict(f"An image {name}:{tag} already exists.") from None
+    fields = {
+        "manifest_digest": plan.manifest_digest,
+        "config_digest": plan.manifest.config.digest,
+        "platform": c.DEFAULT_PLATFORM,
+        "config": plan.config.runtime,
+        "size": plan.size,
+        "source": source,
+        "source_reference": reference[:500],
+        "state": c.ImageState.READY,
+    }
+    if pending is not None:
+        ImageLayer.objects.filter(image=pending).delete()  # none, unless a killed run left some
+        Image.objects.filter(pk=pending.pk).update(**fields)
+        image = Image.objects.get(pk=pending.pk)
+    else:
+        try:
+            with transaction.atomic():
+                image = Image.objects.create(tenant=tenant, name=name, tag=tag, **fields)
+        except IntegrityError:
+            raise Conflict(f"An image {name}:{tag} already exists.") from None
     ImageLayer.objects.bulk_create(
         [ImageLayer(image=image, layer=layer, position=i) for i, layer in enumerate(layers)]
     )
@@ -661,9 +688,9 @@ def run_pull(op_id: str, progress: Progress) -> dict[str, Any]:
 def run_push(op_id: str, progress: Progress) -> dict[str, Any]:
     """Unpack an image pushed to the built-in registry (the checks of imports) and register it.
 
-    The manifest and its blobs are in the store already (verified when pushed). A tag that named
-    another image of the tenant moves: that image is replaced unless a workload uses it. On failure
-    the tag this push set is removed again, so a refused image is not pullable under it.
+    The manifest and its blobs are in the store already (verified when pushed), and the Image is listed
+    (`unpacking`) since the manifest PUT (`list_pushed_image`); this completes it. On failure the image
+    and the tag this push set are removed again, so a refused image is neither listed nor pullable.
     """
     op = Operation.objects.select_related("tenant", "actor").get(pk=op_id)
     store = get_store()
@@ -684,7 +711,10 @@ def run_push(op_id: str, progress: Progress) -> dict[str, Any]:
             )
         )
         lease.add(*_plan_digests(plan))
-        _replace_retagged_image(op, plan)
+        image = _pushed_image(op)
+        if image.ready:  # a repeated run of a finished push
+            progress(100, "Pushed", force=True)
+            return {"image": str(image.pk), "manifest_digest": image.manifest_digest, "warnings": []}
         results = _unpack(store, plan, progress)
         image = register_image(
             op=op, plan=plan, results=results, source=c.ImageSource.PUSH, reference=op.params["repository"]
@@ -708,17 +738,68 @@ def run_push(op_id: str, progress: Progress) -> dict[str, Any]:
     }
 
 
-def _replace_retagged_image(op: Operation, plan: oci.ImagePlan) -> None:
-    existing = Image.objects.filter(tenant=op.tenant, name=op.params["name"], tag=op.params["tag"]).first()
-    if existing is None or existing.manifest_digest == plan.manifest_digest:
-        return
-    if image_in_use(existing):
-        raise Conflict(f"A workload uses the image {existing}; the pushed tag cannot replace it.")
-    _delete_image(_actor_of(op), existing)
+def _pushed_image(op: Operation) -> Image:
+    """The Image the manifest PUT listed for this push (gone: deleted while its layers waited)."""
+    image = Image.objects.filter(
+        tenant=op.tenant,
+        name=op.params["name"],
+        tag=op.params["tag"],
+        manifest_digest=op.params["manifest_digest"],
+    ).first()
+    if image is None:
+        raise PushFailed("The image was deleted before its layers were unpacked.")
+    return image
+
+
+@transaction.atomic
+def list_pushed_image(
+    *, actor: Actor, op: Operation, tenant: Tenant | None, name: str, tag: str, plan: oci.ImagePlan
+) -> Image | None:
+    """At a tag push's manifest PUT: the Image of the tenant at once, `unpacking` until `op` ends.
+
+    A tag that named another image moves (that image is deleted, unless a workload uses it: then the
+    push is refused before anything changed). The same manifest again: None (nothing new to unpack)
+    when its image is ready or still being unpacked by an earlier push."""
+    existing = Image.objects.select_for_update().filter(tenant=tenant, name=name, tag=tag).first()
+    if existing is not None:
+        if existing.manifest_digest == plan.manifest_digest and not existing.unpack_failed:
+            return None
+        if image_in_use(existing):
+            raise Conflict(
+                f"A workload uses the image {existing}; delete the workload or push another tag.",
+                audit_action="registry.push",
+            )
+        if existing.ready:
+            _delete_image(actor, existing)
+        else:
+            existing.delete()  # a failed unpack: no layers, no quota of its own
+    image = Image.objects.create(
+        tenant=tenant,
+        name=name,
+        tag=tag,
+        manifest_digest=plan.manifest_digest,
+        config_digest=plan.manifest.config.digest,
+        platform=c.DEFAULT_PLATFORM,
+        config=plan.config.runtime,
+        size=plan.size,
+        source=c.ImageSource.PUSH,
+        state=c.ImageState.UNPACKING,
+        operation=op,
+    )
+    Operation.objects.filter(pk=op.pk).update(target_type="image", target_id=str(image.pk))
+    return image
 
 
 def _fail_push(op: Operation, message: str, cause: BaseException | None = None) -> NoReturn:
     _record_failure(op, "image.push", message)
+    # A refused image is neither listed nor pullable under its tag (the digest stays, like any manifest).
+    Image.objects.filter(
+        tenant=op.tenant,
+        name=op.params["name"],
+        tag=op.params["tag"],
+        manifest_digest=op.params["manifest_digest"],
+        state=c.ImageState.UNPACKING,
+    ).delete()
     RegistryTag.objects.filter(
         tenant=op.tenant,
         repository=op.params["name"],
@@ -744,6 +825,7 @@ def _held_digests(tenant: Tenant | None, digests: Iterable[str]) -> set[str]:
 
 
 def _copy_image(actor: Actor, image: Image, tenant: Tenant | None, name: str, tag: str, source: str) -> Image:
+    require_ready(image)
     try:
         with transaction.atomic():
             copy = Image.objects.create(

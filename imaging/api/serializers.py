@@ -32,6 +32,11 @@ class ImageSerializer(serializers.ModelSerializer):
         help_text="Where podman or skopeo pull it from the built-in registry (an API token is the password)."
     )
     layers = ImageLayerSerializer(source="image_layers", many=True, read_only=True)
+    state = serializers.SerializerMethodField(
+        help_text="ready; unpacking (a pushed image whose layers its operation is unpacking: workloads "
+        "cannot use it yet); failed (its unpacking ended without it)."
+    )
+    progress = serializers.SerializerMethodField(help_text="Percent of the unpacking done (100 when ready).")
 
     class Meta:
         model = Image
@@ -50,6 +55,9 @@ class ImageSerializer(serializers.ModelSerializer):
             "size",
             "source",
             "source_reference",
+            "state",
+            "operation",
+            "progress",
             "config",
             "layers",
             "created_at",
@@ -59,6 +67,14 @@ class ImageSerializer(serializers.ModelSerializer):
     def get_pull_reference(self, obj: Image) -> str | None:
         request = self.context.get("request")
         return pull_reference(obj, request.get_host()) if request is not None else None
+
+    def get_state(self, obj: Image) -> str:
+        return "failed" if obj.unpack_failed else obj.state
+
+    def get_progress(self, obj: Image) -> int:
+        if obj.ready:
+            return 100
+        return obj.operation.progress if obj.operation is not None else 0
 
     def get_tenant_name(self, obj: Image) -> str | None:
         return obj.tenant.name if obj.tenant is not None else None

@@ -134,7 +134,9 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionL
 
     def base_queryset(self) -> QuerySet[Image]:
         layers = ImageLayer.objects.select_related("layer").order_by("position")
-        return Image.objects.select_related("tenant").prefetch_related(Prefetch("image_layers", layers))
+        return Image.objects.select_related("tenant", "operation").prefetch_related(
+            Prefetch("image_layers", layers)
+        )
 
     def initialize_request(self, request: Any, *args: Any, **kwargs: Any) -> Request:
         drf_request = super().initialize_request(request, *args, **kwargs)

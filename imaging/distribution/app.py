@@ -121,7 +121,7 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         elif route is not None:
             await _referrers(send, repository, route["reference"], query)
     except push.RegistryRefusal as refusal:
-        if isinstance(refusal, push.Denied) and grant.principal is not None:
+        if isinstance(refusal, push.Denied | push.InUse) and grant.principal is not None:
             await sync_to_async(_audit_denied)(
                 grant.principal,
                 refusal.audit_action or f"registry.{action}",

@@ -32,7 +32,7 @@ from imaging.distribution.access import Principal, Repository
 from imaging.models import Image, RegistryBlob, RegistryManifest, RegistryTag, RegistryUpload, TenantLayer
 from imaging.store import DigestMismatch, SizeMismatch
 from portal import operations
-from portal.errors import ServiceError
+from portal.errors import Conflict, ServiceError
 from tenants import audit, quota
 from tenants.actors import Actor
 from tenants.models import Quota, Tenant
@@ -505,7 +505,7 @@ def put_manifest(
     A tag naming a runnable image queues its unpacking as an operation (Image of the tenant when done),
     charging `image_bytes` for its new layers now: an image the quota cannot hold is refused.
     """
-    from imaging.services import LEASE_AFTER_COMMIT, reserve_image_bytes, validate_name_tag
+    from imaging.services import LEASE_AFTER_COMMIT, validate_name_tag
 
     digest = oci.sha256_digest(body)
     by_digest = reference.startswith("sha256:")
@@ -558,9 +558,7 @@ def put_manifest(
                     tenant=tenant, repository=repository.image_name, tag=tag, defaults={"manifest": manifest}
                 )
             if plan is not None:
-                op = _start_image_push(actor, tenant, repository, tag, digest)
-                reserve_image_bytes(op, plan.manifest.layers, Denied)
-                operation_id = str(op.pk)
+                operation_id = _list_image(actor, tenant, repository, tag, plan)
             audit.record(
                 actor,
                 "registry.push",
@@ -578,7 +576,26 @@ def put_manifest(
         exc.audit_action = "registry.push"
         lease.release()
         raise
+    except Conflict as exc:
+        lease.release()
+        raise InUse(exc.message, audit_action="registry.push") from None
     return Pushed(digest, operation_id)
+
+
+def _list_image(
+    actor: Actor, tenant: Tenant | None, repository: Repository, tag: str, plan: oci.ImagePlan
+) -> str | None:
+    """Queue the unpacking of a tag push's image and list the Image at once (in the PUT's transaction:
+    the 201 is sent only once the Image row is committed); the operation that unpacks it."""
+    from imaging.services import list_pushed_image, reserve_image_bytes
+
+    image = Image.objects.filter(tenant=tenant, name=repository.image_name, tag=tag).first()
+    if image is not None and image.manifest_digest == plan.manifest_digest and not image.unpack_failed:
+        return str(image.operation_id) if image.operation_id and not image.ready else None
+    op = _start_image_push(actor, tenant, repository, tag, plan.manifest_digest)
+    reserve_image_bytes(op, plan.manifest.layers, Denied)
+    list_pushed_image(actor=actor, op=op, tenant=tenant, name=repository.image_name, tag=tag, plan=plan)
+    return str(op.pk)
 
 
 def _start_image_push(

@@ -123,6 +123,9 @@ UI_ROUTES: dict[str, UiRoute] = {
     "image-detail": UiRoute(obj=_image, acts="view"),
     "image-tag": UiRoute(method="POST", obj=_image, acts="operate"),
     "image-delete": UiRoute(method="POST", obj=_image, acts="operate"),
+    "repositories": UiRoute(
+        obj=lambda w, o: (w.acme if o == "acme" else w.globex).pk, acts="view", staff_sees_all=True
+    ),
     "workloads": UiRoute(),
     "workload-create": UiRoute(method="POST", acts="operate"),
     "workload-detail": UiRoute(obj=_workload, acts="view"),
