@@ -111,6 +111,11 @@ class Store:
         another owner. A file that changes while hashed raises ``ValueError``, as does a path
         that is not a regular file (a symlink, a directory: left where it is).
         """
+    def ingest_hashed(self, path: _Path, digest: str, size: int) -> tuple[str, int]:
+        """Takes a file whose digest the caller computed while writing every byte of it (moved into
+        the store without reading it again); ``SizeMismatch`` if it is not ``size`` bytes."""
+    def start_writeback(self, fd: int) -> None:
+        """Queues writeback of what is dirty in an open file, not waiting for it."""
     def ingest_fd(
         self, fd: int, expected_digest: str | None = None, expected_size: int | None = None
     ) -> tuple[str, int]:

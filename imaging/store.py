@@ -195,6 +195,18 @@ class LayerStore:
         """
         return self._native.ingest_path(os.fspath(path), digest, size, consume)
 
+    def ingest_hashed(self, path: str | os.PathLike[str], *, digest: str, size: int) -> tuple[str, int]:
+        """Stores a file the caller wrote itself and hashed while writing: moved into place (fsynced
+        once) without being read again. Only for files nothing else could write (an upload the
+        caller received): the store checks the size, the single link and the owner, not the bytes.
+        A file of another size raises ``SizeMismatch`` and is gone."""
+        return self._native.ingest_hashed(os.fspath(path), digest, size)
+
+    def start_writeback(self, fd: int) -> None:
+        """Lets the kernel start writing an open file's dirty pages now, so that the fsync that
+        makes it durable later has little left to wait for."""
+        self._native.start_writeback(fd)
+
     def ingest_fd(self, fd: int, *, digest: str | None = None, size: int | None = None) -> tuple[str, int]:
         """Stores what an open descriptor yields from its current offset (the fd stays open)."""
         return self._native.ingest_fd(fd, digest, size)

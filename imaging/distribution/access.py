@@ -148,15 +148,20 @@ def verify_token(raw: str) -> Grant | None:
     except signing.BadSignature:
         return None
     principal = None
-    if payload.get("u") is not None:
+    if payload.get("t") is not None:
+        # The API token and its user in one query: both must still be active.
+        token = (
+            ApiToken.objects.select_related("user", "tenant")
+            .filter(pk=payload["t"], revoked_at__isnull=True, user__pk=payload.get("u"), user__is_active=True)
+            .first()
+        )
+        if token is None:
+            return None
+        principal = Principal(token.user, token)
+    elif payload.get("u") is not None:
         user = get_user_model().objects.filter(pk=payload["u"], is_active=True).first()
         if user is None:
             return None
-        token = None
-        if payload.get("t") is not None:
-            token = ApiToken.objects.filter(pk=payload["t"], revoked_at__isnull=True).first()
-            if token is None:
-                return None
-        principal = Principal(user, token)
+        principal = Principal(user, None)
     access = {name: frozenset(actions) for name, actions in payload.get("a", [])}
     return Grant(principal, access)

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +37,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 CHUNK_BYTES = 1024 * 1024
 # Blob bodies go out in larger messages: fewer hops between the event loop, threads and Twisted.
 SEND_CHUNK_BYTES = 4 * 1024 * 1024
+# The ASGI zero-copy extension (the server sends a file with sendfile); portal.daphne_streaming offers it.
+ZEROCOPY = "http.response.zerocopy"
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 UPLOAD_ROUTE_RE = re.compile(r"^/v2/(?P<name>.+?)/blobs/uploads/?(?P<upload>[^/]*)$")
@@ -94,7 +97,7 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         return
     grant = await _grant_from_headers(headers)
     if action == "pull":
-        if grant is None or not await sync_to_async(grant.allows)(repository.name, "pull"):
+        if grant is None or not await _allows(grant, repository.name, "pull"):
             await _deny(grant, repository, "pull")
             await _challenge(send, headers, scope_text=f"repository:{repository.name}:pull")
             return
@@ -117,7 +120,8 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
             if method == "DELETE":
                 await _delete_blob(send, grant, repository, route["reference"])
             else:
-                await _blob(send, method, headers, repository, route["reference"])
+                zerocopy = ZEROCOPY in (scope.get("extensions") or {})
+                await _blob(send, method, headers, repository, route["reference"], zerocopy)
         elif route is not None:
             await _referrers(send, repository, route["reference"], query)
     except push.RegistryRefusal as refusal:
@@ -153,7 +157,7 @@ async def _authorized(
     if grant is None or grant.principal is None:
         await _challenge(send, headers, scope_text=scope_text)
         return False
-    if await sync_to_async(grant.allows)(repository.name, action):
+    if await _allows(grant, repository.name, action):
         return True
     may = await sync_to_async(access.granted_actions)(grant.principal, repository, [action])
     if may:
@@ -179,6 +183,13 @@ async def _grant_from_headers(headers: dict[str, str]) -> Grant | None:
         # Basic on the resource itself (curl): every repository the user may pull, checked per request.
         return _BasicGrant(principal)
     return None
+
+
+async def _allows(grant: Grant, name: str, action: str) -> bool:
+    """A bearer token's grant is read from the token itself (no thread hop); Basic asks the database."""
+    if isinstance(grant, _BasicGrant):
+        return bool(await sync_to_async(grant.allows)(name, action))
+    return grant.allows(name, action)
 
 
 class _BasicGrant(Grant):
@@ -352,7 +363,7 @@ def blob_path_in(repository: Repository, digest: str) -> str | None:
 
 
 async def _blob(
-    send: Send, method: str, headers: dict[str, str], repository: Repository, digest: str
+    send: Send, method: str, headers: dict[str, str], repository: Repository, digest: str, zerocopy: bool
 ) -> None:
     if not DIGEST_RE.match(digest):
         await _error(send, 400, "DIGEST_INVALID", "not a sha256 digest")
@@ -389,6 +400,11 @@ async def _blob(
     await send({"type": "http.response.start", "status": status, "headers": BASE_HEADERS + response_headers})
     if method == "HEAD" or size == 0:
         await send({"type": "http.response.body", "body": b""})
+        return
+    if zerocopy and method == "GET":
+        # The server sends the file itself (sendfile): no byte of it passes through Python.
+        with open(path, "rb") as handle:
+            await send({"type": ZEROCOPY, "file": handle, "offset": start, "count": end - start + 1})
         return
     handle = await asyncio.to_thread(open, path, "rb")
     try:
@@ -483,19 +499,47 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _append_body(receive: Receive, path: str, room: RoomGrant | None) -> int:
+class _UploadWriter:
+    """Appends to an upload's file from a worker thread, hashing what it writes (the PUT then need
+    not read the file again) and letting the kernel write it back as it goes (the store's fsync at
+    the PUT is then short)."""
+
+    WRITEBACK_BYTES = 16 * 1024 * 1024
+
+    def __init__(self, handle: Any, hashed: push.UploadHash | None) -> None:
+        self.handle = handle
+        self.hashed = hashed
+        self.unsynced = 0
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.handle.write(data)
+        if self.hashed is not None:
+            self.hashed.hasher.update(data)
+            self.hashed.size += len(data)
+        self.unsynced += len(data)
+        if self.unsynced >= self.WRITEBACK_BYTES:
+            from imaging.services import get_store
+
+            self.handle.flush()
+            get_store().start_writeback(self.handle.fileno())
+            self.unsynced = 0
+
+
+async def _append_body(receive: Receive, upload: Any, room: RoomGrant | None) -> int:
     """Append the request body to the upload's file in bounded chunks, within the room `room` grants.
 
     The file is locked while written, so two requests cannot interleave bytes in one upload.
     """
     import fcntl
 
-    handle = await asyncio.to_thread(open, path, "ab")
+    handle = await asyncio.to_thread(open, str(push.upload_path(upload)), "ab")
     try:
         try:
             await asyncio.to_thread(fcntl.flock, handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise push.RegistryRefusal("another request is writing this upload") from None
+        size_now = (await asyncio.to_thread(os.fstat, handle.fileno())).st_size
+        writer = _UploadWriter(handle, push.upload_hash(upload, size_now))
         written = 0
         pending = bytearray()
         more = True
@@ -508,17 +552,22 @@ async def _append_body(receive: Receive, path: str, room: RoomGrant | None) -> i
             if room is not None and written + len(chunk) > room.limit:
                 # Past the reservation: what is buffered goes to disk first, so the store's count of
                 # the session (its file) is exact when more room is asked for.
-                await asyncio.to_thread(handle.write, bytes(pending))
-                pending.clear()
-                await asyncio.to_thread(handle.flush)
+                await asyncio.to_thread(writer.write, pending)
+                pending = bytearray()
                 await room.extend(written, written + len(chunk))
             written += len(chunk)
+            if not pending and len(chunk) >= CHUNK_BYTES:
+                await asyncio.to_thread(writer.write, chunk)  # large enough as it came: no copy
+                continue
             pending += chunk
             if len(pending) >= CHUNK_BYTES or (not more and pending):
-                await asyncio.to_thread(handle.write, bytes(pending))
-                pending.clear()
+                await asyncio.to_thread(writer.write, pending)
+                pending = bytearray()
         await asyncio.to_thread(handle.flush)
         return written
+    except BaseException:
+        push.forget_upload_hash(upload)  # what reached the file is not known exactly
+        raise
     finally:
         await asyncio.to_thread(handle.close)
 
@@ -577,7 +626,7 @@ async def _write_upload(
                 await room.reserve(0, RoomGrant.STEP_BYTES, 0)
             elif not await room.reserve(0, declared, declared):
                 raise _BodyTooLarge
-        await _append_body(receive, str(push.upload_path(upload)), room)
+        await _append_body(receive, upload, room)
     except _BodyTooLarge:
         await sync_to_async(push.cancel_upload)(upload)
         left = room.left if room is not None else 0

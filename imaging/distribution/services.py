@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -255,6 +256,49 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return "sha256:" + digest.hexdigest(), size
 
 
+@dataclass
+class UploadHash:
+    """SHA-256 of an upload's bytes as this process wrote them (`size` of them, from the first)."""
+
+    hasher: Any
+    size: int = 0
+
+
+# What this process hashed of each upload while writing it: a PUT of an upload it received whole
+# needs no second read of the bytes. Bounded; a missing or stale entry only means the store hashes
+# the file at the PUT.
+_HASHED: OrderedDict[str, UploadHash] = OrderedDict()
+MAX_HASHED = 256
+
+
+def upload_hash(upload: RegistryUpload, size_now: int) -> UploadHash | None:
+    """The running hash to extend with bytes appended at `size_now`; None when this process did not
+    see the bytes before (another process wrote them): the PUT then hashes the file."""
+    key = str(upload.pk)
+    entry = _HASHED.get(key)
+    if entry is not None and entry.size == size_now:
+        _HASHED.move_to_end(key)
+        return entry
+    _HASHED.pop(key, None)
+    if size_now != 0:
+        return None
+    entry = _HASHED[key] = UploadHash(hashlib.sha256())
+    while len(_HASHED) > MAX_HASHED:
+        _HASHED.popitem(last=False)
+    return entry
+
+
+def forget_upload_hash(upload: RegistryUpload) -> None:
+    _HASHED.pop(str(upload.pk), None)
+
+
+def _hashed_digest(upload: RegistryUpload, size: int) -> str | None:
+    entry = _HASHED.pop(str(upload.pk), None)
+    if entry is None or entry.size != size:
+        return None
+    return "sha256:" + entry.hasher.hexdigest()
+
+
 def finish_upload(principal: Principal, repository: Repository, upload: RegistryUpload, digest: str) -> int:
     """Verify the upload against `digest`, keep the blob, record that the tenant proved it; its size.
 
@@ -270,14 +314,21 @@ def finish_upload(principal: Principal, repository: Repository, upload: Registry
     try:
         size = path.stat().st_size
         _refuse_beyond_room(tenant, size, digest)
+        # Hashed while it was written (this process received every byte): not read a second time.
+        hashed = _hashed_digest(upload, size)
+        if hashed is not None and hashed != digest:
+            raise DigestInvalid("The uploaded content does not match the digest.")
         if store.has_blob(digest):
             # Present already (maybe another tenant's): only the uploaded bytes themselves prove it.
-            got, size = _hash_file(path)
+            got = hashed or _hash_file(path)[0]
             if got != digest:
                 raise DigestInvalid("The uploaded content does not match the digest.")
         else:
             try:
-                _, size = store.ingest_path(path, digest=digest, consume=True)
+                if hashed is not None:
+                    _, size = store.ingest_hashed(path, digest=digest, size=size)
+                else:
+                    _, size = store.ingest_path(path, digest=digest, consume=True)
             except (DigestMismatch, SizeMismatch):
                 raise DigestInvalid("The uploaded content does not match the digest.") from None
             except ValueError as exc:

@@ -230,6 +230,77 @@ impl Store {
         self.publish(&file, &mut guard, digest, count, 0)
     }
 
+    /// Takes a file whose digest the caller computed over every byte it wrote into it (an upload
+    /// it received itself): moved into `ingest/` and renamed into `blobs/` like
+    /// [`Store::ingest_consume`], without reading it again. Only what can be checked without
+    /// reading is checked: a regular file of exactly `size` bytes with one link, owned by this
+    /// user (else it falls back to a copying ingest, which hashes what it copies). The caller
+    /// vouches that nothing else wrote to it; use `ingest_consume` when in doubt.
+    pub fn ingest_hashed(&self, path: &Path, digest: Digest, size: u64) -> Result<Ingested> {
+        let shown = || path.display().to_string();
+        let file = openat(
+            CWD,
+            path,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map(File::from)
+        .map_err(|e| match e {
+            Errno::LOOP => StoreError::Invalid(format!("{} is a symlink", shown())),
+            e => StoreError::Io {
+                context: format!("opening {}", shown()),
+                source: e.into(),
+            },
+        })?;
+        let st = fstat(&file).ctx(|| format!("inspecting {}", shown()))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(StoreError::Invalid(format!(
+                "{} is not a regular file",
+                shown()
+            )));
+        }
+        let ours = st.st_nlink == 1 && st.st_uid == rustix::process::geteuid().as_raw();
+        if !ours {
+            let r = self.ingest_reader(file, Some(digest), Some(size));
+            remove_file_quiet(path);
+            return r;
+        }
+        if st.st_size as u64 != size {
+            remove_file_quiet(path);
+            return Err(StoreError::SizeMismatch {
+                expected: size,
+                actual: st.st_size as u64,
+            });
+        }
+        if let Some(done) = self.present(Some(&digest), Some(size))? {
+            remove_file_quiet(path);
+            return Ok(done);
+        }
+        let tmp = self.sub("ingest").join(random_name("blob-"));
+        match renameat_with(CWD, path, CWD, &tmp, RenameFlags::NOREPLACE) {
+            Ok(()) => {}
+            Err(Errno::XDEV) => {
+                let r = self.ingest_reader(file, Some(digest), Some(size));
+                remove_file_quiet(path);
+                return r;
+            }
+            Err(e) => return Err(e).ctx(|| format!("moving {} into the store", shown())),
+        }
+        let mut guard = TempGuard::new(tmp);
+        let moved = statat(CWD, guard.path(), AtFlags::SYMLINK_NOFOLLOW)
+            .ctx(|| format!("inspecting {}", guard.path().display()))?;
+        if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino) || moved.st_size as u64 != size {
+            return Err(StoreError::Invalid(format!(
+                "{} changed while it was being ingested",
+                shown()
+            )));
+        }
+        if fchmod(&file, Mode::from_raw_mode(0o644)).is_err() {
+            return self.ingest_reader(file, Some(digest), Some(size));
+        }
+        self.publish(&file, &mut guard, digest, size, 0)
+    }
+
     /// Moves a verified temp file into `blobs/` (fsyncing it first in a durable store); if the
     /// blob is already there, the temp is dropped. `wrote` is what this ingest wrote itself.
     fn publish(
@@ -515,6 +586,16 @@ fn hash_pipeline<R: Read + Send>(
     })
 }
 
+/// Queues writeback of what is dirty in `file` without waiting (a later fsync then finds little
+/// left to write).
+pub fn start_writeback_fd(fd: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a descriptor the caller keeps open; no memory is passed.
+    unsafe {
+        libc::sync_file_range(fd.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 fn start_writeback(file: &File) {
     use std::os::fd::AsRawFd;
     // Best effort: queue writeback of what is dirty so far without waiting for it.
@@ -693,6 +774,25 @@ mod tests {
         assert_eq!(again.written, 0);
         assert!(!src.exists());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn hashed_moves_the_file_and_checks_its_size() {
+        let (s, dir) = store();
+        let data = b"hashed by the one who wrote it".to_vec();
+        let src = dir.join("ingest").join("upload-a");
+        std::fs::write(&src, &data).unwrap();
+        let got = s
+            .ingest_hashed(&src, Digest::of(&data), data.len() as u64)
+            .unwrap();
+        assert_eq!(std::fs::read(s.blob_path(&got.digest)).unwrap(), data);
+        assert!(!src.exists());
+        let short = dir.join("ingest").join("upload-b");
+        std::fs::write(&short, b"abc").unwrap();
+        let err = s.ingest_hashed(&short, Digest::of(b"abcd"), 4).unwrap_err();
+        assert!(matches!(err, StoreError::SizeMismatch { .. }));
+        assert!(!short.exists());
+        assert!(!s.blob_path(&Digest::of(b"abcd")).exists());
     }
 
     #[test]

@@ -245,6 +245,33 @@ impl Store {
         .map_err(|e| to_py(py, e))
     }
 
+    /// Takes a file whose digest the caller computed while writing every byte of it (moved into
+    /// the store without reading it again); returns (digest, size).
+    fn ingest_hashed(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        digest: &str,
+        size: u64,
+    ) -> PyResult<(String, u64)> {
+        let exp = self::digest(py, digest)?;
+        let inner = self.inner.clone();
+        py.detach(move || inner.ingest_hashed(&path, exp, size))
+            .map(|r| (r.digest.to_string(), r.size))
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// Queues writeback of what is dirty in an open file (not waiting): a later fsync is short.
+    fn start_writeback(&self, py: Python<'_>, fd: i32) -> PyResult<()> {
+        if fd < 0 {
+            return Err(PyValueError::new_err("negative file descriptor"));
+        }
+        // SAFETY: the caller keeps the descriptor open for this call.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        py.detach(|| crate::ingest::start_writeback_fd(borrowed));
+        Ok(())
+    }
+
     /// Ingests from an open file descriptor (read from its current offset; not closed).
     #[pyo3(signature = (fd, expected_digest=None, expected_size=None))]
     fn ingest_fd(
