@@ -21,6 +21,7 @@ import json
 import os
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -95,7 +96,15 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
     if action is None:
         await _error(send, 405, "UNSUPPORTED", "this method is not supported here")
         return
-    grant = await _grant_from_headers(headers)
+    looked_up: _LookedUp | None = None
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if action == "pull" and route is not None and route["kind"] == "manifests" and scheme.lower() == "bearer":
+        # The commonest request (a manifest pull with a bearer token): one trip to the database thread.
+        grant, looked_up = await sync_to_async(_bearer_manifest_pull)(
+            token.strip(), repository, route["reference"]
+        )
+    else:
+        grant = await _grant_from_headers(headers)
     if action == "pull":
         if grant is None or not await _allows(grant, repository.name, "pull"):
             await _deny(grant, repository, "pull")
@@ -115,7 +124,7 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
             elif method == "DELETE":
                 await _delete_manifest(send, grant, repository, route["reference"])
             else:
-                await _manifest(send, method, repository, route["reference"])
+                await _manifest(send, method, repository, route["reference"], looked_up)
         elif route is not None and route["kind"] == "blobs":
             if method == "DELETE":
                 await _delete_blob(send, grant, repository, route["reference"])
@@ -322,11 +331,35 @@ def _find_manifest(repository: Repository, reference: str) -> tuple[bytes, str, 
     return body, digest, media_type
 
 
-async def _manifest(send: Send, method: str, repository: Repository, reference: str) -> None:
+@dataclass(frozen=True)
+class _LookedUp:
+    """A manifest looked up together with the token's check (`found` None: no such manifest)."""
+
+    found: tuple[bytes, str, str] | None
+
+
+def _bearer_manifest_pull(
+    token: str, repository: Repository, reference: str
+) -> tuple[Grant | None, _LookedUp | None]:
+    """The grant of a bearer token and, when it may pull the repository, the manifest it asks for."""
+    grant = access.verify_token(token) if token else None
+    if grant is None or not grant.allows(repository.name, "pull"):
+        return grant, None
+    if not (DIGEST_RE.match(reference) or TAG_RE.match(reference)):
+        return grant, None
+    return grant, _LookedUp(_find_manifest(repository, reference))
+
+
+async def _manifest(
+    send: Send, method: str, repository: Repository, reference: str, looked_up: _LookedUp | None = None
+) -> None:
     if not (DIGEST_RE.match(reference) or TAG_RE.match(reference)):
         await _error(send, 400, "MANIFEST_INVALID", "not a tag or a sha256 digest")
         return
-    found = await sync_to_async(_find_manifest)(repository, reference)
+    if looked_up is not None:
+        found = looked_up.found
+    else:
+        found = await sync_to_async(_find_manifest)(repository, reference)
     if found is None:
         await _error(send, 404, "MANIFEST_UNKNOWN", "no such manifest in this repository")
         return
