@@ -241,10 +241,15 @@ def load(workload_id: Any) -> Workload | None:
     return Workload.objects.select_related("host", "image", "tenant").filter(pk=workload_id).first()
 
 
+# States a workload is started from (a create, start, restart, or an exit its policy restarts).
+RESUMABLE_STATES = [WorkloadState.PENDING, WorkloadState.STOPPED, WorkloadState.FAILED, WorkloadState.UNKNOWN]
+
+
 def ensure_running(
     workload: Workload, progress: Progress = _noop_progress, *, first_start: bool = False
 ) -> str:
-    """Create (if needed) and start the workload's runtime; returns the resulting state.
+    """Create (if needed) and start the workload's runtime; returns the resulting state. The caller
+    holds the workload's lock.
 
     `first_start` (a create operation): only a workload that never ran is started. One that ran and
     ended meanwhile (the agent's re-sync resumes pending creations when it starts, and the agent loop
@@ -270,15 +275,17 @@ def ensure_running(
             state=WorkloadState.RUNNING,
         )
         return WorkloadState.RUNNING
+    # `creating` too: every caller holds the workload's lock, so a creation found half-done was cut
+    # short (its process died: killed, or lost to a signal) and is taken over, never reported as done.
     claimed = _advance(
         workload,
-        [WorkloadState.PENDING, WorkloadState.STOPPED, WorkloadState.FAILED, WorkloadState.UNKNOWN],
+        [*RESUMABLE_STATES, WorkloadState.CREATING],
         never_started=first_start,
         state=WorkloadState.CREATING,
         status_message="",
     )
     if not claimed:
-        # Another run (a redelivered task, the agent's re-sync) owns this creation.
+        # Ran and ended meanwhile (first_start), or is being stopped or deleted: not ours to start.
         return str(Workload.objects.values_list("state", flat=True).get(pk=workload.pk))
     failpoint("create.claimed")
     # Progress is reported only around slow steps: with the image's layers on the host a start takes
@@ -388,7 +395,10 @@ def wants_restart(workload: Workload, code: int | None) -> bool:
 
 
 def handle_exits(host: Host) -> list[str]:
-    """Record the exit of every container of this host that exited; restart per policy."""
+    """Record the exit of every container of this host that exited; restart per policy.
+
+    Under the workload's lock: while an operation on it is in flight (a create whose process has just
+    exited, a stop), the exit is left to a later round, so the restart its policy wants is not lost."""
     runtime = oci_runtime(host)
     handled = []
     for runtime_id in runtime.exited_ids():
@@ -399,21 +409,27 @@ def handle_exits(host: Host) -> list[str]:
         )
         if workload is None or workload.state not in (WorkloadState.RUNNING, WorkloadState.UNKNOWN):
             continue
-        code = runtime.state(runtime_id).exit_code
-        if not record_exit(workload, code, expected=[WorkloadState.RUNNING, WorkloadState.UNKNOWN]):
-            continue
-        handled.append(runtime_id)
-        workload.refresh_from_db()
-        if wants_restart(workload, code):
-            Workload.objects.filter(pk=workload.pk).update(restart_count=F("restart_count") + 1)
-            with workload_lock(workload, blocking=False) as mine:
-                if not mine:
-                    continue  # an operation on it is in flight and decides
-                try:
-                    ensure_running(workload)
-                except Exception:
-                    log.exception("restart of %s failed", workload.pk)
+        with workload_lock(workload, blocking=False) as mine:
+            if mine and _record_exit_and_restart(runtime, runtime_id, workload):
+                handled.append(runtime_id)
     return handled
+
+
+def _record_exit_and_restart(runtime: OciRuntime, runtime_id: str, workload: Workload) -> bool:
+    state = runtime.state(runtime_id)  # read under the lock: an operation may have started it again
+    if state.status != "stopped":
+        return False
+    code = state.exit_code
+    if not record_exit(workload, code, expected=[WorkloadState.RUNNING, WorkloadState.UNKNOWN]):
+        return False
+    workload.refresh_from_db()
+    if wants_restart(workload, code):
+        Workload.objects.filter(pk=workload.pk).update(restart_count=F("restart_count") + 1)
+        try:
+            ensure_running(workload)
+        except Exception:
+            log.exception("restart of %s failed", workload.pk)
+    return True
 
 
 def resync(host: Host, *, since: Any = None) -> dict[str, list[str]]:
@@ -525,21 +541,28 @@ def _fail_interrupted_operations(host: Host, since: Any) -> list[str]:
         return []
     from portal.models import Operation, OperationState
 
-    interrupted = []
-    stale = Operation.objects.filter(queue=host.queue, state=OperationState.RUNNING, started_at__lt=since)
-    for op in stale:
-        workload = Workload.objects.select_related("host").filter(pk=op.target_id).first()
-        if workload is not None and op.target_type == "workload":
-            with workload_lock(workload, blocking=False) as free:
-                if not free:
-                    continue  # its process is alive and working
-        if Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING).update(
+    def fail(op: Operation) -> None:
+        # Still running and still claimed before `since`: a task that claimed it again since is alive.
+        if Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING, started_at__lt=since).update(
             state=OperationState.FAILED,
             finished_at=timezone.now(),
             error=INTERRUPTED,
         ):
             operations.log_step(op.pk, "failed")
             interrupted.append(str(op.pk))
+
+    interrupted: list[str] = []
+    stale = Operation.objects.filter(queue=host.queue, state=OperationState.RUNNING, started_at__lt=since)
+    for op in stale:
+        workload = Workload.objects.select_related("host").filter(pk=op.target_id).first()
+        if workload is None or op.target_type != "workload":
+            fail(op)
+            continue
+        # A workload task holds the lock from before its claim to its finish (tasks.WorkloadTask): a
+        # free lock means no live process runs the operation, and it stays free while this one fails it.
+        with workload_lock(workload, blocking=False) as free:
+            if free:
+                fail(op)
     return interrupted
 
 

@@ -17,23 +17,36 @@ from portal.tasks import OperationTask
 from tenants.actors import Actor
 
 
+class WorkloadTask(OperationTask):
+    """An operation on one workload, run under the workload's lock on this host from before its claim
+    until it is finished: the agent's re-sync, which fails a running operation whose lock is free as
+    interrupted, can never catch a live task between its claim and its lock, or between its work and
+    its finish."""
+
+    abstract = True
+
+    @contextmanager
+    def held_while_running(self, op_id: str) -> Iterator[None]:
+        target_id = Operation.objects.filter(pk=op_id).values_list("target_id", flat=True).first()
+        workload = agent.load(target_id) if target_id else None
+        if workload is None:
+            yield
+            return
+        with agent.workload_lock(workload):
+            yield
+
+
 @contextmanager
 def workload_of(op_id: str, op: Operation | None = None) -> Iterator[tuple[Operation, Workload | None]]:
-    """The operation and its workload, held under the workload's lock on this host (agent.resync
-    relies on it). The workload is None when it is gone, before or while waiting for the lock.
-    `op`: the row as the task claimed it (saves reading it again)."""
+    """The operation and its workload, read now that the task holds the workload's lock (WorkloadTask).
+    The workload is None when it is gone. `op`: the row as the task claimed it (saves reading it again)."""
     if op is None or str(op.pk) != str(op_id):
         op = Operation.objects.get(pk=op_id)
-    workload = agent.load(op.target_id)
-    if workload is None:
-        yield op, None
-        return
-    with agent.workload_lock(workload):
-        yield op, agent.load(workload.pk)
+    yield op, agent.load(op.target_id)
 
 
-@app.task(base=OperationTask, bind=True, name="compute.create_workload")
-def create_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+@app.task(base=WorkloadTask, bind=True, name="compute.create_workload")
+def create_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
@@ -43,16 +56,16 @@ def create_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"state": agent.ensure_running(workload, self.progress, first_start=True)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.start_workload")
-def start_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+@app.task(base=WorkloadTask, bind=True, name="compute.start_workload")
+def start_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (_op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
         return {"state": agent.ensure_running(workload, self.progress)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.stop_workload")
-def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+@app.task(base=WorkloadTask, bind=True, name="compute.stop_workload")
+def stop_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
@@ -61,8 +74,8 @@ def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"state": workload.state, "exit_code": workload.exit_code}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.restart_workload")
-def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+@app.task(base=WorkloadTask, bind=True, name="compute.restart_workload")
+def restart_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
             return {"skipped": "workload deleted"}
@@ -72,8 +85,8 @@ def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"state": agent.ensure_running(workload, self.progress)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.delete_workload")
-def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+@app.task(base=WorkloadTask, bind=True, name="compute.delete_workload")
+def delete_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
             return {"skipped": "already deleted"}
@@ -86,8 +99,8 @@ def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"deleted": str(workload.pk)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.commit_workload")
-def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+@app.task(base=WorkloadTask, bind=True, name="compute.commit_workload")
+def commit_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
     from compute import commit
 
     with workload_of(op_id, self.operation) as (op, workload):
@@ -103,8 +116,8 @@ def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"image": str(image.pk)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.move_workload")
-def move_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
+@app.task(base=WorkloadTask, bind=True, name="compute.move_workload")
+def move_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
     """On the host a workload leaves: remove it here, then hand it to its new host."""
     with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:

@@ -118,9 +118,10 @@ def ensure_running(workload: Workload, progress: agent.Progress) -> str:
             state=WorkloadState.RUNNING,
         )
         return WorkloadState.RUNNING
+    # `creating` too: the caller holds the workload's lock, so a creation found half-done was cut short.
     if not agent.transition(
         workload,
-        [WorkloadState.PENDING, WorkloadState.STOPPED, WorkloadState.FAILED, WorkloadState.UNKNOWN],
+        [*agent.RESUMABLE_STATES, WorkloadState.CREATING],
         state=WorkloadState.CREATING,
         status_message="",
     ):
@@ -321,36 +322,55 @@ def handle_exits(host: Host) -> list[str]:
     runtime = vm_runtime(host)
     for workload in running:
         try:
-            state = runtime.state(workload.pk)
+            status: str = runtime.state(workload.pk).status
         except VmNotFound:
-            agent.transition(
-                workload, [workload.state], state=WorkloadState.FAILED, status_message="not found on the host"
-            )
-            continue
-        if state.status == "running":
+            status = "absent"
+        if status == "running":
             if workload.state == WorkloadState.UNKNOWN:
                 agent.transition(workload, [WorkloadState.UNKNOWN], state=WorkloadState.RUNNING)
             continue
-        code = state.exit_code
-        if state.status == "failed":
-            agent.transition(
-                workload,
-                [WorkloadState.RUNNING, WorkloadState.UNKNOWN],
-                state=WorkloadState.FAILED,
-                exit_code=code,
-                finished_at=timezone.now(),
-                status_message=f"the VM stopped unexpectedly ({state.reason})",
-            )
-        else:
-            agent.record_exit(workload, code, expected=[WorkloadState.RUNNING, WorkloadState.UNKNOWN])
-        handled.append(str(workload.pk))
-        workload.refresh_from_db()
-        if agent.wants_restart(workload, code):
-            from django.db.models import F
-
-            Workload.objects.filter(pk=workload.pk).update(restart_count=F("restart_count") + 1)
-            try:
-                ensure_running(workload, agent._noop_progress)
-            except Exception:
-                log.exception("restart of %s failed", workload.pk)
+        # Under the workload's lock (an operation in flight leaves it to a later round; its restart
+        # would take over the operation's creation), and looked at again under it.
+        with agent.workload_lock(workload, blocking=False) as mine:
+            if mine and _record_exit_and_restart(runtime, workload):
+                handled.append(str(workload.pk))
     return handled
+
+
+def _record_exit_and_restart(runtime: VmRuntime, workload: Workload) -> bool:
+    try:
+        state = runtime.state(workload.pk)
+    except VmNotFound:
+        agent.transition(
+            workload,
+            [WorkloadState.RUNNING, WorkloadState.UNKNOWN],
+            state=WorkloadState.FAILED,
+            status_message="not found on the host",
+        )
+        return False
+    if state.status == "running":
+        return False
+    code = state.exit_code
+    if state.status == "failed":
+        recorded = agent.transition(
+            workload,
+            [WorkloadState.RUNNING, WorkloadState.UNKNOWN],
+            state=WorkloadState.FAILED,
+            exit_code=code,
+            finished_at=timezone.now(),
+            status_message=f"the VM stopped unexpectedly ({state.reason})",
+        )
+    else:
+        recorded = agent.record_exit(workload, code, expected=[WorkloadState.RUNNING, WorkloadState.UNKNOWN])
+    if not recorded:
+        return False
+    workload.refresh_from_db()
+    if agent.wants_restart(workload, code):
+        from django.db.models import F
+
+        Workload.objects.filter(pk=workload.pk).update(restart_count=F("restart_count") + 1)
+        try:
+            ensure_running(workload, agent._noop_progress)
+        except Exception:
+            log.exception("restart of %s failed", workload.pk)
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from celery import Task
@@ -34,21 +35,28 @@ class OperationTask(Task):
     operation: Operation | None = None
 
     def __call__(self, op_id: str, *args: Any, **kwargs: Any) -> Any:
-        op = operations.claim(op_id)
-        if op is None:
-            log.info("operation %s is finished or cancelled; nothing to do", op_id)
-            return None
-        self.operation = op
-        self.progress = operations.Progress(op_id, op=op)
-        failpoint("operation.claimed")
-        try:
-            with operations.Heartbeat(op_id):
-                result = super().__call__(op_id, *args, **kwargs)
-        except Exception as exc:
-            operations.fail(op_id, tenant_message(exc), detail=operator_detail(exc))
-            raise
-        operations.finish(op_id, result=result if isinstance(result, dict) else None, op=op)
-        return result
+        with self.held_while_running(op_id):
+            op = operations.claim(op_id)
+            if op is None:
+                log.info("operation %s is finished or cancelled; nothing to do", op_id)
+                return None
+            self.operation = op
+            self.progress = operations.Progress(op_id, op=op)
+            failpoint("operation.claimed")
+            try:
+                with operations.Heartbeat(op_id):
+                    result = super().__call__(op_id, *args, **kwargs)
+            except Exception as exc:
+                operations.fail(op_id, tenant_message(exc), detail=operator_detail(exc))
+                raise
+            operations.finish(op_id, result=result if isinstance(result, dict) else None, op=op)
+            return result
+
+    def held_while_running(self, op_id: str) -> AbstractContextManager[Any]:
+        """What the task holds from before it claims the operation until the operation is finished
+        (a workload task: the workload's lock on its host, which the agent's re-sync reads as "a live
+        process works on it"). Nothing by default."""
+        return nullcontext()
 
 
 @app.task(base=OperationTask, bind=True, name="portal.selfcheck")

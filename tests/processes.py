@@ -69,10 +69,13 @@ def process(argv: list[str], log_name: str, **env: str) -> Iterator[subprocess.P
 
 @contextmanager
 def celery_worker(
-    queues: str = "default", name: str = "test", **env: str
+    queues: str = "default", name: str = "test", *, pool: str = "solo", **env: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A real Celery worker process consuming `queues` from the real Redis broker."""
-    argv = ["-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1", "-P", "solo"]
+    """A real Celery worker process consuming `queues` from the real Redis broker.
+
+    pool: "solo" runs tasks in the worker process itself; "prefork" in one pool process, as `make run`
+    does (a pool process that dies is replaced and its task redelivered)."""
+    argv = ["-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1", "-P", pool]
     argv += ["-n", f"{name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     with process(argv, f"test-worker-{name}.log", **env) as proc:
         yield proc
@@ -93,11 +96,17 @@ def celery_beat(name: str = "test", **env: str) -> Iterator[subprocess.Popen[byt
 
 @contextmanager
 def host_agent(
-    host: Any, worker_env: dict[str, str] | None = None, *, resynced: bool = False, **env: str
+    host: Any,
+    worker_env: dict[str, str] | None = None,
+    *,
+    resynced: bool = False,
+    pool: str = "solo",
+    **env: str,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A host's agent as on a real host: a Celery worker on `host.<id>` plus the agent loop process.
 
     worker_env: extra environment for the worker only (e.g. a failpoint that kills it mid-task).
+    pool: the worker's pool (see celery_worker).
     resynced: enter only once the loop has finished its re-sync at start and answers (a test that
     wants its request handled by the worker, not by that re-sync, waits for it).
     Yields the worker process (a test that kills it at a failpoint waits for it to be gone).
@@ -115,7 +124,9 @@ def host_agent(
         stderr=subprocess.STDOUT,
     )
     try:
-        with celery_worker(queues=host.queue, name=host.name, **env, **(worker_env or {})) as worker:
+        with celery_worker(
+            queues=host.queue, name=host.name, pool=pool, **env, **(worker_env or {})
+        ) as worker:
             if resynced:
                 wait_until(
                     lambda: host_rpc._redis().exists(host_rpc._alive_key(host.pk)),

@@ -2,12 +2,20 @@
 
 `host_netns` everywhere in this package is the name of the namespace that plays the host (None: the real
 root namespace). Tests build several hosts as namespaces on one machine; production passes None.
+
+Nothing here forks. pyroute2 makes namespaces and opens sockets in them from a forked copy of the
+calling process, which it ends with SIGTERM once it has answered: in a Celery pool process that copy
+runs the pool's inherited SIGTERM handler (billiard's raises SystemExit), skips its `os._exit`, unwinds
+the copied task and tells the Celery master, under the pool process's pid, that the pool process died,
+and the master SIGTERMs the real one mid-task (issue 16's `WorkerLostError: ... signal 15`). A short
+thread that joins (or unshares) the namespace does the same work without a second process.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,12 +24,17 @@ from pathlib import Path
 from typing import TypeVar
 
 from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
 
 from compute.network.names import validate_netns_name
 
 NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+MNT_DETACH = 2
+MS_BIND = 4096
+MS_REC = 16384
+MS_SHARED = 1 << 20
+NETLINK_ROUTE = 0
+_LIBC = ctypes.CDLL(None, use_errno=True)
 _OWNED_PREFIXES = ("bhb", "bhx", "bhv")
 
 T = TypeVar("T")
@@ -43,10 +56,34 @@ def ensure_netns(name: str) -> bool:
         return False
     path = Path(netns_path(name))
     if path.exists():
-        # A stale placeholder file from an interrupted create: pyroute2 would refuse it.
+        # A stale placeholder file from an interrupted create: it is mounted over again.
         path.unlink()
-    pyroute2_netns.create(name)
+    _in_own_thread(f"netns-create-{name}", lambda: _create_netns(path))
     return True
+
+
+def _create_netns(path: Path) -> None:
+    """iproute2's `ip netns add`, in a thread of its own that it leaves behind in the new namespace:
+    /run/netns a shared mount point, an empty file bind-mounted over by this thread's namespace."""
+    NETNS_RUN_DIR.mkdir(mode=0o755, exist_ok=True)
+    run_dir = bytes(NETNS_RUN_DIR)
+    if _LIBC.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None) != 0:
+        _check(_LIBC.mount(run_dir, run_dir, b"none", MS_BIND | MS_REC, None), "bind-mount", NETNS_RUN_DIR)
+        _check(_LIBC.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None), "share", NETNS_RUN_DIR)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    try:
+        _check(_LIBC.unshare(CLONE_NEWNET), "unshare a network namespace for", path)
+        # /proc/thread-self: unshare moved this thread only, not the process /proc/self names.
+        _check(_LIBC.mount(b"/proc/thread-self/ns/net", bytes(path), b"none", MS_BIND, None), "mount", path)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _check(result: int, doing: str, path: Path) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"cannot {doing} {path}: {os.strerror(errno)}", str(path))
 
 
 def delete_netns(name: str) -> bool:
@@ -54,18 +91,28 @@ def delete_netns(name: str) -> bool:
     path = Path(netns_path(name))
     if not path.exists():
         return False
-    pyroute2_netns.remove(name)
+    _LIBC.umount2(bytes(path), MNT_DETACH)  # a placeholder never mounted over: nothing to unmount
+    path.unlink(missing_ok=True)
     return True
 
 
 @contextmanager
 def iproute(netns: str | None) -> Iterator[IPRoute]:
     """An RTNL socket in `netns` (None: this process's namespace). Never creates the namespace."""
-    ipr = IPRoute() if netns is None else IPRoute(netns=validate_netns_name(netns), flags=0)
+    if netns is None:
+        ipr = IPRoute()
+    else:
+        validate_netns_name(netns)
+        # A socket stays in the namespace it was made in; pyroute2 owns (and closes) it from here.
+        ipr = IPRoute(fileno=run_in_netns(netns, _rtnl_socket_descriptor))
     try:
         yield ipr
     finally:
         ipr.close()
+
+
+def _rtnl_socket_descriptor() -> int:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_ROUTE).detach()
 
 
 def ns_command(argv: list[str], netns: str | None) -> list[str]:
@@ -84,23 +131,32 @@ def run_in_netns(netns: str | None, function: Callable[[], T]) -> T:
     if netns is None:
         return function()
     path = netns_path(netns)
+
+    def joined() -> T:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _LIBC.setns(fd, CLONE_NEWNET) != 0:
+                errno = ctypes.get_errno()
+                raise OSError(errno, os.strerror(errno), path)
+        finally:
+            os.close(fd)
+        return function()
+
+    return _in_own_thread(f"netns-{netns}", joined)
+
+
+def _in_own_thread(name: str, function: Callable[[], T]) -> T:
+    """`function`'s result (or exception), computed in a new thread that ends with it: a thread that
+    joined or made a namespace is never reused for anything else."""
     outcome: dict[str, object] = {}
 
     def target() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, os.strerror(errno), path)
-            finally:
-                os.close(fd)
             outcome["result"] = function()
         except BaseException as error:  # re-raised in the caller's thread
             outcome["error"] = error
 
-    thread = threading.Thread(target=target, name=f"netns-{netns}", daemon=True)
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     thread.join()
     if "error" in outcome:

@@ -38,6 +38,7 @@ import errno
 import fcntl
 import os
 import re
+import signal
 import stat
 import threading
 from collections import OrderedDict
@@ -276,7 +277,14 @@ def _new_user_namespace(mapping: IdMapping) -> int:
     # maps and opens /proc/<child>/ns/user, and the child exits. The fd keeps the namespace alive.
     ready_read, ready_write = os.pipe2(os.O_CLOEXEC)
     go_read, go_write = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    # The child is born with every signal blocked: no handler inherited from the caller (a Celery pool
+    # process's raises SystemExit) can run in it and carry it past its os._exit (issue 16).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     if pid == 0:  # the child only unshares and waits: no Python-level work after fork
         try:
             os.close(ready_read)
@@ -286,6 +294,7 @@ def _new_user_namespace(mapping: IdMapping) -> int:
             os.read(go_read, 1)
         finally:
             os._exit(0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(ready_write)
     os.close(go_read)
     try:
