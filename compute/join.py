@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def local_facts() -> dict[str, Any]:
     """Facts that need no database: the portal stores them; the agent refines them on start."""
     import platform
+    import shutil
 
     from compute.runtimes import probe
 
@@ -30,6 +31,8 @@ def local_facts() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count() or 1,
         "memory_mib": mem_kib // 1024,
+        # Capacity approved at join (the operator's token): later reports may not exceed it.
+        "disk_gib": shutil.disk_usage(ROOT / "var" if (ROOT / "var").is_dir() else ROOT).total // 1024**3,
         "kernel": platform.release(),
         "cgroup_mode": probe.cgroup_mode(),
     }

@@ -200,8 +200,27 @@ def apply_host(host: Host) -> ApplyReport:
         report = apply_host_network(state, netns, state_dir=state_dir(host))
     if not report.unchanged:
         log.info("network of %s: changed %s repaired %s", host.name, report.changed, report.repaired)
-    network_services.note_host_networks(host, _own_networks(netns))
+    note_own_networks(host, _own_networks(netns))
     return report
+
+
+def note_own_networks(host: Host, networks: list[IPv4Network]) -> None:
+    """Tell the portal the host's own networks (new subnets keep clear of them), when they changed."""
+    from compute.host_client import link_for
+
+    texts = sorted(str(network) for network in networks)[: host_reports_limit()]
+    if (host.facts or {}).get("networks") == texts:
+        return
+    try:
+        link_for(host).report_facts({"networks": texts})
+    except Exception:  # only advisory: the driver checks again on every apply
+        log.exception("could not report the host's networks")
+
+
+def host_reports_limit() -> int:
+    from compute.host_reports import MAX_HOST_NETWORKS
+
+    return MAX_HOST_NETWORKS
 
 
 def _own_networks(netns: str | None) -> list[IPv4Network]:

@@ -79,10 +79,7 @@ def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
             return {"skipped": "already deleted"}
         self.progress(20, "Removing from the host", force=True)
         agent.remove(workload, float(op.params.get("grace_seconds", 10)))
-        services.forget_workload(workload.pk)
-        agent.events.publish(
-            workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"}
-        )
+        agent.report_removed(workload)
         return {"deleted": str(workload.pk)}
 
 
