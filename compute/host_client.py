@@ -9,12 +9,15 @@ both kinds of host are checked alike. `link_for(host)` picks one; agent code see
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from datetime import datetime
 from typing import Any, Protocol
 
 import httpx
+
+from portal.tasks import OperationTask
 
 # Refusals the agent treats as "that is not (or no longer) mine": the workload was deleted or moved.
 NOT_FOUND = 404
@@ -285,3 +288,95 @@ def link_for(host: Any) -> PortalLink:
         if client is None:
             client = _clients[key] = HostApiClient(*remote)
         return client
+
+
+class RemoteProgress:
+    """`operations.Progress` for a host on its own machine: reported through the host API, at most
+    every `interval` seconds unless forced or at 100."""
+
+    def __init__(self, link: PortalLink, op_id: Any, interval: float = 0.25) -> None:
+        self.link = link
+        self.op_id = op_id
+        self.interval = interval
+        self._last = 0.0
+
+    def __call__(self, percent: float, message: str = "", *, force: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if not force and now - self._last < self.interval and percent < 100:
+            return
+        self._last = now
+        with contextlib.suppress(HostApiError):  # progress is advice: the work goes on
+            self.link.operation(self.op_id, "progress", percent=float(percent), message=message[:500])
+
+
+class RemoteHeartbeat:
+    """While a host's worker runs an operation, a thread tells the portal it is alive."""
+
+    def __init__(self, link: PortalLink, op_id: Any, seconds: float) -> None:
+        self.link = link
+        self.op_id = op_id
+        self.seconds = seconds
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{op_id}", daemon=True)
+
+    def __enter__(self) -> RemoteHeartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.seconds):
+            try:
+                self.link.operation(self.op_id, "heartbeat")
+            except HostApiError:  # at worst the portal's sweep calls it lost later
+                continue
+
+
+class HostOperationTask(OperationTask):
+    """An operation on a host's queue. A host on its own machine claims it, reports progress,
+    heartbeats and its outcome through the host API (`compute.host_reports.report_operation`: only
+    operations queued for that host); on the portal's machine the same `portal.operations` functions
+    that service calls are called directly."""
+
+    abstract = True
+
+    def __call__(self, op_id: str, *args: Any, **kwargs: Any) -> Any:
+        from portal.models import Operation
+
+        if remote_settings() is None:
+            return super().__call__(op_id, *args, **kwargs)
+        from celery import Task
+
+        from portal.errors import operator_detail, tenant_message
+        from portal.failpoints import failpoint
+        from portal.operations import heartbeat_seconds
+
+        link = link_for(None)
+        claimed = link.operation(op_id, "claim")
+        if claimed is None:
+            return None  # finished or cancelled: nothing to do
+        # The row as the portal answered it (never saved here): what the task body reads.
+        op = Operation(
+            id=claimed["id"],
+            kind=claimed["kind"],
+            state=claimed["state"],
+            target_type=claimed["target_type"],
+            target_id=claimed["target_id"] or "",
+            params=claimed["params"] or {},
+        )
+        self.operation = op
+        self.progress = RemoteProgress(link, op_id)  # type: ignore[assignment]
+        failpoint("operation.claimed")
+        try:
+            with RemoteHeartbeat(link, op_id, heartbeat_seconds()):
+                result = Task.__call__(self, op_id, *args, **kwargs)
+        except Exception as exc:
+            link.operation(op_id, "fail", error=tenant_message(exc), detail=operator_detail(exc))
+            raise
+        link.operation(op_id, "finish", result=result if isinstance(result, dict) else None)
+        return result

@@ -24,6 +24,7 @@ from typing import Any
 from compute import network_services
 from compute.choices import Isolation, WorkloadState
 from compute.compartments import Compartment, IPAllocation, PublishedPort
+from compute.host_client import HostOperationTask
 from compute.models import Host, Workload
 from compute.network import (
     ApplyReport,
@@ -41,7 +42,6 @@ from compute.network.netns import host_networks, iproute
 from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_in_netns, tap_name
 from portal.celery import app
 from portal.models import Operation
-from portal.tasks import OperationTask
 
 log = logging.getLogger(__name__)
 
@@ -307,10 +307,10 @@ def release(workload: Workload) -> None:
         apply_host(workload.host)
 
 
-@app.task(base=OperationTask, bind=True, name="compute.apply_host_network")
-def apply_network(self: OperationTask, op_id: str) -> dict[str, Any]:
+@app.task(base=HostOperationTask, bind=True, name="compute.apply_host_network")
+def apply_network(self: HostOperationTask, op_id: str) -> dict[str, Any]:
     """Re-apply a host's network after a published port changed (thin: load the host, apply)."""
-    op = Operation.objects.get(pk=op_id)
+    op = self.operation if self.operation is not None else Operation.objects.get(pk=op_id)
     host = Host.objects.filter(pk=op.params.get("host")).first()
     if host is None or not network_services.network_enabled(host):
         return {"skipped": "the host does not realise compartments"}

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 
-from compute import agent, hosts, services
+from compute import agent, host_client, hosts, services
 from compute.choices import WorkloadState
 from compute.models import Workload
 from portal.celery import app
@@ -32,7 +32,7 @@ def workload_of(op_id: str, op: Operation | None = None) -> Iterator[tuple[Opera
         yield op, agent.load(workload.pk)
 
 
-@app.task(base=OperationTask, bind=True, name="compute.create_workload")
+@app.task(base=host_client.HostOperationTask, bind=True, name="compute.create_workload")
 def create_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
@@ -43,7 +43,7 @@ def create_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"state": agent.ensure_running(workload, self.progress, first_start=True)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.start_workload")
+@app.task(base=host_client.HostOperationTask, bind=True, name="compute.start_workload")
 def start_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (_op, workload):
         if workload is None:
@@ -51,7 +51,7 @@ def start_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"state": agent.ensure_running(workload, self.progress)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.stop_workload")
+@app.task(base=host_client.HostOperationTask, bind=True, name="compute.stop_workload")
 def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
@@ -61,7 +61,7 @@ def stop_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"state": workload.state, "exit_code": workload.exit_code}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.restart_workload")
+@app.task(base=host_client.HostOperationTask, bind=True, name="compute.restart_workload")
 def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
@@ -72,7 +72,7 @@ def restart_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"state": agent.ensure_running(workload, self.progress)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.delete_workload")
+@app.task(base=host_client.HostOperationTask, bind=True, name="compute.delete_workload")
 def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     with workload_of(op_id, self.operation) as (op, workload):
         if workload is None:
@@ -83,7 +83,7 @@ def delete_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"deleted": str(workload.pk)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.commit_workload")
+@app.task(base=host_client.HostOperationTask, bind=True, name="compute.commit_workload")
 def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     from compute import commit
 
@@ -100,7 +100,7 @@ def commit_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         return {"image": str(image.pk)}
 
 
-@app.task(base=OperationTask, bind=True, name="compute.move_workload")
+@app.task(base=host_client.HostOperationTask, bind=True, name="compute.move_workload")
 def move_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
     """On the host a workload leaves: remove it here, then hand it to its new host."""
     with workload_of(op_id, self.operation) as (op, workload):
