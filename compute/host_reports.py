@@ -250,7 +250,6 @@ def report_workload_state(
     """A conditional update of a workload placed on `host`, as its agent saw it: applied only if the
     row is in one of `expected` (a concurrent change wins). Returns whether it applied and the row's
     state, exit code and times as they are now."""
-    workload = _placed(host, workload_id, "host.workload.report")
     if not isinstance(expected, list) or not expected or any(s not in EXPECTABLE_STATES for s in expected):
         raise Invalid("Expected states are a list of states a host may see.", field="expected")
     fields = _workload_changes(changes)
@@ -258,11 +257,21 @@ def report_workload_state(
         fields["restart_count"] = F("restart_count") + 1
     if not fields:
         raise Invalid("The report changes nothing.", field="changes")
-    rows = Workload.objects.filter(pk=workload.pk, host=host, state__in=expected)
+    if not _is_uuid(workload_id):
+        raise _refuse(
+            host, "host.workload.report", "No such workload on this host.", workload=str(workload_id)[:80]
+        )
+    # The update names the host: another host's workload matches nothing, and the read below tells a
+    # refusal (not on this host) from a report that a concurrent change overtook.
+    rows = Workload.objects.filter(pk=workload_id, host=host, state__in=expected)
     if never_started:
         rows = rows.filter(started_at__isnull=True)
     applied = bool(rows.update(**fields))
-    current = Workload.objects.select_related("host").get(pk=workload.pk)
+    current = Workload.objects.select_related("host").filter(pk=workload_id, host=host).first()
+    if current is None:
+        raise _refuse(
+            host, "host.workload.report", "No such workload on this host.", workload=str(workload_id)[:80]
+        )
     if applied and set(fields) - {"restart_count"}:
         events.publish(current.tenant_id, current.as_event())
     return {"applied": applied, **_row_view(current)}
