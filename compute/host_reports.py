@@ -523,9 +523,22 @@ def report_network_repairs(
     return {"recorded": recorded, "refused": refused}
 
 
+def _land_moved(host: Host, op: Any) -> dict[str, Any]:
+    from compute import services
+    from portal.models import OperationState
+
+    if op.kind != "workload.move" or op.state != OperationState.RUNNING:
+        raise Conflict("Only a running move lands its workload.")
+    workload = _placed(host, op.target_id, "host.workload.moved")
+    created = services.land_moved_workload(
+        actor=Actor.system("evacuation"), workload=workload, to_host=op.params["to_host"]
+    )
+    return {"create_operation": str(created.pk) if created is not None else None}
+
+
 # --- operations on the host's queue ---------------------------------------------------------------
 
-OPERATION_EVENTS = ("claim", "progress", "heartbeat", "finish", "fail")
+OPERATION_EVENTS = ("claim", "progress", "heartbeat", "finish", "fail", "moved")
 MAX_RESULT_BYTES = 16 * 1024
 
 
@@ -566,7 +579,9 @@ def report_operation(
 ) -> dict[str, Any] | None:
     """An operation queued for this host, as its worker runs it: claimed (answers the operation: kind,
     target, params; None when it is finished or cancelled), progress, heartbeat, finished with a result
-    (bounded), failed with a tenant-facing error and an operator-only detail."""
+    (bounded), failed with a tenant-facing error and an operator-only detail; for a running
+    `workload.move`, "moved": the host removed the workload, which now lands on the target the portal
+    chose when the move was asked (never a host the reporting host names)."""
     import json
 
     from portal import operations
@@ -578,6 +593,8 @@ def report_operation(
     if event == "claim":
         claimed = operations.claim(op.pk)
         return _operation_view(claimed) if claimed is not None else None
+    if event == "moved":
+        return _land_moved(host, op)
     if event == "progress":
         if isinstance(percent, bool) or not isinstance(percent, int | float):
             raise Invalid("Progress is a number.", field="percent")

@@ -8,13 +8,12 @@ from typing import Any
 
 from django.conf import settings
 
-from compute import agent, host_client, hosts, services
+from compute import agent, host_client, hosts
 from compute.choices import WorkloadState
 from compute.models import Workload
 from portal.celery import app
 from portal.models import Operation
 from portal.tasks import OperationTask
-from tenants.actors import Actor
 
 
 @contextmanager
@@ -109,12 +108,12 @@ def move_workload(self: OperationTask, op_id: str) -> dict[str, Any]:
         self.progress(20, "Removing it from this host", force=True)
         agent.remove(workload, grace_seconds=10)
         self.progress(70, "Handing it to its new host", force=True)
-        created = services.land_moved_workload(
-            actor=Actor.system("evacuation"), workload=workload, to_host=op.params["to_host"]
-        )
-        if created is None:
+        # The portal lands it on the target it chose when the move was asked (host API).
+        assert workload.host is not None
+        landed = agent.portal_link(workload.host).operation(op.pk, "moved") or {}
+        if landed.get("create_operation") is None:
             return {"landed": False}
-        return {"create_operation": str(created.pk)}
+        return {"create_operation": landed["create_operation"]}
 
 
 @app.task(base=OperationTask, bind=True, name="compute.evacuate_host")

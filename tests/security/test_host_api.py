@@ -193,7 +193,7 @@ def test_it_refuses_a_host_reporting_on_another_hosts_operation(two_hosts: dict[
     on_b = two_hosts["on_b"]
     op_b = Operation.objects.get(target_id=on_b.pk, kind="workload.create")
     client = as_host(two_hosts["secret_a"])
-    for event in ("claim", "finish", "fail", "progress"):
+    for event in ("claim", "finish", "fail", "progress", "moved"):
         answer = client.post(f"{BASE}/operations/{op_b.pk}/", {"event": event, "error": "x"}, format="json")
         assert answer.status_code == 404
     op_b.refresh_from_db()
@@ -202,6 +202,10 @@ def test_it_refuses_a_host_reporting_on_another_hosts_operation(two_hosts: dict[
     # Its own operation: claimed with what the task needs, then finished.
     op_a = Operation.objects.get(target_id=two_hosts["on_a"].pk, kind="workload.create")
     claimed = client.post(f"{BASE}/operations/{op_a.pk}/", {"event": "claim"}, format="json").json()
+    # A create is no move: a host cannot hand its workload to another host by saying it moved.
+    moved = client.post(f"{BASE}/operations/{op_a.pk}/", {"event": "moved"}, format="json")
+    assert moved.status_code == 409
+    assert Workload.objects.get(pk=two_hosts["on_a"].pk).host == two_hosts["a"]
     assert claimed["operation"]["target_id"] == str(two_hosts["on_a"].pk)
     finished = client.post(
         f"{BASE}/operations/{op_a.pk}/", {"event": "finish", "result": {"state": "running"}}, format="json"
