@@ -98,11 +98,20 @@ def report_facts(host: Host) -> None:
     facts itself when `make run` starts."""
     if host_client.remote_settings() is None:
         return
+    portal = agent.portal_link(host)
     try:
-        facts = hosts.gather_facts(host)
-        agent.portal_link(host).report_facts(
-            {name: value for name, value in facts.items() if name in REPORTED_FACTS}
-        )
+        facts = {name: value for name, value in hosts.gather_facts(host).items() if name in REPORTED_FACTS}
+        try:
+            portal.report_facts(facts)
+        except host_client.HostApiError as error:
+            if error.status != 403:
+                raise
+            # More capacity than approved (a disk grown since the join): the portal keeps the approved
+            # values; the host's capabilities are still worth recording.
+            log.warning("the portal refused the host's capacity: %s", error.message)
+            portal.report_facts(
+                {k: v for k, v in facts.items() if k not in ("cpus", "memory_mib", "disk_gib")}
+            )
     except Exception:  # the host keeps working with what the portal knew
         log.exception("could not report the host's facts")
 
