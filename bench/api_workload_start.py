@@ -29,6 +29,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 from harness import free_port, rss_kib  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "15"))
+# BENCH_HOST_API=1: the host's worker and agent act as a host on its own machine would, reporting
+# through the portal's host API with the host's credential (HTTP to the same web server) instead of
+# the in-process link of the portal's own machine.
+HOST_API = os.environ.get("BENCH_HOST_API", "") == "1"
 
 
 def main() -> None:
@@ -65,6 +69,10 @@ def main() -> None:
 
     env = {**os.environ, "BULKHEAD_DEBUG": "false", "BULKHEAD_LOG_LEVEL": "WARNING"}
     port = free_port()
+    host_env = dict(env)
+    if HOST_API:
+        host_env["BULKHEAD_PORTAL_URL"] = f"http://127.0.0.1:{port}"
+        host_env["BULKHEAD_HOST_CREDENTIAL"] = hosts.issue_host_credential(actor=actor, host=host)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
@@ -94,14 +102,14 @@ def main() -> None:
                 "--without-heartbeat",
             ],
             cwd=ROOT,
-            env=env,
+            env=host_env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         ),
         subprocess.Popen(
             [sys.executable, "manage.py", "agent", "--host", str(host.pk)],
             cwd=ROOT,
-            env=env,
+            env=host_env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         ),
@@ -249,6 +257,7 @@ def main() -> None:
             {
                 "bench": "api_workload_start",
                 "runs": RUNS,
+                "host_link": "host API over HTTP" if HOST_API else "in process",
                 "api_create_to_running_ms_median": round(ours_ms, 1),
                 "api_post_202_ms_median": round(statistics.median(posts) * 1000, 1),
                 "baseline": "bare runc run -d, same config.json",

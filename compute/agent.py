@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db.models import F
 from django.utils import timezone
 
 from compute import (
@@ -23,11 +22,12 @@ from compute import (
     network_services,
 )
 from compute.choices import Isolation, RestartPolicy, WorkloadState
+from compute.host_client import PortalLink, link_for
 from compute.hosts import host_state_dir
 from compute.models import Host, Workload
 from compute.runtimes.oci import ContainerNotFound, ContainerSpec, OciRuntime, parse_k8s_log
 from imaging.store import LayerSpec, LayerStore
-from portal import events, operations
+from portal import operations
 from portal.errors import Explained, tenant_message
 from portal.failpoints import failpoint
 from tenants.services import secret_values
@@ -79,32 +79,43 @@ def oci_runtime(host: Host) -> OciRuntime:
     )
 
 
-def publish(workload: Workload) -> None:
-    workload = Workload.objects.select_related("host").get(pk=workload.pk)
-    events.publish(workload.tenant_id, workload.as_event())
+def portal_link(host: Host) -> PortalLink:
+    """The agent's reports go to the portal's host API (in process on the portal's own machine)."""
+    return link_for(host)
 
 
 def transition(workload: Workload, expected: list[str], **changes: Any) -> bool:
-    """Conditional update: only from an expected state; a concurrent change wins and we move on."""
-    done = bool(Workload.objects.filter(pk=workload.pk, state__in=expected).update(**changes))
-    if done:
-        publish(workload)
-    return done
+    """Conditional update, reported to the portal: applied only from an expected state; a concurrent
+    change wins and we move on. The portal's service writes the row and publishes the event."""
+    assert workload.host is not None
+    return bool(portal_link(workload.host).report_state(workload.pk, list(expected), changes)["applied"])
 
 
 def _advance(workload: Workload, expected: list[str], *, never_started: bool = False, **changes: Any) -> bool:
-    """`transition` for the create path, with the event built from `workload` (just loaded under its
-    lock) with `changes` applied: when the conditional update succeeded that is what the row says, so
-    it is not read again. `workload` is updated in memory too. `never_started`: only if it never ran."""
-    rows = Workload.objects.filter(pk=workload.pk, state__in=expected)
-    if never_started:
-        rows = rows.filter(started_at__isnull=True)
-    done = bool(rows.update(**changes))
-    if done:
+    """`transition` for the create path; `workload` is updated in memory too when it applied.
+    `never_started`: only if it never ran."""
+    assert workload.host is not None
+    answer = portal_link(workload.host).report_state(
+        workload.pk, list(expected), changes, never_started=never_started
+    )
+    if answer["applied"]:
         for name, value in changes.items():
             setattr(workload, name, value)
-        events.publish(workload.tenant_id, workload.as_event())
-    return done
+    return bool(answer["applied"])
+
+
+def count_restart(workload: Workload) -> None:
+    """One more restart by policy (the exit was just recorded: stopped or failed)."""
+    assert workload.host is not None
+    portal_link(workload.host).report_state(
+        workload.pk, [WorkloadState.STOPPED, WorkloadState.FAILED], {}, count_restart=True
+    )
+
+
+def report_removed(workload: Workload) -> None:
+    """Everything of a workload being deleted is gone from this host: the portal drops the row."""
+    assert workload.host is not None
+    portal_link(workload.host).report_removed(workload.pk)
 
 
 def image_layers(workload: Workload) -> list[Any]:
@@ -424,7 +435,7 @@ def _record_exit_and_restart(runtime: OciRuntime, runtime_id: str, workload: Wor
         return False
     workload.refresh_from_db()
     if wants_restart(workload, code):
-        Workload.objects.filter(pk=workload.pk).update(restart_count=F("restart_count") + 1)
+        count_restart(workload)
         try:
             ensure_running(workload)
         except Exception:
@@ -482,10 +493,7 @@ def _resync_one(
     if workload.state == WorkloadState.DELETING:
         runtime.delete(runtime_id)
         network_agent.release(workload)
-        from compute.services import forget_workload
-
-        forget_workload(workload.pk)
-        events.publish(workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"})
+        report_removed(workload)
         report["deleted"].append(runtime_id)
         return
     if workload.state == WorkloadState.STOPPING:
@@ -501,9 +509,7 @@ def _resync_one(
         # A creation cut short: whatever it left is removed and the creation runs again.
         if state.status != "absent":
             runtime.delete(runtime_id, keep_upper=True)
-        Workload.objects.filter(pk=workload.pk, state=WorkloadState.CREATING).update(
-            state=WorkloadState.PENDING
-        )
+        transition(workload, [WorkloadState.CREATING], state=WorkloadState.PENDING)
         workload.refresh_from_db()
         try:
             ensure_running(workload)
@@ -674,9 +680,7 @@ def shut_down_host(host: Host, grace_seconds: float = 5) -> list[str]:
             except Exception:
                 log.exception("could not stop %s at host shutdown", workload.pk)
                 continue
-            Workload.objects.filter(pk=workload.pk, state=WorkloadState.STOPPED).update(
-                status_message=HOST_SHUTDOWN_REASON
-            )
+            transition(workload, [WorkloadState.STOPPED], status_message=HOST_SHUTDOWN_REASON)
             stopped.append(str(workload.pk))
     oci_runtime(host).remove_cgroup_parent()
     if network_services.network_enabled(host):

@@ -87,6 +87,9 @@ def register_host(
     profile = profile or {}
     host, created = Host.objects.select_for_update().get_or_create(name=name)
     host.facts = {**host.facts, **facts}
+    if "disk_gib" in facts:
+        # What the host may offer from now on: its own reports can lower it, never raise it.
+        host.facts["approved_disk_gib"] = facts["disk_gib"]
     host.cpus = int(facts.get("cpus", host.cpus or 1))
     host.memory_mib = int(facts.get("memory_mib", host.memory_mib or 0))
     for field in ("cpu_overcommit", "memory_overcommit", "oci_runtime_override", "domain_type_override"):

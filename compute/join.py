@@ -22,17 +22,28 @@ ROOT = Path(__file__).resolve().parent.parent
 def local_facts() -> dict[str, Any]:
     """Facts that need no database: the portal stores them; the agent refines them on start."""
     import platform
+    import shutil
 
     from compute.runtimes import probe
 
     with open("/proc/meminfo") as f:
         mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    data_dir = _existing(Path(os.environ.get("BULKHEAD_DATA_DIR", ROOT / "var")))
     return {
         "cpus": os.cpu_count() or 1,
         "memory_mib": mem_kib // 1024,
+        # Capacity approved at join (the operator's token): later reports may not exceed it.
+        "disk_gib": shutil.disk_usage(data_dir).total // 1024**3,
         "kernel": platform.release(),
         "cgroup_mode": probe.cgroup_mode(),
     }
+
+
+def _existing(path: Path) -> Path:
+    """The data directory, or the nearest parent that exists (it is made when the agent starts)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def redeem(portal: str, token: str, facts: dict[str, Any], *, verify: str | bool = True) -> dict[str, Any]:

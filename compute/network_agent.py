@@ -24,6 +24,7 @@ from typing import Any
 from compute import network_services
 from compute.choices import Isolation, WorkloadState
 from compute.compartments import Compartment, IPAllocation, PublishedPort
+from compute.host_client import HostOperationTask
 from compute.models import Host, Workload
 from compute.network import (
     ApplyReport,
@@ -41,7 +42,6 @@ from compute.network.netns import host_networks, iproute
 from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_in_netns, tap_name
 from portal.celery import app
 from portal.models import Operation
-from portal.tasks import OperationTask
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,27 @@ def apply_host(host: Host) -> ApplyReport:
         report = apply_host_network(state, netns, state_dir=state_dir(host))
     if not report.unchanged:
         log.info("network of %s: changed %s repaired %s", host.name, report.changed, report.repaired)
-    network_services.note_host_networks(host, _own_networks(netns))
+    note_own_networks(host, _own_networks(netns))
     return report
+
+
+def note_own_networks(host: Host, networks: list[IPv4Network]) -> None:
+    """Tell the portal the host's own networks (new subnets keep clear of them), when they changed."""
+    from compute.host_client import link_for
+
+    texts = sorted(str(network) for network in networks)[: host_reports_limit()]
+    if (host.facts or {}).get("networks") == texts:
+        return
+    try:
+        link_for(host).report_facts({"networks": texts})
+    except Exception:  # only advisory: the driver checks again on every apply
+        log.exception("could not report the host's networks")
+
+
+def host_reports_limit() -> int:
+    from compute.host_reports import MAX_HOST_NETWORKS
+
+    return MAX_HOST_NETWORKS
 
 
 def _own_networks(netns: str | None) -> list[IPv4Network]:
@@ -288,10 +307,10 @@ def release(workload: Workload) -> None:
         apply_host(workload.host)
 
 
-@app.task(base=OperationTask, bind=True, name="compute.apply_host_network")
-def apply_network(self: OperationTask, op_id: str) -> dict[str, Any]:
+@app.task(base=HostOperationTask, bind=True, name="compute.apply_host_network")
+def apply_network(self: HostOperationTask, op_id: str) -> dict[str, Any]:
     """Re-apply a host's network after a published port changed (thin: load the host, apply)."""
-    op = Operation.objects.get(pk=op_id)
+    op = self.operation if self.operation is not None else Operation.objects.get(pk=op_id)
     host = Host.objects.filter(pk=op.params.get("host")).first()
     if host is None or not network_services.network_enabled(host):
         return {"skipped": "the host does not realise compartments"}

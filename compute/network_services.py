@@ -539,17 +539,6 @@ def unpublish_port(*, actor: Actor, port: PublishedPort) -> Operation:
     return op
 
 
-def note_host_networks(host: Host, networks: Sequence[IPv4Network]) -> None:
-    """The agent saw the host's own networks: remember them so new subnets keep clear of them."""
-    texts = sorted(str(n) for n in networks)
-    with transaction.atomic():
-        locked = Host.objects.select_for_update().filter(pk=host.pk).first()
-        if locked is None or (locked.facts or {}).get("networks") == texts:
-            return
-        locked.facts = {**(locked.facts or {}), "networks": texts}
-        locked.save(update_fields=["facts"])
-
-
 # How long the record of a repair is kept (the audit log keeps it for good).
 REPAIR_RETENTION_DAYS = 7
 

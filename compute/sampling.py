@@ -15,7 +15,6 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Sum
 from django.utils import timezone
 
 from compute.choices import WorkloadState
@@ -127,11 +126,11 @@ def workload_sample(stats: dict[str, Any], network: dict[str, int] | None) -> di
     }
 
 
-def sample_host(host: Host, now: float | None = None) -> int:
-    """Record every running workload of `host` and the host itself; returns the workloads sampled."""
+def sample_host(host: Host) -> int:
+    """Measure every running workload of `host` and the host itself and report them to the portal
+    (which timestamps them); returns the workloads sampled."""
     from compute import agent
 
-    timestamp = now if now is not None else time.time()
     running = list(Workload.objects.select_related("host").filter(host=host, state=WorkloadState.RUNNING))
     veth_counters = _container_network_counters(host, running)
     samples: list[tuple[str, Any, Any, dict[str, Any]]] = []
@@ -144,20 +143,12 @@ def sample_host(host: Host, now: float | None = None) -> int:
         if stats:
             sample = workload_sample(stats, veth_counters.get(workload.pk))
             samples.append(("workload", workload.pk, workload.tenant_id, sample))
-    sampled = len(samples)
-    allocated = Workload.objects.filter(
-        host=host, state__in=[WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.STOPPING]
-    ).aggregate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"))
-    host_sample = {
-        "cpu_seconds": _host_cpu_seconds(),
-        "memory_used_bytes": _host_memory_used(),
-        "allocated_vcpus": float(allocated["vcpus"] or 0),
-        "allocated_memory_bytes": (allocated["memory"] or 0) * 1024 * 1024,
-        "workloads_running": len(running),
-    }
-    samples.append(("host", host.pk, None, host_sample))
-    record_many(samples, timestamp)
-    return sampled
+    # The portal records them (and counts what is allocated on the host itself): the host API.
+    agent.portal_link(host).record_samples(
+        {str(object_id): sample for _kind, object_id, _tenant, sample in samples},
+        {"cpu_seconds": _host_cpu_seconds(), "memory_used_bytes": _host_memory_used()},
+    )
+    return len(samples)
 
 
 def _container_network_counters(host: Host, workloads: Iterable[Workload]) -> dict[Any, dict[str, int]]:

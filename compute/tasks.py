@@ -8,16 +8,15 @@ from typing import Any
 
 from django.conf import settings
 
-from compute import agent, hosts, services
+from compute import agent, host_client, hosts
 from compute.choices import WorkloadState
 from compute.models import Workload
 from portal.celery import app
 from portal.models import Operation
 from portal.tasks import OperationTask
-from tenants.actors import Actor
 
 
-class WorkloadTask(OperationTask):
+class WorkloadTask(host_client.HostOperationTask):
     """An operation on one workload, run under the workload's lock on this host from before its claim
     until it is finished: the agent's re-sync, which fails a running operation whose lock is free as
     interrupted, can never catch a live task between its claim and its lock, or between its work and
@@ -92,10 +91,7 @@ def delete_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
             return {"skipped": "already deleted"}
         self.progress(20, "Removing from the host", force=True)
         agent.remove(workload, float(op.params.get("grace_seconds", 10)))
-        services.forget_workload(workload.pk)
-        agent.events.publish(
-            workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"}
-        )
+        agent.report_removed(workload)
         return {"deleted": str(workload.pk)}
 
 
@@ -125,12 +121,12 @@ def move_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
         self.progress(20, "Removing it from this host", force=True)
         agent.remove(workload, grace_seconds=10)
         self.progress(70, "Handing it to its new host", force=True)
-        created = services.land_moved_workload(
-            actor=Actor.system("evacuation"), workload=workload, to_host=op.params["to_host"]
-        )
-        if created is None:
+        # The portal lands it on the target it chose when the move was asked (host API).
+        assert workload.host is not None
+        landed = agent.portal_link(workload.host).operation(op.pk, "moved") or {}
+        if landed.get("create_operation") is None:
             return {"landed": False}
-        return {"create_operation": str(created.pk)}
+        return {"create_operation": landed["create_operation"]}
 
 
 @app.task(base=OperationTask, bind=True, name="compute.evacuate_host")

@@ -282,9 +282,7 @@ def _resync_one(workload: Workload, report: dict[str, list[str]]) -> None:
     runtime = vm_runtime(workload.host)
     if workload.state == WorkloadState.DELETING:
         remove(workload, grace_seconds=5)
-        from compute.services import forget_workload
-
-        forget_workload(workload.pk)
+        agent.report_removed(workload)
         report["deleted"].append(str(workload.pk))
         return
     try:
@@ -303,9 +301,7 @@ def _resync_one(workload: Workload, report: dict[str, list[str]]) -> None:
         return
     if status != "running":
         # A creation cut short (while defining or booting): it runs again from the start.
-        Workload.objects.filter(pk=workload.pk, state=WorkloadState.CREATING).update(
-            state=WorkloadState.PENDING
-        )
+        agent.transition(workload, [WorkloadState.CREATING], state=WorkloadState.PENDING)
         workload.refresh_from_db()
     ensure_running(workload, agent._noop_progress)  # a running domain is adopted as it is
     report["resumed"].append(str(workload.pk))
@@ -366,9 +362,7 @@ def _record_exit_and_restart(runtime: VmRuntime, workload: Workload) -> bool:
         return False
     workload.refresh_from_db()
     if agent.wants_restart(workload, code):
-        from django.db.models import F
-
-        Workload.objects.filter(pk=workload.pk).update(restart_count=F("restart_count") + 1)
+        agent.count_restart(workload)
         try:
             ensure_running(workload, agent._noop_progress)
         except Exception:

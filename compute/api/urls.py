@@ -1,7 +1,7 @@
 from django.urls import path
 from rest_framework.routers import DefaultRouter
 
-from compute.api import network_views, views
+from compute.api import host_views, network_views, views
 from compute.desired import api as desired_api
 
 router = DefaultRouter(trailing_slash=True)
@@ -18,5 +18,29 @@ router.register("egress-allowances", network_views.EgressAllowanceViewSet, basen
 urlpatterns = [
     path("hosts/join/", views.JoinView.as_view(), name="host-join"),
     path("hosts/blobs/<str:pk>/", views.HostBlobView.as_view(), name="host-blob"),
+    # The host API: a host's agent with its own credential, acting on itself only.
+    path("hosts/self/heartbeat/", host_views.HostHeartbeatView.as_view(), name="host-self-heartbeat"),
+    path("hosts/self/facts/", host_views.HostFactsView.as_view(), name="host-self-facts"),
+    path("hosts/self/workloads/", host_views.HostWorkloadsView.as_view(), name="host-self-workloads"),
+    path("hosts/self/workloads/<str:pk>/", host_views.HostWorkloadView.as_view(), name="host-self-workload"),
+    path(
+        "hosts/self/workloads/<str:pk>/state/",
+        host_views.HostWorkloadStateView.as_view(),
+        name="host-self-workload-state",
+    ),
+    path(
+        "hosts/self/workloads/<str:pk>/removed/",
+        host_views.HostWorkloadRemovedView.as_view(),
+        name="host-self-workload-removed",
+    ),
+    path("hosts/self/samples/", host_views.HostSamplesView.as_view(), name="host-self-samples"),
+    path(
+        "hosts/self/network-repairs/",
+        host_views.HostNetworkRepairsView.as_view(),
+        name="host-self-network-repairs",
+    ),
+    path(
+        "hosts/self/operations/<str:pk>/", host_views.HostOperationView.as_view(), name="host-self-operation"
+    ),
     *router.urls,
 ]

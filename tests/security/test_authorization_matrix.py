@@ -244,6 +244,28 @@ ROUTES.update(
         "host-blob": Route(
             methods=("GET",), obj=lambda w, o: "sha256:" + "0" * 64, visibility="public", list_post=401
         ),
+        # The host API: a host's own credential only (tests/security/test_host_api.py); every persona 401.
+        **{
+            f"host-self-{name}": Route(methods=methods, visibility="public", list_post=401)
+            for name, methods in (
+                ("heartbeat", ("POST",)),
+                ("facts", ("POST",)),
+                ("workloads", ("GET",)),
+                ("samples", ("POST",)),
+                ("network-repairs", ("POST",)),
+            )
+        },
+        **{
+            f"host-self-{name}": Route(
+                methods=methods, obj=lambda w, o: uuid.uuid4(), visibility="public", list_post=401
+            )
+            for name, methods in (
+                ("workload", ("GET",)),
+                ("workload-state", ("POST",)),
+                ("workload-removed", ("POST",)),
+                ("operation", ("POST",)),
+            )
+        },
         "host-join-tokens": Route(methods=("POST",), list_post=400, list_post_staff_only=True),
         "host-join": Route(methods=("POST",), visibility="public", list_post=400),
     }

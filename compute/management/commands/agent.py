@@ -18,7 +18,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from compute import agent, host_rpc, hosts, sampling, vm_agent
+from compute import agent, host_client, host_rpc, hosts, sampling, vm_agent
 from compute.models import Host
 
 log = logging.getLogger("bulkhead.agent")
@@ -58,7 +58,9 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         started = timezone.now()
-        hosts.heartbeat(host.pk)
+        portal = agent.portal_link(host)
+        portal.heartbeat()
+        report_facts(host)
         report = agent.resync(host, since=started)
         log.info("agent for %s re-synced: %s", host.name, report)
         if options["once"]:
@@ -74,7 +76,7 @@ class Command(BaseCommand):
                 agent.handle_exits(host)
                 vm_agent.handle_exits(host)
                 if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
-                    hosts.heartbeat(host.pk)
+                    portal.heartbeat()
                     last_beat = time.monotonic()
                 if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
                     sampling.sample_host(host)
@@ -88,6 +90,46 @@ class Command(BaseCommand):
         if options["stop_workloads_on_exit"]:
             stopped = agent.shut_down_host(host)
             log.info("agent for %s stopped %d workloads and removed its networks", host.name, len(stopped))
+
+
+def report_facts(host: Host) -> None:
+    """A host on its own machine tells the portal what it is and can do (runtimes, KVM, disk) once at
+    start; the portal keeps capacity within what was approved. The portal's own machine registers its
+    facts itself when `make run` starts."""
+    if host_client.remote_settings() is None:
+        return
+    portal = agent.portal_link(host)
+    try:
+        facts = {name: value for name, value in hosts.gather_facts(host).items() if name in REPORTED_FACTS}
+        try:
+            portal.report_facts(facts)
+        except host_client.HostApiError as error:
+            if error.status != 403:
+                raise
+            # More capacity than approved (a disk grown since the join): the portal keeps the approved
+            # values; the host's capabilities are still worth recording.
+            log.warning("the portal refused the host's capacity: %s", error.message)
+            portal.report_facts(
+                {k: v for k, v in facts.items() if k not in ("cpus", "memory_mib", "disk_gib")}
+            )
+    except Exception:  # the host keeps working with what the portal knew
+        log.exception("could not report the host's facts")
+
+
+REPORTED_FACTS = {
+    "cpus",
+    "memory_mib",
+    "disk_gib",
+    "disk_free_bytes",
+    "kernel",
+    "cgroup_mode",
+    "hostname",
+    "oci_runtimes",
+    "oci_runtime_probes",
+    "libvirt",
+    "kvm",
+    "guest_kernel",
+}
 
 
 def wait_answering(host: Host) -> None:
@@ -106,19 +148,15 @@ def repair_network(host: Host) -> list[str]:
     """Re-apply the host's compartments; what had to be repaired goes to the audit log and the event bus,
     and, per compartment, to the NetworkRepair rows the desired-state reconciler reports as drift."""
     from compute import network_agent, network_services
-    from portal import events
-    from tenants import audit
-    from tenants.actors import Actor
 
     host.refresh_from_db()
     if not network_services.network_enabled(host):
         return []
     report = network_agent.apply_host(host)
     if report.repaired:
-        actor = Actor.system("agent")
-        audit.record(actor, "host.network.repaired", host, details={"repaired": report.repaired})
-        network_services.record_repairs(
-            actor=actor, host=host, repaired_by_compartment=report.repaired_by_compartment
+        # Recorded by the portal (audit, drift per compartment, event) through the host API.
+        agent.portal_link(host).report_network_repairs(
+            list(report.repaired),
+            {key: list(value) for key, value in report.repaired_by_compartment.items()},
         )
-        events.publish(None, {"type": "host", "id": str(host.pk), "network_repaired": report.repaired})
     return list(report.repaired)

@@ -1,0 +1,612 @@
+"""What a host reports to the portal, and what it may read: the services behind the host API.
+
+A host acts only on itself (Kubernetes' NodeRestriction is the model): its own row and facts, the
+workloads placed on it, the operations on its queue, the compartments it serves. Every function takes
+the host its credential proved (never a host id from the request), validates the report, writes the
+rows by conditional update and publishes the event. A report about anything else is refused as if it
+did not exist (404) and audited as denied. The HTTP views (`compute/api/host_views.py`) and the agent's
+in-process link for the portal's own machine (`compute/host_client.py`) both call these functions, so
+a host on the portal's machine goes through the same checks as one on another machine.
+"""
+
+from __future__ import annotations
+
+import time
+from ipaddress import IPv4Network
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F, Sum
+from django.utils import timezone
+
+from compute.choices import WorkloadState
+from compute.models import Host, Workload
+from portal import events
+from portal.errors import Conflict, Invalid, NotPermitted, ServiceError
+from tenants import audit
+from tenants.actors import Actor
+
+
+class NotOnThisHost(ServiceError):
+    """The object is not placed on the reporting host: answered like a missing one."""
+
+    status_code = 404
+    code = "not_found"
+
+
+def host_actor(host: Host) -> Actor:
+    """The audit label of a host acting with its own credential."""
+    return Actor.system(f"host {host.name}")
+
+
+def _refuse(host: Host, action: str, message: str, **details: Any) -> NotOnThisHost:
+    audit.record_denied(host_actor(host), action, host=host.name, **details)
+    error = NotOnThisHost(message)
+    error.audited = True
+    return error
+
+
+def _placed(host: Host, workload_id: Any, action: str) -> Workload:
+    """The workload if it is placed on `host`; anything else (another host's, a missing one, not a uuid)
+    is refused alike and audited."""
+    workload = (
+        Workload.objects.select_related("host").filter(pk=workload_id, host=host).first()
+        if _is_uuid(workload_id)
+        else None
+    )
+    if workload is None:
+        raise _refuse(host, action, "No such workload on this host.", workload=str(workload_id)[:80])
+    return workload
+
+
+# --- liveness and facts ---------------------------------------------------------------------------
+
+
+def record_heartbeat(host: Host) -> None:
+    """The host's agent is alive (a lost host comes back as ready; its agent re-syncs)."""
+    from compute.hosts import heartbeat
+
+    heartbeat(host.pk)
+
+
+RUNTIME_NAMES = ("runc", "crun")
+# Facts that size the host: a report may keep or lower them, never raise them above what the portal
+# approved (the host row's columns, set when the host was registered or joined with an operator's
+# token, and the disk size first recorded). Placement reads the approved values.
+CAPACITY_FACTS = ("cpus", "memory_mib", "disk_gib")
+MAX_HOST_NETWORKS = 64
+
+
+def _text(limit: int) -> Any:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or len(value) > limit or "\x00" in value:
+            raise ValueError(f"a text of at most {limit} characters")
+        return value
+
+    return check
+
+
+def _count(limit: int) -> Any:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+            raise ValueError(f"a whole number from 0 to {limit}")
+        return value
+
+    return check
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+def _runtimes(value: Any) -> list[str]:
+    if not isinstance(value, list) or any(name not in RUNTIME_NAMES for name in value) or len(value) > 2:
+        raise ValueError(f"a list of {', '.join(RUNTIME_NAMES)}")
+    return list(dict.fromkeys(value))
+
+
+def _probes(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or any(name not in RUNTIME_NAMES for name in value):
+        raise ValueError(f"reasons for {', '.join(RUNTIME_NAMES)}")
+    return {name: _text(500)(reason) for name, reason in value.items()}
+
+
+def _networks(value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_HOST_NETWORKS:
+        raise ValueError(f"at most {MAX_HOST_NETWORKS} IPv4 networks")
+    if any(not isinstance(text, str) for text in value):
+        raise ValueError("IPv4 networks")
+    try:
+        networks = sorted({str(IPv4Network(text, strict=False)) for text in value})
+    except ValueError:
+        raise ValueError("IPv4 networks") from None
+    # A host may name its own networks (new subnets keep clear of them), not claim the address space.
+    if any(IPv4Network(text).prefixlen < 8 for text in networks):
+        raise ValueError("networks no larger than a /8")
+    return networks
+
+
+FACT_CHECKS: dict[str, Any] = {
+    "cpus": _count(4096),
+    "memory_mib": _count(64 * 1024 * 1024),
+    "disk_gib": _count(1024 * 1024),
+    "disk_free_bytes": _count(2**60),
+    "kernel": _text(200),
+    "cgroup_mode": _text(20),
+    "hostname": _text(253),
+    "oci_runtimes": _runtimes,
+    "oci_runtime_probes": _probes,
+    "libvirt": _flag,
+    "kvm": _flag,
+    "guest_kernel": _text(200),
+    "networks": _networks,
+}
+
+
+def approved_capacity(host: Host) -> dict[str, int | None]:
+    """The most of each capacity fact the portal lets this host offer."""
+    disk = (host.facts or {}).get("approved_disk_gib", (host.facts or {}).get("disk_gib"))
+    return {"cpus": host.cpus, "memory_mib": host.memory_mib, "disk_gib": disk}
+
+
+@audit.denials_audited
+def report_facts(*, actor: Actor, host: Host, facts: dict[str, Any]) -> dict[str, Any]:
+    """Record what the host says it is and can do. Unknown or malformed facts are refused (400); a
+    capacity above the approved one is refused (403) and audited: nothing of the report is kept."""
+    if not isinstance(facts, dict):
+        raise Invalid("Facts are an object.", field="facts")
+    checked: dict[str, Any] = {}
+    for name, value in facts.items():
+        check = FACT_CHECKS.get(name)
+        if check is None:
+            raise Invalid(f"Unknown fact {str(name)[:40]!r}.", field="facts")
+        try:
+            checked[name] = check(value)
+        except ValueError as error:
+            raise Invalid(f"The fact {name!r} must be {error}.", field="facts") from None
+    with transaction.atomic():
+        locked = Host.objects.select_for_update().get(pk=host.pk)
+        approved = approved_capacity(locked)
+        for name in CAPACITY_FACTS:
+            limit = approved[name]
+            if name in checked and limit is not None and checked[name] > limit:
+                raise NotPermitted(
+                    f"The host reported {name} {checked[name]}, more than the {limit} approved for it.",
+                    audit_action="host.facts.report",
+                )
+        updated = {**(locked.facts or {}), **checked}
+        # The disk size first recorded is the bound from then on (a lower report must not lower it).
+        if "approved_disk_gib" not in updated:
+            first = approved["disk_gib"] if approved["disk_gib"] is not None else checked.get("disk_gib")
+            if first is not None:
+                updated["approved_disk_gib"] = first
+        if updated != locked.facts:
+            locked.facts = updated
+            locked.save(update_fields=["facts"])
+    return {name: checked[name] for name in sorted(checked)}
+
+
+# --- workloads ------------------------------------------------------------------------------------
+
+# The states a host may move a workload to (deleting and unknown belong to the portal) and from.
+REPORTABLE_STATES = {
+    WorkloadState.PENDING,
+    WorkloadState.CREATING,
+    WorkloadState.RUNNING,
+    WorkloadState.STOPPING,
+    WorkloadState.STOPPED,
+    WorkloadState.FAILED,
+}
+EXPECTABLE_STATES = REPORTABLE_STATES | {WorkloadState.UNKNOWN}
+# A time the host reports is the portal's "now" (a host cannot backdate a start) or cleared.
+TIME_FIELDS = ("started_at", "finished_at")
+EXIT_CODE_RANGE = (-(2**31), 2**31 - 1)
+
+
+def _workload_changes(changes: Any) -> dict[str, Any]:
+    if not isinstance(changes, dict):
+        raise Invalid("Changes are an object.", field="changes")
+    checked: dict[str, Any] = {}
+    now = timezone.now()
+    for name, value in changes.items():
+        if name == "state":
+            if value not in REPORTABLE_STATES:
+                raise Invalid(f"A host cannot set the state {str(value)[:20]!r}.", field="state")
+            checked["state"] = value
+        elif name == "exit_code":
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not EXIT_CODE_RANGE[0] <= value <= EXIT_CODE_RANGE[1]
+            ):
+                raise Invalid("An exit code is a whole number or null.", field="exit_code")
+            checked["exit_code"] = value
+        elif name == "status_message":
+            if not isinstance(value, str):
+                raise Invalid("A status message is text.", field="status_message")
+            checked["status_message"] = value[:500]
+        elif name in TIME_FIELDS:
+            if value not in ("now", None):
+                raise Invalid(f'{name} is "now" or null.', field=name)
+            checked[name] = now if value == "now" else None
+        else:
+            raise Invalid(f"A host cannot change {str(name)[:40]!r}.", field="changes")
+    return checked
+
+
+@audit.denials_audited
+def report_workload_state(
+    *,
+    actor: Actor,
+    host: Host,
+    workload_id: Any,
+    expected: list[str],
+    changes: dict[str, Any],
+    never_started: bool = False,
+    count_restart: bool = False,
+) -> dict[str, Any]:
+    """A conditional update of a workload placed on `host`, as its agent saw it: applied only if the
+    row is in one of `expected` (a concurrent change wins). Returns whether it applied and the row's
+    state, exit code and times as they are now."""
+    if not isinstance(expected, list) or not expected or any(s not in EXPECTABLE_STATES for s in expected):
+        raise Invalid("Expected states are a list of states a host may see.", field="expected")
+    fields = _workload_changes(changes)
+    if count_restart:
+        fields["restart_count"] = F("restart_count") + 1
+    if not fields:
+        raise Invalid("The report changes nothing.", field="changes")
+    if not _is_uuid(workload_id):
+        raise _refuse(
+            host, "host.workload.report", "No such workload on this host.", workload=str(workload_id)[:80]
+        )
+    # The update names the host: another host's workload matches nothing, and the read below tells a
+    # refusal (not on this host) from a report that a concurrent change overtook.
+    rows = Workload.objects.filter(pk=workload_id, host=host, state__in=expected)
+    if never_started:
+        rows = rows.filter(started_at__isnull=True)
+    applied = bool(rows.update(**fields))
+    current = Workload.objects.select_related("host").filter(pk=workload_id, host=host).first()
+    if current is None:
+        raise _refuse(
+            host, "host.workload.report", "No such workload on this host.", workload=str(workload_id)[:80]
+        )
+    if applied and set(fields) - {"restart_count"}:
+        events.publish(current.tenant_id, current.as_event())
+    return {"applied": applied, **_row_view(current)}
+
+
+def _row_view(workload: Workload) -> dict[str, Any]:
+    return {
+        "state": workload.state,
+        "exit_code": workload.exit_code,
+        "status_message": workload.status_message,
+        "restart_count": workload.restart_count,
+        "started_at": workload.started_at.isoformat() if workload.started_at else None,
+        "finished_at": workload.finished_at.isoformat() if workload.finished_at else None,
+        "desired_running": workload.desired_running,
+    }
+
+
+@audit.denials_audited
+def report_workload_removed(*, actor: Actor, host: Host, workload_id: Any) -> dict[str, Any]:
+    """The host removed everything of a workload being deleted: the row goes, the quota comes back.
+    Only a workload in `deleting` on this host (a host cannot delete a tenant's running workload)."""
+    from compute.services import forget_workload
+
+    # A repeated report (its answer was lost) finds nothing and is a 404 too: the agent takes it as done.
+    workload = _placed(host, workload_id, "host.workload.removed")
+    if workload.state != WorkloadState.DELETING:
+        raise Conflict("Only a workload being deleted can be removed by its host.")
+    forget_workload(workload.pk)
+    events.publish(workload.tenant_id, {"type": "workload", "id": str(workload.pk), "state": "deleted"})
+    return {"removed": True}
+
+
+def _is_uuid(value: Any) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+# --- what the host runs: its desired set, as complete specs -------------------------------------
+
+
+def desired_set(host: Host) -> list[dict[str, Any]]:
+    """Every workload placed on `host`, each as the complete spec its agent runs (`workload_spec`)."""
+    workloads = (
+        Workload.objects.select_related("host", "image", "tenant")
+        .prefetch_related("image__image_layers__layer", "ip_allocations__compartment")
+        .filter(host=host)
+        .order_by("created_at", "id")
+    )
+    return [workload_spec(workload) for workload in workloads]
+
+
+def workload_spec_on(host: Host, workload_id: Any) -> dict[str, Any]:
+    """One workload's spec, only if it is placed on `host` (refused and audited otherwise)."""
+    workload = _placed(host, workload_id, "host.workload.read")
+    return workload_spec(Workload.objects.select_related("host", "image", "tenant").get(pk=workload.pk))
+
+
+def workload_spec(workload: Workload) -> dict[str, Any]:
+    """What a host needs to run a workload, resolved by the portal: image layers by digest, the process
+    (entrypoint and cmd merged, environment with the tenant's secret values unsealed), limits, network
+    attachment and the row's state. The values are the portal's: the host interprets nothing."""
+    from compute import agent
+
+    image = workload.image
+    config = image.config or {}
+    layers = sorted(image.image_layers.all(), key=lambda il: il.position)
+    problem = ""
+    try:
+        args: list[str] | None = agent.process_args(workload)
+        env: list[str] | None = agent.process_env(workload)
+    except Exception as error:  # a start would fail with this; the host reports it as the failure
+        from portal.errors import tenant_message
+
+        args, env, problem = None, None, tenant_message(error)
+    allocation = next(iter(workload.ip_allocations.all()), None)
+    return {
+        "id": str(workload.pk),
+        "runtime_id": workload.runtime_id,
+        "name": workload.name,
+        "tenant": str(workload.tenant_id),
+        "isolation": workload.isolation,
+        "state": workload.state,
+        "desired_running": workload.desired_running,
+        "restart_policy": workload.restart_policy,
+        "exit_code": workload.exit_code,
+        "started": workload.started_at is not None,
+        "image": {
+            "id": str(image.pk),
+            "config_digest": image.config_digest,
+            "layers": [
+                {
+                    "digest": il.layer.digest,
+                    "diff_id": il.layer.diff_id,
+                    "media_type": il.layer.media_type,
+                    "size": il.layer.size,
+                }
+                for il in layers
+            ],
+        },
+        "process": {
+            "args": args,
+            "env": env,
+            "cwd": workload.workdir or config.get("workdir") or "/",
+            "user": workload.user or config.get("user") or "0:0",
+            "problem": problem,
+        },
+        "limits": {
+            "vcpus": str(workload.vcpus),
+            "memory_mib": workload.memory_mib,
+            "disk_gib": workload.disk_gib,
+        },
+        # Root-mapped only while the tenant may still run privileged containers.
+        "privileged": bool(workload.privileged and workload.tenant.allow_privileged_containers),
+        "network": (
+            {
+                "compartment": allocation.compartment.network_id,
+                "address": allocation.address,
+                "mac": allocation.mac,
+            }
+            if allocation is not None
+            else None
+        ),
+    }
+
+
+# --- stats ----------------------------------------------------------------------------------------
+
+WORKLOAD_SAMPLE_FIGURES = (
+    "cpu_seconds",
+    "memory_bytes",
+    "net_rx_bytes",
+    "net_tx_bytes",
+    "block_read_bytes",
+    "block_write_bytes",
+)
+HOST_SAMPLE_FIGURES = ("cpu_seconds", "memory_used_bytes")
+MAX_SAMPLE_VALUE = 2.0**63
+
+
+def _figures(raw: Any, names: tuple[str, ...]) -> dict[str, float | None]:
+    if not isinstance(raw, dict) or set(raw) - set(names):
+        raise Invalid(f"A sample holds only {', '.join(names)}.", field="samples")
+    figures: dict[str, float | None] = {}
+    for name in names:
+        value = raw.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < MAX_SAMPLE_VALUE
+        ):
+            raise Invalid(f"{name} must be a non-negative number or null.", field="samples")
+        figures[name] = value
+    return figures
+
+
+@audit.denials_audited
+def record_samples(
+    *, actor: Actor, host: Host, workloads: dict[str, Any], host_sample: dict[str, Any]
+) -> int:
+    """Add one sample per running workload of `host` and one of the host itself. Figures the portal
+    knows (what is allocated, how many run) are counted here, not taken from the host."""
+    from compute import sampling
+
+    if not isinstance(workloads, dict):
+        raise Invalid("Workload samples are an object keyed by workload id.", field="workloads")
+    placed = {str(w.pk): w for w in Workload.objects.filter(host=host).only("id", "tenant_id", "state")}
+    foreign = [key for key in workloads if key not in placed]
+    if foreign:
+        raise _refuse(
+            host, "host.samples.report", "No such workload on this host.", workload=str(foreign[0])[:80]
+        )
+    running = [w for w in placed.values() if w.state == WorkloadState.RUNNING]
+    # One that stopped since the agent measured it is simply not sampled (a race, not a lie).
+    samples: list[tuple[str, Any, Any, dict[str, Any]]] = [
+        ("workload", placed[key].pk, placed[key].tenant_id, _figures(raw, WORKLOAD_SAMPLE_FIGURES))
+        for key, raw in workloads.items()
+        if placed[key].state == WorkloadState.RUNNING
+    ]
+    allocated = Workload.objects.filter(
+        host=host, state__in=[WorkloadState.RUNNING, WorkloadState.CREATING, WorkloadState.STOPPING]
+    ).aggregate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"))
+    samples.append(
+        (
+            "host",
+            host.pk,
+            None,
+            {
+                **_figures(host_sample, HOST_SAMPLE_FIGURES),
+                "allocated_vcpus": float(allocated["vcpus"] or 0),
+                "allocated_memory_bytes": (allocated["memory"] or 0) * 1024 * 1024,
+                "workloads_running": len(running),
+            },
+        )
+    )
+    sampling.record_many(samples, time.time())
+    return len(samples) - 1
+
+
+# --- network --------------------------------------------------------------------------------------
+
+MAX_REPAIR_DETAILS = 64
+
+
+def served_compartment_ids(host: Host) -> set[str]:
+    """Driver ids (`Compartment.network_id`) of the compartments with a member on `host` (published
+    ports belong to members)."""
+    from compute.compartments import Compartment
+
+    served = Compartment.objects.filter(allocations__workload__host=host).distinct()
+    return {compartment.network_id for compartment in served}
+
+
+@audit.denials_audited
+def report_network_repairs(
+    *, actor: Actor, host: Host, repaired: list[str], repaired_by_compartment: dict[str, list[str]]
+) -> dict[str, Any]:
+    """What the host's agent had to restore in its network: audited, per compartment recorded as drift.
+    Only compartments this host serves: others are left out and the attempt audited as denied (the
+    served ones are still recorded: a member that left since the agent's apply is a race); texts
+    bounded."""
+    from compute import network_services
+
+    if not isinstance(repaired_by_compartment, dict) or not isinstance(repaired, list):
+        raise Invalid("Repairs are a list and an object keyed by compartment.", field="repaired")
+    served = served_compartment_ids(host)
+    refused = sorted(str(key)[:80] for key in repaired_by_compartment if key not in served)
+    if refused:
+        audit.record_denied(actor, "host.network.report", host=host.name, compartments=refused[:10])
+        repaired_by_compartment = {k: v for k, v in repaired_by_compartment.items() if k in served}
+
+    def texts(values: Any) -> list[str]:
+        if not isinstance(values, list) or len(values) > MAX_REPAIR_DETAILS:
+            raise Invalid(f"At most {MAX_REPAIR_DETAILS} repair notes.", field="repaired")
+        return [str(value)[:200] for value in values]
+
+    notes = texts(repaired)
+    by_compartment = {key: texts(values) for key, values in repaired_by_compartment.items()}
+    if not notes:
+        return {"recorded": 0, "refused": refused}
+    with transaction.atomic():
+        audit.record(actor, "host.network.repaired", host, details={"repaired": notes})
+        recorded = network_services.record_repairs(
+            actor=actor, host=host, repaired_by_compartment=by_compartment
+        )
+    events.publish(None, {"type": "host", "id": str(host.pk), "network_repaired": notes})
+    return {"recorded": recorded, "refused": refused}
+
+
+def _land_moved(host: Host, op: Any) -> dict[str, Any]:
+    from compute import services
+    from portal.models import OperationState
+
+    if op.kind != "workload.move" or op.state != OperationState.RUNNING:
+        raise Conflict("Only a running move lands its workload.")
+    workload = _placed(host, op.target_id, "host.workload.moved")
+    created = services.land_moved_workload(
+        actor=Actor.system("evacuation"), workload=workload, to_host=op.params["to_host"]
+    )
+    return {"create_operation": str(created.pk) if created is not None else None}
+
+
+# --- operations on the host's queue ---------------------------------------------------------------
+
+OPERATION_EVENTS = ("claim", "progress", "heartbeat", "finish", "fail", "moved")
+MAX_RESULT_BYTES = 16 * 1024
+
+
+def _operation_on(host: Host, op_id: Any) -> Any:
+    from portal.models import Operation
+
+    op = Operation.objects.filter(pk=op_id, queue=host.queue).first() if _is_uuid(op_id) else None
+    if op is None:
+        raise _refuse(
+            host, "host.operation.report", "No such operation for this host.", operation=str(op_id)[:80]
+        )
+    return op
+
+
+def _operation_view(op: Any) -> dict[str, Any]:
+    return {
+        "id": str(op.pk),
+        "kind": op.kind,
+        "state": op.state,
+        "target_type": op.target_type,
+        "target_id": str(op.target_id) if op.target_id else None,
+        "params": op.params,
+    }
+
+
+@audit.denials_audited
+def report_operation(
+    *,
+    actor: Actor,
+    host: Host,
+    op_id: Any,
+    event: str,
+    percent: float = 0,
+    message: str = "",
+    result: dict[str, Any] | None = None,
+    error: str = "",
+    detail: str = "",
+) -> dict[str, Any] | None:
+    """An operation queued for this host, as its worker runs it: claimed (answers the operation: kind,
+    target, params; None when it is finished or cancelled), progress, heartbeat, finished with a result
+    (bounded), failed with a tenant-facing error and an operator-only detail; for a running
+    `workload.move`, "moved": the host removed the workload, which now lands on the target the portal
+    chose when the move was asked (never a host the reporting host names)."""
+    import json
+
+    from portal import operations
+    from portal.models import Operation, OperationState
+
+    if event not in OPERATION_EVENTS:
+        raise Invalid("Unknown operation event.", field="event")
+    op = _operation_on(host, op_id)
+    if event == "claim":
+        claimed = operations.claim(op.pk)
+        return _operation_view(claimed) if claimed is not None else None
+    if event == "moved":
+        return _land_moved(host, op)
+    if event == "progress":
+        if isinstance(percent, bool) or not isinstance(percent, int | float):
+            raise Invalid("Progress is a number.", field="percent")
+        operations.Progress(op.pk, interval=0)(float(percent), str(message)[:500], force=True)
+    elif event == "heartbeat":
+        Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING).update(heartbeat_at=timezone.now())
+    elif event == "finish":
+        if result is not None and (
+            not isinstance(result, dict) or len(json.dumps(result, default=str)) > MAX_RESULT_BYTES
+        ):
+            raise Invalid(f"A result is an object of at most {MAX_RESULT_BYTES} bytes.", field="result")
+        operations.finish(op.pk, result=result)
+    else:
+        operations.fail(op.pk, str(error)[:4000], detail=str(detail)[:8000])
+    return None

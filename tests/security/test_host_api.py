@@ -1,0 +1,264 @@
+"""The host API as a compromised host would use it: host A holds its own credential and tries to act on
+host B's workloads, operations and compartments, to read B's specs, and to inflate its own capacity.
+Each attempt is refused like a missing object (or a 403 for capacity), changes nothing and is audited."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from compute import hosts, services
+from compute.models import Host, Workload
+from portal.models import Operation
+from tenants.actors import Actor
+from tenants.models import AuditEntry, Quota
+from tests.conftest import World
+from tests.imaging.images import db_image
+
+pytestmark = pytest.mark.django_db
+
+BASE = "/api/v1/hosts/self"
+
+
+def make_host(name: str) -> Host:
+    facts = {"cpus": 4, "memory_mib": 8192, "disk_gib": 100, "oci_runtimes": ["runc"]}
+    return hosts.register_host(actor=Actor.system("test"), name=name, facts=facts)
+
+
+def as_host(secret: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
+
+
+def place(world: World, name: str, host: Host, **spec: Any) -> Workload:
+    """A workload of acme pinned to `host` (its creation task is never run here)."""
+    image = db_image(world.acme, f"img-{name}")
+    services.create_workload(
+        actor=Actor(user=world.user("oscar")),
+        tenant=world.acme,
+        spec=services.WorkloadSpec(name=name, image=image, host=host, **spec),  # type: ignore[arg-type]
+        compartments=[],
+    )
+    return Workload.objects.get(tenant=world.acme, name=name)
+
+
+def denied(action: str, host: Host) -> list[AuditEntry]:
+    return list(AuditEntry.objects.filter(action=action, outcome="denied", actor_label=f"host {host.name}"))
+
+
+@pytest.fixture
+def two_hosts(world: World) -> dict[str, Any]:
+    a, b = make_host("bht-api-a"), make_host("bht-api-b")
+    system = Actor.system("test")
+    return {
+        "a": a,
+        "b": b,
+        "secret_a": hosts.issue_host_credential(actor=system, host=a),
+        "secret_b": hosts.issue_host_credential(actor=system, host=b),
+        "on_a": place(world, "on-a", a),
+        "on_b": place(world, "on-b", b),
+    }
+
+
+def test_it_records_a_state_a_host_reports_for_its_own_workload(two_hosts: dict[str, Any]) -> None:
+    on_a = two_hosts["on_a"]
+    answer = as_host(two_hosts["secret_a"]).post(
+        f"{BASE}/workloads/{on_a.pk}/state/",
+        {"expected": ["pending"], "changes": {"state": "running", "started_at": "now", "exit_code": None}},
+        format="json",
+    )
+    assert answer.status_code == 200, answer.json()
+    assert answer.json()["applied"] is True
+    on_a.refresh_from_db()
+    assert on_a.state == "running" and on_a.started_at is not None
+
+
+def test_it_refuses_a_host_reporting_state_for_another_hosts_workload(two_hosts: dict[str, Any]) -> None:
+    on_b, a = two_hosts["on_b"], two_hosts["a"]
+    answer = as_host(two_hosts["secret_a"]).post(
+        f"{BASE}/workloads/{on_b.pk}/state/",
+        {"expected": ["pending"], "changes": {"state": "failed", "exit_code": 1, "status_message": "pwned"}},
+        format="json",
+    )
+    assert answer.status_code == 404
+    on_b.refresh_from_db()
+    assert (on_b.state, on_b.exit_code, on_b.status_message) == ("pending", None, "")
+    assert denied("host.workload.report", a)
+
+
+def test_it_refuses_a_host_changing_what_only_the_portal_decides(two_hosts: dict[str, Any]) -> None:
+    on_a = two_hosts["on_a"]
+    client = as_host(two_hosts["secret_a"])
+    for changes in (
+        {"state": "deleting"},
+        {"desired_running": False},
+        {"host": str(two_hosts["b"].pk)},
+        {"started_at": "2020-01-01T00:00:00Z"},
+        {"exit_code": "1; drop table"},
+    ):
+        answer = client.post(
+            f"{BASE}/workloads/{on_a.pk}/state/", {"expected": ["pending"], "changes": changes}, format="json"
+        )
+        assert answer.status_code == 400, (changes, answer.json())
+    on_a.refresh_from_db()
+    assert on_a.state == "pending" and on_a.host == two_hosts["a"] and on_a.started_at is None
+
+
+def test_it_shows_a_host_only_the_specs_of_its_own_workloads(two_hosts: dict[str, Any]) -> None:
+    client, on_a, on_b = as_host(two_hosts["secret_a"]), two_hosts["on_a"], two_hosts["on_b"]
+    listed = client.get(f"{BASE}/workloads/").json()["workloads"]
+    assert [spec["id"] for spec in listed] == [str(on_a.pk)]
+    spec = listed[0]
+    assert spec["runtime_id"] == on_a.runtime_id
+    assert spec["process"]["args"] == ["/bin/sh"]
+    assert [layer["digest"] for layer in spec["image"]["layers"]] == [
+        il.layer.digest for il in on_a.image.image_layers.order_by("position")
+    ]
+    assert client.get(f"{BASE}/workloads/{on_a.pk}/").status_code == 200
+    assert client.get(f"{BASE}/workloads/{on_b.pk}/").status_code == 404
+    assert client.get(f"{BASE}/workloads/not-a-uuid/").status_code == 404
+    assert denied("host.workload.read", two_hosts["a"])
+
+
+def test_it_puts_the_secret_values_into_the_spec_of_the_host_that_runs_the_workload(world: World) -> None:
+    from tenants import services as tenant_services
+
+    tenant_services.create_secret(
+        actor=Actor(user=world.user("alice")), tenant=world.acme, name="db-password", value="s3cr3t"
+    )
+    a = make_host("bht-api-sec")
+    secret = hosts.issue_host_credential(actor=Actor.system("test"), host=a)
+    on_a = place(world, "with-secret", a, secret_env={"DB_PASSWORD": "db-password"})
+    spec = as_host(secret).get(f"{BASE}/workloads/{on_a.pk}/").json()
+    assert "DB_PASSWORD=s3cr3t" in spec["process"]["env"]
+
+
+def test_it_refuses_capacity_above_what_was_approved(two_hosts: dict[str, Any]) -> None:
+    a, client = two_hosts["a"], as_host(two_hosts["secret_a"])
+    before = Host.objects.get(pk=a.pk)
+    for inflated in ({"cpus": 4096}, {"memory_mib": 8193}, {"disk_gib": 101}):
+        answer = client.post(f"{BASE}/facts/", {"facts": {**inflated, "kernel": "x"}}, format="json")
+        assert answer.status_code == 403, answer.json()
+    after = Host.objects.get(pk=a.pk)
+    assert (after.cpus, after.memory_mib, after.facts) == (before.cpus, before.memory_mib, before.facts)
+    assert len(denied("host.facts.report", a)) == 3
+    # Less than approved (a host that lost a disk) and capabilities are recorded.
+    answer = client.post(
+        f"{BASE}/facts/", {"facts": {"cpus": 2, "disk_gib": 50, "kvm": False}}, format="json"
+    )
+    assert answer.status_code == 200, answer.json()
+    after = Host.objects.get(pk=a.pk)
+    assert after.cpus == 4 and after.facts["disk_gib"] == 50
+    # ... and the bound stays what was approved, not what was last reported.
+    assert client.post(f"{BASE}/facts/", {"facts": {"disk_gib": 100}}, format="json").status_code == 200
+    assert client.post(f"{BASE}/facts/", {"facts": {"disk_gib": 101}}, format="json").status_code == 403
+
+
+def test_it_refuses_facts_it_does_not_know_or_cannot_read(two_hosts: dict[str, Any]) -> None:
+    client = as_host(two_hosts["secret_a"])
+    for facts in (
+        {"approved_disk_gib": 10**6},
+        {"cpus": "many"},
+        {"cpus": -1},
+        {"oci_runtimes": ["runc", "/bin/sh"]},
+        {"networks": ["0.0.0.0/0"]},
+        {"networks": ["not a network"]},
+        {"kernel": "x" * 1000},
+    ):
+        assert client.post(f"{BASE}/facts/", {"facts": facts}, format="json").status_code == 400, facts
+    assert Host.objects.get(pk=two_hosts["a"].pk).facts["approved_disk_gib"] == 100
+
+
+def test_it_lets_a_host_remove_only_its_own_workloads_being_deleted(
+    world: World, two_hosts: dict[str, Any]
+) -> None:
+    a, on_a, on_b = two_hosts["a"], two_hosts["on_a"], two_hosts["on_b"]
+    client = as_host(two_hosts["secret_a"])
+    # Not being deleted: a host cannot drop a tenant's workload.
+    assert client.post(f"{BASE}/workloads/{on_a.pk}/removed/").status_code == 409
+    Workload.objects.filter(pk__in=[on_a.pk, on_b.pk]).update(state="deleting")
+    assert client.post(f"{BASE}/workloads/{on_b.pk}/removed/").status_code == 404
+    assert Workload.objects.filter(pk=on_b.pk).exists()
+    assert denied("host.workload.removed", a)
+    used = Quota.objects.get(tenant=world.acme).used_workloads
+    assert client.post(f"{BASE}/workloads/{on_a.pk}/removed/").json() == {"removed": True}
+    assert not Workload.objects.filter(pk=on_a.pk).exists()
+    assert Quota.objects.get(tenant=world.acme).used_workloads == used - 1
+
+
+def test_it_refuses_a_host_reporting_on_another_hosts_operation(two_hosts: dict[str, Any]) -> None:
+    on_b = two_hosts["on_b"]
+    op_b = Operation.objects.get(target_id=on_b.pk, kind="workload.create")
+    client = as_host(two_hosts["secret_a"])
+    for event in ("claim", "finish", "fail", "progress", "moved"):
+        answer = client.post(f"{BASE}/operations/{op_b.pk}/", {"event": event, "error": "x"}, format="json")
+        assert answer.status_code == 404
+    op_b.refresh_from_db()
+    assert op_b.state == "queued"
+    assert denied("host.operation.report", two_hosts["a"])
+    # Its own operation: claimed with what the task needs, then finished.
+    op_a = Operation.objects.get(target_id=two_hosts["on_a"].pk, kind="workload.create")
+    claimed = client.post(f"{BASE}/operations/{op_a.pk}/", {"event": "claim"}, format="json").json()
+    # A create is no move: a host cannot hand its workload to another host by saying it moved.
+    moved = client.post(f"{BASE}/operations/{op_a.pk}/", {"event": "moved"}, format="json")
+    assert moved.status_code == 409
+    assert Workload.objects.get(pk=two_hosts["on_a"].pk).host == two_hosts["a"]
+    assert claimed["operation"]["target_id"] == str(two_hosts["on_a"].pk)
+    finished = client.post(
+        f"{BASE}/operations/{op_a.pk}/", {"event": "finish", "result": {"state": "running"}}, format="json"
+    )
+    assert finished.status_code == 200
+    op_a.refresh_from_db()
+    assert op_a.state == "succeeded" and op_a.result == {"state": "running"}
+
+
+def test_it_refuses_samples_for_another_hosts_workload(two_hosts: dict[str, Any]) -> None:
+    from compute.models import Workload as W
+
+    W.objects.filter(pk__in=[two_hosts["on_a"].pk, two_hosts["on_b"].pk]).update(state="running")
+    client = as_host(two_hosts["secret_a"])
+    figures = {"cpu_seconds": 1.0, "memory_bytes": 1024}
+    own = client.post(
+        f"{BASE}/samples/", {"workloads": {str(two_hosts["on_a"].pk): figures}, "host": {}}, format="json"
+    )
+    assert own.status_code == 200 and own.json() == {"sampled": 1}
+    foreign = client.post(
+        f"{BASE}/samples/", {"workloads": {str(two_hosts["on_b"].pk): figures}, "host": {}}, format="json"
+    )
+    assert foreign.status_code == 404
+    assert denied("host.samples.report", two_hosts["a"])
+    # The portal counts what is allocated: a host cannot claim to be empty.
+    lying = client.post(f"{BASE}/samples/", {"workloads": {}, "host": {"allocated_vcpus": 0}}, format="json")
+    assert lying.status_code == 400
+
+
+def test_it_refuses_network_repairs_for_a_compartment_the_host_does_not_serve(
+    world: World, two_hosts: dict[str, Any]
+) -> None:
+    from compute import network_services
+
+    compartment = network_services.create_compartment(
+        actor=Actor(user=world.user("alice")), tenant=world.acme, name="other"
+    )
+    answer = as_host(two_hosts["secret_a"]).post(
+        f"{BASE}/network-repairs/",
+        {"repaired": ["bridge"], "repaired_by_compartment": {compartment.network_id: ["bridge"]}},
+        format="json",
+    )
+    assert answer.status_code == 200 and answer.json() == {"recorded": 0, "refused": [compartment.network_id]}
+    assert denied("host.network.report", two_hosts["a"])
+    assert not AuditEntry.objects.filter(action="compartment.repaired").exists()
+
+
+def test_it_answers_401_without_a_current_credential(two_hosts: dict[str, Any]) -> None:
+    on_a = two_hosts["on_a"]
+    for secret in ("", "bhh_not-a-credential", "Basic abc"):
+        client = as_host(secret) if secret else APIClient()
+        assert client.get(f"{BASE}/workloads/").status_code == 401
+        assert client.post(f"{BASE}/heartbeat/").status_code == 401
+    rotated = hosts.issue_host_credential(actor=Actor.system("test"), host=two_hosts["a"])
+    assert as_host(two_hosts["secret_a"]).post(f"{BASE}/workloads/{on_a.pk}/state/").status_code == 401
+    assert as_host(rotated).post(f"{BASE}/heartbeat/").status_code == 200
