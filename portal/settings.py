@@ -74,6 +74,7 @@ INSTALLED_APPS = [
     "tenants",
     "imaging",
     "compute",
+    "volumes",
     "frontend",
 ]
 
