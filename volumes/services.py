@@ -51,7 +51,7 @@ def check_mount_path(path: str) -> str:
     """An absolute, normalised path inside the workload that is not one of the system's directories."""
     if not isinstance(path, str) or not path.startswith("/") or len(path) > MAX_PATH:
         raise Invalid("A volume's path must be an absolute path of at most 255 characters.", field="path")
-    if any(ch in path for ch in "\0\n\r\t\\,:") or any(ord(ch) < 32 for ch in path):
+    if any(ch in path for ch in " \\,:") or any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
         raise Invalid(
             "A volume's path cannot contain control characters, commas, colons or backslashes.", field="path"
         )
