@@ -521,4 +521,3 @@ def test_it_answers_each_persona_as_the_role_matrix_says(name: str, persona: str
                         failures.append(f"{method} {url} [{ownership}] -> 403 {problem}")
                 transaction.set_rollback(True)
     assert not failures, "\n".join(failures)
-
