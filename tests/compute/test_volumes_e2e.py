@@ -50,7 +50,13 @@ def make_volume(world: World, name: str, size_gib: int = 1, persona: str = "mia"
 
 
 def run_to_end(
-    world: World, image: Any, name: str, script: str, isolation: str, volumes: list[dict[str, Any]]
+    world: World,
+    image: Any,
+    name: str,
+    script: str,
+    isolation: str,
+    volumes: list[dict[str, Any]],
+    command: list[str] | None = None,
 ) -> tuple[Workload, str]:
     response = create(
         world,
@@ -58,7 +64,7 @@ def run_to_end(
         name=name,
         image=str(image.pk),
         isolation=isolation,
-        command=["/bin/sh", "-c", script],
+        command=command or ["/bin/sh", "-c", script],
         memory_mib=256 if isolation == "microvm" else 64,
         volumes=volumes,
         compartments=[],
