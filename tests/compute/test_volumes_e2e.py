@@ -179,3 +179,42 @@ def test_a_full_volume_fails_the_write_inside_and_leaves_the_host_alone(
     grown = image.stat().st_blocks * 512 - pool_bytes_before
     print(f"pool image grew {grown / 2**20:.0f} MiB for a full 1 GiB volume ({isolation})")
     assert grown <= GIB + 128 * 1024**2
+
+
+# A nested btrfs subvolume has a quota group of its own, outside its volume's limit: a workload that
+# could make one would write past its volume's size into the pool (checked on the host: an unprivileged
+# user who owns a directory on btrfs may create one). Containers are refused the ioctls by seccomp;
+# virtiofsd does not pass ioctls on.
+NESTED_SUBVOLUME = """
+import fcntl, os, struct
+fd = os.open("/data", os.O_RDONLY | os.O_DIRECTORY)
+for name, request in (("subvol", 0x5000940E), ("subvol2", 0x50009418)):
+    try:
+        arg = struct.pack("q", 0) + name.encode().ljust(4088, b"\\0")
+        if request == 0x50009418:  # btrfs_ioctl_vol_args_v2: fd, transid, flags, unused[4], name[4040]
+            arg = struct.pack("qQQ4Q", 0, 0, 0, 0, 0, 0, 0) + name.encode().ljust(4040, b"\\0")
+        fcntl.ioctl(fd, request, bytearray(arg), True)
+        print(name, "created")
+    except OSError as error:
+        print(name, "refused", error.errno)
+"""
+
+
+def test_a_container_cannot_escape_its_volumes_limit_with_a_nested_subvolume(
+    world: World, python_image: Any, host: Host
+) -> None:
+    from volumes.agent import pool_for
+
+    volume = make_volume(world, "small", size_gib=1)
+    _workload, logs = run_to_end(
+        world,
+        python_image,
+        "nester",
+        "",
+        "namespace",
+        [{"volume": "small", "path": "/data"}],
+        command=["/usr/bin/python3", "-c", NESTED_SUBVOLUME],
+    )
+    assert "created" not in logs, logs
+    assert "subvol refused" in logs and "subvol2 refused" in logs, logs
+    assert not any(pool_for(host).volume_path(volume.pool_name).iterdir())
