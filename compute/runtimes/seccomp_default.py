@@ -148,7 +148,6 @@ ALLOWED_SYSCALLS: tuple[str, ...] = (
     "inotify_init1",
     "inotify_rm_watch",
     "io_cancel",
-    "ioctl",
     "io_destroy",
     "io_getevents",
     "io_pgetevents",
@@ -404,6 +403,25 @@ SECCOMP_ARCHITECTURES: dict[str, list[str]] = {
 }
 
 
+# BTRFS_IOC_SNAP_CREATE, _SUBVOL_CREATE, _SNAP_CREATE_V2, _SUBVOL_CREATE_V2 (linux/btrfs.h).
+BTRFS_CREATE_IOCTLS = (0x50009401, 0x5000940E, 0x50009417, 0x50009418)
+
+
+def allowed_ioctl_blocks() -> list[tuple[int, int]]:
+    """(base, mask) blocks covering 0..2**32-1 except BTRFS_CREATE_IOCTLS: `cmd & mask == base`."""
+    blocks: list[tuple[int, int]] = []
+    low = 0
+    for refused in [*sorted(BTRFS_CREATE_IOCTLS), 1 << 32]:
+        while low < refused:
+            size = low & -low if low else 1 << 32
+            while low + size > refused:
+                size >>= 1
+            blocks.append((low, ((1 << 64) - 1) & ~(size - 1)))
+            low += size
+        low = refused + 1
+    return blocks
+
+
 def default_seccomp_profile(machine: str | None = None) -> dict[str, Any]:
     """Return Docker's default seccomp policy as an OCI `linux.seccomp` dict for `machine`.
 
@@ -431,6 +449,19 @@ def default_seccomp_profile(machine: str | None = None) -> dict[str, Any]:
             "action": "SCMP_ACT_ALLOW",
             "args": [{"index": 0, "value": CLONE_NAMESPACE_FLAGS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}],
         }
+    )
+    # Volumes are btrfs subvolumes with a quota limit; a subvolume made inside one has a quota group of
+    # its own, outside that limit (issue 17). ioctl is allowed for every request but the ones that make
+    # subvolumes and snapshots: as aligned blocks (one masked comparison each, since libseccomp lets an
+    # unconditional allow win over any refusal), the upper 32 bits included in every mask because the
+    # kernel reads `cmd` as an unsigned int and would take 0x1_5000940e for 0x5000940e.
+    syscalls.extend(
+        {
+            "names": ["ioctl"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 1, "value": mask, "valueTwo": base, "op": "SCMP_CMP_MASKED_EQ"}],
+        }
+        for base, mask in allowed_ioctl_blocks()
     )
     # clone3 passes its flags in memory that seccomp cannot inspect: refuse it as "not implemented".
     syscalls.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
