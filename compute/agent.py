@@ -25,7 +25,13 @@ from compute import (
 from compute.choices import Isolation, RestartPolicy, WorkloadState
 from compute.hosts import host_state_dir
 from compute.models import Host, Workload
-from compute.runtimes.oci import ContainerNotFound, ContainerSpec, OciRuntime, parse_k8s_log
+from compute.runtimes.oci import (
+    ContainerNotFound,
+    ContainerSpec,
+    OciRuntime,
+    VolumeMountSpec,
+    parse_k8s_log,
+)
 from imaging.store import LayerSpec, LayerStore
 from portal import events, operations
 from portal.errors import Explained, tenant_message
@@ -234,7 +240,17 @@ def container_spec(
         dns_servers=network.dns_servers if network else (),
         ip_address=network.ip_address if network else None,
         user_namespace=not workload.privileged,
+        volumes=_volume_mounts(workload),
     )
+
+
+def _volume_mounts(workload: Workload) -> list[VolumeMountSpec]:
+    from volumes.agent import volume_paths  # volumes builds on compute
+
+    return [
+        VolumeMountSpec(source=m["source"], path=m["path"], read_only=m["read_only"])
+        for m in volume_paths(workload)
+    ]
 
 
 def load(workload_id: Any) -> Workload | None:

@@ -130,26 +130,38 @@ def create_workload(
     spec: WorkloadSpec,
     start: bool = True,
     compartments: list[Compartment] | None = None,
+    volumes: list[Any] | None = None,
 ) -> Operation:
     """Check quota under the tenant's row lock, place, write the row, and queue its creation.
 
     `compartments`: the networks it joins (None: the tenant's "default", created on first use, when the
     host realises compartments; []: none). Its addresses are allocated in this same transaction.
+    `volumes`: volumes.services.VolumeMount list; the workload is placed on their host.
     """
     from compute import network_services, tasks
+    from volumes import services as volume_services  # volumes builds on compute
 
     _validate(spec, tenant)
     if spec.privileged:
         _check_privileged_allowed(tenant)
     if Workload.objects.filter(tenant=tenant, name=spec.name).exists():
         raise Conflict(f"A workload named {spec.name!r} exists in this tenant.", field="name")
+    volume_host = volume_services.volume_host_for(
+        tenant=tenant, isolation=spec.isolation, mounts=volumes or []
+    )
+    if volume_host is not None and spec.host is not None and spec.host.pk != volume_host.pk:
+        raise Conflict(
+            f"Its volumes live on host {volume_host.name}, not {spec.host.name}.",
+            field="host",
+            audit_action="workload.create",
+        )
     quota.allocate(tenant, workloads=1, vcpus=spec.vcpus, memory_mib=spec.memory_mib, disk_gib=spec.disk_gib)
     host = placement.choose_host(
         isolation=spec.isolation,
         vcpus=spec.vcpus,
         memory_mib=spec.memory_mib,
         disk_gib=spec.disk_gib,
-        pinned=spec.host,
+        pinned=spec.host or volume_host,  # a workload goes to its volumes' host
         networked=bool(compartments),  # named compartments need a host that realises them
     )
     try:
@@ -181,6 +193,8 @@ def create_workload(
     network_services.join_compartments(
         actor=actor, tenant=tenant, workload=workload, compartments=compartments
     )
+    if volumes:
+        volume_services.attach_at_create(actor=actor, workload=workload, mounts=volumes)
     audit.record(
         actor,
         "workload.create",
@@ -367,6 +381,9 @@ def move_workload(*, actor: Actor, workload: Workload) -> Operation:
 def _place_existing(workload: Workload, *, pinned: Host | None = None, audit_action: str = "") -> Host:
     """Another host for an existing workload (its resources, its compartments), where its published
     ports are free too; under the candidates' row locks like a create."""
+    from volumes.services import refuse_move
+
+    refuse_move(workload, audit_action=audit_action)
     host = placement.choose_host(
         isolation=workload.isolation,
         vcpus=workload.vcpus,

@@ -24,6 +24,7 @@ from compute.runtimes.libvirt import (
     VmNotFound,
     VmRuntime,
     VmSpec,
+    VmVolume,
     WorkloadPayload,
     unpack_exported_changes,
 )
@@ -80,6 +81,12 @@ def vm_spec(workload: Workload, progress: agent.Progress) -> VmSpec:
     uid, gid = resolve_numeric_user(workload, lower_dirs)
     vm_dir = host_state_dir(workload.host) / "vms"
     config = workload.image.config or {}
+    from volumes.agent import volume_paths  # volumes builds on compute
+
+    volumes = tuple(
+        VmVolume(source=Path(m["source"]), tag=m["tag"], path=m["path"], read_only=m["read_only"])
+        for m in volume_paths(workload)
+    )
     return VmSpec(
         vm_id=workload.pk,
         vcpus=int(workload.vcpus),
@@ -96,7 +103,9 @@ def vm_spec(workload: Workload, progress: agent.Progress) -> VmSpec:
             cwd=workload.workdir or config.get("workdir") or "/",
             uid=uid,
             gid=gid,
+            volumes=tuple((v.tag, v.path, v.read_only) for v in volumes),
         ),
+        volumes=volumes,
         hostname=None,
         network=network_agent.vm_network(workload),  # issue 7: a tap on its compartment's bridge
         domain_type=workload.host.domain_type,  # type: ignore[arg-type]

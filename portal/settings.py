@@ -74,6 +74,7 @@ INSTALLED_APPS = [
     "tenants",
     "imaging",
     "compute",
+    "volumes",
     "frontend",
 ]
 
@@ -257,6 +258,11 @@ BULKHEAD_GUEST_DIR = Path(env("BULKHEAD_GUEST_DIR", str(BASE_DIR / "var" / "gues
 BULKHEAD_USERNS_POOL = tuple(
     int(part) for part in env("BULKHEAD_USERNS_POOL", "1000000,1000000000").split(",")
 )
+# Volumes (issue 17): a host's volume pool. Empty: an embedded pool, a sparse loop-mounted btrfs image of
+# BULKHEAD_VOLUME_POOL_GIB under the host's state dir, made when first needed. Else the path of a mounted
+# btrfs filesystem (a real device) with quotas enabled (`btrfs quota enable PATH`).
+BULKHEAD_VOLUME_POOL = env("BULKHEAD_VOLUME_POOL")
+BULKHEAD_VOLUME_POOL_GIB = env_int("BULKHEAD_VOLUME_POOL_GIB", 64)
 BULKHEAD_MAX_UPLOAD_BYTES = env_int("BULKHEAD_MAX_UPLOAD_BYTES", 8 * 1024**3)
 BULKHEAD_REGISTRY_ALLOWLIST = [r for r in env("BULKHEAD_REGISTRY_ALLOWLIST", "").split(",") if r]
 BULKHEAD_REGISTRY_CA_BUNDLE = env("BULKHEAD_REGISTRY_CA_BUNDLE") or None

@@ -71,6 +71,8 @@ class Quota(models.Model):
     image_bytes = models.PositiveBigIntegerField(default=20 * 1024**3)
     published_ports = models.PositiveIntegerField(default=20)
     disk_gib = models.PositiveBigIntegerField(default=100)
+    # Sum of the sizes of the tenant's volumes (issue 17).
+    volume_bytes = models.PositiveBigIntegerField(default=100 * 1024**3)
     used_vcpus = models.DecimalField(max_digits=8, decimal_places=2, default=Decimal(0))
     used_memory_mib = models.PositiveBigIntegerField(default=0)
     used_workloads = models.PositiveIntegerField(default=0)
@@ -78,6 +80,7 @@ class Quota(models.Model):
     used_image_bytes = models.PositiveBigIntegerField(default=0)
     used_published_ports = models.PositiveIntegerField(default=0)
     used_disk_gib = models.PositiveBigIntegerField(default=0)
+    used_volume_bytes = models.PositiveBigIntegerField(default=0)
 
     objects = TenantOwnedQuerySet.as_manager()
 
@@ -92,6 +95,7 @@ class Quota(models.Model):
         "compartments",
         "image_bytes",
         "published_ports",
+        "volume_bytes",
     )
 
     def __str__(self) -> str:

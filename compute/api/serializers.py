@@ -80,9 +80,24 @@ class JoinSerializer(serializers.Serializer):
     facts = serializers.DictField()
 
 
+class VolumeMountRequestSerializer(serializers.Serializer):
+    volume = serializers.CharField(max_length=63, help_text="The volume's name or id.")
+    path = serializers.CharField(max_length=255, help_text="Absolute path inside the workload.")
+    read_only = serializers.BooleanField(default=False)
+
+
+class VolumeAttachmentBriefSerializer(serializers.Serializer):
+    id = serializers.UUIDField(read_only=True)
+    volume = serializers.UUIDField(source="volume_id", read_only=True)
+    volume_name = serializers.CharField(source="volume.name", read_only=True)
+    path = serializers.CharField(read_only=True)
+    read_only = serializers.BooleanField(read_only=True)
+
+
 class WorkloadSerializer(serializers.ModelSerializer):
     host_name = serializers.CharField(source="host.name", read_only=True, default=None)
     image_reference = serializers.CharField(source="image.__str__", read_only=True)
+    volumes = VolumeAttachmentBriefSerializer(source="volume_attachments", many=True, read_only=True)
 
     class Meta:
         model = Workload
@@ -112,6 +127,7 @@ class WorkloadSerializer(serializers.ModelSerializer):
             "exit_code",
             "status_message",
             "restart_count",
+            "volumes",
             "created_at",
             "started_at",
             "finished_at",
@@ -176,6 +192,8 @@ class WorkloadCreateSerializer(WorkloadProcessSerializer):
     compartments = serializers.ListField(
         child=serializers.CharField(max_length=63), required=False, allow_null=True, max_length=8
     )
+    # issue 17: volumes to attach, by name or id; the workload is placed on their host.
+    volumes = serializers.ListField(child=VolumeMountRequestSerializer(), required=False, max_length=16)
 
 
 class WorkloadUpdateSerializer(WorkloadProcessSerializer):

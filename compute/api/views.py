@@ -45,7 +45,7 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
     ordering_fields = ["name", "created_at", "state"]
 
     def base_queryset(self) -> QuerySet[Workload]:
-        return Workload.objects.select_related("host", "image")
+        return Workload.objects.select_related("host", "image").prefetch_related("volume_attachments__volume")
 
     def _tenant(self, tenant_id: Any) -> Tenant:
         user = self.request.user
@@ -98,11 +98,18 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
             privileged=v["privileged"],
         )
         from compute.api.network_views import resolve_compartments
+        from volumes.api.views import resolve_volume_mounts
 
         compartments = resolve_compartments(request.user, tenant, v.get("compartments"))
+        volumes = resolve_volume_mounts(request.user, tenant, v.get("volumes") or [])
         return accepted(
             services.create_workload(
-                actor=self.actor, tenant=tenant, spec=spec, start=v["start"], compartments=compartments
+                actor=self.actor,
+                tenant=tenant,
+                spec=spec,
+                start=v["start"],
+                compartments=compartments,
+                volumes=volumes,
             )
         )
 

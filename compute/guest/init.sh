@@ -208,6 +208,21 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
 
+# Volumes (issue 17): each a virtiofs tag the host serves from the volume's directory, mounted where the
+# workload wants it. The list is NUL-separated (tag, path, ro|rw) from the spec disk, never evaluated.
+volume_points=
+if [ -s "$SPEC_DIR/volumes" ]; then
+    while IFS= read -r -d '' tag && IFS= read -r -d '' vpath && IFS= read -r -d '' vmode; do
+        case "$tag" in bhvol[0-9] | bhvol[0-9][0-9]) ;; *) fail "bad volume tag in spec" ;; esac
+        case "$vpath" in /*) ;; *) fail "bad volume path in spec" ;; esac
+        options=rw
+        [ "$vmode" = ro ] && options=ro
+        mkdir -p "/newroot$vpath" || fail "cannot make the mount point of a volume"
+        mount -t virtiofs -o "$options,nosuid,nodev" "$tag" "/newroot$vpath" || fail "cannot mount a volume"
+        volume_points="/newroot$vpath $volume_points"
+    done <"$SPEC_DIR/volumes"
+fi
+
 ip link set lo up
 if [ -n "$net_address" ]; then
     if [ -n "$net_mac" ]; then
@@ -299,7 +314,7 @@ kill -KILL -1 2>/dev/null
 tries=0
 while grep -q ' /newroot ' /proc/mounts && [ "$tries" -lt 50 ]; do
     tries=$((tries + 1))
-    for target in /newroot/dev/shm /newroot/dev/pts /newroot/dev /newroot/sys /newroot/proc \
+    for target in $volume_points /newroot/dev/shm /newroot/dev/pts /newroot/dev /newroot/sys /newroot/proc \
         /newroot/etc/resolv.conf /newroot; do
         umount "$target" 2>/dev/null
     done

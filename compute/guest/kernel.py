@@ -31,6 +31,7 @@ WANTED_MODULES: tuple[str, ...] = (
     "erofs",
     "button",
     "evdev",
+    "virtiofs",  # volumes (issue 17); pulls in fuse
 )
 
 MANIFEST_NAME = "manifest.json"
@@ -79,6 +80,9 @@ def load_kernel(guest_dir: Path) -> GuestKernel | None:
     )
     if not kernel.vmlinuz.is_file() or not all(module.is_file() for module in kernel.modules):
         return None
+    kept = {_module_name(module.name) for module in kernel.modules}
+    if not all(_module_name(name) in kept for name in WANTED_MODULES):
+        return None  # a module wanted since it was fetched: fetch again
     return kernel
 
 

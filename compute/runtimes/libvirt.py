@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import libvirt
 
+from compute.runtimes import virtiofs
 from portal.errors import Explained
 
 if TYPE_CHECKING:
@@ -99,6 +100,18 @@ class WorkloadPayload:
     # False (default): stdin /dev/null, stdout+stderr a pipe, exactly like a container's.
     # True: the serial console is the workload's terminal (for interactive use via open_console).
     tty: bool = False
+    # (tag, path, read_only) of each volume; the init mounts tag at path (issue 17).
+    volumes: tuple[tuple[str, str, bool], ...] = ()
+
+
+@dataclass(frozen=True)
+class VmVolume:
+    """A volume served to the guest by virtiofsd (tag `bhvolN`), mounted by the init at `path`."""
+
+    source: Path  # the volume's directory on the host's pool
+    tag: str
+    path: str
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,7 @@ class VmSpec:
     payload: WorkloadPayload
     network: VmNetwork | None = None
     hostname: str | None = None
+    volumes: tuple[VmVolume, ...] = ()
     rw_disk_size_mib: int = 1024
     domain_type: DomainType = "qemu"
     machine: MachineType = "q35"
@@ -236,6 +250,30 @@ def validate_spec(spec: VmSpec) -> None:
         raise InvalidVmSpec("hostname must be one lower-case DNS label")
     if spec.network is not None:
         _validate_network(spec.network)
+    tags = set()
+    for volume in spec.volumes:
+        if not _VOLUME_TAG_RE.match(volume.tag) or volume.tag in tags:
+            raise InvalidVmSpec("volume tags must be distinct bhvolN names")
+        tags.add(volume.tag)
+        parts = volume.path.split("/")
+        bad_char = any(ord(c) < 32 or c == " " for c in volume.path)
+        if not volume.path.startswith("/") or volume.path == "/" or ".." in parts or bad_char:
+            raise InvalidVmSpec(f"bad volume path {volume.path!r}")
+        if not volume.source.is_absolute():
+            raise InvalidVmSpec("a volume's source must be an absolute path")
+    if tuple((v.tag, v.path, v.read_only) for v in spec.volumes) != payload.volumes:
+        raise InvalidVmSpec("the payload's volumes must be the spec's")
+
+
+_VOLUME_TAG_RE = re.compile(r"^bhvol[0-9]{1,2}$")
+
+
+VIRTIOFS_SOCKET_DIR = Path("/run/bulkhead/virtiofs")
+
+
+def virtiofs_socket_path(vm_id: uuid.UUID, tag: str) -> Path:
+    """virtiofsd's socket for one volume (a short path: unix socket names end at 108 bytes)."""
+    return VIRTIOFS_SOCKET_DIR / f"{vm_id.hex}-{tag}.sock"
 
 
 def _validate_network(network: VmNetwork) -> None:
@@ -281,6 +319,11 @@ def domain_xml(spec: VmSpec, *, qemu_uid: int, qemu_gid: int) -> str:
     ET.SubElement(domain, "uuid").text = str(spec.vm_id)
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
+    if spec.volumes:
+        # vhost-user (virtiofsd) maps the guest's memory: it must be shared, file-backed memory.
+        backing = ET.SubElement(domain, "memoryBacking")
+        ET.SubElement(backing, "source", type="memfd")
+        ET.SubElement(backing, "access", mode="shared")
     os_element = ET.SubElement(domain, "os")
     ET.SubElement(os_element, "type", arch="x86_64", machine=spec.machine).text = "hvm"
     ET.SubElement(os_element, "kernel").text = str(spec.kernel)
@@ -309,6 +352,11 @@ def domain_xml(spec: VmSpec, *, qemu_uid: int, qemu_gid: int) -> str:
     spec_disk = _disk(devices, spec_disk_path(spec.rw_disk), "vdc", serial=SPEC_DISK_SERIAL)
     ET.SubElement(spec_disk, "readonly")
     _disk(devices, export_disk_path(spec.rw_disk), "vdd", serial=EXPORT_DISK_SERIAL)
+    for volume in spec.volumes:
+        filesystem = ET.SubElement(devices, "filesystem", type="mount")
+        ET.SubElement(filesystem, "driver", type="virtiofs", queue="1024")
+        ET.SubElement(filesystem, "source", socket=str(virtiofs_socket_path(spec.vm_id, volume.tag)))
+        ET.SubElement(filesystem, "target", dir=volume.tag)
     if spec.network is not None:
         if spec.network.attach == "ethernet":
             # A plain tap that libvirt creates (and removes); the agent moves it onto the bridge.
@@ -375,6 +423,11 @@ def spec_medium(payload: WorkloadPayload, nonce: str) -> bytes:
         "user": f"{payload.uid}:{payload.gid}\n".encode(),
         "nonce": f"{nonce}\n".encode(),
         "tty": b"1\n" if payload.tty else b"0\n",
+        # tag, path, ro|rw: three NUL-terminated fields per volume.
+        "volumes": b"".join(
+            tag.encode() + b"\0" + path.encode() + b"\0" + (b"ro" if ro else b"rw") + b"\0"
+            for tag, path, ro in payload.volumes
+        ),
     }
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
@@ -611,6 +664,8 @@ class _Record:
     console_log: Path
     nonce: str
     has_network: bool = False
+    # (source, tag, read_only) of each volume: virtiofsd is started for them at every boot.
+    volumes: tuple[tuple[str, str, bool], ...] = ()
 
 
 class VmRuntime:
@@ -643,6 +698,7 @@ class VmRuntime:
             console_log=spec.console_log,
             nonce=nonce,
             has_network=spec.network is not None,
+            volumes=tuple((str(v.source), v.tag, v.read_only) for v in spec.volumes),
         )
         # The record (with the nonce baked into the disk) first: a retry after a crash must reuse it.
         self._save_record(spec.vm_id, record)
@@ -672,13 +728,18 @@ class VmRuntime:
         domain = self._domain(vm_id)
         if domain.isActive():
             return
+        record = self._load_record(vm_id)
+        sockets = self._start_virtiofsd(vm_id, record)
         try:
             domain.create()
         except libvirt.libvirtError as error:
             if domain.isActive():  # a concurrent start won the race
                 return
+            for socket in sockets:
+                virtiofs.stop(socket)
             raise VmError(f"cannot start {domain_name(vm_id)}: {error}") from error
-        record = self._load_record(vm_id)
+        for socket in sockets:
+            virtiofs.release_staging_when_sandboxed(socket)
         if record is not None and record.has_network:
             _enable_hairpin(tap_name(vm_id))
 
@@ -728,6 +789,8 @@ class VmRuntime:
                 if self._lookup(vm_id) is not None:
                     raise VmError(f"cannot undefine {domain_name(vm_id)}: {error}") from error
         if record is not None:
+            for _source, tag, _read_only in record.volumes:
+                virtiofs.stop(virtiofs_socket_path(vm_id, tag))
             record.rw_disk.unlink(missing_ok=True)
             spec_disk_path(record.rw_disk).unlink(missing_ok=True)
             export_disk_path(record.rw_disk).unlink(missing_ok=True)
@@ -877,6 +940,30 @@ class VmRuntime:
 
     # -- internals ------------------------------------------------------------------------------------
 
+    def _start_virtiofsd(self, vm_id: uuid.UUID, record: _Record | None) -> list[Path]:
+        """One virtiofsd per volume for this boot (a stale one of an earlier boot is ended first)."""
+        sockets: list[Path] = []
+        if record is None:
+            return sockets
+        try:
+            for source, tag, read_only in record.volumes:
+                socket = virtiofs_socket_path(vm_id, tag)
+                socket.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(socket.parent, 0o711)  # noqa: S103 - QEMU's account reaches its own socket, lists nothing
+                virtiofs.start(
+                    Path(source),
+                    socket,
+                    read_only=read_only,
+                    owner=(self.qemu_uid, self.qemu_gid),
+                    log=self._vm_dir(vm_id) / "virtiofsd.log",
+                )
+                sockets.append(socket)
+        except BaseException:
+            for socket in sockets:
+                virtiofs.stop(socket)
+            raise
+        return sockets
+
     def _vm_dir(self, vm_id: uuid.UUID) -> Path:
         return self.state_dir / str(uuid.UUID(str(vm_id)))
 
@@ -904,6 +991,7 @@ class VmRuntime:
             console_log=Path(data["console_log"]),
             nonce=str(data["nonce"]),
             has_network=bool(data.get("has_network", False)),
+            volumes=tuple((str(v[0]), str(v[1]), bool(v[2])) for v in data.get("volumes", [])),
         )
 
     def _record(self, vm_id: uuid.UUID) -> _Record:
@@ -922,6 +1010,7 @@ class VmRuntime:
                     "console_log": str(record.console_log),
                     "nonce": record.nonce,
                     "has_network": record.has_network,
+                    "volumes": [list(v) for v in record.volumes],
                 }
             )
         )

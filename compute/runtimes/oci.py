@@ -55,6 +55,7 @@ from compute.runtimes.userns import (
     IdMapping,
     IdRangeAllocator,
     UsernsError,
+    attach_volume,
     mount_idmapped_overlay,
     prepare_host_netns,
     shift_owners,
@@ -132,6 +133,13 @@ class InvalidContainerSpec(ValueError):
 
 
 @dataclass(frozen=True)
+class VolumeMountSpec:
+    source: str  # the volume's directory on the host's pool
+    path: str  # absolute path inside the container
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """Everything needed to run one namespace container; all values are server-generated."""
 
@@ -154,6 +162,9 @@ class ContainerSpec:
     masked_paths: Sequence[str] = DOCKER_MASKED_PATHS
     # False only for a tenant an operator allowed privileged containers: container root is host root.
     user_namespace: bool = True
+    # Volumes (issue 17): host directories on the volume pool, bind-mounted at `path` (idmapped with
+    # the container's range). Server values only: sources are pool paths, paths were checked.
+    volumes: Sequence[VolumeMountSpec] = ()
 
     def __post_init__(self) -> None:
         # Freeze the sequences so that a spec is really immutable (and hashable).
@@ -165,6 +176,7 @@ class ContainerSpec:
             "dns_search",
             "read_only_paths",
             "masked_paths",
+            "volumes",
         ):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -548,6 +560,16 @@ class OciRuntime:
         sysfs_by_host = mapping is not None and spec.netns_path is not None
         if mapping is not None and sysfs_by_host:
             self._prepare_host_netns(spec, rootfs, mapping)
+        for index, volume in enumerate(spec.volumes):
+            (bundle / "volumes").mkdir(mode=0o711, exist_ok=True)
+            try:
+                attach_volume(
+                    Path(volume.source), bundle / "volumes" / str(index), mapping, read_only=volume.read_only
+                )
+            except OSError as error:
+                raise OciRuntimeError(
+                    f"container {container_id}: volume at {volume.path}: {error}"
+                ) from error
         user = resolve_user(rootfs, spec.user)
         if mapping is not None and max(user.uid, user.gid, *user.additional_gids) >= mapping.size:
             raise InvalidContainerSpec(
@@ -728,6 +750,8 @@ class OciRuntime:
         for mount_point in (rootfs, bundle / "disk"):  # the overlay first: it uses the disk
             while _is_mount_point(mount_point):
                 _unmount(mount_point)
+        for point in (p for p in _mount_points() if (bundle / "volumes") in p.parents):
+            _unmount(point)
         leftover_mounts = [mount for mount in _mount_points() if _is_within(mount, bundle)]
         if leftover_mounts:
             raise OciRuntimeError(f"refusing to remove {bundle}: still mounted: {leftover_mounts}")
@@ -960,9 +984,26 @@ def build_oci_config(
         "root": {"path": "rootfs", "readonly": False},
         "hostname": spec.hostname or spec.container_id,
         "mounts": [
-            mount
-            for mount in _docker_mounts(bundle)
-            if not (sysfs_by_host and mount["destination"] == "/sys")
+            *(
+                mount
+                for mount in _docker_mounts(bundle)
+                if not (sysfs_by_host and mount["destination"] == "/sys")
+            ),
+            *(
+                {
+                    "destination": volume.path,
+                    "type": "bind",
+                    "source": str(bundle / "volumes" / str(index)),
+                    "options": [
+                        "rbind",
+                        "rprivate",
+                        "nosuid",
+                        "nodev",
+                        *(["ro"] if volume.read_only else []),
+                    ],
+                }
+                for index, volume in enumerate(spec.volumes)
+            ),
         ],
         "linux": {
             **(
@@ -1090,6 +1131,12 @@ def _check_spec_values(spec: ContainerSpec) -> None:
     for path in (*spec.read_only_paths, *spec.masked_paths):
         if not path.startswith("/"):
             raise InvalidContainerSpec(f"masked and read-only paths must be absolute: {path!r}")
+    for volume in spec.volumes:
+        parts = volume.path.split("/")
+        if not volume.path.startswith("/") or "\x00" in volume.path or ".." in parts or volume.path == "/":
+            raise InvalidContainerSpec(f"bad volume path {volume.path!r}")
+        if not Path(volume.source).is_absolute():
+            raise InvalidContainerSpec("a volume's source must be an absolute path")
 
 
 def _checked_id(container_id: str) -> str:

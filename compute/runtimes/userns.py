@@ -447,6 +447,64 @@ def _overlay_from_staging(
             staging_dir.rmdir()
 
 
+def attach_volume(source: Path, target: Path, mapping: IdMapping | None, *, read_only: bool) -> None:
+    """Mount the volume directory `source` on `target` (a staging point the runtime binds from).
+
+    In a user namespace: idmapped with the container's range, so the ids on the volume are the ids
+    seen inside (0 = the container's root, whatever its range on this host): a volume moves between
+    containers of different ranges and micro-VMs (virtiofsd stores the guest's ids as they are)
+    unchanged. nosuid,nodev always (the pool is mounted so too): nothing on a volume gains a privilege.
+    """
+    target.mkdir(mode=0o700, exist_ok=True)
+    if _is_mount_point(target):
+        return
+    if mapping is None:
+        tree_fd = _syscall(
+            SYS_OPEN_TREE,
+            AT_FDCWD,
+            str(source).encode(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC,
+            what=f"open_tree {source}",
+        )
+        attributes = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if read_only else 0)
+        attr = _MountAttr(attributes, 0, 0, 0)
+        try:
+            _syscall(
+                SYS_MOUNT_SETATTR,
+                tree_fd,
+                b"",
+                AT_EMPTY_PATH,
+                ctypes.byref(attr),
+                ctypes.sizeof(attr),
+                what=f"mount attributes of {source}",
+            )
+        except OSError:
+            os.close(tree_fd)
+            raise
+    else:
+        with user_namespace_fd(mapping) as namespace_fd:
+            tree_fd = idmapped_mount_fd(str(source), namespace_fd, read_only=read_only)
+    try:
+        _syscall(
+            SYS_MOVE_MOUNT,
+            tree_fd,
+            b"",
+            AT_FDCWD,
+            str(target).encode(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+            what=f"attaching a volume on {target}",
+        )
+    finally:
+        os.close(tree_fd)
+
+
+def _is_mount_point(path: Path) -> bool:
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------- a host-made netns
 
 # What a user-namespaced container cannot have in a network namespace the host owns (its capabilities

@@ -1,0 +1,108 @@
+"""Volumes with real parts (issue 17): a btrfs pool, runc containers and QEMU micro-VMs, one volume.
+
+The web + db pair of the CI smoke test, with the db's data on a volume: the data outlives the db
+workload, moves to a micro-VM db, and a snapshot restores it. A full volume fails the write inside
+the workload and leaves the host's disk alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compute.models import Host, Workload
+from tests.compute.conftest import cleanup_host, create, finished, make_host, workload_in
+from tests.conftest import World, client_for
+from tests.processes import host_agent, wait_until
+from volumes.models import Volume
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+GIB = 1024**3
+
+
+@pytest.fixture
+def host(world: World, store_dir: Path) -> Iterator[Host]:
+    h = make_host("bht-host-vol")
+    with host_agent(h, BULKHEAD_STORE_DIR=str(store_dir)):
+        yield h
+    from compute.vm_agent import vm_runtime
+    from volumes.agent import release_pool
+
+    for workload in Workload.objects.filter(host=h, isolation="microvm"):
+        vm_runtime(h).delete(workload.pk)
+    cleanup_host(h)
+    release_pool(h)
+
+
+def make_volume(world: World, name: str, size_gib: int = 1, persona: str = "mia") -> Volume:
+    client = client_for(world, persona)
+    response = client.post(
+        "/api/v1/volumes/", {"tenant": str(world.acme.pk), "name": name, "size_gib": size_gib}, format="json"
+    )
+    assert response.status_code == 202, response.json()
+    op = finished(response.json()["id"], timeout=120)
+    assert op.state == "succeeded", (op.error, op.operator_details)
+    return Volume.objects.get(tenant=world.acme, name=name)
+
+
+def run_to_end(
+    world: World, image: Any, name: str, script: str, isolation: str, volumes: list[dict[str, Any]]
+) -> tuple[Workload, str]:
+    response = create(
+        world,
+        "mia",
+        name=name,
+        image=str(image.pk),
+        isolation=isolation,
+        command=["/bin/sh", "-c", script],
+        memory_mib=256 if isolation == "microvm" else 64,
+        volumes=volumes,
+        compartments=[],
+    )
+    assert response.status_code == 202, response.json()
+    workload = workload_in(name, {"stopped", "failed"}, timeout=240)
+    logs = client_for(world, "mia").get(f"/api/v1/workloads/{workload.pk}/logs/").json()["logs"]
+    return workload, logs
+
+
+def delete(world: World, workload: Workload) -> None:
+    response = client_for(world, "mia").delete(f"/api/v1/workloads/{workload.pk}/")
+    assert response.status_code == 202, response.json()
+    wait_until(
+        lambda: not Workload.objects.filter(pk=workload.pk).exists(), timeout=120, what="workload deleted"
+    )
+
+
+def test_a_volume_keeps_the_dbs_data_across_a_re_create_and_into_a_micro_vm(
+    world: World, busybox: Any, host: Host
+) -> None:
+    volume = make_volume(world, "db-data")
+    assert volume.host_id == host.pk and volume.state == "ready"
+    mount = [{"volume": "db-data", "path": "/var/lib/db"}]
+    db, logs = run_to_end(
+        world,
+        busybox,
+        "db",
+        "echo row-1 >> /var/lib/db/table && id -u && stat -c %u /var/lib/db/table",
+        "namespace",
+        mount,
+    )
+    assert db.exit_code == 0, (db.status_message, logs)
+    assert logs.split() == ["0", "0"]  # the container's root owns what it wrote, inside
+    delete(world, db)
+    db, logs = run_to_end(
+        world, busybox, "db", "cat /var/lib/db/table; echo row-2 >> /var/lib/db/table", "namespace", mount
+    )
+    assert db.exit_code == 0 and logs.strip() == "row-1", (db.status_message, logs)
+    delete(world, db)
+    vm, logs = run_to_end(
+        world, busybox, "db-vm", "cat /var/lib/db/table; stat -c %u /var/lib/db/table", "microvm", mount
+    )
+    assert vm.exit_code == 0, (vm.status_message, logs)
+    assert logs.split() == ["row-1", "row-2", "0"]
