@@ -25,6 +25,7 @@ from backups.models import Backup
 from compute import hosts
 from compute.models import Host
 from compute.runtimes.volume_pool import VolumePool
+from portal import cli
 from tenants.actors import Actor
 from tenants.models import AuditEntry, Quota
 from tests.compute.conftest import finished, make_host
@@ -78,7 +79,7 @@ def done(client: Any, response: Any, timeout: float = 180) -> Any:
 
 
 def test_a_backup_dedups_and_restores_onto_another_host_through_the_portal(
-    world: World, store_dir: Path, backup_dir: Path, tmp_path: Path
+    world: World, store_dir: Path, backup_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = make_host("bht-bk-a"), make_host("bht-bk-b")
     oscar = Actor(user=world.user("oscar"))
@@ -155,6 +156,17 @@ def test_a_backup_dedups_and_restores_onto_another_host_through_the_portal(
                 member = archive.extractfile("base/table")
                 assert member is not None and member.read() == table
 
+            # The CLI against the served portal, with alice's token scoped to acme.
+            monkeypatch.setenv("BULKHEAD_URL", f"http://{portal}")
+            monkeypatch.setenv("BULKHEAD_TOKEN", world.tokens["alice_acme"])
+            monkeypatch.delenv("BULKHEAD_TENANT", raising=False)
+            out = io.StringIO()
+            assert cli.main(["backups", "list"], out=out) == 0
+            assert out.getvalue().count("db-data") == 2, out.getvalue()
+            saved = tmp_path / "cli.tar.zst"
+            assert cli.main(["backups", "download", str(first.pk), "-o", str(saved)], out=out) == 0
+            assert saved.read_bytes() == raw
+
             op = done(mia, mia.post(f"/api/v1/backups/{first.pk}/verify/"))
             assert op.result["bad"] == []
             stored = backup_dir / "chunks" / chunk.digest[7:9] / chunk.digest[7:]
@@ -162,6 +174,7 @@ def test_a_backup_dedups_and_restores_onto_another_host_through_the_portal(
             op = done(mia, mia.post(f"/api/v1/backups/{first.pk}/verify/"))
             assert op.result["bad"] == [chunk.digest]
             assert Backup.objects.get(pk=first.pk).verify_bad_chunks == 1
+            assert cli.main(["backups", "verify", str(first.pk)], out=out) == 1
     finally:
         for h in (a, b):
             pool = VolumePool(embedded_pool_paths(h)[1])
