@@ -71,6 +71,7 @@ def run_backup(backup: Backup, progress: Any) -> dict[str, Any]:
     finally:
         if temporary is not None:
             pool.delete_snapshot(temporary)
+    uploaded = upload_new(store, result.manifest, progress)
     progress(97, "Recording the backup", force=True)
     finished = services.finish_backup(backup.pk, result, store.chunks(result.manifest))
     return {
@@ -80,7 +81,49 @@ def run_backup(backup: Backup, progress: Any) -> dict[str, Any]:
         "stored_bytes": result.stored_bytes,
         "bytes_read": result.bytes_read,
         "dedup_ratio": finished.dedup_ratio,
+        "uploaded_chunks": uploaded,
     }
+
+
+def upload_new(store: BackupStore, manifest: str, progress: Any) -> int:
+    """A host on another machine sends the portal the chunks it lacks, then the manifest (the portal
+    checks each by digest). On the portal's own machine (no portal URL) the store is the portal's."""
+    portal, credential = settings.BULKHEAD_PORTAL_URL, settings.BULKHEAD_HOST_CREDENTIAL
+    if not portal or not credential:
+        return 0
+    import httpx
+
+    chunks = {digest: length for digest, length, _stored in store.chunks(manifest)}
+    uploaded = 0
+    with httpx.Client(
+        base_url=portal, headers={"Authorization": f"Bearer {credential}"}, timeout=60
+    ) as client:
+        names = list(chunks)
+        missing: list[str] = []
+        for start in range(0, len(names), 50_000):
+            response = client.post(
+                "/api/v1/hosts/backup-missing/", json={"chunks": names[start : start + 50_000]}
+            )
+            if response.status_code != 200:
+                raise BackupUnavailable(f"The portal refused the backup's upload ({response.status_code}).")
+            missing += response.json()["missing"]
+        for number, digest in enumerate(missing, start=1):
+            if number % 64 == 1:
+                progress(95, f"Sending chunk {number} of {len(missing)} to the portal")
+            response = client.put(
+                f"/api/v1/hosts/backup-chunks/{digest}/",
+                params={"length": chunks[digest]},
+                content=store.chunk_path(digest).read_bytes(),
+            )
+            if response.status_code not in (200, 201):
+                raise BackupUnavailable(f"The portal refused a chunk ({response.status_code}).")
+            uploaded += 1
+        response = client.put(
+            f"/api/v1/hosts/backup-manifests/{manifest}/", content=store.manifest_bytes(manifest)
+        )
+        if response.status_code != 201:
+            raise BackupUnavailable(f"The portal refused the backup's manifest ({response.status_code}).")
+    return uploaded
 
 
 def fetch_missing(store: BackupStore, manifest: str, progress: Any) -> int:

@@ -272,6 +272,15 @@ def restoring_on(host: Any, manifest: str) -> bool:
     ).exists()
 
 
+def backing_up_on(host: Any) -> bool:
+    """Whether a backup of a volume on `host` is running: what lets that host upload chunks and
+    manifests (each checked by digest on arrival)."""
+    running = Backup.objects.filter(volume__host=host, state=BackupState.RUNNING).values_list("pk", flat=True)
+    return Operation.objects.filter(
+        kind="backup.create", target_id__in=[str(b) for b in running], finished_at__isnull=True
+    ).exists()
+
+
 def chunk_restoring_on(host: Any, digest: str) -> bool:
     """Whether a chunk belongs to a backup being restored on `host`."""
     manifests = (

@@ -14,6 +14,7 @@ urlpatterns = [
         views.HostBackupManifestView.as_view(),
         name="host-backup-manifest",
     ),
+    path("hosts/backup-missing/", views.HostBackupMissingView.as_view(), name="host-backup-missing"),
     path("hosts/backup-chunks/<str:digest>/", views.HostBackupChunkView.as_view(), name="host-backup-chunk"),
     *router.urls,
 ]

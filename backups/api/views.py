@@ -22,6 +22,7 @@ from backups.models import Backup, BackupSchedule
 from compute import hosts
 from compute.api.views import DIGEST_PATTERN, accepted
 from compute.models import Host
+from imaging.store import DigestMismatch, LimitExceeded, UnsafeEntry
 from portal.api.viewsets import ReadOnlyPermissionLayerViewSet
 from portal.errors import Invalid
 from portal.models import Operation, OperationState
@@ -206,6 +207,52 @@ class HostBackupManifestView(_HostView):
             raise self.refuse(host, "host.backup_manifest.fetch", digest)
         return FileResponse(open(path, "rb"), content_type="application/json")
 
+    @extend_schema(exclude=True)
+    def put(self, request: Request, digest: str) -> Response:
+        """A manifest from a host running a backup: validated as hostile input, named by its digest."""
+        host = self.host(request)
+        if not (DIGEST_PATTERN.match(digest) and services.backing_up_on(host)):
+            raise self.refuse(host, "host.backup_manifest.upload", digest)
+        try:
+            stored = services.backup_store().put_manifest(_body(request, MAX_UPLOAD * 4))
+        except (UnsafeEntry, LimitExceeded, ValueError):
+            raise Invalid("Not a valid backup manifest.") from None
+        if stored != digest:
+            raise Invalid("The manifest does not match its digest.")
+        return Response(status=201)
+
+
+MAX_UPLOAD = 64 << 20  # a chunk's frame is at most ~4 MiB; a manifest of a million files ~ 200 MiB
+
+
+def _body(request: Request, limit: int) -> bytes:
+    # The raw stream: Django's `body` refuses anything over DATA_UPLOAD_MAX_MEMORY_SIZE.
+    data: bytes = request._request.read(limit + 1)
+    if len(data) > limit:
+        raise Invalid("Too large.")
+    return data
+
+
+class HostBackupMissingView(_HostView):
+    """`POST /api/v1/hosts/backup-missing/` `{"chunks": [digest, ...]}`: which of these chunks the
+    portal's store lacks, for a host that is running a backup (it uploads only those)."""
+
+    @extend_schema(exclude=True)
+    def post(self, request: Request) -> Response:
+        host = self.host(request)
+        if not services.backing_up_on(host):
+            raise self.refuse(host, "host.backup_chunk.upload", "")
+        chunks = request.data.get("chunks") if isinstance(request.data, dict) else None
+        if not isinstance(chunks, list) or len(chunks) > 100_000:
+            raise Invalid("Give at most 100,000 chunk digests.", field="chunks")
+        store = services.backup_store()
+        missing = [
+            d
+            for d in chunks
+            if isinstance(d, str) and DIGEST_PATTERN.match(d) and not store.chunk_path(d).is_file()
+        ]
+        return Response({"missing": missing})
+
 
 class HostBackupChunkView(_HostView):
     """`GET /api/v1/hosts/backup-chunks/<digest>/`: a chunk's zstd frame, only to a host restoring a
@@ -220,3 +267,23 @@ class HostBackupChunkView(_HostView):
         if not path.is_file():
             raise self.refuse(host, "host.backup_chunk.fetch", digest)
         return FileResponse(open(path, "rb"), content_type="application/zstd")
+
+    @extend_schema(exclude=True)
+    def put(self, request: Request, digest: str) -> Response:
+        """A chunk's zstd frame from a host running a backup (`?length=<uncompressed bytes>`); kept
+        only if it inflates to that many bytes hashing to `digest`."""
+        host = self.host(request)
+        if not (DIGEST_PATTERN.match(digest) and services.backing_up_on(host)):
+            raise self.refuse(host, "host.backup_chunk.upload", digest)
+        try:
+            length = int(request.query_params.get("length", ""))
+        except ValueError:
+            raise Invalid("length is the chunk's uncompressed size.", field="length") from None
+        try:
+            added = services.backup_store().add_chunk(digest, length, _body(request, MAX_UPLOAD))
+        except (DigestMismatch, LimitExceeded):
+            audit.record_denied(
+                Actor.system(f"host {host.name}"), "host.backup_chunk.upload", digest=digest, host=host.name
+            )
+            raise Invalid("The chunk does not match its digest.") from None
+        return Response(status=201 if added else 200)

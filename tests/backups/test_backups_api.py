@@ -196,3 +196,43 @@ def test_a_host_may_fetch_backup_data_only_while_restoring_it(world: World, host
     assert not services.restoring_on(other, backup.manifest)
     Operation.objects.filter(pk=op.pk).update(finished_at=timezone.now())
     assert not services.chunk_restoring_on(host, digest("e"))
+
+
+def test_a_host_uploads_only_while_backing_up_and_only_chunks_that_match(
+    world: World, host: Host, backup_dir: Path
+) -> None:
+    import hashlib
+
+    import zstandard
+    from rest_framework.test import APIClient
+
+    vol = volume(world, host)
+    secret = hosts.issue_host_credential(actor=Actor.system("test"), host=host)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    data = b"table rows " * 100
+    name = "sha256:" + hashlib.sha256(data).hexdigest()
+    frame = zstandard.ZstdCompressor().compress(data)
+
+    def put(digest: str, body: bytes) -> Any:
+        return client.put(
+            f"/api/v1/hosts/backup-chunks/{digest}/?length={len(data)}", body, content_type="application/zstd"
+        )
+
+    assert put(name, frame).status_code == 404  # no backup running on this host
+    op = services.create_backup(actor=Actor(user=world.user("mia")), volume=vol)
+    assert services.claim_backup(op.target_id)
+    forged = zstandard.ZstdCompressor().compress(b"planted rows " * 100)
+    assert put(name, forged).status_code == 400  # not the content the digest names
+    assert not services.backup_store().chunk_path(name).exists()
+    assert AuditEntry.objects.filter(action="host.backup_chunk.upload", outcome="denied").count() == 2
+    assert put(name, frame).status_code == 201
+    missing = client.post("/api/v1/hosts/backup-missing/", {"chunks": [name, digest("f")]}, format="json")
+    assert missing.json() == {"missing": [digest("f")]}
+    bad_manifest = client.put(
+        f"/api/v1/hosts/backup-manifests/{digest('f')}/",
+        b'{"version":1,"chunking":"","totals":{},"entries":[{"path":"../x","type":"fifo"}]}',
+        content_type="application/json",
+    )
+    assert bad_manifest.status_code == 400
+    assert not any((backup_dir / "manifests").iterdir())

@@ -84,15 +84,23 @@ def test_a_backup_dedups_and_restores_onto_another_host_through_the_portal(
     a, b = make_host("bht-bk-a"), make_host("bht-bk-b")
     oscar = Actor(user=world.user("oscar"))
     hosts.set_host_state(actor=oscar, host=b, state="maintenance")  # the volume lands on a
+    secret_a = hosts.issue_host_credential(actor=Actor.system("test"), host=a)
     secret_b = hosts.issue_host_credential(actor=Actor.system("test"), host=b)
-    b_backups = tmp_path / "host-b-backups"  # b's machine: nothing of the portal's backup store
+    # Both hosts act as other machines: their own backup stores, the portal reached over HTTP.
+    a_backups, b_backups = tmp_path / "host-a-backups", tmp_path / "host-b-backups"
     mia, operator = client_for(world, "mia"), client_for(world, "oscar")
     table = os.urandom(6 << 20)
     try:
         with (
             serve_portal(store_dir, backup_dir) as portal,
             celery_worker(queues="default", name="bht-bk-portal", BULKHEAD_BACKUP_DIR=str(backup_dir)),
-            host_agent(a, BULKHEAD_STORE_DIR=str(store_dir), BULKHEAD_BACKUP_DIR=str(backup_dir)),
+            host_agent(
+                a,
+                BULKHEAD_STORE_DIR=str(store_dir),
+                BULKHEAD_BACKUP_DIR=str(a_backups),
+                BULKHEAD_PORTAL_URL=f"http://{portal}",
+                BULKHEAD_HOST_CREDENTIAL=secret_a,
+            ),
             host_agent(
                 b,
                 BULKHEAD_STORE_DIR=str(tmp_path / "host-b-store"),
@@ -113,9 +121,19 @@ def test_a_backup_dedups_and_restores_onto_another_host_through_the_portal(
             op = done(mia, mia.post("/api/v1/backups/", {"volume": str(volume.pk)}, format="json"))
             first = Backup.objects.get(pk=op.target_id)
             assert first.state == "ready" and first.new_bytes > 0 and first.source_bytes == len(table) + 21
+            assert op.result["uploaded_chunks"] == first.chunks  # a sent the portal every chunk
+            assert (backup_dir / "manifests" / first.manifest[7:]).is_file()
             op = done(mia, mia.post("/api/v1/backups/", {"volume": str(volume.pk)}, format="json"))
             second = Backup.objects.get(pk=op.target_id)
             assert second.new_bytes == 0 and second.manifest == first.manifest
+            assert op.result["uploaded_chunks"] == 0 and op.result["bytes_read"] == 0
+            # With no backup running, a host may upload nothing.
+            upload = httpx.put(
+                f"http://{portal}/api/v1/hosts/backup-chunks/sha256:{'0' * 64}/?length=1",
+                content=b"x",
+                headers={"Authorization": f"Bearer {secret_a}"},
+            )
+            assert upload.status_code == 404
             assert Quota.objects.get(tenant=world.acme).used_backup_bytes == first.stored_bytes
 
             done(mia, mia.delete(f"/api/v1/volumes/{volume.pk}/"))
