@@ -16,6 +16,7 @@ from typing import Any
 from django.conf import settings
 
 from backups import services
+from backups.choices import BackupState
 from backups.models import Backup
 from imaging.store import BackupStore, NotFound
 from portal import events
@@ -47,6 +48,10 @@ def run_backup(backup: Backup, progress: Any) -> dict[str, Any]:
         return {"skipped": "volume deleted"}
     pool = volume_agent.pool_for(volume.host)
     store = host_store()
+    # Snapshots left by backups of this volume that failed (a worker killed, an operation lost).
+    for failed in Backup.objects.filter(volume=volume, state=BackupState.FAILED, snapshot__isnull=True):
+        if pool.snapshot_exists(temporary_snapshot_name(failed)):
+            pool.delete_snapshot(temporary_snapshot_name(failed))
     temporary = None
     if backup.snapshot is not None:
         source = pool.snapshot_path(backup.snapshot.pool_name)

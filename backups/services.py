@@ -19,6 +19,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import CharField
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from backups.choices import BackupState
@@ -26,7 +28,7 @@ from backups.models import Backup, BackupChunk, BackupSchedule
 from imaging.store import BackupResult, BackupStore
 from portal import events, operations
 from portal.errors import Conflict, Invalid
-from portal.models import Operation
+from portal.models import Operation, OperationState
 from tenants import audit
 from tenants.actors import Actor
 from tenants.models import Quota, Tenant
@@ -202,9 +204,35 @@ def delete_backup(*, actor: Actor, backup: Backup) -> None:
     events.publish(backup.tenant_id, {"type": "backup", "id": str(backup.pk), "state": "deleted"})
 
 
+def fail_abandoned() -> int:
+    """Backups and restoring volumes whose operation ended without them (failed, cancelled, or lost
+    with its host) become failed, so a new backup of the volume is not refused as "under way" forever
+    and garbage collection is not held off. A killed worker's task is redelivered by the broker and
+    converges by itself; this is for the operations that will never run again."""
+    from django.db.models import Exists, OuterRef
+
+    ended = Operation.objects.filter(finished_at__isnull=False).exclude(state=OperationState.SUCCEEDED)
+    stuck = Backup.objects.filter(state__in=[BackupState.PENDING, BackupState.RUNNING]).filter(
+        Exists(ended.filter(kind="backup.create", target_id=Cast(OuterRef("pk"), CharField())))
+    )
+    count = 0
+    for backup_id in list(stuck.values_list("pk", flat=True)):
+        fail_backup(backup_id, "The backup's operation ended before the backup did; start it again.")
+        count += 1
+    restoring = Volume.objects.filter(state=VolumeState.RESTORING).filter(
+        Exists(ended.filter(kind="backup.restore", target_id=Cast(OuterRef("pk"), CharField())))
+    )
+    count += restoring.update(
+        state=VolumeState.FAILED,
+        status_message="The restore did not finish; delete this volume and restore again.",
+    )
+    return count
+
+
 def collect_garbage() -> tuple[int, int] | None:
     """Remove chunks and manifests no backup uses. Skipped while any backup runs (it may be reusing a
     chunk that would look unused), so the next run does it."""
+    fail_abandoned()
     if Backup.objects.filter(state__in=[BackupState.PENDING, BackupState.RUNNING]).exists():
         return None
     keep = list(Backup.objects.exclude(manifest="").values_list("manifest", flat=True).distinct())
@@ -386,6 +414,7 @@ def delete_schedule(*, actor: Actor, schedule: BackupSchedule) -> None:
 def run_due_schedules(now: Any = None) -> list[str]:
     """Start a backup for every enabled schedule that is due (beat runs this every few minutes)."""
     now = now or timezone.now()
+    fail_abandoned()
     started = []
     for schedule in BackupSchedule.objects.filter(enabled=True).select_related("volume__host", "tenant"):
         if (

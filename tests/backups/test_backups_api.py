@@ -236,3 +236,26 @@ def test_a_host_uploads_only_while_backing_up_and_only_chunks_that_match(
     )
     assert bad_manifest.status_code == 400
     assert not any((backup_dir / "manifests").iterdir())
+
+
+def test_a_backup_whose_operation_ended_without_it_fails_and_frees_the_volume(
+    world: World, host: Host
+) -> None:
+    vol = volume(world, host)
+    op = services.create_backup(actor=Actor(user=world.user("mia")), volume=vol)
+    assert services.claim_backup(op.target_id)
+    assert services.fail_abandoned() == 0  # its operation still runs
+    Operation.objects.filter(pk=op.pk).update(state="failed", finished_at=timezone.now())
+    assert services.fail_abandoned() == 1
+    assert Backup.objects.get(pk=op.target_id).state == BackupState.FAILED
+    response = client_for(world, "mia").post("/api/v1/backups/", {"volume": str(vol.pk)}, format="json")
+    assert response.status_code == 202, response.json()
+
+
+def test_a_restore_whose_operation_ended_without_it_leaves_a_failed_volume(world: World, host: Host) -> None:
+    backup = ready_backup(volume(world, host), {digest("9"): 10})
+    op = services.restore_backup(actor=Actor(user=world.user("mia")), backup=backup, name="copy")
+    assert Volume.objects.get(pk=op.target_id).state == VolumeState.RESTORING
+    Operation.objects.filter(pk=op.pk).update(state="failed", finished_at=timezone.now())
+    services.fail_abandoned()
+    assert Volume.objects.get(pk=op.target_id).state == VolumeState.FAILED
