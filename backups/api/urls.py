@@ -10,11 +10,11 @@ router.register("backup-schedules", views.BackupScheduleViewSet, basename="backu
 
 urlpatterns = [
     path(
-        "hosts/backup-manifests/<str:digest>/",
+        "hosts/backup-manifests/<str:pk>/",
         views.HostBackupManifestView.as_view(),
         name="host-backup-manifest",
     ),
     path("hosts/backup-missing/", views.HostBackupMissingView.as_view(), name="host-backup-missing"),
-    path("hosts/backup-chunks/<str:digest>/", views.HostBackupChunkView.as_view(), name="host-backup-chunk"),
+    path("hosts/backup-chunks/<str:pk>/", views.HostBackupChunkView.as_view(), name="host-backup-chunk"),
     *router.urls,
 ]

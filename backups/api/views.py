@@ -198,7 +198,8 @@ class HostBackupManifestView(_HostView):
     that backup into a volume placed on it (another host's or nobody's answers 404, audited)."""
 
     @extend_schema(exclude=True)
-    def get(self, request: Request, digest: str) -> HttpResponseBase:
+    def get(self, request: Request, pk: str) -> HttpResponseBase:
+        digest = pk
         host = self.host(request)
         if not (DIGEST_PATTERN.match(digest) and services.restoring_on(host, digest)):
             raise self.refuse(host, "host.backup_manifest.fetch", digest)
@@ -208,8 +209,9 @@ class HostBackupManifestView(_HostView):
         return FileResponse(open(path, "rb"), content_type="application/json")
 
     @extend_schema(exclude=True)
-    def put(self, request: Request, digest: str) -> Response:
+    def put(self, request: Request, pk: str) -> Response:
         """A manifest from a host running a backup: validated as hostile input, named by its digest."""
+        digest = pk
         host = self.host(request)
         if not (DIGEST_PATTERN.match(digest) and services.backing_up_on(host)):
             raise self.refuse(host, "host.backup_manifest.upload", digest)
@@ -259,7 +261,8 @@ class HostBackupChunkView(_HostView):
     backup that uses it into a volume placed on it."""
 
     @extend_schema(exclude=True)
-    def get(self, request: Request, digest: str) -> HttpResponseBase:
+    def get(self, request: Request, pk: str) -> HttpResponseBase:
+        digest = pk
         host = self.host(request)
         if not (DIGEST_PATTERN.match(digest) and services.chunk_restoring_on(host, digest)):
             raise self.refuse(host, "host.backup_chunk.fetch", digest)
@@ -269,9 +272,10 @@ class HostBackupChunkView(_HostView):
         return FileResponse(open(path, "rb"), content_type="application/zstd")
 
     @extend_schema(exclude=True)
-    def put(self, request: Request, digest: str) -> Response:
+    def put(self, request: Request, pk: str) -> Response:
         """A chunk's zstd frame from a host running a backup (`?length=<uncompressed bytes>`); kept
         only if it inflates to that many bytes hashing to `digest`."""
+        digest = pk
         host = self.host(request)
         if not (DIGEST_PATTERN.match(digest) and services.backing_up_on(host)):
             raise self.refuse(host, "host.backup_chunk.upload", digest)
