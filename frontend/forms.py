@@ -305,6 +305,12 @@ class WorkloadCreateForm(forms.Form):
         label="Published ports",
         help_text="Workload ports to reach from outside, e.g. 80, 443/tcp, 53/udp.",
     )
+    volumes = forms.CharField(
+        required=False,
+        max_length=1000,
+        label="Volumes",
+        help_text="Volumes to mount, e.g. db-data:/var/lib/db, assets:/srv:ro. It runs on their host.",
+    )
     start = forms.BooleanField(required=False, initial=True, label="Start it now")
 
     def __init__(self, *args: Any, images: Any, networks: Any = (), **kwargs: Any) -> None:
@@ -336,6 +342,17 @@ class WorkloadCreateForm(forms.Form):
         if ports and self.cleaned_data.get("network") == NETWORK_NONE:
             raise forms.ValidationError("A workload without a network cannot publish ports.")
         return ports
+
+    def clean_volumes(self) -> list[dict[str, Any]]:
+        """ "db:/var/lib/db, assets:/srv:ro" -> [{"volume": "db", "path": "/var/lib/db", ...}]."""
+        mounts = []
+        for item in (self.cleaned_data.get("volumes") or "").replace(",", " ").split():
+            name, _, rest = item.partition(":")
+            path, _, mode = rest.partition(":")
+            if not name or not path or mode not in ("", "ro", "rw"):
+                raise forms.ValidationError(f"{item!r} is not like db-data:/var/lib/db or assets:/srv:ro.")
+            mounts.append({"volume": name, "path": path, "read_only": mode == "ro"})
+        return mounts
 
     def clean_args(self) -> list[str] | None:
         return split_words(self.cleaned_data.get("args") or "", "Arguments")

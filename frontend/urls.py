@@ -1,6 +1,6 @@
 from django.urls import include, path
 
-from frontend import views, views_compute, views_secrets
+from frontend import views, views_compute, views_secrets, views_volumes
 
 urlpatterns = [
     path("login/", views.login_view, name="login"),
@@ -16,6 +16,15 @@ urlpatterns = [
     path("secrets/create/", views_secrets.secret_create, name="secret-create"),
     path("secrets/<uuid:pk>/value/", views_secrets.secret_set_value, name="secret-set-value"),
     path("secrets/<uuid:pk>/delete/", views_secrets.secret_delete, name="secret-delete"),
+    path("volumes/", views_volumes.volumes, name="volumes"),
+    path("volumes/create/", views_volumes.volume_create, name="volume-create"),
+    path("volumes/<uuid:pk>/delete/", views_volumes.volume_delete, name="volume-delete"),
+    path("volumes/<uuid:pk>/snapshot/", views_volumes.volume_snapshot, name="volume-snapshot"),
+    path("volumes/<uuid:pk>/attach/", views_volumes.volume_attach, name="volume-attach"),
+    path("volumes/attachments/<uuid:pk>/detach/", views_volumes.volume_detach, name="volume-detach"),
+    path("snapshots/<uuid:pk>/restore/", views_volumes.snapshot_restore, name="snapshot-restore"),
+    path("snapshots/<uuid:pk>/clone/", views_volumes.snapshot_clone, name="snapshot-clone"),
+    path("snapshots/<uuid:pk>/delete/", views_volumes.snapshot_delete, name="snapshot-delete"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/create/", views.token_create, name="token-create"),
     path("tokens/<uuid:pk>/revoke/", views.token_revoke, name="token-revoke"),

@@ -150,13 +150,14 @@ RESOURCE_LABELS = {
     "compartments": "Networks",
     "image_bytes": "Image storage",
     "published_ports": "Published ports",
+    "volume_bytes": "Volumes",
 }
 
 
 def _amount(resource: str, value: Any) -> str:
     if resource == "memory_mib":
         return f"{value / 1024:.1f} GiB" if value >= 1024 else f"{value} MiB"
-    if resource == "image_bytes":
+    if resource in ("image_bytes", "volume_bytes"):
         return filesizeformat(value)
     if resource == "disk_gib":
         return f"{value} GiB"

@@ -400,9 +400,17 @@ def create_with_network(
         compartments = [compartment]
     else:
         compartments = None
+    from volumes.api.views import resolve_volume_mounts
+
+    volumes = resolve_volume_mounts(request.user, tenant, data.get("volumes") or [])
     with transaction.atomic():
         op = compute_services.create_workload(
-            actor=actor, tenant=tenant, spec=spec, start=data["start"], compartments=compartments
+            actor=actor,
+            tenant=tenant,
+            spec=spec,
+            start=data["start"],
+            compartments=compartments,
+            volumes=volumes,
         )
         workload = Workload.objects.get(pk=op.target_id)
         for port, protocol in data["ports"]:

@@ -13,6 +13,9 @@ Configuration from the environment: ``BULKHEAD_URL`` (the portal, e.g. https://c
     bulkhead backups list [VOLUME] | create VOLUME | restore ID NAME | verify ID | delete ID
     bulkhead backups download ID -o FILE  the backup as one tar.zst
     bulkhead backups schedule VOLUME --every-hours H --keep N
+    bulkhead volumes list | create NAME --size GIB | resize NAME --size GIB | delete NAME
+    bulkhead volumes attach NAME WORKLOAD PATH [--read-only] | detach NAME WORKLOAD
+    bulkhead volumes snapshot NAME SNAP | snapshots NAME | restore NAME SNAP | clone NAME SNAP NEW
     bulkhead secrets list | set NAME < value-file | delete NAME
                                           a secret's value is read from standard input, never an argument
                                           (arguments are visible to every user of the machine in `ps`)
@@ -392,6 +395,76 @@ class Commands:
         self.out.write(f"Wrote {args.output}.\n")
         return 0
 
+    def _volume_op(self, args: argparse.Namespace, op: dict[str, Any], done: str) -> int:
+        if args.no_wait:
+            self.out.write(f"{done}: operation {op['id']} {op['state']}\n")
+            return 0
+        return self.follow(op, args.timeout, done=done)
+
+    def volumes(self, args: argparse.Namespace) -> int:
+        """Volumes and their snapshots; operations are followed to the end unless --no-wait."""
+        if args.action == "list":
+            for row in self.client.get("volumes/", tenant=self.tenant["id"], page_size=500)["results"]:
+                attached = ", ".join(f"{a['workload_name']}:{a['path']}" for a in row["attachments"]) or "-"
+                used = row["used_bytes"] * 100 // max(row["size_bytes"], 1)
+                self.out.write(
+                    f"{row['name']:<24} {row['size_gib']:>5} GiB {used:>3}% used  {row['state']:<9} "
+                    f"on {row['host_name']:<16} attached to {attached}\n"
+                )
+            return 0
+        extra = list(args.args)
+        if not args.name:
+            raise CliError(f"volumes {args.action} needs a NAME")
+        if args.action == "create":
+            if not args.size:
+                raise CliError("volumes create needs --size GIB")
+            body = {"tenant": self.tenant["id"], "name": args.name, "size_gib": args.size}
+            return self._volume_op(args, self.client.post("volumes/", body), f"Created volume {args.name}")
+        volume = self._volume(args.name)
+        url = f"volumes/{volume['id']}/"
+        if args.action == "resize":
+            if not args.size:
+                raise CliError("volumes resize needs --size GIB")
+            op = self.client.request("PATCH", url, json={"size_gib": args.size})
+            return self._volume_op(args, op, f"Resized {args.name} to {args.size} GiB")
+        if args.action == "delete":
+            return self._volume_op(args, self.client.request("DELETE", url), f"Deleted volume {args.name}")
+        if args.action in ("attach", "detach"):
+            if len(extra) != (2 if args.action == "attach" else 1):
+                raise CliError(
+                    f"volumes {args.action} NAME WORKLOAD{' PATH' if args.action == 'attach' else ''}"
+                )
+            workload = self._workload(extra[0])
+            if args.action == "attach":
+                body = {"workload": workload["id"], "path": extra[1], "read_only": args.read_only}
+                self.client.post(f"{url}attach/", body)
+                self.out.write(
+                    f"Attached {args.name} to {extra[0]} at {extra[1]} (mounted at its next start).\n"
+                )
+            else:
+                self.client.post(f"{url}detach/", {"workload": workload["id"]})
+                self.out.write(f"Detached {args.name} from {extra[0]}.\n")
+            return 0
+        if args.action == "snapshots":
+            for snap in volume["snapshots"]:
+                self.out.write(f"{snap['name']:<24} {snap['state']:<9} {snap['created_at'][:19]}\n")
+            return 0
+        if not extra:
+            raise CliError(f"volumes {args.action} NAME SNAPSHOT")
+        if args.action == "snapshot":
+            op = self.client.post(f"{url}snapshot/", {"name": extra[0]})
+            return self._volume_op(args, op, f"Snapshot {extra[0]} of {args.name}")
+        snap = next((s for s in volume["snapshots"] if s["name"] == extra[0]), None)
+        if snap is None:
+            raise CliError(f"{args.name} has no snapshot named {extra[0]!r}")
+        if args.action == "restore":
+            op = self.client.post(f"snapshots/{snap['id']}/restore/", {})
+            return self._volume_op(args, op, f"Restored {args.name} to {extra[0]}")
+        if len(extra) != 2:
+            raise CliError("volumes clone NAME SNAPSHOT NEW-NAME")
+        op = self.client.post(f"snapshots/{snap['id']}/clone/", {"name": extra[1]})
+        return self._volume_op(args, op, f"Cloned {extra[0]} into {extra[1]}")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bulkhead", description="Bulkhead portal client.")
@@ -432,6 +505,28 @@ def build_parser() -> argparse.ArgumentParser:
     backups.add_argument("--every-hours", type=int, default=24)
     backups.add_argument("--keep", type=int, default=7)
     backups.add_argument("--timeout", type=float, default=3600)
+    volumes = sub.add_parser("volumes", help="volumes: create, attach, snapshot, restore, clone, delete")
+    volumes.add_argument(
+        "action",
+        choices=[
+            "list",
+            "create",
+            "resize",
+            "delete",
+            "attach",
+            "detach",
+            "snapshot",
+            "snapshots",
+            "restore",
+            "clone",
+        ],
+    )
+    volumes.add_argument("name", nargs="?")
+    volumes.add_argument("args", nargs="*", help="WORKLOAD [PATH], SNAPSHOT [NEW-NAME]")
+    volumes.add_argument("--size", type=int, help="size in GiB (create, resize)")
+    volumes.add_argument("--read-only", action="store_true", help="attach read-only")
+    volumes.add_argument("--no-wait", action="store_true", help="do not wait for the operation")
+    volumes.add_argument("--timeout", type=float, default=300)
     secrets = sub.add_parser("secrets", help="list secrets, set one's value from standard input, delete one")
     secrets.add_argument("action", choices=["list", "set", "delete"])
     secrets.add_argument("name", nargs="?")

@@ -48,6 +48,14 @@ def pool_for(host: Host) -> VolumePool:
     return pool
 
 
+def pool_ready(host: Host) -> bool:
+    """The host has a usable pool now (an operator's directory, or the embedded one mounted)."""
+    if settings.BULKHEAD_VOLUME_POOL:
+        return Path(settings.BULKHEAD_VOLUME_POOL).is_dir()
+    _image, root = embedded_pool_paths(host)
+    return root.is_mount()
+
+
 def release_pool(host: Host) -> None:
     """Unmount the host's embedded pool (the agent's shutdown with --stop-workloads-on-exit; tests)."""
     if settings.BULKHEAD_VOLUME_POOL:
@@ -212,11 +220,13 @@ def fail(volume: Volume | None, snap: Snapshot | None, message: str) -> None:
 
 def sample_usage(host: Host) -> None:
     """Refresh the used bytes of this host's volumes (the agent loop, every sample interval)."""
-    volumes = list(Volume.objects.filter(host=host, state=VolumeState.READY).select_related("host"))
+    from volumes.services import report_usage
+
+    volumes = list(Volume.objects.filter(host=host, state=VolumeState.READY))
     if not volumes:
         return
+    usage = pool_for(host).all_usage()
     for volume in volumes:
-        try:
-            refresh_usage(volume)
-        except Exception:
-            log.debug("no usage for %s", volume.pk, exc_info=True)
+        found = usage.get(volume.pool_name)
+        if found is not None and found.used_bytes != volume.used_bytes:
+            report_usage(volume.pk, found.used_bytes)

@@ -56,7 +56,7 @@ def check_mount_path(path: str) -> str:
             "A volume's path cannot contain control characters, commas, colons or backslashes.", field="path"
         )
     normal = posixpath.normpath(path)
-    if normal != path.rstrip("/") or ".." in normal.split("/"):
+    if normal != path or ".." in normal.split("/"):
         raise Invalid(
             "A volume's path must be normalised (no '..', '.', '//' or trailing '/').", field="path"
         )

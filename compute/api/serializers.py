@@ -83,7 +83,7 @@ class JoinSerializer(serializers.Serializer):
 class VolumeMountRequestSerializer(serializers.Serializer):
     volume = serializers.CharField(max_length=63, help_text="The volume's name or id.")
     path = serializers.CharField(max_length=255, help_text="Absolute path inside the workload.")
-    read_only = serializers.BooleanField(default=False)
+    read_only = serializers.BooleanField(default=False)  # type: ignore[assignment]  # a field named like DRF's own attribute
 
 
 class VolumeAttachmentBriefSerializer(serializers.Serializer):
@@ -91,7 +91,7 @@ class VolumeAttachmentBriefSerializer(serializers.Serializer):
     volume = serializers.UUIDField(source="volume_id", read_only=True)
     volume_name = serializers.CharField(source="volume.name", read_only=True)
     path = serializers.CharField(read_only=True)
-    read_only = serializers.BooleanField(read_only=True)
+    read_only = serializers.BooleanField(read_only=True)  # type: ignore[assignment]  # a field named like DRF's own attribute
 
 
 class WorkloadSerializer(serializers.ModelSerializer):

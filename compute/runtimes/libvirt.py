@@ -423,12 +423,12 @@ def spec_medium(payload: WorkloadPayload, nonce: str) -> bytes:
         "user": f"{payload.uid}:{payload.gid}\n".encode(),
         "nonce": f"{nonce}\n".encode(),
         "tty": b"1\n" if payload.tty else b"0\n",
-        # tag, path, ro|rw: three NUL-terminated fields per volume.
-        "volumes": b"".join(
+    }
+    if payload.volumes:  # tag, path, ro|rw: three NUL-terminated fields per volume
+        files["volumes"] = b"".join(
             tag.encode() + b"\0" + path.encode() + b"\0" + (b"ro" if ro else b"rw") + b"\0"
             for tag, path, ro in payload.volumes
-        ),
-    }
+        )
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
         for name, content in files.items():

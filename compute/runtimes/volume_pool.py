@@ -264,5 +264,23 @@ class VolumePool:
     def _delete_subvolume(self, path: Path) -> None:
         if not _is_subvolume(path):
             return
-        # The qgroup of a deleted subvolume goes with it once the cleaner is done; ours is 0/<id>.
-        _btrfs("subvolume", "delete", str(path))
+        root_id = _btrfs("inspect-internal", "rootid", str(path)).stdout.strip()
+        _btrfs("subvolume", "delete", "--commit-each", str(path))
+        # Its quota group would stay behind as "stale" (one per deleted volume or snapshot): once the
+        # kernel's cleaner has dropped the subvolume, destroy it.
+        if root_id.isdigit():
+            _btrfs("subvolume", "sync", str(self.root), root_id, check=False)
+            _btrfs("qgroup", "destroy", f"0/{root_id}", str(self.root), check=False)
+
+    def all_usage(self) -> dict[str, VolumeUsage]:
+        """Every volume's usage in one call (the agent's periodic sampling)."""
+        out = _btrfs("qgroup", "show", "-r", "-e", "--raw", str(self.root)).stdout
+        usage: dict[str, VolumeUsage] = {}
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and fields[0].startswith("0/") and fields[5].startswith("volumes/"):
+                name = fields[5].removeprefix("volumes/")
+                if VOLUME_NAME.match(name):
+                    limit = None if fields[3] == "none" else int(fields[3])
+                    usage[name] = VolumeUsage(used_bytes=int(fields[1]), limit_bytes=limit)
+        return usage

@@ -7,8 +7,6 @@ the workload and leaves the host's disk alone.
 
 from __future__ import annotations
 
-import errno
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,13 @@ def make_volume(world: World, name: str, size_gib: int = 1, persona: str = "mia"
 
 
 def run_to_end(
-    world: World, image: Any, name: str, script: str, isolation: str, volumes: list[dict[str, Any]]
+    world: World,
+    image: Any,
+    name: str,
+    script: str,
+    isolation: str,
+    volumes: list[dict[str, Any]],
+    command: list[str] | None = None,
 ) -> tuple[Workload, str]:
     response = create(
         world,
@@ -60,7 +64,7 @@ def run_to_end(
         name=name,
         image=str(image.pk),
         isolation=isolation,
-        command=["/bin/sh", "-c", script],
+        command=command or ["/bin/sh", "-c", script],
         memory_mib=256 if isolation == "microvm" else 64,
         volumes=volumes,
         compartments=[],
@@ -106,3 +110,72 @@ def test_a_volume_keeps_the_dbs_data_across_a_re_create_and_into_a_micro_vm(
     )
     assert vm.exit_code == 0, (vm.status_message, logs)
     assert logs.split() == ["row-1", "row-2", "0"]
+
+
+def operation_of(response: Any) -> Any:
+    assert response.status_code == 202, response.json()
+    op = finished(response.json()["id"], timeout=120)
+    assert op.state == "succeeded", (op.error, op.operator_details)
+    return op
+
+
+def test_a_snapshot_restores_the_volume_as_it_was_and_clones_into_a_new_one(
+    world: World, busybox: Any, host: Host
+) -> None:
+    client = client_for(world, "mia")
+    volume = make_volume(world, "db-data")
+    mount = [{"volume": "db-data", "path": "/var/lib/db"}]
+    db, _ = run_to_end(world, busybox, "db", "echo before > /var/lib/db/table", "namespace", mount)
+    op = operation_of(client.post(f"/api/v1/volumes/{volume.pk}/snapshot/", {"name": "s1"}, format="json"))
+    assert op.result["seconds"] < 1.0
+    snapshot = volume.snapshots.get(name="s1")
+    assert snapshot.state == "ready"
+    # More writes after the snapshot, by a micro-VM this time.
+    delete(world, db)
+    vm, logs = run_to_end(world, busybox, "db-vm", "echo after >> /var/lib/db/table", "microvm", mount)
+    assert vm.exit_code == 0, (vm.status_message, logs)
+    operation_of(client.post(f"/api/v1/snapshots/{snapshot.pk}/restore/", {}, format="json"))
+    delete(world, vm)
+    db, logs = run_to_end(world, busybox, "db", "cat /var/lib/db/table", "namespace", mount)
+    assert logs.split() == ["before"], logs
+    operation_of(client.post(f"/api/v1/snapshots/{snapshot.pk}/clone/", {"name": "db-copy"}, format="json"))
+    copy, logs = run_to_end(
+        world, busybox, "reader", "cat /copy/table", "namespace", [{"volume": "db-copy", "path": "/copy"}]
+    )
+    assert logs.split() == ["before"], logs
+    # The snapshot stays read-only whatever happens to its volume: nothing mounts it.
+    delete(world, db)
+    delete(world, copy)
+    operation_of(client.delete(f"/api/v1/volumes/{volume.pk}/"))
+    assert not Volume.objects.filter(pk=volume.pk).exists()
+    from volumes.agent import pool_for
+
+    pool = pool_for(host)
+    assert pool.volume_names() == [Volume.objects.get(name="db-copy").pool_name]
+    assert pool.snapshot_names() == []
+
+
+@pytest.mark.parametrize("isolation", ["namespace", "microvm"])
+def test_a_full_volume_fails_the_write_inside_and_leaves_the_host_alone(
+    world: World, busybox: Any, host: Host, isolation: str
+) -> None:
+    from volumes.agent import embedded_pool_paths, pool_for
+
+    volume = make_volume(world, "small", size_gib=1)
+    image, _mount_point = embedded_pool_paths(host)
+    pool_bytes_before = image.stat().st_blocks * 512
+    script = (
+        "dd if=/dev/zero of=/data/fill bs=1M count=1536 2>/dev/null; echo dd=$?; "
+        "echo more > /data/more 2>/dev/null; echo write=$?; echo size=$(stat -c %s /data/fill)"
+    )
+    _workload, logs = run_to_end(
+        world, busybox, "filler", script, isolation, [{"volume": "small", "path": "/data"}]
+    )
+    marks = dict(line.split("=", 1) for line in logs.splitlines() if "=" in line)
+    assert marks["dd"] != "0" and marks["write"] != "0", logs  # the workload saw its writes fail
+    assert 900 * 1024**2 < int(marks["size"]) <= GIB, logs
+    assert pool_for(host).usage(volume.pool_name).used_bytes <= GIB + 16 * 1024**2
+    # What the host's disk gave: the pool image grew by the volume's gigabyte and btrfs's metadata.
+    grown = image.stat().st_blocks * 512 - pool_bytes_before
+    print(f"pool image grew {grown / 2**20:.0f} MiB for a full 1 GiB volume ({isolation})")
+    assert grown <= GIB + 128 * 1024**2

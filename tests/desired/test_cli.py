@@ -142,3 +142,25 @@ def test_cli_sets_a_secret_from_standard_input_and_never_prints_it(portal: World
     assert "Changed secret db-password" in out.getvalue()
     code, output = run("secrets", "delete", "db-password")
     assert code == 0 and not Secret.objects.exists()
+
+
+def test_cli_creates_attaches_lists_and_snapshots_volumes(portal: World) -> None:
+    from volumes.models import Snapshot, Volume
+
+    code, output = run("volumes", "create", "db-data", "--size", "2", "--no-wait")
+    assert code == 0, output
+    volume = Volume.objects.get(tenant=portal.acme, name="db-data")
+    assert volume.size_gib == 2 and volume.host.name == "db-host"
+    Volume.objects.filter(pk=volume.pk).update(state="ready")  # no host agent runs here
+    Workload.objects.create(
+        tenant=portal.acme, name="db", image=db_image(portal.acme, "img"), host=volume.host, state="stopped"
+    )
+    code, output = run("volumes", "attach", "db-data", "db", "/var/lib/db")
+    assert code == 0 and "Attached db-data to db at /var/lib/db" in output
+    code, output = run("volumes", "list")
+    assert code == 0 and output.startswith("db-data") and "db:/var/lib/db" in output and "db-host" in output
+    code, output = run("volumes", "snapshot", "db-data", "nightly", "--no-wait")
+    assert code == 0 and Snapshot.objects.filter(volume=volume, name="nightly").exists()
+    assert run("volumes", "delete", "db-data")[0] == 1  # attached: refused
+    assert run("volumes", "detach", "db-data", "db")[0] == 0
+    assert run("volumes", "restore", "db-data", "no-such")[0] == 1

@@ -397,6 +397,45 @@ ROUTES.update(
     }
 )
 
+
+# --- issue 17: volumes and snapshots (members operate) -------------------------------------------
+
+
+def _volume(world: World, ownership: str) -> Any:
+    from compute.models import Host
+    from volumes.models import Volume
+
+    host = Host.objects.get_or_create(name="matrix-host")[0]
+    return Volume.objects.create(
+        tenant=_acme_or_globex(world, ownership),
+        name=f"v-{uuid.uuid4().hex[:8]}",
+        host=host,
+        size_bytes=1024**3,
+        state="ready",
+    ).pk
+
+
+def _snapshot(world: World, ownership: str) -> Any:
+    from volumes.models import Snapshot
+
+    return Snapshot.objects.create(volume_id=_volume(world, ownership), name="s1", state="ready").pk
+
+
+ROUTES.update(
+    {
+        "volume-list": Route(methods=("GET", "POST"), list_post=400),
+        "volume-detail": Route(methods=("GET", "PATCH", "DELETE"), obj=_volume),
+        "volume-attach": Route(methods=("POST",), obj=_volume),
+        "volume-detach": Route(methods=("POST",), obj=_volume),
+        "volume-snapshot": Route(methods=("POST",), obj=_volume),
+        "snapshot-list": Route(methods=("GET",)),
+        "snapshot-detail": Route(methods=("GET", "DELETE"), obj=_snapshot),
+        "snapshot-restore": Route(methods=("POST",), obj=_snapshot),
+        "snapshot-clone": Route(methods=("POST",), obj=_snapshot),
+    }
+)
+
+
 # No namespace is left out (Django's admin site is gone).
 IGNORED_NAMESPACES: set[str] = set()
 

@@ -78,7 +78,7 @@ class VolumeResizeSerializer(serializers.Serializer):
 class AttachSerializer(serializers.Serializer):
     workload = serializers.UUIDField()
     path = serializers.CharField(max_length=255)
-    read_only = serializers.BooleanField(default=False)
+    read_only = serializers.BooleanField(default=False)  # type: ignore[assignment]  # a field named like DRF's own attribute
 
 
 class DetachSerializer(serializers.Serializer):

@@ -64,6 +64,9 @@ class Command(BaseCommand):
         if options["once"]:
             agent.handle_exits(host)
             return
+        # Volumes (issue 17): make run's host makes its embedded pool now; others report a pool that
+        # is there (an operator's, or one a volume operation made) and otherwise make it when needed.
+        report_volume_pool(host, make=bool(options["stop_workloads_on_exit"]))
         if options["stop_workloads_on_exit"]:
             resumed = agent.resume_after_shutdown(host)
             if resumed:
@@ -78,6 +81,7 @@ class Command(BaseCommand):
                     last_beat = time.monotonic()
                 if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
                     sampling.sample_host(host)
+                    report_volume_pool(host, make=False)
                     last_sample = time.monotonic()
                 if time.monotonic() - last_repair >= NETWORK_REPAIR_SECONDS:
                     repair_network(host)
@@ -88,6 +92,24 @@ class Command(BaseCommand):
         if options["stop_workloads_on_exit"]:
             stopped = agent.shut_down_host(host)
             log.info("agent for %s stopped %d workloads and removed its networks", host.name, len(stopped))
+            from volumes.agent import release_pool
+
+            try:
+                release_pool(host)  # nothing of make run stays mounted
+            except Exception:
+                log.exception("could not unmount the volume pool of %s", host.name)
+
+
+def report_volume_pool(host: Host, *, make: bool) -> None:
+    """Pool capacity and use into the host's facts, and the volumes' used bytes."""
+    from volumes import agent as volume_agent
+
+    try:
+        if make or volume_agent.pool_ready(host):
+            volume_agent.report_pool(host)
+            volume_agent.sample_usage(host)
+    except Exception:
+        log.exception("volume pool of %s", host.name)
 
 
 def wait_answering(host: Host) -> None:
