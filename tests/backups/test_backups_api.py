@@ -259,3 +259,18 @@ def test_a_restore_whose_operation_ended_without_it_leaves_a_failed_volume(world
     Operation.objects.filter(pk=op.pk).update(state="failed", finished_at=timezone.now())
     services.fail_abandoned()
     assert Volume.objects.get(pk=op.target_id).state == VolumeState.FAILED
+
+
+def test_the_volumes_page_lists_backups_with_dedup_and_backs_up_on_a_click(world: World, host: Host) -> None:
+    from django.test import Client
+
+    vol = volume(world, host)
+    ready_backup(vol, {digest("7"): 100})
+    ready_backup(volume(world, host, "theirs", tenant=world.globex), {digest("8"): 100})
+    client = Client()
+    client.force_login(world.user("mia"))
+    html = client.get("/volumes/").content.decode()
+    assert html.count('id="backup-') == 1 and "10.0\u00d7" in html  # 1000 volume bytes per 100 new
+    answer = client.post(f"/volumes/{vol.pk}/backup/", HTTP_HX_REQUEST="true")
+    assert answer.status_code == 200
+    assert Backup.objects.filter(volume=vol, state=BackupState.PENDING).exists()
