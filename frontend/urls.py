@@ -1,6 +1,6 @@
 from django.urls import include, path
 
-from frontend import views, views_compute, views_secrets, views_volumes
+from frontend import views, views_backups, views_compute, views_secrets, views_volumes
 
 urlpatterns = [
     path("login/", views.login_view, name="login"),
@@ -20,6 +20,11 @@ urlpatterns = [
     path("volumes/create/", views_volumes.volume_create, name="volume-create"),
     path("volumes/<uuid:pk>/delete/", views_volumes.volume_delete, name="volume-delete"),
     path("volumes/<uuid:pk>/snapshot/", views_volumes.volume_snapshot, name="volume-snapshot"),
+    path("volumes/<uuid:pk>/backup/", views_backups.volume_backup, name="volume-backup"),
+    path("backups/<uuid:pk>/restore/", views_backups.backup_restore, name="backup-restore"),
+    path("backups/<uuid:pk>/verify/", views_backups.backup_verify, name="backup-verify"),
+    path("backups/<uuid:pk>/export/", views_backups.backup_export, name="backup-export"),
+    path("backups/<uuid:pk>/delete/", views_backups.backup_delete, name="backup-delete"),
     path("volumes/<uuid:pk>/attach/", views_volumes.volume_attach, name="volume-attach"),
     path("volumes/attachments/<uuid:pk>/detach/", views_volumes.volume_detach, name="volume-detach"),
     path("snapshots/<uuid:pk>/restore/", views_volumes.snapshot_restore, name="snapshot-restore"),

@@ -58,6 +58,12 @@ def _snapshot(request: HttpRequest, pk: uuid.UUID) -> Snapshot:
     )
 
 
+def backup_rows(request: HttpRequest, tenant: object) -> list[dict[str, object]]:
+    from frontend.views_backups import backup_rows as rows
+
+    return rows(request, tenant)
+
+
 def render_volumes(request: HttpRequest, form: VolumeForm | None = None, status: int = 200) -> HttpResponse:
     tenant = current_tenant(request)
     volumes = (
@@ -84,6 +90,7 @@ def render_volumes(request: HttpRequest, form: VolumeForm | None = None, status:
         "workloads": workloads,
         "can_operate": may(request, "operate"),
         "form": form or VolumeForm(),
+        "backups": backup_rows(request, tenant),
     }
     return page_or_partial(
         request, "frontend/volumes.html", "frontend/partials/volumes.html", context, status

@@ -5,10 +5,10 @@ Digests are strings of the form ``"sha256:<64 lowercase hex digits>"``; anything
 ``ValueError``.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 _Path = str | PathLike[str]
 
@@ -178,6 +178,62 @@ class Store:
         """Removes blobs, layers and disks (by chain id) not named, and temporaries older than
         ``temp_max_age`` seconds. Returns ``removed_blobs``, ``removed_layers``,
         ``removed_disks``, ``removed_temps`` and ``freed_bytes``."""
+
+class ChunkStore:
+    """A deduplicating backup store: content-defined chunks (FastCDC, ~1 MiB average), each
+    compressed with zstd and stored once under the sha256 of its uncompressed bytes, and JSON
+    manifests of directory trees stored under the sha256 of their bytes. Every call that does I/O
+    releases the GIL. ``durable`` syncs chunks and manifests before they become visible."""
+
+    def __init__(self, root: _Path, level: int = 3, durable: bool = True) -> None: ...
+    @property
+    def root(self) -> Path: ...
+    def backup(
+        self,
+        source: _Path,
+        previous: str | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> dict[str, Any]:
+        """Backs up a directory without following any symlink. With ``previous`` (an earlier
+        manifest of the same tree) files whose size, mtime, ctime and inode are unchanged are not
+        read. ``progress(bytes_done)`` is called every 64 MiB or so. Returns ``manifest`` (its
+        digest), ``skipped`` (device nodes, sockets) and the counters ``entries``, ``files``,
+        ``source_bytes``, ``bytes_read``, ``files_unchanged``, ``chunks``, ``new_chunks``,
+        ``new_chunk_bytes`` (compressed bytes written), ``new_raw_bytes``, ``reused_chunks``,
+        ``distinct_chunks`` and ``stored_bytes`` (compressed bytes of the backup's chunks)."""
+    def manifest_bytes(self, manifest: str) -> bytes:
+        """A stored manifest's JSON, checked against its digest (``NotFound`` if absent)."""
+    def put_manifest(self, data: bytes) -> str:
+        """Stores manifest JSON from elsewhere after validating it as hostile input; its digest."""
+    def chunks(self, manifest: str) -> list[tuple[str, int, int]]:
+        """The manifest's distinct chunks: ``(digest, length, stored_length)``."""
+    def missing_chunks(self, manifest: str) -> list[tuple[str, int, int]]:
+        """The manifest's chunks not in this store: ``(digest, length, stored_length)``."""
+    def chunk_path(self, chunk: str) -> Path:
+        """Where a chunk's zstd frame is (or would be) stored."""
+    def add_chunk(self, chunk: str, length: int, data: bytes) -> bool:
+        """Adds a chunk's zstd frame fetched from elsewhere after checking it inflates to
+        ``length`` bytes with that digest (``DigestMismatch`` otherwise). False if present."""
+    def restore(
+        self,
+        manifest: str,
+        target: _Path,
+        allow_setid: bool = False,
+        progress: Callable[[int], object] | None = None,
+    ) -> dict[str, int]:
+        """Restores into an empty directory (created if missing). The manifest is validated as
+        hostile input (``UnsafeEntry``), chunks are checked (``DigestMismatch``, ``NotFound``);
+        on failure the target is left empty. Returns ``entries``, ``files``, ``bytes``."""
+    def verify(self, manifest: str) -> tuple[int, int, list[tuple[str, str]]]:
+        """Re-hashes every chunk: ``(chunks, bytes, [(digest, "missing" | reason)])``."""
+    def export_tar(
+        self, manifest: str, fd: int | None = None, path: _Path | None = None, level: int = 3
+    ) -> int:
+        """Streams the backup as one tar.zst to ``fd`` (left open) or a new file at ``path``;
+        returns the bytes written."""
+    def gc(self, keep_manifests: list[str], temp_max_age: float = 3600.0) -> tuple[int, int]:
+        """Removes chunks and manifests not named by ``keep_manifests`` and old temporaries;
+        ``(chunks_removed, bytes_freed)``."""
 
 def chain_id(diff_ids: list[str]) -> str:
     """The OCI chain id of diff ids, bottom first."""

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -380,3 +380,125 @@ class LayerStore:
                 temp_max_age,
             )
         return GcReport(leased=len(leased), **r)
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """What one backup did (see ``BackupStore.backup``)."""
+
+    manifest: str
+    entries: int
+    files: int
+    source_bytes: int
+    bytes_read: int
+    files_unchanged: int
+    chunks: int
+    new_chunks: int
+    new_chunk_bytes: int
+    new_raw_bytes: int
+    reused_chunks: int
+    distinct_chunks: int
+    stored_bytes: int
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def dedup_ratio(self) -> float:
+        """Source bytes per new compressed byte written (inf when nothing new was written)."""
+        return self.source_bytes / self.new_chunk_bytes if self.new_chunk_bytes else float("inf")
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What ``BackupStore.verify`` found: every chunk re-hashed, the bad ones named."""
+
+    chunks: int
+    bytes: int
+    bad: list[tuple[str, str]]
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+class BackupStore:
+    """Deduplicated backups of directory trees (issue 17), beside the layer store.
+
+    Layout under the root (see imaging/native/src/backup/mod.rs)::
+
+        chunks/<2 hex>/<64 hex>   zstd frames named by the sha256 of their uncompressed bytes
+        manifests/<64 hex>        JSON manifests named by the sha256 of their bytes
+        tmp/<random>              writes in progress
+
+    A backup walks the tree without following symlinks, cuts files into content-defined chunks
+    and stores each new chunk once; a second backup given the first's manifest reads only the
+    files whose metadata changed. Restores treat the manifest as hostile input.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, level: int = 3, durable: bool = True) -> None:
+        self._native = _native.ChunkStore(os.fspath(root), level, durable)
+
+    @property
+    def root(self) -> Path:
+        return Path(self._native.root)
+
+    def backup(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        previous: str | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> BackupResult:
+        """Backs up ``source``; ``previous`` is an earlier manifest of the same tree."""
+        return BackupResult(**self._native.backup(os.fspath(source), previous, progress))
+
+    def restore(
+        self,
+        manifest: str,
+        target: str | os.PathLike[str],
+        *,
+        allow_setid: bool = False,
+        progress: Callable[[int], object] | None = None,
+    ) -> dict[str, int]:
+        """Restores ``manifest`` into an empty directory; on failure leaves it empty."""
+        return self._native.restore(manifest, os.fspath(target), allow_setid, progress)
+
+    def verify(self, manifest: str) -> VerifyResult:
+        """Re-hashes every chunk of ``manifest``."""
+        chunks, nbytes, bad = self._native.verify(manifest)
+        return VerifyResult(chunks=chunks, bytes=nbytes, bad=bad)
+
+    def export_tar(
+        self,
+        manifest: str,
+        *,
+        fd: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        level: int = 3,
+    ) -> int:
+        """Streams the backup as one tar.zst to ``fd`` or a new file at ``path``."""
+        return self._native.export_tar(manifest, fd, None if path is None else os.fspath(path), level)
+
+    def manifest_bytes(self, manifest: str) -> bytes:
+        return self._native.manifest_bytes(manifest)
+
+    def put_manifest(self, data: bytes) -> str:
+        """Stores a manifest fetched from elsewhere (validated); returns its digest."""
+        return self._native.put_manifest(data)
+
+    def chunks(self, manifest: str) -> list[tuple[str, int, int]]:
+        """``(digest, length, stored_length)`` of each distinct chunk of ``manifest``."""
+        return self._native.chunks(manifest)
+
+    def missing_chunks(self, manifest: str) -> list[tuple[str, int, int]]:
+        return self._native.missing_chunks(manifest)
+
+    def chunk_path(self, chunk: str) -> Path:
+        return Path(self._native.chunk_path(chunk))
+
+    def add_chunk(self, chunk: str, length: int, data: bytes) -> bool:
+        """Adds a fetched chunk's zstd frame after checking it against ``chunk`` and ``length``."""
+        return self._native.add_chunk(chunk, length, data)
+
+    def gc(self, keep_manifests: Iterable[str], *, temp_max_age: float = 3600.0) -> tuple[int, int]:
+        """Removes what no kept manifest names; ``(chunks_removed, bytes_freed)``."""
+        return self._native.gc(list(keep_manifests), temp_max_age)

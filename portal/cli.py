@@ -10,6 +10,9 @@ Configuration from the environment: ``BULKHEAD_URL`` (the portal, e.g. https://c
     bulkhead export [-o FILE]             the tenant's current resources as a document (adoption)
     bulkhead status | mode off|monitor|autocorrect | revisions | rollback N
     bulkhead workloads list | logs NAME | stop NAME | start NAME
+    bulkhead backups list [VOLUME] | create VOLUME | restore ID NAME | verify ID | delete ID
+    bulkhead backups download ID -o FILE  the backup as one tar.zst
+    bulkhead backups schedule VOLUME --every-hours H --keep N
     bulkhead volumes list | create NAME --size GIB | resize NAME --size GIB | delete NAME
     bulkhead volumes attach NAME WORKLOAD PATH [--read-only] | detach NAME WORKLOAD
     bulkhead volumes snapshot NAME SNAP | snapshots NAME | restore NAME SNAP | clone NAME SNAP NEW
@@ -332,6 +335,66 @@ class Commands:
             raise CliError(f"no volume named {name!r}")
         return dict(found[0])
 
+    def backups(self, args: argparse.Namespace) -> int:
+        """Backups of the tenant's volumes: list, create, restore into a new volume, verify, download."""
+        if args.action == "list":
+            params: dict[str, Any] = {"tenant": self.tenant["id"], "page_size": 500}
+            if args.target:
+                params["volume"] = self._volume(args.target)["id"]
+            for row in self.client.get("backups/", **params)["results"]:
+                ratio = f"{row['dedup_ratio']}x" if row["dedup_ratio"] else "all reused"
+                self.out.write(
+                    f"{row['id']}  {row['volume_name']:<20} {row['state']:<8} {row['created_at'][:19]}  "
+                    f"{row['source_bytes']} B, {row['stored_bytes']} B stored, "
+                    f"{row['new_bytes']} B new ({ratio})\n"
+                )
+            return 0
+        if not args.target:
+            raise CliError(f"backups {args.action} needs a volume name or backup id")
+        if args.action == "create":
+            volume = self._volume(args.target)
+            op = self.client.post("backups/", {"volume": volume["id"]})
+            return self.follow(op, args.timeout, done=f"Backed up {args.target}")
+        if args.action == "schedule":
+            volume = self._volume(args.target)
+            row = self.client.post(
+                "backup-schedules/",
+                {"volume": volume["id"], "every_hours": args.every_hours, "keep_last": args.keep},
+            )
+            self.out.write(
+                f"Backing up {args.target} every {row['every_hours']} h, keeping {row['keep_last']}.\n"
+            )
+            return 0
+        path = f"backups/{args.target}/"
+        if args.action == "delete":
+            self.client.request("DELETE", path)
+            self.out.write(f"Deleted backup {args.target}.\n")
+            return 0
+        if args.action == "restore":
+            if not args.name:
+                raise CliError("backups restore needs the NAME of the new volume")
+            op = self.client.post(path + "restore/", {"name": args.name})
+            return self.follow(op, args.timeout, done=f"Restored into {args.name}")
+        if args.action == "verify":
+            op = self.client.post(path + "verify/")
+            code = self.follow(op, args.timeout, done="Verified")
+            bad = self.client.get(f"operations/{op['id']}/")["result"].get("bad", [])
+            if bad:
+                raise CliError(f"{len(bad)} chunk(s) damaged or missing: {', '.join(bad[:5])}")
+            return code
+        if not args.output:
+            raise CliError("backups download needs -o FILE")
+        op = self.client.post(path + "export/")
+        self.follow(op, args.timeout, done="Exported")
+        url = self.client.get(f"operations/{op['id']}/")["result"]["download"].removeprefix("/api/v1/")
+        with self.client.http.stream("GET", url) as response, open(args.output, "wb") as handle:
+            if response.status_code != 200:
+                raise CliError(f"download refused ({response.status_code})")
+            for block in response.iter_bytes(1 << 20):
+                handle.write(block)
+        self.out.write(f"Wrote {args.output}.\n")
+        return 0
+
     def _volume_op(self, args: argparse.Namespace, op: dict[str, Any], done: str) -> int:
         if args.no_wait:
             self.out.write(f"{done}: operation {op['id']} {op['state']}\n")
@@ -432,6 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     workloads.add_argument("--no-wait", action="store_true", help="stop/start: do not wait for it to finish")
     workloads.add_argument("--timeout", type=float, default=120)
     workloads.add_argument("name", nargs="?")
+    backups = sub.add_parser("backups", help="back volumes up, restore, verify and download backups")
+    backups.add_argument(
+        "action", choices=["list", "create", "restore", "verify", "download", "delete", "schedule"]
+    )
+    backups.add_argument("target", nargs="?", help="a volume name (list, create, schedule) or a backup id")
+    backups.add_argument("name", nargs="?", help="restore: the new volume's name")
+    backups.add_argument("-o", "--output", help="download: the file to write")
+    backups.add_argument("--every-hours", type=int, default=24)
+    backups.add_argument("--keep", type=int, default=7)
+    backups.add_argument("--timeout", type=float, default=3600)
     volumes = sub.add_parser("volumes", help="volumes: create, attach, snapshot, restore, clone, delete")
     volumes.add_argument(
         "action",

@@ -75,6 +75,7 @@ INSTALLED_APPS = [
     "imaging",
     "compute",
     "volumes",
+    "backups",
     "frontend",
 ]
 
@@ -262,6 +263,9 @@ BULKHEAD_USERNS_POOL = tuple(
 # BULKHEAD_VOLUME_POOL_GIB under the host's state dir, made when first needed. Else the path of a mounted
 # btrfs filesystem (a real device) with quotas enabled (`btrfs quota enable PATH`).
 BULKHEAD_VOLUME_POOL = env("BULKHEAD_VOLUME_POOL")
+# The backup store (deduplicated chunks and manifests, issue 17); hosts without it fetch chunks through
+# the portal's host API.
+BULKHEAD_BACKUP_DIR = Path(env("BULKHEAD_BACKUP_DIR", str(DATA_DIR / "backups")))
 BULKHEAD_VOLUME_POOL_GIB = env_int("BULKHEAD_VOLUME_POOL_GIB", 64)
 BULKHEAD_MAX_UPLOAD_BYTES = env_int("BULKHEAD_MAX_UPLOAD_BYTES", 8 * 1024**3)
 BULKHEAD_REGISTRY_ALLOWLIST = [r for r in env("BULKHEAD_REGISTRY_ALLOWLIST", "").split(",") if r]

@@ -73,6 +73,8 @@ class Quota(models.Model):
     disk_gib = models.PositiveBigIntegerField(default=100)
     # Sum of the sizes of the tenant's volumes (issue 17).
     volume_bytes = models.PositiveBigIntegerField(default=100 * 1024**3)
+    # Compressed bytes of the chunks the tenant's backups use, each chunk once (issue 17).
+    backup_bytes = models.PositiveBigIntegerField(default=200 * 1024**3)
     used_vcpus = models.DecimalField(max_digits=8, decimal_places=2, default=Decimal(0))
     used_memory_mib = models.PositiveBigIntegerField(default=0)
     used_workloads = models.PositiveIntegerField(default=0)
@@ -81,6 +83,7 @@ class Quota(models.Model):
     used_published_ports = models.PositiveIntegerField(default=0)
     used_disk_gib = models.PositiveBigIntegerField(default=0)
     used_volume_bytes = models.PositiveBigIntegerField(default=0)
+    used_backup_bytes = models.PositiveBigIntegerField(default=0)
 
     objects = TenantOwnedQuerySet.as_manager()
 
@@ -96,6 +99,7 @@ class Quota(models.Model):
         "image_bytes",
         "published_ports",
         "volume_bytes",
+        "backup_bytes",
     )
 
     def __str__(self) -> str:

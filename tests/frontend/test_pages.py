@@ -16,7 +16,7 @@ from frontend.middleware import SESSION_KEY
 from portal.models import Operation
 from tenants import quota, services
 from tenants.actors import Actor
-from tenants.models import ApiToken, AuditEntry, Membership
+from tenants.models import ApiToken, AuditEntry, Membership, Quota
 from tenants.tokens import prefix_of
 
 User = get_user_model()
@@ -108,7 +108,7 @@ def test_it_shows_the_dashboard_with_quota_bars(alice_client, acme):
     response = alice_client.get(reverse("dashboard"))
     assert response.status_code == 200
     html = response.content.decode()
-    assert html.count('class="quota-bar') == 8  # one per quota resource (Quota.RESOURCES)
+    assert html.count('class="quota-bar') == len(Quota.RESOURCES)  # one per quota resource
     assert 'aria-label="vCPUs used"' in html
     assert 'aria-label="Disk used"' in html
     assert 'aria-valuenow="25"' in html  # 2 of 8 vCPUs

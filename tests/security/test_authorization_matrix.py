@@ -362,6 +362,63 @@ ROUTES.update(
     }
 )
 
+# --- issue 17: backups (members operate; hosts fetch and upload with their own credential) ------
+
+
+def _backup_volume(world: World, ownership: str) -> Any:
+    from compute.models import Host
+    from volumes.models import GIB, Volume
+
+    tenant = _acme_or_globex(world, ownership)
+    host = Host.objects.get_or_create(name="matrix-host")[0]
+    return Volume.objects.create(
+        tenant=tenant, name=f"v-{uuid.uuid4().hex[:8]}", host=host, size_bytes=GIB, state="ready"
+    )
+
+
+def _backup(world: World, ownership: str) -> Any:
+    from backups.models import Backup
+
+    volume = _backup_volume(world, ownership)
+    return Backup.objects.create(
+        tenant=volume.tenant,
+        volume=volume,
+        volume_name=volume.name,
+        state="ready",
+        manifest="sha256:" + "1" * 64,
+    ).pk
+
+
+def _backup_schedule(world: World, ownership: str) -> Any:
+    from backups.models import BackupSchedule
+
+    volume = _backup_volume(world, ownership)
+    return BackupSchedule.objects.create(tenant=volume.tenant, volume=volume).pk
+
+
+_A_DIGEST = "sha256:" + "0" * 64
+
+ROUTES.update(
+    {
+        "backup-list": Route(methods=("GET", "POST"), list_post=400),
+        "backup-detail": Route(methods=("GET", "DELETE"), obj=_backup),
+        "backup-restore": Route(methods=("POST",), obj=_backup),
+        "backup-verify": Route(methods=("POST",), obj=_backup),
+        "backup-export": Route(methods=("POST",), obj=_backup),
+        # No export was made: a visible backup answers 404 too (never the file of another tenant).
+        "backup-download": Route(methods=("GET",), obj=_backup, read_ok=frozenset({404})),
+        "backup-schedule-list": Route(methods=("GET", "POST"), list_post=400),
+        "backup-schedule-detail": Route(methods=("GET", "DELETE"), obj=_backup_schedule),
+        "host-backup-chunk": Route(
+            methods=("GET", "PUT"), obj=lambda w, o: _A_DIGEST, visibility="public", list_post=401
+        ),
+        "host-backup-manifest": Route(
+            methods=("GET", "PUT"), obj=lambda w, o: _A_DIGEST, visibility="public", list_post=401
+        ),
+        "host-backup-missing": Route(methods=("POST",), visibility="public", list_post=401),
+    }
+)
+
 
 # --- issue 17: volumes and snapshots (members operate) -------------------------------------------
 

@@ -143,9 +143,9 @@ UI_ROUTES: dict[str, UiRoute] = {
 
 def _merge_area_routes() -> None:
     """Pages of other areas keep their matrix entries beside them (one file per area)."""
-    from tests.security import ui_routes_desired, ui_routes_network, ui_routes_volumes
+    from tests.security import ui_routes_backups, ui_routes_desired, ui_routes_network, ui_routes_volumes
 
-    for module in (ui_routes_network, ui_routes_desired, ui_routes_volumes):
+    for module in (ui_routes_network, ui_routes_desired, ui_routes_volumes, ui_routes_backups):
         UI_ROUTES.update(module.ROUTES)
 
 

@@ -4,6 +4,7 @@
 //! exposes them as the Python module `imaging._native`.
 
 pub mod ahead;
+pub mod backup;
 pub mod chain;
 pub mod diff;
 pub mod digest;

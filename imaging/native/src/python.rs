@@ -12,6 +12,8 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyDict;
 
+use crate::backup::restore::RestorePolicy;
+use crate::backup::ChunkStore as InnerChunks;
 use crate::diff::{changes, IdShift};
 use crate::digest::{chain_id as chain_id_of, Digest};
 use crate::error::StoreError as Error;
@@ -494,6 +496,300 @@ impl Store {
     }
 }
 
+/// Calls a Python progress callback with the bytes done, at most once per `PROGRESS_EVERY`.
+struct Throttled {
+    cb: Option<Py<PyAny>>,
+    last: std::sync::atomic::AtomicU64,
+}
+
+const PROGRESS_EVERY: u64 = 64 << 20;
+
+impl Throttled {
+    fn new(cb: Option<Py<PyAny>>) -> Self {
+        Throttled {
+            cb,
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn report(&self, done: u64) {
+        use std::sync::atomic::Ordering;
+        let Some(cb) = &self.cb else { return };
+        let last = self.last.load(Ordering::Relaxed);
+        if done < last + PROGRESS_EVERY
+            || self
+                .last
+                .compare_exchange(last, done, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        // A failing callback must not fail the backup: progress is advisory.
+        Python::attach(|py| {
+            let _ = cb.call1(py, (done,));
+        });
+    }
+}
+
+fn stats_dict<'py>(py: Python<'py>, pairs: &[(&str, u64)]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in pairs {
+        d.set_item(*k, *v)?;
+    }
+    Ok(d)
+}
+
+/// (chunks checked, bytes, [(digest, reason)]).
+type VerifyTuple = (u64, u64, Vec<(String, String)>);
+
+/// A deduplicating chunk store for backups (content-defined chunks, zstd, sha256 names).
+#[pyclass(frozen, module = "imaging._native")]
+pub struct ChunkStore {
+    inner: Arc<InnerChunks>,
+}
+
+#[pymethods]
+impl ChunkStore {
+    #[new]
+    #[pyo3(signature = (root, level=3, durable=true))]
+    fn new(py: Python<'_>, root: PathBuf, level: i32, durable: bool) -> PyResult<Self> {
+        let mut inner = InnerChunks::open(root).map_err(|e| to_py(py, e))?;
+        if !(1..=19).contains(&level) {
+            return Err(PyValueError::new_err("level must be between 1 and 19"));
+        }
+        inner.level = level;
+        inner.durable = durable;
+        Ok(ChunkStore {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The store's root directory.
+    #[getter]
+    fn root(&self) -> PathBuf {
+        self.inner.root().to_path_buf()
+    }
+
+    /// Backs up a directory; with `previous` (a manifest digest) unchanged files are not read.
+    /// Returns the manifest digest and counters.
+    #[pyo3(signature = (source, previous=None, progress=None))]
+    fn backup<'py>(
+        &self,
+        py: Python<'py>,
+        source: PathBuf,
+        previous: Option<&str>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let prev = opt_digest(py, previous)?;
+        let inner = self.inner.clone();
+        let t = Throttled::new(progress);
+        let s = py
+            .detach(move || {
+                let report = |n: u64| t.report(n);
+                inner.backup(&source, prev.as_ref(), Some(&report))
+            })
+            .map_err(|e| to_py(py, e))?;
+        let d = stats_dict(
+            py,
+            &[
+                ("entries", s.entries),
+                ("files", s.files),
+                ("source_bytes", s.source_bytes),
+                ("bytes_read", s.bytes_read),
+                ("files_unchanged", s.files_unchanged),
+                ("chunks", s.chunks),
+                ("new_chunks", s.new_chunks),
+                ("new_chunk_bytes", s.new_chunk_bytes),
+                ("new_raw_bytes", s.new_raw_bytes),
+                ("reused_chunks", s.reused_chunks),
+                ("distinct_chunks", s.distinct_chunks),
+                ("stored_bytes", s.stored_bytes),
+            ],
+        )?;
+        d.set_item("manifest", s.manifest)?;
+        d.set_item("skipped", s.skipped)?;
+        Ok(d)
+    }
+
+    /// The JSON bytes of a stored manifest (checked against its digest).
+    fn manifest_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        manifest: &str,
+    ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let d = digest(py, manifest)?;
+        let b = self.inner.manifest_bytes(&d).map_err(|e| to_py(py, e))?;
+        Ok(pyo3::types::PyBytes::new(py, &b))
+    }
+
+    /// Stores manifest bytes fetched from elsewhere (validated as hostile input); returns the digest.
+    fn put_manifest(&self, py: Python<'_>, data: &[u8]) -> PyResult<String> {
+        let inner = self.inner.clone();
+        let data = data.to_vec();
+        py.detach(move || inner.put_manifest_bytes(&data))
+            .map(|d| d.to_string())
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// Each distinct chunk of a manifest: (digest, length, stored length).
+    fn chunks(&self, py: Python<'_>, manifest: &str) -> PyResult<Vec<(String, u64, u64)>> {
+        let d = digest(py, manifest)?;
+        let m = self.inner.manifest(&d).map_err(|e| to_py(py, e))?;
+        Ok(m.distinct_chunks()
+            .into_iter()
+            .map(|(d, n, s)| (d.to_string(), n, s))
+            .collect())
+    }
+
+    /// The chunks of a manifest that this store lacks: (digest, length, stored length).
+    fn missing_chunks(&self, py: Python<'_>, manifest: &str) -> PyResult<Vec<(String, u64, u64)>> {
+        let d = digest(py, manifest)?;
+        let inner = self.inner.clone();
+        py.detach(move || {
+            let m = inner.manifest(&d)?;
+            Ok(inner.missing_chunks(&m))
+        })
+        .map(|v: Vec<_>| {
+            v.into_iter()
+                .map(|(d, n, s)| (d.to_string(), n, s))
+                .collect()
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
+    /// Path of a chunk's stored (zstd) file, present or not.
+    fn chunk_path(&self, py: Python<'_>, chunk: &str) -> PyResult<PathBuf> {
+        Ok(self.inner.chunk_path(&digest(py, chunk)?))
+    }
+
+    /// Adds a chunk's stored (zstd) bytes fetched from elsewhere, after checking that they
+    /// inflate to `length` bytes with that digest. False if it was already present.
+    fn add_chunk(&self, py: Python<'_>, chunk: &str, length: u64, data: &[u8]) -> PyResult<bool> {
+        let d = digest(py, chunk)?;
+        let inner = self.inner.clone();
+        let data = data.to_vec();
+        py.detach(move || inner.add_stored_chunk(&d, length, &data))
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// Restores a manifest into an empty directory; returns counters. Setid bits are dropped
+    /// unless `allow_setid`.
+    #[pyo3(signature = (manifest, target, allow_setid=false, progress=None))]
+    fn restore<'py>(
+        &self,
+        py: Python<'py>,
+        manifest: &str,
+        target: PathBuf,
+        allow_setid: bool,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let d = digest(py, manifest)?;
+        let inner = self.inner.clone();
+        let t = Throttled::new(progress);
+        let s = py
+            .detach(move || {
+                let m = inner.manifest(&d)?;
+                let report = |n: u64| t.report(n);
+                inner.restore(&m, &target, RestorePolicy { allow_setid }, Some(&report))
+            })
+            .map_err(|e| to_py(py, e))?;
+        stats_dict(
+            py,
+            &[
+                ("entries", s.entries),
+                ("files", s.files),
+                ("bytes", s.bytes),
+            ],
+        )
+    }
+
+    /// Re-hashes every chunk of a manifest; returns (chunks checked, bytes, [(digest, reason)]).
+    fn verify(&self, py: Python<'_>, manifest: &str) -> PyResult<VerifyTuple> {
+        let d = digest(py, manifest)?;
+        let inner = self.inner.clone();
+        py.detach(move || {
+            let m = inner.manifest(&d)?;
+            Ok(inner.verify(&m))
+        })
+        .map(|r| {
+            (
+                r.chunks,
+                r.bytes,
+                r.bad.into_iter().map(|b| (b.digest, b.reason)).collect(),
+            )
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
+    /// Writes a manifest as one tar.zst stream to an open descriptor (not closed) or a new file;
+    /// returns the bytes written.
+    #[pyo3(signature = (manifest, fd=None, path=None, level=3))]
+    fn export_tar(
+        &self,
+        py: Python<'_>,
+        manifest: &str,
+        fd: Option<i32>,
+        path: Option<PathBuf>,
+        level: i32,
+    ) -> PyResult<u64> {
+        let d = digest(py, manifest)?;
+        let out: std::fs::File = match (fd, path) {
+            (Some(fd), None) if fd >= 0 => {
+                // SAFETY: the caller keeps the descriptor open for this call; we duplicate it.
+                let owned = unsafe { BorrowedFd::borrow_raw(fd) }
+                    .try_clone_to_owned()
+                    .map_err(|e| {
+                        to_py(
+                            py,
+                            Error::Io {
+                                context: "dup".into(),
+                                source: e,
+                            },
+                        )
+                    })?;
+                std::fs::File::from(owned)
+            }
+            (None, Some(p)) => std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+                .map_err(|e| {
+                    to_py(
+                        py,
+                        Error::Io {
+                            context: format!("creating {}", p.display()),
+                            source: e,
+                        },
+                    )
+                })?,
+            _ => return Err(PyValueError::new_err("give exactly one of fd and path")),
+        };
+        let inner = self.inner.clone();
+        py.detach(move || {
+            let m = inner.manifest(&d)?;
+            inner.export_tar(&m, std::io::BufWriter::with_capacity(1 << 20, out), level)
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
+    /// Removes chunks and manifests that no kept manifest names, and temporaries older than
+    /// `temp_max_age` seconds; returns (chunks removed, bytes freed).
+    #[pyo3(signature = (keep_manifests, temp_max_age=3600.0))]
+    fn gc(
+        &self,
+        py: Python<'_>,
+        keep_manifests: Vec<String>,
+        temp_max_age: f64,
+    ) -> PyResult<(u64, u64)> {
+        let keep = digests(py, &keep_manifests)?;
+        let age = Duration::try_from_secs_f64(temp_max_age)
+            .map_err(|_| PyValueError::new_err("temp_max_age must be a non-negative number"))?;
+        let inner = self.inner.clone();
+        py.detach(move || inner.gc(&keep, age))
+            .map_err(|e| to_py(py, e))
+    }
+}
+
 /// The OCI chain id of diff ids (bottom first).
 #[pyfunction]
 fn chain_id(py: Python<'_>, diff_ids: Vec<String>) -> PyResult<String> {
@@ -509,6 +805,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Store>()?;
     m.add_class::<LayerResult>()?;
+    m.add_class::<ChunkStore>()?;
     m.add_function(wrap_pyfunction!(chain_id, m)?)?;
     m.add("StoreError", py.get_type::<StoreError>())?;
     m.add("DigestMismatch", py.get_type::<DigestMismatch>())?;

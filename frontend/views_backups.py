@@ -1,0 +1,128 @@
+"""Backups on the volumes page (issue 17): the tenant's backups with sizes and dedup ratio; members back
+a volume up, restore a backup into a new volume, verify it, export it for download, delete it. Objects
+only through the permission layer, in the current tenant: anything else is a 404."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
+from django.views.decorators.http import require_POST
+
+from backups import services
+from backups.models import Backup
+from frontend import forms as f
+from frontend.views import REFUSALS, done, get_current_tenant_for_user
+from frontend.views_volumes import _volume, render_volumes
+from portal.models import Operation, OperationState
+from tenants.actors import Actor
+
+
+class RestoreForm(forms.Form):
+    name = forms.CharField(max_length=63)
+
+
+def backup_rows(request: HttpRequest, tenant: Any) -> list[dict[str, Any]]:
+    """The tenant's backups, newest first, each with the download URL of its latest finished export."""
+    if tenant is None:
+        return []
+    backups = list(Backup.objects.for_user(request.user, "view").filter(tenant=tenant)[:200])
+    exports = {
+        op.target_id: op
+        for op in Operation.objects.filter(
+            kind="backup.export",
+            target_id__in=[str(b.pk) for b in backups],
+            state=OperationState.SUCCEEDED,
+        ).order_by("finished_at")
+    }
+    rows = []
+    for backup in backups:
+        export = exports.get(str(backup.pk))
+        download = (
+            f"/api/v1/backups/{backup.pk}/download/?operation={export.pk}"
+            if export is not None and services.export_path(export.pk).is_file()
+            else None
+        )
+        rows.append({"backup": backup, "download": download})
+    return rows
+
+
+def _backup(request: HttpRequest, pk: uuid.UUID) -> Backup:
+    tenant = get_current_tenant_for_user(request, "operate")
+    return get_object_or_404(Backup.objects.for_user(request.user, "operate"), pk=pk, tenant=tenant)
+
+
+def _queued(request: HttpRequest, what: str) -> HttpResponse:
+    messages.success(request, what)
+    return done(request, "volumes", render_volumes)
+
+
+def _refused(request: HttpRequest, error: Exception) -> HttpResponse:
+    messages.error(request, f.refusal_message(error))  # type: ignore[arg-type]
+    return done(request, "volumes", render_volumes)
+
+
+@login_required
+@require_POST
+def volume_backup(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
+    volume = _volume(request, pk)
+    try:
+        services.create_backup(actor=Actor.from_request(request), volume=volume)
+    except REFUSALS as error:
+        return _refused(request, error)
+    return _queued(request, f"{volume.name} is being backed up.")
+
+
+@login_required
+@require_POST
+def backup_restore(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
+    backup = _backup(request, pk)
+    form = RestoreForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Give the new volume a name.")
+        return done(request, "volumes", render_volumes)
+    try:
+        services.restore_backup(
+            actor=Actor.from_request(request), backup=backup, name=form.cleaned_data["name"]
+        )
+    except REFUSALS as error:
+        return _refused(request, error)
+    return _queued(request, f"Volume “{form.cleaned_data['name']}” is being restored from the backup.")
+
+
+@login_required
+@require_POST
+def backup_verify(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
+    backup = _backup(request, pk)
+    try:
+        services.verify_backup(actor=Actor.from_request(request), backup=backup)
+    except REFUSALS as error:
+        return _refused(request, error)
+    return _queued(request, "Every chunk of the backup is being re-hashed.")
+
+
+@login_required
+@require_POST
+def backup_export(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
+    backup = _backup(request, pk)
+    try:
+        services.export_backup(actor=Actor.from_request(request), backup=backup)
+    except REFUSALS as error:
+        return _refused(request, error)
+    return _queued(request, "The backup is being written as a tar.zst; Download appears when it is ready.")
+
+
+@login_required
+@require_POST
+def backup_delete(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
+    backup = _backup(request, pk)
+    try:
+        services.delete_backup(actor=Actor.from_request(request), backup=backup)
+    except REFUSALS as error:
+        return _refused(request, error)
+    return _queued(request, "The backup was deleted.")
