@@ -16,9 +16,13 @@ from django.views.decorators.http import require_POST
 
 from backups import services
 from backups.models import Backup
-from frontend import forms as f
 from frontend.views import REFUSALS, done, get_current_tenant_for_user
-from frontend.views_volumes import _volume, render_volumes
+from frontend.views_volumes import (
+    get_volume_for_user,
+    render_volumes,
+    show_queued,
+    show_refused,
+)
 from portal.models import Operation, OperationState
 from tenants.actors import Actor
 
@@ -57,25 +61,15 @@ def _backup(request: HttpRequest, pk: uuid.UUID) -> Backup:
     return get_object_or_404(Backup.objects.for_user(request.user, "operate"), pk=pk, tenant=tenant)
 
 
-def _queued(request: HttpRequest, what: str) -> HttpResponse:
-    messages.success(request, what)
-    return done(request, "volumes", render_volumes)
-
-
-def _refused(request: HttpRequest, error: Exception) -> HttpResponse:
-    messages.error(request, f.refusal_message(error))  # type: ignore[arg-type]
-    return done(request, "volumes", render_volumes)
-
-
 @login_required
 @require_POST
 def volume_backup(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    volume = _volume(request, pk)
+    volume = get_volume_for_user(request, pk)
     try:
         services.create_backup(actor=Actor.from_request(request), volume=volume)
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, f"{volume.name} is being backed up.")
+        return show_refused(request, error)
+    return show_queued(request, f"{volume.name} is being backed up.")
 
 
 @login_required
@@ -91,8 +85,8 @@ def backup_restore(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
             actor=Actor.from_request(request), backup=backup, name=form.cleaned_data["name"]
         )
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, f"Volume “{form.cleaned_data['name']}” is being restored from the backup.")
+        return show_refused(request, error)
+    return show_queued(request, f"Volume “{form.cleaned_data['name']}” is being restored from the backup.")
 
 
 @login_required
@@ -102,8 +96,8 @@ def backup_verify(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     try:
         services.verify_backup(actor=Actor.from_request(request), backup=backup)
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, "Every chunk of the backup is being re-hashed.")
+        return show_refused(request, error)
+    return show_queued(request, "Every chunk of the backup is being re-hashed.")
 
 
 @login_required
@@ -113,8 +107,8 @@ def backup_export(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     try:
         services.export_backup(actor=Actor.from_request(request), backup=backup)
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, "The backup is being written as a tar.zst; Download appears when it is ready.")
+        return show_refused(request, error)
+    return show_queued(request, "The backup is being written as a tar.zst; Download appears when ready.")
 
 
 @login_required
@@ -124,5 +118,5 @@ def backup_delete(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     try:
         services.delete_backup(actor=Actor.from_request(request), backup=backup)
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, "The backup was deleted.")
+        return show_refused(request, error)
+    return show_queued(request, "The backup was deleted.")

@@ -40,7 +40,7 @@ class AttachForm(forms.Form):
     read_only = forms.BooleanField(required=False)
 
 
-def _volume(request: HttpRequest, pk: uuid.UUID) -> Volume:
+def get_volume_for_user(request: HttpRequest, pk: uuid.UUID) -> Volume:
     tenant = get_current_tenant_for_user(request, "operate")
     return get_object_or_404(
         Volume.objects.for_user(request.user, "operate").select_related("host", "tenant"),
@@ -97,12 +97,12 @@ def render_volumes(request: HttpRequest, form: VolumeForm | None = None, status:
     )
 
 
-def _queued(request: HttpRequest, what: str) -> HttpResponse:
+def show_queued(request: HttpRequest, what: str) -> HttpResponse:
     messages.success(request, what)
     return done(request, "volumes", render_volumes)
 
 
-def _refused(request: HttpRequest, error: Exception) -> HttpResponse:
+def show_refused(request: HttpRequest, error: Exception) -> HttpResponse:
     messages.error(request, f.refusal_message(error))  # type: ignore[arg-type]
     return done(request, "volumes", render_volumes)
 
@@ -129,25 +129,25 @@ def volume_create(request: HttpRequest) -> HttpResponse:
         except REFUSALS as error:
             f.add_service_error(form, error)
         else:
-            return _queued(request, f"Volume “{form.cleaned_data['name']}” is being created.")
+            return show_queued(request, f"Volume “{form.cleaned_data['name']}” is being created.")
     return render_volumes(request, form, status=422)
 
 
 @login_required
 @require_POST
 def volume_delete(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    volume = _volume(request, pk)
+    volume = get_volume_for_user(request, pk)
     try:
         services.delete_volume(actor=Actor.from_request(request), volume=volume)
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, f"Volume “{volume.name}” is being deleted.")
+        return show_refused(request, error)
+    return show_queued(request, f"Volume “{volume.name}” is being deleted.")
 
 
 @login_required
 @require_POST
 def volume_snapshot(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    volume = _volume(request, pk)
+    volume = get_volume_for_user(request, pk)
     form = SnapshotForm(request.POST)
     if not form.is_valid():
         messages.error(request, "Give the snapshot a name.")
@@ -157,14 +157,14 @@ def volume_snapshot(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
             actor=Actor.from_request(request), volume=volume, name=form.cleaned_data["name"]
         )
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, f"Snapshot “{form.cleaned_data['name']}” of {volume.name} is being taken.")
+        return show_refused(request, error)
+    return show_queued(request, f"Snapshot “{form.cleaned_data['name']}” of {volume.name} is being taken.")
 
 
 @login_required
 @require_POST
 def volume_attach(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    volume = _volume(request, pk)
+    volume = get_volume_for_user(request, pk)
     form = AttachForm(request.POST)
     if not form.is_valid():
         messages.error(request, "Choose a workload and an absolute path.")
@@ -186,8 +186,8 @@ def volume_attach(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
             read_only=form.cleaned_data["read_only"],
         )
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, f"{volume.name} attached to {workload.name}; mounted at its next start.")
+        return show_refused(request, error)
+    return show_queued(request, f"{volume.name} attached to {workload.name}; mounted at its next start.")
 
 
 @login_required
@@ -202,8 +202,8 @@ def volume_detach(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     try:
         services.detach_volume(actor=Actor.from_request(request), attachment=attachment)
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, f"{attachment.volume.name} detached from {attachment.workload.name}.")
+        return show_refused(request, error)
+    return show_queued(request, f"{attachment.volume.name} detached from {attachment.workload.name}.")
 
 
 @login_required
@@ -213,8 +213,8 @@ def snapshot_restore(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     try:
         services.restore_snapshot(actor=Actor.from_request(request), snapshot=snapshot)
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, f"{snapshot.volume.name} is being restored to “{snapshot.name}”.")
+        return show_refused(request, error)
+    return show_queued(request, f"{snapshot.volume.name} is being restored to “{snapshot.name}”.")
 
 
 @login_required
@@ -230,8 +230,9 @@ def snapshot_clone(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
             actor=Actor.from_request(request), snapshot=snapshot, name=form.cleaned_data["name"]
         )
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, f"Volume “{form.cleaned_data['name']}” is being cloned from “{snapshot.name}”.")
+        return show_refused(request, error)
+    name = form.cleaned_data["name"]
+    return show_queued(request, f"Volume “{name}” is being cloned from “{snapshot.name}”.")
 
 
 @login_required
@@ -241,5 +242,5 @@ def snapshot_delete(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     try:
         services.delete_snapshot(actor=Actor.from_request(request), snapshot=snapshot)
     except REFUSALS as error:
-        return _refused(request, error)
-    return _queued(request, f"Snapshot “{snapshot.name}” is being deleted.")
+        return show_refused(request, error)
+    return show_queued(request, f"Snapshot “{snapshot.name}” is being deleted.")
