@@ -43,14 +43,6 @@ class BackupViewSet(ReadOnlyPermissionLayerViewSet):
     def base_queryset(self) -> QuerySet[Backup]:
         return Backup.objects.select_related("tenant", "volume", "snapshot")
 
-    def write_object(self) -> Backup:
-        self.requested_action = "operate"
-        obj: Backup = self.get_object()
-        return obj
-
-    def permission_action(self) -> Any:
-        return getattr(self, "requested_action", None) or super().permission_action()
-
     @extend_schema(request=s.BackupCreateSerializer, responses={202: OperationSerializer})
     def create(self, request: Request) -> Response:
         """Back up a volume (or one of its snapshots)."""
@@ -160,12 +152,8 @@ class BackupScheduleViewSet(ReadOnlyPermissionLayerViewSet):
 
     @extend_schema(request=None, responses={204: None})
     def destroy(self, request: Request, pk: str) -> Response:
-        self.requested_action = "operate"
-        services.delete_schedule(actor=self.actor, schedule=self.get_object())
+        services.delete_schedule(actor=self.actor, schedule=self.write_object())
         return Response(status=204)
-
-    def permission_action(self) -> Any:
-        return getattr(self, "requested_action", None) or super().permission_action()
 
 
 class _HostView(APIView):

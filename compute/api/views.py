@@ -127,16 +127,6 @@ class WorkloadViewSet(ReadOnlyPermissionLayerViewSet):
         workload.refresh_from_db()
         return Response(s.WorkloadSerializer(workload).data)
 
-    def write_object(self) -> Workload:
-        return self.get_object_for("operate")
-
-    def get_object_for(self, act: Any) -> Workload:
-        self.requested_action = act
-        return self.get_object()
-
-    def permission_action(self) -> Any:
-        return getattr(self, "requested_action", None) or super().permission_action()
-
     @extend_schema(request=None, responses={202: OperationSerializer})
     @action(detail=True, methods=["post"])
     def start(self, request: Request, pk: str) -> Response:

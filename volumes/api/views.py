@@ -8,10 +8,10 @@ from typing import Any
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from compute.api.network_views import tenant_for
 from compute.api.views import accepted
 from compute.models import Host, Workload
 from portal.api.viewsets import ReadOnlyPermissionLayerViewSet
@@ -58,30 +58,7 @@ class VolumeViewSet(ReadOnlyPermissionLayerViewSet):
         )
 
     def _tenant(self, tenant_id: Any) -> Tenant:
-        user = self.request.user
-        token = getattr(user, "active_token", None)
-        if tenant_id is None and token is not None and token.tenant_id:
-            tenant_id = token.tenant_id
-        if tenant_id is None:
-            mine = list(Tenant.objects.for_user(user, "operate")[:2])
-            if len(mine) != 1:
-                raise Invalid("Say which tenant the volume belongs to.", field="tenant")
-            return mine[0]
-        tenant = Tenant.objects.for_user(user, "operate").filter(pk=tenant_id).first()
-        if tenant is None:
-            if Tenant.objects.for_user(user, "view").filter(pk=tenant_id).exists():
-                self.tenant_concerned = Tenant.objects.get(pk=tenant_id)
-                raise PermissionDenied("Your role does not allow creating volumes in this tenant.")
-            raise Invalid("No such tenant.", field="tenant")
-        return tenant
-
-    def write_object(self) -> Volume:
-        self.requested_action = "operate"
-        obj: Volume = self.get_object()
-        return obj
-
-    def permission_action(self) -> Any:
-        return getattr(self, "requested_action", None) or super().permission_action()
+        return tenant_for(self.request.user, tenant_id, "operate", "volume", view=self)
 
     @extend_schema(request=s.VolumeCreateSerializer, responses={202: OperationSerializer})
     def create(self, request: Request) -> Response:
@@ -175,14 +152,6 @@ class SnapshotViewSet(ReadOnlyPermissionLayerViewSet):
 
     def base_queryset(self) -> QuerySet[Snapshot]:
         return Snapshot.objects.select_related("volume__tenant", "volume__host")
-
-    def write_object(self) -> Snapshot:
-        self.requested_action = "operate"
-        obj: Snapshot = self.get_object()
-        return obj
-
-    def permission_action(self) -> Any:
-        return getattr(self, "requested_action", None) or super().permission_action()
 
     @extend_schema(request=None, responses={202: OperationSerializer})
     def destroy(self, request: Request, pk: str) -> Response:
