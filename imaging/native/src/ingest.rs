@@ -150,27 +150,7 @@ impl Store {
         expected_size: Option<u64>,
     ) -> Result<Ingested> {
         let shown = || path.display().to_string();
-        let file = openat(
-            CWD,
-            path,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map(File::from)
-        .map_err(|e| match e {
-            Errno::LOOP => StoreError::Invalid(format!("{} is a symlink", shown())),
-            e => StoreError::Io {
-                context: format!("opening {}", shown()),
-                source: e.into(),
-            },
-        })?;
-        let st = fstat(&file).ctx(|| format!("inspecting {}", shown()))?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-            return Err(StoreError::Invalid(format!(
-                "{} is not a regular file",
-                shown()
-            )));
-        }
+        let (file, st) = open_regular_file(path)?;
         if let Some(done) = self.present(expected.as_ref(), expected_size)? {
             remove_file_quiet(path);
             return Ok(done);
@@ -238,27 +218,7 @@ impl Store {
     /// vouches that nothing else wrote to it; use `ingest_consume` when in doubt.
     pub fn ingest_hashed(&self, path: &Path, digest: Digest, size: u64) -> Result<Ingested> {
         let shown = || path.display().to_string();
-        let file = openat(
-            CWD,
-            path,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map(File::from)
-        .map_err(|e| match e {
-            Errno::LOOP => StoreError::Invalid(format!("{} is a symlink", shown())),
-            e => StoreError::Io {
-                context: format!("opening {}", shown()),
-                source: e.into(),
-            },
-        })?;
-        let st = fstat(&file).ctx(|| format!("inspecting {}", shown()))?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-            return Err(StoreError::Invalid(format!(
-                "{} is not a regular file",
-                shown()
-            )));
-        }
+        let (file, st) = open_regular_file(path)?;
         let ours = st.st_nlink == 1 && st.st_uid == rustix::process::geteuid().as_raw();
         if !ours {
             let r = self.ingest_reader(file, Some(digest), Some(size));
@@ -662,6 +622,34 @@ impl Write for IngestWriter<'_> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// The caller's file at `path`, opened read-only without following a symlink, and its status; an
+/// error unless it is a regular file.
+fn open_regular_file(path: &Path) -> Result<(File, rustix::fs::Stat)> {
+    let shown = || path.display().to_string();
+    let file = openat(
+        CWD,
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map(File::from)
+    .map_err(|e| match e {
+        Errno::LOOP => StoreError::Invalid(format!("{} is a symlink", shown())),
+        e => StoreError::Io {
+            context: format!("opening {}", shown()),
+            source: e.into(),
+        },
+    })?;
+    let st = fstat(&file).ctx(|| format!("inspecting {}", shown()))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(StoreError::Invalid(format!(
+            "{} is not a regular file",
+            shown()
+        )));
+    }
+    Ok((file, st))
 }
 
 #[cfg(test)]
