@@ -22,7 +22,8 @@ from compute import (
     network_services,
 )
 from compute.choices import Isolation, RestartPolicy, WorkloadState
-from compute.host_client import PortalLink, link_for
+from compute.host.link import PortalLink
+from compute.host_client import link_for
 from compute.hosts import host_state_dir
 from compute.models import Host, Workload
 from compute.runtimes.oci import (

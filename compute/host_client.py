@@ -1,166 +1,27 @@
-"""The agent's door to the portal: its reports and reads, through the host API.
+"""The portal's side of the host link: which `PortalLink` a host's code gets, and the base of host tasks.
 
-`HostApiClient` speaks HTTP with the host's own credential (a host on another machine: settings
-`BULKHEAD_PORTAL_URL` and `BULKHEAD_HOST_CREDENTIAL`, written by `make agent` at join). `InProcessLink`
-is the portal's own machine (`make run`'s host `local`, and tests that run an agent without a portal
-URL): it calls the very services the HTTP views call (`compute.host_reports`), with the same values, so
-both kinds of host are checked alike. `link_for(host)` picks one; agent code sees only `PortalLink`.
+`InProcessLink` is the portal's own machine (`make run`'s host `local`, and tests that run an agent
+without a portal URL): it calls the very services the HTTP views call (`compute.host_reports`), with the
+same values, so both kinds of host are checked alike. `link_for(host)` picks it or the HTTP client.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
-import httpx
-
+from compute.host.link import (
+    NOT_APPLIED,
+    NOT_FOUND,
+    HostApiClient,
+    HostApiError,
+    PortalLink,
+    RemoteHeartbeat,
+    RemoteProgress,
+    wire_changes,
+)
 from portal.tasks import OperationTask
-
-# Refusals the agent treats as "that is not (or no longer) mine": the workload was deleted or moved.
-NOT_FOUND = 404
-
-
-class HostApiError(RuntimeError):
-    """The portal refused a report (or could not be reached): status, error code and message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class PortalLink(Protocol):
-    """What an agent may say to and ask of the portal (one host, its own things only)."""
-
-    def heartbeat(self) -> dict[str, Any]: ...
-
-    def report_facts(self, facts: dict[str, Any]) -> dict[str, Any]: ...
-
-    def workloads(self) -> list[dict[str, Any]]: ...
-
-    def workload(self, workload_id: Any) -> dict[str, Any]: ...
-
-    def report_state(
-        self,
-        workload_id: Any,
-        expected: list[str],
-        changes: dict[str, Any],
-        *,
-        never_started: bool = False,
-        count_restart: bool = False,
-    ) -> dict[str, Any]: ...
-
-    def report_removed(self, workload_id: Any) -> bool: ...
-
-    def record_samples(self, workloads: dict[str, Any], host_sample: dict[str, Any]) -> int: ...
-
-    def report_network_repairs(
-        self, repaired: list[str], repaired_by_compartment: dict[str, list[str]]
-    ) -> dict[str, Any]: ...
-
-    def operation(self, op_id: Any, event: str, **fields: Any) -> dict[str, Any] | None: ...
-
-
-def wire_changes(changes: dict[str, Any]) -> dict[str, Any]:
-    """A state change as the host API takes it: times are the portal's ("now") or cleared (None)."""
-    return {
-        name: ("now" if isinstance(value, datetime) else value)
-        if name in ("started_at", "finished_at")
-        else value
-        for name, value in changes.items()
-    }
-
-
-NOT_APPLIED: dict[str, Any] = {"applied": False, "state": None}
-
-
-class HostApiClient:
-    """The host API over HTTP(S), authenticated with the host's credential."""
-
-    def __init__(self, portal_url: str, credential: str, *, timeout: float = 30, verify: Any = True) -> None:
-        self._client = httpx.Client(
-            base_url=portal_url.rstrip("/") + "/api/v1/hosts/self/",
-            headers={"Authorization": f"Bearer {credential}"},
-            timeout=timeout,
-            verify=verify,
-        )
-
-    def close(self) -> None:
-        self._client.close()
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        try:
-            response = self._client.request(method, path, json=body)
-        except httpx.TransportError as error:
-            raise HostApiError(0, "unreachable", f"the portal did not answer: {error}") from None
-        if response.status_code >= 400:
-            try:
-                refusal = response.json().get("error") or {}
-            except ValueError:
-                refusal = {}
-            raise HostApiError(
-                response.status_code, str(refusal.get("code", "error")), str(refusal.get("message", ""))[:500]
-            )
-        return response.json()
-
-    def heartbeat(self) -> dict[str, Any]:
-        return dict(self._call("POST", "heartbeat/"))
-
-    def report_facts(self, facts: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._call("POST", "facts/", {"facts": facts}))
-
-    def workloads(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "workloads/")["workloads"])
-
-    def workload(self, workload_id: Any) -> dict[str, Any]:
-        return dict(self._call("GET", f"workloads/{workload_id}/"))
-
-    def report_state(
-        self,
-        workload_id: Any,
-        expected: list[str],
-        changes: dict[str, Any],
-        *,
-        never_started: bool = False,
-        count_restart: bool = False,
-    ) -> dict[str, Any]:
-        body = {
-            "expected": [str(state) for state in expected],
-            "changes": wire_changes(changes),
-            "never_started": never_started,
-            "count_restart": count_restart,
-        }
-        try:
-            return dict(self._call("POST", f"workloads/{workload_id}/state/", body))
-        except HostApiError as error:
-            if error.status == NOT_FOUND:
-                return dict(NOT_APPLIED)
-            raise
-
-    def report_removed(self, workload_id: Any) -> bool:
-        try:
-            return bool(self._call("POST", f"workloads/{workload_id}/removed/")["removed"])
-        except HostApiError as error:
-            if error.status == NOT_FOUND:
-                return False  # already forgotten
-            raise
-
-    def record_samples(self, workloads: dict[str, Any], host_sample: dict[str, Any]) -> int:
-        return int(self._call("POST", "samples/", {"workloads": workloads, "host": host_sample})["sampled"])
-
-    def report_network_repairs(
-        self, repaired: list[str], repaired_by_compartment: dict[str, list[str]]
-    ) -> dict[str, Any]:
-        body = {"repaired": repaired, "repaired_by_compartment": repaired_by_compartment}
-        return dict(self._call("POST", "network-repairs/", body))
-
-    def operation(self, op_id: Any, event: str, **fields: Any) -> dict[str, Any] | None:
-        answer = self._call("POST", f"operations/{op_id}/", {"event": event, **fields})["operation"]
-        return dict(answer) if answer is not None else None
 
 
 class InProcessLink:
@@ -288,53 +149,6 @@ def link_for(host: Any) -> PortalLink:
         if client is None:
             client = _clients[key] = HostApiClient(*remote)
         return client
-
-
-class RemoteProgress:
-    """`operations.Progress` for a host on its own machine: reported through the host API, at most
-    every `interval` seconds unless forced or at 100."""
-
-    def __init__(self, link: PortalLink, op_id: Any, interval: float = 0.25) -> None:
-        self.link = link
-        self.op_id = op_id
-        self.interval = interval
-        self._last = 0.0
-
-    def __call__(self, percent: float, message: str = "", *, force: bool = False) -> None:
-        import time
-
-        now = time.monotonic()
-        if not force and now - self._last < self.interval and percent < 100:
-            return
-        self._last = now
-        with contextlib.suppress(HostApiError):  # progress is advice: the work goes on
-            self.link.operation(self.op_id, "progress", percent=float(percent), message=message[:500])
-
-
-class RemoteHeartbeat:
-    """While a host's worker runs an operation, a thread tells the portal it is alive."""
-
-    def __init__(self, link: PortalLink, op_id: Any, seconds: float) -> None:
-        self.link = link
-        self.op_id = op_id
-        self.seconds = seconds
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{op_id}", daemon=True)
-
-    def __enter__(self) -> RemoteHeartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
-
-    def _beat(self) -> None:
-        while not self.stopped.wait(self.seconds):
-            try:
-                self.link.operation(self.op_id, "heartbeat")
-            except HostApiError:  # at worst the portal's sweep calls it lost later
-                continue
 
 
 class HostOperationTask(OperationTask):

@@ -19,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from compute import agent, host_client, host_rpc, hosts, sampling, vm_agent
+from compute.host.link import HostApiError
 from compute.models import Host
 
 log = logging.getLogger("bulkhead.agent")
@@ -125,7 +126,7 @@ def report_facts(host: Host) -> None:
         facts = {name: value for name, value in hosts.gather_facts(host).items() if name in REPORTED_FACTS}
         try:
             portal.report_facts(facts)
-        except host_client.HostApiError as error:
+        except HostApiError as error:
             if error.status != 403:
                 raise
             # More capacity than approved (a disk grown since the join): the portal keeps the approved
