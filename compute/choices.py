@@ -6,6 +6,8 @@ class HostState(models.TextChoices):
     DRAINING = "draining", "Draining"
     LOST = "lost", "Lost"
     MAINTENANCE = "maintenance", "Maintenance"
+    # Retired by an operator: credentials revoked, never placed on, kept for the audit trail.
+    REMOVED = "removed", "Removed"
 
 
 class Isolation(models.TextChoices):

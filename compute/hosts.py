@@ -98,8 +98,9 @@ def register_host(
     if "labels" in profile:
         host.labels = profile["labels"]
     host.last_heartbeat = timezone.now()
-    if host.state == HostState.LOST:
-        host.state = HostState.READY
+    if host.state in (HostState.LOST, HostState.REMOVED):
+        # A removed host joins again only with a new operator's token (or `make run` on this machine).
+        host.state, host.lost_at, host.removed_at = HostState.READY, None, None
     host.save()
     audit.record(actor, "host.register" if created else "host.refresh", host, details={"name": name})
     return host
@@ -126,7 +127,9 @@ def mark_lost_hosts(now: Any = None) -> list[str]:
     """Hosts silent for longer than LOST_AFTER become lost; their workloads unknown."""
     now = now or timezone.now()
     lost = []
-    silent = Host.objects.filter(last_heartbeat__lt=now - LOST_AFTER).exclude(state=HostState.LOST)
+    silent = Host.objects.filter(last_heartbeat__lt=now - LOST_AFTER).exclude(
+        state__in=[HostState.LOST, HostState.REMOVED]
+    )
     for host in silent:
         with transaction.atomic():
             marked = Host.objects.filter(pk=host.pk).exclude(state=HostState.LOST)
@@ -243,6 +246,8 @@ def _require_operator(actor: Actor, action: str) -> None:
 @transaction.atomic
 def set_host_state(*, actor: Actor, host: Host, state: str) -> Host:
     _require_operator(actor, "host.update")
+    if host.state == HostState.REMOVED:
+        raise Conflict(f"Host {host.name} was removed: join it again with a new join token.")
     if state not in (HostState.READY, HostState.DRAINING, HostState.MAINTENANCE):
         raise Invalid(f"A host can be set to ready, draining or maintenance, not {state!r}.", field="state")
     before = host.state
@@ -250,6 +255,43 @@ def set_host_state(*, actor: Actor, host: Host, state: str) -> Host:
     host.refresh_from_db()
     audit.record(actor, "host.state", host, details={"from": before, "to": state})
     return host
+
+
+@audit.denials_audited
+@transaction.atomic
+def remove_host(*, actor: Actor, host: Host) -> Host:
+    """Retire a host: its credentials stop working at once, nothing is placed on it again, and its row
+    stays for the audit trail. Only an empty host: evacuate it first (its workloads' data and names
+    must not vanish with it)."""
+    _require_operator(actor, "host.remove")
+    locked = Host.objects.select_for_update().get(pk=host.pk)
+    if locked.state == HostState.REMOVED:
+        return locked
+    workloads = list(Workload.objects.filter(host=locked).order_by("name").values_list("name", flat=True))
+    if workloads:
+        shown = ", ".join(workloads[:5]) + (" …" if len(workloads) > 5 else "")
+        raise Conflict(
+            f"Host {locked.name} still has {len(workloads)} workload(s) ({shown}): evacuate it first.",
+            audit_action="host.remove",
+        )
+    volumes = list(locked.volumes.order_by("name").values_list("name", flat=True)[:6])
+    if volumes:
+        raise Conflict(
+            f"Host {locked.name} still holds volume(s) {', '.join(volumes[:5])}: delete or restore them "
+            "elsewhere from a backup first.",
+            audit_action="host.remove",
+        )
+    revoke_host_credentials(actor=actor, host=locked)
+    # Unused join tokens for its name would bring it back: they expire with it.
+    JoinToken.objects.filter(host_name=locked.name, used_at__isnull=True).update(expires_at=timezone.now())
+    before = locked.state
+    locked.state, locked.removed_at, locked.lost_at = HostState.REMOVED, timezone.now(), None
+    locked.save(update_fields=["state", "removed_at", "lost_at"])
+    audit.record(actor, "host.remove", locked, details={"from": before})
+    transaction.on_commit(
+        lambda: events.publish(None, {"type": "host", "id": str(locked.pk), "state": HostState.REMOVED})
+    )
+    return locked
 
 
 HOST_CREDENTIAL_PREFIX = "bhh_"
@@ -317,7 +359,8 @@ def create_join_token(
     *, actor: Actor, host_name: str, profile: dict[str, Any] | None = None
 ) -> tuple[JoinToken, str]:
     _require_operator(actor, "host.join_token")
-    if Host.objects.filter(name=host_name).exists():
+    # A removed host's name may join again (the same row comes back: its history stays one).
+    if Host.objects.filter(name=host_name).exclude(state=HostState.REMOVED).exists():
         raise Conflict(f"A host named {host_name!r} exists already.", field="host_name")
     secret = "bhj_" + secrets.token_urlsafe(32)
     token = JoinToken.objects.create(

@@ -39,6 +39,7 @@ class Host(models.Model):
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     # When the heartbeat sweep marked it lost (None while it answers): reschedules wait a grace after it.
     lost_at = models.DateTimeField(null=True, blank=True)
+    removed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = HostQuerySet.as_manager()

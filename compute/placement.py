@@ -99,7 +99,7 @@ def choose_host(
     """
     candidates = Host.objects.select_for_update().order_by("name")
     if pinned is not None:
-        candidates = candidates.filter(pk=pinned.pk)
+        candidates = candidates.filter(pk=pinned.pk).exclude(state=HostState.REMOVED)
     else:
         candidates = candidates.filter(state=HostState.READY, pinned_only=False)
     hosts = [  # evaluating the query takes the locks

@@ -454,8 +454,12 @@ def evacuate_host(*, actor: Actor, host: Host) -> Operation:
 
     if not actor.is_operator or (actor.token is not None and actor.token.read_only):
         raise NotPermitted("Only operators evacuate hosts.", audit_action="host.evacuate")
+    if host.state == HostState.REMOVED:
+        raise Conflict(f"Host {host.name} was removed: it runs nothing.", audit_action="host.evacuate")
     with transaction.atomic():
-        Host.objects.filter(pk=host.pk).exclude(state=HostState.LOST).update(state=HostState.DRAINING)
+        Host.objects.filter(pk=host.pk).exclude(state__in=[HostState.LOST, HostState.REMOVED]).update(
+            state=HostState.DRAINING
+        )
         audit.record(actor, "host.evacuate", host)
         return operations.start(
             kind="host.evacuate", task=tasks.evacuate_host, actor=actor, tenant=None, target=host

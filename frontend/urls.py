@@ -67,6 +67,9 @@ urlpatterns = [
     path("hosts/", views_compute.hosts_list, name="hosts"),
     path("hosts/join/", views_compute.host_join, name="host-join"),
     path("hosts/<uuid:pk>/state/", views_compute.host_state, name="host-state"),
+    path("hosts/<uuid:pk>/evacuate/", views_compute.host_evacuate, name="host-evacuate"),
+    path("hosts/<uuid:pk>/credential/", views_compute.host_credential, name="host-credential"),
+    path("hosts/<uuid:pk>/remove/", views_compute.host_remove, name="host-remove"),
     path("", include("frontend.urls_network")),
     path("", include("frontend.urls_desired")),
 ]

@@ -23,7 +23,7 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from compute import host_rpc, hosts
 from compute import services as compute_services
-from compute.choices import WorkloadState
+from compute.choices import HostState, WorkloadState
 from compute.compartments import Compartment
 from compute.consumers import mint_console_token
 from compute.models import Host, Workload
@@ -60,7 +60,12 @@ STATE_BADGES: dict[str, str] = {
     WorkloadState.UNKNOWN: "state-failed",
     WorkloadState.DELETING: "state-cancelled",
 }
-HOST_BADGES = {"ready": "state-succeeded", "draining": "state-running", "maintenance": "state-cancelled"}
+HOST_BADGES = {
+    "ready": "state-succeeded",
+    "draining": "state-running",
+    "maintenance": "state-cancelled",
+    "removed": "state-cancelled",
+}
 
 
 def htmx_target(request: HttpRequest) -> str:
@@ -621,7 +626,8 @@ def host_rows() -> list[Host]:
         )
     }
     rows = []
-    for host in Host.objects.order_by("name"):
+    # Removed hosts last: kept for the record, nothing to act on.
+    for host in sorted(Host.objects.order_by("name"), key=lambda host: host.state == HostState.REMOVED):
         used = usage.get(host.pk, {})
         vcpu_cap, mem_cap = host.vcpu_capacity, host.memory_capacity_mib
         host.badge = HOST_BADGES.get(host.state, "state-failed")  # type: ignore[attr-defined]
@@ -642,9 +648,15 @@ def render_hosts(
     *,
     command: str = "",
     joining: str = "",
+    credential: str = "",
+    credential_host: str = "",
+    op: Operation | None = None,
     status: int = 200,
 ) -> HttpResponse:
     context = {
+        "credential": credential,
+        "credential_host": credential_host,
+        "op": op,
         "hosts": host_rows(),
         "host_plots": plots.HOST_PLOTS,
         "form": form or f.JoinTokenForm(),
@@ -680,6 +692,54 @@ def host_state(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
         messages.error(request, f.refusal_message(error))
     else:
         messages.success(request, f"Host {host} is now {host.get_state_display().lower()}.")
+    return render_hosts(request) if wants_partial(request) else redirect("hosts")
+
+
+@operator_required
+@require_POST
+def host_evacuate(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
+    """Drain the host and move its workloads elsewhere; the operation's progress is shown in place."""
+    host = get_host_for_user(request, pk)
+    try:
+        op = compute_services.evacuate_host(actor=Actor.from_request(request), host=host)
+    except REFUSALS as error:
+        messages.error(request, f.refusal_message(error))
+        return render_hosts(request, status=409) if wants_partial(request) else redirect("hosts")
+    messages.success(request, f"Host {host} is draining; its workloads are being moved.")
+    return render_hosts(request, op=op) if wants_partial(request) else redirect("hosts")
+
+
+@operator_required
+@require_POST
+@never_cache
+def host_credential(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
+    """Rotate (a new secret, shown once: put it in the host's agent.env) or revoke the host's credential."""
+    host = get_host_for_user(request, pk)
+    actor = Actor.from_request(request)
+    try:
+        if request.POST.get("action") == "revoke":
+            hosts.revoke_host_credentials(actor=actor, host=host)
+        else:
+            secret = hosts.rotate_host_credential(actor=actor, host=host)
+            # Rendered, never redirected: the secret must not pass through the session or a URL.
+            return render_hosts(request, credential=secret, credential_host=host.name)
+    except REFUSALS as error:
+        messages.error(request, f.refusal_message(error))
+        return render_hosts(request, status=409) if wants_partial(request) else redirect("hosts")
+    messages.success(request, f"The credential of {host} was revoked: its agent is refused from now on.")
+    return render_hosts(request) if wants_partial(request) else redirect("hosts")
+
+
+@operator_required
+@require_POST
+def host_remove(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
+    host = get_host_for_user(request, pk)
+    try:
+        hosts.remove_host(actor=Actor.from_request(request), host=host)
+    except REFUSALS as error:
+        messages.error(request, f.refusal_message(error))
+        return render_hosts(request, status=409) if wants_partial(request) else redirect("hosts")
+    messages.success(request, f"Host {host} was removed: its credential no longer works.")
     return render_hosts(request) if wants_partial(request) else redirect("hosts")
 
 

@@ -34,6 +34,7 @@ class HostSerializer(serializers.ModelSerializer):
             "domain_type_override",
             "pinned_only",
             "last_heartbeat",
+            "removed_at",
             "queue",
             "vcpu_capacity",
             "memory_capacity_mib",
@@ -48,6 +49,7 @@ class HostSerializer(serializers.ModelSerializer):
             "cpus",
             "memory_mib",
             "last_heartbeat",
+            "removed_at",
             "created_at",
         ]
 

@@ -231,6 +231,15 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, PermissionLa
         host = hosts.set_host_state(actor=self.actor, host=host, state=data.validated_data["state"])
         return Response(s.HostSerializer(host, context=self.get_serializer_context()).data)
 
+    @extend_schema(request=None, responses=s.HostSerializer)
+    def destroy(self, request: Request, pk: str) -> Response:
+        """Remove an empty host (operators): its credentials stop working, nothing is placed on it again,
+        its row stays (state `removed`) for the audit trail. Evacuate it first."""
+        host = self.get_object()
+        require_operator(self, "remove hosts")
+        host = hosts.remove_host(actor=self.actor, host=host)
+        return Response(s.HostSerializer(host, context=self.get_serializer_context()).data)
+
     @extend_schema(request=None, responses={202: OperationSerializer})
     @action(detail=True, methods=["post"])
     def evacuate(self, request: Request, pk: str) -> Response:

@@ -234,7 +234,9 @@ ROUTES.update(
         "workload-history": Route(methods=("GET",), obj=_workload),
         "workload-changes": Route(methods=("GET",), obj=_workload, read_ok=FROM_HOST),
         "host-list": Route(methods=("GET",)),
-        "host-detail": Route(methods=("GET", "PATCH"), obj=_host, visibility="operator", write="operator"),
+        "host-detail": Route(
+            methods=("GET", "PATCH", "DELETE"), obj=_host, visibility="operator", write="operator"
+        ),
         "host-history": Route(methods=("GET",), obj=_host, visibility="operator"),
         "host-evacuate": Route(methods=("POST",), obj=_host, visibility="operator", write="operator"),
         "host-credential": Route(

@@ -138,6 +138,9 @@ UI_ROUTES: dict[str, UiRoute] = {
     "hosts": UiRoute(operator_only=True),
     "host-join": UiRoute(method="POST", operator_only=True),
     "host-state": UiRoute(method="POST", operator_only=True, obj=_host),
+    "host-evacuate": UiRoute(method="POST", operator_only=True, obj=_host),
+    "host-credential": UiRoute(method="POST", operator_only=True, obj=_host),
+    "host-remove": UiRoute(method="POST", operator_only=True, obj=_host),
 }
 
 
