@@ -86,10 +86,10 @@ def test_it_drops_questions_whose_asker_gave_up(world: World) -> None:
 
 
 def test_the_api_reads_logs_through_the_agent_and_answers_503_without_one(world: World) -> None:
-    from compute import agent
+    from tests.compute.runtimes import oci_runtime
 
     workload = a_workload(world)
-    path = agent.oci_runtime(workload.host).log_path(workload.runtime_id)  # type: ignore[arg-type]
+    path = oci_runtime(workload.host).log_path(workload.runtime_id)  # type: ignore[arg-type]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"2026-01-01T00:00:00Z stdout F hello from the host\n")
     mia = client_for(world, "mia")
