@@ -1,8 +1,9 @@
 """`make agent PORTAL=... JOIN_TOKEN=...`: a new machine joins headless and starts its agent.
 
 It probes its facts, redeems the single-use join token at the portal (which answers with the host's
-id, queue and profile, its own credential and the broker's address; never a database URL), writes them to var/agent.env and
-hands over to `python -m portal.stack agent`. Nothing on the host is done by hand.
+id, queue and profile, its own credential and the broker's address; never a database URL), writes
+them to var/agent.env and hands over to `python -m portal.stack agent`. Nothing on the host is done
+by hand.
 """
 
 from __future__ import annotations
