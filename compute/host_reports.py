@@ -792,6 +792,12 @@ class InProcessLink:
         record_heartbeat(self.host)
         return {"host": str(self.host.pk), "name": self.host.name}
 
+    def thread_done(self) -> None:
+        """A helper thread (an operation's heartbeat) ends: its database connection goes with it."""
+        from django.db import connection
+
+        connection.close()
+
     def host_self(self) -> dict[str, Any]:
         return dict(self._read(host_profile))
 

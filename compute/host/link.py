@@ -219,11 +219,17 @@ class RemoteHeartbeat:
         self.thread.join(timeout=5)
 
     def _beat(self) -> None:
-        while not self.stopped.wait(self.seconds):
-            try:
-                self.link.operation(self.op_id, "heartbeat")
-            except HostApiError:  # at worst the portal's sweep calls it lost later
-                continue
+        try:
+            while not self.stopped.wait(self.seconds):
+                try:
+                    self.link.operation(self.op_id, "heartbeat")
+                except HostApiError:  # at worst the portal's sweep calls it lost later
+                    continue
+        finally:
+            # An in-process link opened a database connection for this thread: closed with it.
+            thread_done = getattr(self.link, "thread_done", None)
+            if thread_done is not None:
+                thread_done()
 
 
 # --- which link this process has ----------------------------------------------------------------
