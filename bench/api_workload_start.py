@@ -47,11 +47,11 @@ def main() -> None:
     from django.contrib.auth import get_user_model
 
     from compute import hosts
-    from compute.agent import oci_runtime
     from compute.models import Host
     from imaging.models import Image
     from tenants import services
     from tenants.actors import Actor
+    from tests.compute.runtimes import oci_runtime
     from tests.imaging.images import build_image, busybox_layers, write_oci_archive
 
     User = get_user_model()

@@ -228,15 +228,15 @@ class ProductBench:
     def prepare_baselines(self, vm_workload_id: str) -> None:
         from bench_container_start import prepare_bare_bundle
 
-        from compute import agent
+        from compute.host.context import host_context
+        from compute.host.drivers.microvm import guest
         from compute.models import Workload
-        from compute.vm_agent import guest
         from imaging.services import get_store
 
         workload = Workload.objects.select_related("image").get(pk=vm_workload_id)
-        diff_ids = [layer.diff_id for layer in agent.image_layers(workload)]
+        diff_ids = [il.layer.diff_id for il in workload.image.image_layers.order_by("position")]
         self.root_disk = get_store().build_disk(diff_ids)  # the disk the product built (already there)
-        self.guest = guest()
+        self.guest = guest(host_context(workload.host_id))
         flat = self.work / "flat"
         flat.mkdir()
         for layer in reversed(get_store().lower_dirs(diff_ids)):  # bottom layer first
@@ -453,7 +453,7 @@ class ProductBench:
 
     def cleanup(self) -> None:
         from compute.models import Workload
-        from compute.vm_agent import vm_runtime
+        from tests.compute.runtimes import vm_runtime
 
         for workload in Workload.objects.all():
             try:

@@ -171,7 +171,8 @@ def history_bytes() -> dict[str, int]:
 
 
 def sampling_cost(containers: int, rounds: int) -> dict[str, float]:
-    from compute import agent, sampling
+    from compute import sampling
+    from compute.host.context import host_context
     from compute.hosts import register_host
     from compute.models import Host, Workload
     from compute.runtimes.oci import ContainerSpec
@@ -179,13 +180,14 @@ def sampling_cost(containers: int, rounds: int) -> dict[str, float]:
     from tenants.actors import Actor
     from tenants.models import Tenant
     from tests.compute.rootfs import build_busybox_rootfs
+    from tests.compute.runtimes import oci_runtime
 
     scratch = Path(tempfile.mkdtemp(prefix="bht-bench-metrics-"))
     image_dir = build_busybox_rootfs(scratch / "image")
     host = Host.objects.filter(name="bench-sampling").first() or register_host(
         actor=Actor.system("bench"), name="bench-sampling", facts={"oci_runtimes": ["runc"], "cpus": 2}
     )
-    runtime = agent.oci_runtime(host)
+    runtime = oci_runtime(host)
     tenant = Tenant.objects.get(name="bench-metrics-a")
     image = Image.objects.get(tenant=tenant, name="bench", tag="1")
     rows = [
@@ -215,12 +217,14 @@ def sampling_cost(containers: int, rounds: int) -> dict[str, float]:
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(start, rows))
-        sampling.sample_host(host)  # creates the series rows: the first round is not a steady state
+        sampling.sample_host(
+            host_context(host.pk)
+        )  # creates the series rows: the first round is not a steady state
         ours: list[float] = []
         floor: list[float] = []
         for _ in range(rounds):
             started = time.process_time()
-            sampled = sampling.sample_host(host)
+            sampled = sampling.sample_host(host_context(host.pk))
             ours.append(time.process_time() - started)
             assert sampled == containers, sampled
             started = time.process_time()

@@ -7,7 +7,8 @@ from typing import Any
 
 from django.db import transaction
 
-from compute import agent
+from compute.host import agent
+from compute.host.context import Progress, host_context
 from compute.models import Workload
 from imaging.models import Image, ImageLayer, Layer, TenantLayer
 from portal.errors import Conflict
@@ -35,12 +36,18 @@ def _image_config(base: Image, diff_ids: list[str]) -> dict[str, Any]:
     }
 
 
-def commit(workload: Workload, *, name: str, tag: str, actor_user: Any, progress: agent.Progress) -> Image:
-    """Write the upper dir as a layer (Rust: whiteouts, compression, hashing), then the image rows."""
-    layer_store = agent.store()
+def commit(workload: Workload, *, name: str, tag: str, actor_user: Any, progress: Progress) -> Image:
+    """Write the upper dir as a layer (Rust: whiteouts, compression, hashing), then the image rows.
+
+    Runs in the worker of the workload's host and writes the rows there: the portal's own machine only
+    (a host on its own machine has no database; see NOTES.md, session 14)."""
+    ctx = host_context(workload.host_id)
+    layer_store = ctx.store()
     progress(20, "Writing the changes as a layer", force=True)
-    upper = agent.upper_dir(workload)
-    committed = layer_store.diff_upper(upper, compression="zstd", id_shift=agent.upper_id_shift(workload))
+    upper = agent.upper_dir(ctx, workload)
+    committed = layer_store.diff_upper(
+        upper, compression="zstd", id_shift=agent.upper_id_shift(ctx, workload)
+    )
     base_layers = [
         il.layer for il in workload.image.image_layers.select_related("layer").order_by("position")
     ]

@@ -225,13 +225,14 @@ class OutputFollower:
 
 
 def _open_vm_stream(workload: Workload) -> Any:
+    from compute.host.context import host_context
+    from compute.host.drivers.microvm import vm_runtime
     from compute.runtimes.libvirtd import libvirtd_answers
-    from compute.vm_agent import vm_runtime
 
     assert workload.host is not None
     if not libvirtd_answers():  # a web server is no place to start libvirtd: show the output instead
         raise RuntimeError("libvirtd does not answer on this server")
-    return vm_runtime(workload.host).open_console(workload.pk, nonblocking=True)
+    return vm_runtime(host_context(workload.host_id)).open_console(workload.pk, nonblocking=True)
 
 
 def _recv_nonblocking(stream: Any) -> bytes | None:

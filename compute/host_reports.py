@@ -22,7 +22,7 @@ from django.utils import timezone
 from compute.choices import WorkloadState
 from compute.models import Host, Workload
 from portal import events
-from portal.errors import Conflict, Invalid, NotPermitted, ServiceError
+from portal.errors import Conflict, Explained, Invalid, NotPermitted, ServiceError
 from tenants import audit
 from tenants.actors import Actor
 
@@ -321,7 +321,9 @@ def desired_set(host: Host) -> list[dict[str, Any]]:
     """Every workload placed on `host`, each as the complete spec its agent runs (`workload_spec`)."""
     workloads = (
         Workload.objects.select_related("host", "image", "tenant")
-        .prefetch_related("image__image_layers__layer", "ip_allocations__compartment")
+        .prefetch_related(
+            "image__image_layers__layer", "ip_allocations__compartment", "volume_attachments__volume"
+        )
         .filter(host=host)
         .order_by("created_at", "id")
     )
@@ -330,26 +332,94 @@ def desired_set(host: Host) -> list[dict[str, Any]]:
 
 def workload_spec_on(host: Host, workload_id: Any) -> dict[str, Any]:
     """One workload's spec, only if it is placed on `host` (refused and audited otherwise)."""
-    workload = _placed(host, workload_id, "host.workload.read")
-    return workload_spec(Workload.objects.select_related("host", "image", "tenant").get(pk=workload.pk))
+    workload = (
+        Workload.objects.select_related("host", "image", "tenant")
+        .prefetch_related(
+            "image__image_layers__layer", "ip_allocations__compartment", "volume_attachments__volume"
+        )
+        .filter(pk=workload_id, host=host)
+        .first()
+        if _is_uuid(workload_id)
+        else None
+    )
+    if workload is None:
+        raise _refuse(
+            host, "host.workload.read", "No such workload on this host.", workload=str(workload_id)[:80]
+        )
+    return workload_spec(workload)
+
+
+class ImageHasNoCommand(Explained, ValueError):
+    """Neither the image nor the workload says what to run."""
+
+
+class PrivilegedNotAllowed(Explained):
+    """A privileged workload whose tenant no longer may run privileged containers."""
+
+
+def process_args(workload: Workload) -> list[str]:
+    """The workload's command and arguments over the image's entrypoint and cmd (Docker's rules)."""
+    config = workload.image.config or {}
+    entrypoint = workload.command if workload.command is not None else (config.get("entrypoint") or [])
+    cmd = workload.args if workload.args is not None else (config.get("cmd") or [])
+    if workload.command is not None and workload.args is None:
+        cmd = []  # Docker's rule: overriding the entrypoint drops the image's cmd
+    args = [*entrypoint, *cmd]
+    if not args:
+        raise ImageHasNoCommand("The image has no entrypoint or cmd and the workload gives none.")
+    return args
+
+
+def process_env(workload: Workload) -> list[str]:
+    """The image's environment, the workload's, and the tenant's secret values unsealed here, for the
+    spec its host receives (a host-private value: the process's environment, nowhere a tenant reads)."""
+    from tenants.services import secret_values
+
+    env: dict[str, str] = {}
+    for item in (workload.image.config or {}).get("env") or []:
+        key, _, value = item.partition("=")
+        env[key] = value
+    env.update({str(k): str(v) for k, v in (workload.env or {}).items()})
+    env.update(secret_values(workload.tenant_id, dict(workload.secret_env or {})))
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env["HOSTNAME"] = workload.name
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def _volume_mounts(workload: Workload) -> list[dict[str, Any]]:
+    """The volumes the workload mounts, by their name in its host's pool (server values only)."""
+    attachments = sorted(workload.volume_attachments.all(), key=lambda attachment: attachment.path)
+    return [
+        {
+            "volume": str(attachment.volume_id),
+            "name": attachment.volume.name,
+            "pool_name": attachment.volume.pool_name,
+            "path": attachment.path,
+            "read_only": attachment.read_only,
+            "tag": f"bhvol{index}",
+            "on_host": attachment.volume.host_id == workload.host_id,
+        }
+        for index, attachment in enumerate(attachments)
+    ]
 
 
 def workload_spec(workload: Workload) -> dict[str, Any]:
     """What a host needs to run a workload, resolved by the portal: image layers by digest, the process
     (entrypoint and cmd merged, environment with the tenant's secret values unsealed), limits, network
-    attachment and the row's state. The values are the portal's: the host interprets nothing."""
-    from compute import agent
+    attachment, volumes and the row's state. The values are the portal's: the host interprets nothing."""
+    from portal.errors import tenant_message
 
     image = workload.image
     config = image.config or {}
     layers = sorted(image.image_layers.all(), key=lambda il: il.position)
     problem = ""
     try:
-        args: list[str] | None = agent.process_args(workload)
-        env: list[str] | None = agent.process_env(workload)
+        if workload.privileged and not workload.tenant.allow_privileged_containers:
+            # An operator withdrew the permission since the create: no root-mapped (re)start.
+            raise PrivilegedNotAllowed("privileged containers are no longer allowed in this tenant")
+        args: list[str] | None = process_args(workload)
+        env: list[str] | None = process_env(workload)
     except Exception as error:  # a start would fail with this; the host reports it as the failure
-        from portal.errors import tenant_message
-
         args, env, problem = None, None, tenant_message(error)
     allocation = next(iter(workload.ip_allocations.all()), None)
     return {
@@ -359,6 +429,7 @@ def workload_spec(workload: Workload) -> dict[str, Any]:
         "tenant": str(workload.tenant_id),
         "isolation": workload.isolation,
         "state": workload.state,
+        "status_message": workload.status_message,
         "desired_running": workload.desired_running,
         "restart_policy": workload.restart_policy,
         "exit_code": workload.exit_code,
@@ -399,7 +470,42 @@ def workload_spec(workload: Workload) -> dict[str, Any]:
             if allocation is not None
             else None
         ),
+        "volumes": _volume_mounts(workload),
     }
+
+
+# --- the host itself, and the network it realises -------------------------------------------------
+
+
+def host_profile(host: Host) -> dict[str, Any]:
+    """What a host's agent needs to know about itself (`GET hosts/self/`): who it is, which OCI runtime
+    and VM domain type it uses, whether and where it realises compartments."""
+    from compute import network_services
+
+    fresh = Host.objects.get(pk=host.pk)
+    labels = fresh.labels or {}
+    return {
+        "id": str(fresh.pk),
+        "name": fresh.name,
+        "queue": fresh.queue,
+        "state": fresh.state,
+        "oci_runtime": fresh.oci_runtime,
+        "domain_type": fresh.domain_type,
+        "network": {
+            "enabled": network_services.network_enabled(fresh),
+            "netns": str(labels.get("netns") or "") or None,
+            "uplink": str(labels.get("uplink") or network_services._setting("BULKHEAD_UPLINK", "")),
+            "networks": list((fresh.facts or {}).get("networks") or []),
+        },
+    }
+
+
+def network_state(host: Host) -> dict[str, Any]:
+    """`GET hosts/self/network/`: the compartments with a member on `host` (nothing of any other), the
+    ports published on it, and what no workload may reach. See `network_services.host_network_view`."""
+    from compute import network_services
+
+    return network_services.host_network_view(host)
 
 
 # --- stats ----------------------------------------------------------------------------------------
@@ -538,7 +644,7 @@ def _land_moved(host: Host, op: Any) -> dict[str, Any]:
 
 # --- operations on the host's queue ---------------------------------------------------------------
 
-OPERATION_EVENTS = ("claim", "progress", "heartbeat", "finish", "fail", "moved")
+OPERATION_EVENTS = ("peek", "claim", "progress", "heartbeat", "finish", "fail", "interrupted", "moved")
 MAX_RESULT_BYTES = 16 * 1024
 
 
@@ -576,6 +682,7 @@ def report_operation(
     result: dict[str, Any] | None = None,
     error: str = "",
     detail: str = "",
+    before: str = "",
 ) -> dict[str, Any] | None:
     """An operation queued for this host, as its worker runs it: claimed (answers the operation: kind,
     target, params; None when it is finished or cancelled), progress, heartbeat, finished with a result
@@ -590,6 +697,10 @@ def report_operation(
     if event not in OPERATION_EVENTS:
         raise Invalid("Unknown operation event.", field="event")
     op = _operation_on(host, op_id)
+    if event == "peek":  # what it is about, before the host takes the target's lock and claims it
+        return {"id": str(op.pk), "target_type": op.target_type, "target_id": str(op.target_id or "") or None}
+    if event == "interrupted":
+        return {"failed": _fail_interrupted(op, before, error)}
     if event == "claim":
         claimed = operations.claim(op.pk)
         return _operation_view(claimed) if claimed is not None else None
@@ -610,3 +721,160 @@ def report_operation(
     else:
         operations.fail(op.pk, str(error)[:4000], detail=str(detail)[:8000])
     return None
+
+
+def running_operations(host: Host) -> dict[str, Any]:
+    """The operations running on `host`'s queue as of now (`GET hosts/self/operations/`): the agent's
+    start-up re-sync fails those whose worker died (`interrupted`, conditional on `as_of`)."""
+    from portal.models import Operation, OperationState
+
+    as_of = timezone.now()
+    running = Operation.objects.filter(queue=host.queue, state=OperationState.RUNNING, started_at__lt=as_of)
+    return {
+        "as_of": as_of.isoformat(),
+        "operations": [
+            {"id": str(op.pk), "target_type": op.target_type, "target_id": str(op.target_id or "") or None}
+            for op in running.only("id", "target_type", "target_id")
+        ],
+    }
+
+
+def _fail_interrupted(op: Any, before: Any, error: Any) -> bool:
+    """Fail `op` as interrupted only if it is still running under a claim older than `before` (a task
+    that claimed it again since is alive)."""
+    from datetime import datetime
+
+    from portal import operations
+    from portal.models import Operation, OperationState
+
+    try:
+        since = datetime.fromisoformat(str(before))
+    except ValueError:
+        raise Invalid("before is an ISO time.", field="before") from None
+    if since.tzinfo is None or since > timezone.now():
+        raise Invalid("before is a past time with its zone.", field="before")
+    failed = Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING, started_at__lt=since).update(
+        state=OperationState.FAILED, finished_at=timezone.now(), error=str(error)[:4000]
+    )
+    if failed:
+        operations.log_step(op.pk, "failed")
+    return bool(failed)
+
+
+# --- the portal's own machine: the same services without HTTP -------------------------------------
+
+
+class InProcessLink:
+    """`compute.host.link.PortalLink` for a host on the portal's own machine (`make run`'s `local`, test
+    agents without a portal URL): the very services the host API's views call, with the same values,
+    so both kinds of host are checked alike."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def _run(self, service: Any, **kwargs: Any) -> Any:
+        from compute.host.link import HostApiError
+
+        try:
+            return service(actor=host_actor(self.host), host=self.host, **kwargs)
+        except ServiceError as error:
+            raise HostApiError(error.status_code, error.code, error.message) from None
+
+    def _read(self, reader: Any, *args: Any) -> Any:
+        from compute.host.link import HostApiError
+
+        try:
+            return reader(self.host, *args)
+        except ServiceError as error:
+            raise HostApiError(error.status_code, error.code, error.message) from None
+
+    def heartbeat(self) -> dict[str, Any]:
+        record_heartbeat(self.host)
+        return {"host": str(self.host.pk), "name": self.host.name}
+
+    def thread_done(self) -> None:
+        """A helper thread (an operation's heartbeat) ends: its database connection goes with it."""
+        from django.db import connection
+
+        connection.close()
+
+    def host_self(self) -> dict[str, Any]:
+        return dict(self._read(host_profile))
+
+    def network_state(self) -> dict[str, Any]:
+        return dict(self._read(network_state))
+
+    def running_operations(self) -> dict[str, Any]:
+        return dict(self._read(running_operations))
+
+    def report_facts(self, facts: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._run(report_facts, facts=facts))
+
+    def workloads(self) -> list[dict[str, Any]]:
+        return desired_set(self.host)
+
+    def workload(self, workload_id: Any) -> dict[str, Any]:
+        return dict(self._read(workload_spec_on, workload_id))
+
+    def report_state(
+        self,
+        workload_id: Any,
+        expected: list[str],
+        changes: dict[str, Any],
+        *,
+        never_started: bool = False,
+        count_restart: bool = False,
+    ) -> dict[str, Any]:
+        from compute.host.link import NOT_APPLIED, NOT_FOUND, HostApiError, wire_changes
+
+        try:
+            return dict(
+                self._run(
+                    report_workload_state,
+                    workload_id=workload_id,
+                    expected=[str(state) for state in expected],
+                    changes=wire_changes(changes),
+                    never_started=never_started,
+                    count_restart=count_restart,
+                )
+            )
+        except HostApiError as error:
+            if error.status == NOT_FOUND:
+                return dict(NOT_APPLIED)
+            raise
+
+    def report_removed(self, workload_id: Any) -> bool:
+        from compute.host.link import NOT_FOUND, HostApiError
+
+        try:
+            return bool(self._run(report_workload_removed, workload_id=workload_id)["removed"])
+        except HostApiError as error:
+            if error.status == NOT_FOUND:
+                return False
+            raise
+
+    def record_samples(self, workloads: dict[str, Any], host_sample: dict[str, Any]) -> int:
+        return int(self._run(record_samples, workloads=workloads, host_sample=host_sample))
+
+    def report_network_repairs(
+        self, repaired: list[str], repaired_by_compartment: dict[str, list[str]]
+    ) -> dict[str, Any]:
+        return dict(
+            self._run(
+                report_network_repairs, repaired=repaired, repaired_by_compartment=repaired_by_compartment
+            )
+        )
+
+    def operation(self, op_id: Any, event: str, **fields: Any) -> dict[str, Any] | None:
+        return self._run(report_operation, op_id=op_id, event=event, **fields)  # type: ignore[no-any-return]
+
+
+_in_process_links: dict[str, InProcessLink] = {}
+
+
+def in_process_link(host_id: str) -> InProcessLink:
+    """The link factory of the portal's own machine (registered by compute/apps.py)."""
+    link = _in_process_links.get(host_id)
+    if link is None:
+        link = _in_process_links[host_id] = InProcessLink(Host.objects.get(pk=host_id))
+    return link

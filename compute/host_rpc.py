@@ -25,6 +25,8 @@ from typing import Any, cast
 import redis
 from django.conf import settings
 
+from compute.host.context import HostContext
+from compute.host.spec import WorkloadSpec
 from compute.models import Host, Workload
 from portal.errors import Conflict, ServiceError
 
@@ -93,38 +95,37 @@ def ask(workload: Workload, query: str, timeout: float = ASK_TIMEOUT_SECONDS, **
 # --- the agent's side ---------------------------------------------------------------------------------
 
 
-def _logs(workload: Workload, params: dict[str, Any]) -> str:
-    from compute import agent
+# The agent answers from the workload's spec (served by the portal through its link), never a row.
+
+
+def _logs(ctx: HostContext, spec: WorkloadSpec, params: dict[str, Any]) -> str:
+    from compute.host import agent
 
     tail = max(0, min(int(params.get("tail_bytes", 64 * 1024)), MAX_TAIL_BYTES))
-    return agent.logs(workload, tail).decode("utf-8", "replace")
+    return agent.logs(ctx, spec, tail).decode("utf-8", "replace")
 
 
-def _stats(workload: Workload, params: dict[str, Any]) -> dict[str, Any]:
-    from compute import agent
+def _stats(ctx: HostContext, spec: WorkloadSpec, params: dict[str, Any]) -> dict[str, Any]:
+    from compute.host import agent
 
-    return agent.stats(workload)
-
-
-def _changes(workload: Workload, params: dict[str, Any]) -> list[dict[str, str]]:
-    from compute import agent
-
-    upper = agent.upper_dir(workload)
-    if not upper.is_dir():
-        return []
-    diff_ids = [layer.diff_id for layer in agent.image_layers(workload)]
-    return [{"kind": c.kind, "path": c.path} for c in agent.store().changes(upper, diff_ids)]
+    return agent.stats(ctx, spec)
 
 
-def _output(workload: Workload, params: dict[str, Any]) -> dict[str, Any]:
-    from compute import agent
+def _changes(ctx: HostContext, spec: WorkloadSpec, params: dict[str, Any]) -> list[dict[str, str]]:
+    from compute.host import agent
+
+    return agent.changes(ctx, spec, [layer.diff_id for layer in spec.layers])
+
+
+def _output(ctx: HostContext, spec: WorkloadSpec, params: dict[str, Any]) -> dict[str, Any]:
+    from compute.host import agent
 
     position = params.get("position")
-    data, after = agent.output_since(workload, int(position) if position is not None else None)
+    data, after = agent.output_since(ctx, spec, int(position) if position is not None else None)
     return {"data": base64.b64encode(data).decode("ascii"), "position": after}
 
 
-QUERIES: dict[str, Callable[[Workload, dict[str, Any]], Any]] = {
+QUERIES: dict[str, Callable[[HostContext, WorkloadSpec, dict[str, Any]], Any]] = {
     "logs": _logs,
     "output": _output,
     "stats": _stats,
@@ -178,12 +179,12 @@ def _run(host: Host, request: dict[str, Any]) -> Any:
     handler = QUERIES.get(str(request.get("query")))
     if handler is None:
         raise Conflict(f"Unknown host query {request.get('query')!r}.")
-    workload = (
-        Workload.objects.select_related("host", "image", "tenant")
-        .filter(pk=request.get("workload"), host=host)
-        .first()
-    )
-    if workload is None:
+    from compute.host.agent import spec_of
+    from compute.host.context import host_context
+
+    ctx = host_context(host.pk)
+    spec = spec_of(ctx, request.get("workload"))
+    if spec is None:
         raise Conflict("No such workload on this host.")
     params = request.get("params")
-    return handler(workload, params if isinstance(params, dict) else {})
+    return handler(ctx, spec, params if isinstance(params, dict) else {})

@@ -43,7 +43,7 @@ def _meminfo_mib() -> int:
     return 0
 
 
-def gather_facts(host: Host, *, probe_runtimes: bool = True) -> dict[str, Any]:
+def gather_facts(host: Host | None = None, *, probe_runtimes: bool = True) -> dict[str, Any]:
     """What this machine is and can do; runtimes are probed by really running one."""
     from compute.runtimes import probe
 

@@ -1,8 +1,9 @@
 """`make agent PORTAL=... JOIN_TOKEN=...`: a new machine joins headless and starts its agent.
 
 It probes its facts, redeems the single-use join token at the portal (which answers with the host's
-id, queue and profile, plus the connection settings agents use), writes them to var/agent.env and
-hands over to `python -m portal.stack agent`. Nothing on the host is done by hand.
+id, queue and profile, its own credential and the broker's address; never a database URL), writes
+them to var/agent.env and hands over to `python -m portal.stack agent`. Nothing on the host is done
+by hand.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def redeem(portal: str, token: str, facts: dict[str, Any], *, verify: str | bool
 def write_env(path: Path, joined: dict[str, Any]) -> None:
     lines = [f"BULKHEAD_HOST_ID={joined['host']}", f"BULKHEAD_HOST_NAME={joined['name']}"]
     for key, value in sorted((joined.get("env") or {}).items()):
-        if key.startswith(("BULKHEAD_", "DATABASE_URL", "REDIS_URL")) and "\n" not in str(value):
+        # No database URL, whoever sends one: a host's agent reads and writes no row.
+        if key.startswith(("BULKHEAD_", "REDIS_URL")) and "\n" not in str(value):
             lines.append(f"{key}={value}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Created 0600 (not chmod'ed after writing): the settings hold credentials from the first byte.

@@ -8,6 +8,7 @@ change - an operation sent to the host's queue on commit.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -33,6 +34,8 @@ from portal.models import Operation
 from tenants import audit, quota
 from tenants.actors import Actor
 from tenants.models import Tenant, dns_label
+
+log = logging.getLogger(__name__)
 
 DEFAULT_COMPARTMENT = "default"
 POOL_PREFIXLEN = 24
@@ -430,11 +433,11 @@ def release_workload(workload: Workload) -> int:
 
 
 def _apply_op(actor: Actor, tenant: Tenant, target: Any, host: Host, kind: str) -> Operation:
-    from compute import network_agent
+    from compute.host import tasks as host_tasks
 
     return operations.start(
         kind=kind,
-        task=network_agent.apply_network,
+        task=host_tasks.apply_network,
         actor=actor,
         tenant=tenant,
         target=target,
@@ -664,3 +667,92 @@ def revoke_egress(*, actor: Actor, allowance: EgressAllowance) -> list[Operation
     ops = _reapply_tenant_hosts(actor, tenant, tenant, action)
     allowance.delete()
     return ops
+
+
+# --- what a host realises: served to it through the host API (GET hosts/self/network/) --------------
+
+
+def _live_allocations(queryset: Any) -> Any:
+    # A workload being deleted leaves the network at once: its name, address and ports go first.
+    return queryset.exclude(workload__state=WorkloadState.DELETING)
+
+
+def _underlay(host: Host) -> IPv4Address | None:
+    text = (host.labels or {}).get("vxlan_address") or host.address
+    try:
+        return IPv4Address(str(text)) if text else None
+    except ValueError:
+        return None
+
+
+def compartment_view(compartment: Compartment, host: Host) -> dict[str, Any]:
+    """A compartment as `host` realises it: members' names, and VXLAN peers on other hosts."""
+    members = _live_allocations(IPAllocation.objects.filter(compartment=compartment)).select_related(
+        "workload", "workload__host"
+    )
+    names = {a.workload.name: str(IPv4Address(a.address)) for a in members}
+    peers: list[IPv4Address] = []
+    for other in {a.workload.host for a in members if a.workload.host and a.workload.host_id != host.pk}:
+        address = _underlay(other)
+        if address is None:
+            log.warning("host %s has no underlay address: compartment %s cannot reach it", other, compartment)
+        elif address not in peers:
+            peers.append(address)
+    upstreams = [
+        str(IPv4Address(text.strip()))
+        for text in _setting("BULKHEAD_COMPARTMENT_DNS_UPSTREAMS", "").split(",")
+        if text.strip()
+    ]
+    return {
+        "compartment_id": compartment.network_id,
+        "bridge": compartment.bridge,
+        "subnet": str(compartment.network),
+        "gateway": str(compartment.gateway_address),
+        "nat": compartment.nat,
+        "vni": compartment.vni if peers else None,
+        "vxlan_peers": [str(peer) for peer in sorted(peers)],
+        "dns_names": names,
+        "dns_upstreams": upstreams,
+        "egress_allowed": [str(network) for network in egress_allowed(compartment.tenant_id)],
+    }
+
+
+def host_network_view(host: Host) -> dict[str, Any]:
+    """Everything Bulkhead wants on `host`'s network, from the rows: only compartments with a member on
+    it, the ports published on it, what no workload may reach, each member's port binding."""
+    allocations = _live_allocations(IPAllocation.objects.filter(workload__host=host)).select_related(
+        "compartment", "workload"
+    )
+    compartments = {a.compartment_id: a.compartment for a in allocations}
+    ports = []
+    for port in _live_allocations(PublishedPort.objects.filter(host=host)).select_related("workload"):
+        allocation = primary_allocation(port.workload)
+        if allocation is None:
+            continue
+        ports.append(
+            {
+                "protocol": port.protocol,
+                "host_port": port.host_port,
+                "address": str(IPv4Address(allocation.address)),
+                "workload_port": port.workload_port,
+            }
+        )
+    bindings: dict[Any, dict[str, Any]] = {}
+    for allocation in allocations:
+        if allocation.workload_id not in bindings:  # the primary allocation is the one attached
+            bindings[allocation.workload_id] = {
+                "workload": str(allocation.workload_id),
+                "runtime_id": allocation.workload.runtime_id,
+                "isolation": allocation.workload.isolation,
+                "mac": allocation.mac,
+                "address": str(IPv4Address(allocation.address)),
+            }
+    return {
+        "uplink": str((host.labels or {}).get("uplink") or _setting("BULKHEAD_UPLINK", "")),
+        "compartments": [
+            compartment_view(c, host) for c in sorted(compartments.values(), key=lambda c: c.network_id)
+        ],
+        "ports": ports,
+        "protected": [str(network) for network in protected_networks()],
+        "bindings": list(bindings.values()),
+    }

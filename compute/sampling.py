@@ -18,7 +18,6 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from compute.choices import WorkloadState
-from compute.models import Host, Workload
 from portal.models import MetricSeries
 from portal.rrd import RANGES, Archive
 
@@ -126,54 +125,51 @@ def workload_sample(stats: dict[str, Any], network: dict[str, int] | None) -> di
     }
 
 
-def sample_host(host: Host) -> int:
-    """Measure every running workload of `host` and the host itself and report them to the portal
-    (which timestamps them); returns the workloads sampled."""
-    from compute import agent
+def sample_host(ctx: Any) -> int:
+    """Measure every running workload of the host (`compute.host.context.HostContext`) and the host
+    itself and report them to the portal (which timestamps them); returns the workloads sampled."""
+    from compute.host import agent
 
-    running = list(Workload.objects.select_related("host").filter(host=host, state=WorkloadState.RUNNING))
-    veth_counters = _container_network_counters(host, running)
-    samples: list[tuple[str, Any, Any, dict[str, Any]]] = []
-    for workload in running:
+    running = [spec for spec in ctx.specs() if spec.state == WorkloadState.RUNNING]
+    veth_counters = _container_network_counters(ctx, running)
+    samples: dict[str, Any] = {}
+    for spec in running:
         try:
-            stats = agent.stats(workload)
+            stats = agent.stats(ctx, spec)
         except Exception as error:  # gone between the query and the read: next round
-            log.debug("no stats for %s: %s", workload.pk, error)
+            log.debug("no stats for %s: %s", spec.id, error)
             continue
         if stats:
-            sample = workload_sample(stats, veth_counters.get(workload.pk))
-            samples.append(("workload", workload.pk, workload.tenant_id, sample))
+            samples[str(spec.id)] = workload_sample(stats, veth_counters.get(spec.id))
     # The portal records them (and counts what is allocated on the host itself): the host API.
-    agent.portal_link(host).record_samples(
-        {str(object_id): sample for _kind, object_id, _tenant, sample in samples},
-        {"cpu_seconds": _host_cpu_seconds(), "memory_used_bytes": _host_memory_used()},
+    ctx.link.record_samples(
+        samples, {"cpu_seconds": _host_cpu_seconds(), "memory_used_bytes": _host_memory_used()}
     )
     return len(samples)
 
 
-def _container_network_counters(host: Host, workloads: Iterable[Workload]) -> dict[Any, dict[str, int]]:
+def _container_network_counters(ctx: Any, specs: Iterable[Any]) -> dict[Any, dict[str, int]]:
     """rx/tx bytes per container, from the host ends of their veths (one netlink dump for all).
 
     The host end receives what the container sends: its rx is the container's tx."""
-    from compute import network_agent, network_services
     from compute.choices import Isolation
     from compute.network.names import host_veth_name_for
     from compute.network.netns import iproute
 
-    containers = [w for w in workloads if w.isolation == Isolation.NAMESPACE]
-    if not containers or not network_services.network_enabled(host):
+    containers = [spec for spec in specs if spec.isolation == Isolation.NAMESPACE]
+    if not containers or not ctx.profile.network_enabled:
         return {}
-    by_ifname = {host_veth_name_for(network_agent.netns_name(w)): w.pk for w in containers}
+    by_ifname = {host_veth_name_for(spec.runtime_id): spec.id for spec in containers}
     counters: dict[Any, dict[str, int]] = {}
     try:
-        with iproute(network_agent.host_netns(host)) as ipr:
+        with iproute(ctx.profile.netns) as ipr:
             for link in ipr.get_links():
                 workload_id = by_ifname.get(link.get_attr("IFLA_IFNAME"))
                 stats = link.get_attr("IFLA_STATS64")
                 if workload_id is not None and stats is not None:
                     counters[workload_id] = {"rx_bytes": stats["tx_bytes"], "tx_bytes": stats["rx_bytes"]}
     except OSError as error:
-        log.debug("no network counters on %s: %s", host.name, error)
+        log.debug("no network counters on %s: %s", ctx.profile.name, error)
     return counters
 
 

@@ -139,7 +139,8 @@ def create_workload(
     host realises compartments; []: none). Its addresses are allocated in this same transaction.
     `volumes`: volumes.services.VolumeMount list; the workload is placed on their host.
     """
-    from compute import network_services, tasks
+    from compute import network_services
+    from compute.host import tasks as host_tasks
     from volumes import services as volume_services  # volumes builds on compute
 
     _validate(spec, tenant)
@@ -211,7 +212,7 @@ def create_workload(
             **({"privileged": True} if spec.privileged else {}),
         },
     )
-    return _start_op(actor, workload, "workload.create", tasks.create_workload, start=start)
+    return _start_op(actor, workload, "workload.create", host_tasks.create_workload, start=start)
 
 
 # What an update may change in place: the process and its resources. The image, isolation, name and
@@ -282,49 +283,53 @@ def _lock(workload: Workload) -> Workload:
 
 @transaction.atomic
 def start_workload(*, actor: Actor, workload: Workload) -> Operation:
-    from compute import tasks
+    from compute.host import tasks as host_tasks
 
     workload = _lock(workload)
     if workload.state in (WorkloadState.DELETING,):
         raise Conflict("The workload is being deleted.")
     Workload.objects.filter(pk=workload.pk).update(desired_running=True)
     audit.record(actor, "workload.start", workload)
-    return _start_op(actor, workload, "workload.start", tasks.start_workload)
+    return _start_op(actor, workload, "workload.start", host_tasks.start_workload)
 
 
 @transaction.atomic
 def stop_workload(*, actor: Actor, workload: Workload, grace_seconds: int = 10) -> Operation:
-    from compute import tasks
+    from compute.host import tasks as host_tasks
 
     workload = _lock(workload)
     if workload.state == WorkloadState.DELETING:
         raise Conflict("The workload is being deleted.")
     Workload.objects.filter(pk=workload.pk).update(desired_running=False)
     audit.record(actor, "workload.stop", workload, details={"grace_seconds": grace_seconds})
-    return _start_op(actor, workload, "workload.stop", tasks.stop_workload, grace_seconds=grace_seconds)
+    return _start_op(actor, workload, "workload.stop", host_tasks.stop_workload, grace_seconds=grace_seconds)
 
 
 @transaction.atomic
 def restart_workload(*, actor: Actor, workload: Workload, grace_seconds: int = 10) -> Operation:
-    from compute import tasks
+    from compute.host import tasks as host_tasks
 
     workload = _lock(workload)
     if workload.state == WorkloadState.DELETING:
         raise Conflict("The workload is being deleted.")
     Workload.objects.filter(pk=workload.pk).update(desired_running=True)
     audit.record(actor, "workload.restart", workload)
-    return _start_op(actor, workload, "workload.restart", tasks.restart_workload, grace_seconds=grace_seconds)
+    return _start_op(
+        actor, workload, "workload.restart", host_tasks.restart_workload, grace_seconds=grace_seconds
+    )
 
 
 @transaction.atomic
 def delete_workload(*, actor: Actor, workload: Workload, grace_seconds: int = 10) -> Operation:
     """Mark deleting; the host stops it, removes everything, then the row goes and the quota is freed."""
-    from compute import tasks
+    from compute.host import tasks as host_tasks
 
     workload = _lock(workload)
     Workload.objects.filter(pk=workload.pk).update(state=WorkloadState.DELETING, desired_running=False)
     audit.record(actor, "workload.delete", workload)
-    return _start_op(actor, workload, "workload.delete", tasks.delete_workload, grace_seconds=grace_seconds)
+    return _start_op(
+        actor, workload, "workload.delete", host_tasks.delete_workload, grace_seconds=grace_seconds
+    )
 
 
 @audit.denials_audited
@@ -334,8 +339,8 @@ def reschedule_workload(*, actor: Actor, workload: Workload) -> Operation:
 
     Its captured changes stay on the lost host (there are no volumes yet): the workload starts fresh
     from its image. Placement is under the candidate hosts' row locks like a create."""
-    from compute import tasks
     from compute.compartments import PublishedPort
+    from compute.host import tasks as host_tasks
 
     locked = _lock(workload)
     old = locked.host
@@ -357,7 +362,7 @@ def reschedule_workload(*, actor: Actor, workload: Workload) -> Operation:
     locked.host = host
     audit.record(actor, "workload.reschedule", locked, details={"from": old.name, "to": host.name})
     return _start_op(
-        actor, locked, "workload.reschedule", tasks.create_workload, start=locked.desired_running
+        actor, locked, "workload.reschedule", host_tasks.create_workload, start=locked.desired_running
     )
 
 
@@ -367,7 +372,7 @@ def move_workload(*, actor: Actor, workload: Workload) -> Operation:
     """Move a workload off its (draining) host: its host removes it, then another host creates it
     (same name, identity, address; fresh from its image). The target is chosen now, so that a move
     nobody can take is refused before anything stops."""
-    from compute import tasks
+    from compute.host import tasks as host_tasks
 
     locked = _lock(workload)
     if locked.host is None or locked.host.state not in (HostState.DRAINING, HostState.MAINTENANCE):
@@ -379,7 +384,7 @@ def move_workload(*, actor: Actor, workload: Workload) -> Operation:
     # Refused before anything stops: a move that could not land would lose the workload.
     target = _place_existing(locked, audit_action="workload.move")
     audit.record(actor, "workload.move", locked, details={"from": locked.host.name, "to": target.name})
-    return _start_op(actor, locked, "workload.move", tasks.move_workload, to_host=str(target.pk))
+    return _start_op(actor, locked, "workload.move", host_tasks.move_workload, to_host=str(target.pk))
 
 
 def _place_existing(workload: Workload, *, pinned: Host | None = None, audit_action: str = "") -> Host:
@@ -417,8 +422,8 @@ def land_moved_workload(*, actor: Actor, workload: Workload, to_host: Any) -> Op
 
     None when it cannot land: deleted meanwhile (the deletion finishes it), or the target no longer
     takes it (then it is `failed`, saying why, and an operator can start it again elsewhere)."""
-    from compute import tasks
     from compute.compartments import PublishedPort
+    from compute.host import tasks as host_tasks
 
     with transaction.atomic():
         locked = _lock(workload)
@@ -443,7 +448,7 @@ def land_moved_workload(*, actor: Actor, workload: Workload, to_host: Any) -> Op
         )
         locked.host = target
         return _start_op(
-            actor, locked, "workload.create", tasks.create_workload, start=locked.desired_running
+            actor, locked, "workload.create", host_tasks.create_workload, start=locked.desired_running
         )
 
 

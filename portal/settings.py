@@ -245,7 +245,8 @@ BULKHEAD_HOST_NAME = env("BULKHEAD_HOST_NAME", "local")
 # A joined host: the portal it fetches missing image blobs from, with its own credential (issue 16).
 BULKHEAD_PORTAL_URL = env("BULKHEAD_PORTAL_URL")
 BULKHEAD_HOST_CREDENTIAL = env("BULKHEAD_HOST_CREDENTIAL")
-# Connection settings handed to hosts that join (addresses the hosts can reach); empty: not handed out.
+# The broker address handed to hosts that join (one the hosts can reach); empty: not handed out. A
+# database URL is never handed out (session 14): BULKHEAD_AGENT_DATABASE_URL only names a host to protect.
 BULKHEAD_AGENT_DATABASE_URL = env("BULKHEAD_AGENT_DATABASE_URL")
 BULKHEAD_AGENT_REDIS_URL = env("BULKHEAD_AGENT_REDIS_URL")
 # How often host agents sample their workloads and themselves (history and /metrics).

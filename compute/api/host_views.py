@@ -168,5 +168,30 @@ class HostOperationView(HostAPIView):
             result=body.get("result"),
             error=str(body.get("error", "")),
             detail=str(body.get("detail", "")),
+            before=str(body.get("before", "")),
         )
         return Response({"operation": answer})
+
+
+@extend_schema(exclude=True)
+class HostSelfView(HostAPIView):
+    """GET: the host's own profile (runtime, VM domain type, network realisation)."""
+
+    def get(self, request: Request) -> Response:
+        return Response(host_reports.host_profile(self.host))
+
+
+@extend_schema(exclude=True)
+class HostNetworkView(HostAPIView):
+    """GET: the network state the host realises (only compartments with a member on it)."""
+
+    def get(self, request: Request) -> Response:
+        return Response(host_reports.network_state(self.host))
+
+
+@extend_schema(exclude=True)
+class HostOperationsView(HostAPIView):
+    """GET: the operations running on this host's queue (the agent's start-up re-sync)."""
+
+    def get(self, request: Request) -> Response:
+        return Response(host_reports.running_operations(self.host))

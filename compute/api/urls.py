@@ -19,6 +19,9 @@ urlpatterns = [
     path("hosts/join/", views.JoinView.as_view(), name="host-join"),
     path("hosts/blobs/<str:pk>/", views.HostBlobView.as_view(), name="host-blob"),
     # The host API: a host's agent with its own credential, acting on itself only.
+    path("hosts/self/", host_views.HostSelfView.as_view(), name="host-self"),
+    path("hosts/self/network/", host_views.HostNetworkView.as_view(), name="host-self-network"),
+    path("hosts/self/operations/", host_views.HostOperationsView.as_view(), name="host-self-operations"),
     path("hosts/self/heartbeat/", host_views.HostHeartbeatView.as_view(), name="host-self-heartbeat"),
     path("hosts/self/facts/", host_views.HostFactsView.as_view(), name="host-self-facts"),
     path("hosts/self/workloads/", host_views.HostWorkloadsView.as_view(), name="host-self-workloads"),

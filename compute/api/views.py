@@ -311,7 +311,8 @@ class JoinView(APIView):
                 "profile": profile,
                 # The host's own secret, shown this once (the host keeps it in its 0600 settings file).
                 "credential": credential,
-                # What an agent needs to reach the portal's database and broker (operator-configured).
+                # What an agent needs: the portal's URL, its own credential, the broker. Never a database
+                # URL: a host's agent reads and writes no row (compute/host, the host API).
                 "env": {
                     **agent_connection_settings(),
                     "BULKHEAD_HOST_CREDENTIAL": credential,
@@ -325,14 +326,8 @@ class JoinView(APIView):
 def agent_connection_settings() -> dict[str, str]:
     from django.conf import settings
 
-    return {
-        key: value
-        for key, value in {
-            "DATABASE_URL": getattr(settings, "BULKHEAD_AGENT_DATABASE_URL", ""),
-            "REDIS_URL": getattr(settings, "BULKHEAD_AGENT_REDIS_URL", ""),
-        }.items()
-        if value
-    }
+    broker = getattr(settings, "BULKHEAD_AGENT_REDIS_URL", "")
+    return {"REDIS_URL": broker} if broker else {}
 
 
 class HostBlobView(APIView):

@@ -2,15 +2,21 @@
 
 `HostApiClient` speaks HTTP with the host's own credential (a host on another machine: settings
 `BULKHEAD_PORTAL_URL` and `BULKHEAD_HOST_CREDENTIAL`, written by `make agent` at join). The portal's own
-machine gets `compute.host_client.InProcessLink`, which calls the very services the HTTP views call; host
+machine gets `compute.host_reports.InProcessLink`, which calls the very services the HTTP views call; host
 code sees only `PortalLink` and never knows which one it holds.
+
+Which one a process gets is decided once, at start: `register_links` is called by the Django app's
+`ready()` (compute/apps.py) with either the in-process factory or `http_links(portal, credential)`;
+host code asks `link_to_portal(host_id)` and reads no setting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -34,6 +40,12 @@ class PortalLink(Protocol):
     """What an agent may say to and ask of the portal (one host, its own things only)."""
 
     def heartbeat(self) -> dict[str, Any]: ...
+
+    def host_self(self) -> dict[str, Any]: ...
+
+    def network_state(self) -> dict[str, Any]: ...
+
+    def running_operations(self) -> dict[str, Any]: ...
 
     def report_facts(self, facts: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -106,6 +118,15 @@ class HostApiClient:
 
     def heartbeat(self) -> dict[str, Any]:
         return dict(self._call("POST", "heartbeat/"))
+
+    def host_self(self) -> dict[str, Any]:
+        return dict(self._call("GET", ""))
+
+    def network_state(self) -> dict[str, Any]:
+        return dict(self._call("GET", "network/"))
+
+    def running_operations(self) -> dict[str, Any]:
+        return dict(self._call("GET", "operations/"))
 
     def report_facts(self, facts: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("POST", "facts/", {"facts": facts}))
@@ -198,8 +219,54 @@ class RemoteHeartbeat:
         self.thread.join(timeout=5)
 
     def _beat(self) -> None:
-        while not self.stopped.wait(self.seconds):
-            try:
-                self.link.operation(self.op_id, "heartbeat")
-            except HostApiError:  # at worst the portal's sweep calls it lost later
-                continue
+        try:
+            while not self.stopped.wait(self.seconds):
+                try:
+                    self.link.operation(self.op_id, "heartbeat")
+                except HostApiError:  # at worst the portal's sweep calls it lost later
+                    continue
+        finally:
+            # An in-process link opened a database connection for this thread: closed with it.
+            thread_done = getattr(self.link, "thread_done", None)
+            if thread_done is not None:
+                thread_done()
+
+
+# --- which link this process has ----------------------------------------------------------------
+
+LinkFactory = Callable[[str], PortalLink]
+_factory: LinkFactory | None = None
+_clients: dict[tuple[int, str, str], HostApiClient] = {}
+_clients_lock = threading.Lock()
+
+
+class NoPortalLink(RuntimeError):
+    """Host code ran in a process that was never told how to reach the portal."""
+
+
+def register_links(factory: LinkFactory) -> None:
+    """How this process reaches the portal (called once at start: compute/apps.py)."""
+    global _factory
+    _factory = factory
+
+
+def link_to_portal(host_id: Any) -> PortalLink:
+    """The link of host `host_id` (a remote host's HTTP client ignores the id: its credential names it)."""
+    if _factory is None:
+        raise NoPortalLink("no portal link registered in this process")
+    return _factory(str(host_id))
+
+
+def http_links(portal_url: str, credential: str) -> LinkFactory:
+    """The factory of a host on its own machine: one HTTP client per process (a forked worker child
+    makes its own)."""
+
+    def factory(_host_id: str) -> PortalLink:
+        key = (os.getpid(), portal_url, credential)
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = _clients[key] = HostApiClient(portal_url, credential)
+            return client
+
+    return factory

@@ -56,7 +56,7 @@ def host(world: World, store_dir: Path) -> Iterator[Host]:
 
 
 def cleanup_host(h: Host) -> None:
-    from compute.agent import oci_runtime
+    from tests.compute.runtimes import oci_runtime
 
     runtime = oci_runtime(h)
     for runtime_id in runtime.list_ids():

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from compute import network_agent, network_services, services
+from compute import network_services, services
 from compute.compartments import Compartment, IPAllocation, PublishedPort
 from compute.models import Host, Workload
 from compute.network.names import host_veth_name_for
@@ -20,6 +20,7 @@ from portal.errors import Conflict, Invalid
 from portal.models import Operation
 from tenants.actors import Actor
 from tenants.models import AuditEntry, Quota
+from tests.compute.runtimes import host_network_state, workload_spec
 from tests.conftest import World, client_for
 from tests.imaging.images import db_image
 
@@ -147,7 +148,7 @@ def test_it_sends_the_protected_networks_to_the_host(world: World, net_host: Hos
     settings.BULKHEAD_PROTECTED_CIDRS = "10.6.0.0/16, 198.51.100.0/24"
     net_host.address = "10.7.0.9"
     net_host.save(update_fields=["address"])
-    protected = {str(n) for n in network_agent.build_host_state(net_host).protected}
+    protected = {str(n) for n in host_network_state(net_host).protected}
     assert {"10.5.0.7/32", "10.6.0.0/16", "198.51.100.0/24", "10.7.0.9/32", "192.0.2.0/24"} <= protected
 
 
@@ -331,7 +332,7 @@ def test_it_builds_the_host_network_state_from_the_rows(world: World, net_host: 
     web, api = new_workload(world, "web"), new_workload(world, "api")
     post_port(world, web, host_port=20080)
     Workload.objects.filter(pk=api.pk).update(state="deleting")
-    state = network_agent.build_host_state(net_host)
+    state = host_network_state(net_host)
     default = Compartment.objects.get(name="default")
     (compartment,) = state.compartments
     assert state.uplink == "up0"
@@ -348,7 +349,7 @@ def test_it_binds_each_workloads_port_to_its_mac_and_address(world: World, net_h
     Workload.objects.filter(pk=vm.pk).update(isolation="microvm")
     vm.refresh_from_db()
 
-    bindings = {b.port: b for b in network_agent.build_host_state(net_host).bindings}
+    bindings = {b.port: b for b in host_network_state(net_host).bindings}
 
     for workload, port in ((web, host_veth_name_for(web.runtime_id)), (vm, tap_name(vm.pk))):
         allocation = IPAllocation.objects.get(workload=workload)
@@ -370,7 +371,7 @@ def test_it_spans_hosts_over_vxlan_when_members_live_on_two(world: World, net_ho
     api = new_workload(world, "api")
     Workload.objects.filter(pk=api.pk).update(host=other)
     Workload.objects.filter(pk=web.pk).update(host=net_host)
-    (compartment,) = network_agent.build_host_state(net_host).compartments
+    (compartment,) = host_network_state(net_host).compartments
     assert compartment.vni == Compartment.objects.get(name="default").vni
     assert list(compartment.vxlan_peers) == [IPv4Address("198.18.0.9")]
 
@@ -422,10 +423,13 @@ def test_it_places_a_workload_joining_a_compartment_on_a_host_that_realises_comp
 def test_it_describes_a_micro_vms_nic_on_the_compartment_bridge(
     world: World, net_host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(network_agent, "apply_host", lambda host: None)
+    from compute.host import network
+    from compute.host.context import host_context
+
+    monkeypatch.setattr(network, "apply_host", lambda ctx: (None, network.served_state(ctx)))
     workload = new_workload(world, "vm")
     allocation = IPAllocation.objects.get(workload=workload)
-    nic = network_agent.vm_network(workload)
+    nic = network.vm_network(host_context(workload.host_id), workload_spec(workload))
     assert nic is not None
     assert (nic.mac, nic.bridge) == (allocation.mac, allocation.compartment.bridge)
     assert (nic.ipv4_cidr, nic.gateway, nic.dns) == ("10.200.0.2/24", "10.200.0.1", "10.200.0.1")

@@ -198,8 +198,8 @@ def test_the_follower_sends_whole_lines_once_and_starts_over_on_a_new_log(
     world: World, settings: Any
 ) -> None:
     """Through the host's agent (here a thread answering as the agent loop does), as from another machine."""
-    from compute.agent import oci_runtime
     from compute.consumers import OutputFollower
+    from tests.compute.runtimes import oci_runtime
 
     workload = a_workload(world.acme)
     assert workload.host is not None

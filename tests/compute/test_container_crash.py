@@ -27,7 +27,7 @@ def run_victim(world: World, busybox: Any, h: Any, store_dir: Path) -> Workload:
 def test_it_finishes_a_container_start_whose_worker_was_killed_while_starting(
     world: World, busybox: Any, store_dir: Path
 ) -> None:
-    from compute.agent import oci_runtime
+    from tests.compute.runtimes import oci_runtime
 
     h = make_host("bht-ctkill-start")
     try:
@@ -56,7 +56,7 @@ def test_it_finishes_a_container_start_whose_worker_was_killed_while_starting(
 def test_it_finishes_a_container_stop_whose_worker_was_killed_mid_stop(
     world: World, busybox: Any, store_dir: Path
 ) -> None:
-    from compute.agent import oci_runtime
+    from tests.compute.runtimes import oci_runtime
 
     h = make_host("bht-ctkill-stop")
     try:

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from compute import network_agent, services
+from compute import services
 from compute.compartments import Compartment, EgressAllowance
 from compute.models import Host, Workload
 from tenants.actors import Actor
 from tenants.choices import AuditOutcome
 from tenants.models import AuditEntry, Tenant
+from tests.compute.runtimes import host_network_state
 from tests.compute.test_compartments import net_host, new_workload  # noqa: F401
 from tests.conftest import World, client_for
 from tests.imaging.images import db_image
@@ -137,7 +138,7 @@ def test_it_sends_a_tenants_allowances_with_its_compartments_only(world: World, 
     assert Workload.objects.get(name="gx").host == net_host == acme_workload.host
     assert allow(world, "oscar", world.acme).status_code == 201
 
-    state = network_agent.build_host_state(net_host)
+    state = host_network_state(net_host)
 
     allowed = {
         compartment.compartment_id: list(compartment.egress_allowed) for compartment in state.compartments

@@ -1,14 +1,16 @@
-"""The agent never writes the database: a host's worker and agent loop whose database role may only
-read run a container's whole life (create, exit, stop, start, delete) and every change reaches the
-portal through the host API with the host's own credential."""
+"""The agent reads and writes no database row: a host's worker and agent loop whose database settings
+point nowhere (a closed port) run a container's whole life (create, exit code, stop, start, delete) and a
+micro-VM's (create, running, delete) from the specs the portal serves, with layers fetched from the
+portal into a store of the host's own; every change reaches the portal through the host API with the
+host's own credential."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 
 from compute import hosts
 from compute.models import Workload
@@ -20,26 +22,21 @@ from tests.processes import host_agent, serve_registry, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-READ_ONLY_ROLE = "bulkhead_host_readonly"
+
+def nowhere_database_url() -> str:
+    """A database URL on a loopback port nobody listens on: any query a host process made would fail."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    return f"postgres://nobody:nothing@127.0.0.1:{port}/nowhere"
 
 
-def read_only_database_url() -> str:
-    """The test database through a role that may SELECT and nothing else."""
-    assert connection.vendor == "postgresql", "the tests run on PostgreSQL (scripts/with-test-services.sh)"
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [READ_ONLY_ROLE])
-        if cursor.fetchone() is None:
-            cursor.execute(f"CREATE ROLE {READ_ONLY_ROLE} LOGIN")
-        cursor.execute(f"GRANT USAGE ON SCHEMA public TO {READ_ONLY_ROLE}")
-        cursor.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {READ_ONLY_ROLE}")
-    s = connection.settings_dict
-    return f"postgres://{READ_ONLY_ROLE}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
-
-
-def test_it_runs_a_workloads_life_on_a_host_that_may_only_read_the_database(
+def test_it_runs_a_container_and_a_micro_vm_on_a_host_without_a_database(
     world: World, busybox: Any, store_dir: Path
 ) -> None:
-    host = make_host("bht-readonly")
+    host = make_host("bht-nodb")
+    # The host's own store, beside the portal's (QEMU reads root disks: not under pytest's root-only tmp).
+    host_store = store_dir.with_name(store_dir.name + "-host")
     secret = hosts.issue_host_credential(actor=Actor.system("test"), host=host)
     mia = client_for(world, "mia")
     try:
@@ -47,8 +44,8 @@ def test_it_runs_a_workloads_life_on_a_host_that_may_only_read_the_database(
             serve_registry(store_dir) as portal,
             host_agent(
                 host,
-                DATABASE_URL=read_only_database_url(),
-                BULKHEAD_STORE_DIR=str(store_dir),
+                DATABASE_URL=nowhere_database_url(),
+                BULKHEAD_STORE_DIR=str(host_store),  # layers come from the portal
                 BULKHEAD_PORTAL_URL=f"http://{portal}",
                 BULKHEAD_HOST_CREDENTIAL=secret,
                 BULKHEAD_SAMPLE_SECONDS="1",
@@ -57,13 +54,13 @@ def test_it_runs_a_workloads_life_on_a_host_that_may_only_read_the_database(
             response = create(
                 world,
                 "mia",
-                name="readonly",
+                name="nodb",
                 image=str(busybox.pk),
                 command=["/bin/sh", "-c", "echo started; trap 'exit 3' TERM; sleep 300 & wait"],
             )
             op = finished(response.json()["id"], timeout=120)
             assert op.state == "succeeded", (op.error, op.operator_details)
-            workload = workload_in("readonly", {"running"})
+            workload = workload_in("nodb", {"running"})
             assert workload.started_at is not None
 
             stopped = finished(mia.post(f"/api/v1/workloads/{workload.pk}/stop/", {}).json()["id"])
@@ -73,7 +70,7 @@ def test_it_runs_a_workloads_life_on_a_host_that_may_only_read_the_database(
 
             started = finished(mia.post(f"/api/v1/workloads/{workload.pk}/start/", {}).json()["id"])
             assert started.state == "succeeded", (started.error, started.operator_details)
-            workload_in("readonly", {"running"})
+            workload_in("nodb", {"running"})
             # The host's heartbeat and samples come through the host API too.
             beat = host.last_heartbeat
             wait_until(
@@ -85,7 +82,30 @@ def test_it_runs_a_workloads_life_on_a_host_that_may_only_read_the_database(
             deleted = finished(mia.delete(f"/api/v1/workloads/{workload.pk}/").json()["id"])
             assert deleted.state == "succeeded", (deleted.error, deleted.operator_details)
             assert not Workload.objects.filter(pk=workload.pk).exists()
+
+            response = create(
+                world,
+                "mia",
+                name="nodb-vm",
+                image=str(busybox.pk),
+                isolation="microvm",
+                command=["/bin/sh", "-c", "echo booted; sleep 600"],
+                memory_mib=256,
+            )
+            op = finished(response.json()["id"], timeout=240)
+            assert op.state == "succeeded", (op.error, op.operator_details)
+            vm = workload_in("nodb-vm", {"running"})
+            deleted = finished(mia.delete(f"/api/v1/workloads/{vm.pk}/").json()["id"], timeout=120)
+            assert deleted.state == "succeeded", (deleted.error, deleted.operator_details)
+            assert not Workload.objects.filter(pk=vm.pk).exists()
         # Nothing the agent did was refused as another host's.
         assert not AuditEntry.objects.filter(outcome="denied", actor_label=f"host {host.name}").exists()
     finally:
+        import shutil
+
+        from tests.compute.runtimes import vm_runtime
+
+        for leftover in Workload.objects.filter(host=host, isolation="microvm"):
+            vm_runtime(host).delete(leftover.pk)
         cleanup_host(host)
+        shutil.rmtree(host_store, ignore_errors=True)

@@ -15,13 +15,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HOST_PACKAGE = ROOT / "compute" / "host"
 
-# What host code may import from this project: itself and the Django-free low-level drivers.
+# What host code may import from this project: itself and the Django-free low-level drivers, the guest
+# builder, and two Django-free leaves every layer shares (error vocabulary, test failpoints).
 ALLOWED_PROJECT_MODULES = (
     "compute.host",
     "compute.runtimes",
     "compute.network",
+    "compute.guest",
     "imaging.store",
     "imaging._native",
+    "portal.errors",
+    "portal.failpoints",
 )
 PROJECT_PACKAGES = (
     "compute",

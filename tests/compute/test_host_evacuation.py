@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from compute import hosts
-from compute.agent import oci_runtime
 from compute.models import Host, Workload
 from tenants.actors import Actor
 from tenants.models import AuditEntry
 from tests.compute.conftest import cleanup_host, create, finished, make_host, workload_in
+from tests.compute.runtimes import oci_runtime
 from tests.conftest import World, client_for
 from tests.processes import celery_worker, host_agent
 

@@ -11,13 +11,13 @@ import pytest
 from django.utils import timezone
 
 from compute import hosts
-from compute.agent import oci_runtime
 from compute.compartments import PublishedPort
 from compute.models import Host, Workload
 from portal.models import Operation
 from tenants.actors import Actor
 from tenants.models import AuditEntry
 from tests.compute.conftest import cleanup_host, create, finished, make_host, workload_in
+from tests.compute.runtimes import oci_runtime
 from tests.conftest import World
 from tests.processes import host_agent, wait_until
 

@@ -31,7 +31,7 @@ def a_workload(world: World, host_name: str = "rpc-host") -> Workload:
 
 def test_it_answers_a_question_through_the_hosts_agent(world: World) -> None:
     workload = a_workload(world)
-    host_rpc.QUERIES["echo"] = lambda w, params: {"name": w.name, **params}
+    host_rpc.QUERIES["echo"] = lambda ctx, spec, params: {"name": spec.name, **params}
     try:
         with answering(workload.host):  # type: ignore[arg-type]
             assert host_rpc.ask(workload, "echo", size=3) == {"name": "w-rpc-host", "size": 3}
@@ -50,7 +50,7 @@ def test_it_says_at_once_when_the_host_does_not_answer(world: World) -> None:
 def test_it_passes_a_refusal_back_and_refuses_unknown_questions(world: World) -> None:
     workload = a_workload(world)
 
-    def refuse(w: Workload, params: dict[str, Any]) -> Any:
+    def refuse(ctx: Any, spec: Any, params: dict[str, Any]) -> Any:
         raise Conflict("not today")
 
     host_rpc.QUERIES["refuse"] = refuse
@@ -86,10 +86,10 @@ def test_it_drops_questions_whose_asker_gave_up(world: World) -> None:
 
 
 def test_the_api_reads_logs_through_the_agent_and_answers_503_without_one(world: World) -> None:
-    from compute import agent
+    from tests.compute.runtimes import oci_runtime
 
     workload = a_workload(world)
-    path = agent.oci_runtime(workload.host).log_path(workload.runtime_id)  # type: ignore[arg-type]
+    path = oci_runtime(workload.host).log_path(workload.runtime_id)  # type: ignore[arg-type]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"2026-01-01T00:00:00Z stdout F hello from the host\n")
     mia = client_for(world, "mia")

@@ -37,7 +37,7 @@ def host(world: World, store_dir: Path) -> Iterator[Host]:
     h = make_host("bht-host-symlinks")
     with host_agent(h, BULKHEAD_STORE_DIR=str(store_dir)):
         yield h
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
 
     for workload in Workload.objects.filter(host=h, isolation="microvm"):
         vm_runtime(h).delete(workload.pk)

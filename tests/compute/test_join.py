@@ -45,6 +45,28 @@ def test_it_joins_a_host_with_one_command_and_its_profile(
     assert AuditEntry.objects.filter(action="host.join", object_id=str(host.pk)).exists()
 
 
+def test_it_hands_a_joining_host_no_database_url_even_when_one_is_configured(
+    world: World, live_server: Any, tmp_path: Path, settings: Any
+) -> None:
+    """A host's agent reads and writes no row: whatever the portal is configured with, a joining host (a
+    machine that runs tenants' code) never learns a database URL, and never writes one it is sent."""
+    from compute.join import write_env
+
+    settings.BULKHEAD_AGENT_DATABASE_URL = "postgres://agent:db-secret@db.internal:5432/bulkhead"
+    token = new_token(world, "edge-nodb")
+    answer = client_for(world, "charlie").post(
+        "/api/v1/hosts/join/", {"token": token, "facts": {"cpus": 2, "memory_mib": 2048}}, format="json"
+    )
+    assert answer.status_code == 201, answer.json()
+    assert "db-secret" not in answer.content.decode()
+    assert not any("DATABASE" in key for key in answer.json()["env"])
+    env_file = tmp_path / "agent.env"
+    # A portal of an older version (or one in the middle) still sends one: the host does not keep it.
+    write_env(env_file, {**answer.json(), "env": {**answer.json()["env"], "DATABASE_URL": "postgres://x"}})
+    written = env_file.read_text()
+    assert "DATABASE_URL" not in written and "BULKHEAD_HOST_CREDENTIAL=" in written
+
+
 def test_it_writes_the_settings_file_private_and_never_through_a_planted_link(tmp_path: Path) -> None:
     from compute.join import write_env
 

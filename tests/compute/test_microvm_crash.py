@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def test_it_finishes_a_micro_vm_create_whose_worker_was_killed_at_the_slow_step(
     world: World, busybox: Any, store_dir: Path, point: str
 ) -> None:
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
 
     h = make_host(f"bht-vmkill-{point.split('.')[1]}")
     try:
@@ -70,7 +70,7 @@ def run_victim(world: World, busybox: Any, h: Any, store_dir: Path) -> Workload:
 def test_it_finishes_a_micro_vm_start_whose_worker_was_killed_while_booting(
     world: World, busybox: Any, store_dir: Path
 ) -> None:
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
 
     h = make_host("bht-vmkill-start")
     try:
@@ -102,7 +102,7 @@ def test_it_finishes_a_micro_vm_start_whose_worker_was_killed_while_booting(
 def test_it_finishes_a_micro_vm_stop_whose_worker_was_killed_mid_stop(
     world: World, busybox: Any, store_dir: Path
 ) -> None:
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
 
     h = make_host("bht-vmkill-stop")
     try:
@@ -134,7 +134,7 @@ def test_it_finishes_a_micro_vm_delete_whose_worker_was_killed_mid_delete(
     world: World, busybox: Any, store_dir: Path
 ) -> None:
     from compute.runtimes.libvirt import VmNotFound
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
 
     h = make_host("bht-vmkill-delete")
     try:

@@ -41,7 +41,7 @@ def allocated_bytes(directory: Path, prefix: str) -> int:
 def test_a_micro_vm_writing_past_its_disk_size_gets_a_failed_write_and_the_host_keeps_its_space(
     world: World, busybox: Any, store_dir: Path
 ) -> None:
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
 
     h = make_host("bht-vmdisk")
     try:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def test_a_workload_that_handles_term_exits_with_its_own_status_when_stopped(
     world: World, busybox: Any, store_dir: Path, isolation: str
 ) -> None:
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
 
     h = make_host(f"bht-exit-{isolation[:2]}")
     try:

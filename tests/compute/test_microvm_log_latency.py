@@ -34,7 +34,7 @@ SCRIPT = "trap 'echo CAUGHT-TERM; exit 0' TERM; echo READY; sleep 600 & wait"
 def test_a_micro_vms_line_reaches_the_api_and_the_live_console_within_a_second(
     world: World, busybox: Any, store_dir: Path
 ) -> None:
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
 
     h = make_host("bht-vmlogs")
     try:

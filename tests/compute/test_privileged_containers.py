@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from compute.agent import oci_runtime
 from compute.models import Host, Workload
 from tenants.choices import AuditOutcome
 from tenants.models import AuditEntry, Tenant
 from tests.compute.conftest import create, finished, workload_in
+from tests.compute.runtimes import oci_runtime
 from tests.conftest import World, client_for
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -29,7 +29,7 @@ def host(world: World, store_dir: Path) -> Iterator[Host]:
     h = make_host("bht-host-vol")
     with host_agent(h, BULKHEAD_STORE_DIR=str(store_dir)):
         yield h
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
     from volumes.agent import release_pool
 
     for workload in Workload.objects.filter(host=h, isolation="microvm"):

@@ -31,7 +31,7 @@ CLAIM_PAUSE_S = 15
 def test_a_creation_whose_pool_process_died_after_runc_create_is_finished_by_the_next_one(
     world: World, busybox: Any, store_dir: Path, tmp_path: Path
 ) -> None:
-    from compute.agent import oci_runtime
+    from tests.compute.runtimes import oci_runtime
 
     h = make_host("bht-poolkill")
     killed_once = tmp_path / "pool-process-killed"

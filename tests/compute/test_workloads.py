@@ -58,7 +58,7 @@ def test_it_stops_starts_and_deletes_leaving_nothing_behind(world: World, busybo
     op = client.delete(f"/api/v1/workloads/{workload.pk}/").json()
     assert finished(op["id"]).state == "succeeded"
     assert not Workload.objects.filter(pk=workload.pk).exists()
-    from compute.agent import oci_runtime
+    from tests.compute.runtimes import oci_runtime
 
     assert oci_runtime(host).list_ids() == []
     assert Quota.objects.get(tenant=world.acme).used_workloads == 0
@@ -189,7 +189,7 @@ def test_it_places_on_two_hosts_and_runs_on_each_hosts_queue(
                 )
             one, two = workload_in("one", {"running"}), workload_in("two", {"running"})
             assert {one.host_id, two.host_id} == {a.pk, b.pk}
-            from compute.agent import oci_runtime
+            from tests.compute.runtimes import oci_runtime
 
             assert oci_runtime(a).list_ids() == [Workload.objects.get(host=a).runtime_id]
             assert oci_runtime(b).list_ids() == [Workload.objects.get(host=b).runtime_id]
@@ -262,7 +262,7 @@ def leaked_loop_devices(h: Host) -> list[str]:
 def test_it_converges_after_the_agent_is_killed_during_create(
     world: World, busybox: Any, store_dir: Path, point: str
 ) -> None:
-    from compute.agent import oci_runtime
+    from tests.compute.runtimes import oci_runtime
 
     h = make_host(f"bht-kill-{point.split('.')[1]}")
     try:
@@ -300,7 +300,7 @@ def test_it_converges_after_the_agent_is_killed_during_create(
 def test_it_converges_after_the_agent_is_killed_during_delete(
     world: World, busybox: Any, store_dir: Path, point: str
 ) -> None:
-    from compute.agent import oci_runtime
+    from tests.compute.runtimes import oci_runtime
 
     h = make_host(f"bht-kdel-{point.split('.')[1]}")
     try:

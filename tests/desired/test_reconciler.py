@@ -273,7 +273,7 @@ def test_drift_made_on_the_host_shows_within_one_interval_of_the_real_beat_and_i
 ) -> None:
     """Real beat, real worker, real agent: a container killed behind Bulkhead's back is reported by the
     next reconciler run in monitor mode, and started again in autocorrect mode."""
-    from compute.agent import oci_runtime
+    from tests.compute.runtimes import oci_runtime
 
     # restart: never - with the default (on-failure) the host agent itself restarts a killed container.
     apply_document(

@@ -32,8 +32,10 @@ from nettopo import (
     udp_send,
 )
 
-from compute import network_agent, services
+from compute import services
 from compute.compartments import Compartment, IPAllocation
+from compute.host import network as host_network
+from compute.host.context import host_context
 from compute.models import Host, Workload
 from compute.network import detach_container, nftables, remove_host_network
 from compute.network.bridge import list_owned_links
@@ -119,7 +121,7 @@ def leftovers(host: Host, host_netns: str) -> list[str]:
     with iproute(host_netns) as ipr:
         found += [f"bridge {name}" for name in list_owned_links(ipr, BRIDGE_PREFIX)]
     found += [f"nft {table}" for table in nftables.list_owned(host_netns)]
-    state_dir = str(network_agent.state_dir(host))
+    state_dir = str(host_network.state_dir(host_context(host.pk)))
     ps = subprocess.run(["pgrep", "-af", "dnsmasq"], capture_output=True, text=True, check=False).stdout
     found += [f"dnsmasq {line}" for line in ps.splitlines() if state_dir in line]
     found += [f"netns {w.runtime_id}" for w in Workload.objects.all() if netns_exists(w.runtime_id)]
@@ -144,7 +146,7 @@ def portal_host(internet: Internet, label: str, store: Path, **env: str) -> Iter
         cleanup_host(host)
         for runtime_id in runtime_ids:
             detach_container(runtime_id, host_ns.netns)
-        remove_host_network(host_ns.netns, state_dir=network_agent.state_dir(host))
+        remove_host_network(host_ns.netns, state_dir=host_network.state_dir(host_context(host.pk)))
 
 
 @pytest.fixture
@@ -394,13 +396,13 @@ def test_the_agent_repairs_a_network_changed_from_outside_and_says_so(site: Site
 
     front = compartment(site, "front")
     run(site, "sleeper", "exec sleep 300", front)
-    assert repair_network(site.host) == []  # nothing to repair: re-applying changes nothing
+    assert repair_network(host_context(site.host.pk)) == []  # nothing to repair: re-applying changes nothing
     for table in nftables.list_owned(site.host_netns):
         subprocess.run(
             ["ip", "netns", "exec", site.host_netns, "nft", "delete", "table", *table.split()], check=True
         )
     assert not nftables.list_owned(site.host_netns)
-    repaired = repair_network(site.host)
+    repaired = repair_network(host_context(site.host.pk))
     assert repaired
     assert nftables.list_owned(site.host_netns)
     entry = AuditEntry.objects.get(action="host.network.repaired")
@@ -435,7 +437,7 @@ def test_a_repair_of_a_managed_network_is_drift_of_its_tenant(site: Site) -> Non
         ["ip", "netns", "exec", site.host_netns, "nft", "delete", "table", "inet", "bulkhead"], check=True
     )
     subprocess.run(["ip", "-n", site.host_netns, "link", "delete", front.bridge], check=True)
-    assert repair_network(site.host)
+    assert repair_network(host_context(site.host.pk))
     reconciler.reconcile_tenant(site.world.acme.pk)
 
     state = DesiredState.objects.get(tenant=site.world.acme)

@@ -66,7 +66,7 @@ VM_COMMAND = (
 def vm_site(site: Site) -> Iterator[Site]:  # noqa: F811
     """The site of the container test; its micro-VMs are deleted also after a failure."""
     yield site
-    from compute.vm_agent import vm_runtime
+    from tests.compute.runtimes import vm_runtime
 
     runtime = vm_runtime(site.host)
     for vm_id in runtime.list_ids():

@@ -247,6 +247,7 @@ ROUTES.update(
             methods=("GET",), obj=lambda w, o: "sha256:" + "0" * 64, visibility="public", list_post=401
         ),
         # The host API: a host's own credential only (tests/security/test_host_api.py); every persona 401.
+        "host-self": Route(methods=("GET",), visibility="public", list_post=401),
         **{
             f"host-self-{name}": Route(methods=methods, visibility="public", list_post=401)
             for name, methods in (
@@ -255,6 +256,8 @@ ROUTES.update(
                 ("workloads", ("GET",)),
                 ("samples", ("POST",)),
                 ("network-repairs", ("POST",)),
+                ("network", ("GET",)),
+                ("operations", ("GET",)),
             )
         },
         **{

@@ -193,8 +193,9 @@ def test_it_refuses_a_host_reporting_on_another_hosts_operation(two_hosts: dict[
     on_b = two_hosts["on_b"]
     op_b = Operation.objects.get(target_id=on_b.pk, kind="workload.create")
     client = as_host(two_hosts["secret_a"])
-    for event in ("claim", "finish", "fail", "progress", "moved"):
-        answer = client.post(f"{BASE}/operations/{op_b.pk}/", {"event": event, "error": "x"}, format="json")
+    for event in ("peek", "claim", "finish", "fail", "progress", "moved", "interrupted"):
+        body = {"event": event, "error": "x", "before": "2999-01-01T00:00:00+00:00"}
+        answer = client.post(f"{BASE}/operations/{op_b.pk}/", body, format="json")
         assert answer.status_code == 404
     op_b.refresh_from_db()
     assert op_b.state == "queued"
@@ -253,12 +254,45 @@ def test_it_refuses_network_repairs_for_a_compartment_the_host_does_not_serve(
     assert not AuditEntry.objects.filter(action="compartment.repaired").exists()
 
 
+def test_it_serves_a_host_only_the_network_of_the_compartments_it_serves(
+    world: World, two_hosts: dict[str, Any]
+) -> None:
+    """Host A learns nothing of a compartment whose members all live on B: not its subnet, bridge,
+    members' names or addresses, nor the operations running on B's queue."""
+    import json
+
+    from compute import network_services
+
+    a, b = two_hosts["a"], two_hosts["b"]
+    Host.objects.filter(pk__in=[a.pk, b.pk]).update(labels={"network": "on", "uplink": "up0"})
+    alice, oscar = Actor(user=world.user("alice")), Actor(user=world.user("oscar"))
+    front = network_services.create_compartment(actor=alice, tenant=world.acme, name="front")
+    back = network_services.create_compartment(actor=alice, tenant=world.acme, name="back")
+    for name, host, compartment in (("web", a, front), ("secret-db", b, back)):
+        spec = services.WorkloadSpec(name=name, image=db_image(world.acme, f"img-{name}"), host=host)  # type: ignore[arg-type]
+        services.create_workload(actor=oscar, tenant=world.acme, spec=spec, compartments=[compartment])
+    client = as_host(two_hosts["secret_a"])
+    state = client.get(f"{BASE}/network/").json()
+    assert [c["compartment_id"] for c in state["compartments"]] == [front.network_id]
+    assert [binding["workload"] for binding in state["bindings"]] == [
+        str(Workload.objects.get(name="web").pk)
+    ]
+    served = json.dumps(state)
+    assert "secret-db" not in served and back.bridge not in served and str(back.network) not in served
+    own = client.get(f"{BASE}/").json()
+    assert (own["id"], own["network"]["enabled"]) == (str(a.pk), True)
+    listed = client.get(f"{BASE}/operations/").json()["operations"]
+    assert all(op["target_id"] != str(Workload.objects.get(name="secret-db").pk) for op in listed)
+
+
 def test_it_answers_401_without_a_current_credential(two_hosts: dict[str, Any]) -> None:
     on_a = two_hosts["on_a"]
     for secret in ("", "bhh_not-a-credential", "Basic abc"):
         client = as_host(secret) if secret else APIClient()
         assert client.get(f"{BASE}/workloads/").status_code == 401
         assert client.post(f"{BASE}/heartbeat/").status_code == 401
+        assert client.get(f"{BASE}/network/").status_code == 401
+        assert client.get(f"{BASE}/").status_code == 401
     rotated = hosts.issue_host_credential(actor=Actor.system("test"), host=two_hosts["a"])
     assert as_host(two_hosts["secret_a"]).post(f"{BASE}/workloads/{on_a.pk}/state/").status_code == 401
     assert as_host(rotated).post(f"{BASE}/heartbeat/").status_code == 200

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from compute import agent
+from compute import host_reports
 from compute.models import Workload
 from imaging.models import Image
 from tenants.models import AuditEntry, Secret
@@ -123,11 +123,11 @@ def test_it_resolves_the_values_on_the_host_when_the_workload_starts(world: Worl
         workload = workload_with_secret(world, image, name=f"db-{isolation}")
         Workload.objects.filter(pk=workload.pk).update(isolation=isolation)
         workload.refresh_from_db()
-        assert f"DB_PASSWORD={VALUE}" in agent.process_env(workload)
+        assert f"DB_PASSWORD={VALUE}" in host_reports.process_env(workload)
     # A value changed later is what the next start gets.
     secret = Secret.objects.get(name="db-password")
     client_for(world, "alice").put(f"/api/v1/secrets/{secret.pk}/", {"value": "rotated"}, format="json")
-    assert "DB_PASSWORD=rotated" in agent.process_env(Workload.objects.get(name="db-namespace"))
+    assert "DB_PASSWORD=rotated" in host_reports.process_env(Workload.objects.get(name="db-namespace"))
 
 
 def test_it_keeps_values_out_of_desired_documents_plans_and_exports(world: World, image: Image) -> None:

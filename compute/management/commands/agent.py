@@ -12,15 +12,19 @@ import logging
 import os
 import signal
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
-from django.utils import timezone
 
-from compute import agent, host_client, host_rpc, hosts, sampling, vm_agent
-from compute.host.link import HostApiError
-from compute.models import Host
+from compute import host_rpc, sampling
+from compute.host import agent, network
+from compute.host.config import local
+from compute.host.context import HostContext, host_context
+from compute.host.link import HostApiError, link_to_portal
+from compute.host.spec import HostProfile
 
 log = logging.getLogger("bulkhead.agent")
 
@@ -28,6 +32,40 @@ HEARTBEAT_SECONDS = 10.0
 # How often the host's networks are re-applied: repairs what was changed from outside, and says so.
 NETWORK_REPAIR_SECONDS = float(os.environ.get("BULKHEAD_NETWORK_REPAIR_SECONDS", 30))
 EXIT_POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class HostRef:
+    """The host as the loop's portal-side helpers (host_rpc, volumes) name it: its id."""
+
+    pk: uuid.UUID
+    name: str
+
+
+def find_host(ref: str) -> HostContext:
+    """The host this agent runs: a host on its own machine asks the portal who its credential is
+    (it reads no row); the portal's own machine may name its host by name or id."""
+    if local().remote:
+        profile = HostProfile.parse(link_to_portal(ref).host_self())
+        if ref not in (str(profile.id), profile.name):
+            raise CommandError(f"this host's credential belongs to {profile.name}, not {ref!r}")
+        return host_context(profile.id)
+    from compute.models import Host
+
+    as_id = _uuid_or_none(ref)
+    host = Host.objects.filter(name=ref).first() or (
+        Host.objects.filter(pk=as_id).first() if as_id is not None else None
+    )
+    if host is None:
+        raise CommandError(f"no host {ref!r}")
+    return host_context(host.pk)
+
+
+def _uuid_or_none(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
 
 
 class Command(BaseCommand):
@@ -47,9 +85,8 @@ class Command(BaseCommand):
         ref = options["host"]
         if not ref:
             raise CommandError("--host is required")
-        host = Host.objects.filter(name=ref).first() or Host.objects.filter(pk=ref).first()
-        if host is None:
-            raise CommandError(f"no host {ref!r}")
+        ctx = find_host(ref)
+        host = HostRef(pk=ctx.profile.id, name=ctx.profile.name)
         stopping = False
 
         def stop(signum: int, frame: Any) -> None:
@@ -58,72 +95,78 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        started = timezone.now()
-        portal = agent.portal_link(host)
-        portal.heartbeat()
-        report_facts(host)
-        report = agent.resync(host, since=started)
+        ctx.link.heartbeat()
+        report_facts(ctx)
+        report = agent.resync(ctx)
         log.info("agent for %s re-synced: %s", host.name, report)
         if options["once"]:
-            agent.handle_exits(host)
+            agent.handle_exits(ctx)
             return
         # Volumes (issue 17): make run's host makes its embedded pool now; others report a pool that
         # is there (an operator's, or one a volume operation made) and otherwise make it when needed.
         report_volume_pool(host, make=bool(options["stop_workloads_on_exit"]))
         if options["stop_workloads_on_exit"]:
-            resumed = agent.resume_after_shutdown(host)
+            resumed = agent.resume_after_shutdown(ctx)
             if resumed:
                 log.info("agent for %s started %d workloads again", host.name, len(resumed))
         last_beat = last_repair = last_sample = time.monotonic()
         while not stopping:
             try:
-                agent.handle_exits(host)
-                vm_agent.handle_exits(host)
+                agent.handle_exits(ctx)
                 if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
-                    portal.heartbeat()
+                    ctx.link.heartbeat()
+                    agent.adopt_unknown(ctx)
                     last_beat = time.monotonic()
                 if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
-                    sampling.sample_host(host)
+                    sampling.sample_host(ctx)
                     report_volume_pool(host, make=False)
                     last_sample = time.monotonic()
                 if time.monotonic() - last_repair >= NETWORK_REPAIR_SECONDS:
-                    repair_network(host)
+                    repair_network(ctx)
                     last_repair = time.monotonic()
             except Exception:
                 log.exception("agent loop error")
             wait_answering(host)
         if options["stop_workloads_on_exit"]:
-            stopped = agent.shut_down_host(host)
+            stopped = agent.shut_down_host(ctx)
             log.info("agent for %s stopped %d workloads and removed its networks", host.name, len(stopped))
             from volumes.agent import release_pool
 
             try:
-                release_pool(host)  # nothing of make run stays mounted
+                release_pool(str(host.pk))  # type: ignore[arg-type]  # nothing of make run stays mounted
             except Exception:
                 log.exception("could not unmount the volume pool of %s", host.name)
 
 
-def report_volume_pool(host: Host, *, make: bool) -> None:
-    """Pool capacity and use into the host's facts, and the volumes' used bytes."""
+def report_volume_pool(host: HostRef, *, make: bool) -> None:
+    """Pool capacity and use into the host's facts, and the volumes' used bytes. Not yet through the
+    host API (volumes.agent writes rows): only on the portal's own machine."""
+    if local().remote:
+        return
+    from compute.models import Host
     from volumes import agent as volume_agent
 
+    row = Host.objects.get(pk=host.pk)
+
     try:
-        if make or volume_agent.pool_ready(host):
-            volume_agent.report_pool(host)
-            volume_agent.sample_usage(host)
+        if make or volume_agent.pool_ready(row):
+            volume_agent.report_pool(row)
+            volume_agent.sample_usage(row)
     except Exception:
         log.exception("volume pool of %s", host.name)
 
 
-def report_facts(host: Host) -> None:
+def report_facts(ctx: HostContext) -> None:
     """A host on its own machine tells the portal what it is and can do (runtimes, KVM, disk) once at
     start; the portal keeps capacity within what was approved. The portal's own machine registers its
     facts itself when `make run` starts."""
-    if host_client.remote_settings() is None:
+    if not ctx.local.remote:
         return
-    portal = agent.portal_link(host)
+    from compute.hosts import gather_facts
+
+    portal = ctx.link
     try:
-        facts = {name: value for name, value in hosts.gather_facts(host).items() if name in REPORTED_FACTS}
+        facts = {name: value for name, value in gather_facts().items() if name in REPORTED_FACTS}
         try:
             portal.report_facts(facts)
         except HostApiError as error:
@@ -155,11 +198,11 @@ REPORTED_FACTS = {
 }
 
 
-def wait_answering(host: Host) -> None:
+def wait_answering(host: HostRef) -> None:
     """The loop's pause: answer the portal's questions about this host's workloads meanwhile."""
     started = time.monotonic()
     try:
-        host_rpc.serve(host, EXIT_POLL_SECONDS)
+        host_rpc.serve(host, EXIT_POLL_SECONDS)  # type: ignore[arg-type]  # its id is what it uses
     except Exception:  # the broker is away: keep the loop's pace, exits are still recorded
         log.exception("could not answer host requests")
     rest = EXIT_POLL_SECONDS - (time.monotonic() - started)
@@ -167,18 +210,16 @@ def wait_answering(host: Host) -> None:
         time.sleep(rest)
 
 
-def repair_network(host: Host) -> list[str]:
+def repair_network(ctx: HostContext) -> list[str]:
     """Re-apply the host's compartments; what had to be repaired goes to the audit log and the event bus,
     and, per compartment, to the NetworkRepair rows the desired-state reconciler reports as drift."""
-    from compute import network_agent, network_services
-
-    host.refresh_from_db()
-    if not network_services.network_enabled(host):
+    ctx.forget_profile()
+    if not ctx.profile.network_enabled:
         return []
-    report = network_agent.apply_host(host)
+    report, _served = network.apply_host(ctx)
     if report.repaired:
         # Recorded by the portal (audit, drift per compartment, event) through the host API.
-        agent.portal_link(host).report_network_repairs(
+        ctx.link.report_network_repairs(
             list(report.repaired),
             {key: list(value) for key, value in report.repaired_by_compartment.items()},
         )

@@ -1,0 +1,74 @@
+"""What a host tells the portal about a workload: conditional state changes through its link.
+
+Every change is applied by the portal only from an expected state (a concurrent change wins and the
+host moves on); the answer carries the row's state as it is now, which the host keeps in its view of
+the spec (`WorkloadSpec.seen`) instead of reading a row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compute.host import spec as s
+from compute.host.context import HostContext
+from compute.host.spec import WorkloadSpec
+
+# States a workload is started from (a create, start, restart, or an exit its policy restarts).
+RESUMABLE_STATES = [s.PENDING, s.STOPPED, s.FAILED, s.UNKNOWN]
+NOW = "now"  # the portal's clock: a host cannot backdate a start or an end
+
+
+def report(
+    ctx: HostContext,
+    spec: WorkloadSpec,
+    expected: list[str],
+    changes: dict[str, Any],
+    *,
+    never_started: bool = False,
+    count_restart: bool = False,
+) -> tuple[bool, WorkloadSpec]:
+    """(applied, the spec as the row is now)."""
+    answer = ctx.link.report_state(
+        spec.id, list(expected), changes, never_started=never_started, count_restart=count_restart
+    )
+    return bool(answer.get("applied")), spec.seen(answer)
+
+
+def transition(ctx: HostContext, spec: WorkloadSpec, expected: list[str], **changes: Any) -> bool:
+    return report(ctx, spec, expected, changes)[0]
+
+
+def record_exit(
+    ctx: HostContext, spec: WorkloadSpec, code: int | None, *, expected: list[str], requested: bool = False
+) -> tuple[bool, WorkloadSpec]:
+    """Record an exit: stopped when asked for or clean, failed otherwise."""
+    state = s.STOPPED if requested or code == 0 else s.FAILED
+    return report(
+        ctx,
+        spec,
+        expected,
+        {
+            "state": state,
+            "exit_code": code,
+            "finished_at": NOW,
+            "status_message": "" if state == s.STOPPED else f"exited with {code}",
+        },
+    )
+
+
+def count_restart(ctx: HostContext, spec: WorkloadSpec) -> None:
+    """One more restart by policy (the exit was just recorded: stopped or failed)."""
+    ctx.link.report_state(spec.id, [s.STOPPED, s.FAILED], {}, count_restart=True)
+
+
+def wants_restart(spec: WorkloadSpec, code: int | None) -> bool:
+    if not spec.desired_running:
+        return False
+    if spec.restart_policy == s.ALWAYS:
+        return True
+    return spec.restart_policy == s.ON_FAILURE and code != 0
+
+
+def report_removed(ctx: HostContext, spec: WorkloadSpec) -> None:
+    """Everything of a workload being deleted is gone from this host: the portal drops the row."""
+    ctx.link.report_removed(spec.id)

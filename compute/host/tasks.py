@@ -1,0 +1,210 @@
+"""The tasks of a host's queue (`host.<id>`): thin, fetch the spec, call the driver, report.
+
+Names are the ones the portal sends (`compute.create_workload`, ...). The base task claims, progresses,
+heartbeats and finishes its operation through the host's link (in process on the portal's machine,
+the host API elsewhere), like every other report: a host's worker holds no database connection.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task, shared_task
+
+from compute.host import network, reports
+from compute.host import spec as s
+from compute.host.agent import spec_of
+from compute.host.context import HostContext, host_context
+from compute.host.drivers import driver_for
+from compute.host.link import RemoteHeartbeat, RemoteProgress
+from compute.host.locks import workload_lock
+from compute.host.spec import WorkloadSpec
+from portal.errors import operator_detail, tenant_message
+from portal.failpoints import failpoint
+
+HOST_QUEUE_PREFIX = "host."
+
+
+@dataclass(frozen=True)
+class ClaimedOperation:
+    """The operation as the portal answered the claim (never a row)."""
+
+    id: str
+    kind: str
+    target_type: str
+    target_id: str
+    params: dict[str, Any]
+
+    @property
+    def pk(self) -> str:
+        return self.id
+
+
+class HostOperationTask(Task):  # type: ignore[misc]
+    """An operation on a host's queue, claimed and reported through the host's link."""
+
+    abstract = True
+    acks_late = True
+    reject_on_worker_lost = True
+    operation: ClaimedOperation | None = None
+    progress: Any
+
+    def host_id(self) -> str:
+        """The host whose queue delivered this task (a joined host's agent.env names it too)."""
+        delivery = getattr(self.request, "delivery_info", None) or {}
+        queue = str(delivery.get("routing_key") or "")
+        if queue.startswith(HOST_QUEUE_PREFIX):
+            return queue.removeprefix(HOST_QUEUE_PREFIX)
+        host_id = os.environ.get("BULKHEAD_HOST_ID", "")
+        if not host_id:
+            raise RuntimeError("a host task ran outside a host's queue")
+        return host_id
+
+    def __call__(self, op_id: str, *args: Any, **kwargs: Any) -> Any:
+        ctx = host_context(self.host_id())
+        with self.held_while_running(ctx, op_id):
+            link = ctx.link
+            claimed = link.operation(op_id, "claim")
+            if claimed is None:
+                return None  # finished or cancelled: nothing to do
+            self.operation = ClaimedOperation(
+                id=str(claimed["id"]),
+                kind=str(claimed["kind"]),
+                target_type=str(claimed.get("target_type") or ""),
+                target_id=str(claimed.get("target_id") or ""),
+                params=dict(claimed.get("params") or {}),
+            )
+            self.progress = RemoteProgress(link, op_id)
+            failpoint("operation.claimed")
+            try:
+                with RemoteHeartbeat(link, op_id, ctx.local.operation_heartbeat_seconds):
+                    result = super().__call__(op_id, *args, **kwargs)
+            except Exception as exc:
+                link.operation(op_id, "fail", error=tenant_message(exc), detail=operator_detail(exc))
+                raise
+            link.operation(op_id, "finish", result=result if isinstance(result, dict) else None)
+            return result
+
+    def held_while_running(self, ctx: HostContext, op_id: str) -> AbstractContextManager[Any]:
+        """What the task holds from before its claim until its operation is finished. Nothing here."""
+        return nullcontext()
+
+
+class WorkloadTask(HostOperationTask):
+    """An operation on one workload, run under the workload's lock on this host from before its claim
+    until it is finished: the agent's re-sync, which fails a running operation whose lock is free as
+    interrupted, can never catch a live task between its claim and its lock, or between its work and
+    its finish."""
+
+    abstract = True
+
+    @contextmanager
+    def held_while_running(self, ctx: HostContext, op_id: str) -> Iterator[None]:
+        peeked = ctx.link.operation(op_id, "peek") or {}
+        target = peeked.get("target_id") if peeked.get("target_type") == "workload" else None
+        if not target:
+            yield
+            return
+        with workload_lock(ctx, target):
+            yield
+
+    def context(self) -> HostContext:
+        return host_context(self.host_id())
+
+    def claimed(self) -> ClaimedOperation:
+        assert self.operation is not None
+        return self.operation
+
+    def workload(self) -> WorkloadSpec | None:
+        """The workload's spec, read now that the task holds its lock. None when it is gone."""
+        return spec_of(self.context(), self.claimed().target_id)
+
+
+@shared_task(base=WorkloadTask, bind=True, name="compute.create_workload")
+def create_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
+    spec = self.workload()
+    if spec is None:
+        return {"skipped": "workload deleted"}
+    ctx = self.context()
+    if not self.claimed().params.get("start", True):
+        reports.transition(ctx, spec, [s.PENDING], state=s.STOPPED)
+        return {"state": s.STOPPED}
+    return {"state": driver_for(spec.isolation).ensure_running(ctx, spec, self.progress, first_start=True)}
+
+
+@shared_task(base=WorkloadTask, bind=True, name="compute.start_workload")
+def start_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
+    spec = self.workload()
+    if spec is None:
+        return {"skipped": "workload deleted"}
+    return {"state": driver_for(spec.isolation).ensure_running(self.context(), spec, self.progress)}
+
+
+@shared_task(base=WorkloadTask, bind=True, name="compute.stop_workload")
+def stop_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
+    spec = self.workload()
+    if spec is None:
+        return {"skipped": "workload deleted"}
+    ctx = self.context()
+    driver_for(spec.isolation).stop(ctx, spec, float(self.claimed().params.get("grace_seconds", 10)))
+    after = spec_of(ctx, spec.id) or spec
+    return {"state": after.state, "exit_code": after.exit_code}
+
+
+@shared_task(base=WorkloadTask, bind=True, name="compute.restart_workload")
+def restart_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
+    spec = self.workload()
+    if spec is None:
+        return {"skipped": "workload deleted"}
+    ctx = self.context()
+    driver = driver_for(spec.isolation)
+    self.progress(10, "Stopping", force=True)
+    driver.stop(ctx, spec, float(self.claimed().params.get("grace_seconds", 10)))
+    after = spec_of(ctx, spec.id)
+    if after is None:
+        return {"skipped": "workload deleted"}
+    return {"state": driver.ensure_running(ctx, after, self.progress)}
+
+
+@shared_task(base=WorkloadTask, bind=True, name="compute.delete_workload")
+def delete_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
+    spec = self.workload()
+    if spec is None:
+        return {"skipped": "already deleted"}
+    ctx = self.context()
+    self.progress(20, "Removing from the host", force=True)
+    driver_for(spec.isolation).remove(ctx, spec, float(self.claimed().params.get("grace_seconds", 10)))
+    reports.report_removed(ctx, spec)
+    return {"deleted": str(spec.id)}
+
+
+@shared_task(base=WorkloadTask, bind=True, name="compute.move_workload")
+def move_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
+    """On the host a workload leaves: remove it here, then hand it to its new host."""
+    spec = self.workload()
+    if spec is None:
+        return {"skipped": "workload deleted"}
+    ctx = self.context()
+    self.progress(20, "Removing it from this host", force=True)
+    driver_for(spec.isolation).remove(ctx, spec, 10)
+    self.progress(70, "Handing it to its new host", force=True)
+    # The portal lands it on the target it chose when the move was asked (host API).
+    landed = ctx.link.operation(op_id, "moved") or {}
+    if landed.get("create_operation") is None:
+        return {"landed": False}
+    return {"create_operation": landed["create_operation"]}
+
+
+@shared_task(base=HostOperationTask, bind=True, name="compute.apply_host_network")
+def apply_network(self: HostOperationTask, op_id: str) -> dict[str, Any]:
+    """Re-apply the host's network after a published port or a compartment changed."""
+    ctx = host_context(self.host_id())
+    ctx.forget_profile()  # labels may have changed with what asked for this apply
+    if not ctx.profile.network_enabled:
+        return {"skipped": "the host does not realise compartments"}
+    report, _served = network.apply_host(ctx)
+    return {"changed": report.changed, "repaired": report.repaired}
