@@ -1,40 +1,36 @@
-"""Questions the portal asks a host's agent and waits for: a workload's logs, stats and changes.
+"""Questions the portal asks a host's agent and waits for: a workload's logs, output, stats and changes.
 
 A host may be another machine: its files (container logs, cgroups, overlay upper directories) are only
-readable there. The portal pushes a request on the host's list in Redis and waits on a reply key; the
-host's agent loop, which already wakes every half second, blocks on that list instead of sleeping and
-answers at once. Requests carry a deadline (a late answer is dropped, not queued behind new ones) and the
-agent keeps a short-lived "answering" key, so a portal asking a host whose agent is not running gets a
-clear 503 at once instead of waiting out the timeout.
+readable there. The portal pushes a request on the host's list in Redis and waits on a reply key, both
+under the host's own key prefix (the only keys its broker user may touch, `compute.broker_access`); the
+host's agent loop answers (`compute.host.rpc`). Requests carry a deadline (a late answer is dropped, not
+queued behind new ones) and the agent keeps a short-lived "answering" key, so a portal asking a host whose
+agent is not running gets a clear 503 at once instead of waiting out the timeout.
 
-Only server-generated values travel: workload ids and sizes; the agent looks the workload up in the
-database and refuses one that is not on its host.
+Only server-generated values travel, resolved here so that the host reads no database row: the
+workload's id, runtime id, isolation and state, and for changes its image's layer DiffIDs.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from functools import cache
-from typing import Any, cast
+from typing import Any
 
 import redis
 from django.conf import settings
 
-from compute.models import Host, Workload
+from compute.host.rpc import Target, alive_key, pop_one, reply_key, requests_key
+from compute.models import Workload
 from portal.errors import Conflict, ServiceError
 
 log = logging.getLogger(__name__)
 
 ASK_TIMEOUT_SECONDS = 10.0
-# The agent refreshes it every loop (0.5 s); three seconds of silence means nobody answers.
-ALIVE_TTL_MS = 3000
 REPLY_TTL_SECONDS = 30
-MAX_TAIL_BYTES = 4 * 1024 * 1024
 
 
 class HostNotAnswering(ServiceError):
@@ -42,23 +38,38 @@ class HostNotAnswering(ServiceError):
     code = "host_not_answering"
 
 
-def _requests_key(host_id: Any) -> str:
-    return f"bulkhead:host:{host_id}:rpc"
-
-
-def _alive_key(host_id: Any) -> str:
-    return f"bulkhead:host:{host_id}:rpc-alive"
-
-
 @cache
 def _redis() -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=ASK_TIMEOUT_SECONDS + 5)
 
 
-def _pop(client: redis.Redis, key: str, timeout: float) -> bytes | None:
-    """BLPOP one key with a fractional timeout (Redis >= 6); the value, or None on timeout."""
-    item = cast("list[bytes] | None", client.blpop([key], timeout=timeout))  # type: ignore[arg-type]
-    return item[1] if item else None
+def is_answering(host_id: Any) -> bool:
+    """Whether the host's agent said within the last seconds that it answers."""
+    return bool(_redis().exists(alive_key(host_id)))
+
+
+def forget_answering(host_id: Any) -> None:
+    _redis().delete(alive_key(host_id))
+
+
+def target_of(workload: Workload, query: str) -> Target:
+    """What the host needs to know about the workload to answer ``query`` (no row read on the host)."""
+    diff_ids: tuple[str, ...] = ()
+    if query == "changes":
+        from imaging.models import ImageLayer
+
+        diff_ids = tuple(
+            ImageLayer.objects.filter(image_id=workload.image_id)
+            .order_by("position")
+            .values_list("layer__diff_id", flat=True)
+        )
+    return Target(
+        workload_id=str(workload.pk),
+        runtime_id=workload.runtime_id,
+        isolation=workload.isolation,
+        state=workload.state,
+        diff_ids=diff_ids,
+    )
 
 
 def ask(workload: Workload, query: str, timeout: float = ASK_TIMEOUT_SECONDS, **params: Any) -> Any:
@@ -67,123 +78,24 @@ def ask(workload: Workload, query: str, timeout: float = ASK_TIMEOUT_SECONDS, **
     if host_id is None:
         raise Conflict("The workload is not placed on a host yet.")
     client = _redis()
-    if not client.exists(_alive_key(host_id)):
+    if not client.exists(alive_key(host_id)):
         raise HostNotAnswering("The workload's host is not answering: is its agent running?")
     request_id = uuid.uuid4().hex
     request = {
         "id": request_id,
         "query": query,
-        "workload": str(workload.pk),
+        "target": target_of(workload, query).wire(),
         "params": params,
         "deadline": time.time() + timeout,
     }
     pipe = client.pipeline()
-    pipe.rpush(_requests_key(host_id), json.dumps(request))
-    pipe.expire(_requests_key(host_id), int(timeout) + REPLY_TTL_SECONDS)
+    pipe.rpush(requests_key(host_id), json.dumps(request))
+    pipe.expire(requests_key(host_id), int(timeout) + REPLY_TTL_SECONDS)
     pipe.execute()
-    reply = _pop(client, f"bulkhead:rpc:reply:{request_id}", timeout)
+    reply = pop_one(client, reply_key(host_id, request_id), timeout)
     if reply is None:
         raise HostNotAnswering(f"The workload's host did not answer within {timeout:.0f} s.")
     answer = json.loads(reply)
     if not answer.get("ok"):
         raise Conflict(str(answer.get("error") or "The host could not answer."))
     return answer.get("result")
-
-
-# --- the agent's side ---------------------------------------------------------------------------------
-
-
-def _logs(workload: Workload, params: dict[str, Any]) -> str:
-    from compute import agent
-
-    tail = max(0, min(int(params.get("tail_bytes", 64 * 1024)), MAX_TAIL_BYTES))
-    return agent.logs(workload, tail).decode("utf-8", "replace")
-
-
-def _stats(workload: Workload, params: dict[str, Any]) -> dict[str, Any]:
-    from compute import agent
-
-    return agent.stats(workload)
-
-
-def _changes(workload: Workload, params: dict[str, Any]) -> list[dict[str, str]]:
-    from compute import agent
-
-    upper = agent.upper_dir(workload)
-    if not upper.is_dir():
-        return []
-    diff_ids = [layer.diff_id for layer in agent.image_layers(workload)]
-    return [{"kind": c.kind, "path": c.path} for c in agent.store().changes(upper, diff_ids)]
-
-
-def _output(workload: Workload, params: dict[str, Any]) -> dict[str, Any]:
-    from compute import agent
-
-    position = params.get("position")
-    data, after = agent.output_since(workload, int(position) if position is not None else None)
-    return {"data": base64.b64encode(data).decode("ascii"), "position": after}
-
-
-QUERIES: dict[str, Callable[[Workload, dict[str, Any]], Any]] = {
-    "logs": _logs,
-    "output": _output,
-    "stats": _stats,
-    "changes": _changes,
-}
-
-
-def serve(host: Host, wait: float) -> int:
-    """Say this host answers, then answer the requests that arrive within ``wait`` seconds (at most 20,
-    so that the agent loop's other work is never starved); returns how many were answered."""
-    client = _redis()
-    client.set(_alive_key(host.pk), "1", px=ALIVE_TTL_MS)
-    deadline = time.monotonic() + wait
-    answered = 0
-    while answered < 20:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        item = _pop(client, _requests_key(host.pk), max(0.01, remaining))
-        if item is None:
-            break
-        answered += _answer(client, host, item)
-    return answered
-
-
-def _answer(client: redis.Redis, host: Host, raw: bytes) -> int:
-    try:
-        request = json.loads(raw)
-        request_id = uuid.UUID(str(request["id"])).hex
-    except (ValueError, KeyError, TypeError):
-        log.warning("dropped a malformed host request")
-        return 0
-    if float(request.get("deadline", 0)) < time.time():
-        return 0  # its asker has given up
-    try:
-        reply = {"ok": True, "result": _run(host, request)}
-    except ServiceError as error:
-        reply = {"ok": False, "error": error.message}
-    except Exception as error:  # a reply that says why beats a timeout
-        log.exception("host request %s failed", request.get("query"))
-        reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-    key = f"bulkhead:rpc:reply:{request_id}"
-    pipe = client.pipeline()
-    pipe.rpush(key, json.dumps(reply))
-    pipe.expire(key, REPLY_TTL_SECONDS)
-    pipe.execute()
-    return 1
-
-
-def _run(host: Host, request: dict[str, Any]) -> Any:
-    handler = QUERIES.get(str(request.get("query")))
-    if handler is None:
-        raise Conflict(f"Unknown host query {request.get('query')!r}.")
-    workload = (
-        Workload.objects.select_related("host", "image", "tenant")
-        .filter(pk=request.get("workload"), host=host)
-        .first()
-    )
-    if workload is None:
-        raise Conflict("No such workload on this host.")
-    params = request.get("params")
-    return handler(workload, params if isinstance(params, dict) else {})

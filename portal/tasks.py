@@ -86,7 +86,16 @@ def fail_lost_operations() -> list[str]:
     return operations.fail_lost()
 
 
+@app.task(name="portal.sync_broker_users", ignore_result=True)
+def sync_broker_users() -> dict[str, int]:
+    """Each host's Redis ACL user from the credential rows (a restarted Redis has forgotten them)."""
+    from compute.broker_access import sync_broker_users
+
+    return sync_broker_users()
+
+
 app.conf.beat_schedule = {
     **(app.conf.beat_schedule or {}),
     "fail-lost-operations": {"task": "portal.fail_lost_operations", "schedule": 30.0},
+    "sync-broker-users": {"task": "portal.sync_broker_users", "schedule": 30.0},
 }

@@ -17,7 +17,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from compute import host_rpc, hosts, services
+from compute import broker_access, host_rpc, hosts, services
+from compute.host.broker import key_prefix
 from compute.api import serializers as s
 from compute.models import Host, Workload
 from imaging import services as imaging_services
@@ -302,9 +303,12 @@ class JoinView(APIView):
                 "profile": profile,
                 # The host's own secret, shown this once (the host keeps it in its 0600 settings file).
                 "credential": credential,
-                # What an agent needs to reach the portal's database and broker (operator-configured).
+                # What an agent needs to reach the portal and the broker: its own broker user (whose
+                # password is its credential) and key prefix, never the portal's broker password.
                 "env": {
                     **agent_connection_settings(),
+                    "REDIS_URL": broker_access.agent_broker_url(host.pk),
+                    "BULKHEAD_BROKER_KEYPREFIX": key_prefix(host.pk),
                     "BULKHEAD_HOST_CREDENTIAL": credential,
                     "BULKHEAD_PORTAL_URL": request.build_absolute_uri("/").rstrip("/"),
                 },
@@ -320,7 +324,6 @@ def agent_connection_settings() -> dict[str, str]:
         key: value
         for key, value in {
             "DATABASE_URL": getattr(settings, "BULKHEAD_AGENT_DATABASE_URL", ""),
-            "REDIS_URL": getattr(settings, "BULKHEAD_AGENT_REDIS_URL", ""),
         }.items()
         if value
     }

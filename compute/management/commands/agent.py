@@ -18,7 +18,9 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from compute import agent, host_client, host_rpc, hosts, sampling, vm_agent
+from compute import agent, host_client, hosts, vm_agent
+from compute.agent_queries import AgentQueries
+from compute.host import rpc, sampling
 from compute.host.link import HostApiError
 from compute.models import Host
 
@@ -74,6 +76,8 @@ class Command(BaseCommand):
             resumed = agent.resume_after_shutdown(host)
             if resumed:
                 log.info("agent for %s started %d workloads again", host.name, len(resumed))
+        placed = rpc.PlacedWorkloads(portal)
+        answerer = answerer_for(host, placed)
         last_beat = last_repair = last_sample = time.monotonic()
         while not stopping:
             try:
@@ -83,7 +87,7 @@ class Command(BaseCommand):
                     portal.heartbeat()
                     last_beat = time.monotonic()
                 if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
-                    sampling.sample_host(host)
+                    sample_host(host, placed)
                     report_volume_pool(host, make=False)
                     last_sample = time.monotonic()
                 if time.monotonic() - last_repair >= NETWORK_REPAIR_SECONDS:
@@ -91,7 +95,7 @@ class Command(BaseCommand):
                     last_repair = time.monotonic()
             except Exception:
                 log.exception("agent loop error")
-            wait_answering(host)
+            wait_answering(answerer)
         if options["stop_workloads_on_exit"]:
             stopped = agent.shut_down_host(host)
             log.info("agent for %s stopped %d workloads and removed its networks", host.name, len(stopped))
@@ -155,11 +159,34 @@ REPORTED_FACTS = {
 }
 
 
-def wait_answering(host: Host) -> None:
+def answerer_for(host: Host, placed: rpc.PlacedWorkloads) -> rpc.Answerer:
+    """Answers the portal's questions on the host's own broker connection (REDIS_URL: on a joined host,
+    its own ACL user), about the workloads the portal placed on it, from the request alone."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=EXIT_POLL_SECONDS + 10)
+    return rpc.Answerer(client, host.pk, rpc.handlers_for(AgentQueries(host)), placed.holds)
+
+
+def sample_host(host: Host, placed: rpc.PlacedWorkloads) -> int:
+    """One sampling round (`compute.host.sampling`) of the running workloads the portal placed here."""
+    from compute import network_agent, network_services
+
+    queries = AgentQueries(host)
+    return sampling.sample_host(
+        agent.portal_link(host),
+        placed.running(),
+        queries.stats,
+        host_netns=network_agent.host_netns(host),
+        network_enabled=network_services.network_enabled(host),
+    )
+
+
+def wait_answering(answerer: rpc.Answerer) -> None:
     """The loop's pause: answer the portal's questions about this host's workloads meanwhile."""
     started = time.monotonic()
     try:
-        host_rpc.serve(host, EXIT_POLL_SECONDS)
+        answerer.serve(EXIT_POLL_SECONDS)
     except Exception:  # the broker is away: keep the loop's pace, exits are still recorded
         log.exception("could not answer host requests")
     rest = EXIT_POLL_SECONDS - (time.monotonic() - started)
