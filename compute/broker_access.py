@@ -182,3 +182,69 @@ def producer_for_queue(queue: str) -> Iterator[Any]:
             _connections[prefix] = connection
     with producers[connection].acquire(block=True, timeout=10) as producer:
         yield producer
+
+
+def audit_broker_denials() -> int:
+    """What Redis refused a host's broker user (its `ACL LOG`: a key, channel or command outside its
+    grant, or a failed AUTH as a host user) into the audit log as `host.broker.denied`, then cleared.
+
+    Redis 7.0's log has no entry ids, so the log is read and reset in one MULTI/EXEC (nothing slips in
+    between); entries of other users are left out of the audit (the portal's own user is not a host)."""
+    from compute.models import Host
+    from tenants import audit
+    from tenants.actors import Actor
+
+    client = _admin()
+    with client.pipeline(transaction=True) as pipe:
+        pipe.execute_command("ACL", "LOG")
+        pipe.execute_command("ACL", "LOG", "RESET")
+        entries, _ = pipe.execute()
+    recorded = 0
+    by_user: dict[str, Host | None] = {}
+    for raw in entries or []:
+        entry = _acl_log_entry(raw)
+        user = entry.get("username", "")
+        if not (user.startswith("h.") and len(user) == 34):
+            continue
+        if user not in by_user:
+            by_user[user] = Host.objects.filter(id=_host_uuid(user)).first()
+        host = by_user[user]
+        audit.record(
+            Actor.system(f"host {host.name}" if host else user),
+            "host.broker.denied",
+            host,
+            outcome="denied",
+            object_type="host" if host is None else "",
+            object_id=_host_uuid(user) if host is None else "",
+            details={
+                "reason": entry.get("reason", ""),
+                "context": entry.get("context", ""),
+                "object": entry.get("object", "")[:200],
+                "count": int(entry.get("count") or 1),
+                "address": _field(entry.get("client-info", ""), "addr"),
+            },
+        )
+        recorded += 1
+    return recorded
+
+
+def _acl_log_entry(raw: Any) -> dict[str, str]:
+    items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=False)
+    return {
+        (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+        for k, v in items
+    }
+
+
+def _field(client_info: str, name: str) -> str:
+    for part in client_info.split():
+        key, _, value = part.partition("=")
+        if key == name:
+            return value[:64]
+    return ""
+
+
+def _host_uuid(user: str) -> str:
+    import uuid
+
+    return str(uuid.UUID(user[2:]))
