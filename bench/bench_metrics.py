@@ -171,8 +171,10 @@ def history_bytes() -> dict[str, int]:
 
 
 def sampling_cost(containers: int, rounds: int) -> dict[str, float]:
-    from compute import agent, sampling
+    from compute import agent
+    from compute.host.rpc import PlacedWorkloads
     from compute.hosts import register_host
+    from compute.management.commands.agent import sample_host
     from compute.models import Host, Workload
     from compute.runtimes.oci import ContainerSpec
     from imaging.models import Image
@@ -215,12 +217,13 @@ def sampling_cost(containers: int, rounds: int) -> dict[str, float]:
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(start, rows))
-        sampling.sample_host(host)  # creates the series rows: the first round is not a steady state
+        placed = PlacedWorkloads(agent.portal_link(host))
+        sample_host(host, placed)  # creates the series rows: the first round is not a steady state
         ours: list[float] = []
         floor: list[float] = []
         for _ in range(rounds):
             started = time.process_time()
-            sampled = sampling.sample_host(host)
+            sampled = sample_host(host, placed)
             ours.append(time.process_time() - started)
             assert sampled == containers, sampled
             started = time.process_time()

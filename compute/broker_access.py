@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -74,7 +74,7 @@ def grant(host_id: Any, secret_hash: str) -> None:
     """Write the host's broker user with this credential; connections made with an older one are cut."""
     client = _admin()
     user = broker_user(host_id)
-    current = client.acl_getuser(user)
+    current = _acl_user(client, user)
     client.execute_command("ACL", "SETUSER", user, *acl_rules(host_id, secret_hash))
     if current and list(current.get("passwords") or []) != [secret_hash]:
         _disconnect(client, user)  # a rotation: the old password's sessions end now, not at their next AUTH
@@ -86,6 +86,10 @@ def revoke(host_id: Any) -> None:
     user = broker_user(host_id)
     client.execute_command("ACL", "DELUSER", user)
     _disconnect(client, user)
+
+
+def _acl_user(client: redis.Redis, user: str) -> dict[str, Any] | None:
+    return cast("dict[str, Any] | None", client.acl_getuser(user))
 
 
 def _disconnect(client: redis.Redis, user: str) -> None:
@@ -106,12 +110,13 @@ def sync_broker_users() -> dict[str, int]:
             "host_id", "secret_hash"
         )
     }
-    existing = {name.decode() if isinstance(name, bytes) else str(name) for name in client.acl_users()}
+    names = cast("list[Any]", client.acl_users())
+    existing = {name.decode() if isinstance(name, bytes) else str(name) for name in names}
     written = removed = 0
     for user, (host_id, secret_hash) in wanted.items():
-        current = client.acl_getuser(user) if user in existing else None
-        same_password = bool(current) and list(current.get("passwords") or []) == [secret_hash]
-        if same_password and _rules_match(current, host_id):
+        current = _acl_user(client, user) if user in existing else None
+        same_password = current is not None and list(current.get("passwords") or []) == [secret_hash]
+        if current is not None and same_password and _rules_match(current, host_id):
             continue
         grant(host_id, secret_hash)
         written += 1
