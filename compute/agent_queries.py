@@ -52,3 +52,9 @@ class AgentQueries:
         if not upper.is_dir():
             return []
         return [{"kind": c.kind, "path": c.path} for c in agent.store().changes(upper, list(target.diff_ids))]
+
+    def open_console(self, target: Target) -> Any:
+        """The micro-VM's serial console as a nonblocking libvirt stream (relayed by the agent)."""
+        from compute.vm_agent import vm_runtime
+
+        return vm_runtime(self.host).open_console(uuid.UUID(target.workload_id), nonblocking=True)

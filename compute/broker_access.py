@@ -37,6 +37,8 @@ HOST_COMMANDS = (
     # kombu's Redis transport: consume (BRPOP), publish (LPUSH), ack and restore (unacked hash, its index
     # and mutex, in MULTI/EXEC transactions under WATCH), queue bindings (sets), sizes, purge.
     "brpop", "rpop", "lpush", "rpush", "llen", "del", "exists",
+    # The relay of a micro-VM's console (compute.host.console) takes its input with LPOP.
+    "lpop",
     "sadd", "srem", "smembers",
     "hset", "hget", "hdel", "hlen",
     "zadd", "zrem", "zrevrangebyscore",

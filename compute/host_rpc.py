@@ -99,3 +99,49 @@ def ask(workload: Workload, query: str, timeout: float = ASK_TIMEOUT_SECONDS, **
     if not answer.get("ok"):
         raise Conflict(str(answer.get("error") or "The host could not answer."))
     return answer.get("result")
+
+
+class HostConsole:
+    """The portal's end of a micro-VM console relayed by its host's agent (`compute.host.console`)."""
+
+    def __init__(self, workload: Workload) -> None:
+        from compute.host import console
+
+        assert workload.host_id is not None
+        self.workload = workload
+        self.session = uuid.uuid4().hex
+        self.alive = console.session_key(workload.host_id, self.session)
+        self.inbox = console.input_key(workload.host_id, self.session)
+        self.outbox = console.output_key(workload.host_id, self.session)
+        self._refreshed = 0.0
+
+    def open(self) -> None:
+        """Ask the host to relay the console; raises HostNotAnswering or its refusal."""
+        from compute.host.console import SESSION_TTL_MS
+
+        _redis().set(self.alive, "1", px=SESSION_TTL_MS)
+        self._refreshed = time.monotonic()
+        ask(self.workload, "console", timeout=5, session=self.session)
+
+    def recv(self, timeout: float) -> bytes | None:
+        """Output within ``timeout`` seconds (b"" if none), None once the console ended."""
+        from compute.host.console import DATA, SESSION_TTL_MS
+
+        client = _redis()
+        if time.monotonic() - self._refreshed > 1.0:
+            client.set(self.alive, "1", px=SESSION_TTL_MS)
+            self._refreshed = time.monotonic()
+        item = pop_one(client, self.outbox, timeout)
+        if item is None:
+            return b""
+        return item[1:] if item[:1] == DATA else None
+
+    def send(self, data: bytes) -> None:
+        pipe = _redis().pipeline()
+        pipe.rpush(self.inbox, data[:4096])
+        pipe.expire(self.inbox, REPLY_TTL_SECONDS)
+        pipe.execute()
+
+    def close(self) -> None:
+        """The relay notices within half a second and closes the libvirt stream."""
+        _redis().delete(self.alive, self.outbox)

@@ -18,8 +18,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from compute import broker_access, host_rpc, hosts, services
-from compute.host.broker import key_prefix
 from compute.api import serializers as s
+from compute.host.broker import key_prefix
 from compute.models import Host, Workload
 from imaging import services as imaging_services
 from imaging.models import Image

@@ -22,11 +22,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import redis
 
 from compute.host.broker import key_prefix
+
+if TYPE_CHECKING:
+    from compute.host.console import ConsoleRelays
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +136,8 @@ class WorkloadQueries(Protocol):
 Handler = Callable[[Target, dict[str, Any]], Any]
 
 
-def handlers_for(queries: WorkloadQueries) -> dict[str, Handler]:
-    """The questions a host answers, with their parameters bounded."""
+def handlers_for(queries: WorkloadQueries, consoles: ConsoleRelays | None = None) -> dict[str, Handler]:
+    """The questions a host answers, with their parameters bounded (`console`: with relays to open)."""
 
     def logs(target: Target, params: dict[str, Any]) -> str:
         tail = max(0, min(int(params.get("tail_bytes", 64 * 1024)), MAX_TAIL_BYTES))
@@ -151,7 +154,12 @@ def handlers_for(queries: WorkloadQueries) -> dict[str, Handler]:
     def changes(target: Target, params: dict[str, Any]) -> list[dict[str, str]]:
         return queries.changes(target)
 
-    return {"logs": logs, "output": output, "stats": stats, "changes": changes}
+    def console(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+        if consoles is None or target.isolation != "microvm":
+            raise Refused("This workload has no serial console here.")
+        return consoles.open(target, str(params.get("session") or ""))
+
+    return {"logs": logs, "output": output, "stats": stats, "changes": changes, "console": console}
 
 
 class PlacedWorkloads:

@@ -164,8 +164,12 @@ def answerer_for(host: Host, placed: rpc.PlacedWorkloads) -> rpc.Answerer:
     its own ACL user), about the workloads the portal placed on it, from the request alone."""
     import redis
 
+    from compute.host.console import ConsoleRelays
+
     client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=EXIT_POLL_SECONDS + 10)
-    return rpc.Answerer(client, host.pk, rpc.handlers_for(AgentQueries(host)), placed.holds)
+    queries = AgentQueries(host)
+    consoles = ConsoleRelays(client, host.pk, queries.open_console)
+    return rpc.Answerer(client, host.pk, rpc.handlers_for(queries, consoles), placed.holds)
 
 
 def sample_host(host: Host, placed: rpc.PlacedWorkloads) -> int:
