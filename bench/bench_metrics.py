@@ -171,9 +171,10 @@ def history_bytes() -> dict[str, int]:
 
 
 def sampling_cost(containers: int, rounds: int) -> dict[str, float]:
-    from compute import sampling
     from compute.host.context import host_context
+    from compute.host.rpc import PlacedWorkloads
     from compute.hosts import register_host
+    from compute.management.commands.agent import sample_host
     from compute.models import Host, Workload
     from compute.runtimes.oci import ContainerSpec
     from imaging.models import Image
@@ -217,14 +218,14 @@ def sampling_cost(containers: int, rounds: int) -> dict[str, float]:
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(start, rows))
-        sampling.sample_host(
-            host_context(host.pk)
-        )  # creates the series rows: the first round is not a steady state
+        ctx = host_context(host.pk)
+        placed = PlacedWorkloads(ctx.link)
+        sample_host(ctx, placed)  # creates the series rows: the first round is not a steady state
         ours: list[float] = []
         floor: list[float] = []
         for _ in range(rounds):
             started = time.process_time()
-            sampled = sampling.sample_host(host_context(host.pk))
+            sampled = sample_host(ctx, placed)
             ours.append(time.process_time() - started)
             assert sampled == containers, sampled
             started = time.process_time()

@@ -118,7 +118,7 @@ class WorkloadConsoleConsumer(AsyncWebsocketConsumer):
             return
         data = bytes_data if bytes_data is not None else (text_data or "").encode()
         if data:
-            await asyncio.to_thread(_send_all, stream, data[:4096])
+            await asyncio.to_thread(stream.send, data[:4096])
 
     # -- the pumps ----------------------------------------------------------------------------------
 
@@ -174,18 +174,25 @@ class WorkloadConsoleConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(POLL_INTERVAL)
 
     async def _open_vm_console(self) -> bool:
+        """The serial console through the host's agent, relayed over its own broker connection (the host
+        may be another machine; the web process never opens libvirt)."""
+        from compute.host_rpc import HostConsole
+
         assert self.workload is not None
+        console = HostConsole(self.workload)
         try:
-            self.vm_stream = await asyncio.to_thread(_open_vm_stream, self.workload)
-        except Exception as exc:  # no libvirt here, VM not defined or not running: show its output instead
+            await asyncio.to_thread(console.open)
+        except Exception as exc:  # agent away, VM not running: show its output instead
             log.info("no serial console for %s (%s): streaming its output", self.workload.pk, exc)
+            await asyncio.to_thread(console.close)
             return False
+        self.vm_stream = console
         return True
 
     async def _pump_vm_console(self) -> None:
         polls = 0
         while self.vm_stream is not None:
-            data = await asyncio.to_thread(_recv_nonblocking, self.vm_stream)
+            data = await asyncio.to_thread(self.vm_stream.recv, POLL_INTERVAL)
             if data is None:  # the VM went away: the stream ended
                 await self._notice("notice", message="The console closed (the micro-VM stopped).")
                 await self._close_vm_stream()
@@ -197,12 +204,11 @@ class WorkloadConsoleConsumer(AsyncWebsocketConsumer):
             polls += 1
             if not await self._allowed_still(polls):
                 return
-            await asyncio.sleep(0.05 if polls % 4 else POLL_INTERVAL)
 
     async def _close_vm_stream(self) -> None:
         stream, self.vm_stream = self.vm_stream, None
         if stream is not None:
-            await asyncio.to_thread(_finish_stream, stream)
+            await asyncio.to_thread(stream.close)
 
 
 class OutputFollower:
@@ -219,48 +225,3 @@ class OutputFollower:
         answer = host_rpc.ask(self.workload, "output", position=self.position)
         self.position = int(answer["position"])
         return base64.b64decode(answer["data"])
-
-
-# -- libvirt stream helpers (blocking calls: run in a thread) -------------------------------------
-
-
-def _open_vm_stream(workload: Workload) -> Any:
-    from compute.host.context import host_context
-    from compute.host.drivers.microvm import vm_runtime
-    from compute.runtimes.libvirtd import libvirtd_answers
-
-    assert workload.host is not None
-    if not libvirtd_answers():  # a web server is no place to start libvirtd: show the output instead
-        raise RuntimeError("libvirtd does not answer on this server")
-    return vm_runtime(host_context(workload.host_id)).open_console(workload.pk, nonblocking=True)
-
-
-def _recv_nonblocking(stream: Any) -> bytes | None:
-    """Bytes available now, b"" if none yet, None at the end of the stream."""
-    data = stream.recv(64 * 1024)
-    if data == -2:
-        return b""
-    if not data:
-        return None
-    return bytes(data)
-
-
-def _send_all(stream: Any, data: bytes) -> None:
-    view = memoryview(data)
-    for _ in range(100):
-        if not view:
-            return
-        sent = stream.send(bytes(view))
-        if sent == -2:
-            import time
-
-            time.sleep(0.01)
-            continue
-        view = view[sent:]
-
-
-def _finish_stream(stream: Any) -> None:
-    with contextlib.suppress(Exception):
-        stream.finish()
-    with contextlib.suppress(Exception):
-        stream.abort()

@@ -1,42 +1,36 @@
-"""Questions the portal asks a host's agent and waits for: a workload's logs, stats and changes.
+"""Questions the portal asks a host's agent and waits for: a workload's logs, output, stats and changes.
 
 A host may be another machine: its files (container logs, cgroups, overlay upper directories) are only
-readable there. The portal pushes a request on the host's list in Redis and waits on a reply key; the
-host's agent loop, which already wakes every half second, blocks on that list instead of sleeping and
-answers at once. Requests carry a deadline (a late answer is dropped, not queued behind new ones) and the
-agent keeps a short-lived "answering" key, so a portal asking a host whose agent is not running gets a
-clear 503 at once instead of waiting out the timeout.
+readable there. The portal pushes a request on the host's list in Redis and waits on a reply key, both
+under the host's own key prefix (the only keys its broker user may touch, `compute.broker_access`); the
+host's agent loop answers (`compute.host.rpc`). Requests carry a deadline (a late answer is dropped, not
+queued behind new ones) and the agent keeps a short-lived "answering" key, so a portal asking a host whose
+agent is not running gets a clear 503 at once instead of waiting out the timeout.
 
-Only server-generated values travel: workload ids and sizes; the agent looks the workload up in the
-database and refuses one that is not on its host.
+Only server-generated values travel, resolved here so that the host reads no database row: the
+workload's id, runtime id, isolation and state, and for changes its image's layer DiffIDs.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from functools import cache
-from typing import Any, cast
+from typing import Any
 
 import redis
 from django.conf import settings
 
-from compute.host.context import HostContext
-from compute.host.spec import WorkloadSpec
-from compute.models import Host, Workload
+from compute.host.rpc import Target, alive_key, pop_one, reply_key, requests_key
+from compute.models import Workload
 from portal.errors import Conflict, ServiceError
 
 log = logging.getLogger(__name__)
 
 ASK_TIMEOUT_SECONDS = 10.0
-# The agent refreshes it every loop (0.5 s); three seconds of silence means nobody answers.
-ALIVE_TTL_MS = 3000
 REPLY_TTL_SECONDS = 30
-MAX_TAIL_BYTES = 4 * 1024 * 1024
 
 
 class HostNotAnswering(ServiceError):
@@ -44,23 +38,38 @@ class HostNotAnswering(ServiceError):
     code = "host_not_answering"
 
 
-def _requests_key(host_id: Any) -> str:
-    return f"bulkhead:host:{host_id}:rpc"
-
-
-def _alive_key(host_id: Any) -> str:
-    return f"bulkhead:host:{host_id}:rpc-alive"
-
-
 @cache
 def _redis() -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=ASK_TIMEOUT_SECONDS + 5)
 
 
-def _pop(client: redis.Redis, key: str, timeout: float) -> bytes | None:
-    """BLPOP one key with a fractional timeout (Redis >= 6); the value, or None on timeout."""
-    item = cast("list[bytes] | None", client.blpop([key], timeout=timeout))  # type: ignore[arg-type]
-    return item[1] if item else None
+def is_answering(host_id: Any) -> bool:
+    """Whether the host's agent said within the last seconds that it answers."""
+    return bool(_redis().exists(alive_key(host_id)))
+
+
+def forget_answering(host_id: Any) -> None:
+    _redis().delete(alive_key(host_id))
+
+
+def target_of(workload: Workload, query: str) -> Target:
+    """What the host needs to know about the workload to answer ``query`` (no row read on the host)."""
+    diff_ids: tuple[str, ...] = ()
+    if query == "changes":
+        from imaging.models import ImageLayer
+
+        diff_ids = tuple(
+            ImageLayer.objects.filter(image_id=workload.image_id)
+            .order_by("position")
+            .values_list("layer__diff_id", flat=True)
+        )
+    return Target(
+        workload_id=str(workload.pk),
+        runtime_id=workload.runtime_id,
+        isolation=workload.isolation,
+        state=workload.state,
+        diff_ids=diff_ids,
+    )
 
 
 def ask(workload: Workload, query: str, timeout: float = ASK_TIMEOUT_SECONDS, **params: Any) -> Any:
@@ -69,21 +78,21 @@ def ask(workload: Workload, query: str, timeout: float = ASK_TIMEOUT_SECONDS, **
     if host_id is None:
         raise Conflict("The workload is not placed on a host yet.")
     client = _redis()
-    if not client.exists(_alive_key(host_id)):
+    if not client.exists(alive_key(host_id)):
         raise HostNotAnswering("The workload's host is not answering: is its agent running?")
     request_id = uuid.uuid4().hex
     request = {
         "id": request_id,
         "query": query,
-        "workload": str(workload.pk),
+        "target": target_of(workload, query).wire(),
         "params": params,
         "deadline": time.time() + timeout,
     }
     pipe = client.pipeline()
-    pipe.rpush(_requests_key(host_id), json.dumps(request))
-    pipe.expire(_requests_key(host_id), int(timeout) + REPLY_TTL_SECONDS)
+    pipe.rpush(requests_key(host_id), json.dumps(request))
+    pipe.expire(requests_key(host_id), int(timeout) + REPLY_TTL_SECONDS)
     pipe.execute()
-    reply = _pop(client, f"bulkhead:rpc:reply:{request_id}", timeout)
+    reply = pop_one(client, reply_key(host_id, request_id), timeout)
     if reply is None:
         raise HostNotAnswering(f"The workload's host did not answer within {timeout:.0f} s.")
     answer = json.loads(reply)
@@ -92,99 +101,47 @@ def ask(workload: Workload, query: str, timeout: float = ASK_TIMEOUT_SECONDS, **
     return answer.get("result")
 
 
-# --- the agent's side ---------------------------------------------------------------------------------
+class HostConsole:
+    """The portal's end of a micro-VM console relayed by its host's agent (`compute.host.console`)."""
 
+    def __init__(self, workload: Workload) -> None:
+        from compute.host import console
 
-# The agent answers from the workload's spec (served by the portal through its link), never a row.
+        assert workload.host_id is not None
+        self.workload = workload
+        self.session = uuid.uuid4().hex
+        self.alive = console.session_key(workload.host_id, self.session)
+        self.inbox = console.input_key(workload.host_id, self.session)
+        self.outbox = console.output_key(workload.host_id, self.session)
+        self._refreshed = 0.0
 
+    def open(self) -> None:
+        """Ask the host to relay the console; raises HostNotAnswering or its refusal."""
+        from compute.host.console import SESSION_TTL_MS
 
-def _logs(ctx: HostContext, spec: WorkloadSpec, params: dict[str, Any]) -> str:
-    from compute.host import agent
+        _redis().set(self.alive, "1", px=SESSION_TTL_MS)
+        self._refreshed = time.monotonic()
+        ask(self.workload, "console", timeout=5, session=self.session)
 
-    tail = max(0, min(int(params.get("tail_bytes", 64 * 1024)), MAX_TAIL_BYTES))
-    return agent.logs(ctx, spec, tail).decode("utf-8", "replace")
+    def recv(self, timeout: float) -> bytes | None:
+        """Output within ``timeout`` seconds (b"" if none), None once the console ended."""
+        from compute.host.console import DATA, SESSION_TTL_MS
 
-
-def _stats(ctx: HostContext, spec: WorkloadSpec, params: dict[str, Any]) -> dict[str, Any]:
-    from compute.host import agent
-
-    return agent.stats(ctx, spec)
-
-
-def _changes(ctx: HostContext, spec: WorkloadSpec, params: dict[str, Any]) -> list[dict[str, str]]:
-    from compute.host import agent
-
-    return agent.changes(ctx, spec, [layer.diff_id for layer in spec.layers])
-
-
-def _output(ctx: HostContext, spec: WorkloadSpec, params: dict[str, Any]) -> dict[str, Any]:
-    from compute.host import agent
-
-    position = params.get("position")
-    data, after = agent.output_since(ctx, spec, int(position) if position is not None else None)
-    return {"data": base64.b64encode(data).decode("ascii"), "position": after}
-
-
-QUERIES: dict[str, Callable[[HostContext, WorkloadSpec, dict[str, Any]], Any]] = {
-    "logs": _logs,
-    "output": _output,
-    "stats": _stats,
-    "changes": _changes,
-}
-
-
-def serve(host: Host, wait: float) -> int:
-    """Say this host answers, then answer the requests that arrive within ``wait`` seconds (at most 20,
-    so that the agent loop's other work is never starved); returns how many were answered."""
-    client = _redis()
-    client.set(_alive_key(host.pk), "1", px=ALIVE_TTL_MS)
-    deadline = time.monotonic() + wait
-    answered = 0
-    while answered < 20:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        item = _pop(client, _requests_key(host.pk), max(0.01, remaining))
+        client = _redis()
+        if time.monotonic() - self._refreshed > 1.0:
+            client.set(self.alive, "1", px=SESSION_TTL_MS)
+            self._refreshed = time.monotonic()
+        item = pop_one(client, self.outbox, timeout)
         if item is None:
-            break
-        answered += _answer(client, host, item)
-    return answered
+            return b""
+        return item[1:] if item[:1] == DATA else None
 
+    def send(self, data: bytes) -> None:
+        pipe = _redis().pipeline()
+        pipe.rpush(self.inbox, data[:4096])
+        pipe.expire(self.inbox, REPLY_TTL_SECONDS)
+        pipe.execute()
 
-def _answer(client: redis.Redis, host: Host, raw: bytes) -> int:
-    try:
-        request = json.loads(raw)
-        request_id = uuid.UUID(str(request["id"])).hex
-    except (ValueError, KeyError, TypeError):
-        log.warning("dropped a malformed host request")
-        return 0
-    if float(request.get("deadline", 0)) < time.time():
-        return 0  # its asker has given up
-    try:
-        reply = {"ok": True, "result": _run(host, request)}
-    except ServiceError as error:
-        reply = {"ok": False, "error": error.message}
-    except Exception as error:  # a reply that says why beats a timeout
-        log.exception("host request %s failed", request.get("query"))
-        reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-    key = f"bulkhead:rpc:reply:{request_id}"
-    pipe = client.pipeline()
-    pipe.rpush(key, json.dumps(reply))
-    pipe.expire(key, REPLY_TTL_SECONDS)
-    pipe.execute()
-    return 1
-
-
-def _run(host: Host, request: dict[str, Any]) -> Any:
-    handler = QUERIES.get(str(request.get("query")))
-    if handler is None:
-        raise Conflict(f"Unknown host query {request.get('query')!r}.")
-    from compute.host.agent import spec_of
-    from compute.host.context import host_context
-
-    ctx = host_context(host.pk)
-    spec = spec_of(ctx, request.get("workload"))
-    if spec is None:
-        raise Conflict("No such workload on this host.")
-    params = request.get("params")
-    return handler(ctx, spec, params if isinstance(params, dict) else {})
+    def close(self) -> None:
+        """The relay notices within half a second and closes the libvirt stream."""
+        _redis().delete(self.alive, self.outbox)

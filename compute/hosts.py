@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import secrets
@@ -22,6 +23,8 @@ from portal import events
 from portal.errors import Conflict, Invalid, NotPermitted, ServiceError
 from tenants import audit
 from tenants.actors import Actor
+
+log = logging.getLogger(__name__)
 
 LOST_AFTER = timedelta(seconds=45)
 JOIN_TOKEN_TTL = timedelta(minutes=30)
@@ -300,11 +303,30 @@ HOST_CREDENTIAL_PREFIX = "bhh_"
 def issue_host_credential(*, actor: Actor, host: Host) -> str:
     """A new credential for the host (the previous one stops working); the secret, shown once."""
     secret = HOST_CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+    secret_hash = hash_join_secret(secret)
     with transaction.atomic():
         HostCredential.objects.filter(host=host, revoked_at__isnull=True).update(revoked_at=timezone.now())
-        HostCredential.objects.create(host=host, secret_hash=hash_join_secret(secret))
+        HostCredential.objects.create(host=host, secret_hash=secret_hash)
         audit.record(actor, "host.credential.issue", host)
+        # The credential is also the password of the host's broker user: the old one is refused at once.
+        transaction.on_commit(lambda: _broker_user_changed(host.pk, secret_hash))
     return secret
+
+
+def _broker_user_changed(host_id: Any, secret_hash: str | None) -> None:
+    """Write (or remove) the host's Redis ACL user; if the broker is away now, the beat's sweep
+    (`broker_access.sync_broker_users`) does it when it answers again."""
+    import redis
+
+    from compute import broker_access
+
+    try:
+        if secret_hash is None:
+            broker_access.revoke(host_id)
+        else:
+            broker_access.grant(host_id, secret_hash)
+    except redis.exceptions.RedisError as error:
+        log.warning("broker user of host %s not updated yet: %s", host_id, error)
 
 
 @audit.denials_audited
@@ -321,6 +343,7 @@ def revoke_host_credentials(*, actor: Actor, host: Host) -> int:
     active = HostCredential.objects.filter(host=host, revoked_at__isnull=True)
     revoked = active.update(revoked_at=timezone.now())
     audit.record(actor, "host.credential.revoke", host, details={"revoked": revoked})
+    transaction.on_commit(lambda: _broker_user_changed(host.pk, None))
     return revoked
 
 

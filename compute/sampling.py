@@ -1,4 +1,6 @@
-"""Sampling: the host agent records its workloads' and its own figures every BULKHEAD_SAMPLE_SECONDS.
+"""Sampling, the portal's side: the host agent measures its workloads and itself every
+BULKHEAD_SAMPLE_SECONDS (`compute.host.sampling`) and reports them through the host API; here they are
+recorded.
 
 Each sample updates one `MetricSeries` row per object: the latest raw counters (what `/metrics` serves,
 so a scrape reads rows and never asks a host) and a fixed-size round-robin history (portal/rrd.py, what
@@ -8,16 +10,13 @@ the pages plot). Tenant series are the sum of their workloads, recorded by the p
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
 from django.db import connection, transaction
 from django.utils import timezone
 
-from compute.choices import WorkloadState
 from portal.models import MetricSeries
 from portal.rrd import RANGES, Archive
 
@@ -110,88 +109,6 @@ def history(kind: str, object_id: Any, range_name: str) -> dict[str, Any]:
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float | Decimal) else None
-
-
-def workload_sample(stats: dict[str, Any], network: dict[str, int] | None) -> dict[str, Any]:
-    """The series' figures from an agent's `stats()` answer and the workload's network counters."""
-    cpu_ns = stats.get("cpu_usage_ns")
-    return {
-        "cpu_seconds": cpu_ns / 1e9 if isinstance(cpu_ns, int | float) else None,
-        "memory_bytes": stats.get("memory_bytes"),
-        "net_rx_bytes": (network or {}).get("rx_bytes", stats.get("net_rx_bytes")),
-        "net_tx_bytes": (network or {}).get("tx_bytes", stats.get("net_tx_bytes")),
-        "block_read_bytes": stats.get("block_read_bytes"),
-        "block_write_bytes": stats.get("block_write_bytes"),
-    }
-
-
-def sample_host(ctx: Any) -> int:
-    """Measure every running workload of the host (`compute.host.context.HostContext`) and the host
-    itself and report them to the portal (which timestamps them); returns the workloads sampled."""
-    from compute.host import agent
-
-    running = [spec for spec in ctx.specs() if spec.state == WorkloadState.RUNNING]
-    veth_counters = _container_network_counters(ctx, running)
-    samples: dict[str, Any] = {}
-    for spec in running:
-        try:
-            stats = agent.stats(ctx, spec)
-        except Exception as error:  # gone between the query and the read: next round
-            log.debug("no stats for %s: %s", spec.id, error)
-            continue
-        if stats:
-            samples[str(spec.id)] = workload_sample(stats, veth_counters.get(spec.id))
-    # The portal records them (and counts what is allocated on the host itself): the host API.
-    ctx.link.record_samples(
-        samples, {"cpu_seconds": _host_cpu_seconds(), "memory_used_bytes": _host_memory_used()}
-    )
-    return len(samples)
-
-
-def _container_network_counters(ctx: Any, specs: Iterable[Any]) -> dict[Any, dict[str, int]]:
-    """rx/tx bytes per container, from the host ends of their veths (one netlink dump for all).
-
-    The host end receives what the container sends: its rx is the container's tx."""
-    from compute.choices import Isolation
-    from compute.network.names import host_veth_name_for
-    from compute.network.netns import iproute
-
-    containers = [spec for spec in specs if spec.isolation == Isolation.NAMESPACE]
-    if not containers or not ctx.profile.network_enabled:
-        return {}
-    by_ifname = {host_veth_name_for(spec.runtime_id): spec.id for spec in containers}
-    counters: dict[Any, dict[str, int]] = {}
-    try:
-        with iproute(ctx.profile.netns) as ipr:
-            for link in ipr.get_links():
-                workload_id = by_ifname.get(link.get_attr("IFLA_IFNAME"))
-                stats = link.get_attr("IFLA_STATS64")
-                if workload_id is not None and stats is not None:
-                    counters[workload_id] = {"rx_bytes": stats["tx_bytes"], "tx_bytes": stats["rx_bytes"]}
-    except OSError as error:
-        log.debug("no network counters on %s: %s", ctx.profile.name, error)
-    return counters
-
-
-def _host_cpu_seconds() -> float | None:
-    """CPU time the whole machine spent busy (all CPUs), from /proc/stat."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = stat.readline().split()[1:]
-    except OSError:
-        return None
-    ticks = [int(value) for value in fields]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _host_memory_used() -> int | None:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo if line.strip()}
-    except (OSError, ValueError, IndexError):
-        return None
-    return values.get("MemTotal", 0) - values.get("MemAvailable", 0)
 
 
 def sample_tenants(now: float | None = None) -> int:

@@ -19,6 +19,7 @@ ADMIN_USERNAME = "admin"
 class BootstrapResult:
     message: str
     agent_queues: list[str] = field(default_factory=list)
+    agent_host: str = ""
     agent_command: list[str] = field(default_factory=list)
 
 
@@ -50,5 +51,6 @@ def bootstrap() -> BootstrapResult:
         return result
     host = register_local_host(actor=system)
     result.agent_queues = [host.queue]
+    result.agent_host = str(host.pk)
     result.agent_command = ["manage.py", "agent", "--host", str(host.pk)]
     return result

@@ -186,6 +186,7 @@ def _queue_depths() -> Iterator[tuple[str, int]]:
     import redis
     from django.conf import settings
 
+    from compute.host.broker import host_id_of_queue, key_prefix
     from compute.models import Host
 
     queues = ["default", *(host.queue for host in Host.objects.only("id"))]
@@ -193,7 +194,9 @@ def _queue_depths() -> Iterator[tuple[str, int]]:
         client = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=2)
         with client.pipeline(transaction=False) as pipe:
             for queue in queues:
-                pipe.llen(queue)
+                host_id = host_id_of_queue(queue)
+                # A host's queue lives under its own key prefix (compute.host.broker).
+                pipe.llen(queue if host_id is None else key_prefix(host_id) + queue)
             lengths = pipe.execute()
     except redis.exceptions.RedisError:
         return

@@ -50,8 +50,12 @@ def start(
     op_id = str(op.pk)
 
     def send() -> None:
+        from compute.broker_access import producer_for_queue
+
         try:
-            task.apply_async(args=[op_id], task_id=op_id, queue=queue, retry=False)
+            # A host's queue lives under its own key prefix (its broker user sees nothing else).
+            with producer_for_queue(queue) as producer:
+                task.apply_async(args=[op_id], task_id=op_id, queue=queue, retry=False, producer=producer)
         except Exception as exc:  # any broker failure: the row says why, the caller goes on
             fail(op_id, "Could not queue the task; try again.", detail=operator_detail(exc))
         else:

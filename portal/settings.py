@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -166,6 +168,12 @@ def _embedded_redis_password() -> str:
 
 # The embedded default (`make run`) always has a password; deployments give a URL with one.
 REDIS_URL = env("REDIS_URL") or f"redis://:{_embedded_redis_password()}@127.0.0.1:6379/0"
+# A joined host's agent.env names its own broker user (`redis://h.<hex>@broker/0`) and holds its credential
+# once: that credential is the user's password (compute.broker_access).
+if env("BULKHEAD_HOST_CREDENTIAL"):
+    from compute.host.broker import url_with_credential
+
+    REDIS_URL = url_with_credential(REDIS_URL, env("BULKHEAD_HOST_CREDENTIAL"))
 
 CACHES = {
     "default": {
@@ -201,7 +209,20 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("BULKHEAD_TASK_SOFT_TIME_LIMIT", 900)
 CELERY_TASK_TIME_LIMIT = env_int("BULKHEAD_TASK_TIME_LIMIT", 960)
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {"visibility_timeout": 3600}
+# A host's worker: every key it touches (its queue and kombu's unacked bookkeeping) under the host's own
+# prefix, the only keys its broker user may touch. Remote control and events would need channels and
+# queues outside it and nothing in the portal uses them: off (compute/broker_access.py).
+BULKHEAD_BROKER_KEYPREFIX = env("BULKHEAD_BROKER_KEYPREFIX")
+if BULKHEAD_BROKER_KEYPREFIX:
+    from compute.host.broker import is_key_prefix
+
+    if not is_key_prefix(BULKHEAD_BROKER_KEYPREFIX):
+        raise ImproperlyConfigured("BULKHEAD_BROKER_KEYPREFIX must be h.<host hex>:")
+    CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = BULKHEAD_BROKER_KEYPREFIX
+    CELERY_WORKER_ENABLE_REMOTE_CONTROL = False
+    CELERY_WORKER_SEND_TASK_EVENTS = False
+    CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 

@@ -168,6 +168,18 @@ def worker_command(queues: list[str], node_name: str) -> list[str]:
     ]  # fmt: skip
 
 
+def host_worker(host_id: str, node_name: str) -> tuple[list[str], dict[str, str]]:
+    """A host's worker: its one queue, every key under the host's prefix (settings turn remote control
+    and events off), and none of gossip/mingle/heartbeat, which broadcast on the portal's channels."""
+    from compute.host.broker import host_queue, key_prefix
+
+    command = [
+        *worker_command([host_queue(host_id)], node_name),
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    return command, {**os.environ, "BULKHEAD_BROKER_KEYPREFIX": key_prefix(host_id)}
+
+
 def ensure_libvirtd_if_available() -> None:
     try:
         from compute.runtimes.libvirtd import ensure_libvirtd
@@ -221,11 +233,16 @@ def run(bind: str, port: int) -> int:
         from portal.bootstrap import bootstrap
 
         login = bootstrap()
+        from compute.broker_access import sync_broker_users
+
+        sync_broker_users()  # the hosts' broker users, from the credential rows
         python = sys.executable
-        stack.spawn(
-            "worker",
-            worker_command(["default", *login.agent_queues], f"portal@{settings.BULKHEAD_HOST_NAME}"),
-        )
+        stack.spawn("worker", worker_command(["default"], f"portal@{settings.BULKHEAD_HOST_NAME}"))
+        if login.agent_host:
+            # This machine's host: its queue under its own prefix, like any host's (the portal's
+            # connection reads every key; a joined host's broker user only its own).
+            command, env = host_worker(login.agent_host, f"host@{settings.BULKHEAD_HOST_NAME}")
+            stack.spawn("host-worker", command, env=env)
         beat_schedule = str(settings.DATA_DIR / "celerybeat-schedule")
         stack.spawn(
             "beat", [python, "-m", "celery", "-A", "portal", "beat", "-l", "WARNING", "-s", beat_schedule]
@@ -256,7 +273,8 @@ def run_agent(env_file: Path) -> int:
 
     def start(stack: Stack) -> str:
         ensure_libvirtd_if_available()
-        stack.spawn("worker", worker_command([f"host.{host_id}"], f"agent@{host_name}"))
+        command, env = host_worker(host_id, f"agent@{host_name}")
+        stack.spawn("worker", command, env=env)
         stack.spawn("agent", [sys.executable, "manage.py", "agent", "--host", host_id])
         return f"Agent of host {host_name} is running."
 

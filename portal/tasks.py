@@ -86,7 +86,17 @@ def fail_lost_operations() -> list[str]:
     return operations.fail_lost()
 
 
+@app.task(name="portal.sync_broker_users", ignore_result=True)
+def sync_broker_users() -> dict[str, int]:
+    """Each host's Redis ACL user from the credential rows (a restarted Redis has forgotten them), and what
+    the broker refused a host into the audit log."""
+    from compute.broker_access import audit_broker_denials, sync_broker_users
+
+    return {**sync_broker_users(), "denials": audit_broker_denials()}
+
+
 app.conf.beat_schedule = {
     **(app.conf.beat_schedule or {}),
     "fail-lost-operations": {"task": "portal.fail_lost_operations", "schedule": 30.0},
+    "sync-broker-users": {"task": "portal.sync_broker_users", "schedule": 30.0},
 }

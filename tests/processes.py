@@ -75,8 +75,13 @@ def celery_worker(
 
     pool: "solo" runs tasks in the worker process itself; "prefork" in one pool process, as `make run`
     does (a pool process that dies is replaced and its task redelivered)."""
+    from compute.host.broker import host_id_of_queue, key_prefix
+
     argv = ["-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1", "-P", pool]
     argv += ["-n", f"{name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    host_id = host_id_of_queue(queues)
+    if host_id is not None:  # a host's worker reads its queue under the host's key prefix, as in production
+        env = {"BULKHEAD_BROKER_KEYPREFIX": key_prefix(host_id), **env}
     with process(argv, f"test-worker-{name}.log", **env) as proc:
         yield proc
 
@@ -114,7 +119,7 @@ def host_agent(
     from compute import host_rpc
 
     if resynced:  # a previous agent's "answering" mark must not count
-        host_rpc._redis().delete(host_rpc._alive_key(host.pk))
+        host_rpc.forget_answering(host.pk)
     log = open(ROOT / "var" / f"test-agent-{host.name}.log", "wb")  # noqa: SIM115 - closed below
     loop = subprocess.Popen(
         [sys.executable, "manage.py", "agent", "--host", str(host.pk)],
@@ -129,7 +134,7 @@ def host_agent(
         ) as worker:
             if resynced:
                 wait_until(
-                    lambda: host_rpc._redis().exists(host_rpc._alive_key(host.pk)),
+                    lambda: host_rpc.is_answering(host.pk),
                     timeout=120,
                     what="the agent's re-sync at start",
                 )

@@ -17,8 +17,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from compute import host_rpc, hosts, services
+from compute import broker_access, host_rpc, hosts, services
 from compute.api import serializers as s
+from compute.host.broker import key_prefix
 from compute.models import Host, Workload
 from imaging import services as imaging_services
 from imaging.models import Image
@@ -311,23 +312,18 @@ class JoinView(APIView):
                 "profile": profile,
                 # The host's own secret, shown this once (the host keeps it in its 0600 settings file).
                 "credential": credential,
-                # What an agent needs: the portal's URL, its own credential, the broker. Never a database
-                # URL: a host's agent reads and writes no row (compute/host, the host API).
+                # What an agent needs: the portal's URL, its own credential, its own broker user (whose
+                # password is that credential) and key prefix. Never a database URL (a host's agent reads
+                # and writes no row) nor the portal's broker password.
                 "env": {
-                    **agent_connection_settings(),
+                    "REDIS_URL": broker_access.agent_broker_url(host.pk),
+                    "BULKHEAD_BROKER_KEYPREFIX": key_prefix(host.pk),
                     "BULKHEAD_HOST_CREDENTIAL": credential,
                     "BULKHEAD_PORTAL_URL": request.build_absolute_uri("/").rstrip("/"),
                 },
             },
             status=status.HTTP_201_CREATED,
         )
-
-
-def agent_connection_settings() -> dict[str, str]:
-    from django.conf import settings
-
-    broker = getattr(settings, "BULKHEAD_AGENT_REDIS_URL", "")
-    return {"REDIS_URL": broker} if broker else {}
 
 
 class HostBlobView(APIView):

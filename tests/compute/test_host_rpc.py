@@ -1,4 +1,5 @@
-"""The portal asks a host's agent about its workloads over Redis (compute.host_rpc), real Redis."""
+"""The portal asks a host's agent about its workloads over Redis (compute.host_rpc, answered by
+compute.host.rpc), real Redis."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Any
 import pytest
 
 from compute import host_rpc
+from compute.host import rpc
 from compute.models import Host, Workload
 from portal.errors import Conflict
-from tests.compute.host_rpc_helpers import answering
+from tests.compute.host_rpc_helpers import answerer_for, answering
 from tests.conftest import World, client_for
 from tests.imaging.images import db_image
 
@@ -31,12 +33,13 @@ def a_workload(world: World, host_name: str = "rpc-host") -> Workload:
 
 def test_it_answers_a_question_through_the_hosts_agent(world: World) -> None:
     workload = a_workload(world)
-    host_rpc.QUERIES["echo"] = lambda ctx, spec, params: {"name": spec.name, **params}
-    try:
-        with answering(workload.host):  # type: ignore[arg-type]
-            assert host_rpc.ask(workload, "echo", size=3) == {"name": "w-rpc-host", "size": 3}
-    finally:
-        del host_rpc.QUERIES["echo"]
+
+    def echo(target: rpc.Target, params: dict[str, Any]) -> dict[str, Any]:
+        return {"runtime_id": target.runtime_id, "isolation": target.isolation, **params}
+
+    with answering(workload.host, {"echo": echo}):  # type: ignore[arg-type]
+        answer = host_rpc.ask(workload, "echo", size=3)
+    assert answer == {"runtime_id": workload.runtime_id, "isolation": "namespace", "size": 3}
 
 
 def test_it_says_at_once_when_the_host_does_not_answer(world: World) -> None:
@@ -50,39 +53,54 @@ def test_it_says_at_once_when_the_host_does_not_answer(world: World) -> None:
 def test_it_passes_a_refusal_back_and_refuses_unknown_questions(world: World) -> None:
     workload = a_workload(world)
 
-    def refuse(ctx: Any, spec: Any, params: dict[str, Any]) -> Any:
+    def refuse(target: rpc.Target, params: dict[str, Any]) -> Any:
         raise Conflict("not today")
 
-    host_rpc.QUERIES["refuse"] = refuse
-    try:
-        with answering(workload.host):  # type: ignore[arg-type]
-            with pytest.raises(Conflict, match="not today"):
-                host_rpc.ask(workload, "refuse")
-            with pytest.raises(Conflict, match="Unknown host query"):
-                host_rpc.ask(workload, "rm -rf /")
-    finally:
-        del host_rpc.QUERIES["refuse"]
+    with answering(workload.host, {"refuse": refuse}):  # type: ignore[arg-type]
+        with pytest.raises(Conflict, match="not today"):
+            host_rpc.ask(workload, "refuse")
+        with pytest.raises(Conflict, match="Unknown host query"):
+            host_rpc.ask(workload, "rm -rf /")
+
+
+def forged(target: dict[str, Any], request_id: str, query: str = "stats") -> str:
+    return json.dumps({"id": request_id, "query": query, "target": target, "params": {}, "deadline": 1e12})
 
 
 def test_an_agent_answers_only_for_workloads_on_its_own_host(world: World) -> None:
     mine = a_workload(world, "host-a")
     theirs = a_workload(world, "host-b")
     client = host_rpc._redis()
-    # A request for host-b's workload pushed onto host-a's list (as a confused or hostile sender would).
-    request = {"id": "0" * 32, "query": "stats", "workload": str(theirs.pk), "params": {}, "deadline": 1e12}
-    client.rpush(host_rpc._requests_key(mine.host_id), json.dumps(request))
-    host_rpc.serve(mine.host, 0.2)  # type: ignore[arg-type]
-    reply = json.loads(client.blpop(["bulkhead:rpc:reply:" + "0" * 32], timeout=1)[1])  # type: ignore[index]
+    # A request for host-b's workload pushed onto host-a's list (as a confused or hostile sender would),
+    # naming it exactly as the portal would: host-a reads no row, but it knows what is placed on it.
+    client.rpush(rpc.requests_key(mine.host_id), forged(host_rpc.target_of(theirs, "stats").wire(), "0" * 32))
+    answerer_for(mine.host).serve(0.2)  # type: ignore[arg-type]
+    reply = json.loads(client.blpop([rpc.reply_key(mine.host_id, "0" * 32)], timeout=1)[1])  # type: ignore[index]
     assert reply == {"ok": False, "error": "No such workload on this host."}
+
+
+def test_it_refuses_a_runtime_id_that_would_leave_its_directory(world: World) -> None:
+    workload = a_workload(world)
+    client = host_rpc._redis()
+    target = {**host_rpc.target_of(workload, "logs").wire(), "runtime_id": "../../etc"}
+    client.rpush(rpc.requests_key(workload.host_id), forged(target, "2" * 32, "logs"))
+    answerer_for(workload.host).serve(0.2)  # type: ignore[arg-type]
+    reply = json.loads(client.blpop([rpc.reply_key(workload.host_id, "2" * 32)], timeout=1)[1])  # type: ignore[index]
+    assert reply == {"ok": False, "error": "The request names no workload."}
 
 
 def test_it_drops_questions_whose_asker_gave_up(world: World) -> None:
     workload = a_workload(world)
     client = host_rpc._redis()
-    request = {"id": "1" * 32, "query": "stats", "workload": str(workload.pk), "params": {}, "deadline": 1}
-    client.rpush(host_rpc._requests_key(workload.host_id), json.dumps(request), b"not json")
-    assert host_rpc.serve(workload.host, 0.2) == 0  # type: ignore[arg-type]
-    assert client.llen("bulkhead:rpc:reply:" + "1" * 32) == 0
+    request = {
+        "id": "1" * 32,
+        "query": "stats",
+        "target": host_rpc.target_of(workload, "stats").wire(),
+        "deadline": 1,
+    }
+    client.rpush(rpc.requests_key(workload.host_id), json.dumps(request), b"not json")
+    assert answerer_for(workload.host).serve(0.2) == 0  # type: ignore[arg-type]
+    assert client.llen(rpc.reply_key(workload.host_id, "1" * 32)) == 0
 
 
 def test_the_api_reads_logs_through_the_agent_and_answers_503_without_one(world: World) -> None:

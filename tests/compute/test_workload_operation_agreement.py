@@ -55,7 +55,7 @@ def test_an_agent_starting_while_a_worker_has_just_claimed_a_creation_leaves_it_
     world: World, busybox: Any, store_dir: Path
 ) -> None:
     h = make_host("bht-claimrace")
-    host_rpc._redis().delete(host_rpc._alive_key(h.pk))
+    host_rpc.forget_answering(h.pk)
     # The worker stops right after its claim, long enough for an agent loop to start and re-sync.
     paused = {
         "BULKHEAD_PAUSEPOINT": f"operation.claimed:{CLAIM_PAUSE_S}",
@@ -76,7 +76,7 @@ def test_an_agent_starting_while_a_worker_has_just_claimed_a_creation_leaves_it_
             loop = ["manage.py", "agent", "--host", str(h.pk)]
             with process(loop, f"test-agent-{h.name}.log", BULKHEAD_STORE_DIR=str(store_dir)):
                 wait_until(
-                    lambda: host_rpc._redis().exists(host_rpc._alive_key(h.pk)),
+                    lambda: host_rpc.is_answering(h.pk),
                     timeout=60,
                     what="the agent loop's re-sync at start",
                 )

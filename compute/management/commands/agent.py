@@ -19,8 +19,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from compute import host_rpc, sampling
-from compute.host import agent, network
+from compute.host import agent, network, rpc, sampling
 from compute.host.config import local
 from compute.host.context import HostContext, host_context
 from compute.host.link import HostApiError, link_to_portal
@@ -109,6 +108,8 @@ class Command(BaseCommand):
             resumed = agent.resume_after_shutdown(ctx)
             if resumed:
                 log.info("agent for %s started %d workloads again", host.name, len(resumed))
+        placed = rpc.PlacedWorkloads(ctx.link)
+        answerer = answerer_for(ctx, placed)
         last_beat = last_repair = last_sample = time.monotonic()
         while not stopping:
             try:
@@ -118,7 +119,7 @@ class Command(BaseCommand):
                     agent.adopt_unknown(ctx)
                     last_beat = time.monotonic()
                 if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
-                    sampling.sample_host(ctx)
+                    sample_host(ctx, placed)
                     report_volume_pool(host, make=False)
                     last_sample = time.monotonic()
                 if time.monotonic() - last_repair >= NETWORK_REPAIR_SECONDS:
@@ -126,7 +127,7 @@ class Command(BaseCommand):
                     last_repair = time.monotonic()
             except Exception:
                 log.exception("agent loop error")
-            wait_answering(host)
+            wait_answering(answerer)
         if options["stop_workloads_on_exit"]:
             stopped = agent.shut_down_host(ctx)
             log.info("agent for %s stopped %d workloads and removed its networks", host.name, len(stopped))
@@ -198,11 +199,38 @@ REPORTED_FACTS = {
 }
 
 
-def wait_answering(host: HostRef) -> None:
+def answerer_for(ctx: HostContext, placed: rpc.PlacedWorkloads) -> rpc.Answerer:
+    """Answers the portal's questions on the host's own broker connection (REDIS_URL: on a joined host,
+    its own ACL user), about the workloads the portal placed on it, from the request alone."""
+    import redis
+
+    from compute.host.console import ConsoleRelays
+    from compute.host.queries import SpecQueries
+
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=EXIT_POLL_SECONDS + 10)
+    queries = SpecQueries(ctx)
+    consoles = ConsoleRelays(client, ctx.host_id, queries.open_console)
+    return rpc.Answerer(client, ctx.host_id, rpc.handlers_for(queries, consoles), placed.holds)
+
+
+def sample_host(ctx: HostContext, placed: rpc.PlacedWorkloads) -> int:
+    """One sampling round (`compute.host.sampling`) of the running workloads the portal placed here."""
+    from compute.host.queries import SpecQueries
+
+    return sampling.sample_host(
+        ctx.link,
+        placed.running(),
+        SpecQueries(ctx).stats,
+        host_netns=ctx.profile.netns,
+        network_enabled=ctx.profile.network_enabled,
+    )
+
+
+def wait_answering(answerer: rpc.Answerer) -> None:
     """The loop's pause: answer the portal's questions about this host's workloads meanwhile."""
     started = time.monotonic()
     try:
-        host_rpc.serve(host, EXIT_POLL_SECONDS)  # type: ignore[arg-type]  # its id is what it uses
+        answerer.serve(EXIT_POLL_SECONDS)
     except Exception:  # the broker is away: keep the loop's pace, exits are still recorded
         log.exception("could not answer host requests")
     rest = EXIT_POLL_SECONDS - (time.monotonic() - started)
