@@ -11,6 +11,7 @@ import os
 import threading
 from typing import Any
 
+from backups.in_process_link import InProcessVolumeCalls  # volumes, snapshots, backups (issue 17)
 from compute.host.link import (
     NOT_APPLIED,
     NOT_FOUND,
@@ -24,7 +25,7 @@ from compute.host.link import (
 from portal.tasks import OperationTask
 
 
-class InProcessLink:
+class InProcessLink(InProcessVolumeCalls):
     """The portal's own machine: the same services the host API's views call, without HTTP."""
 
     def __init__(self, host: Any) -> None:

@@ -62,6 +62,9 @@ class Command(BaseCommand):
         portal = agent.portal_link(host)
         portal.heartbeat()
         report_facts(host)
+        # Before the workloads' re-sync (which fails what its host's dead worker was running): volume
+        # and backup operations whose worker died are queued again instead (issue 17).
+        resume_volume_operations(host)
         report = agent.resync(host, since=started)
         log.info("agent for %s re-synced: %s", host.name, report)
         if options["once"]:
@@ -81,6 +84,7 @@ class Command(BaseCommand):
                 vm_agent.handle_exits(host)
                 if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
                     portal.heartbeat()
+                    resume_volume_operations(host)
                     last_beat = time.monotonic()
                 if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
                     sampling.sample_host(host)
@@ -110,9 +114,22 @@ def report_volume_pool(host: Host, *, make: bool) -> None:
     try:
         if make or volume_agent.pool_ready(host):
             volume_agent.report_pool(host)
-            volume_agent.sample_usage(host)
     except Exception:
         log.exception("volume pool of %s", host.name)
+
+
+def resume_volume_operations(host: Host) -> None:
+    """Volume and backup operations of this host whose worker died (their lock is free): queued again,
+    or failed past their resume limit; the work is idempotent."""
+    from volumes import agent as volume_agent
+
+    try:
+        resumed = volume_agent.resume_interrupted(host)
+    except Exception:
+        log.exception("could not resume the volume operations of %s", host.name)
+        return
+    if resumed:
+        log.info("agent for %s handed back interrupted volume operations: %s", host.name, resumed)
 
 
 def report_facts(host: Host) -> None:
