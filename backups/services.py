@@ -223,8 +223,9 @@ def delete_backup(*, actor: Actor, backup: Backup) -> None:
 def fail_abandoned() -> int:
     """Backups and restoring volumes whose operation ended without them (failed, cancelled, or lost
     with its host) become failed, so a new backup of the volume is not refused as "under way" forever
-    and garbage collection is not held off. A killed worker's task is redelivered by the broker and
-    converges by itself; this is for the operations that will never run again."""
+    and garbage collection is not held off. An operation whose worker was killed is handed back by its
+    host's agent and converges (`compute.host.volumes.resume_interrupted`); this is for the operations
+    that will never run again."""
     from django.db.models import Exists, OuterRef
 
     ended = Operation.objects.filter(finished_at__isnull=False).exclude(state=OperationState.SUCCEEDED)

@@ -400,3 +400,28 @@ def test_a_remote_hosts_worker_killed_while_sending_or_fetching_chunks_converges
             "BULKHEAD_HOST_CREDENTIAL": secret,
         }
         kill_and_converge(pool_host, env, point, start, check)
+
+
+def test_an_agent_that_stays_up_hands_back_the_work_of_a_worker_that_died(
+    world: World, pool_host: Host, store_dir: Path, backup_dir: Path
+) -> None:
+    """Only the worker dies (and is started again, as a supervisor would): the agent loop, still up,
+    finds the operation's lock free at its next beat (every 10 s) and has it queued again."""
+    from tests.processes import celery_worker
+
+    start, check = restore_snapshot(world, pool_host, backup_dir)
+    env = agent_env(backup_dir, store_dir)
+    with host_agent(pool_host, {"BULKHEAD_FAILPOINT": "pool.restore.old"}, resynced=True, **env) as worker:
+        op_id = start()
+        wait_until(
+            lambda: worker.poll() is not None, timeout=90, what="the worker killed at pool.restore.old"
+        )
+        began = time.monotonic()
+        with celery_worker(queues=pool_host.queue, name=f"{pool_host.name}-again", **env):
+            op = finished(op_id, timeout=CONVERGE_SECONDS)
+            seconds = time.monotonic() - began
+        assert op.state == "succeeded", (op.error, op.operator_details)
+        check(op)
+        mounted_once_on_one_loop(pool_host)
+    print(f"worker alone restarted: converged in {seconds:.1f} s")
+    released_without_leftovers(pool_host)
