@@ -14,6 +14,7 @@ quota row lock whenever a backup finishes or is deleted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -147,8 +148,23 @@ def claim_backup(backup_id: Any) -> bool:
     return bool(claimed)
 
 
-def finish_backup(backup_id: Any, result: BackupResult, chunks: list[tuple[str, int, int]]) -> Backup:
-    """Record a finished backup and its chunks, recount the tenant's backup bytes, prune its schedule."""
+@dataclass(frozen=True)
+class HostBackupFigures:
+    """What a host reports of a finished backup. The chunks, their sizes and the stored bytes are read
+    from the portal's own copy of the manifest, never taken from the host."""
+
+    manifest: str
+    files: int
+    source_bytes: int
+    new_bytes: int
+    bytes_read: int
+
+
+def finish_backup(
+    backup_id: Any, result: HostBackupFigures | BackupResult, chunks: list[tuple[str, int, int]]
+) -> Backup:
+    """Record a finished backup and its chunks (as the portal's store lists them), recount the tenant's
+    backup bytes, prune its schedule."""
     with transaction.atomic():
         backup = (
             Backup.objects.select_for_update(of=("self",))
@@ -167,10 +183,10 @@ def finish_backup(backup_id: Any, result: BackupResult, chunks: list[tuple[str, 
             manifest=result.manifest,
             files=result.files,
             source_bytes=result.source_bytes,
-            stored_bytes=result.stored_bytes,
-            new_bytes=result.new_chunk_bytes,
+            stored_bytes=sum({digest: stored for digest, _, stored in chunks}.values()),
+            new_bytes=result.new_bytes if isinstance(result, HostBackupFigures) else result.new_chunk_bytes,
             bytes_read=result.bytes_read,
-            chunks=result.distinct_chunks,
+            chunks=len({digest for digest, _, _ in chunks}),
             finished_at=timezone.now(),
             status_message="",
         )
@@ -207,8 +223,9 @@ def delete_backup(*, actor: Actor, backup: Backup) -> None:
 def fail_abandoned() -> int:
     """Backups and restoring volumes whose operation ended without them (failed, cancelled, or lost
     with its host) become failed, so a new backup of the volume is not refused as "under way" forever
-    and garbage collection is not held off. A killed worker's task is redelivered by the broker and
-    converges by itself; this is for the operations that will never run again."""
+    and garbage collection is not held off. An operation whose worker was killed is handed back by its
+    host's agent and converges (`compute.host.volumes.resume_interrupted`); this is for the operations
+    that will never run again."""
     from django.db.models import Exists, OuterRef
 
     ended = Operation.objects.filter(finished_at__isnull=False).exclude(state=OperationState.SUCCEEDED)
@@ -285,38 +302,6 @@ def restore_backup(
         queue=chosen.queue,
         params={"backup": str(locked.pk)},
     )
-
-
-def restoring_on(host: Any, manifest: str) -> bool:
-    """Whether a restore of a backup with this manifest into a volume on `host` is under way: what
-    lets that host fetch the backup's manifest and chunks (NodeRestriction)."""
-    backups = Backup.objects.filter(manifest=manifest, state=BackupState.READY).values_list("pk", flat=True)
-    volumes = Volume.objects.filter(host=host, state=VolumeState.RESTORING).values_list("pk", flat=True)
-    return Operation.objects.filter(
-        kind="backup.restore",
-        target_id__in=[str(v) for v in volumes],
-        params__backup__in=[str(b) for b in backups],
-        finished_at__isnull=True,
-    ).exists()
-
-
-def backing_up_on(host: Any) -> bool:
-    """Whether a backup of a volume on `host` is running: what lets that host upload chunks and
-    manifests (each checked by digest on arrival)."""
-    running = Backup.objects.filter(volume__host=host, state=BackupState.RUNNING).values_list("pk", flat=True)
-    return Operation.objects.filter(
-        kind="backup.create", target_id__in=[str(b) for b in running], finished_at__isnull=True
-    ).exists()
-
-
-def chunk_restoring_on(host: Any, digest: str) -> bool:
-    """Whether a chunk belongs to a backup being restored on `host`."""
-    manifests = (
-        Backup.objects.filter(chunk_rows__digest=digest, state=BackupState.READY)
-        .values_list("manifest", flat=True)
-        .distinct()
-    )
-    return any(restoring_on(host, m) for m in manifests)
 
 
 # ---------------------------------------------------------------------------------------- verify, export

@@ -1,17 +1,20 @@
-"""Backup tasks. Thin: load the rows, call backups.agent (host queue) or backups.services (portal)."""
+"""Backup tasks. Thin: on the volume's host queue the work comes through the host link and runs in
+`compute.host.backups`; verify and export run on the portal's queue and call backups.services."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
-from backups import agent, services
+from backups import services
 from backups.models import Backup
+from compute.host import backups as host_backups
+from compute.host.tasks import HostOperationTask
+from imaging.store import BackupStore
 from portal.celery import app
-from portal.errors import tenant_message
 from portal.models import Operation
 from portal.tasks import OperationTask
-from volumes import agent as volume_agent
-from volumes.models import Volume
+from volumes.tasks import VolumeHostTask, failure_message, run_work
 
 
 def _op(task: OperationTask, op_id: str) -> Operation:
@@ -27,33 +30,33 @@ def _backup(backup_id: Any) -> Backup | None:
     )
 
 
-@app.task(base=OperationTask, bind=True, name="backups.run_backup")
-def run_backup(self: OperationTask, op_id: str) -> dict[str, Any]:
-    backup = _backup(_op(self, op_id).target_id)
-    if backup is None:
-        return {"skipped": "backup deleted"}
-    try:
-        return agent.run_backup(backup, self.progress)
-    except Exception as exc:
-        services.fail_backup(backup.pk, tenant_message(exc))
-        raise
+@app.task(base=VolumeHostTask, bind=True, name="backups.run_backup")
+def run_backup(self: HostOperationTask, op_id: str) -> dict[str, Any]:
+    def do(link: Any, place: Any, work: dict[str, Any], progress: Any) -> dict[str, Any]:
+        try:
+            return host_backups.run_backup(link, place, host_store(), work, progress)
+        except Exception as exc:
+            if work.get("backup") is not None:
+                with contextlib.suppress(Exception):  # the operation's failure is reported either way
+                    link.report_backup(work["backup"]["id"], "fail", message=failure_message(exc))
+            raise
+
+    return run_work(self, op_id, do)
 
 
-@app.task(base=OperationTask, bind=True, name="backups.restore_backup")
-def restore_backup(self: OperationTask, op_id: str) -> dict[str, Any]:
-    op = _op(self, op_id)
-    volume = Volume.objects.select_related("host", "tenant").filter(pk=op.target_id).first()
-    backup = _backup(op.params.get("backup"))
-    if volume is None:
-        return {"skipped": "volume deleted"}
-    if backup is None:
-        volume_agent.fail(volume, None, "The backup was deleted before it was restored.")
-        return {"skipped": "backup deleted"}
-    try:
-        return agent.restore_backup(volume, backup, self.progress)
-    except Exception as exc:
-        volume_agent.fail(volume, None, tenant_message(exc))
-        raise
+@app.task(base=VolumeHostTask, bind=True, name="backups.restore_backup")
+def restore_backup(self: HostOperationTask, op_id: str) -> dict[str, Any]:
+    def do(link: Any, place: Any, work: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return host_backups.restore_backup(link, place, host_store(), work, progress)
+
+    return run_work(self, op_id, do)
+
+
+def host_store() -> BackupStore:
+    """This host's backup store (on the portal's machine, the portal's store itself)."""
+    from django.conf import settings
+
+    return BackupStore(settings.BULKHEAD_BACKUP_DIR)
 
 
 @app.task(base=OperationTask, bind=True, name="backups.verify_backup")

@@ -5,7 +5,7 @@ workloads placed on it, the operations on its queue, the compartments it serves.
 the host its credential proved (never a host id from the request), validates the report, writes the
 rows by conditional update and publishes the event. A report about anything else is refused as if it
 did not exist (404) and audited as denied. The HTTP views (`compute/api/host_views.py`) and the agent's
-in-process link for the portal's own machine (`compute/host_client.py`) both call these functions, so
+in-process link for the portal's own machine (`InProcessLink` below) both call these functions, so
 a host on the portal's machine goes through the same checks as one on another machine.
 """
 
@@ -20,6 +20,7 @@ from django.db.models import F, Sum
 from django.utils import timezone
 
 from compute.choices import WorkloadState
+from backups.in_process_link import InProcessVolumeCalls
 from compute.models import Host, Workload
 from portal import events
 from portal.errors import Conflict, Explained, Invalid, NotPermitted, ServiceError
@@ -764,7 +765,7 @@ def _fail_interrupted(op: Any, before: Any, error: Any) -> bool:
 # --- the portal's own machine: the same services without HTTP -------------------------------------
 
 
-class InProcessLink:
+class InProcessLink(InProcessVolumeCalls):
     """`compute.host.link.PortalLink` for a host on the portal's own machine (`make run`'s `local`, test
     agents without a portal URL): the very services the host API's views call, with the same values,
     so both kinds of host are checked alike."""

@@ -1,95 +1,62 @@
-"""Volume tasks on the volume's host queue (`host.<id>`). Thin: load the rows, call volumes.agent."""
+"""Volume tasks on the volume's host queue (`host.<id>`). Thin: ask the portal for the operation's work
+(through the host link) and hand it to `compute.host.volumes`; the worker holds the operation's lock on
+the host from before its claim to its end (what the agent's resume reads as "alive")."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
+from compute.host import volumes as host_volumes
+from compute.host.backups import BackupUnavailable
+from compute.host.context import HostContext, host_context
+from compute.host.tasks import HostOperationTask
 from portal.celery import app
 from portal.errors import tenant_message
-from portal.models import Operation
-from portal.tasks import OperationTask
-from volumes import agent
-from volumes.models import Snapshot, Volume
 
 
-def _op(task: OperationTask, op_id: str) -> Operation:
-    op = task.operation
-    return op if op is not None and str(op.pk) == str(op_id) else Operation.objects.get(pk=op_id)
+class VolumeHostTask(HostOperationTask):
+    abstract = True
+
+    def held_while_running(self, ctx: HostContext, op_id: str) -> contextlib.AbstractContextManager[Any]:
+        from volumes.agent import operation_locks_dir
+
+        return host_volumes.operation_lock(operation_locks_dir(), op_id)
 
 
-def _volume(volume_id: Any) -> Volume | None:
-    return Volume.objects.select_related("host", "tenant").filter(pk=volume_id).first()
+def failure_message(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, BackupUnavailable) else tenant_message(exc)
 
 
-def _snapshot(snapshot_id: Any) -> Snapshot | None:
-    return Snapshot.objects.select_related("volume__host", "volume__tenant").filter(pk=snapshot_id).first()
+def run_work(task: HostOperationTask, op_id: str, do: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Fetch the work, do it; on an error tell the portal its objects failed (then fail the operation)."""
+    from volumes.agent import place_for
 
-
-def _guarded(volume: Volume | None, snap: Snapshot | None, work: Any) -> dict[str, Any]:
+    host_id = task.host_id()
+    link = host_context(host_id).link
+    work = link.volume_work(op_id)
     try:
-        result: dict[str, Any] = work()
+        return do(link, place_for(host_id), work, task.progress)
     except Exception as exc:
-        agent.fail(volume, snap, tenant_message(exc))
+        volume, snap = host_volumes.work_objects(work)
+        with contextlib.suppress(Exception):  # the operation's failure is reported either way
+            host_volumes.fail(link, volume, snap, failure_message(exc))
         raise
-    return result
 
 
-@app.task(base=OperationTask, bind=True, name="volumes.create_volume")
-def create_volume(self: OperationTask, op_id: str) -> dict[str, Any]:
-    volume = _volume(_op(self, op_id).target_id)
-    if volume is None:
-        return {"skipped": "volume deleted"}
-    return _guarded(volume, None, lambda: agent.create(volume, self.progress))
+def _volume_task(name: str) -> Any:
+    @app.task(base=VolumeHostTask, bind=True, name=name)
+    def run(self: HostOperationTask, op_id: str) -> dict[str, Any]:
+        return run_work(self, op_id, host_volumes.run)
+
+    return run
 
 
-@app.task(base=OperationTask, bind=True, name="volumes.resize_volume")
-def resize_volume(self: OperationTask, op_id: str) -> dict[str, Any]:
-    volume = _volume(_op(self, op_id).target_id)
-    if volume is None:
-        return {"skipped": "volume deleted"}
-    return _guarded(volume, None, lambda: agent.resize(volume, self.progress))
-
-
-@app.task(base=OperationTask, bind=True, name="volumes.delete_volume")
-def delete_volume(self: OperationTask, op_id: str) -> dict[str, Any]:
-    volume = _volume(_op(self, op_id).target_id)
-    if volume is None:
-        return {"skipped": "already deleted"}
-    return agent.delete(volume, self.progress)
-
-
-@app.task(base=OperationTask, bind=True, name="volumes.snapshot_volume")
-def snapshot_volume(self: OperationTask, op_id: str) -> dict[str, Any]:
-    snap = _snapshot(_op(self, op_id).target_id)
-    if snap is None:
-        return {"skipped": "snapshot deleted"}
-    return _guarded(None, snap, lambda: agent.snapshot(snap, self.progress))
-
-
-@app.task(base=OperationTask, bind=True, name="volumes.restore_snapshot")
-def restore_snapshot(self: OperationTask, op_id: str) -> dict[str, Any]:
-    snap = _snapshot(_op(self, op_id).target_id)
-    if snap is None:
-        return {"skipped": "snapshot deleted"}
-    return _guarded(snap.volume, None, lambda: agent.restore(snap, self.progress))
-
-
-@app.task(base=OperationTask, bind=True, name="volumes.clone_snapshot")
-def clone_snapshot(self: OperationTask, op_id: str) -> dict[str, Any]:
-    op = _op(self, op_id)
-    volume = _volume(op.target_id)
-    snap = _snapshot(op.params.get("snapshot"))
-    if volume is None:
-        return {"skipped": "volume deleted"}
-    if snap is None:
-        agent.fail(volume, None, "The snapshot was deleted before the clone was made.")
-        return {"skipped": "snapshot deleted"}
-    return _guarded(volume, None, lambda: agent.clone(volume, snap, self.progress))
-
-
-@app.task(base=OperationTask, bind=True, name="volumes.delete_snapshot")
-def delete_snapshot(self: OperationTask, op_id: str) -> dict[str, Any]:
-    snap = _snapshot(_op(self, op_id).target_id)
-    if snap is None:
-        return {"skipped": "already deleted"}
-    return agent.delete_snapshot(snap, self.progress)
+create_volume = _volume_task("volumes.create_volume")
+resize_volume = _volume_task("volumes.resize_volume")
+delete_volume = _volume_task("volumes.delete_volume")
+snapshot_volume = _volume_task("volumes.snapshot_volume")
+restore_snapshot = _volume_task("volumes.restore_snapshot")
+clone_snapshot = _volume_task("volumes.clone_snapshot")
+delete_snapshot = _volume_task("volumes.delete_snapshot")

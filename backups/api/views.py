@@ -10,24 +10,18 @@ from django.http import FileResponse
 from django.http.response import HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotAuthenticated, NotFound
-from rest_framework.permissions import AllowAny
+from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from backups import services
 from backups.api import serializers as s
 from backups.models import Backup, BackupSchedule
-from compute import hosts
-from compute.api.views import DIGEST_PATTERN, accepted
+from compute.api.views import accepted
 from compute.models import Host
-from imaging.store import DigestMismatch, LimitExceeded, UnsafeEntry
 from portal.api.viewsets import ReadOnlyPermissionLayerViewSet
 from portal.errors import Invalid
 from portal.models import Operation, OperationState
-from tenants import audit
-from tenants.actors import Actor
 from tenants.api.serializers import OperationSerializer
 from tenants.api.views import UUID_LOOKUP, require_operator
 from volumes.models import Snapshot, Volume
@@ -154,128 +148,3 @@ class BackupScheduleViewSet(ReadOnlyPermissionLayerViewSet):
     def destroy(self, request: Request, pk: str) -> Response:
         services.delete_schedule(actor=self.actor, schedule=self.write_object())
         return Response(status=204)
-
-
-class _HostView(APIView):
-    """Authenticated by the host's own credential (`Authorization: Bearer bhh_…`), like host blobs."""
-
-    authentication_classes: list[Any] = []
-    permission_classes = [AllowAny]
-
-    def get_authenticate_header(self, request: Request) -> str:
-        return 'Bearer realm="bulkhead-hosts"'
-
-    def host(self, request: Request) -> Host:
-        from tenants.authentication import check_auth_throttle, note_auth_failure
-
-        check_auth_throttle(request)
-        scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
-        host = hosts.host_for_credential(secret.strip()) if scheme.lower() == "bearer" else None
-        if host is None:
-            note_auth_failure(request, "bad host credential")
-            raise NotAuthenticated("A host credential is needed.")
-        return host
-
-    def refuse(self, host: Host, action: str, digest: str) -> NotFound:
-        audit.record_denied(Actor.system(f"host {host.name}"), action, digest=digest[:80], host=host.name)
-        return NotFound("No such backup data for this host.")
-
-
-class HostBackupManifestView(_HostView):
-    """`GET /api/v1/hosts/backup-manifests/<digest>/`: a backup's manifest, only to a host restoring
-    that backup into a volume placed on it (another host's or nobody's answers 404, audited)."""
-
-    @extend_schema(exclude=True)
-    def get(self, request: Request, pk: str) -> HttpResponseBase:
-        digest = pk
-        host = self.host(request)
-        if not (DIGEST_PATTERN.match(digest) and services.restoring_on(host, digest)):
-            raise self.refuse(host, "host.backup_manifest.fetch", digest)
-        path = services.backup_store().root / "manifests" / digest.removeprefix("sha256:")
-        if not path.is_file():
-            raise self.refuse(host, "host.backup_manifest.fetch", digest)
-        return FileResponse(open(path, "rb"), content_type="application/json")
-
-    @extend_schema(exclude=True)
-    def put(self, request: Request, pk: str) -> Response:
-        """A manifest from a host running a backup: validated as hostile input, named by its digest."""
-        digest = pk
-        host = self.host(request)
-        if not (DIGEST_PATTERN.match(digest) and services.backing_up_on(host)):
-            raise self.refuse(host, "host.backup_manifest.upload", digest)
-        try:
-            stored = services.backup_store().put_manifest(_body(request, MAX_UPLOAD * 4))
-        except (UnsafeEntry, LimitExceeded, ValueError):
-            raise Invalid("Not a valid backup manifest.") from None
-        if stored != digest:
-            raise Invalid("The manifest does not match its digest.")
-        return Response(status=201)
-
-
-MAX_UPLOAD = 64 << 20  # a chunk's frame is at most ~4 MiB; a manifest of a million files ~ 200 MiB
-
-
-def _body(request: Request, limit: int) -> bytes:
-    # The raw stream: Django's `body` refuses anything over DATA_UPLOAD_MAX_MEMORY_SIZE.
-    data: bytes = request._request.read(limit + 1)
-    if len(data) > limit:
-        raise Invalid("Too large.")
-    return data
-
-
-class HostBackupMissingView(_HostView):
-    """`POST /api/v1/hosts/backup-missing/` `{"chunks": [digest, ...]}`: which of these chunks the
-    portal's store lacks, for a host that is running a backup (it uploads only those)."""
-
-    @extend_schema(exclude=True)
-    def post(self, request: Request) -> Response:
-        host = self.host(request)
-        if not services.backing_up_on(host):
-            raise self.refuse(host, "host.backup_chunk.upload", "")
-        chunks = request.data.get("chunks") if isinstance(request.data, dict) else None
-        if not isinstance(chunks, list) or len(chunks) > 100_000:
-            raise Invalid("Give at most 100,000 chunk digests.", field="chunks")
-        store = services.backup_store()
-        missing = [
-            d
-            for d in chunks
-            if isinstance(d, str) and DIGEST_PATTERN.match(d) and not store.chunk_path(d).is_file()
-        ]
-        return Response({"missing": missing})
-
-
-class HostBackupChunkView(_HostView):
-    """`GET /api/v1/hosts/backup-chunks/<digest>/`: a chunk's zstd frame, only to a host restoring a
-    backup that uses it into a volume placed on it."""
-
-    @extend_schema(exclude=True)
-    def get(self, request: Request, pk: str) -> HttpResponseBase:
-        digest = pk
-        host = self.host(request)
-        if not (DIGEST_PATTERN.match(digest) and services.chunk_restoring_on(host, digest)):
-            raise self.refuse(host, "host.backup_chunk.fetch", digest)
-        path = services.backup_store().chunk_path(digest)
-        if not path.is_file():
-            raise self.refuse(host, "host.backup_chunk.fetch", digest)
-        return FileResponse(open(path, "rb"), content_type="application/zstd")
-
-    @extend_schema(exclude=True)
-    def put(self, request: Request, pk: str) -> Response:
-        """A chunk's zstd frame from a host running a backup (`?length=<uncompressed bytes>`); kept
-        only if it inflates to that many bytes hashing to `digest`."""
-        digest = pk
-        host = self.host(request)
-        if not (DIGEST_PATTERN.match(digest) and services.backing_up_on(host)):
-            raise self.refuse(host, "host.backup_chunk.upload", digest)
-        try:
-            length = int(request.query_params.get("length", ""))
-        except ValueError:
-            raise Invalid("length is the chunk's uncompressed size.", field="length") from None
-        try:
-            added = services.backup_store().add_chunk(digest, length, _body(request, MAX_UPLOAD))
-        except (DigestMismatch, LimitExceeded):
-            audit.record_denied(
-                Actor.system(f"host {host.name}"), "host.backup_chunk.upload", digest=digest, host=host.name
-            )
-            raise Invalid("The chunk does not match its digest.") from None
-        return Response(status=201 if added else 200)

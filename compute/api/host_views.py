@@ -195,3 +195,206 @@ class HostOperationsView(HostAPIView):
 
     def get(self, request: Request) -> Response:
         return Response(host_reports.running_operations(self.host))
+# --- volumes, snapshots and backups on this host (issue 17; services in volumes/ and backups/) -------
+MAX_CHUNK_BODY = 16 << 20  # a chunk's frame is at most ~4 MiB
+MAX_MANIFEST_BODY = 256 << 20  # a manifest of a million files ~ 200 MiB
+
+
+def _raw_body(request: Request, limit: int) -> bytes:
+    # The raw stream: Django's `body` refuses anything over DATA_UPLOAD_MAX_MEMORY_SIZE.
+    data: bytes = request._request.read(limit + 1)
+    if len(data) > limit:
+        from portal.errors import Invalid
+
+        raise Invalid("Too large.")
+    return data
+
+
+def _fields(body: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {name: body[name] for name in names if name in body}
+
+
+@extend_schema(exclude=True)
+class HostVolumeOperationsView(HostAPIView):
+    """GET: this host's running volume and backup operations (the agent finds those whose worker died)."""
+
+    def get(self, request: Request) -> Response:
+        from backups import host_reports as backup_reports
+
+        return Response({"operations": backup_reports.volume_operations(self.host)})
+
+
+@extend_schema(exclude=True)
+class HostVolumeOperationView(HostAPIView):
+    """GET: what the host needs to do one volume, snapshot or backup operation on its queue."""
+
+    def get(self, request: Request, pk: str) -> Response:
+        from backups import host_reports as backup_reports
+
+        return Response(backup_reports.operation_work(self.host, pk))
+
+
+@extend_schema(exclude=True)
+class HostVolumeOperationResumeView(HostAPIView):
+    """POST: the operation's worker died (its lock on the host is free): queue it again, or fail it."""
+
+    def post(self, request: Request, pk: str) -> Response:
+        from backups import host_reports as backup_reports
+
+        return Response(backup_reports.resume_operation(actor=self.actor, host=self.host, op_id=pk))
+
+
+@extend_schema(exclude=True)
+class HostVolumeView(HostAPIView):
+    """POST {event: ready | failed | usage | deleted, message, used_bytes}: a volume on this host."""
+
+    def post(self, request: Request, pk: str) -> Response:
+        from volumes import host_reports as volume_reports
+
+        body = self.body()
+        return Response(
+            volume_reports.report_volume(
+                actor=self.actor,
+                host=self.host,
+                volume_id=pk,
+                event=body.get("event"),
+                **_fields(body, "message", "used_bytes"),
+            )
+        )
+
+
+@extend_schema(exclude=True)
+class HostSnapshotView(HostAPIView):
+    """POST {event: ready | failed | deleted, message, used_bytes}: a snapshot of a volume on this host."""
+
+    def post(self, request: Request, pk: str) -> Response:
+        from volumes import host_reports as volume_reports
+
+        body = self.body()
+        return Response(
+            volume_reports.report_snapshot(
+                actor=self.actor,
+                host=self.host,
+                snapshot_id=pk,
+                event=body.get("event"),
+                **_fields(body, "message", "used_bytes"),
+            )
+        )
+
+
+@extend_schema(exclude=True)
+class HostVolumePoolView(HostAPIView):
+    """POST {pool: {total_bytes, used_bytes, free_bytes, embedded}}: the host's volume pool."""
+
+    def post(self, request: Request) -> Response:
+        from volumes import host_reports as volume_reports
+
+        pool = self.body().get("pool")
+        return Response(volume_reports.report_volume_pool(actor=self.actor, host=self.host, pool=pool))
+
+
+@extend_schema(exclude=True)
+class HostVolumeUsageView(HostAPIView):
+    """POST {usage: {pool name: used bytes}}: the used bytes of this host's volumes."""
+
+    def post(self, request: Request) -> Response:
+        from volumes import host_reports as volume_reports
+
+        usage = self.body().get("usage")
+        recorded = volume_reports.report_volume_usage(actor=self.actor, host=self.host, usage=usage)
+        return Response({"recorded": recorded})
+
+
+@extend_schema(exclude=True)
+class HostBackupView(HostAPIView):
+    """POST {event: claim | finish | fail, result, message}: a backup of a volume on this host."""
+
+    def post(self, request: Request, pk: str) -> Response:
+        from backups import host_reports as backup_reports
+
+        body = self.body()
+        return Response(
+            backup_reports.report_backup(
+                actor=self.actor,
+                host=self.host,
+                backup_id=pk,
+                event=body.get("event"),
+                **_fields(body, "result", "message"),
+            )
+        )
+
+
+@extend_schema(exclude=True)
+class HostBackupMissingView(HostAPIView):
+    """POST {manifest, chunks}: which the portal lacks, for a backup under way on this host."""
+
+    def post(self, request: Request, pk: str) -> Response:
+        from backups import host_reports as backup_reports
+
+        body = self.body()
+        return Response(
+            backup_reports.backup_missing(
+                actor=self.actor,
+                host=self.host,
+                backup_id=pk,
+                manifest=body.get("manifest"),
+                chunks=body.get("chunks"),
+            )
+        )
+
+
+@extend_schema(exclude=True)
+class HostBackupChunkView(HostAPIView):
+    """PUT ?length=N: a chunk's zstd frame of a backup under way here (kept only if it matches its
+    digest); GET: a chunk of the backup a restore on this host reads."""
+
+    def put(self, request: Request, pk: str, digest: str) -> Response:
+        from backups import host_reports as backup_reports
+
+        added = backup_reports.put_backup_chunk(
+            actor=self.actor,
+            host=self.host,
+            backup_id=pk,
+            digest=digest,
+            length=request.query_params.get("length"),
+            data=_raw_body(request, MAX_CHUNK_BODY),
+        )
+        return Response({"added": added}, status=201 if added else 200)
+
+    def get(self, request: Request, pk: str, digest: str) -> Any:
+        from django.http import FileResponse
+
+        from backups import host_reports as backup_reports
+
+        path = backup_reports.backup_chunk_path(actor=self.actor, host=self.host, backup_id=pk, digest=digest)
+        return FileResponse(open(path, "rb"), content_type="application/zstd")
+
+
+@extend_schema(exclude=True)
+class HostBackupManifestUploadView(HostAPIView):
+    """PUT: the manifest of a backup under way here (validated, must hash to its name)."""
+
+    def put(self, request: Request, pk: str, digest: str) -> Response:
+        from backups import host_reports as backup_reports
+
+        backup_reports.put_backup_manifest(
+            actor=self.actor,
+            host=self.host,
+            backup_id=pk,
+            manifest=digest,
+            data=_raw_body(request, MAX_MANIFEST_BODY),
+        )
+        return Response({"stored": True}, status=201)
+
+
+@extend_schema(exclude=True)
+class HostBackupManifestView(HostAPIView):
+    """GET: the manifest of the backup a restore on this host reads."""
+
+    def get(self, request: Request, pk: str) -> Any:
+        from django.http import HttpResponse
+
+        from backups import host_reports as backup_reports
+
+        data = backup_reports.backup_manifest(actor=self.actor, host=self.host, backup_id=pk)
+        return HttpResponse(data, content_type="application/octet-stream")

@@ -45,5 +45,46 @@ urlpatterns = [
     path(
         "hosts/self/operations/<str:pk>/", host_views.HostOperationView.as_view(), name="host-self-operation"
     ),
+    # Volumes, snapshots and backups on the calling host (issue 17).
+    path(
+        "hosts/self/volume-operations/",
+        host_views.HostVolumeOperationsView.as_view(),
+        name="host-self-volume-operations",
+    ),
+    path(
+        "hosts/self/volume-operations/<str:pk>/",
+        host_views.HostVolumeOperationView.as_view(),
+        name="host-self-volume-operation",
+    ),
+    path(
+        "hosts/self/volume-operations/<str:pk>/resume/",
+        host_views.HostVolumeOperationResumeView.as_view(),
+        name="host-self-volume-operation-resume",
+    ),
+    path("hosts/self/volumes/<str:pk>/", host_views.HostVolumeView.as_view(), name="host-self-volume"),
+    path("hosts/self/snapshots/<str:pk>/", host_views.HostSnapshotView.as_view(), name="host-self-snapshot"),
+    path("hosts/self/volume-pool/", host_views.HostVolumePoolView.as_view(), name="host-self-volume-pool"),
+    path("hosts/self/volume-usage/", host_views.HostVolumeUsageView.as_view(), name="host-self-volume-usage"),
+    path("hosts/self/backups/<str:pk>/", host_views.HostBackupView.as_view(), name="host-self-backup"),
+    path(
+        "hosts/self/backups/<str:pk>/missing/",
+        host_views.HostBackupMissingView.as_view(),
+        name="host-self-backup-missing",
+    ),
+    path(
+        "hosts/self/backups/<str:pk>/chunks/<str:digest>/",
+        host_views.HostBackupChunkView.as_view(),
+        name="host-self-backup-chunk",
+    ),
+    path(
+        "hosts/self/backups/<str:pk>/manifests/<str:digest>/",
+        host_views.HostBackupManifestUploadView.as_view(),
+        name="host-self-backup-manifest-upload",
+    ),
+    path(
+        "hosts/self/backups/<str:pk>/manifest/",
+        host_views.HostBackupManifestView.as_view(),
+        name="host-self-backup-manifest",
+    ),
     *router.urls,
 ]

@@ -13,6 +13,7 @@ from typing import Any
 
 from compute.host import network, reports
 from compute.host import spec as s
+from compute.host.volumes import VOLUME_KINDS
 from compute.host.context import HostContext, host_context, noop_progress
 from compute.host.drivers import all_drivers, driver_for
 from compute.host.drivers.container import oci_runtime
@@ -69,6 +70,8 @@ def fail_interrupted_operations(ctx: HostContext) -> list[str]:
             interrupted.append(op_id)
 
     for op in listed["operations"]:
+        if op.get("kind") in VOLUME_KINDS:
+            continue  # handed back, not failed: `volumes.resume_interrupted` (their own per-operation lock)
         if op.get("target_type") != "workload" or not op.get("target_id"):
             fail(op["id"])
             continue

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from compute.host.volume_link import HostApiVolumeCalls, VolumePortalLink
+
 # Refusals the agent treats as "that is not (or no longer) mine": the workload was deleted or moved.
 NOT_FOUND = 404
 
@@ -36,8 +38,9 @@ class HostApiError(RuntimeError):
         self.message = message
 
 
-class PortalLink(Protocol):
-    """What an agent may say to and ask of the portal (one host, its own things only)."""
+class PortalLink(VolumePortalLink, Protocol):
+    """What an agent may say to and ask of the portal (one host, its own things only; volumes,
+    snapshots and backups in `VolumePortalLink`)."""
 
     def heartbeat(self) -> dict[str, Any]: ...
 
@@ -87,7 +90,7 @@ def wire_changes(changes: dict[str, Any]) -> dict[str, Any]:
 NOT_APPLIED: dict[str, Any] = {"applied": False, "state": None}
 
 
-class HostApiClient:
+class HostApiClient(HostApiVolumeCalls):
     """The host API over HTTP(S), authenticated with the host's credential."""
 
     def __init__(self, portal_url: str, credential: str, *, timeout: float = 30, verify: Any = True) -> None:

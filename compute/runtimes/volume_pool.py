@@ -13,7 +13,8 @@ Layout under the pool's root: `volumes/vol-<hex>` (subvolumes, attached to workl
 `snapshots/snap-<hex>` (read-only snapshots). Names come from the server (`vol-`/`snap-` + a UUID's
 hex), checked here before any use.
 
-This module imports no Django: the agent side (volumes.agent) gives it names and sizes.
+This module imports no Django: the host side (compute.host.volumes) gives it names and sizes. Its steps
+carry kill points (`failpoint("pool.…")`) that the kill-point tests stop a worker at.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from compute.host.failpoints import failpoint
 
 VOLUME_NAME = re.compile(r"^vol-[0-9a-f]{32}$")
 SNAPSHOT_NAME = re.compile(r"^snap-[0-9a-f]{32}$")
@@ -158,6 +161,7 @@ class VolumePool:
         path = self.volume_path(name)
         if not _is_subvolume(path):
             _btrfs("subvolume", "create", str(path))
+            failpoint("pool.create.subvolume")
         self._limit(path, size_bytes)
 
     def exists(self, name: str) -> bool:
@@ -213,9 +217,12 @@ class VolumePool:
             return
         self._delete_subvolume(new)
         _btrfs("subvolume", "snapshot", str(self.snapshot_path(snapshot)), str(new))
+        failpoint("pool.restore.new")
         self._limit(new, size_bytes)
         os.rename(path, old)
+        failpoint("pool.restore.old")
         os.rename(new, path)
+        failpoint("pool.restore.swapped")
         self._delete_subvolume(old)
 
     def clone(self, snapshot: str, volume: str, size_bytes: int) -> None:
@@ -227,6 +234,7 @@ class VolumePool:
         new = path.with_name(path.name + _NEW)
         self._delete_subvolume(new)
         _btrfs("subvolume", "snapshot", str(self.snapshot_path(snapshot)), str(new))
+        failpoint("pool.clone.new")
         self._limit(new, size_bytes)
         os.rename(new, path)
 
@@ -266,11 +274,31 @@ class VolumePool:
             return
         root_id = _btrfs("inspect-internal", "rootid", str(path)).stdout.strip()
         _btrfs("subvolume", "delete", "--commit-each", str(path))
+        failpoint("pool.delete.deleted")
         # Its quota group would stay behind as "stale" (one per deleted volume or snapshot): once the
         # kernel's cleaner has dropped the subvolume, destroy it.
         if root_id.isdigit():
             _btrfs("subvolume", "sync", str(self.root), root_id, check=False)
             _btrfs("qgroup", "destroy", f"0/{root_id}", str(self.root), check=False)
+
+    def stale_qgroups(self) -> list[str]:
+        """Level-0 quota groups whose subvolume is gone (a delete killed between the subvolume's
+        removal and its qgroup's): `qgroup show` names their path `<stale>`."""
+        out = _btrfs("qgroup", "show", "--raw", str(self.root), check=False).stdout
+        return [
+            fields[0]
+            for fields in (line.split() for line in out.splitlines())
+            if len(fields) >= 4 and fields[0].startswith("0/") and fields[-1] == "<stale>"
+        ]
+
+    def clear_stale_qgroups(self) -> list[str]:
+        """Destroy the stale quota groups (idempotent; what a rerun after a killed delete finishes)."""
+        stale = self.stale_qgroups()
+        if stale:
+            _btrfs("subvolume", "sync", str(self.root), check=False)
+            for qgroup in stale:
+                _btrfs("qgroup", "destroy", qgroup, str(self.root), check=False)
+        return self.stale_qgroups()
 
     def all_usage(self) -> dict[str, VolumeUsage]:
         """Every volume's usage in one call (the agent's periodic sampling)."""

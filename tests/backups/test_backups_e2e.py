@@ -129,7 +129,7 @@ def test_a_backup_dedups_and_restores_onto_another_host_through_the_portal(
             assert op.result["uploaded_chunks"] == 0 and op.result["bytes_read"] == 0
             # With no backup running, a host may upload nothing.
             upload = httpx.put(
-                f"http://{portal}/api/v1/hosts/backup-chunks/sha256:{'0' * 64}/?length=1",
+                f"http://{portal}/api/v1/hosts/self/backups/{second.pk}/chunks/sha256:{'0' * 64}/?length=1",
                 content=b"x",
                 headers={"Authorization": f"Bearer {secret_a}"},
             )
@@ -141,7 +141,7 @@ def test_a_backup_dedups_and_restores_onto_another_host_through_the_portal(
             hosts.set_host_state(actor=oscar, host=b, state="ready")
             chunk = Backup.objects.get(pk=first.pk).chunk_rows.first()
             assert chunk is not None
-            url = f"http://{portal}/api/v1/hosts/backup-chunks/{chunk.digest}/"
+            url = f"http://{portal}/api/v1/hosts/self/backups/{first.pk}/chunks/{chunk.digest}/"
             headers = {"Authorization": f"Bearer {secret_b}"}
             assert httpx.get(url, headers=headers).status_code == 404  # nothing being restored on b
 

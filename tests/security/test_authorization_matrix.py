@@ -269,7 +269,32 @@ ROUTES.update(
                 ("workload-state", ("POST",)),
                 ("workload-removed", ("POST",)),
                 ("operation", ("POST",)),
+                # Volumes, snapshots and backups (issue 17; tests/security/test_host_api_volumes.py).
+                ("volume-operation", ("GET",)),
+                ("volume-operation-resume", ("POST",)),
+                ("volume", ("POST",)),
+                ("snapshot", ("POST",)),
+                ("backup", ("POST",)),
+                ("backup-missing", ("POST",)),
+                ("backup-manifest", ("GET",)),
             )
+        },
+        **{
+            f"host-self-{name}": Route(methods=methods, visibility="public", list_post=401)
+            for name, methods in (
+                ("volume-operations", ("GET",)),
+                ("volume-pool", ("POST",)),
+                ("volume-usage", ("POST",)),
+            )
+        },
+        **{
+            f"host-self-{name}": Route(
+                methods=methods,
+                obj=lambda w, o: {"pk": uuid.uuid4(), "digest": "sha256:" + "0" * 64},
+                visibility="public",
+                list_post=401,
+            )
+            for name, methods in (("backup-chunk", ("GET", "PUT")), ("backup-manifest-upload", ("PUT",)))
         },
         "host-join-tokens": Route(methods=("POST",), list_post=400, list_post_staff_only=True),
         "host-join": Route(methods=("POST",), visibility="public", list_post=400),
@@ -414,13 +439,6 @@ ROUTES.update(
         "backup-download": Route(methods=("GET",), obj=_backup, read_ok=frozenset({404})),
         "backup-schedule-list": Route(methods=("GET", "POST"), list_post=400),
         "backup-schedule-detail": Route(methods=("GET", "DELETE"), obj=_backup_schedule),
-        "host-backup-chunk": Route(
-            methods=("GET", "PUT"), obj=lambda w, o: _A_DIGEST, visibility="public", list_post=401
-        ),
-        "host-backup-manifest": Route(
-            methods=("GET", "PUT"), obj=lambda w, o: _A_DIGEST, visibility="public", list_post=401
-        ),
-        "host-backup-missing": Route(methods=("POST",), visibility="public", list_post=401),
     }
 )
 
@@ -548,6 +566,8 @@ def expected_status(
 def url_for(name: str, pk: Any = None) -> str:
     from django.urls import reverse
 
+    if isinstance(pk, dict):  # a route with more than a pk (a backup's chunk: pk and digest)
+        return reverse(f"api:{name}", kwargs=pk)
     return reverse(f"api:{name}", kwargs={"pk": pk} if pk is not None else None)
 
 
@@ -588,6 +608,8 @@ def test_it_answers_each_persona_as_the_role_matrix_says(name: str, persona: str
                 elif ownership == "missing":
                     pk = route.obj(world, "acme") if route.obj else None  # type: ignore[misc]
                     missing_pk: Any = uuid.uuid4() if isinstance(pk, uuid.UUID) else 10**9
+                    if isinstance(pk, dict):
+                        missing_pk = {**pk, "pk": uuid.uuid4()}
                     url = url_for(name, missing_pk)
                 else:
                     url = url_for(name, route.obj(world, ownership))  # type: ignore[misc]

@@ -96,6 +96,9 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, stop)
         ctx.link.heartbeat()
         report_facts(ctx)
+        # Before the workloads' re-sync (which fails what its host's dead worker was running): volume
+        # and backup operations whose worker died are queued again instead (issue 17).
+        resume_volume_operations(ctx)
         report = agent.resync(ctx)
         log.info("agent for %s re-synced: %s", host.name, report)
         if options["once"]:
@@ -117,6 +120,7 @@ class Command(BaseCommand):
                 if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
                     ctx.link.heartbeat()
                     agent.adopt_unknown(ctx)
+                    resume_volume_operations(ctx)
                     last_beat = time.monotonic()
                 if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
                     sample_host(ctx, placed)
@@ -140,21 +144,31 @@ class Command(BaseCommand):
 
 
 def report_volume_pool(host: HostRef, *, make: bool) -> None:
-    """Pool capacity and use into the host's facts, and the volumes' used bytes. Not yet through the
-    host API (volumes.agent writes rows): only on the portal's own machine."""
-    if local().remote:
-        return
-    from compute.models import Host
-    from volumes import agent as volume_agent
+    """Pool capacity and use into the host's facts, and the volumes' used bytes (through the host API)."""
+    from compute.host import volumes as host_volumes
+    from volumes.agent import place_for
 
-    row = Host.objects.get(pk=host.pk)
-
+    place = place_for(str(host.pk))
     try:
-        if make or volume_agent.pool_ready(row):
-            volume_agent.report_pool(row)
-            volume_agent.sample_usage(row)
+        if make or host_volumes.pool_ready(place):
+            host_volumes.report_pool(host_context(host.pk).link, place)
     except Exception:
         log.exception("volume pool of %s", host.name)
+
+
+def resume_volume_operations(ctx: HostContext) -> None:
+    """Volume and backup operations of this host whose worker died (their lock is free): queued again,
+    or failed past their resume limit; the work is idempotent."""
+    from compute.host import volumes as host_volumes
+    from volumes.agent import operation_locks_dir
+
+    try:
+        resumed = host_volumes.resume_interrupted(ctx.link, operation_locks_dir())
+    except Exception:
+        log.exception("could not resume the volume operations of %s", ctx.host_id)
+        return
+    if resumed:
+        log.info("agent for %s handed back interrupted volume operations: %s", ctx.host_id, resumed)
 
 
 def report_facts(ctx: HostContext) -> None:
