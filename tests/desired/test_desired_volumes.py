@@ -44,6 +44,7 @@ spec:
         - {volume: db-data, path: /var/lib/db}
 """
 
+DB_MOUNT = "        - {volume: db-data, path: /var/lib/db}\n"
 EMPTY = "apiVersion: bulkhead/v1\nkind: TenantConfig\nspec:\n  prune: {prune}\n  prune_volumes: {volumes}\n"
 
 
@@ -246,7 +247,7 @@ def test_changing_a_running_workloads_volumes_stops_it_remounts_and_starts_it(re
         "    - name: logs\n      size_gib: 1\n  workloads:",
     ).replace(
         "        - {volume: db-data, path: /var/lib/db}\n",
-        "        - {volume: db-data, path: /var/lib/db}\n        - {volume: logs, path: /srv/logs, read_only: true}\n",
+        DB_MOUNT + "        - {volume: logs, path: /srv/logs, read_only: true}\n",
     )
     apply_text(ready, with_logs)  # creates the volume; the workload waits for it
     host_made_volumes_ready()
@@ -481,20 +482,18 @@ def test_a_declared_workload_mounting_a_volume_the_plan_deletes_is_a_conflict() 
 
 
 def test_the_order_of_mounts_in_the_document_changes_nothing() -> None:
-    one = DOC.replace(
-        "        - {volume: db-data, path: /var/lib/db}\n",
-        "        - {volume: db-data, path: /var/lib/db}\n        - {volume: logs, path: /a, read_only: true}\n",
-    ).replace("  workloads:", "    - name: logs\n      size_gib: 1\n  workloads:")
-    other = one.replace(
-        "        - {volume: db-data, path: /var/lib/db}\n        - {volume: logs, path: /a, read_only: true}\n",
-        "        - {volume: logs, path: /a, read_only: true}\n        - {volume: db-data, path: /var/lib/db}\n",
+    logs = "        - {volume: logs, path: /a, read_only: true}\n"
+    one = DOC.replace(DB_MOUNT, DB_MOUNT + logs).replace(
+        "  workloads:", "    - name: logs\n      size_gib: 1\n  workloads:"
     )
+    other = one.replace(DB_MOUNT + logs, logs + DB_MOUNT)
     assert one != other
     assert [r.spec_hash for r in resources(one)] == [r.spec_hash for r in resources(other)]
 
 
-def test_a_workload_without_volumes_keeps_the_spec_hash_it_had_before_volumes_existed() -> None:
-    text = "apiVersion: bulkhead/v1\nkind: TenantConfig\nspec:\n  workloads:\n    - {name: web, image: busybox:1}\n"
+def test_a_workload_without_volumes_keeps_the_spec_it_had_before_volumes_existed() -> None:
+    text = "apiVersion: bulkhead/v1\nkind: TenantConfig\nspec:\n  workloads:\n"
+    text += "    - {name: web, image: busybox:1}\n"
     (web,) = resources(text)
     assert "volumes" not in web.spec
     with pytest.raises(DocumentError):
