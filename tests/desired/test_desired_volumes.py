@@ -498,3 +498,23 @@ def test_a_workload_without_volumes_keeps_the_spec_it_had_before_volumes_existed
     assert "volumes" not in web.spec
     with pytest.raises(DocumentError):
         parse_document(text.replace("{name: web,", "{name: web, volumes: [{volume: nope, path: /d}],"))
+
+
+def test_a_volume_grown_by_hand_past_the_document_is_drift_and_degrades_autocorrect_with_why(
+    ready: World,
+) -> None:
+    applied(ready)
+    Operation.objects.update(state="succeeded")
+    Volume.objects.filter(name="db-data").update(size_bytes=5 * GIB)  # grown through the API
+    services.set_mode(actor=Actor(user=ready.user("alice")), tenant=ready.acme, mode="monitor")
+    result = reconciler.reconcile_tenant(ready.acme.pk)
+    assert [(d["key"], d["kind"], d["changes"]) for d in result["drift"]] == [
+        ("volume/db-data", "changed", [{"path": "size_gib", "before": 5, "after": 2}])
+    ]
+    services.set_mode(actor=Actor(user=ready.user("alice")), tenant=ready.acme, mode="autocorrect")
+    with pytest.raises(Exception, match="volume db-data cannot shrink from 5 GiB to 2 GiB"):
+        reconciler.reconcile_tenant(ready.acme.pk)
+    degraded = DesiredState.objects.get(tenant=ready.acme).condition("Degraded")
+    assert degraded is not None and degraded["status"] == "True"
+    assert "cannot shrink from 5 GiB to 2 GiB" in degraded["message"]
+    assert Volume.objects.get(name="db-data").size_bytes == 5 * GIB
