@@ -60,7 +60,7 @@ from compute.desired.planning import (
 from compute.models import Workload
 from imaging.models import Image
 from portal import operations
-from portal.errors import Conflict, Explained, Invalid, tenant_message
+from portal.errors import Conflict, Explained, Invalid, ServiceError, tenant_message
 from portal.failpoints import failpoint
 from portal.models import Operation, OperationState
 from tenants import audit
@@ -904,17 +904,23 @@ class Executor:
             {"path": path, "volume": name, "read_only": read_only}
             for path, name, read_only in sorted(wanted - set(current))
         ]
-        with transaction.atomic():
-            for key in sorted(set(current) - wanted):
-                volume_services.detach_volume(actor=self.actor, attachment=current[key])
-            for mount in self._volume_mounts(added):
-                volume_services.attach_volume(
-                    actor=self.actor,
-                    volume=mount.volume,
-                    workload=locked,
-                    path=mount.path,
-                    read_only=mount.read_only,
-                )
+        try:
+            with transaction.atomic():  # all or nothing: a refused attach keeps the old mounts
+                for key in sorted(set(current) - wanted):
+                    volume_services.detach_volume(actor=self.actor, attachment=current[key])
+                for mount in self._volume_mounts(added):
+                    volume_services.attach_volume(
+                        actor=self.actor,
+                        volume=mount.volume,
+                        workload=locked,
+                        path=mount.path,
+                        read_only=mount.read_only,
+                    )
+        except ServiceError as error:
+            # The service's own denial entry was rolled back with this transaction: record it again.
+            if error.audit_action:
+                audit.record_denied(self.actor, error.audit_action, tenant=self.tenant, reason=error.message)
+            raise
         return {"volumes"}
 
     def _stopped_for_remount(self, workload: Workload, ops: list[str]) -> bool:
@@ -958,26 +964,27 @@ class Executor:
         volume = self._volume(name)
         ops: list[str] = []
         details: list[str] = []
-        with transaction.atomic():
-            if volume is None:
-                op = volume_services.create_volume(
-                    actor=self.actor, tenant=self.tenant, name=name, size_gib=spec["size_gib"]
-                )
-                ops.append(str(op.pk))
-                volume = Volume.objects.select_related("host", "tenant").get(tenant=self.tenant, name=name)
-                details.append(f"creating ({spec['size_gib']} GiB on {volume.host.name})")
-            elif spec["size_gib"] * GIB != volume.size_bytes:
-                unready = self._wait_for_volumes([name])
-                if unready:
-                    return StepOutcome(step.key, step.action, "waiting", unready)
-                # A shrink never gets here: the plan refuses it; the service would too.
-                op = volume_services.resize_volume(actor=self.actor, volume=volume, size_gib=spec["size_gib"])
-                ops.append(str(op.pk))
-                details.append(f"growing to {spec['size_gib']} GiB")
-            details.extend(self._schedule(volume, spec.get("backups")))
-            Volume.objects.filter(pk=volume.pk).update(
-                managed_revision=self.revision, managed_spec_hash=step.spec_hash
+        # Each service runs in its own transaction (a refusal keeps its audit entry); the stamp follows.
+        # Interrupted in between, the volume exists unmanaged and the resumed apply adopts it.
+        if volume is None:
+            op = volume_services.create_volume(
+                actor=self.actor, tenant=self.tenant, name=name, size_gib=spec["size_gib"]
             )
+            ops.append(str(op.pk))
+            volume = Volume.objects.select_related("host", "tenant").get(tenant=self.tenant, name=name)
+            details.append(f"creating ({spec['size_gib']} GiB on {volume.host.name})")
+        elif spec["size_gib"] * GIB != volume.size_bytes:
+            unready = self._wait_for_volumes([name])
+            if unready:
+                return StepOutcome(step.key, step.action, "waiting", unready)
+            # A shrink never gets here: the plan refuses it; the service would too.
+            op = volume_services.resize_volume(actor=self.actor, volume=volume, size_gib=spec["size_gib"])
+            ops.append(str(op.pk))
+            details.append(f"growing to {spec['size_gib']} GiB")
+        details.extend(self._schedule(volume, spec.get("backups")))
+        Volume.objects.filter(pk=volume.pk).update(
+            managed_revision=self.revision, managed_spec_hash=step.spec_hash
+        )
         return StepOutcome(
             step.key, step.action, "submitted" if ops else "done", "; ".join(details) or "recorded", ops
         )

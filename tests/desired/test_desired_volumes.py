@@ -518,3 +518,26 @@ def test_a_volume_grown_by_hand_past_the_document_is_drift_and_degrades_autocorr
     assert degraded is not None and degraded["status"] == "True"
     assert "cannot shrink from 5 GiB to 2 GiB" in degraded["message"]
     assert Volume.objects.get(name="db-data").size_bytes == 5 * GIB
+
+
+def test_a_refused_remount_changes_no_mount_and_its_denial_is_audited(ready: World) -> None:
+    from tests.volumes.test_volumes_api import a_volume, a_workload
+
+    applied(ready)
+    host = Host.objects.get()
+    shared = a_volume(ready, "shared", host)
+    VolumeAttachment.objects.create(volume=shared, workload=a_workload(ready, "other", host), path="/d")
+    # db would give up db-data for a volume that another workload writes to: the attach is refused.
+    swapped = DOC.replace("{volume: db-data, path: /var/lib/db}", "{volume: shared, path: /var/lib/db}")
+    planned = plan(ready, save(ready, swapped).json()["id"]).json()
+    assert changes(planned) == [("update", "workload/db")]
+
+    op = apply_inline(ready, planned["id"])
+
+    assert op.state == "failed" and "The volume shared is attached read-write to other." in op.error
+    db = Workload.objects.get(name="db")
+    assert list(VolumeAttachment.objects.filter(workload=db).values_list("volume__name", "path")) == [
+        ("db-data", "/var/lib/db")
+    ]
+    assert AuditEntry.objects.filter(action="volume.attach", outcome="denied", tenant=ready.acme).exists()
+    assert not AuditEntry.objects.filter(action="volume.detach", tenant=ready.acme).exists()
