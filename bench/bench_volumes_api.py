@@ -109,7 +109,21 @@ class Api:
         seconds = time.perf_counter() - started
         if row[0] != "succeeded":
             raise RuntimeError(f"{path}: operation {row[0]}: {row[1]}")
-        return seconds, dict(self.client.get(f"/api/v1/operations/{op['id']}/").json())
+        details = dict(self.client.get(f"/api/v1/operations/{op['id']}/").json())
+        details["phases"] = self.phases(op["id"])
+        return seconds, details
+
+    def phases(self, op_id: str) -> list[tuple[str, float]]:
+        """Where the time went: each log entry (queued, started, each new progress message, the end)
+        with its seconds since the operation was queued."""
+        rows = self.poll.execute(
+            "SELECT at, event, message FROM portal_operationlogentry WHERE operation_id = %s ORDER BY at, id",
+            (op_id,),
+        ).fetchall()
+        if not rows:
+            return []
+        first = rows[0][0]
+        return [(message or event, round((at - first).total_seconds(), 3)) for at, event, message in rows]
 
 
 @contextlib.contextmanager
@@ -220,6 +234,17 @@ def main() -> None:
                 direct_store.backup(snapshot, previous=direct.manifest)
                 t_direct_second = time.perf_counter() - t0
             shutil.rmtree(work / "direct-store")
+            # What a backup's temporary snapshot costs the agent: made, then deleted as the pool does it
+            # (delete --commit-each, wait for the cleaner, destroy the qgroup).
+            import uuid
+
+            temporary = f"snap-{uuid.uuid4().hex}"
+            t0 = time.perf_counter()
+            pool.snapshot(volume.pool_name, temporary)
+            t_snap_make = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pool.delete_snapshot(temporary)
+            t_snap_delete = time.perf_counter() - t0
             t_first, first = api.operation("/api/v1/backups/", {"volume": str(volume.pk)})
             result = first.get("result") or {}
             emit(
@@ -239,6 +264,9 @@ def main() -> None:
                     "ratio_vs_hot": round(t_tar_hot / t_first, 2),
                     "engine_direct_s": round(t_direct, 2),
                     "ratio_engine_direct": round(t_tar / t_direct, 2),
+                    "ours_phases": first["phases"],
+                    "temporary_snapshot_make_s": round(t_snap_make, 3),
+                    "temporary_snapshot_delete_s": round(t_snap_delete, 3),
                     **common,
                 }
             )
@@ -257,6 +285,7 @@ def main() -> None:
                     "goal": ">= 10",
                     "engine_direct_s": round(t_direct_second, 3),
                     "ratio_engine_direct": round(t_tar / t_direct_second, 1),
+                    "ours_phases": second["phases"],
                     **common,
                 }
             )
@@ -270,7 +299,7 @@ def main() -> None:
             untar_zstd(archive, untar_dir)
             t_untar = time.perf_counter() - t0
             shutil.rmtree(untar_dir)
-            t_restore, _restored = api.operation(
+            t_restore, restore_op = api.operation(
                 f"/api/v1/backups/{backup.pk}/restore/", {"name": "bench-restored"}
             )
             restored = Volume.objects.get(tenant=tenant, name="bench-restored")
@@ -286,6 +315,7 @@ def main() -> None:
                     "baseline_s": round(t_untar, 2),
                     "ratio": round(t_untar / t_restore, 2),
                     "goal": ">= 1.0",
+                    "ours_phases": restore_op["phases"],
                     **common,
                 }
             )
