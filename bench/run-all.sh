@@ -9,6 +9,7 @@ failed=()
 for bench in \
   bench/bench_layers.py \
   bench/bench_backups.py \
+  bench/bench_volumes_api.py \
   bench/bench_container_start.py \
   bench/api_workload_start.py \
   bench/bench_microvm.py \

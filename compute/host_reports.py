@@ -19,8 +19,8 @@ from django.db import transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
-from compute.choices import WorkloadState
 from backups.in_process_link import InProcessVolumeCalls
+from compute.choices import WorkloadState
 from compute.models import Host, Workload
 from portal import events
 from portal.errors import Conflict, Explained, Invalid, NotPermitted, ServiceError

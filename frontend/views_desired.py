@@ -36,6 +36,7 @@ ACTION_BADGES: dict[str, str] = {
     "update": "state-running",
     "replace": "state-cancelled",
     "delete": "state-failed",
+    "keep": "state-cancelled",
     "noop": "state-queued",
 }
 DRIFT_BADGES: dict[str, str] = {

@@ -64,6 +64,12 @@ def backup_rows(request: HttpRequest, tenant: object) -> list[dict[str, object]]
     return rows(request, tenant)
 
 
+def schedule_rows(request: HttpRequest, tenant: object) -> dict[str, object]:
+    from frontend.views_backups import schedule_rows as rows
+
+    return rows(request, tenant)
+
+
 def render_volumes(request: HttpRequest, form: VolumeForm | None = None, status: int = 200) -> HttpResponse:
     tenant = current_tenant(request)
     volumes = (
@@ -91,6 +97,7 @@ def render_volumes(request: HttpRequest, form: VolumeForm | None = None, status:
         "can_operate": may(request, "operate"),
         "form": form or VolumeForm(),
         "backups": backup_rows(request, tenant),
+        **schedule_rows(request, tenant),
     }
     return page_or_partial(
         request, "frontend/volumes.html", "frontend/partials/volumes.html", context, status

@@ -36,7 +36,7 @@ from typing import Any, TextIO
 
 import httpx
 
-SYMBOLS = {"create": "+", "update": "~", "replace": "-/+", "delete": "-", "noop": " "}
+SYMBOLS = {"create": "+", "update": "~", "replace": "-/+", "delete": "-", "keep": "!", "noop": " "}
 
 
 class CliError(Exception):
@@ -101,9 +101,12 @@ def render_plan(plan: dict[str, Any], out: TextIO) -> None:
             before, after = json.dumps(change["before"]), json.dumps(change["after"])
             out.write(f"      {change['path']}: {before} -> {after}\n")
     summary = plan["summary"]
+    kept = summary.get("keep", 0)
     out.write(
         f"Plan: {summary['create']} to create, {summary['update']} to update, "
-        f"{summary['replace']} to replace, {summary['delete']} to delete.\n"
+        f"{summary['replace']} to replace, {summary['delete']} to delete"
+        + (f", {kept} volume{'s' if kept != 1 else ''} kept" if kept else "")
+        + ".\n"
     )
 
 
@@ -157,7 +160,7 @@ class Commands:
         self.out.write(f"Revision {revision['number']} ({revision['author_label']}).\n")
         plan = self.client.post("desired/plans/", {"revision": revision["id"]})
         render_plan(plan["plan"], self.out)
-        if all(step["action"] == "noop" for step in plan["plan"]["steps"]):
+        if all(step["action"] in ("noop", "keep") for step in plan["plan"]["steps"]):
             state = self.client.get(f"desired/{self.tenant['id']}/")
             if state["target_revision"] == revision["number"]:
                 return 0

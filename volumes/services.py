@@ -7,7 +7,6 @@ volumes.agent. Refusals raise ServiceErrors with an `audit_action`, audited afte
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +23,9 @@ from tenants.actors import Actor
 from tenants.models import Tenant
 from volumes.choices import SnapshotState, VolumeState
 from volumes.models import GIB, Snapshot, Volume, VolumeAttachment
+from volumes.paths import mount_path_problem
 
 MAX_VOLUME_GIB = 16 * 1024
-# Paths a volume may not cover: the runtime's own mounts and the system directories every image needs.
-RESERVED_PATHS = ("/", "/proc", "/sys", "/dev", "/etc", "/bin", "/sbin", "/usr", "/lib", "/lib64", "/run")
-MAX_PATH = 255
 # Workload states in which its volumes are not in use (attach, detach, restore).
 STOPPED_STATES = (WorkloadState.STOPPED, WorkloadState.FAILED, WorkloadState.PENDING)
 
@@ -49,20 +46,10 @@ class VolumeMount:
 
 def check_mount_path(path: str) -> str:
     """An absolute, normalised path inside the workload that is not one of the system's directories."""
-    if not isinstance(path, str) or not path.startswith("/") or len(path) > MAX_PATH:
-        raise Invalid("A volume's path must be an absolute path of at most 255 characters.", field="path")
-    if any(ch in path for ch in " \\,:") or any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
-        raise Invalid(
-            "A volume's path cannot contain control characters, commas, colons or backslashes.", field="path"
-        )
-    normal = posixpath.normpath(path)
-    if normal != path or ".." in normal.split("/"):
-        raise Invalid(
-            "A volume's path must be normalised (no '..', '.', '//' or trailing '/').", field="path"
-        )
-    if normal in RESERVED_PATHS or normal.startswith(("/proc/", "/sys/", "/dev/")):
-        raise Invalid(f"A volume cannot be mounted at {normal}.", field="path")
-    return normal
+    problem = mount_path_problem(path)
+    if problem is not None:
+        raise Invalid(problem, field="path")
+    return path
 
 
 def _size_bytes(size_gib: Any) -> int:

@@ -195,6 +195,8 @@ class HostOperationsView(HostAPIView):
 
     def get(self, request: Request) -> Response:
         return Response(host_reports.running_operations(self.host))
+
+
 # --- volumes, snapshots and backups on this host (issue 17; services in volumes/ and backups/) -------
 MAX_CHUNK_BODY = 16 << 20  # a chunk's frame is at most ~4 MiB
 MAX_MANIFEST_BODY = 256 << 20  # a manifest of a million files ~ 200 MiB

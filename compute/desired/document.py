@@ -38,12 +38,14 @@ import yaml
 
 from compute.desired import schema as tenant_schema
 from portal.errors import Explained
+from volumes.paths import mount_path_problem
 
 if TYPE_CHECKING:
     from compute.desired.planning import ObservedResource
 
-ResourceKind = Literal["network", "workload", "port"]
-RESOURCE_KINDS: Final[tuple[ResourceKind, ...]] = ("network", "workload", "port")
+ResourceKind = Literal["network", "volume", "workload", "port"]
+# Dependency order: a workload needs its networks and volumes; a port needs its workload.
+RESOURCE_KINDS: Final[tuple[ResourceKind, ...]] = ("network", "volume", "workload", "port")
 
 DEFAULT_MAX_BYTES: Final = 2 * 1024 * 1024
 # A valid document nests 5 levels deep (spec.workloads[i].env.KEY); the margin only helps error messages.
@@ -592,6 +594,11 @@ def workload_key(name: str) -> str:
     return f"workload/{name}"
 
 
+def volume_key(name: str) -> str:
+    """The plan key of a volume: ``volume/<name>``."""
+    return f"volume/{name}"
+
+
 def port_key(workload: str, port: int, protocol: str) -> str:
     """The plan key of a published port: ``port/<workload>/<port>/<protocol>`` (host_port is a field)."""
     return f"port/{workload}/{port}/{protocol}"
@@ -603,6 +610,8 @@ def resource_key(kind: ResourceKind, spec: Mapping[str, Any]) -> str:
         return network_key(spec["name"])
     if kind == "workload":
         return workload_key(spec["name"])
+    if kind == "volume":
+        return volume_key(spec["name"])
     return port_key(spec["workload"], spec["port"], spec["protocol"])
 
 
@@ -622,6 +631,46 @@ class NetworkSpec:
     def to_spec(self) -> dict[str, Any]:
         """The canonical spec dict (the planner's and the hash's view)."""
         return {"name": self.name, "subnet": self.subnet, "nat": self.nat}
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """A declared volume; ``backups`` is its schedule (every_hours, keep_last), None for none."""
+
+    name: str
+    size_gib: int
+    backups: tuple[int, int] | None = None
+
+    def to_spec(self) -> dict[str, Any]:
+        """The canonical spec dict (the planner's and the hash's view)."""
+        return {"name": self.name, "size_gib": self.size_gib, **backups_field(self.backups)}
+
+
+def backups_field(backups: tuple[int, int] | None) -> dict[str, dict[str, int]]:
+    """``backups`` in a canonical volume spec only when the volume has a schedule."""
+    if backups is None:
+        return {}
+    return {"backups": {"every_hours": backups[0], "keep_last": backups[1]}}
+
+
+@dataclass(frozen=True, order=True)
+class MountSpec:
+    """A volume mounted into a workload at ``path``."""
+
+    path: str
+    volume: str
+    read_only: bool = False
+
+    def to_spec(self) -> dict[str, Any]:
+        """The canonical mount dict."""
+        return {"volume": self.volume, "path": self.path, "read_only": self.read_only}
+
+
+def volumes_field(mounts: Iterable[MountSpec]) -> dict[str, list[dict[str, Any]]]:
+    """``volumes`` in a canonical workload spec only when it has some (older specs and hashes stay the
+    same), sorted by path: the order they are listed in changes nothing."""
+    ordered = sorted(mounts)
+    return {"volumes": [mount.to_spec() for mount in ordered]} if ordered else {}
 
 
 @dataclass(frozen=True)
@@ -645,6 +694,7 @@ class WorkloadSpec:
     on_host_lost: str = "wait"
     state: str = tenant_schema.DEFAULT_STATE
     networks: tuple[str, ...] = ()
+    volumes: tuple[MountSpec, ...] = ()
 
     def to_spec(self) -> dict[str, Any]:
         """The canonical spec dict (the planner's and the hash's view)."""
@@ -666,6 +716,7 @@ class WorkloadSpec:
             **on_host_lost_field(self.on_host_lost),
             "state": self.state,
             "networks": list(self.networks),
+            **volumes_field(self.volumes),
         }
 
 
@@ -734,7 +785,9 @@ class TenantConfig:
     name: str | None = None
     description: str | None = None
     prune: bool = False
+    prune_volumes: bool = False
     networks: tuple[NetworkSpec, ...] = ()
+    volumes: tuple[VolumeSpec, ...] = ()
     workloads: tuple[WorkloadSpec, ...] = ()
     ports: tuple[PortSpec, ...] = ()
     # Declaration line of each resource by key, to point plan steps and drift back at the text.
@@ -743,9 +796,10 @@ class TenantConfig:
     kind: str = tenant_schema.KIND
 
     def resources(self) -> list[DesiredResource]:
-        """The normalised resources in dependency order: networks, then workloads, then ports."""
-        declared: list[tuple[ResourceKind, NetworkSpec | WorkloadSpec | PortSpec]] = [
+        """The normalised resources in dependency order: networks, volumes, workloads, ports."""
+        declared: list[tuple[ResourceKind, NetworkSpec | VolumeSpec | WorkloadSpec | PortSpec]] = [
             *(("network", network) for network in self.networks),
+            *(("volume", volume) for volume in self.volumes),
             *(("workload", workload) for workload in self.workloads),
             *(("port", port) for port in self.ports),
         ]
@@ -766,6 +820,7 @@ def parse_document(
     resolve_image: ImageResolver | None = None,
     *,
     known_networks: Collection[str] = (),
+    known_volumes: Collection[str] = (),
     host_port_range: tuple[int, int] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_depth: int = DEFAULT_MAX_DEPTH,
@@ -778,7 +833,9 @@ def parse_document(
     Without a resolver images are not checked and ``image_id`` stays None.
     ``known_networks`` are the tenant's existing networks a workload may attach to without declaring them
     (not allowed with ``prune: true``, which would delete them). ``host_port_range`` (inclusive) is the
-    operator's range for published host ports.
+    operator's range for published host ports. ``known_volumes`` are the tenant's existing volumes a
+    workload may mount without declaring them (unless ``prune`` and ``prune_volumes`` would delete them);
+    a volume of another tenant is never among them, so naming one reads exactly like a missing volume.
     """
     data, positions = load_yaml_with_positions(text, max_bytes=max_bytes, max_depth=max_depth)
     if data is None:
@@ -787,7 +844,9 @@ def parse_document(
     if issues:
         raise DocumentError(issues)
     config = _build_config(data, positions)
-    issues = _semantic_issues(config, data, positions, set(known_networks), host_port_range)
+    issues = _semantic_issues(
+        config, data, positions, set(known_networks), host_port_range, set(known_volumes)
+    )
     if resolve_image is not None:
         config, image_issues = _resolve_images(config, data, positions, resolve_image)
         issues.extend(image_issues)
@@ -816,6 +875,16 @@ def _build_config(data: Mapping[str, Any], positions: Mapping[DocumentPath, Sour
         )
         networks.append(network)
         lines.setdefault(network_key(network.name), line_of(("spec", "networks", index)))
+    volumes = []
+    for index, item in enumerate(spec.get("volumes", [])):
+        schedule = item.get("backups")
+        volume = VolumeSpec(
+            name=item["name"],
+            size_gib=item["size_gib"],
+            backups=(schedule.get("every_hours", 24), schedule["keep_last"]) if schedule else None,
+        )
+        volumes.append(volume)
+        lines.setdefault(volume_key(volume.name), line_of(("spec", "volumes", index)))
     workloads = []
     for index, item in enumerate(spec.get("workloads", [])):
         command = item.get("command")
@@ -837,6 +906,10 @@ def _build_config(data: Mapping[str, Any], positions: Mapping[DocumentPath, Sour
             on_host_lost=item.get("on_host_lost", "wait"),
             state=item.get("state", tenant_schema.DEFAULT_STATE),
             networks=tuple(item.get("networks", ())),
+            volumes=tuple(
+                MountSpec(path=mount["path"], volume=mount["volume"], read_only=mount.get("read_only", False))
+                for mount in item.get("volumes", ())
+            ),
         )
         workloads.append(workload)
         lines.setdefault(workload_key(workload.name), line_of(("spec", "workloads", index)))
@@ -854,7 +927,9 @@ def _build_config(data: Mapping[str, Any], positions: Mapping[DocumentPath, Sour
         name=metadata.get("name"),
         description=metadata.get("description"),
         prune=spec.get("prune", False),
+        prune_volumes=spec.get("prune_volumes", False),
         networks=tuple(networks),
+        volumes=tuple(volumes),
         workloads=tuple(workloads),
         ports=tuple(ports),
         lines=lines,
@@ -874,6 +949,7 @@ def _semantic_issues(
     positions: Mapping[DocumentPath, SourcePosition],
     known_networks: set[str],
     host_port_range: tuple[int, int] | None,
+    known_volumes: Collection[str] = (),
 ) -> list[ValidationIssue]:
     issues: list[ValidationIssue] = []
 
@@ -927,6 +1003,29 @@ def _semantic_issues(
                 )
                 break
         declared_subnets.append((subnet, index))
+
+    volume_index: dict[str, int] = {}
+    for index, volume in enumerate(config.volumes):
+        if volume.name in volume_index:
+            first = ("spec", "volumes", volume_index[volume.name])
+            issues.append(
+                _issue_at(
+                    positions,
+                    ("spec", "volumes", index, "name"),
+                    f"duplicate volume name {volume.name!r}{first_line(first)}",
+                )
+            )
+        else:
+            volume_index[volume.name] = index
+    if config.prune_volumes and not config.prune:
+        issues.append(
+            _issue_at(
+                positions,
+                ("spec", "prune_volumes"),
+                "prune_volumes only takes effect with prune: true; set both to allow deleting volumes",
+            )
+        )
+    issues.extend(_mount_issues(config, positions, volume_index, set(known_volumes)))
 
     workload_index: dict[str, int] = {}
     for index, workload in enumerate(config.workloads):
@@ -1034,6 +1133,72 @@ def _semantic_issues(
     return issues
 
 
+def _mount_issues(
+    config: TenantConfig,
+    positions: Mapping[DocumentPath, SourcePosition],
+    volume_index: Mapping[str, int],
+    known_volumes: set[str],
+) -> list[ValidationIssue]:
+    """Mount paths, references to volumes, and one writer or many readers per volume."""
+    issues: list[ValidationIssue] = []
+    deletes_undeclared = config.prune and config.prune_volumes
+    # volume name -> (workload, read_only, path) of each mount, in document order
+    users: dict[str, list[tuple[str, bool, DocumentPath]]] = {}
+    for index, workload in enumerate(config.workloads):
+        seen_paths: set[str] = set()
+        seen_volumes: set[str] = set()
+        for position, mount in enumerate(workload.volumes):
+            path: DocumentPath = ("spec", "workloads", index, "volumes", position)
+            problem = mount_path_problem(mount.path)
+            if problem is not None:
+                issues.append(_issue_at(positions, (*path, "path"), problem))
+            elif mount.path in seen_paths:
+                issues.append(_issue_at(positions, (*path, "path"), f"two volumes at {mount.path}"))
+            seen_paths.add(mount.path)
+            if mount.volume in seen_volumes:
+                issues.append(
+                    _issue_at(positions, (*path, "volume"), f"volume {mount.volume!r} is mounted twice")
+                )
+                continue
+            seen_volumes.add(mount.volume)
+            if mount.volume not in volume_index:
+                if mount.volume not in known_volumes:
+                    issues.append(
+                        _issue_at(
+                            positions,
+                            (*path, "volume"),
+                            f"unknown volume {mount.volume!r}: declare it under spec.volumes",
+                        )
+                    )
+                    continue
+                if deletes_undeclared:
+                    issues.append(
+                        _issue_at(
+                            positions,
+                            (*path, "volume"),
+                            f"volume {mount.volume!r} exists but is not declared; with prune: true and "
+                            "prune_volumes: true it would be deleted, so declare it",
+                        )
+                    )
+                    continue
+            users.setdefault(mount.volume, []).append((workload.name, mount.read_only, path))
+    for volume, mounts in users.items():
+        writers = [entry for entry in mounts if not entry[1]]
+        if writers and len(mounts) > 1:
+            writer = writers[0]
+            # Reported where the conflict appears, reading top down.
+            conflicting = mounts[1] if mounts[0] is writer else writer
+            issues.append(
+                _issue_at(
+                    positions,
+                    (*conflicting[2], "volume"),
+                    f"volume {volume!r} is mounted read-write by {writer[0]!r}; a volume has one "
+                    "read-write workload or any number of read-only ones",
+                )
+            )
+    return issues
+
+
 def _resolve_images(
     config: TenantConfig,
     data: Mapping[str, Any],
@@ -1096,6 +1261,7 @@ _ExportDumper.add_representer(list, _ExportDumper.represent_list)
 
 _EXPORT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "network": ("name", "subnet", "nat"),
+    "volume": ("name", "size_gib", "backups"),
     "workload": (
         "name",
         "image",
@@ -1113,6 +1279,7 @@ _EXPORT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
         "on_host_lost",
         "state",
         "networks",
+        "volumes",
     ),
     "port": ("workload", "port", "protocol", "host_port"),
 }
@@ -1122,7 +1289,7 @@ def _export_order(resource: ObservedResource) -> tuple[int, str, int, str]:
     # Ports in numeric order (80 before 443), which the string keys would not give.
     spec = resource.spec
     if resource.kind == "port":
-        return (2, str(spec["workload"]), int(spec["port"]), str(spec["protocol"]))
+        return (RESOURCE_KINDS.index("port"), str(spec["workload"]), int(spec["port"]), str(spec["protocol"]))
     return (RESOURCE_KINDS.index(resource.kind), resource.key, 0, "")
 
 
@@ -1135,8 +1302,8 @@ def export_document(
     document names images by reference). The output parses back with :func:`parse_document` into
     resources whose declared fields equal the observed ones.
     """
-    sections: dict[str, list[dict[str, Any]]] = {"networks": [], "workloads": [], "ports": []}
-    section_of_kind = {"network": "networks", "workload": "workloads", "port": "ports"}
+    sections: dict[str, list[dict[str, Any]]] = {"networks": [], "volumes": [], "workloads": [], "ports": []}
+    section_of_kind = {"network": "networks", "volume": "volumes", "workload": "workloads", "port": "ports"}
     for resource in sorted(observed, key=_export_order):
         entry: dict[str, Any] = {}
         for name_of_field in _EXPORT_FIELDS[resource.kind]:

@@ -9,7 +9,9 @@ Networks are the tenant's compartments (managed through ``Compartment.managed_re
 ``managed_spec_hash``); a workload's ``networks`` are the compartments of its IP allocations, in
 allocation (interface) order; its image is the reference the document declared
 (``managed_image_reference``), so that ``nginx`` and ``nginx:latest`` of the same image are not drift.
-Published ports carry their own managed fields: a row re-created by hand is not managed.
+Published ports carry their own managed fields: a row re-created by hand is not managed. Volumes carry
+theirs too; a volume's ``size_gib`` is its limit and ``backups`` its enabled schedule; a workload's
+``volumes`` are its attachments (by volume name, sorted by path).
 """
 
 from __future__ import annotations
@@ -21,17 +23,23 @@ from typing import Any
 from compute.choices import WorkloadState
 from compute.compartments import Compartment, IPAllocation, PublishedPort
 from compute.desired.document import (
+    MountSpec,
+    backups_field,
     disk_field,
     network_key,
     normalise_vcpus,
     on_host_lost_field,
     port_key,
     secret_env_field,
+    volume_key,
+    volumes_field,
     workload_key,
 )
 from compute.desired.planning import ObservedResource, observed_run_state
 from compute.models import Workload
 from tenants.models import Tenant
+from volumes.choices import VolumeState
+from volumes.models import GIB, Volume, VolumeAttachment
 
 # Runtime states on the way somewhere: the row's desired_running says where.
 _TRANSIENT_STATES = frozenset({WorkloadState.PENDING, WorkloadState.CREATING})
@@ -73,7 +81,9 @@ _WORKLOAD_FIELDS = (
 )
 
 
-def workload_spec(workload: Any, reference: str, networks: list[str] | None = None) -> dict[str, Any]:
+def workload_spec(
+    workload: Any, reference: str, networks: list[str] | None = None, mounts: list[MountSpec] | None = None
+) -> dict[str, Any]:
     """A workload (a row or its fields) as the canonical spec the planner compares (empty strings mean
     "the image's")."""
     return {
@@ -94,6 +104,7 @@ def workload_spec(workload: Any, reference: str, networks: list[str] | None = No
         **on_host_lost_field(workload.on_host_lost),
         "state": run_state(workload),
         "networks": list(networks or []),
+        **volumes_field(mounts or ()),
     }
 
 
@@ -131,6 +142,8 @@ def observed_resources(tenant: Tenant | Any) -> list[ObservedResource]:
     )
     for workload_id, network_name in allocations:
         networks_of.setdefault(workload_id, []).append(network_name)
+    observed.extend(_observed_volumes(tenant_id))
+    mounts_of = _mounts_by_workload(tenant_id)
     # Plain rows, not model instances: a thousand-resource tenant is read on every plan and reconcile.
     rows = (
         Workload.objects.filter(tenant_id=tenant_id)
@@ -145,7 +158,9 @@ def observed_resources(tenant: Tenant | Any) -> list[ObservedResource]:
             ObservedResource(
                 kind="workload",
                 key=workload_key(workload.name),
-                spec=workload_spec(workload, reference, networks_of.get(workload.id)),
+                spec=workload_spec(
+                    workload, reference, networks_of.get(workload.id), mounts_of.get(workload.id)
+                ),
                 managed=workload.managed_revision is not None,
                 managed_revision=workload.managed_revision,
                 managed_spec_hash=workload.managed_spec_hash or None,
@@ -158,6 +173,56 @@ def observed_resources(tenant: Tenant | Any) -> list[ObservedResource]:
         )
     observed.extend(_observed_ports(tenant_id))
     return observed
+
+
+def _observed_volumes(tenant_id: Any) -> list[ObservedResource]:
+    """The tenant's volumes (not those being deleted), each with its backup schedule if enabled."""
+    rows = (
+        Volume.objects.filter(tenant_id=tenant_id)
+        .exclude(state=VolumeState.DELETING)
+        .order_by("name")
+        .values(
+            "id",
+            "name",
+            "size_bytes",
+            "state",
+            "status_message",
+            "managed_revision",
+            "managed_spec_hash",
+            "backup_schedule__every_hours",
+            "backup_schedule__keep_last",
+            "backup_schedule__enabled",
+        )
+    )
+    observed = []
+    for row in rows:
+        schedule = (
+            (row["backup_schedule__every_hours"], row["backup_schedule__keep_last"])
+            if row["backup_schedule__enabled"]
+            else None
+        )
+        observed.append(
+            ObservedResource(
+                kind="volume",
+                key=volume_key(row["name"]),
+                spec={"name": row["name"], "size_gib": row["size_bytes"] // GIB, **backups_field(schedule)},
+                managed=row["managed_revision"] is not None,
+                managed_revision=row["managed_revision"],
+                managed_spec_hash=row["managed_spec_hash"] or None,
+                status={"id": str(row["id"]), "state": row["state"], "message": row["status_message"]},
+            )
+        )
+    return observed
+
+
+def _mounts_by_workload(tenant_id: Any) -> dict[Any, list[MountSpec]]:
+    mounts: dict[Any, list[MountSpec]] = {}
+    attachments = VolumeAttachment.objects.filter(workload__tenant_id=tenant_id).values_list(
+        "workload_id", "volume__name", "path", "read_only"
+    )
+    for workload_id, volume, path, read_only in attachments:
+        mounts.setdefault(workload_id, []).append(MountSpec(path=path, volume=volume, read_only=read_only))
+    return mounts
 
 
 def _observed_ports(tenant_id: Any) -> list[ObservedResource]:

@@ -34,10 +34,13 @@ from compute.desired.document import (
     format_path,
     network_key,
     normalise_vcpus,
+    volume_key,
 )
 from portal.errors import Explained
 
-PlanAction = Literal["create", "update", "replace", "delete", "noop"]
+# "keep": a volume the plan would delete, kept because the document does not allow deleting volumes
+# (prune and prune_volumes); applying it only stops managing the volume.
+PlanAction = Literal["create", "update", "replace", "delete", "keep", "noop"]
 ChangeEffect = Literal["update", "replace"]
 # "repaired": the host agent restored a managed network's host-level pieces changed outside Bulkhead.
 DriftKind = Literal["missing", "changed", "stopped", "started", "orphaned", "repaired"]
@@ -86,8 +89,15 @@ FIELD_RULES: Final[dict[ResourceKind, tuple[FieldRule, ...]]] = {
         FieldRule("restart", "update"),
         FieldRule("on_host_lost", "update"),
         FieldRule("state", "update"),
+        # Attachments need the workload stopped: apply stops it, detaches/attaches, starts it again.
+        FieldRule("volumes", "update"),
     ),
     "port": (FieldRule("host_port", "replace", system_assigned=True),),
+    # A volume grows in place (a shrink is refused by the plan); its backup schedule is a row beside it.
+    "volume": (
+        FieldRule("size_gib", "update"),
+        FieldRule("backups", "update"),
+    ),
 }
 
 SPEC_FIELDS: Final[dict[ResourceKind, tuple[str, ...]]] = {
@@ -110,8 +120,10 @@ SPEC_FIELDS: Final[dict[ResourceKind, tuple[str, ...]]] = {
         "on_host_lost",
         "state",
         "networks",
+        "volumes",
     ),
     "port": ("workload", "port", "protocol", "host_port"),
+    "volume": ("name", "size_gib", "backups"),
 }
 
 # Run states of the runtimes (DESIGN.md) folded to the document's desired run states.
@@ -228,11 +240,12 @@ class Plan:
     prune: bool
     observed_fingerprint: str
     desired_fingerprint: str
+    prune_volumes: bool = False
 
     @property
     def is_empty(self) -> bool:
-        """True when applying would change nothing (every step is a noop)."""
-        return all(step.action == "noop" for step in self.steps)
+        """True when applying would change no resource (every step is a noop or keeps a volume)."""
+        return all(step.action in ("noop", "keep") for step in self.steps)
 
     @property
     def changes(self) -> tuple[PlanStep, ...]:
@@ -256,6 +269,10 @@ class Plan:
         selected = [step for step in self.steps if step.action in ("create", "replace", "update")]
         return tuple(sorted(selected, key=lambda step: (_KIND_ORDER[step.kind], step.key)))
 
+    def keep_steps(self) -> tuple[PlanStep, ...]:
+        """Volumes kept instead of deleted (applying them stops managing the volume)."""
+        return tuple(sorted((step for step in self.steps if step.action == "keep"), key=lambda s: s.key))
+
     def is_stale(self, observed: Iterable[ObservedResource]) -> bool:
         """True when the observed state changed since the plan was computed: apply must refuse it."""
         return observed_fingerprint(observed) != self.observed_fingerprint
@@ -265,6 +282,7 @@ class Plan:
         return {
             "format": PLAN_FORMAT,
             "prune": self.prune,
+            "prune_volumes": self.prune_volumes,
             "observed_fingerprint": self.observed_fingerprint,
             "desired_fingerprint": self.desired_fingerprint,
             "summary": self.summary(),
@@ -281,6 +299,7 @@ class Plan:
             prune=bool(data["prune"]),
             observed_fingerprint=str(data["observed_fingerprint"]),
             desired_fingerprint=str(data["desired_fingerprint"]),
+            prune_volumes=bool(data.get("prune_volumes", False)),  # plans stored before volumes
         )
 
 
@@ -332,6 +351,8 @@ def canonical_observed_spec(kind: ResourceKind, spec: Mapping[str, Any]) -> dict
             value = list(value)
         elif name in ("env", "secret_env"):
             value = dict(value or {})
+        elif name == "volumes":
+            value = sorted((dict(mount) for mount in value or ()), key=lambda mount: str(mount["path"]))
         elif name == "vcpus" and isinstance(value, int | float) and not isinstance(value, bool):
             value = normalise_vcpus(value)
         canonical[name] = value
@@ -355,6 +376,8 @@ def compare_specs(
             before, after = dict(before or {}), dict(after or {})
         if rule.name == "on_host_lost":  # absent from a spec with the default
             before, after = before or "wait", after or "wait"
+        if rule.name == "volumes":  # absent from a spec without volumes
+            before, after = list(before or []), list(after or [])
         if _same_value(before, after):
             continue
         effect = rule.on_change
@@ -447,6 +470,7 @@ def compute_plan(
     observed: Sequence[ObservedResource],
     prune: bool,
     *,
+    prune_volumes: bool = False,
     check_references: bool = True,
 ) -> Plan:
     """Compute the steps that make ``observed`` match ``desired``.
@@ -457,6 +481,10 @@ def compute_plan(
     either input. Raises :class:`PlanConflict` when a workload would attach to a network that neither
     exists nor is declared, or when an unmanaged workload is attached to a network the plan removes
     (``check_references=False`` skips these checks, for comparing two documents).
+
+    Volumes hold data, so a volume absent from the document is deleted only with both ``prune`` and
+    ``prune_volumes``; otherwise its step is ``keep``, whose reason says what would allow the delete.
+    A volume smaller in the document than it is is a :class:`PlanConflict` (volumes only grow).
     """
     desired_by_key: dict[str, DesiredResource] = _index_by_key(desired, "desired")
     observed_by_key: dict[str, ObservedResource] = _index_by_key(observed, "observed")
@@ -496,6 +524,9 @@ def compute_plan(
     for key, current in observed_by_key.items():
         if key in desired_by_key:
             continue
+        if current.kind == "volume" and (current.managed or prune):
+            steps[key] = _volume_removal(current, prune, prune_volumes)
+            continue
         if current.managed:
             steps[key] = PlanStep("delete", current.kind, key, (), "managed, no longer in the document")
         elif prune:
@@ -524,6 +555,27 @@ def compute_plan(
         prune=prune,
         observed_fingerprint=observed_fingerprint(observed),
         desired_fingerprint=desired_fingerprint(desired),
+        prune_volumes=prune_volumes,
+    )
+
+
+def _volume_removal(current: ObservedResource, prune: bool, prune_volumes: bool) -> PlanStep:
+    """Delete a volume the document no longer declares only when it says both prune flags."""
+    name = current.spec["name"]
+    if prune and prune_volumes:
+        why = (
+            "managed, no longer in the document"
+            if current.managed
+            else "prune: unmanaged, not in the document"
+        )
+        return PlanStep("delete", "volume", current.key, (), f"{why}; prune_volumes: its data is deleted")
+    missing = "prune_volumes: true" if prune else "prune: true and prune_volumes: true"
+    return PlanStep(
+        "keep",
+        "volume",
+        current.key,
+        (),
+        f"kept: volume {name} would be deleted with all its data; set {missing} to allow it",
     )
 
 
@@ -585,6 +637,32 @@ def _conflicts(
     observed: Mapping[str, ObservedResource],
 ) -> list[str]:
     problems: list[str] = []
+    for key in sorted(desired):
+        wanted = desired[key]
+        current = observed.get(key)
+        if wanted.kind == "volume" and current is not None:
+            had, asked = current.spec.get("size_gib"), wanted.spec["size_gib"]
+            if isinstance(had, int) and asked < had:
+                problems.append(
+                    f"volume {wanted.spec['name']} cannot shrink from {had} GiB to {asked} GiB: "
+                    f"a volume only grows (declare size_gib: {had} or more)"
+                )
+    gone_volumes = {
+        key.split("/", 1)[1]
+        for key, step in steps.items()
+        if step.kind == "volume" and step.action == "delete"
+    }
+    for key in sorted(desired):
+        wanted = desired[key]
+        if wanted.kind != "workload":
+            continue
+        for mount in wanted.spec.get("volumes") or ():
+            if mount["volume"] in gone_volumes:
+                problems.append(f"{key} mounts volume {mount['volume']!r}, which the plan deletes")
+            elif volume_key(mount["volume"]) not in desired and volume_key(mount["volume"]) not in observed:
+                problems.append(
+                    f"{key} mounts volume {mount['volume']!r}, which neither exists nor is declared"
+                )
     removed_networks = {
         key.split("/", 1)[1]: step.action
         for key, step in steps.items()

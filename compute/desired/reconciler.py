@@ -254,7 +254,7 @@ def _run(state: DesiredState, now: datetime) -> dict[str, Any]:
     failed: list[dict[str, Any]] = []
     if drift and state.mode == ReconcileMode.AUTOCORRECT:
         corrected, flapping, failed = _correct(
-            state, revision_number, desired, observed, drift, config.prune, now
+            state, revision_number, desired, observed, drift, config.prune, now, config.prune_volumes
         )
     _announce_flapping(state, flapping, revision_number)
 
@@ -436,6 +436,7 @@ def _correct(
     drift: list[DriftItem],
     prune: bool,
     now: datetime,
+    prune_volumes: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
     """Execute the plan steps of the drifted resources the flap breaker lets through."""
     flap = breaker()
@@ -446,7 +447,7 @@ def _correct(
     for key, at in ResourceCorrection.objects.filter(tenant=state.tenant).values_list("key", "at"):
         history.setdefault(key, []).append(at)
     drift_kind = {item.key: item.kind for item in drift}
-    plan = compute_plan(desired, observed, prune=prune)
+    plan = compute_plan(desired, observed, prune=prune, prune_volumes=prune_volumes)
     allowed = []
     flapping = []
     corrected: list[dict[str, Any]] = []
@@ -489,7 +490,9 @@ def _correct(
     )
     from compute.desired.planning import Plan
 
-    outcomes = executor.run(Plan(tuple(allowed), prune, plan.observed_fingerprint, plan.desired_fingerprint))
+    outcomes = executor.run(
+        Plan(tuple(allowed), prune, plan.observed_fingerprint, plan.desired_fingerprint, prune_volumes)
+    )
     failed = []
     seen: set[str] = set()
     for outcome in outcomes:

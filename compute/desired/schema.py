@@ -38,6 +38,14 @@ USER_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]
 MAX_NETWORKS: Final = 256
 MAX_WORKLOADS: Final = 10_000
 MAX_PORTS: Final = 20_000
+MAX_VOLUMES: Final = 1_000
+MAX_VOLUME_GIB: Final = 16 * 1024  # volumes.services.MAX_VOLUME_GIB
+MAX_MOUNTS: Final = 16
+# A volume's path inside a workload: absolute; volumes.services.check_mount_path says the rest (normalised,
+# not a system directory) at the semantic stage, in its own words.
+MOUNT_PATH_PATTERN: Final = r"^/[^\x00-\x1f\x7f ,:\\]*$"
+MAX_BACKUP_EVERY_HOURS: Final = 720
+MAX_BACKUP_KEEP: Final = 1000  # backups.services.MAX_KEEP
 
 ISOLATIONS: Final = ("namespace", "microvm")
 RESTART_POLICIES: Final = ("never", "on-failure", "always")
@@ -103,7 +111,14 @@ SCHEMA: Final[dict[str, Any]] = {
                     "description": "Delete the tenant's resources the document does not declare, "
                     "including ones the portal does not manage (created by hand).",
                 },
+                "prune_volumes": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "Together with prune: true, allow deleting volumes the document does not "
+                    "declare, with all their data. Without it such volumes are kept (and the plan says so).",
+                },
                 "networks": {"type": "array", "maxItems": MAX_NETWORKS, "items": {"$ref": "#/$defs/network"}},
+                "volumes": {"type": "array", "maxItems": MAX_VOLUMES, "items": {"$ref": "#/$defs/volume"}},
                 "workloads": {
                     "type": "array",
                     "maxItems": MAX_WORKLOADS,
@@ -227,6 +242,61 @@ SCHEMA: Final[dict[str, Any]] = {
                     "items": _dns_label("A network of this document (or an existing one of the tenant)."),
                     "description": "Networks to attach, in interface order (the first is eth0).",
                 },
+                "volumes": {
+                    "type": "array",
+                    "maxItems": MAX_MOUNTS,
+                    "items": {"$ref": "#/$defs/mount"},
+                    "description": "Volumes mounted into the workload. Changing them stops the workload, "
+                    "detaches and attaches, and starts it again (its writable layer is kept).",
+                },
+            },
+        },
+        "volume": {
+            "type": "object",
+            "description": "A persistent volume on one host's volume pool; its data outlives workloads.",
+            "additionalProperties": False,
+            "required": ["name", "size_gib"],
+            "properties": {
+                "name": _dns_label("Unique among the tenant's volumes."),
+                "size_gib": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_VOLUME_GIB,
+                    "description": "Size limit in GiB; it can grow, never shrink.",
+                },
+                "backups": {
+                    "type": "object",
+                    "description": "A backup schedule: every every_hours hours (24: daily), keeping the "
+                    "last keep_last backups. Absent: no schedule.",
+                    "additionalProperties": False,
+                    "required": ["keep_last"],
+                    "properties": {
+                        "every_hours": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_BACKUP_EVERY_HOURS,
+                            "default": 24,
+                        },
+                        "keep_last": {"type": "integer", "minimum": 1, "maximum": MAX_BACKUP_KEEP},
+                    },
+                },
+            },
+        },
+        "mount": {
+            "type": "object",
+            "description": "A volume of the tenant mounted into the workload at an absolute path.",
+            "additionalProperties": False,
+            "required": ["volume", "path"],
+            "properties": {
+                "volume": _dns_label("A volume of this document (or an existing one of the tenant)."),
+                "path": {
+                    "type": "string",
+                    "maxLength": 255,
+                    "pattern": MOUNT_PATH_PATTERN,
+                    "x-pattern-description": "an absolute path without spaces, commas, colons, backslashes "
+                    "or control characters",
+                },
+                "read_only": {"type": "boolean", "default": False},
             },
         },
         "port": {

@@ -60,12 +60,15 @@ from compute.desired.planning import (
 from compute.models import Workload
 from imaging.models import Image
 from portal import operations
-from portal.errors import Conflict, Explained, Invalid, tenant_message
+from portal.errors import Conflict, Explained, Invalid, ServiceError, tenant_message
 from portal.failpoints import failpoint
 from portal.models import Operation, OperationState
 from tenants import audit
 from tenants.actors import Actor
-from tenants.models import Tenant
+from tenants.models import Quota, Tenant
+from volumes import services as volume_services
+from volumes.choices import VolumeState
+from volumes.models import GIB, Volume, VolumeAttachment
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +317,56 @@ def _state_issues(
     return located
 
 
+def _tenant_volume_sizes(tenant_id: Any) -> dict[str, int]:
+    """The tenant's volumes (not being deleted) by name: their sizes in GiB."""
+    rows = (
+        Volume.objects.filter(tenant_id=tenant_id)
+        .exclude(state=VolumeState.DELETING)
+        .values_list("name", "size_bytes")
+    )
+    return {name: size // GIB for name, size in rows}
+
+
+def _volume_quota_issues(
+    tenant_id: Any, config: TenantConfig, existing: dict[str, int]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Volumes to create or grow beyond the tenant's ``volume_bytes`` quota, at the first that does not fit.
+
+    Deletions the document asks for are not counted as room: a volume's bytes come back only once its
+    host has removed it, after the apply started.
+    """
+    quota = Quota.objects.filter(tenant_id=tenant_id).values("volume_bytes", "used_volume_bytes").first()
+    if quota is None:
+        return []
+    needed = 0
+    for index, volume in enumerate(config.volumes):
+        more = max(volume.size_gib - existing.get(volume.name, 0), 0) * GIB
+        if not more:
+            continue
+        needed += more
+        if quota["used_volume_bytes"] + needed > quota["volume_bytes"]:
+            free = max(quota["volume_bytes"] - quota["used_volume_bytes"], 0)
+            return [
+                (
+                    ("spec", "volumes", index, "size_gib"),
+                    f"over the tenant's volume quota: this document's new and grown volumes need "
+                    f"{needed // GIB} GiB up to here, {free // GIB} GiB of {quota['volume_bytes'] // GIB} "
+                    "GiB are free; nothing is applied",
+                )
+            ]
+    return []
+
+
+def volume_bytes_needed(plan: Plan, tenant: Tenant | Any) -> int:
+    """Bytes of ``volume_bytes`` quota the plan's volume creates and grows take."""
+    existing = _tenant_volume_sizes(getattr(tenant, "pk", tenant))
+    needed = 0
+    for step in plan.steps:
+        if step.kind == "volume" and step.action in ("create", "update") and step.spec is not None:
+            needed += max(int(step.spec["size_gib"]) - existing.get(step.spec["name"], 0), 0) * GIB
+    return needed
+
+
 def parse_for_tenant(
     tenant: Tenant | Any, text: str, *, check_images: bool = True, check_state: bool | None = None
 ) -> TenantConfig:
@@ -322,7 +375,9 @@ def parse_for_tenant(
     Images are resolved against what the tenant can see (``check_images``). The tenant's compartments are
     networks a workload may use without declaring them (when they stay: unmanaged, prune off), and with
     ``check_state`` (default: as ``check_images``) a declared subnet overlapping one that stays is refused
-    at its line. Host ports must lie in the operator's published port range.
+    at its line, and so are volumes that would not fit the tenant's volume quota. The tenant's volumes are
+    ones a workload may mount without declaring them (another tenant's are unknown, like missing ones).
+    Host ports must lie in the operator's published port range.
     """
     tenant_id = getattr(tenant, "pk", tenant)
     check_state = check_images if check_state is None else check_state
@@ -333,17 +388,20 @@ def parse_for_tenant(
         known = [c.name for c in compartments if c.managed_revision is None]
     else:
         known = [c.name for c in compartments]
+    volumes = _tenant_volume_sizes(tenant_id)
     ports = network_services.published_port_range()
     try:
         config = parse_document(
             text,
             resolver if check_images else None,
             known_networks=known,
+            known_volumes=volumes,
             host_port_range=(ports.start, ports.stop - 1),
         )
         located = _structural_issues(config)
         if check_state:
             located += _state_issues(config, compartments)
+            located += _volume_quota_issues(tenant_id, config, volumes)
         if located:
             raise DocumentError(issues_at(text, located))
     except DocumentError as error:
@@ -448,7 +506,9 @@ def plan_for(tenant: Tenant, config: TenantConfig) -> Plan:
     """The plan that makes the tenant's observed resources match ``config``."""
     observed = observe.observed_resources(tenant)
     try:
-        return compute_plan(config.resources(), observed, prune=config.prune)
+        return compute_plan(
+            config.resources(), observed, prune=config.prune, prune_volumes=config.prune_volumes
+        )
     except PlanConflict as conflict:
         raise Conflict(f"The document cannot be applied: {conflict}") from None
 
@@ -621,6 +681,8 @@ class Executor:
             self.progress(100 * done / total, f"{step.action.capitalize()} {step.key}")
             self._guarded(step, self._build)
             failpoint("desired.apply.after_step")
+        for step in plan.keep_steps():
+            self._guarded(step, self._keep_volume)
         return self.outcomes
 
     def _pause(self) -> None:
@@ -650,6 +712,8 @@ class Executor:
     def _teardown(self, step: PlanStep) -> StepOutcome:
         if step.kind == "network":
             return self._teardown_network(step)
+        if step.kind == "volume":
+            return self._teardown_volume(step)
         if step.kind == "port":
             return self._teardown_port(step)
         name = self._name(step)
@@ -674,6 +738,8 @@ class Executor:
         assert step.spec is not None and step.spec_hash is not None
         if step.kind == "network":
             return self._build_network(step)
+        if step.kind == "volume":
+            return self._build_volume(step)
         if step.kind == "port":
             return self._build_port(step)
         name = self._name(step)
@@ -702,6 +768,10 @@ class Executor:
         spec = _compute_spec(self.tenant, step.spec)
         # Exactly the declared networks ([]: none): the default compartment would be drift.
         compartments = self._compartments(step.spec.get("networks") or ())
+        mounts = step.spec.get("volumes") or []
+        unready = self._wait_for_volumes([mount["volume"] for mount in mounts])
+        if unready:
+            return StepOutcome(step.key, step.action, "waiting", unready)
         with transaction.atomic():
             try:
                 op = compute_services.create_workload(
@@ -710,6 +780,7 @@ class Executor:
                     spec=spec,
                     start=step.spec["state"] == "running",
                     compartments=compartments,
+                    volumes=self._volume_mounts(mounts),
                 )
             except IntegrityError:
                 raise Conflict(f"A workload named {name!r} appeared meanwhile.") from None
@@ -725,6 +796,9 @@ class Executor:
         spec = step.spec
         wanted = _compute_spec(self.tenant, spec)
         ops: list[str] = []
+        remounted = self._remount(step, workload, ops)
+        if isinstance(remounted, StepOutcome):
+            return remounted
         with transaction.atomic():
             changed = compute_services.update_workload(
                 actor=self.actor,
@@ -745,8 +819,205 @@ class Executor:
                     ops.append(str(compute_services.restart_workload(actor=self.actor, workload=locked).pk))
             elif current == "running":
                 ops.append(str(compute_services.stop_workload(actor=self.actor, workload=locked).pk))
-        detail = ", ".join(sorted(changed)) or "recorded"
+        detail = ", ".join(sorted(changed | remounted)) or "recorded"
         return StepOutcome(step.key, step.action, "submitted" if ops else "done", detail, ops)
+
+    # Volumes (through volumes.services: quota, placement on a pool, one writer, stopped workloads).
+    def _volume(self, name: str) -> Volume | None:
+        return (
+            Volume.objects.filter(tenant=self.tenant, name=name)
+            .exclude(state=VolumeState.DELETING)
+            .select_related("host", "tenant")
+            .first()
+        )
+
+    def _wait_for_volumes(self, names: Iterable[str]) -> str:
+        """Wait (apply) until the named volumes are ready; "" when they are, else why not (yet)."""
+        names = sorted(set(names))
+        if not names:
+            return ""
+        deadline = time.monotonic() + apply_wait_seconds()
+        while True:
+            states = dict(
+                Volume.objects.filter(tenant=self.tenant, name__in=names)
+                .exclude(state=VolumeState.DELETING)
+                .values_list("name", "state")
+            )
+            missing = [name for name in names if name not in states]
+            if missing:
+                raise Conflict(f"The volume {missing[0]!r} does not exist (was its creation refused?).")
+            failed = [name for name, state in states.items() if state == VolumeState.FAILED]
+            if failed:
+                raise Conflict(f"The volume {failed[0]!r} failed; delete it or fix it first.")
+            busy = sorted(name for name, state in states.items() if state != VolumeState.READY)
+            if not busy:
+                return ""
+            if not self.wait or time.monotonic() > deadline:
+                return f"waiting for volume {busy[0]!r} to be ready ({states[busy[0]]})"
+            self._pause()
+
+    def _volume_mounts(self, mounts: Iterable[dict[str, Any]]) -> list[volume_services.VolumeMount]:
+        mounts = list(mounts)
+        found = {
+            volume.name: volume
+            for volume in Volume.objects.filter(
+                tenant=self.tenant, name__in=[mount["volume"] for mount in mounts]
+            ).exclude(state=VolumeState.DELETING)
+        }
+        result = []
+        for mount in mounts:
+            volume = found.get(mount["volume"])
+            if volume is None:  # the tenant's own volumes only: another tenant's reads like a missing one
+                raise Conflict(f"The volume {mount['volume']!r} does not exist (was its creation refused?).")
+            result.append(
+                volume_services.VolumeMount(volume=volume, path=mount["path"], read_only=mount["read_only"])
+            )
+        return result
+
+    def _remount(self, step: PlanStep, workload: Workload, ops: list[str]) -> set[str] | StepOutcome:
+        """Make the workload's attachments the declared ones: stop it, detach and attach, in one
+        transaction (the services refuse both on a running workload); the caller starts it again.
+
+        Returns {"volumes"} when they changed, an empty set when they already matched, or the outcome to
+        report while the workload is still stopping (apply waits for it; the reconciler comes back).
+        """
+        assert step.spec is not None
+        wanted = {
+            (mount["path"], mount["volume"], bool(mount["read_only"]))
+            for mount in step.spec.get("volumes") or ()
+        }
+        current = {
+            (attachment.path, attachment.volume.name, attachment.read_only): attachment
+            for attachment in VolumeAttachment.objects.filter(workload=workload).select_related("volume")
+        }
+        if set(current) == wanted:
+            return set()
+        unready = self._wait_for_volumes(name for _, name, _ in wanted - set(current))
+        if unready:
+            return StepOutcome(step.key, step.action, "waiting", unready)
+        if not self._stopped_for_remount(workload, ops):
+            return StepOutcome(
+                step.key, step.action, "waiting", "stopping it to change its volumes", list(ops)
+            )
+        locked = Workload.objects.get(pk=workload.pk)
+        added = [
+            {"path": path, "volume": name, "read_only": read_only}
+            for path, name, read_only in sorted(wanted - set(current))
+        ]
+        try:
+            with transaction.atomic():  # all or nothing: a refused attach keeps the old mounts
+                for key in sorted(set(current) - wanted):
+                    volume_services.detach_volume(actor=self.actor, attachment=current[key])
+                for mount in self._volume_mounts(added):
+                    volume_services.attach_volume(
+                        actor=self.actor,
+                        volume=mount.volume,
+                        workload=locked,
+                        path=mount.path,
+                        read_only=mount.read_only,
+                    )
+        except ServiceError as error:
+            # The service's own denial entry was rolled back with this transaction: record it again.
+            if error.audit_action:
+                audit.record_denied(self.actor, error.audit_action, tenant=self.tenant, reason=error.message)
+            raise
+        return {"volumes"}
+
+    def _stopped_for_remount(self, workload: Workload, ops: list[str]) -> bool:
+        """Stop the workload if it runs, and wait (apply) until the host says it stopped."""
+        deadline = time.monotonic() + apply_wait_seconds()
+        stop_sent = False
+        while True:
+            current = Workload.objects.get(pk=workload.pk)
+            if current.state in volume_services.STOPPED_STATES:
+                return True
+            if current.state == WorkloadState.DELETING:
+                raise Conflict(f"{current.name} is being deleted.")
+            if not stop_sent and (current.desired_running or current.state == WorkloadState.RUNNING):
+                ops.append(str(compute_services.stop_workload(actor=self.actor, workload=current).pk))
+                stop_sent = True
+            if not self.wait or time.monotonic() > deadline:
+                return False
+            self._pause()
+
+    def _teardown_volume(self, step: PlanStep) -> StepOutcome:
+        volume = self._volume(self._name(step))
+        if volume is None:
+            return StepOutcome(step.key, step.action, "done", "already gone")
+        deadline = time.monotonic() + apply_wait_seconds()
+        # Workloads being deleted still hold their attachments until their host is done with them.
+        while set(
+            VolumeAttachment.objects.filter(volume=volume).values_list("workload__state", flat=True)
+        ) == {WorkloadState.DELETING}:
+            if not self.wait or time.monotonic() > deadline:
+                return StepOutcome(
+                    step.key, step.action, "waiting", "waiting for its workloads' deletion to finish"
+                )
+            self._pause()
+        op = volume_services.delete_volume(actor=self.actor, volume=volume)
+        return StepOutcome(step.key, step.action, "submitted", "deleting with its data", [str(op.pk)])
+
+    def _build_volume(self, step: PlanStep) -> StepOutcome:
+        assert step.spec is not None
+        spec = step.spec
+        name = spec["name"]
+        volume = self._volume(name)
+        ops: list[str] = []
+        details: list[str] = []
+        # Each service runs in its own transaction (a refusal keeps its audit entry); the stamp follows.
+        # Interrupted in between, the volume exists unmanaged and the resumed apply adopts it.
+        if volume is None:
+            op = volume_services.create_volume(
+                actor=self.actor, tenant=self.tenant, name=name, size_gib=spec["size_gib"]
+            )
+            ops.append(str(op.pk))
+            volume = Volume.objects.select_related("host", "tenant").get(tenant=self.tenant, name=name)
+            details.append(f"creating ({spec['size_gib']} GiB on {volume.host.name})")
+        elif spec["size_gib"] * GIB != volume.size_bytes:
+            unready = self._wait_for_volumes([name])
+            if unready:
+                return StepOutcome(step.key, step.action, "waiting", unready)
+            # A shrink never gets here: the plan refuses it; the service would too.
+            op = volume_services.resize_volume(actor=self.actor, volume=volume, size_gib=spec["size_gib"])
+            ops.append(str(op.pk))
+            details.append(f"growing to {spec['size_gib']} GiB")
+        details.extend(self._schedule(volume, spec.get("backups")))
+        Volume.objects.filter(pk=volume.pk).update(
+            managed_revision=self.revision, managed_spec_hash=step.spec_hash
+        )
+        return StepOutcome(
+            step.key, step.action, "submitted" if ops else "done", "; ".join(details) or "recorded", ops
+        )
+
+    def _schedule(self, volume: Volume, wanted: dict[str, int] | None) -> list[str]:
+        """Make the volume's backup schedule the declared one (None: no schedule)."""
+        from backups import services as backup_services
+        from backups.models import BackupSchedule
+
+        schedule = BackupSchedule.objects.filter(volume=volume).first()
+        if wanted is None:
+            if schedule is None:
+                return []
+            if not schedule.enabled:
+                return []
+            backup_services.delete_schedule(actor=self.actor, schedule=schedule)
+            return ["backup schedule removed"]
+        every, keep = int(wanted["every_hours"]), int(wanted["keep_last"])
+        if schedule is not None and (schedule.every_hours, schedule.keep_last, schedule.enabled) == (
+            every,
+            keep,
+            True,
+        ):
+            return []
+        backup_services.set_schedule(actor=self.actor, volume=volume, every_hours=every, keep_last=keep)
+        return [f"backups every {every} h, keeping {keep}"]
+
+    def _keep_volume(self, step: PlanStep) -> StepOutcome:
+        """A volume the document dropped without allowing its deletion: kept, no longer managed."""
+        Volume.objects.filter(tenant=self.tenant, name=self._name(step)).update(
+            managed_revision=None, managed_spec_hash=""
+        )
+        return StepOutcome(step.key, step.action, "done", step.reason)
 
     # Networks (compartments, through compute.network_services: its quota and subnet checks).
     def _teardown_network(self, step: PlanStep) -> StepOutcome:
@@ -931,6 +1202,7 @@ def _execute(
     lease: Lease,
     progress: Callable[..., None] | None,
 ) -> dict[str, Any]:
+    _check_volume_quota(plan, plan_row.tenant)
     DesiredState.objects.filter(tenant_id=plan_row.tenant_id).update(target_revision=revision)
     executor = Executor(
         actor=actor,
@@ -943,6 +1215,22 @@ def _execute(
     result = _plan_rows_result(executor.run(plan))
     result.update({"revision": revision, "summary": plan.summary()})
     return result
+
+
+def _check_volume_quota(plan: Plan, tenant: Tenant) -> None:
+    """Refuse the whole apply before its first step when its volumes no longer fit the quota (it may
+    have changed since the plan): nothing is applied half-way for want of volume bytes."""
+    needed = volume_bytes_needed(plan, tenant)
+    if not needed:
+        return
+    quota = Quota.objects.get(tenant=tenant)
+    if quota.used_volume_bytes + needed > quota.volume_bytes:
+        free = max(quota.volume_bytes - quota.used_volume_bytes, 0)
+        raise Conflict(
+            f"Over the tenant's volume quota: this plan's new and grown volumes need {needed // GIB} GiB, "
+            f"{free // GIB} GiB of {quota.volume_bytes // GIB} GiB are free; nothing was applied.",
+            audit_action="quota.exceeded",
+        )
 
 
 def _finish_plan(plan_row: DesiredPlan, actor: Actor, problems: str, result: dict[str, Any]) -> None:

@@ -13,7 +13,6 @@ from typing import Any
 
 from compute.host import network, reports
 from compute.host import spec as s
-from compute.host.volumes import VOLUME_KINDS
 from compute.host.context import HostContext, host_context, noop_progress
 from compute.host.drivers import all_drivers, driver_for
 from compute.host.drivers.container import oci_runtime
@@ -21,6 +20,7 @@ from compute.host.drivers.microvm import MICROVMS
 from compute.host.link import HostApiError
 from compute.host.locks import workload_lock
 from compute.host.spec import WorkloadSpec
+from compute.host.volumes import VOLUME_KINDS
 
 __all__ = ["host_context", "workload_lock"]
 

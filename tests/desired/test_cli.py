@@ -164,3 +164,59 @@ def test_cli_creates_attaches_lists_and_snapshots_volumes(portal: World) -> None
     assert run("volumes", "delete", "db-data")[0] == 1  # attached: refused
     assert run("volumes", "detach", "db-data", "db")[0] == 0
     assert run("volumes", "restore", "db-data", "no-such")[0] == 1
+
+
+VOLUME_DOC = """\
+apiVersion: bulkhead/v1
+kind: TenantConfig
+spec:
+  volumes:
+    - name: db-data
+      size_gib: 2
+      backups: {keep_last: 7}
+"""
+
+
+def test_cli_applies_volumes_and_says_which_it_keeps(
+    portal: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from backups.models import BackupSchedule
+    from volumes.models import Volume
+
+    document = tmp_path / "tenant.yaml"
+    document.write_text(VOLUME_DOC)
+    with celery_worker(queues="default", name="desired-cli-volumes"):
+        code, output = run("apply", "-f", str(document), "--yes")
+        assert code == 0, capsys.readouterr().err
+        assert "  + volume/db-data  (create: declared, does not exist)" in output
+        volume = Volume.objects.get(tenant=portal.acme, name="db-data")
+        assert (volume.size_gib, volume.managed_revision) == (2, 1)
+        assert BackupSchedule.objects.get(volume=volume).keep_last == 7
+        Volume.objects.filter(pk=volume.pk).update(state="ready")  # no host agent runs here
+
+        document.write_text(VOLUME_DOC.split("  volumes:")[0] + "  prune: true\n")
+        code, output = run("apply", "-f", str(document), "--yes")
+        assert code == 0, capsys.readouterr().err
+    assert (
+        "  ! volume/db-data  (keep: kept: volume db-data would be deleted with all its data; "
+        "set prune_volumes: true to allow it)" in output
+    )
+    assert "Plan: 0 to create, 0 to update, 0 to replace, 0 to delete, 1 volume kept." in output
+    assert "volume/db-data: keep done kept: volume db-data" in output
+    assert Volume.objects.get(pk=volume.pk).state == "ready"
+
+
+def test_cli_refuses_a_document_mounting_another_tenants_volume_like_a_missing_one(
+    portal: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from volumes.models import GIB, Volume
+
+    Volume.objects.create(
+        tenant=portal.globex, name="ledger", host=Host.objects.get(), size_bytes=GIB, state="ready"
+    )
+    document = tmp_path / "tenant.yaml"
+    document.write_text(DOC + "      volumes: [{volume: ledger, path: /data}]\n")
+    code, _ = run("apply", "-f", str(document), "--yes")
+    assert code == 1
+    assert "line 9: spec.workloads[0].volumes[0].volume: unknown volume 'ledger'" in capsys.readouterr().err
+    assert not Workload.objects.exists()

@@ -162,7 +162,7 @@ def test_it_suggests_the_closest_field_name() -> None:
     ("original", "replacement", "path", "line"),
     [
         ("kind: TenantConfig\n", "kind: TenantConfig\nstatus: {}\n", "status", 3),
-        ("  prune: false\n", "  prune: false\n  volumes: []\n", "spec.volumes", 6),
+        ("  prune: false\n", "  prune: false\n  secrets: []\n", "spec.secrets", 6),
         ("      nat: true\n", "      nat: true\n      mtu: 9000\n", "spec.networks[0].mtu", 10),
         (
             "      host_port: 8080\n",

@@ -354,7 +354,7 @@ def test_it_round_trips_a_plan_through_json() -> None:
     )
     stored = json.loads(json.dumps(plan.to_dict()))
     assert Plan.from_dict(stored) == plan
-    assert stored["summary"] == {"create": 0, "update": 0, "replace": 5, "delete": 0, "noop": 1}
+    assert stored["summary"] == {"create": 0, "update": 0, "replace": 5, "delete": 0, "keep": 0, "noop": 1}
 
 
 def test_it_refuses_a_stored_plan_of_another_format() -> None:

@@ -20,6 +20,14 @@ def _backup(world: World, ownership: str) -> Any:
     ).pk
 
 
+def _schedule(world: World, ownership: str) -> Any:
+    from backups.models import BackupSchedule
+    from volumes.models import Volume
+
+    volume = Volume.objects.get(pk=_volume(world, ownership))
+    return BackupSchedule.objects.get_or_create(volume=volume, defaults={"tenant": volume.tenant})[0].pk
+
+
 def _routes() -> dict[str, Any]:
     from tests.security.test_ui_matrix import UiRoute
 
@@ -29,6 +37,8 @@ def _routes() -> dict[str, Any]:
         "backup-verify": UiRoute(method="POST", obj=_backup, acts="operate"),
         "backup-export": UiRoute(method="POST", obj=_backup, acts="operate"),
         "backup-delete": UiRoute(method="POST", obj=_backup, acts="operate"),
+        "volume-schedule": UiRoute(method="POST", obj=_volume, acts="operate"),
+        "schedule-delete": UiRoute(method="POST", obj=_schedule, acts="operate"),
     }
 
 
