@@ -176,6 +176,9 @@ class SeparatePortal:
                 return found if found and (not answering or _agent_answering(found)) else None
 
             row = wait_until(joined_and_answering, timeout=120, what=f"host {name} to join and answer")
+            # `make agent` redid no set-up step (system, venv, native, guest): its first command is the join.
+            first_line = log_path.read_text(errors="replace").splitlines()[0]
+            assert first_line.startswith(".venv/bin/python -m compute.join --portal"), first_line
             host = SeparateHost(name, netns, address, data_dir, proc, log_path, row)
             self.hosts.append(host)
             if not self.allow_database:
@@ -221,6 +224,9 @@ def separate_portal(
     from tenants.actors import Actor
 
     ensure_libvirtd()  # the machine's libvirtd, in its own namespaces: a host never starts one
+    # `make agent` sets a host up first; here (as after `make setup`, which `make test` runs) that is done.
+    done = subprocess.run(["make", "-q", "system", "venv", "native", "guest"], cwd=ROOT, capture_output=True)
+    assert done.returncode == 0, "make agent would set this checkout up again: run `make setup` first"
     token = secrets.token_hex(3)
     bridge = f"bhsep{token}"
     address = f"198.19.{_free_octet()}.1"
