@@ -273,6 +273,8 @@ def forwarding(address: str, port: int) -> Iterator[None]:
     listener = socket.create_server((address, port))
     listener.settimeout(0.2)
     stopping = threading.Event()
+    # Closed at the end: a host cut off the network never closes its side (the database would keep them).
+    connections: list[socket.socket] = []
 
     def pump(source: socket.socket, target: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -294,6 +296,7 @@ def forwarding(address: str, port: int) -> Iterator[None]:
             except OSError:
                 client.close()
                 continue
+            connections.extend((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=pump, args=(a, b), daemon=True).start()
 
@@ -305,6 +308,8 @@ def forwarding(address: str, port: int) -> Iterator[None]:
         stopping.set()
         listener.close()
         thread.join(timeout=5)
+        for connection in connections:
+            connection.close()
 
 
 def descendants(pid: int) -> list[int]:
