@@ -48,8 +48,10 @@ frontend/static/vendor/.stamp: frontend/package.json frontend/package-lock.json 
 	@touch $@
 
 guest: $(VAR)/guest/manifest.json
+# The build leaves an unchanged manifest alone: touch it, or every later `make agent` would run the build again.
 $(VAR)/guest/manifest.json: $(wildcard compute/guest/*.py compute/guest/*.sh)
 	$(PY) -m compute.guest.build --out $(VAR)/guest
+	@touch $@
 
 run: setup
 	$(PY) -m portal.stack run

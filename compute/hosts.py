@@ -26,7 +26,9 @@ from tenants.actors import Actor
 
 log = logging.getLogger(__name__)
 
-LOST_AFTER = timedelta(seconds=45)
+# Four missed heartbeats (every 10 s): with the 15 s sweep a dead host is `lost` within 55 s of its last
+# heartbeat, inside issue 16's 60 s (45 s could take 60 s and a sweep's latency).
+LOST_AFTER = timedelta(seconds=40)
 JOIN_TOKEN_TTL = timedelta(minutes=30)
 
 

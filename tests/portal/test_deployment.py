@@ -66,6 +66,23 @@ def test_it_has_a_compose_file_whose_commands_exist() -> None:
         assert services[name]["environment"]["DATABASE_URL"].startswith("postgres://")
 
 
+def test_it_describes_the_topology_with_hosts_the_portal_services_and_nothing_of_a_host() -> None:
+    """The portal runs web, worker, beat, Redis and PostgreSQL; a host is never a service. What the hosts
+    get at join (the broker as they reach it) is set on the portal; PostgreSQL is not published to them."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "redis", "deploy", "web", "worker", "beat"}
+    for name in ("web", "worker", "beat", "deploy"):
+        environment = services[name]["environment"]
+        assert environment["BULKHEAD_AGENT_REDIS_URL"].startswith("${BULKHEAD_AGENT_REDIS_URL:?")
+        assert "BULKHEAD_HOST_CREDENTIAL" not in environment
+    assert "ports" not in services["postgres"]
+    assert services["redis"]["ports"] == ["6379:6379"]
+    assert "-Q" in services["worker"]["command"] and "default" in services["worker"]["command"]
+    header = (ROOT / "docker-compose.yml").read_text().split("x-app:")[0]
+    assert "make agent PORTAL=" in header and "agent.env" in header
+
+
 @pytest.mark.django_db
 def test_it_serves_the_openapi_schema_locally(world: World) -> None:
     client = client_for(world, "alice")

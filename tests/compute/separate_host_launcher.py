@@ -1,0 +1,54 @@
+"""The first process of a separate test host, run as `unshare -m --propagation private python -m THIS`.
+
+In its own mount namespace it makes the machine a host would be: the portal's data directory (this
+checkout's var/) is covered by an empty tmpfs, so nothing of the portal's (secret key, Redis password,
+layer store, database files) is readable; back into it go only what the host machine's own `make setup`
+would have left there: the guest it built (read-only) and the set-up stamp. Then it execs the command it
+was given (the `make agent PORTAL=… JOIN_TOKEN=…` the operator copied), never through a shell.
+
+Usage: python -m tests.compute.separate_host_launcher --portal-data DIR --staging DIR -- ARGV...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True)
+
+
+def become_a_host(portal_data: Path, staging: Path) -> None:
+    guest = portal_data / "guest"
+    stamp = portal_data / ".system-packages"
+    stamp_times = (stamp.stat().st_atime, stamp.stat().st_mtime) if stamp.exists() else None
+    # Hold the guest through a mount point outside the directory about to be covered.
+    staging.mkdir(parents=True, exist_ok=True)
+    mount("--bind", str(guest), str(staging))
+    mount("-t", "tmpfs", "-o", "mode=0755,size=64m", "tmpfs", str(portal_data))
+    (portal_data / "guest").mkdir()
+    mount("--move", str(staging), str(portal_data / "guest"))
+    mount("-o", "remount,bind,ro", str(portal_data / "guest"))
+    if stamp_times is not None:
+        stamp.touch()
+        os.utime(stamp, stamp_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--portal-data", required=True, type=Path)
+    parser.add_argument("--staging", required=True, type=Path)
+    parser.add_argument("argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    become_a_host(args.portal_data, args.staging)
+    executable = shutil.which(argv[0]) or argv[0]
+    os.execv(executable, argv)
+
+
+if __name__ == "__main__":
+    main()
