@@ -331,6 +331,7 @@ def descendants(pid: int) -> list[int]:
 def _remove_host(netns: str, data_dir: Path, row: Host | None) -> None:
     """Everything the host left: its processes (conmon, dnsmasq), containers, VMs, namespace, files."""
     from compute.agent import oci_runtime
+
     from compute.runtimes.libvirt import domain_name
 
     if Path(f"/run/netns/{netns}").exists():
