@@ -184,9 +184,7 @@ def resume_operation(*, actor: Actor, host: Host, op_id: Any) -> dict[str, Any]:
         )
         operations.log_step(op.pk, "requeued", locked.progress, "The host's worker stopped; queued again.")
         task, queue = _task_of(op.kind), host.queue
-        transaction.on_commit(
-            lambda: task.apply_async(args=[str(op.pk)], task_id=str(op.pk), queue=queue, retry=False)
-        )
+        transaction.on_commit(lambda: operations.send(task, str(op.pk), queue))
         audit.record(actor, "host.operation.resume", locked, tenant=locked.tenant, details={"kind": op.kind})
     return {"resumed": True, "failed": False, "state": OperationState.QUEUED}
 

@@ -49,20 +49,24 @@ def start(
     OperationLogEntry.objects.create(operation=op, event="queued")
     op_id = str(op.pk)
 
-    def send() -> None:
-        from compute.broker_access import producer_for_queue
-
-        try:
-            # A host's queue lives under its own key prefix (its broker user sees nothing else).
-            with producer_for_queue(queue) as producer:
-                task.apply_async(args=[op_id], task_id=op_id, queue=queue, retry=False, producer=producer)
-        except Exception as exc:  # any broker failure: the row says why, the caller goes on
-            fail(op_id, "Could not queue the task; try again.", detail=operator_detail(exc))
-        else:
-            events.publish(op.tenant_id, op.as_event())
-
-    transaction.on_commit(send)
+    transaction.on_commit(lambda: send(task, op_id, queue, op=op))
     return op
+
+
+def send(task: Any, op_id: str, queue: str, *, op: Operation | None = None) -> None:
+    """Queue an operation's task (after the commit that recorded it). A host's queue lives under its own
+    key prefix (its broker user sees nothing else): every send to a queue goes through here."""
+    from compute.broker_access import producer_for_queue
+
+    try:
+        with producer_for_queue(queue) as producer:
+            task.apply_async(args=[op_id], task_id=op_id, queue=queue, retry=False, producer=producer)
+    except Exception as exc:  # any broker failure: the row says why, the caller goes on
+        fail(op_id, "Could not queue the task; try again.", detail=operator_detail(exc))
+    else:
+        op = op or Operation.objects.filter(pk=op_id).first()  # the caller's row, else as committed
+        if op is not None:
+            events.publish(op.tenant_id, op.as_event())
 
 
 _broker_client: Any = None
