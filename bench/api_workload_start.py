@@ -51,6 +51,7 @@ RUNS = int(os.environ.get("BENCH_RUNS", "15"))
 # the in-process link of the portal's own machine, and keep a layer store of their own.
 HOST_API = os.environ.get("BENCH_HOST_API", "") == "1"
 COLD_RUNS = int(os.environ.get("BENCH_COLD_RUNS", "5")) if HOST_API else 0
+TRACE = os.environ.get("BENCH_TRACE", "") == "1"
 PODMAN = os.environ.get("BENCH_PODMAN", "1") == "1" and shutil.which("podman") is not None
 PODMAN_IMAGE = "localhost/bht-bench-busybox:1"
 PODMAN_FLAGS = [
@@ -68,8 +69,11 @@ QUIET = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": su
 
 def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """A Celery worker on `queues` (solo, as a small host runs it)."""
+    # BENCH_PROFILE_WORKER=<file>: the host's worker under cProfile (solo pool: tasks run in it), dumped
+    # to <file> when it stops; read with pstats (e.g. sorted by cumulative time, `ensure_running`).
+    profile = os.environ.get("BENCH_PROFILE_WORKER", "") if "host." in queues else ""
     command = [
-        sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1",
+        sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1",
         "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, env=env, **QUIET)
@@ -231,6 +235,8 @@ def main() -> None:
             )
 
         def create_and_wait(name: str) -> tuple[float, float]:
+            if TRACE:  # wall clock of each POST, to line up with the services' logs when profiling
+                print(f"trace {name} post {time.time():.6f}", file=sys.stderr)
             t0 = time.perf_counter()
             response = client.post(
                 "/api/v1/workloads/",
@@ -255,6 +261,8 @@ def main() -> None:
             ):
                 assert time.monotonic() < deadline, f"{name} not running in 120 s"
                 time.sleep(0.002)
+            if TRACE:
+                print(f"trace {name} running {time.time():.6f}", file=sys.stderr)
             return time.perf_counter() - t0, posted
 
         def bare_run(bundle: Path) -> float:
