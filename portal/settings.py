@@ -169,7 +169,8 @@ REDIS_URL = env("REDIS_URL") or f"redis://:{_embedded_redis_password()}@127.0.0.
 
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        # Django's RedisCache, its connections shared by the per-request cache objects (portal/cache.py).
+        "BACKEND": "portal.cache.SharedPoolRedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "bulkhead",
         # JSON, never pickle: a value written into Redis must not become code in the portal.
