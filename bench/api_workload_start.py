@@ -73,7 +73,8 @@ def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     # to <file> when it stops; read with pstats (e.g. sorted by cumulative time, `ensure_running`).
     profile = os.environ.get("BENCH_PROFILE_WORKER", "") if "host." in queues else ""
     command = [
-        sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1",
+        sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []),
+        "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1",
         "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, env=env, **QUIET)
@@ -311,7 +312,9 @@ def main() -> None:
         rss_after = [rss_kib(proc.pid) for proc in (*procs, *host_procs)]
 
         def delete_all_workloads() -> None:
+            # `sleep` as PID 1 ignores TERM: stopped at once (grace 0), or each delete waits out 10 s.
             for workload_id in Workload.objects.values_list("pk", flat=True):
+                client.post(f"/api/v1/workloads/{workload_id}/stop/", json={"grace_seconds": 0})
                 client.delete(f"/api/v1/workloads/{workload_id}/")
             deadline = time.monotonic() + 120
             while Workload.objects.exists():
