@@ -1,54 +1,121 @@
-"""API create -> running for a busybox namespace container, side by side with bare `runc run -d`.
+"""API create -> running for a busybox namespace container, side by side with bare `runc run -d` and a
+warm `podman run -d`; then (BENCH_HOST_API=1) the first start on a host without the layers, side by side
+with `skopeo copy` of the same image from the portal's registry plus `umoci unpack` and `runc run -d`.
 
 Ours: POST /api/v1/workloads/ through the real ASGI server, Operation row + Celery task on the host's
 queue (real Redis, real worker), agent: overlay of the store's layers, conmon + runc, state recorded
 as `running` in PostgreSQL. Timed from the POST until the row says running (polled every 2 ms by
-primary key on a connection of its own). Baseline: `runc run -d` of an equivalent bundle (same
-config.json builder, plain rootfs). The two take turns in each round, with 50 ms pauses between them.
+primary key on a connection of its own). Baselines:
+- `runc run -d` of an equivalent bundle (same config.json builder, plain rootfs);
+- warm `podman run -d --network none` of the same image (copied from the portal's registry into podman's
+  storage with skopeo before the rounds), removed after each round (`podman rm -f -t 0`, not timed).
+The contenders take turns in each round, with 50 ms pauses between them.
 
-Run: scripts/with-test-services.sh .venv/bin/python bench/api_workload_start.py   (root, PostgreSQL)
-Prints one JSON line.
+First start without the layers (BENCH_HOST_API=1, BENCH_COLD_RUNS rounds, default 5): the host's worker
+and agent use a layer store of their own (a joined host's), fetching blobs from the portal with the
+host's credential. Before each cold round every workload is deleted through the API, the host's
+processes are stopped, its store is removed and the processes started again (warm interpreters, empty
+store: not timed). Baseline: `skopeo copy` of the image from the portal's `/v2/` (API token) into a fresh
+local `oci:` directory + `umoci unpack` of it + `runc run -d` with the same config.json builder over the
+unpacked rootfs, all timed, on the same filesystem.
+
+Run: BENCH_HOST_API=0|1 scripts/with-test-services.sh .venv/bin/python bench/api_workload_start.py
+(root, PostgreSQL, podman/skopeo/umoci from scripts/system-packages.txt; BENCH_PODMAN=0 leaves podman
+out). Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
-from harness import free_port, rss_kib  # noqa: E402
+from harness import free_port, percentile, rss_kib  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "15"))
 # BENCH_HOST_API=1: the host's worker and agent act as a host on its own machine would, reporting
 # through the portal's host API with the host's credential (HTTP to the same web server) instead of
-# the in-process link of the portal's own machine.
+# the in-process link of the portal's own machine, and keep a layer store of their own.
 HOST_API = os.environ.get("BENCH_HOST_API", "") == "1"
+COLD_RUNS = int(os.environ.get("BENCH_COLD_RUNS", "5")) if HOST_API else 0
+TRACE = os.environ.get("BENCH_TRACE", "") == "1"
+PODMAN = os.environ.get("BENCH_PODMAN", "1") == "1" and shutil.which("podman") is not None
+PODMAN_IMAGE = "localhost/bht-bench-busybox:1"
+PODMAN_FLAGS = [
+    "--runtime",
+    "runc",
+    "--network",
+    "none",
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=4096:4096",
+]
+QUIET = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+
+
+def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A Celery worker on `queues` (solo, as a small host runs it)."""
+    # BENCH_PROFILE_WORKER=<file>: the host's worker under cProfile (solo pool: tasks run in it), dumped
+    # to <file> when it stops; read with pstats (e.g. sorted by cumulative time, `ensure_running`).
+    profile = os.environ.get("BENCH_PROFILE_WORKER", "") if "host." in queues else ""
+    command = [
+        sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []),
+        "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1",
+        "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, env=env, **QUIET)
+
+
+def start_host_processes(queues: str, host_pk: Any, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """The host's worker on `queues` and its agent loop."""
+    agent = [sys.executable, "manage.py", "agent", "--host", str(host_pk)]
+    return [start_worker(queues, env), subprocess.Popen(agent, cwd=ROOT, env=env, **QUIET)]
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
 
 
 def main() -> None:
     import django
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally) when terminated
     store = Path(tempfile.mkdtemp(prefix="bht-bench-store-", dir=ROOT / "var"))
+    # A joined host's own layer store (the portal's own machine shares the portal's).
+    host_store = (
+        Path(tempfile.mkdtemp(prefix="bht-bench-hoststore-", dir=ROOT / "var")) if HOST_API else store
+    )
     os.environ["BULKHEAD_STORE_DIR"] = str(store)
     django.setup()
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the bench's own requests: not worth a line each
     from django.core.management import call_command
 
     call_command("migrate", interactive=False, verbosity=0)
     from django.contrib.auth import get_user_model
 
     from compute import hosts
-    from compute.models import Host
+    from compute.models import Host, Workload
     from imaging.models import Image
+    from portal.celery import app as celery_app
     from tenants import services
     from tenants.actors import Actor
     from tests.compute.runtimes import oci_runtime
@@ -73,47 +140,21 @@ def main() -> None:
     if HOST_API:
         host_env["BULKHEAD_PORTAL_URL"] = f"http://127.0.0.1:{port}"
         host_env["BULKHEAD_HOST_CREDENTIAL"] = hosts.issue_host_credential(actor=actor, host=host)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "portal",
-                "worker",
-                "-Q",
-                f"default,{host.queue}",
-                "-c",
-                "1",
-                "-P",
-                "solo",
-                "-l",
-                "WARNING",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            cwd=ROOT,
-            env=host_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [sys.executable, "manage.py", "agent", "--host", str(host.pk)],
-            cwd=ROOT,
-            env=host_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-    ]
+        host_env["BULKHEAD_STORE_DIR"] = str(host_store)
+    web = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
+        cwd=ROOT,
+        env=env,
+        **QUIET,
+    )
+    procs = [web]
+    if HOST_API:
+        # The portal's own worker (imports write the portal's store); the host's serves its queue only.
+        procs.append(start_worker("default", env))
+        host_queues = host.queue
+    else:
+        host_queues = f"default,{host.queue}"
+    host_procs = start_host_processes(host_queues, host.pk, host_env)
     import httpx
     import psycopg
     from bench_container_start import new_id, prepare_bare_bundle
@@ -136,9 +177,17 @@ def main() -> None:
     ours: list[float] = []
     posts: list[float] = []
     bare: list[float] = []
+    podman: list[float] = []
+    cold_ours: list[float] = []
+    cold_skopeo: list[float] = []
+    cold_parts: dict[str, list[float]] = {"skopeo_copy": [], "umoci_unpack": [], "runc_run_d": []}
     flat: Path | None = None
     bundle_dir: Path | None = None
     runc_root: Path | None = None
+    scratch = Path(tempfile.mkdtemp(prefix="bht-bench-cold-", dir=ROOT / "var"))
+    registry = f"127.0.0.1:{port}"
+    rss_before: list[int] = []
+    rss_after: list[int] = []
     try:
         client = httpx.Client(
             base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"Authorization": f"Bearer {secret}"}
@@ -158,12 +207,15 @@ def main() -> None:
                 data={"name": "busybox", "tag": "1", "tenant": str(tenant.pk)},
                 files={"archive": f},
             )
+        deadline = time.monotonic() + 120
         while not Image.objects.filter(name="busybox").exists():
+            assert time.monotonic() < deadline, "image not imported in 120 s"
             time.sleep(0.1)
         image = Image.objects.get(name="busybox")
         while image.image_layers.count() == 0 or not all(
             get_store().has_layer(il.layer.diff_id) for il in image.image_layers.all()
         ):
+            assert time.monotonic() < deadline, "layers not unpacked in 120 s"
             time.sleep(0.1)
 
         # The baseline's bundle: the same image flattened into a plain directory.
@@ -174,8 +226,18 @@ def main() -> None:
         bundle_dir = Path(tempfile.mkdtemp(prefix="bht-bench-bundle-", dir=ROOT / "var"))
         bundle = prepare_bare_bundle(bundle_dir, flat, ["/bin/sleep", "300"])
         runc_root = Path(tempfile.mkdtemp(prefix="bht-bench-runc-"))
+        source = f"docker://{registry}/bench/busybox:1"
+        creds = ["--src-tls-verify=false", "--src-creds", f"bench-op:{secret}"]
+        if PODMAN:
+            subprocess.run(
+                ["skopeo", "copy", "-q", *creds, source, f"containers-storage:{PODMAN_IMAGE}"],
+                check=True,
+                **QUIET,
+            )
 
         def create_and_wait(name: str) -> tuple[float, float]:
+            if TRACE:  # wall clock of each POST, to line up with the services' logs when profiling
+                print(f"trace {name} post {time.time():.6f}", file=sys.stderr)
             t0 = time.perf_counter()
             response = client.post(
                 "/api/v1/workloads/",
@@ -191,24 +253,26 @@ def main() -> None:
             posted = time.perf_counter() - t0
             assert response.status_code == 202, response.text
             workload_id = response.json()["target_id"]
+            deadline = time.monotonic() + 120
             while (
                 poll.execute(
                     "SELECT 1 FROM compute_workload WHERE id = %s AND state = 'running'", (workload_id,)
                 ).fetchone()
                 is None
             ):
+                assert time.monotonic() < deadline, f"{name} not running in 120 s"
                 time.sleep(0.002)
+            if TRACE:
+                print(f"trace {name} running {time.time():.6f}", file=sys.stderr)
             return time.perf_counter() - t0, posted
 
-        def bare_run() -> float:
+        def bare_run(bundle: Path) -> float:
             cid = new_id()
             t0 = time.perf_counter()
             subprocess.run(
                 ["runc", f"--root={runc_root}", "run", "-d", "--bundle", str(bundle), cid],
                 check=True,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                **QUIET,
             )
             elapsed = time.perf_counter() - t0
             subprocess.run(
@@ -216,9 +280,23 @@ def main() -> None:
             )
             return elapsed
 
+        def podman_run() -> float:
+            t0 = time.perf_counter()
+            started = subprocess.run(
+                ["podman", "run", "-d", *PODMAN_FLAGS, PODMAN_IMAGE, "/bin/sleep", "300"],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            elapsed = time.perf_counter() - t0
+            subprocess.run(["podman", "rm", "-f", "-t", "0", started.stdout.strip()], check=True, **QUIET)
+            return elapsed
+
         create_and_wait("warmup")
-        bare_run()
-        rss_before = [rss_kib(proc.pid) for proc in procs]
+        bare_run(bundle)
+        if PODMAN:
+            podman_run()
+        rss_before = [rss_kib(proc.pid) for proc in (*procs, *host_procs)]
         # Side by side: the contenders take turns within each round, so load from other processes on
         # the machine hits both about equally (our web, worker and agent are up and idle during `runc`).
         for i in range(RUNS):
@@ -226,15 +304,68 @@ def main() -> None:
             ours.append(total)
             posts.append(posted)
             time.sleep(0.05)  # let the worker finish the operation's bookkeeping, as between API calls
-            bare.append(bare_run())
+            bare.append(bare_run(bundle))
             time.sleep(0.05)
-        rss_after = [rss_kib(proc.pid) for proc in procs]
+            if PODMAN:
+                podman.append(podman_run())
+                time.sleep(0.05)
+        rss_after = [rss_kib(proc.pid) for proc in (*procs, *host_procs)]
+
+        def delete_all_workloads() -> None:
+            # `sleep` as PID 1 ignores TERM: stopped at once (grace 0), or each delete waits out 10 s.
+            for workload_id in Workload.objects.values_list("pk", flat=True):
+                client.post(f"/api/v1/workloads/{workload_id}/stop/", json={"grace_seconds": 0})
+                client.delete(f"/api/v1/workloads/{workload_id}/")
+            deadline = time.monotonic() + 120
+            while Workload.objects.exists():
+                assert time.monotonic() < deadline, "workloads not deleted in 120 s"
+                time.sleep(0.1)
+
+        def host_ready(since: float) -> None:
+            """The restarted worker answers a ping and the agent has sent a heartbeat since `since`."""
+            deadline = time.monotonic() + 60
+            while not celery_app.control.ping(timeout=0.5):
+                assert time.monotonic() < deadline, "worker not answering"
+            while True:
+                beat = Host.objects.get(pk=host.pk).last_heartbeat
+                if beat is not None and beat.timestamp() > since:
+                    break
+                assert time.monotonic() < deadline, "agent not reporting"
+                time.sleep(0.1)
+            time.sleep(1.0)  # the agent's start-up re-sync is done before the round starts
+
+        def skopeo_unpack_run(n: int) -> float:
+            layout, unpacked = scratch / f"oci-{n}", scratch / f"bundle-{n}"
+            t0 = time.perf_counter()
+            subprocess.run(["skopeo", "copy", "-q", *creds, source, f"oci:{layout}:1"], check=True, **QUIET)
+            t1 = time.perf_counter()
+            subprocess.run(["umoci", "unpack", "--image", f"{layout}:1", str(unpacked)], check=True, **QUIET)
+            t2 = time.perf_counter()
+            # The same config.json builder as the other baselines, over umoci's rootfs.
+            (unpacked / "config.json").unlink()
+            prepared = prepare_bare_bundle(scratch / f"run-{n}", unpacked / "rootfs", ["/bin/sleep", "300"])
+            elapsed = bare_run(prepared)
+            cold_parts["skopeo_copy"].append(t1 - t0)
+            cold_parts["umoci_unpack"].append(t2 - t1)
+            cold_parts["runc_run_d"].append(elapsed)
+            return (t2 - t0) + elapsed  # prepare_bare_bundle's copy of umoci's rootfs is not timed
+
+        for i in range(COLD_RUNS):
+            delete_all_workloads()
+            stop(host_procs)
+            shutil.rmtree(host_store)
+            host_store.mkdir()
+            since = time.time()
+            host_procs = start_host_processes(host_queues, host.pk, host_env)
+            host_ready(since)
+            total, _posted = create_and_wait(f"cold{i}")
+            cold_ours.append(total)
+            time.sleep(0.05)
+            cold_skopeo.append(skopeo_unpack_run(i))
+            time.sleep(0.05)
     finally:
         poll.close()
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=20)
+        stop([*procs, *host_procs])
         runtime = oci_runtime(host)
         for runtime_id in runtime.list_ids():
             runtime.delete(runtime_id)
@@ -244,34 +375,50 @@ def main() -> None:
             )
             for cid in listed.stdout.split():
                 subprocess.run(["runc", f"--root={runc_root}", "delete", "--force", cid], capture_output=True)
+        if PODMAN:
+            subprocess.run(["podman", "rmi", "-f", PODMAN_IMAGE], capture_output=True, check=False)
 
-    import shutil
-
-    for path in (store, flat, bundle_dir, runc_root):
+    for path in (store, host_store, flat, bundle_dir, runc_root, scratch):
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
     ours_ms = statistics.median(ours) * 1000
     bare_ms = statistics.median(bare) * 1000
-    print(
-        json.dumps(
-            {
-                "bench": "api_workload_start",
-                "runs": RUNS,
-                "host_link": "host API over HTTP" if HOST_API else "in process",
-                "api_create_to_running_ms_median": round(ours_ms, 1),
-                "api_post_202_ms_median": round(statistics.median(posts) * 1000, 1),
-                "baseline": "bare runc run -d, same config.json",
-                "bare_runc_run_d_ms_median": round(bare_ms, 1),
-                "ratio_vs_bare_runc": round(ours_ms / bare_ms, 2),
-                "load_average": os.getloadavg()[0],
-                # Web, worker and agent memory, and what each further running container adds to it.
-                "rss_kib_web_worker_agent": rss_after,
-                "rss_kib_per_container": [
-                    round((a - b) / RUNS, 1) for a, b in zip(rss_after, rss_before, strict=True)
-                ],
-            }
-        )
-    )
+    figures: dict[str, Any] = {
+        "bench": "api_workload_start",
+        "runs": RUNS,
+        "host_link": "host API over HTTP" if HOST_API else "in process",
+        "api_create_to_running_ms_median": round(ours_ms, 1),
+        "api_create_to_running_ms_p90": round(percentile(ours, 90) * 1000, 1),
+        "api_post_202_ms_median": round(statistics.median(posts) * 1000, 1),
+        "baseline": "bare runc run -d, same config.json",
+        "bare_runc_run_d_ms_median": round(bare_ms, 1),
+        "ratio_vs_bare_runc": round(ours_ms / bare_ms, 2),
+        "ratio_vs_bare_runc_goal": 2.0,
+    }
+    if podman:
+        podman_ms = statistics.median(podman) * 1000
+        figures["podman_run_d_ms_median"] = round(podman_ms, 1)
+        figures["ratio_vs_podman_run_d"] = round(ours_ms / podman_ms, 2)
+        figures["ratio_vs_podman_run_d_goal"] = 0.5
+    if cold_ours:
+        cold_ms = statistics.median(cold_ours) * 1000
+        skopeo_ms = statistics.median(cold_skopeo) * 1000
+        figures["cold_runs"] = COLD_RUNS
+        figures["cold_api_create_to_running_ms_median"] = round(cold_ms, 1)
+        figures["cold_api_create_to_running_ms"] = [round(v * 1000, 1) for v in cold_ours]
+        figures["skopeo_copy_umoci_unpack_runc_run_ms_median"] = round(skopeo_ms, 1)
+        figures["skopeo_parts_ms_median"] = {
+            part: round(statistics.median(values) * 1000, 1) for part, values in cold_parts.items()
+        }
+        figures["ratio_cold_vs_skopeo_copy_and_start"] = round(cold_ms / skopeo_ms, 2)
+        figures["ratio_cold_goal"] = 1.2
+    figures["load_average"] = os.getloadavg()[0]
+    # Web, (portal worker,) host worker and agent memory, and what each further container adds to it.
+    figures["rss_kib_web_worker_agent"] = rss_after
+    figures["rss_kib_per_container"] = [
+        round((a - b) / RUNS, 1) for a, b in zip(rss_after, rss_before, strict=True)
+    ]
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

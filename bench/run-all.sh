@@ -12,6 +12,7 @@ for bench in \
   bench/bench_volumes_api.py \
   bench/bench_container_start.py \
   bench/api_workload_start.py \
+  bench/bench_app_second.py \
   bench/bench_microvm.py \
   bench/bench_network.py \
   bench/api_list.py \
@@ -22,6 +23,10 @@ for bench in \
   echo "== $bench" >&2
   "$py" "$bench" || failed+=("$bench")
 done
+# The create path of a joined host (host API over HTTP, a layer store of its own): warm, and first starts
+# without the layers beside skopeo copy from the portal's /v2/.
+echo "== bench/api_workload_start.py (BENCH_HOST_API=1)" >&2
+BENCH_HOST_API=1 "$py" bench/api_workload_start.py || failed+=("api_workload_start.py (host API)")
 if ((${#failed[@]})); then
   echo "failed: ${failed[*]}" >&2
   exit 1

@@ -267,15 +267,42 @@ def report_workload_state(
     rows = Workload.objects.filter(pk=workload_id, host=host, state__in=expected)
     if never_started:
         rows = rows.filter(started_at__isnull=True)
-    applied = bool(rows.update(**fields))
-    current = Workload.objects.select_related("host").filter(pk=workload_id, host=host).first()
+    # The row as updated comes back with the update (one statement); only a report that changed nothing
+    # reads the row to tell a refusal from an overtaken report.
+    current = _update_returning(rows, fields, workload_id)
+    applied = current is not None
+    if current is None:
+        current = Workload.objects.filter(pk=workload_id, host=host).first()
     if current is None:
         raise _refuse(
             host, "host.workload.report", "No such workload on this host.", workload=str(workload_id)[:80]
         )
+    current.host = host  # the row is on `host` (the filters say so): its event names it without a query
     if applied and set(fields) - {"restart_count"}:
         events.publish(current.tenant_id, current.as_event())
     return {"applied": applied, **_row_view(current)}
+
+
+def _update_returning(rows: Any, fields: dict[str, Any], workload_id: Any) -> Workload | None:
+    """`rows.update(**fields)` of at most one row, returning that row as updated (None: none matched).
+    One `UPDATE … RETURNING` where the database has it (PostgreSQL, SQLite >= 3.35), else update + read."""
+    from django.db import connections, router
+    from django.db.models.sql import UpdateQuery
+
+    alias = router.db_for_write(Workload)
+    connection = connections[alias]
+    if not connection.features.can_return_columns_from_insert:  # no UPDATE … RETURNING either
+        if not rows.update(**fields):
+            return None
+        return Workload.objects.filter(pk=workload_id).first()
+    query = rows.query.chain(UpdateQuery)
+    query.add_update_values(fields)
+    query.annotations = {}
+    compiler = query.get_compiler(alias)
+    compiler.pre_sql_setup()
+    sql, params = compiler.as_sql()
+    # Django's own UPDATE statement (values as parameters), with the columns of the row asked back.
+    return next(iter(Workload.objects.db_manager(alias).raw(f"{sql} RETURNING *", params)), None)
 
 
 def _row_view(workload: Workload) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.core.cache.backends.redis import RedisCache, RedisCacheClient
+
 
 class JSONSerializer:
     """Serializer for `django.core.cache.backends.redis.RedisCache` (OPTIONS["serializer"])."""
@@ -26,3 +28,27 @@ class JSONSerializer:
             return int(data)
         except ValueError:
             return json.loads(data)
+
+
+# Connection pools by configuration, for the whole process. Django makes a cache object (and with it a
+# client with pools of its own) per thread and per async context, i.e. per request under ASGI: each request
+# connected to Redis anew (TCP + AUTH) for its throttle look-up and let the pool go with the request.
+_shared_pools: dict[str, dict[int, Any]] = {}
+
+
+class SharedPoolRedisCacheClient(RedisCacheClient):
+    """Django's Redis cache client whose connection pools are shared by every cache object of the same
+    configuration in the process. redis-py's pools are thread-safe and start afresh after a fork."""
+
+    def __init__(self, servers: list[str], **options: Any) -> None:
+        super().__init__(servers, **options)
+        key = repr((list(servers), sorted(options.items(), key=lambda item: item[0])))
+        self._pools = _shared_pools.setdefault(key, {})
+
+
+class SharedPoolRedisCache(RedisCache):
+    """`django.core.cache.backends.redis.RedisCache` on process-wide connection pools (BACKEND)."""
+
+    def __init__(self, server: str, params: dict[str, Any]) -> None:
+        super().__init__(server, params)
+        self._class = SharedPoolRedisCacheClient

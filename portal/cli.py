@@ -39,6 +39,10 @@ import httpx
 SYMBOLS = {"create": "+", "update": "~", "replace": "-/+", "delete": "-", "keep": "!", "noop": " "}
 
 
+FIRST_POLL_SECONDS = 0.05
+POLL_SECONDS = 0.5
+
+
 class CliError(Exception):
     """A failure to report on stderr with exit status 1."""
 
@@ -180,6 +184,8 @@ class Commands:
         """Print an operation's progress until it finishes; 0 when it succeeded."""
         deadline = time.monotonic() + timeout
         last = None
+        # Short first waits (most operations end within a second), then every half second.
+        interval = FIRST_POLL_SECONDS
         while op["state"] not in ("succeeded", "failed", "cancelled"):
             line = f"[{op['progress']:3d}%] {op['message'] or op['state']}"
             if line != last:
@@ -187,7 +193,8 @@ class Commands:
                 last = line
             if time.monotonic() > deadline:
                 raise CliError(f"operation {op['id']} still {op['state']} after {timeout:.0f} s")
-            time.sleep(0.5)
+            time.sleep(interval)
+            interval = min(interval * 2, POLL_SECONDS)
             op = self.client.get(f"operations/{op['id']}/")
         if op["state"] != "succeeded":
             raise CliError(f"operation {op['kind']} {op['state']}: {op['error']}")

@@ -177,7 +177,8 @@ if env("BULKHEAD_HOST_CREDENTIAL"):
 
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        # Django's RedisCache, its connections shared by the per-request cache objects (portal/cache.py).
+        "BACKEND": "portal.cache.SharedPoolRedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "bulkhead",
         # JSON, never pickle: a value written into Redis must not become code in the portal.

@@ -49,7 +49,9 @@ def allocate(tenant: Tenant, **amounts: Amount) -> Quota:
     Quota.objects.filter(pk=quota.pk).update(
         **{f"used_{r}": F(f"used_{r}") + amount for r, amount in amounts.items()}
     )
-    quota.refresh_from_db()
+    # The row is locked until our commit: what we added is exactly what it holds (no reading it back).
+    for resource, amount in amounts.items():
+        setattr(quota, f"used_{resource}", getattr(quota, f"used_{resource}") + amount)
     return quota
 
 
