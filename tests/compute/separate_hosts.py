@@ -376,7 +376,7 @@ def _data_dir(path: Path) -> Iterator[None]:
 def _agent_answering(host: Host) -> bool:
     from compute import host_rpc
 
-    return host.state == "ready" and bool(host_rpc._redis().exists(host_rpc._alive_key(host.pk)))
+    return host.state == "ready" and host_rpc.is_answering(host.pk)
 
 
 def _bare_env(**extra: str) -> dict[str, str]:
