@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from compute.host.failpoints import failpoint
 from compute.host.volumes import PoolPlace, Progress, pool_for, refresh_usage
 from imaging.store import BackupStore, NotFound
+from portal.failpoints import failpoint
 
 
 class BackupUnavailable(RuntimeError):

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from compute.host.failpoints import failpoint
 from compute.runtimes.volume_pool import VolumePool, ensure_embedded_pool, unmount_embedded_pool
+from portal.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 

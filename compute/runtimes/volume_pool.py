@@ -26,7 +26,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from compute.host.failpoints import failpoint
+from portal.failpoints import failpoint
 
 VOLUME_NAME = re.compile(r"^vol-[0-9a-f]{32}$")
 SNAPSHOT_NAME = re.compile(r"^snap-[0-9a-f]{32}$")
