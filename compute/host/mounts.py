@@ -11,11 +11,11 @@ from pathlib import Path
 
 from compute.host.context import HostContext
 from compute.host.spec import WorkloadSpec
-from compute.runtimes.volume_pool import VolumePool, ensure_embedded_pool
+from compute.host.volumes import PoolPlace, pool_for
+from compute.runtimes.volume_pool import VolumePool
 from portal.errors import Explained
 
 GIB = 1024**3
-_ready_roots: set[Path] = set()
 
 
 class VolumeUnavailable(Explained):
@@ -30,21 +30,20 @@ class VolumeSource:
     tag: str
 
 
+def host_place(ctx: HostContext) -> PoolPlace:
+    """Where this host's pool is: the operator's directory, or the embedded image under its state dir."""
+    local = ctx.local
+    return PoolPlace(
+        Path(local.volume_pool) if local.volume_pool else None,
+        ctx.state_dir / "volume-pool.img",
+        ctx.state_dir / "volume-pool",
+        local.volume_pool_gib * GIB,
+    )
+
+
 def host_pool(ctx: HostContext) -> VolumePool:
     """The host's pool, made and mounted on first use (embedded) or checked (an operator's directory)."""
-    local = ctx.local
-    if local.volume_pool:
-        root = Path(local.volume_pool)
-        pool = VolumePool(root)
-        if root not in _ready_roots:
-            pool.check()
-    else:
-        root = ctx.state_dir / "volume-pool"
-        pool = VolumePool(root)
-        if root not in _ready_roots or not root.is_mount():
-            ensure_embedded_pool(ctx.state_dir / "volume-pool.img", root, local.volume_pool_gib * GIB)
-    _ready_roots.add(root)
-    return pool
+    return pool_for(host_place(ctx))
 
 
 def volume_sources(ctx: HostContext, spec: WorkloadSpec) -> list[VolumeSource]:
