@@ -166,7 +166,7 @@ class PlacedWorkloads:
     """The workloads the portal placed on this host (the host API's desired set), kept for a while.
 
     What the agent may answer about: a question naming anything else is refused, whoever pushed it. A
-    workload placed since the last look is found by one refresh (at most one a second)."""
+    workload placed since the last look is found by one refresh."""
 
     def __init__(self, link: Any, max_age: float = 10.0) -> None:
         self.link = link
@@ -178,7 +178,9 @@ class PlacedWorkloads:
     def specs(self, *, fresh: bool = False) -> list[dict[str, Any]]:
         with self._lock:
             age = time.monotonic() - self._fetched
-            if age > self.max_age or (fresh and age > 1.0):
+            # A question about a workload the cached set lacks always looks again: it may have been placed
+            # a moment after the last look (only the portal can ask, through the host's own keys).
+            if age > self.max_age or fresh:
                 self._specs = list(self.link.workloads())
                 self._fetched = time.monotonic()
             return list(self._specs)

@@ -71,7 +71,9 @@ def run_to_end(
     )
     assert response.status_code == 202, response.json()
     workload = workload_in(name, {"stopped", "failed"}, timeout=240)
-    logs = client_for(world, "mia").get(f"/api/v1/workloads/{workload.pk}/logs/").json()["logs"]
+    answer = client_for(world, "mia").get(f"/api/v1/workloads/{workload.pk}/logs/").json()
+    assert "logs" in answer, answer
+    logs = answer["logs"]
     return workload, logs
 
 
