@@ -761,8 +761,13 @@ def running_operations(host: Host) -> dict[str, Any]:
     return {
         "as_of": as_of.isoformat(),
         "operations": [
-            {"id": str(op.pk), "target_type": op.target_type, "target_id": str(op.target_id or "") or None}
-            for op in running.only("id", "target_type", "target_id")
+            {
+                "id": str(op.pk),
+                "kind": op.kind,
+                "target_type": op.target_type,
+                "target_id": str(op.target_id or "") or None,
+            }
+            for op in running.only("id", "kind", "target_type", "target_id")
         ],
     }
 
