@@ -330,8 +330,11 @@ def descendants(pid: int) -> list[int]:
 
 def _remove_host(netns: str, data_dir: Path, row: Host | None) -> None:
     """Everything the host left: its processes (conmon, dnsmasq), containers, VMs, namespace, files."""
-    from compute.agent import oci_runtime
+    from dataclasses import replace
 
+    from compute.host.config import local
+    from compute.host.context import HostContext
+    from compute.host.drivers.container import oci_runtime
     from compute.runtimes.libvirt import domain_name
 
     if Path(f"/run/netns/{netns}").exists():
@@ -342,7 +345,8 @@ def _remove_host(netns: str, data_dir: Path, row: Host | None) -> None:
                     os.kill(int(entry.name), signal.SIGKILL)
     if row is not None:
         with _data_dir(data_dir):
-            runtime = oci_runtime(row)
+            # The host's own state: its runtime's root under the host's data directory, not the portal's.
+            runtime = oci_runtime(HostContext(str(row.pk), replace(local(), data_dir=data_dir)))
             for runtime_id in runtime.list_ids():
                 with contextlib.suppress(Exception):
                     runtime.delete(runtime_id)
