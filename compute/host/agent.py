@@ -32,9 +32,12 @@ INTERRUPTED = "Interrupted: the host agent stopped during this operation; the ag
 HOST_SHUTDOWN_REASON = "stopped because its host shut down"
 
 
-def resync(ctx: HostContext) -> dict[str, list[str]]:
+def resync(ctx: HostContext, running: dict[str, Any] | None = None) -> dict[str, list[str]]:
     """After an agent (re)start: adopt what runs, record what ended, remove what nobody owns, and
-    finish what a killed agent left half-done (creations re-run, deletions completed)."""
+    finish what a killed agent left half-done (creations re-run, deletions completed).
+
+    `running`: the operations running on the host's queue as the portal listed them when the agent
+    started (`link.running_operations()`, asked first thing: an operation claimed later is alive)."""
     report: dict[str, list[str]] = {
         "adopted": [],
         "exited": [],
@@ -43,7 +46,7 @@ def resync(ctx: HostContext) -> dict[str, list[str]]:
         "resumed": [],
         "deleted": [],
     }
-    interrupted = fail_interrupted_operations(ctx)
+    interrupted = fail_interrupted_operations(ctx, running)
     if interrupted:
         report["interrupted_operations"] = interrupted
     specs = ctx.specs()
@@ -53,14 +56,16 @@ def resync(ctx: HostContext) -> dict[str, list[str]]:
     return report
 
 
-def fail_interrupted_operations(ctx: HostContext) -> list[str]:
+def fail_interrupted_operations(ctx: HostContext, listed: dict[str, Any] | None = None) -> list[str]:
     """Operations this host's worker was running when it died: failed, saying so (the work is re-synced).
 
-    The portal lists the operations running on this host's queue as of now; one whose workload's lock
-    is free has no live process (a workload task holds the lock from before its claim to its finish),
-    and it stays free while this one reports it interrupted. The portal fails it only if it is still
-    running under the claim it had when listed (a task that claimed it again since is alive)."""
-    listed = ctx.link.running_operations()
+    The portal lists the operations running on this host's queue as of the agent's start; one whose
+    workload's lock is free has no live process (a workload task holds the lock from before its claim
+    to its finish), and it stays free while this one reports it interrupted. The portal fails it only
+    if it is still running under the claim it had when listed (a task that claimed it again since is
+    alive)."""
+    if listed is None:
+        listed = ctx.link.running_operations()
     as_of = listed["as_of"]
     interrupted: list[str] = []
 

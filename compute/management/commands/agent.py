@@ -85,6 +85,9 @@ class Command(BaseCommand):
         if not ref:
             raise CommandError("--host is required")
         ctx = find_host(ref)
+        # First thing: what runs on this host's queue now. An operation claimed after this is alive;
+        # one claimed before whose worker holds no lock died with the previous agent (re-sync below).
+        running_at_start = ctx.link.running_operations()
         host = HostRef(pk=ctx.profile.id, name=ctx.profile.name)
         stopping = False
 
@@ -99,7 +102,7 @@ class Command(BaseCommand):
         # Before the workloads' re-sync (which fails what its host's dead worker was running): volume
         # and backup operations whose worker died are queued again instead (issue 17).
         resume_volume_operations(ctx)
-        report = agent.resync(ctx)
+        report = agent.resync(ctx, running_at_start)
         log.info("agent for %s re-synced: %s", host.name, report)
         if options["once"]:
             agent.handle_exits(ctx)
