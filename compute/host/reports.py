@@ -7,11 +7,15 @@ the spec (`WorkloadSpec.seen`) instead of reading a row.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from compute.host import spec as s
-from compute.host.context import HostContext
+from compute.host.context import HostContext, noop_progress
 from compute.host.spec import WorkloadSpec
+
+log = logging.getLogger(__name__)
 
 # States a workload is started from (a create, start, restart, or an exit its policy restarts).
 RESUMABLE_STATES = [s.PENDING, s.STOPPED, s.FAILED, s.UNKNOWN]
@@ -67,6 +71,23 @@ def wants_restart(spec: WorkloadSpec, code: int | None) -> bool:
     if spec.restart_policy == s.ALWAYS:
         return True
     return spec.restart_policy == s.ON_FAILURE and code != 0
+
+
+def restart_if_wanted(
+    ctx: HostContext,
+    seen: WorkloadSpec,
+    code: int | None,
+    start: Callable[[HostContext, WorkloadSpec, Any], Any],
+) -> None:
+    """After an exit was recorded: count a restart and start it again when its policy says so (a failed
+    start is logged; the row says what the start reported)."""
+    if not wants_restart(seen, code):
+        return
+    count_restart(ctx, seen)
+    try:
+        start(ctx, seen, noop_progress)
+    except Exception:
+        log.exception("restart of %s failed", seen.id)
 
 
 def report_removed(ctx: HostContext, spec: WorkloadSpec) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from compute.host import layers, mounts, network, reports
 from compute.host import spec as s
-from compute.host.context import HostContext, Progress
+from compute.host.context import HostContext, Progress, noop_progress
 from compute.host.link import HostApiError
 from compute.host.locks import workload_lock
 from compute.host.spec import WorkloadSpec
@@ -214,12 +214,7 @@ class ContainerDriver:
         recorded, seen = reports.record_exit(ctx, spec, code, expected=[s.RUNNING, s.UNKNOWN])
         if not recorded:
             return False
-        if reports.wants_restart(seen, code):
-            reports.count_restart(ctx, seen)
-            try:
-                self.ensure_running(ctx, seen, _noop)
-            except Exception:
-                log.exception("restart of %s failed", spec.id)
+        reports.restart_if_wanted(ctx, seen, code, self.ensure_running)
         return True
 
     def resync(self, ctx: HostContext, specs: list[WorkloadSpec], report: dict[str, list[str]]) -> None:
@@ -268,7 +263,7 @@ class ContainerDriver:
                 runtime.delete(runtime_id, keep_upper=True)
             _applied, seen = reports.report(ctx, spec, [s.CREATING], {"state": s.PENDING})
             try:
-                self.ensure_running(ctx, seen, _noop)
+                self.ensure_running(ctx, seen, noop_progress)
             except Exception:
                 log.exception("resuming the creation of %s failed", spec.id)
             report["resumed"].append(runtime_id)
@@ -327,10 +322,6 @@ class ContainerDriver:
     def upper_id_shift(self, ctx: HostContext, spec: Any) -> tuple[int, int] | None:
         mapping = oci_runtime(ctx).id_mapping(spec.runtime_id)
         return (mapping.host_base, mapping.size) if mapping else None
-
-
-def _noop(percent: float, message: str = "", **_: Any) -> None:
-    return None
 
 
 CONTAINERS = ContainerDriver()

@@ -283,12 +283,7 @@ class MicroVmDriver:
             recorded, seen = reports.record_exit(ctx, spec, code, expected=[s.RUNNING, s.UNKNOWN])
         if not recorded:
             return False
-        if reports.wants_restart(seen, code):
-            reports.count_restart(ctx, seen)
-            try:
-                self.ensure_running(ctx, seen, noop_progress)
-            except Exception:
-                log.exception("restart of %s failed", spec.id)
+        reports.restart_if_wanted(ctx, seen, code, self.ensure_running)
         return True
 
     def resync(self, ctx: HostContext, specs: list[WorkloadSpec], report: dict[str, list[str]]) -> None:
