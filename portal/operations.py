@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -13,6 +12,7 @@ from django.db import connection, connections, models, router, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from compute.host.periodic import PeriodicThread
 from portal import events
 from portal.errors import operator_detail
 from portal.models import Operation, OperationLogEntry, OperationState
@@ -267,32 +267,23 @@ def heartbeat_seconds() -> float:
     return float(getattr(settings, "BULKHEAD_OPERATION_HEARTBEAT_SECONDS", 15))
 
 
-class Heartbeat:
+class Heartbeat(PeriodicThread):
     """While a worker runs an operation, a thread renews its ``heartbeat_at`` every few seconds."""
 
     def __init__(self, op_id: Any) -> None:
+        super().__init__(f"heartbeat-{op_id}")
         self.op_id = op_id
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{op_id}", daemon=True)
 
-    def __enter__(self) -> Heartbeat:
-        self.thread.start()
-        return self
+    def interval(self) -> float:
+        return heartbeat_seconds()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
+    def tick(self) -> None:
+        # A failure ends the beats; the operation goes on and at worst the sweep calls it lost later.
+        running = Operation.objects.filter(pk=self.op_id, state=OperationState.RUNNING)
+        running.update(heartbeat_at=timezone.now())
 
-    def _beat(self) -> None:
-        try:
-            while not self.stopped.wait(heartbeat_seconds()):
-                Operation.objects.filter(pk=self.op_id, state=OperationState.RUNNING).update(
-                    heartbeat_at=timezone.now()
-                )
-        except Exception:  # the operation goes on; at worst the sweep calls it lost later
-            log.exception("heartbeat of operation %s failed", self.op_id)
-        finally:
-            connection.close()
+    def finish(self) -> None:
+        connection.close()
 
 
 # Operations the sweep leaves alone: host tasks are settled by their agent's re-sync (a host may be

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from compute.host.periodic import PeriodicThread
 from compute.host.volume_link import HostApiVolumeCalls, VolumePortalLink
 
 # Refusals the agent treats as "that is not (or no longer) mine": the workload was deleted or moved.
@@ -203,36 +204,27 @@ class RemoteProgress:
             self.link.operation(self.op_id, "progress", percent=float(percent), message=message[:500])
 
 
-class RemoteHeartbeat:
+class RemoteHeartbeat(PeriodicThread):
     """While a host's worker runs an operation, a thread tells the portal it is alive."""
 
     def __init__(self, link: PortalLink, op_id: Any, seconds: float) -> None:
+        super().__init__(f"heartbeat-{op_id}")
         self.link = link
         self.op_id = op_id
         self.seconds = seconds
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{op_id}", daemon=True)
 
-    def __enter__(self) -> RemoteHeartbeat:
-        self.thread.start()
-        return self
+    def interval(self) -> float:
+        return self.seconds
 
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
+    def tick(self) -> None:
+        with contextlib.suppress(HostApiError):  # at worst the portal's sweep calls it lost later
+            self.link.operation(self.op_id, "heartbeat")
 
-    def _beat(self) -> None:
-        try:
-            while not self.stopped.wait(self.seconds):
-                try:
-                    self.link.operation(self.op_id, "heartbeat")
-                except HostApiError:  # at worst the portal's sweep calls it lost later
-                    continue
-        finally:
-            # An in-process link opened a database connection for this thread: closed with it.
-            thread_done = getattr(self.link, "thread_done", None)
-            if thread_done is not None:
-                thread_done()
+    def finish(self) -> None:
+        # An in-process link opened a database connection for this thread: closed with it.
+        thread_done = getattr(self.link, "thread_done", None)
+        if thread_done is not None:
+            thread_done()
 
 
 # --- which link this process has ----------------------------------------------------------------
