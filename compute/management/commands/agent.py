@@ -109,7 +109,7 @@ class Command(BaseCommand):
             return
         # Volumes (issue 17): make run's host makes its embedded pool now; others report a pool that
         # is there (an operator's, or one a volume operation made) and otherwise make it when needed.
-        report_volume_pool(host, make=bool(options["stop_workloads_on_exit"]))
+        report_volume_pool(ctx, make=bool(options["stop_workloads_on_exit"]))
         if options["stop_workloads_on_exit"]:
             resumed = agent.resume_after_shutdown(ctx)
             if resumed:
@@ -127,7 +127,7 @@ class Command(BaseCommand):
                     last_beat = time.monotonic()
                 if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
                     sample_host(ctx, placed)
-                    report_volume_pool(host, make=False)
+                    report_volume_pool(ctx, make=False)
                     last_sample = time.monotonic()
                 if time.monotonic() - last_repair >= NETWORK_REPAIR_SECONDS:
                     repair_network(ctx)
@@ -138,25 +138,26 @@ class Command(BaseCommand):
         if options["stop_workloads_on_exit"]:
             stopped = agent.shut_down_host(ctx)
             log.info("agent for %s stopped %d workloads and removed its networks", host.name, len(stopped))
-            from volumes.agent import release_pool
+            from compute.host import volumes as host_volumes
+            from compute.host.mounts import host_place
 
             try:
-                release_pool(str(host.pk))  # type: ignore[arg-type]  # nothing of make run stays mounted
+                host_volumes.release_pool(host_place(ctx))  # nothing of make run stays mounted
             except Exception:
                 log.exception("could not unmount the volume pool of %s", host.name)
 
 
-def report_volume_pool(host: HostRef, *, make: bool) -> None:
+def report_volume_pool(ctx: HostContext, *, make: bool) -> None:
     """Pool capacity and use into the host's facts, and the volumes' used bytes (through the host API)."""
     from compute.host import volumes as host_volumes
-    from volumes.agent import place_for
+    from compute.host.mounts import host_place
 
-    place = place_for(str(host.pk))
+    place = host_place(ctx)
     try:
         if make or host_volumes.pool_ready(place):
-            host_volumes.report_pool(host_context(host.pk).link, place)
+            host_volumes.report_pool(ctx.link, place)
     except Exception:
-        log.exception("volume pool of %s", host.name)
+        log.exception("volume pool of %s", ctx.host_id)
 
 
 def resume_volume_operations(ctx: HostContext) -> None:
