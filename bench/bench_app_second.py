@@ -19,7 +19,9 @@ take turns round by round.
 
 Run (root; podman, curl; no services needed):
     flock /tmp/bulkhead-heavy.lock .venv/bin/python bench/bench_app_second.py [--runs 5]
-Prints one JSON line.
+Prints one JSON line. With BENCH_TRACE=1, each of our rounds also prints (stderr) its operations' created,
+started and finished times in ms from the CLI's start, and every curl try that was not refused (its
+start, duration, connect and first-byte times, the body's start): how a stalled try was found.
 """
 
 from __future__ import annotations
@@ -58,16 +60,32 @@ PODMAN_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit
 PODMAN_IMAGE = "localhost/webdb:1"
 
 
-def curl_until_answer(internet_netns: str, url: str, timeout: float = 60.0) -> int:
-    """The same loop for both: curl from the internet until the body is the db's answer; tries made."""
+def curl_until_answer(
+    internet_netns: str, url: str, timeout: float = 60.0, tries_log: list[str] | None = None
+) -> int:
+    """The same loop for both: curl from the internet until the body is the db's answer; tries made.
+
+    With ``tries_log`` (BENCH_TRACE) each try is noted: its start (ms from the loop's), duration, curl's
+    exit code and connect/first-byte times, and the body's start."""
+    started = time.perf_counter()
     deadline = time.monotonic() + timeout
     tries = 0
+    timing = ["-w", "\n%{time_connect} %{time_starttransfer}"] if tries_log is not None else []
     while True:
         tries += 1
+        at = time.perf_counter()
         answer = subprocess.run(
-            [*enter(internet_netns), "curl", "-s", "-m", "1", url], capture_output=True, text=True
+            [*enter(internet_netns), "curl", "-s", "-m", "1", *timing, url], capture_output=True, text=True
         )
-        if answer.returncode == 0 and answer.stdout.strip() == DB_ANSWER:
+        body = answer.stdout
+        if tries_log is not None:
+            body, _, times = body.rpartition("\n")
+            took = (time.perf_counter() - at) * 1000
+            tries_log.append(
+                f"{(at - started) * 1000:6.0f} +{took:4.0f} rc={answer.returncode}"
+                f" connect/first byte {times} body {body.strip()[:30]!r}"
+            )
+        if answer.returncode == 0 and body.strip() == DB_ANSWER:
             return tries
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer in {timeout} s: {answer.stdout[:200]!r}")
@@ -108,6 +126,7 @@ class Ours:
         )
         self.url = f"http://{self.host.uplink_address.ip}:{PUBLISHED_PORT}/cgi-bin/answer"
         self.make: subprocess.Popen[bytes] | None = None
+        self.trace = False
 
     def start(self) -> None:
         log_path = self.work / "make-run.log"
@@ -184,16 +203,45 @@ class Ours:
         return applied
 
     def round(self) -> dict[str, float]:
+        wall0 = time.time()
         t0 = time.perf_counter()
         self.apply("app.yaml")
         applied = time.perf_counter() - t0
-        tries = curl_until_answer(self.internet.netns, self.url)
+        tries_log: list[str] | None = [] if self.trace else None
+        tries = curl_until_answer(self.internet.netns, self.url, tries_log=tries_log)
         total = time.perf_counter() - t0
+        if tries_log is not None:
+            self.print_trace(wall0, applied, total)
+            tries_log = [line for line in tries_log if "rc=7" not in line]  # refused: not interesting
+            print("\n".join(f"    curl {line}" for line in tries_log), file=sys.stderr, flush=True)
         # Not timed: remove it all for the next round.
         self.apply("empty.yaml")
         wait_for(lambda: port_closed(self.internet.netns, self.url), 60, "the port to close")
         wait_for(lambda: not self.workloads(), 120, "the workloads to go")
         return {"total": total, "apply": applied, "tries": tries}
+
+    def print_trace(self, wall0: float, applied: float, total: float) -> None:
+        """BENCH_TRACE: the round's operations (ms from the CLI's start), to see where the time goes."""
+        from datetime import datetime
+
+        def ms(stamp: str | None) -> str:
+            if not stamp:
+                return "-"
+            return f"{(datetime.fromisoformat(stamp.replace('Z', '+00:00')).timestamp() - wall0) * 1000:.0f}"
+
+        listed = self.session.request(
+            "GET", "/api/v1/operations/", params={"page_size": 20},
+            headers={"Authorization": f"Bearer {self.token}"},
+        ).json()["results"]  # fmt: skip
+        lines = [f"round: cli {applied * 1000:.0f} ms, answer {total * 1000:.0f} ms"]
+        for op in sorted(listed, key=lambda op: op["created_at"]):
+            if float(ms(op["created_at"])) < -50:
+                continue
+            lines.append(
+                f"  {op['kind']:<24} {op['target_label'][:16]:<16} created {ms(op['created_at']):>5}"
+                f" started {ms(op['started_at']):>5} finished {ms(op['finished_at']):>5} {op['state']}"
+            )
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
     def workloads(self) -> list[Any]:
         listed = self.session.request(
@@ -282,6 +330,7 @@ def main() -> int:
     work.mkdir(mode=0o755)
     internet = Internet(new_token())
     ours, podman = Ours(internet, work), Podman(internet, work)
+    ours.trace = os.environ.get("BENCH_TRACE") == "1"
     figures: dict[str, Any] = {
         "bench": "app_second",
         "runs": options.runs,

@@ -39,7 +39,10 @@ import httpx
 SYMBOLS = {"create": "+", "update": "~", "replace": "-/+", "delete": "-", "keep": "!", "noop": " "}
 
 
+# Most applies end within a second or two: ask every 50 ms for two seconds (a poll is a few ms of the
+# portal's time), then back off to every half second.
 FIRST_POLL_SECONDS = 0.05
+FAST_POLLS_FOR_SECONDS = 2.0
 POLL_SECONDS = 0.5
 
 
@@ -184,8 +187,8 @@ class Commands:
         """Print an operation's progress until it finishes; 0 when it succeeded."""
         deadline = time.monotonic() + timeout
         last = None
-        # Short first waits (most operations end within a second), then every half second.
         interval = FIRST_POLL_SECONDS
+        waited = 0.0
         while op["state"] not in ("succeeded", "failed", "cancelled"):
             line = f"[{op['progress']:3d}%] {op['message'] or op['state']}"
             if line != last:
@@ -194,7 +197,9 @@ class Commands:
             if time.monotonic() > deadline:
                 raise CliError(f"operation {op['id']} still {op['state']} after {timeout:.0f} s")
             time.sleep(interval)
-            interval = min(interval * 2, POLL_SECONDS)
+            waited += interval
+            if waited >= FAST_POLLS_FOR_SECONDS - 1e-9:  # forty 0.05 s waits are two seconds
+                interval = min(interval * 2, POLL_SECONDS)
             op = self.client.get(f"operations/{op['id']}/")
         if op["state"] != "succeeded":
             raise CliError(f"operation {op['kind']} {op['state']}: {op['error']}")

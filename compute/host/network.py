@@ -15,14 +15,15 @@ import fcntl
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from ipaddress import IPv4Network
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from compute.host.context import HostContext
 from compute.host.spec import MICROVM, NetworkState, ServedBinding, ServedCompartment, WorkloadSpec
 from compute.network import (
     ApplyReport,
+    CompartmentMissing,
     CompartmentNet,
     HostNetworkState,
     PortBinding,
@@ -39,6 +40,7 @@ from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_
 log = logging.getLogger(__name__)
 
 AF_INET = 2
+IFF_LOWER_UP = 0x10000  # carrier: a veth has it only while both of its ends are up
 MAX_HOST_NETWORKS = 64  # what the portal keeps of a host's own networks (compute.host_reports)
 
 
@@ -113,6 +115,37 @@ def driver_state(ctx: HostContext, served: NetworkState) -> HostNetworkState:
     )
 
 
+def _unattached_containers(netns: str | None, served: NetworkState) -> set[IPv4Address]:
+    """Addresses of this host's containers whose veth has no carrier yet: nothing answers there.
+
+    attach_container brings the workload's end up last, after its address: carrier on the host's end
+    means the address answers ARP. (Micro-VMs are not looked at: their guest configures itself.)
+    """
+    veths = {host_veth_name_for(b.runtime_id): b.address for b in served.bindings if b.isolation != MICROVM}
+    if not veths:
+        return set()
+    with iproute(netns) as ipr:
+        attached = {
+            veths[name]
+            for link in ipr.get_links()
+            if (name := link.get_attr("IFLA_IFNAME")) in veths and link["flags"] & IFF_LOWER_UP
+        }
+    return set(veths.values()) - attached
+
+
+def realisable(state: HostNetworkState, served: NetworkState, netns: str | None) -> HostNetworkState:
+    """`state` without the published ports of containers not attached yet.
+
+    A port's DNAT to an address that answers nobody yet swallows the client's first SYN (the neighbour
+    lookup fails), and the client only sends it again a second later. Without the rule the client is
+    refused at once and tries again; the apply that follows the container's attach adds the rule.
+    """
+    waiting = _unattached_containers(netns, served) if state.ports else set()
+    if not waiting:
+        return state
+    return replace(state, ports=[port for port in state.ports if port.dest_ip not in waiting])
+
+
 def served_state(ctx: HostContext) -> NetworkState:
     return NetworkState.parse(ctx.link.network_state())
 
@@ -132,14 +165,28 @@ def _host_lock(ctx: HostContext) -> Iterator[None]:
 
 def apply_host(ctx: HostContext) -> tuple[ApplyReport, NetworkState]:
     """Converge the host's network to the portal's state (idempotent; also repairs outside damage)."""
-    netns = ctx.profile.netns
     with _host_lock(ctx):
         served = served_state(ctx)
-        report = apply_host_network(driver_state(ctx, served), netns, state_dir=state_dir(ctx))
-    if not report.unchanged:
-        log.info("network of %s: changed %s repaired %s", ctx.profile.name, report.changed, report.repaired)
-    note_own_networks(ctx, _own_networks(netns))
+        report = _apply_served(ctx, served)
+    _after_apply(ctx, report)
     return report, served
+
+
+def _apply_served(ctx: HostContext, served: NetworkState) -> ApplyReport:
+    """Apply what the portal served (under the host's lock, with the state fetched under it)."""
+    netns = ctx.profile.netns
+    state = realisable(driver_state(ctx, served), served, netns)
+    return apply_host_network(state, netns, state_dir=state_dir(ctx))
+
+
+def _after_apply(ctx: HostContext, *reports: ApplyReport) -> None:
+    netns = ctx.profile.netns
+    for report in reports:
+        if not report.unchanged:
+            log.info(
+                "network of %s: changed %s repaired %s", ctx.profile.name, report.changed, report.repaired
+            )
+    note_own_networks(ctx, _own_networks(netns))
 
 
 def note_own_networks(ctx: HostContext, networks: list[IPv4Network]) -> None:
@@ -174,17 +221,41 @@ def _served_compartment(ctx: HostContext, spec: WorkloadSpec) -> ServedCompartme
 
 
 def ensure_container_network(ctx: HostContext, spec: WorkloadSpec) -> ContainerNetwork | None:
-    """Apply the host's network and attach the workload's namespace; None when it joins no compartment."""
-    compartment = _served_compartment(ctx, spec)
-    if compartment is None or spec.network is None:
+    """Apply the host's network and attach the workload's namespace; None when it joins no compartment.
+
+    The attach comes first when the compartment's bridge is already there (one apply, with the
+    workload's published ports); else the apply makes the bridge, the attach follows and, when the
+    workload has published ports, a second apply adds them (see `realisable`). All of it under the host's
+    lock: a port published meanwhile is either in the state fetched here or applied by its own operation
+    after the attach, never left out by an apply that ran between the two.
+    """
+    if spec.network is None or not ctx.profile.network_enabled:
         return None
-    path = attach_container(
-        compartment_net(compartment),
-        netns_name(spec),
-        spec.network.address,
-        spec.network.mac,
-        ctx.profile.netns,
-    )
+    with _host_lock(ctx):
+        served = served_state(ctx)
+        compartment = served.compartment(spec.network.compartment)
+        if compartment is None:
+            raise ValueError("The workload's compartment is not served on its host.")
+
+        def attach() -> str:
+            assert spec.network is not None and compartment is not None
+            return attach_container(
+                compartment_net(compartment),
+                netns_name(spec),
+                spec.network.address,
+                spec.network.mac,
+                ctx.profile.netns,
+            )
+
+        try:
+            path = attach()
+            reports = [_apply_served(ctx, served)]
+        except CompartmentMissing:
+            reports = [_apply_served(ctx, served)]
+            path = attach()
+            if any(port.address == spec.network.address for port in served.ports):
+                reports.append(_apply_served(ctx, served))  # now with its ports
+    _after_apply(ctx, *reports)
     return ContainerNetwork(
         netns_path=path, ip_address=str(spec.network.address), dns_servers=(str(compartment.gateway),)
     )
