@@ -39,11 +39,10 @@ def console_bytes(world: World, workload: Workload, until: bytes, timeout: float
     browser = Client()
     browser.force_login(world.user("mia"))
     token = browser.post(reverse("workload-console-token", args=[workload.pk])).json()["token"]
+    headers = session_headers(world.user("mia"))
 
     async def watch() -> tuple[str, bytes]:
-        ws = WebsocketCommunicator(
-            application, console_path(workload, token), headers=session_headers(world.user("mia"))
-        )
+        ws = WebsocketCommunicator(application, console_path(workload, token), headers=headers)
         connected, _ = await ws.connect()
         assert connected
         hello = json.loads(await ws.receive_from(timeout=30))
