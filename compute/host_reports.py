@@ -11,7 +11,9 @@ a host on the portal's machine goes through the same checks as one on another ma
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -794,6 +796,177 @@ def _fail_interrupted(op: Any, before: Any, error: Any) -> bool:
     return bool(failed)
 
 
+# --- commit: the host uploads the layer of a workload's changes, the portal records the image ------
+
+COMMIT_KIND = "workload.commit"
+COMMIT_MEDIA_TYPES = (
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+)
+LAYER_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+COMMIT_LEASE_SECONDS = 3600.0
+
+
+class LayerRefused(Invalid):
+    """A committed layer the portal will not take: its bytes, size or DiffID are not what was said."""
+
+
+def _commit_on(
+    host: Host, workload_id: Any, op_id: Any, action: str, *, settled: bool = False
+) -> tuple[Workload, Any]:
+    """The workload placed on `host` and the running commit of it on `host`'s queue (`settled`: or that
+    commit once it succeeded, for a repeated report). Anything else is refused like a missing object."""
+    from portal.models import Operation, OperationState
+
+    workload = _placed(host, workload_id, action)
+    states = [OperationState.RUNNING, *([OperationState.SUCCEEDED] if settled else [])]
+    op = (
+        Operation.objects.filter(
+            pk=op_id,
+            queue=host.queue,
+            kind=COMMIT_KIND,
+            target_type="workload",
+            target_id=str(workload.pk),
+            state__in=states,
+        ).first()
+        if _is_uuid(op_id)
+        else None
+    )
+    if op is None:
+        raise _refuse(host, action, "No such commit on this host.", operation=str(op_id)[:80])
+    return workload, op
+
+
+def _layer_digest(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not LAYER_DIGEST.match(value):
+        raise Invalid("Not a sha256 digest.", field=field)
+    return value
+
+
+def _layer_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise Invalid("size is a number of bytes.", field="size")
+    try:
+        size = int(value)
+    except ValueError:
+        raise Invalid("size is a number of bytes.", field="size") from None
+    if size < 0:
+        raise Invalid("size is a number of bytes.", field="size")
+    return size
+
+
+def _at_most(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """The upload's chunks, cut off (refused) past the size the host declared."""
+    received = 0
+    for chunk in chunks:
+        received += len(chunk)
+        if received > size:
+            raise LayerRefused("The layer is larger than its declared size.", field="size")
+        yield chunk
+
+
+@audit.denials_audited
+def receive_commit_layer(
+    *, actor: Actor, host: Host, workload_id: Any, op_id: Any, digest: Any, size: Any, chunks: Iterable[bytes]
+) -> dict[str, Any]:
+    """The layer a running commit on this host made, streamed into the portal's store: kept only if
+    its bytes hash to `digest` and number `size`, and only if `size` fits in what is left of the
+    tenant's image storage. The digest is then noted on the operation: the commit may name no other."""
+    from imaging import services as imaging_services
+    from imaging.store import DigestMismatch, SizeMismatch
+    from portal.models import Operation
+
+    workload, op = _commit_on(host, workload_id, op_id, "host.commit.upload")
+    digest = _layer_digest(digest, "digest")
+    size = _layer_size(size)
+    imaging_services.refuse_beyond_image_quota(workload.tenant, size)
+    store = imaging_services.get_store()
+    lease = store.acquire_lease(f"commit-{op.pk}", [digest], ttl=COMMIT_LEASE_SECONDS)
+    try:
+        store.ingest_chunks(_at_most(chunks, size), digest=digest, size=size)
+    except (DigestMismatch, SizeMismatch, LayerRefused):
+        lease.release()
+        audit.record_denied(actor, "host.commit.upload", host=host.name, digest=digest, operation=str(op.pk))
+        error = LayerRefused(
+            "The layer does not match its digest and size: nothing was kept.", field="digest"
+        )
+        error.audited = True
+        raise error from None
+    Operation.objects.filter(pk=op.pk).update(params={**op.params, "layer": {"digest": digest, "size": size}})
+    return {"digest": digest, "size": size}
+
+
+@audit.denials_audited
+def report_commit(*, actor: Actor, host: Host, workload_id: Any, op_id: Any, layer: Any) -> dict[str, Any]:
+    """A commit on this host is done: its layer (uploaded for this very operation, its DiffID proven
+    here by unpacking it) on top of the workload's image becomes the tenant's new image, written with
+    its tags and audit entry in one transaction that also finishes the operation with the image's id.
+    Reported again, the same image is answered and nothing is written."""
+    from imaging import services as imaging_services
+    from imaging.models import Layer
+    from imaging.store import DigestMismatch, LayerSpec, StoreError
+    from portal import operations
+    from portal.models import Operation, OperationState
+
+    workload, op = _commit_on(host, workload_id, op_id, "host.commit.report", settled=True)
+    if op.state == OperationState.SUCCEEDED:
+        return {"image": (op.result or {}).get("image")}
+    if not isinstance(layer, dict):
+        raise Invalid("layer is an object.", field="layer")
+    digest = _layer_digest(layer.get("digest"), "digest")
+    diff_id = _layer_digest(layer.get("diff_id"), "diff_id")
+    size = _layer_size(layer.get("size"))
+    media_type = layer.get("media_type")
+    if media_type not in COMMIT_MEDIA_TYPES:
+        raise Invalid("Not a layer media type.", field="media_type")
+    store = imaging_services.get_store()
+    uploaded = op.params.get("layer") or {}
+    present = store.has_blob(digest) and store.blob_path(digest).stat().st_size == size
+    if uploaded != {"digest": digest, "size": size} or not present:
+        audit.record_denied(actor, "host.commit.report", host=host.name, digest=digest, operation=str(op.pk))
+        error = LayerRefused("This commit uploaded no such layer.", field="digest")
+        error.audited = True
+        raise error
+    try:
+        [unpacked] = store.unpack_layers(
+            [LayerSpec(blob_digest=digest, media_type=media_type, diff_id=diff_id)]
+        )
+    except (DigestMismatch, StoreError):
+        audit.record_denied(actor, "host.commit.report", host=host.name, digest=digest, diff_id=diff_id)
+        error = LayerRefused(
+            "The layer is not what its DiffID says (or cannot be unpacked).", field="diff_id"
+        )
+        error.audited = True
+        raise error from None
+    with transaction.atomic():
+        locked = Operation.objects.select_for_update().get(pk=op.pk)
+        if locked.state == OperationState.SUCCEEDED:
+            return {"image": (locked.result or {}).get("image")}
+        if locked.state != OperationState.RUNNING:
+            raise Conflict("The commit is no longer running.")
+        row, _ = Layer.objects.get_or_create(
+            digest=digest,
+            defaults={
+                "diff_id": diff_id,
+                "size": size,
+                "media_type": media_type,
+                "unpacked_size": unpacked.size,
+            },
+        )
+        image = imaging_services.register_committed_image(
+            actor=Actor(user=op.actor, label_override="" if op.actor else "agent"),
+            base=workload.image,
+            tenant=workload.tenant,
+            name=str(op.params.get("name", "")),
+            tag=str(op.params.get("tag", "")),
+            layer=row,
+            source_reference=f"workload {workload.pk}",
+        )
+        operations.finish(op.pk, result={"image": str(image.pk)})
+    store.acquire_lease(f"commit-{op.pk}", [digest], ttl=imaging_services.LEASE_AFTER_COMMIT)
+    return {"image": str(image.pk)}
+
+
 # --- the portal's own machine: the same services without HTTP -------------------------------------
 
 
@@ -900,6 +1073,22 @@ class InProcessLink(InProcessVolumeCalls):
 
     def operation(self, op_id: Any, event: str, **fields: Any) -> dict[str, Any] | None:
         return self._run(report_operation, op_id=op_id, event=event, **fields)  # type: ignore[no-any-return]
+
+    def upload_commit_layer(self, workload_id: Any, op_id: Any, digest: str, size: int, path: Any) -> None:
+        from compute.host.link import UPLOAD_CHUNK
+
+        with open(path, "rb") as blob:
+            self._run(
+                receive_commit_layer,
+                workload_id=workload_id,
+                op_id=op_id,
+                digest=digest,
+                size=size,
+                chunks=iter(lambda: blob.read(UPLOAD_CHUNK), b""),
+            )
+
+    def report_commit(self, workload_id: Any, op_id: Any, layer: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._run(report_commit, workload_id=workload_id, op_id=op_id, layer=layer))
 
 
 _in_process_links: dict[str, InProcessLink] = {}

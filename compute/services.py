@@ -473,14 +473,15 @@ def evacuate_host(*, actor: Actor, host: Host) -> Operation:
 
 @transaction.atomic
 def commit_workload(*, actor: Actor, workload: Workload, name: str, tag: str) -> Operation:
-    """Its captured changes become a new layer on top of its image: a new image of the tenant."""
-    from compute import tasks
+    """Its captured changes become a new layer on top of its image: a new image of the tenant. The host
+    makes and uploads the layer; the portal records the image (`host_reports.report_commit`)."""
+    from compute.host import tasks as host_tasks
 
     workload = _lock(workload)
     if Image.objects.filter(tenant=workload.tenant, name=name, tag=tag).exists():
         raise Conflict(f"The image {name}:{tag} exists already.", field="name")
     audit.record(actor, "workload.commit", workload, details={"name": name, "tag": tag})
-    return _start_op(actor, workload, "workload.commit", tasks.commit_workload, name=name, tag=tag)
+    return _start_op(actor, workload, "workload.commit", host_tasks.commit_workload, name=name, tag=tag)
 
 
 def forget_workload(workload_id: Any) -> None:

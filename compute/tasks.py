@@ -1,9 +1,7 @@
 """The portal's compute tasks (evacuation, lost hosts, samples) and the host tasks it sends.
 
-The tasks of a host's queue live with the host code (`compute.host.tasks`, same names as ever); this
-module imports them so that every worker registers them. `compute.commit_workload` is the one host
-task still run here: it writes the new image's rows in the worker, so it needs the portal's database
-(a host on the portal's machine only, until commit uploads its layer through the host API).
+The tasks of a host's queue live with the host code (`compute.host.tasks`, same names as ever, commit
+among them); this module imports them so that every worker registers them.
 """
 
 from __future__ import annotations
@@ -14,31 +12,8 @@ from django.conf import settings
 
 import compute.host.tasks
 from compute import hosts
-from compute.host.tasks import WorkloadTask
 from portal.celery import app
 from portal.tasks import OperationTask
-
-
-@app.task(base=WorkloadTask, bind=True, name="compute.commit_workload")
-def commit_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
-    from compute import commit
-    from compute.models import Workload
-
-    claimed = self.claimed()
-    workload = Workload.objects.select_related("host", "image", "tenant").filter(pk=claimed.target_id).first()
-    if workload is None:
-        return {"skipped": "workload deleted"}
-    from portal.models import Operation
-
-    actor = Operation.objects.select_related("actor").get(pk=op_id).actor
-    image = commit.commit(
-        workload,
-        name=claimed.params["name"],
-        tag=claimed.params["tag"],
-        actor_user=actor,
-        progress=self.progress,
-    )
-    return {"image": str(image.pk)}
 
 
 @app.task(base=OperationTask, bind=True, name="compute.evacuate_host")

@@ -216,6 +216,12 @@ def _refuse_upload_beyond_quota(tenant: Tenant | None, archive_bytes: int) -> No
         raise quota.QuotaExceeded("image_bytes", archive_bytes, limits.used_image_bytes, limits.image_bytes)
 
 
+def refuse_beyond_image_quota(tenant: Tenant, size: int) -> None:
+    """Bytes about to be uploaded for a tenant's image (a committed layer) are refused up front when they
+    exceed what is left of its image storage."""
+    _refuse_upload_beyond_quota(tenant, size)
+
+
 def reserve_image_bytes(op: Operation, layers: Iterable[oci.Descriptor], failure: type[ServiceError]) -> None:
     """Charge the tenant now for the layers it does not hold yet, as the descriptors give their sizes.
 
@@ -819,6 +825,76 @@ def _held_digests(tenant: Tenant | None, digests: Iterable[str]) -> set[str]:
             "layer__digest", flat=True
         )
     )
+
+
+# --- commit: a workload's changes on top of its image -------------------------------------------
+
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def _committed_config(base: Image, diff_ids: list[str]) -> dict[str, Any]:
+    runtime = base.config or {}
+    config: dict[str, Any] = {
+        "Env": runtime.get("env") or [],
+        "Entrypoint": runtime.get("entrypoint"),
+        "Cmd": runtime.get("cmd"),
+        "WorkingDir": runtime.get("workdir") or "",
+        "User": runtime.get("user") or "",
+    }
+    return {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {k: v for k, v in config.items() if v not in (None, "")},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
+
+
+def register_committed_image(
+    *, actor: Actor, base: Image, tenant: Tenant, name: str, tag: str, layer: Layer, source_reference: str
+) -> Image:
+    """A new image of `tenant`: `base`'s layers plus `layer` (already in the portal's store, its DiffID
+    proven by unpacking it here), with `base`'s runtime config. Writes the config and manifest blobs, the
+    rows and the audit entry, and charges the tenant for the layers new to it (in the caller's
+    transaction; QuotaExceeded or Conflict change nothing)."""
+    validate_name_tag(name, tag)
+    store = get_store()
+    base_layers = [il.layer for il in base.image_layers.select_related("layer").order_by("position")]
+    layers = [*base_layers, layer]
+    config = _committed_config(base, [lyr.diff_id for lyr in layers])
+    config_digest, config_size = store.ingest_bytes(json.dumps(config, sort_keys=True).encode())
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": lyr.media_type, "digest": lyr.digest, "size": lyr.size} for lyr in layers],
+    }
+    manifest_digest, _ = store.ingest_bytes(json.dumps(manifest, sort_keys=True).encode())
+    quota.allocate(tenant, image_bytes=0)  # the quota row lock: held-layer checks serialize
+    if Image.objects.filter(tenant=tenant, name=name, tag=tag).exists():
+        raise Conflict(f"The image {name}:{tag} exists already.", field="name")
+    held = set(TenantLayer.objects.filter(tenant=tenant, layer__in=layers).values_list("layer_id", flat=True))
+    new = {lyr.pk: lyr for lyr in layers if lyr.pk not in held}
+    quota.allocate(tenant, image_bytes=sum(lyr.size for lyr in new.values()))
+    TenantLayer.objects.bulk_create([TenantLayer(tenant=tenant, layer=lyr) for lyr in new.values()])
+    image = Image.objects.create(
+        tenant=tenant,
+        name=name,
+        tag=tag,
+        manifest_digest=manifest_digest,
+        config_digest=config_digest,
+        config=base.config,
+        size=sum(lyr.size for lyr in layers),
+        source="commit",
+        source_reference=source_reference[:500],
+    )
+    ImageLayer.objects.bulk_create(
+        [ImageLayer(image=image, layer=lyr, position=i) for i, lyr in enumerate(layers)]
+    )
+    audit.record(
+        actor, "image.commit", image, details={"from": source_reference[:200], "layer": layer.digest}
+    )
+    return image
 
 
 # --- tag, publish, delete -----------------------------------------------------------------------

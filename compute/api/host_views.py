@@ -197,6 +197,45 @@ class HostOperationsView(HostAPIView):
         return Response(host_reports.running_operations(self.host))
 
 
+@extend_schema(exclude=True)
+class HostCommitLayerView(HostAPIView):
+    """PUT ?operation=&digest=&size=: the layer a running commit of this workload made, streamed (kept
+    only if it matches its digest and size and fits the tenant's image quota)."""
+
+    def put(self, request: Request, pk: str) -> Response:
+        raw = request._request  # the raw stream, read in chunks: a layer can be large
+        chunks = iter(lambda: raw.read(1 << 20), b"")
+        params = request.query_params
+        return Response(
+            host_reports.receive_commit_layer(
+                actor=self.actor,
+                host=self.host,
+                workload_id=pk,
+                op_id=params.get("operation", ""),
+                digest=params.get("digest", ""),
+                size=params.get("size", ""),
+                chunks=chunks,
+            )
+        )
+
+
+@extend_schema(exclude=True)
+class HostCommitView(HostAPIView):
+    """POST {operation, layer: {digest, diff_id, size, media_type}}: a commit of this workload is done."""
+
+    def post(self, request: Request, pk: str) -> Response:
+        body = self.body()
+        return Response(
+            host_reports.report_commit(
+                actor=self.actor,
+                host=self.host,
+                workload_id=pk,
+                op_id=body.get("operation", ""),
+                layer=body.get("layer"),
+            )
+        )
+
+
 # --- volumes, snapshots and backups on this host (issue 17; services in volumes/ and backups/) -------
 MAX_CHUNK_BODY = 16 << 20  # a chunk's frame is at most ~4 MiB
 MAX_MANIFEST_BODY = 256 << 20  # a manifest of a million files ~ 200 MiB

@@ -36,6 +36,16 @@ urlpatterns = [
         host_views.HostWorkloadRemovedView.as_view(),
         name="host-self-workload-removed",
     ),
+    path(
+        "hosts/self/workloads/<str:pk>/commit/",
+        host_views.HostCommitView.as_view(),
+        name="host-self-workload-commit",
+    ),
+    path(
+        "hosts/self/workloads/<str:pk>/commit/layer/",
+        host_views.HostCommitLayerView.as_view(),
+        name="host-self-workload-commit-layer",
+    ),
     path("hosts/self/samples/", host_views.HostSamplesView.as_view(), name="host-self-samples"),
     path(
         "hosts/self/network-repairs/",

@@ -18,12 +18,16 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
 from compute.host.periodic import PeriodicThread
 from compute.host.volume_link import HostApiVolumeCalls, VolumePortalLink
+
+UPLOAD_CHUNK = 1 << 20
+COMMIT_UPLOAD_TIMEOUT = 600.0  # a read of the portal's answer: it hashes (and then unpacks) the layer
 
 # Refusals the agent treats as "that is not (or no longer) mine": the workload was deleted or moved.
 NOT_FOUND = 404
@@ -77,6 +81,12 @@ class PortalLink(VolumePortalLink, Protocol):
 
     def operation(self, op_id: Any, event: str, **fields: Any) -> dict[str, Any] | None: ...
 
+    def upload_commit_layer(
+        self, workload_id: Any, op_id: Any, digest: str, size: int, path: Path
+    ) -> None: ...
+
+    def report_commit(self, workload_id: Any, op_id: Any, layer: dict[str, Any]) -> dict[str, Any]: ...
+
 
 def wire_changes(changes: dict[str, Any]) -> dict[str, Any]:
     """A state change as the host API takes it: times are the portal's ("now") or cleared (None)."""
@@ -105,9 +115,12 @@ class HostApiClient(HostApiVolumeCalls):
     def close(self) -> None:
         self._client.close()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
         try:
-            response = self._client.request(method, path, json=body)
+            extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+            response = self._client.request(method, path, json=body, **extra)
         except httpx.TransportError as error:
             raise HostApiError(0, "unreachable", f"the portal did not answer: {error}") from None
         if response.status_code >= 400:
@@ -183,6 +196,27 @@ class HostApiClient(HostApiVolumeCalls):
     def operation(self, op_id: Any, event: str, **fields: Any) -> dict[str, Any] | None:
         answer = self._call("POST", f"operations/{op_id}/", {"event": event, **fields})["operation"]
         return dict(answer) if answer is not None else None
+
+    def upload_commit_layer(self, workload_id: Any, op_id: Any, digest: str, size: int, path: Path) -> None:
+        """The committed layer's blob, streamed from the store (the portal checks digest and size)."""
+        with path.open("rb") as blob:
+            self._bytes(
+                "PUT",
+                f"workloads/{workload_id}/commit/layer/",
+                iter(lambda: blob.read(UPLOAD_CHUNK), b""),
+                headers={"Content-Length": str(size)},
+                timeout=httpx.Timeout(COMMIT_UPLOAD_TIMEOUT, connect=10),
+                operation=str(op_id),
+                digest=digest,
+                size=size,
+            )
+
+    def report_commit(self, workload_id: Any, op_id: Any, layer: dict[str, Any]) -> dict[str, Any]:
+        # Proving the DiffID means unpacking the layer on the portal: longer than a report.
+        body = {"operation": str(op_id), "layer": layer}
+        return dict(
+            self._call("POST", f"workloads/{workload_id}/commit/", body, timeout=COMMIT_UPLOAD_TIMEOUT)
+        )
 
 
 class RemoteProgress:

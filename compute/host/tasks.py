@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from compute.host import network, reports
+from compute.host import commit, network, reports
 from compute.host import spec as s
 from compute.host.agent import spec_of
 from compute.host.context import HostContext, host_context
@@ -197,6 +197,15 @@ def move_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
     if landed.get("create_operation") is None:
         return {"landed": False}
     return {"create_operation": landed["create_operation"]}
+
+
+@shared_task(base=WorkloadTask, bind=True, name="compute.commit_workload")
+def commit_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
+    """Its captured changes as a new image: the layer is made here and uploaded, the portal records it."""
+    spec = self.workload()
+    if spec is None:
+        return {"skipped": "workload deleted"}
+    return commit.commit_changes(self.context(), spec, op_id, self.progress)
 
 
 @shared_task(base=HostOperationTask, bind=True, name="compute.apply_host_network")

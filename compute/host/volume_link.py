@@ -7,6 +7,7 @@ host (anything else is a 404, audited). Kept in its own module so the link's oth
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import httpx
@@ -48,11 +49,23 @@ class HostApiVolumeCalls:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         raise NotImplementedError
 
-    def _bytes(self, method: str, path: str, content: bytes | None = None, **params: Any) -> bytes:
+    def _bytes(
+        self,
+        method: str,
+        path: str,
+        content: bytes | Iterable[bytes] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: Any = None,
+        **params: Any,
+    ) -> bytes:
         from compute.host.link import HostApiError
 
+        extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
         try:
-            response = self._client.request(method, path, content=content, params=params or None)
+            response = self._client.request(
+                method, path, content=content, params=params or None, headers=headers, **extra
+            )
         except httpx.TransportError as error:
             raise HostApiError(0, "unreachable", f"the portal did not answer: {error}") from None
         if response.status_code >= 400:

@@ -268,6 +268,9 @@ ROUTES.update(
                 ("workload", ("GET",)),
                 ("workload-state", ("POST",)),
                 ("workload-removed", ("POST",)),
+                # Commit: the layer's upload and the report (tests/security/test_host_api_commit.py).
+                ("workload-commit", ("POST",)),
+                ("workload-commit-layer", ("PUT",)),
                 ("operation", ("POST",)),
                 # Volumes, snapshots and backups (issue 17; tests/security/test_host_api_volumes.py).
                 ("volume-operation", ("GET",)),
