@@ -98,6 +98,10 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         return
     looked_up: _LookedUp | None = None
     scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and _is_host_credential(token.strip()):
+        zerocopy = ZEROCOPY in (scope.get("extensions") or {})
+        await _host_fetch(send, method, headers, repository, route, token.strip(), zerocopy)
+        return
     if action == "pull" and route is not None and route["kind"] == "manifests" and scheme.lower() == "bearer":
         # The commonest request (a manifest pull with a bearer token): one trip to the database thread.
         grant, looked_up = await sync_to_async(_bearer_manifest_pull)(
@@ -405,6 +409,95 @@ async def _blob(
     if path is None:
         await _error(send, 404, "BLOB_UNKNOWN", "no such blob in this repository")
         return
+    await _send_blob(send, method, headers, path, digest, zerocopy)
+
+
+# --- a host's agent --------------------------------------------------------------------------------------
+
+
+def _is_host_credential(secret: str) -> bool:
+    from compute.hosts import HOST_CREDENTIAL_PREFIX
+
+    return secret.startswith(HOST_CREDENTIAL_PREFIX)
+
+
+async def _host_fetch(
+    send: Send,
+    method: str,
+    headers: dict[str, str],
+    repository: Repository,
+    route: re.Match[str] | None,
+    secret: str,
+    zerocopy: bool,
+) -> None:
+    """A host's agent with its own credential (`Bearer bhh_…`): it may GET or HEAD a blob of an image that
+    a workload placed on it uses, through that image's repository, and nothing else (no manifest, tag
+    list, push or delete). What it may not fetch answers like a missing blob and is audited."""
+    host = await sync_to_async(_current_host)(secret)
+    if host is None:
+        await _error(send, 401, "UNAUTHORIZED", "a current host credential is needed", _HOST_CHALLENGE)
+        return
+    digest = route["reference"] if route is not None and route["kind"] == "blobs" else None
+    if digest is None or method not in ("GET", "HEAD"):
+        await sync_to_async(_audit_host_denied)(host, "host.registry", repository, method)
+        await _error(send, 403, "DENIED", "a host may only fetch the blobs of its workloads' images")
+        return
+    if not DIGEST_RE.match(digest):
+        await _error(send, 400, "DIGEST_INVALID", "not a sha256 digest")
+        return
+    path = await sync_to_async(_blob_for_host)(host, repository, digest)
+    if path is None:
+        await _error(send, 404, "BLOB_UNKNOWN", "no such blob in this repository")
+        return
+    await _send_blob(send, method, headers, path, digest, zerocopy)
+
+
+_HOST_CHALLENGE = [(b"www-authenticate", b'Bearer realm="bulkhead-hosts"')]
+
+
+def _current_host(secret: str) -> Any:
+    from compute.hosts import host_for_credential
+    from tenants import audit
+    from tenants.actors import Actor
+
+    host = host_for_credential(secret)
+    if host is None:
+        audit.record_denied(Actor(), "auth.host", reason="bad host credential")
+    return host
+
+
+def _blob_for_host(host: Any, repository: Repository, digest: str) -> str | None:
+    """The blob's file if an image of this repository that a workload on the host runs uses it."""
+    from django.db.models import Q
+
+    from imaging.services import get_store
+
+    placed = (
+        _images(repository)
+        .filter(workloads__host=host)
+        .filter(Q(config_digest=digest) | Q(manifest_digest=digest) | Q(image_layers__layer__digest=digest))
+        .exists()
+    )
+    path = get_store().blob_path(digest) if placed else None
+    if path is None or not path.is_file():
+        _audit_host_denied(host, "host.blob.fetch", repository, "GET", digest=digest)
+        return None
+    return str(path)
+
+
+def _audit_host_denied(host: Any, action: str, repository: Repository, method: str, **details: Any) -> None:
+    from tenants import audit
+    from tenants.actors import Actor
+
+    audit.record_denied(
+        Actor.system(f"host {host.name}"), action, repository=repository.name, method=method, **details
+    )
+
+
+async def _send_blob(
+    send: Send, method: str, headers: dict[str, str], path: str, digest: str, zerocopy: bool
+) -> None:
+    """The blob's file as the response: `Range` honoured, sent by the server itself when it can."""
     size = await asyncio.to_thread(_stat_size, path)
     start, end = 0, size - 1
     status = 200
