@@ -1,6 +1,7 @@
 """The portal's compute tasks (evacuation, lost hosts, samples) and the host tasks it sends.
 
-The tasks of a host's queue live with the host code (`compute.host.tasks`, same names as ever); this
+The tasks of a host's queue live with the host code (`compute.host.tasks`, `compute.host.volume_tasks`,
+same names as ever); this
 module imports them so that every worker registers them. `compute.commit_workload` is the one host
 task still run here: it writes the new image's rows in the worker, so it needs the portal's database
 (a host on the portal's machine only, until commit uploads its layer through the host API).
@@ -13,6 +14,7 @@ from typing import Any
 from django.conf import settings
 
 import compute.host.tasks
+import compute.host.volume_tasks
 from compute import hosts
 from compute.host.tasks import WorkloadTask
 from portal.celery import app

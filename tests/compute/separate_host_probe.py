@@ -4,6 +4,7 @@
   python -m tests.compute.separate_host_probe get PATH               -> the portal's status code for PATH,
       asked with the credential from the host's own var/agent.env (as its agent would, or an intruder on it)
   python -m tests.compute.separate_host_probe env-file               -> the settings file's mode and keys
+  python -m tests.compute.separate_host_probe importable MODULE...   -> {module: whether it imports here}
 
 Prints one JSON line; the test reads it.
 """
@@ -39,6 +40,16 @@ def get(path: str) -> int:
     return httpx.get(env["BULKHEAD_PORTAL_URL"] + path, headers=headers, timeout=10).status_code
 
 
+def importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # absent, or present but unable to load what it needs: either way not usable
+        return False
+    return True
+
+
 def main(argv: list[str]) -> None:
     verb, *args = argv
     if verb == "connect":
@@ -47,6 +58,8 @@ def main(argv: list[str]) -> None:
         answer = get(args[0])
     elif verb == "env-file":
         answer = {"mode": ENV_FILE.stat().st_mode & 0o777, "keys": sorted(agent_env())}
+    elif verb == "importable":
+        answer = {module: importable(module) for module in args}
     else:
         raise SystemExit(f"unknown verb {verb}")
     print(json.dumps(answer))
