@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 
@@ -42,7 +43,7 @@ def become_a_host(portal_data: Path, staging: Path) -> None:
 
 
 ROOT = Path(__file__).resolve().parents[2]
-# Installed packages only the portal runs: an empty tmpfs over each (nothing of them importable).
+# Installed packages only the portal runs: a tmpfs over each (nothing of them importable).
 PORTAL_LIBRARIES = ("django", "rest_framework", "channels", "django_filters", "daphne")
 # The portal's apps and project: covered, except the Django-free leaves the host package imports
 # (tests/compute/test_host_boundary.py's allow-list: `portal.errors`, `portal.failpoints`).
@@ -51,13 +52,19 @@ PORTAL_LEAVES = ("__init__.py", "errors.py", "failpoints.py")
 
 
 def hide_the_portals_code() -> None:
-    """An empty tmpfs over Django (and the other portal-only libraries), over every portal app but the
-    host's own package, and over portal/ but its two Django-free leaves; manage.py becomes empty."""
+    """A tmpfs over Django (and the other portal-only libraries: importing them fails as if absent), an
+    empty one over every portal app but the host's own package, and over portal/ but its two Django-free
+    leaves; manage.py becomes empty."""
     for library in PORTAL_LIBRARIES:
         spec = importlib.util.find_spec(library)
         if spec is not None and spec.submodule_search_locations:
             for location in spec.submodule_search_locations:
-                mount("-t", "tmpfs", "-o", "mode=0755,size=1m,ro", "tmpfs", location)
+                # An empty directory would import as a namespace package: the library's place says it
+                # is not installed, as `import django` on a machine without it does (ImportError).
+                mount("-t", "tmpfs", "-o", "mode=0755,size=1m", "tmpfs", location)
+                absent = f"raise ImportError('{library} is not on this host')\n"
+                Path(location, "__init__.py").write_text(absent)
+                mount("-o", "remount,ro", location)
     for app in PORTAL_APPS:
         mount("-t", "tmpfs", "-o", "mode=0755,size=1m,ro", "tmpfs", str(ROOT / app))
     leaves = {name: (ROOT / "portal" / name).read_bytes() for name in PORTAL_LEAVES}
@@ -66,6 +73,10 @@ def hide_the_portals_code() -> None:
         (ROOT / "portal" / name).write_bytes(content)
     mount("-o", "remount,ro", str(ROOT / "portal"))
     mount("--bind", "/dev/null", str(ROOT / "manage.py"))
+    # The shared venv's editable install maps this project's packages to whichever checkout installed it
+    # last: a host's venv knows only its own checkout (its working directory here), nothing elsewhere.
+    for editable in Path(sysconfig.get_paths()["purelib"]).glob("__editable__*.pth"):
+        mount("--bind", "/dev/null", str(editable))
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
   python -m tests.compute.separate_host_probe get PATH               -> the portal's status code for PATH,
       asked with the credential from the host's own var/agent.env (as its agent would, or an intruder on it)
   python -m tests.compute.separate_host_probe env-file               -> the settings file's mode and keys
-  python -m tests.compute.separate_host_probe importable MODULE...   -> {module: whether it imports here}
+  python -m tests.compute.separate_host_probe importable MODULE...   -> {module: true, or why not}
 
 Prints one JSON line; the test reads it.
 """
@@ -40,13 +40,14 @@ def get(path: str) -> int:
     return httpx.get(env["BULKHEAD_PORTAL_URL"] + path, headers=headers, timeout=10).status_code
 
 
-def importable(module: str) -> bool:
+def importable(module: str) -> bool | str:
+    """True, or why not (absent, or present but unable to load what it needs: either way not usable)."""
     import importlib
 
     try:
         importlib.import_module(module)
-    except Exception:  # absent, or present but unable to load what it needs: either way not usable
-        return False
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
     return True
 
 

@@ -85,8 +85,8 @@ def command_of(pid: int) -> list[str]:
 def test_a_joined_host_runs_no_django_process_and_its_processes_hold_no_database_setting(
     world: World, store_dir: Path
 ) -> None:
-    """The host's machine has no Django and none of the portal's code (the harness hides them: an empty
-    tmpfs over each), yet it joins and answers; its processes are the host package's (worker and agent),
+    """The host's machine has no Django and none of the portal's code (the harness hides them: a tmpfs
+    over each), yet it joins and answers; its processes are the host package's (worker and agent),
     and none of them holds a database URL, a settings module or the portal's secret."""
     with separate_portal(store_dir, world) as portal, portal.host("bht-sep-nodj") as host:
         hidden = [
@@ -98,13 +98,13 @@ def test_a_joined_host_runs_no_django_process_and_its_processes_hold_no_database
             "volumes.services",
         ]
         present = ["compute.host.worker", "compute.host.agent_loop", "compute.host.volume_tasks"]
-        assert host.probe("importable", *hidden, *present) == {
-            **dict.fromkeys(hidden, False),
-            **dict.fromkeys(present, True),
-        }
+        imports = host.probe("importable", *hidden, *present)
+        assert [module for module in hidden if imports[module] is True] == [], imports
+        assert [module for module in present if imports[module] is not True] == [], imports
         commands = {pid: command_of(pid) for pid in host.processes()}
         lines = [" ".join(command) for command in commands.values()]
-        assert any("-m celery -A compute.host.worker worker -Q host." in line for line in lines), lines
+        worker = f"-m celery -A compute.host.worker worker -l WARNING -Q host.{host.row.pk} "
+        assert any(worker in line for line in lines), lines
         assert any(command[-3:] == ["-m", "compute.host", "agent"] for command in commands.values()), commands
         for pid, command in commands.items():
             line = " ".join(command)
