@@ -32,10 +32,22 @@ class NotThisHost(RuntimeError):
     """The host named on the command line is not the one the credential belongs to."""
 
 
-def joined_host(ref: str) -> HostContext:
+def joined_host(ref: str, *, patience: float = 60.0) -> HostContext:
     """A host on its own machine asks the portal who its credential is (it reads no row); the name or id
-    it was started with must be that host's."""
-    profile = HostProfile.parse(link_to_portal(ref).host_self())
+    it was started with must be that host's. A portal that does not answer yet (the host booted first,
+    or the portal is restarting) is asked again for `patience` seconds before giving up (the
+    supervisor then starts the agent again)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            answer = link_to_portal(ref).host_self()
+            break
+        except HostApiError as error:
+            if error.status != 0 or time.monotonic() >= deadline:
+                raise
+            log.warning("the portal does not answer yet: %s", error.message)
+            time.sleep(1.0)
+    profile = HostProfile.parse(answer)
     if ref not in (str(profile.id), profile.name):
         raise NotThisHost(f"this host's credential belongs to {profile.name}, not {ref!r}")
     return host_context(profile.id)
