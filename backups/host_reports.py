@@ -63,8 +63,7 @@ BACKUP_OPERATION_KINDS = ("backup.create", "backup.restore")
 
 
 def _task_of(kind: str) -> Any:
-    from backups import tasks as backup_tasks
-    from volumes import tasks as volume_tasks
+    from compute.host import volume_tasks
 
     return {
         "volume.create": volume_tasks.create_volume,
@@ -74,8 +73,8 @@ def _task_of(kind: str) -> Any:
         "snapshot.restore": volume_tasks.restore_snapshot,
         "snapshot.clone": volume_tasks.clone_snapshot,
         "snapshot.delete": volume_tasks.delete_snapshot,
-        "backup.create": backup_tasks.run_backup,
-        "backup.restore": backup_tasks.restore_backup,
+        "backup.create": volume_tasks.run_backup,
+        "backup.restore": volume_tasks.restore_backup,
     }[kind]
 
 

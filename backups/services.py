@@ -87,7 +87,7 @@ def create_backup(
 ) -> Operation:
     """Back up a volume (through a temporary snapshot, so the copy is of one moment) or one of its
     snapshots. Runs on the volume's host; only new chunks are written."""
-    from backups import tasks
+    from compute.host import volume_tasks
 
     locked = Volume.objects.select_for_update(of=("self",)).select_related("host", "tenant").get(pk=volume.pk)
     if locked.state != VolumeState.READY:
@@ -117,7 +117,7 @@ def create_backup(
     )
     return operations.start(
         kind="backup.create",
-        task=tasks.run_backup,
+        task=volume_tasks.run_backup,
         actor=actor,
         tenant=locked.tenant,
         target=backup,
@@ -271,7 +271,7 @@ def restore_backup(
 ) -> Operation:
     """A new volume holding what the backup holds, on any host with room (or the one an operator
     names); charged like a new volume. The host fetches the chunks it lacks through the portal."""
-    from backups import tasks
+    from compute.host import volume_tasks
 
     locked = _ready(backup, "backup.restore")
     size = (
@@ -295,7 +295,7 @@ def restore_backup(
     )
     return operations.start(
         kind="backup.restore",
-        task=tasks.restore_backup,
+        task=volume_tasks.restore_backup,
         actor=actor,
         tenant=locked.tenant,
         target=volume,

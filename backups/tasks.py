@@ -1,20 +1,16 @@
-"""Backup tasks. Thin: on the volume's host queue the work comes through the host link and runs in
-`compute.host.backups`; verify and export run on the portal's queue and call backups.services."""
+"""The portal's backup tasks: verify and export (on the portal's queue, calling backups.services), the
+schedules and GC. The host's (`backups.run_backup`, `backups.restore_backup`) are in
+`compute.host.volume_tasks`, registered on this app by compute/tasks.py for `make run`'s local host."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from backups import services
 from backups.models import Backup
-from compute.host import backups as host_backups
-from compute.host.tasks import HostOperationTask
-from imaging.store import BackupStore
 from portal.celery import app
 from portal.models import Operation
 from portal.tasks import OperationTask
-from volumes.tasks import VolumeHostTask, failure_message, run_work
 
 
 def _op(task: OperationTask, op_id: str) -> Operation:
@@ -28,35 +24,6 @@ def _backup(backup_id: Any) -> Backup | None:
         .filter(pk=backup_id)
         .first()
     )
-
-
-@app.task(base=VolumeHostTask, bind=True, name="backups.run_backup")
-def run_backup(self: HostOperationTask, op_id: str) -> dict[str, Any]:
-    def do(link: Any, place: Any, work: dict[str, Any], progress: Any) -> dict[str, Any]:
-        try:
-            return host_backups.run_backup(link, place, host_store(), work, progress)
-        except Exception as exc:
-            if work.get("backup") is not None:
-                with contextlib.suppress(Exception):  # the operation's failure is reported either way
-                    link.report_backup(work["backup"]["id"], "fail", message=failure_message(exc))
-            raise
-
-    return run_work(self, op_id, do)
-
-
-@app.task(base=VolumeHostTask, bind=True, name="backups.restore_backup")
-def restore_backup(self: HostOperationTask, op_id: str) -> dict[str, Any]:
-    def do(link: Any, place: Any, work: dict[str, Any], progress: Any) -> dict[str, Any]:
-        return host_backups.restore_backup(link, place, host_store(), work, progress)
-
-    return run_work(self, op_id, do)
-
-
-def host_store() -> BackupStore:
-    """This host's backup store (on the portal's machine, the portal's store itself)."""
-    from django.conf import settings
-
-    return BackupStore(settings.BULKHEAD_BACKUP_DIR)
 
 
 @app.task(base=OperationTask, bind=True, name="backups.verify_backup")

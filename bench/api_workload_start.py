@@ -74,7 +74,9 @@ def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     profile = os.environ.get("BENCH_PROFILE_WORKER", "") if "host." in queues else ""
     command = [
         sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []),
-        "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1",
+        # A joined host runs its own Django-free app (compute.host.worker), as `make agent` starts it.
+        "-m", "celery", "-A", "compute.host.worker" if HOST_API and "host." in queues else "portal",
+        "worker", "-Q", queues, "-c", "1",
         "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, env=env, **QUIET)
@@ -82,7 +84,8 @@ def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 def start_host_processes(queues: str, host_pk: Any, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     """The host's worker on `queues` and its agent loop."""
-    agent = [sys.executable, "manage.py", "agent", "--host", str(host_pk)]
+    loop = ["-m", "compute.host", "agent"] if HOST_API else ["manage.py", "agent"]
+    agent = [sys.executable, *loop, "--host", str(host_pk)]
     return [start_worker(queues, env), subprocess.Popen(agent, cwd=ROOT, env=env, **QUIET)]
 
 
@@ -141,6 +144,7 @@ def main() -> None:
         host_env["BULKHEAD_PORTAL_URL"] = f"http://127.0.0.1:{port}"
         host_env["BULKHEAD_HOST_CREDENTIAL"] = hosts.issue_host_credential(actor=actor, host=host)
         host_env["BULKHEAD_STORE_DIR"] = str(host_store)
+        host_env["BULKHEAD_HOST_ID"] = str(host.pk)
     web = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
         cwd=ROOT,

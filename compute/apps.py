@@ -25,6 +25,9 @@ class ComputeConfig(AppConfig):
                 operation_heartbeat_seconds=float(
                     getattr(settings, "BULKHEAD_OPERATION_HEARTBEAT_SECONDS", 15)
                 ),
+                backup_dir=settings.BULKHEAD_BACKUP_DIR,
+                broker_url=settings.REDIS_URL,
+                sample_seconds=settings.BULKHEAD_SAMPLE_SECONDS,
             )
         )
         if settings.BULKHEAD_PORTAL_URL and settings.BULKHEAD_HOST_CREDENTIAL:

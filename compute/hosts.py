@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import platform
 import secrets
-import shutil
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,48 +36,13 @@ def host_state_dir(host: Host | str) -> Path:
     return path
 
 
-def _meminfo_mib() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    return 0
-
-
 def gather_facts(host: Host | None = None, *, probe_runtimes: bool = True) -> dict[str, Any]:
-    """What this machine is and can do; runtimes are probed by really running one."""
-    from compute.runtimes import probe
+    """What this machine is and can do (`compute.host.facts`, which a joined host's agent calls too)."""
+    from compute.host.facts import gather_facts as machine_facts
 
-    facts: dict[str, Any] = {
-        "cpus": os.cpu_count() or 1,
-        "memory_mib": _meminfo_mib(),
-        "disk_free_bytes": shutil.disk_usage(settings.DATA_DIR).free,
-        # Workload disks are sparse files here: placement keeps their sizes within the filesystem's.
-        "disk_gib": shutil.disk_usage(settings.DATA_DIR).total // 1024**3,
-        "kernel": platform.release(),
-        "cgroup_mode": probe.cgroup_mode(),
-        "hostname": socket.gethostname(),
-    }
-    if probe_runtimes:
-        probes = probe.probe_oci_runtimes(Path(settings.DATA_DIR) / "probe")
-        facts["oci_runtimes"] = [p.name for p in probes if p.works]
-        facts["oci_runtime_probes"] = {p.name: p.reason or "works" for p in probes}
-    facts["libvirt"] = shutil.which("libvirtd") is not None and shutil.which("qemu-system-x86_64") is not None
-    facts["kvm"] = False
-    if facts["libvirt"] and probe_runtimes:
-        from compute.runtimes.libvirtd import kvm_works_cached
-
-        # Booted for real with a short timeout: on some machines /dev/kvm exists but guests hang.
-        facts["kvm"] = kvm_works_cached(timeout=5.0)
-    try:
-        from compute.guest.build import load_guest
-
-        artifacts = load_guest(Path(settings.BULKHEAD_GUEST_DIR))
-    except Exception:  # a host without a built guest simply reports none
-        artifacts = None
-    if artifacts is not None:
-        facts["guest_kernel"] = artifacts.kernel_version
-    return facts
+    return machine_facts(
+        Path(settings.DATA_DIR), Path(settings.BULKHEAD_GUEST_DIR), probe_runtimes=probe_runtimes
+    )
 
 
 @transaction.atomic

@@ -2,8 +2,8 @@
 
 It probes its facts, redeems the single-use join token at the portal (which answers with the host's
 id, queue and profile, its own credential and the broker's address; never a database URL), writes
-them to var/agent.env and hands over to `python -m portal.stack agent`. Nothing on the host is done
-by hand.
+them to var/agent.env and hands over to `python -m compute.host run` (no Django). Nothing on the host is
+done by hand.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"host": joined["host"], "name": joined["name"], "queue": joined["queue"]}))
     if args.no_start:
         return 0
-    os.execv(sys.executable, [sys.executable, "-m", "portal.stack", "agent", "--env-file", args.env_file])
+    os.execv(sys.executable, [sys.executable, "-m", "compute.host", "run", "--env-file", args.env_file])
     return 0
 
 

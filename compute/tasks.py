@@ -1,7 +1,7 @@
 """The portal's compute tasks (evacuation, lost hosts, samples) and the host tasks it sends.
 
-The tasks of a host's queue live with the host code (`compute.host.tasks`, same names as ever, commit
-among them); this module imports them so that every worker registers them.
+The tasks of a host's queue live with the host code (`compute.host.tasks`, `compute.host.volume_tasks`,
+same names as ever, commit among them); this module imports them so that every worker registers them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 from django.conf import settings
 
 import compute.host.tasks
+import compute.host.volume_tasks
 from compute import hosts
 from portal.celery import app
 from portal.tasks import OperationTask

@@ -1,21 +1,17 @@
-"""The Celery app shared by the portal's worker and every host agent (same codebase)."""
+"""The portal's Celery app (its worker, beat, and `make run`'s local host worker). A joined host runs its own
+Django-free app, `compute.host.worker`, with the same settings (`compute.host.celery_settings`)."""
 
-import gc
 import os
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
+
+from compute.host.celery_settings import freeze_startup_objects
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 app = Celery("bulkhead")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
-
-
-@worker_process_init.connect
-@worker_ready.connect
-def _freeze_startup_objects(**_: object) -> None:
-    """The worker's modules live as long as it does: keep them out of the cyclic collector's scans
-    (in the main process, and in each prefork child as it starts)."""
-    gc.freeze()
+worker_process_init.connect(freeze_startup_objects, weak=False)
+worker_ready.connect(freeze_startup_objects, weak=False)

@@ -193,27 +193,16 @@ CHANNEL_LAYERS = {
     }
 }
 
-# Celery: JSON only, late acks, a lost worker puts the message back, time limits on every task.
+# Celery: the settings every worker runs with, the portal's and each host's own (compute.host.worker), in
+# one Django-free place: JSON only, late acks, a lost worker puts the message back, time limits.
+from compute.host import celery_settings as _celery_settings  # noqa: E402
+
+globals().update(_celery_settings.django_names(_celery_settings.shared()))
 CELERY_BROKER_URL = REDIS_URL
-CELERY_RESULT_BACKEND = None
-# Operations keep their results in their rows; the (disabled) backend is stateless and may be shared by
-# threads. Without this Celery looks it up again in every thread, and Django's ASGI handler runs each
-# request in a new one: about 10 ms of CPU per request that starts an operation.
-CELERY_RESULT_BACKEND_THREAD_SAFE = True
-CELERY_TASK_IGNORE_RESULT = True
-CELERY_ACCEPT_CONTENT = ["json"]
-CELERY_TASK_SERIALIZER = "json"
-CELERY_RESULT_SERIALIZER = "json"
-CELERY_TASK_ACKS_LATE = True
-CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_SOFT_TIME_LIMIT = env_int("BULKHEAD_TASK_SOFT_TIME_LIMIT", 900)
-CELERY_TASK_TIME_LIMIT = env_int("BULKHEAD_TASK_TIME_LIMIT", 960)
-CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {"visibility_timeout": 3600}
-# A host's worker: every key it touches (its queue and kombu's unacked bookkeeping) under the host's own
-# prefix, the only keys its broker user may touch. Remote control and events would need channels and
-# queues outside it and nothing in the portal uses them: off (compute/broker_access.py).
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = dict(_celery_settings.shared()["broker_transport_options"])
+# A host's worker under `make run` (the portal's codebase): every key it touches (its queue and kombu's
+# unacked bookkeeping) under the host's own prefix, the only keys its broker user may touch; remote
+# control and events off, as on a joined host's own worker.
 BULKHEAD_BROKER_KEYPREFIX = env("BULKHEAD_BROKER_KEYPREFIX")
 if BULKHEAD_BROKER_KEYPREFIX:
     from compute.host.broker import is_key_prefix
@@ -221,11 +210,7 @@ if BULKHEAD_BROKER_KEYPREFIX:
     if not is_key_prefix(BULKHEAD_BROKER_KEYPREFIX):
         raise ImproperlyConfigured("BULKHEAD_BROKER_KEYPREFIX must be h.<host hex>:")
     CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = BULKHEAD_BROKER_KEYPREFIX
-    CELERY_WORKER_ENABLE_REMOTE_CONTROL = False
-    CELERY_WORKER_SEND_TASK_EVENTS = False
-    CELERY_TASK_SEND_SENT_EVENT = False
-CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+    globals().update(_celery_settings.django_names(_celery_settings.HOST_WORKER))
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

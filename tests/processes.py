@@ -74,16 +74,26 @@ def celery_worker(
     """A real Celery worker process consuming `queues` from the real Redis broker.
 
     pool: "solo" runs tasks in the worker process itself; "prefork" in one pool process, as `make run`
-    does (a pool process that dies is replaced and its task redelivered)."""
+    does (a pool process that dies is replaced and its task redelivered).
+    A joined host's worker (env with BULKHEAD_PORTAL_URL and BULKHEAD_HOST_CREDENTIAL) is the host's own
+    Django-free app, as `python -m compute.host run` starts it; others are the portal's app."""
     from compute.host.broker import host_id_of_queue, key_prefix
 
-    argv = ["-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1", "-P", pool]
-    argv += ["-n", f"{name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     host_id = host_id_of_queue(queues)
-    if host_id is not None:  # a host's worker reads its queue under the host's key prefix, as in production
+    app = "compute.host.worker" if host_id is not None and is_joined(env) else "portal"
+    argv = ["-m", "celery", "-A", app, "worker", "-Q", queues, "-c", "1", "-P", pool]
+    argv += ["-n", f"{name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if app != "portal":
+        env = {"BULKHEAD_HOST_ID": str(host_id), **env}
+    elif host_id is not None:  # a host's worker reads its queue under the host's key prefix, as in production
         env = {"BULKHEAD_BROKER_KEYPREFIX": key_prefix(host_id), **env}
     with process(argv, f"test-worker-{name}.log", **env) as proc:
         yield proc
+
+
+def is_joined(env: dict[str, str]) -> bool:
+    """The environment of a host on its own machine: it talks to the portal over the host API."""
+    return bool(env.get("BULKHEAD_PORTAL_URL") and env.get("BULKHEAD_HOST_CREDENTIAL"))
 
 
 @contextmanager
@@ -108,7 +118,8 @@ def host_agent(
     pool: str = "solo",
     **env: str,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A host's agent as on a real host: a Celery worker on `host.<id>` plus the agent loop process.
+    """A host's agent as on a real host: a Celery worker on `host.<id>` plus the agent loop process
+    (on a joined host, given BULKHEAD_PORTAL_URL and BULKHEAD_HOST_CREDENTIAL: the Django-free ones).
 
     worker_env: extra environment for the worker only (e.g. a failpoint that kills it mid-task).
     pool: the worker's pool (see celery_worker).
@@ -121,8 +132,10 @@ def host_agent(
     if resynced:  # a previous agent's "answering" mark must not count
         host_rpc.forget_answering(host.pk)
     log = open(ROOT / "var" / f"test-agent-{host.name}.log", "wb")  # noqa: SIM115 - closed below
+    # A joined host's loop is the host package's own (no Django); the portal's machine's is manage.py's.
+    command = ["-m", "compute.host", "agent"] if is_joined(env) else ["manage.py", "agent"]
     loop = subprocess.Popen(
-        [sys.executable, "manage.py", "agent", "--host", str(host.pk)],
+        [sys.executable, *command, "--host", str(host.pk)],
         cwd=ROOT,
         env=subprocess_env(**env),
         stdout=log,

@@ -1,43 +1,32 @@
-"""The portal-side door to a host's volume pool: where it is (settings, the host's state directory) and
-its operations' locks. The host's work on volumes, snapshots and backups is in
-`compute.host.volumes` / `compute.host.backups` (no Django; reports through the host API).
+"""The portal-side door to a host's volume pool on this machine (tests, `make run`'s shutdown): where it
+is, as the host's own code finds it (`compute.host.mounts.host_place`, from the host's configuration).
+The host's work on volumes, snapshots and backups is in `compute.host.volumes` / `compute.host.backups`
+and its tasks in `compute.host.volume_tasks` (no Django; reports through the host API).
 
 A workload's volume mounts come with its spec (`compute.host.mounts`).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from django.conf import settings
-
 from compute.host import volumes as host_volumes
+from compute.host.context import host_context
+from compute.host.mounts import host_place
 from compute.host.volumes import PoolPlace
-from compute.hosts import host_state_dir
 from compute.models import Host
 from compute.runtimes.volume_pool import VolumePool
-from volumes.models import GIB
-
-log = logging.getLogger(__name__)
-
-
-def embedded_pool_paths(host: Host | str) -> tuple[Path, Path]:
-    """(image, mount point) of a host's embedded pool."""
-    directory = host_state_dir(host)
-    return directory / "volume-pool.img", directory / "volume-pool"
 
 
 def place_for(host: Host | str) -> PoolPlace:
     """Where the host's pool is: `BULKHEAD_VOLUME_POOL` (an operator's btrfs) or the embedded image."""
-    image, mount_point = embedded_pool_paths(host)
-    directory = Path(settings.BULKHEAD_VOLUME_POOL) if settings.BULKHEAD_VOLUME_POOL else None
-    return PoolPlace(directory, image, mount_point, settings.BULKHEAD_VOLUME_POOL_GIB * GIB)
+    return host_place(host_context(host.pk if isinstance(host, Host) else host))
 
 
-def operation_locks_dir() -> Path:
-    """Where host workers hold their operations' locks (operation ids are unique across hosts)."""
-    return Path(settings.DATA_DIR) / "hosts" / "operation-locks"
+def embedded_pool_paths(host: Host | str) -> tuple[Path, Path]:
+    """(image, mount point) of a host's embedded pool."""
+    place = place_for(host)
+    return place.image, place.mount_point
 
 
 def pool_for(host: Host | str) -> VolumePool:

@@ -1,8 +1,8 @@
 """Volume services: the only code that creates, resizes, attaches, snapshots, restores and deletes volumes.
 
 Each runs in one transaction: the quota under the tenant's row lock, the rows, an Operation, an audit
-entry; the host's work is sent on commit to its queue (`host.<id>`), where volumes.tasks call
-volumes.agent. Refusals raise ServiceErrors with an `audit_action`, audited after the rollback.
+entry; the host's work is sent on commit to its queue (`host.<id>`), where compute.host.volume_tasks call
+compute.host.volumes. Refusals raise ServiceErrors with an `audit_action`, audited after the rollback.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def create_volume(
     *, actor: Actor, tenant: Tenant, name: str, size_gib: Any, host: Host | None = None
 ) -> Operation:
     """Charge `volume_bytes` under the tenant's row lock, place the volume on a pool, queue its creation."""
-    from volumes import tasks
+    from compute.host import volume_tasks as tasks
 
     size = _size_bytes(size_gib)
     if Volume.objects.filter(tenant=tenant, name=name).exists():
@@ -171,7 +171,7 @@ def _check_name(name: str) -> None:
 @transaction.atomic
 def resize_volume(*, actor: Actor, volume: Volume, size_gib: Any) -> Operation:
     """Grow a volume (shrinking is refused: data past the new size would have nowhere to go)."""
-    from volumes import tasks
+    from compute.host import volume_tasks as tasks
 
     locked = _lock(volume)
     _refuse_busy(locked, "volume.resize")
@@ -198,7 +198,7 @@ def resize_volume(*, actor: Actor, volume: Volume, size_gib: Any) -> Operation:
 @transaction.atomic
 def delete_volume(*, actor: Actor, volume: Volume) -> Operation:
     """Refused while attached; the host deletes its data and snapshots, then the row and quota go."""
-    from volumes import tasks
+    from compute.host import volume_tasks as tasks
 
     locked = _lock(volume)
     attached = list(VolumeAttachment.objects.filter(volume=locked).select_related("workload"))
@@ -379,7 +379,7 @@ def refuse_move(workload: Workload, audit_action: str = "") -> None:
 @transaction.atomic
 def snapshot_volume(*, actor: Actor, volume: Volume, name: str) -> Operation:
     """A read-only snapshot of the volume as it is now (running workloads may keep writing)."""
-    from volumes import tasks
+    from compute.host import volume_tasks as tasks
 
     locked = _lock(volume)
     _refuse_busy(locked, "snapshot.create")
@@ -407,7 +407,7 @@ def _attached_running(volume: Volume) -> list[str]:
 @transaction.atomic
 def restore_snapshot(*, actor: Actor, snapshot: Snapshot) -> Operation:
     """Make the volume what the snapshot holds; its workloads must be stopped."""
-    from volumes import tasks
+    from compute.host import volume_tasks as tasks
 
     snap = Snapshot.objects.select_related("volume").get(pk=snapshot.pk)
     locked = _lock(snap.volume)
@@ -428,7 +428,7 @@ def restore_snapshot(*, actor: Actor, snapshot: Snapshot) -> Operation:
 @transaction.atomic
 def clone_snapshot(*, actor: Actor, snapshot: Snapshot, name: str, size_gib: Any = None) -> Operation:
     """A new volume (on the same host) holding what the snapshot holds; charged like a new volume."""
-    from volumes import tasks
+    from compute.host import volume_tasks as tasks
 
     snap = Snapshot.objects.select_related("volume__tenant", "volume__host").get(pk=snapshot.pk)
     source = snap.volume
@@ -456,7 +456,7 @@ def clone_snapshot(*, actor: Actor, snapshot: Snapshot, name: str, size_gib: Any
 @audit.denials_audited
 @transaction.atomic
 def delete_snapshot(*, actor: Actor, snapshot: Snapshot) -> Operation:
-    from volumes import tasks
+    from compute.host import volume_tasks as tasks
 
     snap = (
         Snapshot.objects.select_for_update()

@@ -1,8 +1,9 @@
 """The host machine's own configuration: where its state and layers live, its user-id pool, its guest.
 
-Given once at process start (`configure`, from compute/apps.py's `ready()`, which reads the settings or
-a joined host's agent.env); host code reads `local()` and never a Django setting. What the portal
-decides about the host (its runtime, its network labels) is not here: that is `HostProfile`, served.
+Given once at process start: on the portal's machine by compute/apps.py's `ready()` (from the settings);
+on a joined host by `from_environment()` (its agent.env, which `python -m compute.host run` puts into the
+environment of its worker and agent). Host code reads `local()` and never a Django setting. What the
+portal decides about the host (its runtime, its network labels) is not here: that is `HostProfile`, served.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from compute.host.broker import url_with_credential
+
+# The checkout (or installed tree) this code runs from: the defaults of the data and guest directories.
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,11 @@ class LocalConfig:
     volume_pool: str = ""
     volume_pool_gib: int = 64
     operation_heartbeat_seconds: float = 15.0
+    # Where the host keeps backup chunks before they reach the portal (on the portal's machine: its store).
+    backup_dir: Path | None = None
+    # The broker with the host's own user and credential (the portal's REDIS_URL on the portal's machine).
+    broker_url: str = ""
+    sample_seconds: float = 10.0
 
     @property
     def remote(self) -> bool:
@@ -37,6 +48,15 @@ class LocalConfig:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    @property
+    def operation_locks_dir(self) -> Path:
+        """Where host workers hold their operations' locks (operation ids are unique across hosts)."""
+        return self.data_dir / "hosts" / "operation-locks"
+
+    @property
+    def backup_store_dir(self) -> Path:
+        return self.backup_dir or self.data_dir / "backups"
+
 
 _config: LocalConfig | None = None
 
@@ -46,20 +66,32 @@ def configure(config: LocalConfig) -> None:
     _config = config
 
 
+def from_environment(environ: dict[str, str] | None = None) -> LocalConfig:
+    """The configuration a host process takes from its environment (the same names as the portal's
+    settings, which a joined host's agent.env and the operator's environment give)."""
+    env = os.environ if environ is None else environ
+    data_dir = Path(env.get("BULKHEAD_DATA_DIR") or ROOT / "var").resolve()
+    pool = (env.get("BULKHEAD_USERNS_POOL") or "1000000,1000000000").split(",")
+    credential = env.get("BULKHEAD_HOST_CREDENTIAL", "")
+    return LocalConfig(
+        data_dir=data_dir,
+        store_dir=Path(env.get("BULKHEAD_STORE_DIR") or data_dir / "store"),
+        guest_dir=Path(env.get("BULKHEAD_GUEST_DIR") or ROOT / "var" / "guest").resolve(),
+        userns_pool=(int(pool[0]), int(pool[1])),
+        portal_url=env.get("BULKHEAD_PORTAL_URL", ""),
+        credential=credential,
+        volume_pool=env.get("BULKHEAD_VOLUME_POOL", ""),
+        volume_pool_gib=int(env.get("BULKHEAD_VOLUME_POOL_GIB") or 64),
+        operation_heartbeat_seconds=float(env.get("BULKHEAD_OPERATION_HEARTBEAT_SECONDS") or 15),
+        backup_dir=Path(env["BULKHEAD_BACKUP_DIR"]) if env.get("BULKHEAD_BACKUP_DIR") else None,
+        broker_url=url_with_credential(env.get("REDIS_URL", ""), credential),
+        sample_seconds=float(env.get("BULKHEAD_SAMPLE_SECONDS") or 10),
+    )
+
+
 def local() -> LocalConfig:
-    """The configuration given at start; without one (a bare script), the environment's defaults."""
+    """The configuration given at start; without one (a host process, a bare script), the environment's."""
     if _config is None:
-        data_dir = Path(os.environ.get("BULKHEAD_DATA_DIR", "var")).resolve()
-        pool = os.environ.get("BULKHEAD_USERNS_POOL", "1000000,1000000000").split(",")
-        configure(
-            LocalConfig(
-                data_dir=data_dir,
-                store_dir=Path(os.environ.get("BULKHEAD_STORE_DIR", str(data_dir / "store"))),
-                guest_dir=Path(os.environ.get("BULKHEAD_GUEST_DIR", "var/guest")).resolve(),
-                userns_pool=(int(pool[0]), int(pool[1])),
-                portal_url=os.environ.get("BULKHEAD_PORTAL_URL", ""),
-                credential=os.environ.get("BULKHEAD_HOST_CREDENTIAL", ""),
-            )
-        )
+        configure(from_environment())
     assert _config is not None
     return _config

@@ -4,6 +4,7 @@
   python -m tests.compute.separate_host_probe get PATH               -> the portal's status code for PATH,
       asked with the credential from the host's own var/agent.env (as its agent would, or an intruder on it)
   python -m tests.compute.separate_host_probe env-file               -> the settings file's mode and keys
+  python -m tests.compute.separate_host_probe importable MODULE...   -> {module: true, or why not}
 
 Prints one JSON line; the test reads it.
 """
@@ -39,6 +40,17 @@ def get(path: str) -> int:
     return httpx.get(env["BULKHEAD_PORTAL_URL"] + path, headers=headers, timeout=10).status_code
 
 
+def importable(module: str) -> bool | str:
+    """True, or why not (absent, or present but unable to load what it needs: either way not usable)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return True
+
+
 def main(argv: list[str]) -> None:
     verb, *args = argv
     if verb == "connect":
@@ -47,6 +59,8 @@ def main(argv: list[str]) -> None:
         answer = get(args[0])
     elif verb == "env-file":
         answer = {"mode": ENV_FILE.stat().st_mode & 0o777, "keys": sorted(agent_env())}
+    elif verb == "importable":
+        answer = {module: importable(module) for module in args}
     else:
         raise SystemExit(f"unknown verb {verb}")
     print(json.dumps(answer))

@@ -63,6 +63,58 @@ def test_a_host_without_the_database_route_reaches_only_the_portals_http_port_an
         assert {"BULKHEAD_HOST_CREDENTIAL", "BULKHEAD_PORTAL_URL"} <= set(settings_file["keys"])
 
 
+# What no process of a host may hold: a way to the database, the portal's settings or its secret.
+NOT_ON_A_HOST = (
+    "DATABASE_URL",
+    "BULKHEAD_AGENT_DATABASE_URL",
+    "DJANGO_SETTINGS_MODULE",
+    "BULKHEAD_SECRET_KEY",
+)
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    pairs = (entry.partition(b"=") for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    return {key.decode(): value.decode(errors="replace") for key, sep, value in pairs if sep}
+
+
+def command_of(pid: int) -> list[str]:
+    parts = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    return [part.decode(errors="replace") for part in parts]
+
+
+def test_a_joined_host_runs_no_django_process_and_its_processes_hold_no_database_setting(
+    world: World, store_dir: Path
+) -> None:
+    """The host's machine has no Django and none of the portal's code (the harness hides them: a tmpfs
+    over each), yet it joins and answers; its processes are the host package's (worker and agent),
+    and none of them holds a database URL, a settings module or the portal's secret."""
+    with separate_portal(store_dir, world) as portal, portal.host("bht-sep-nodj") as host:
+        hidden = [
+            "django",
+            "rest_framework",
+            "portal.settings",
+            "portal.celery",
+            "compute.models",
+            "volumes.services",
+        ]
+        present = ["compute.host.worker", "compute.host.agent_loop", "compute.host.volume_tasks"]
+        imports = host.probe("importable", *hidden, *present)
+        assert [module for module in hidden if imports[module] is True] == [], imports
+        assert [module for module in present if imports[module] is not True] == [], imports
+        commands = {pid: command_of(pid) for pid in host.processes()}
+        lines = [" ".join(command) for command in commands.values()]
+        worker = f"-m celery -A compute.host.worker worker -l WARNING -Q host.{host.row.pk} "
+        assert any(worker in line for line in lines), lines
+        assert any(command[-3:] == ["-m", "compute.host", "agent"] for command in commands.values()), commands
+        for pid, command in commands.items():
+            line = " ".join(command)
+            assert "manage.py" not in line and "-A portal" not in line and "portal.stack" not in line, line
+            environment = environment_of(pid)
+            held = [name for name in environment if name in NOT_ON_A_HOST or name.startswith("PG")]
+            assert held == [], (line, held)
+        assert Host.objects.get(pk=host.row.pk).state == "ready"
+
+
 def import_image(world: World, tmp_path: Path, name: str, layers: list[Any]) -> Any:
     """An image imported on the portal (its layers in the portal's store only)."""
     from imaging.models import Image

@@ -391,7 +391,7 @@ def operation_timings(plain: Workload) -> dict[str, float]:
 
 
 def test_the_agent_repairs_a_network_changed_from_outside_and_says_so(site: Site) -> None:
-    from compute.management.commands.agent import repair_network
+    from compute.host.agent_loop import repair_network
     from tenants.models import AuditEntry
 
     front = compartment(site, "front")
@@ -416,7 +416,7 @@ def test_a_repair_of_a_managed_network_is_drift_of_its_tenant(site: Site) -> Non
     from compute.desired import services as desired
     from compute.desired import tasks as desired_tasks
     from compute.desired.models import DesiredState
-    from compute.management.commands.agent import repair_network
+    from compute.host.agent_loop import repair_network
     from tenants.models import AuditEntry
 
     front = compartment(site, "front")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from portal.stack import RESTART_LIMIT, CrashLoop, Stack
+from compute.host.supervisor import RESTART_LIMIT, CrashLoop, Stack
 from tests.processes import wait_until
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
@@ -18,7 +18,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent.parent
 # A supervisor whose only child is a long sleep named "redis"; it prints the child's pid when started.
 SUPERVISOR = """
 import sys
-from portal.stack import supervise
+from compute.host.supervisor import supervise
 
 def start(stack):
     proc = stack.spawn("redis", ["sleep", "600"])

@@ -1,54 +1,29 @@
-"""`manage.py agent --host ID`: the host agent's loop (heartbeat, exit watcher, re-sync at start, and
-answers to the portal's questions about this host's workloads: logs, stats, changes).
+"""`manage.py agent --host ID`: the host agent's loop (`compute.host.agent_loop`) in a Django process.
 
-The Celery worker consuming `host.<id>` does the requested work; this loop notices what happens on
-the host by itself: exits (recorded within a second), and the host's liveness (heartbeat).
-`manage.py agent --join URL --token SECRET --name NAME` joins a new host headless first.
+Kept for the portal's own machine (`make run`'s host `local`), whose tasks and reports go through the
+in-process link (the portal's services, no HTTP) and which may name its host by row. A joined host runs
+`python -m compute.host agent` (no Django) under `python -m compute.host run`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from compute.host import agent, network, rpc, sampling
+from compute.host import agent_loop
 from compute.host.config import local
 from compute.host.context import HostContext, host_context
-from compute.host.link import HostApiError, link_to_portal
-from compute.host.spec import HostProfile
-
-log = logging.getLogger("bulkhead.agent")
-
-HEARTBEAT_SECONDS = 10.0
-# How often the host's networks are re-applied: repairs what was changed from outside, and says so.
-NETWORK_REPAIR_SECONDS = float(os.environ.get("BULKHEAD_NETWORK_REPAIR_SECONDS", 30))
-EXIT_POLL_SECONDS = 0.5
-
-
-@dataclass(frozen=True)
-class HostRef:
-    """The host as the loop's portal-side helpers (host_rpc, volumes) name it: its id."""
-
-    pk: uuid.UUID
-    name: str
 
 
 def find_host(ref: str) -> HostContext:
-    """The host this agent runs: a host on its own machine asks the portal who its credential is
-    (it reads no row); the portal's own machine may name its host by name or id."""
+    """The host this agent runs: a joined host by its credential, the portal's machine by name or id."""
     if local().remote:
-        profile = HostProfile.parse(link_to_portal(ref).host_self())
-        if ref not in (str(profile.id), profile.name):
-            raise CommandError(f"this host's credential belongs to {profile.name}, not {ref!r}")
-        return host_context(profile.id)
+        try:
+            return agent_loop.joined_host(ref)
+        except agent_loop.NotThisHost as error:
+            raise CommandError(str(error)) from None
     from compute.models import Host
 
     as_id = _uuid_or_none(ref)
@@ -81,192 +56,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        ref = options["host"]
-        if not ref:
+        if not options["host"]:
             raise CommandError("--host is required")
-        ctx = find_host(ref)
-        # First thing: what runs on this host's queue now. An operation claimed after this is alive;
-        # one claimed before whose worker holds no lock died with the previous agent (re-sync below).
-        running_at_start = ctx.link.running_operations()
-        host = HostRef(pk=ctx.profile.id, name=ctx.profile.name)
-        stopping = False
-
-        def stop(signum: int, frame: Any) -> None:
-            nonlocal stopping
-            stopping = True
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        ctx.link.heartbeat()
-        report_facts(ctx)
-        # Before the workloads' re-sync (which fails what its host's dead worker was running): volume
-        # and backup operations whose worker died are queued again instead (issue 17).
-        resume_volume_operations(ctx)
-        report = agent.resync(ctx, running_at_start)
-        log.info("agent for %s re-synced: %s", host.name, report)
-        if options["once"]:
-            agent.handle_exits(ctx)
-            return
-        # Volumes (issue 17): make run's host makes its embedded pool now; others report a pool that
-        # is there (an operator's, or one a volume operation made) and otherwise make it when needed.
-        report_volume_pool(ctx, make=bool(options["stop_workloads_on_exit"]))
-        if options["stop_workloads_on_exit"]:
-            resumed = agent.resume_after_shutdown(ctx)
-            if resumed:
-                log.info("agent for %s started %d workloads again", host.name, len(resumed))
-        placed = rpc.PlacedWorkloads(ctx.link)
-        answerer = answerer_for(ctx, placed)
-        last_beat = last_repair = last_sample = time.monotonic()
-        while not stopping:
-            try:
-                agent.handle_exits(ctx)
-                if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
-                    ctx.link.heartbeat()
-                    agent.adopt_unknown(ctx)
-                    resume_volume_operations(ctx)
-                    last_beat = time.monotonic()
-                if time.monotonic() - last_sample >= settings.BULKHEAD_SAMPLE_SECONDS:
-                    sample_host(ctx, placed)
-                    report_volume_pool(ctx, make=False)
-                    last_sample = time.monotonic()
-                if time.monotonic() - last_repair >= NETWORK_REPAIR_SECONDS:
-                    repair_network(ctx)
-                    last_repair = time.monotonic()
-            except Exception:
-                log.exception("agent loop error")
-            wait_answering(answerer)
-        if options["stop_workloads_on_exit"]:
-            stopped = agent.shut_down_host(ctx)
-            log.info("agent for %s stopped %d workloads and removed its networks", host.name, len(stopped))
-            from compute.host import volumes as host_volumes
-            from compute.host.mounts import host_place
-
-            try:
-                host_volumes.release_pool(host_place(ctx))  # nothing of make run stays mounted
-            except Exception:
-                log.exception("could not unmount the volume pool of %s", host.name)
-
-
-def report_volume_pool(ctx: HostContext, *, make: bool) -> None:
-    """Pool capacity and use into the host's facts, and the volumes' used bytes (through the host API)."""
-    from compute.host import volumes as host_volumes
-    from compute.host.mounts import host_place
-
-    place = host_place(ctx)
-    try:
-        if make or host_volumes.pool_ready(place):
-            host_volumes.report_pool(ctx.link, place)
-    except Exception:
-        log.exception("volume pool of %s", ctx.host_id)
-
-
-def resume_volume_operations(ctx: HostContext) -> None:
-    """Volume and backup operations of this host whose worker died (their lock is free): queued again,
-    or failed past their resume limit; the work is idempotent."""
-    from compute.host import volumes as host_volumes
-    from volumes.agent import operation_locks_dir
-
-    try:
-        resumed = host_volumes.resume_interrupted(ctx.link, operation_locks_dir())
-    except Exception:
-        log.exception("could not resume the volume operations of %s", ctx.host_id)
-        return
-    if resumed:
-        log.info("agent for %s handed back interrupted volume operations: %s", ctx.host_id, resumed)
-
-
-def report_facts(ctx: HostContext) -> None:
-    """A host on its own machine tells the portal what it is and can do (runtimes, KVM, disk) once at
-    start; the portal keeps capacity within what was approved. The portal's own machine registers its
-    facts itself when `make run` starts."""
-    if not ctx.local.remote:
-        return
-    from compute.hosts import gather_facts
-
-    portal = ctx.link
-    try:
-        facts = {name: value for name, value in gather_facts().items() if name in REPORTED_FACTS}
-        try:
-            portal.report_facts(facts)
-        except HostApiError as error:
-            if error.status != 403:
-                raise
-            # More capacity than approved (a disk grown since the join): the portal keeps the approved
-            # values; the host's capabilities are still worth recording.
-            log.warning("the portal refused the host's capacity: %s", error.message)
-            portal.report_facts(
-                {k: v for k, v in facts.items() if k not in ("cpus", "memory_mib", "disk_gib")}
-            )
-    except Exception:  # the host keeps working with what the portal knew
-        log.exception("could not report the host's facts")
-
-
-REPORTED_FACTS = {
-    "cpus",
-    "memory_mib",
-    "disk_gib",
-    "disk_free_bytes",
-    "kernel",
-    "cgroup_mode",
-    "hostname",
-    "oci_runtimes",
-    "oci_runtime_probes",
-    "libvirt",
-    "kvm",
-    "guest_kernel",
-}
-
-
-def answerer_for(ctx: HostContext, placed: rpc.PlacedWorkloads) -> rpc.Answerer:
-    """Answers the portal's questions on the host's own broker connection (REDIS_URL: on a joined host,
-    its own ACL user), about the workloads the portal placed on it, from the request alone."""
-    import redis
-
-    from compute.host.console import ConsoleRelays
-    from compute.host.queries import SpecQueries
-
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=EXIT_POLL_SECONDS + 10)
-    queries = SpecQueries(ctx)
-    consoles = ConsoleRelays(client, ctx.host_id, queries.open_console)
-    return rpc.Answerer(client, ctx.host_id, rpc.handlers_for(queries, consoles), placed.holds)
-
-
-def sample_host(ctx: HostContext, placed: rpc.PlacedWorkloads) -> int:
-    """One sampling round (`compute.host.sampling`) of the running workloads the portal placed here."""
-    from compute.host.queries import SpecQueries
-
-    return sampling.sample_host(
-        ctx.link,
-        placed.running(),
-        SpecQueries(ctx).stats,
-        host_netns=ctx.profile.netns,
-        network_enabled=ctx.profile.network_enabled,
-    )
-
-
-def wait_answering(answerer: rpc.Answerer) -> None:
-    """The loop's pause: answer the portal's questions about this host's workloads meanwhile."""
-    started = time.monotonic()
-    try:
-        answerer.serve(EXIT_POLL_SECONDS)
-    except Exception:  # the broker is away: keep the loop's pace, exits are still recorded
-        log.exception("could not answer host requests")
-    rest = EXIT_POLL_SECONDS - (time.monotonic() - started)
-    if rest > 0:
-        time.sleep(rest)
-
-
-def repair_network(ctx: HostContext) -> list[str]:
-    """Re-apply the host's compartments; what had to be repaired goes to the audit log and the event bus,
-    and, per compartment, to the NetworkRepair rows the desired-state reconciler reports as drift."""
-    ctx.forget_profile()
-    if not ctx.profile.network_enabled:
-        return []
-    report, _served = network.apply_host(ctx)
-    if report.repaired:
-        # Recorded by the portal (audit, drift per compartment, event) through the host API.
-        ctx.link.report_network_repairs(
-            list(report.repaired),
-            {key: list(value) for key, value in report.repaired_by_compartment.items()},
+        agent_loop.run(
+            find_host(options["host"]),
+            once=options["once"],
+            stop_workloads_on_exit=options["stop_workloads_on_exit"],
         )
-    return list(report.repaired)
