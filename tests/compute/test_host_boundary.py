@@ -122,6 +122,7 @@ HOST_TASK_NAMES = {
     "compute.restart_workload",
     "compute.delete_workload",
     "compute.move_workload",
+    "compute.commit_workload",
     "compute.apply_host_network",
     "volumes.create_volume",
     "volumes.resize_volume",
