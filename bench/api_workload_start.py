@@ -65,6 +65,15 @@ PODMAN_FLAGS = [
     "nproc=4096:4096",
 ]
 QUIET = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+# BENCH_LOG_DIR=<dir>: the web server's, workers' and agent's output appended to files there (debugging).
+LOG_DIR = os.environ.get("BENCH_LOG_DIR", "")
+
+
+def output_of(name: str) -> dict[str, Any]:
+    if not LOG_DIR:
+        return QUIET
+    log = open(Path(LOG_DIR) / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it for its life
+    return {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": log}
 
 
 def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -77,13 +86,13 @@ def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1",
         "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
-    return subprocess.Popen(command, cwd=ROOT, env=env, **QUIET)
+    return subprocess.Popen(command, cwd=ROOT, env=env, **output_of("worker-" + queues.replace(",", "+")))
 
 
 def start_host_processes(queues: str, host_pk: Any, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     """The host's worker on `queues` and its agent loop."""
     agent = [sys.executable, "manage.py", "agent", "--host", str(host_pk)]
-    return [start_worker(queues, env), subprocess.Popen(agent, cwd=ROOT, env=env, **QUIET)]
+    return [start_worker(queues, env), subprocess.Popen(agent, cwd=ROOT, env=env, **output_of("agent"))]
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -113,6 +122,7 @@ def main() -> None:
     from django.contrib.auth import get_user_model
 
     from compute import hosts
+    from compute.host.broker import key_prefix
     from compute.models import Host, Workload
     from imaging.models import Image
     from portal.celery import app as celery_app
@@ -145,15 +155,14 @@ def main() -> None:
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
         cwd=ROOT,
         env=env,
-        **QUIET,
+        **output_of("web"),
     )
     procs = [web]
-    if HOST_API:
-        # The portal's own worker (imports write the portal's store); the host's serves its queue only.
-        procs.append(start_worker("default", env))
-        host_queues = host.queue
-    else:
-        host_queues = f"default,{host.queue}"
+    # The portal's own worker (imports write the portal's store); the host's serves its queue only, read
+    # under the host's key prefix as in production (portal/stack.py host_worker).
+    procs.append(start_worker("default", env))
+    host_queues = host.queue
+    host_env["BULKHEAD_BROKER_KEYPREFIX"] = key_prefix(host.pk)
     host_procs = start_host_processes(host_queues, host.pk, host_env)
     import httpx
     import psycopg
