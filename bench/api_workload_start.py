@@ -81,10 +81,14 @@ def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     # BENCH_PROFILE_WORKER=<file>: the host's worker under cProfile (solo pool: tasks run in it), dumped
     # to <file> when it stops; read with pstats (e.g. sorted by cumulative time, `ensure_running`).
     profile = os.environ.get("BENCH_PROFILE_WORKER", "") if "host." in queues else ""
+    # BENCH_HOST_POOL=prefork: the host's worker as portal/stack.py runs it (a pool of 2 children)
+    # instead of solo (tasks in the worker process itself).
+    pool = os.environ.get("BENCH_HOST_POOL", "solo") if "host." in queues else "solo"
+    pool_size = "2" if pool == "prefork" else "1"
     command = [
         sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []),
-        "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", "1",
-        "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "-m", "celery", "-A", "portal", "worker", "-Q", queues, "-c", pool_size,
+        "-P", pool, "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, env=env, **output_of("worker-" + queues.replace(",", "+")))
 
