@@ -377,8 +377,9 @@ class OciRuntime:
         except OSError:
             return False
         try:
-            readable, _, _ = select.select([reader], [], [], EXEC_FIFO_TIMEOUT_S)
-            if not readable or not os.read(reader, 1):
+            waiting = select.poll()  # not select(): a busy agent's fds may pass FD_SETSIZE
+            waiting.register(reader, select.POLLIN)
+            if not waiting.poll(EXEC_FIFO_TIMEOUT_S * 1000) or not os.read(reader, 1):
                 return False
         finally:
             os.close(reader)
