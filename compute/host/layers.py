@@ -6,11 +6,12 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
 from compute.host.config import LocalConfig
 from compute.host.context import HostContext, Progress
+from compute.host.link import HostApiClient
 from compute.host.spec import ImageLayerRef, WorkloadSpec
 from imaging.store import LayerSpec, LayerStore
 
@@ -66,10 +67,17 @@ def fetch_missing_blobs(
     wanted = [layer for layer in layers if not layer_store.has_blob(layer.digest)]
     if not wanted or not local.remote:
         return 0
-    client = blob_client(local)
+    link = ctx.link
+    if isinstance(link, HostApiClient):
+        blob = link.blob  # the link's own client: its connections are warm, its TLS context made
+    else:
+        client = blob_client(local)
+
+        def blob(digest: str) -> AbstractContextManager[httpx.Response]:
+            return client.stream("GET", f"/api/v1/hosts/blobs/{digest}/")
 
     def fetch(layer: ImageLayerRef) -> None:
-        with client.stream("GET", f"/api/v1/hosts/blobs/{layer.digest}/") as response:
+        with blob(layer.digest) as response:
             if response.status_code != 200:
                 raise BlobUnavailable(
                     f"The portal did not hand out the layer {layer.digest} ({response.status_code})."
