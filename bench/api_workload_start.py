@@ -65,6 +65,15 @@ PODMAN_FLAGS = [
     "nproc=4096:4096",
 ]
 QUIET = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+# BENCH_LOG_DIR=<dir>: the web server's, workers' and agent's output appended to files there (debugging).
+LOG_DIR = os.environ.get("BENCH_LOG_DIR", "")
+
+
+def output_of(name: str) -> dict[str, Any]:
+    if not LOG_DIR:
+        return QUIET
+    log = open(Path(LOG_DIR) / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it for its life
+    return {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": log}
 
 
 def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -72,21 +81,25 @@ def start_worker(queues: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     # BENCH_PROFILE_WORKER=<file>: the host's worker under cProfile (solo pool: tasks run in it), dumped
     # to <file> when it stops; read with pstats (e.g. sorted by cumulative time, `ensure_running`).
     profile = os.environ.get("BENCH_PROFILE_WORKER", "") if "host." in queues else ""
+    # BENCH_HOST_POOL=prefork: the host's worker as portal/stack.py runs it (a pool of 2 children)
+    # instead of solo (tasks in the worker process itself).
+    pool = os.environ.get("BENCH_HOST_POOL", "solo") if "host." in queues else "solo"
+    pool_size = "2" if pool == "prefork" else "1"
     command = [
         sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []),
         # A joined host runs its own Django-free app (compute.host.worker), as `make agent` starts it.
         "-m", "celery", "-A", "compute.host.worker" if HOST_API and "host." in queues else "portal",
-        "worker", "-Q", queues, "-c", "1",
-        "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "worker", "-Q", queues, "-c", pool_size,
+        "-P", pool, "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
-    return subprocess.Popen(command, cwd=ROOT, env=env, **QUIET)
+    return subprocess.Popen(command, cwd=ROOT, env=env, **output_of("worker-" + queues.replace(",", "+")))
 
 
 def start_host_processes(queues: str, host_pk: Any, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     """The host's worker on `queues` and its agent loop."""
     loop = ["-m", "compute.host", "agent"] if HOST_API else ["manage.py", "agent"]
     agent = [sys.executable, *loop, "--host", str(host_pk)]
-    return [start_worker(queues, env), subprocess.Popen(agent, cwd=ROOT, env=env, **QUIET)]
+    return [start_worker(queues, env), subprocess.Popen(agent, cwd=ROOT, env=env, **output_of("agent"))]
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -116,6 +129,7 @@ def main() -> None:
     from django.contrib.auth import get_user_model
 
     from compute import hosts
+    from compute.host.broker import key_prefix
     from compute.models import Host, Workload
     from imaging.models import Image
     from portal.celery import app as celery_app
@@ -149,16 +163,15 @@ def main() -> None:
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
         cwd=ROOT,
         env=env,
-        **QUIET,
+        **output_of("web"),
     )
     procs = [web]
-    if HOST_API:
-        # The portal's own worker (imports write the portal's store); the host's serves its queue only.
-        procs.append(start_worker("default", env))
-        host_queues = host.queue
-    else:
-        host_queues = f"default,{host.queue}"
-    host_procs = start_host_processes(host_queues, host.pk, host_env)
+    # The portal's own worker (imports write the portal's store); the host's serves its queue only, read
+    # under the host's key prefix as in production (portal/stack.py host_worker).
+    procs.append(start_worker("default", env))
+    host_queues = host.queue
+    host_env["BULKHEAD_BROKER_KEYPREFIX"] = key_prefix(host.pk)
+    host_procs: list[subprocess.Popen[bytes]] = []
     import httpx
     import psycopg
     from bench_container_start import new_id, prepare_bare_bundle
@@ -205,6 +218,8 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        # The host's agent asks the portal who it is at start: only once the portal answers.
+        host_procs = start_host_processes(host_queues, host.pk, host_env)
         with open(archive, "rb") as f:
             client.post(
                 "/api/v1/images/import/",
@@ -266,9 +281,21 @@ def main() -> None:
             ):
                 assert time.monotonic() < deadline, f"{name} not running in 120 s"
                 time.sleep(0.002)
+            elapsed = time.perf_counter() - t0
             if TRACE:
                 print(f"trace {name} running {time.time():.6f}", file=sys.stderr)
-            return time.perf_counter() - t0, posted
+            # Not timed: the operation's end (the worker's finish report and whatever it does after the
+            # workload runs), so that it does not run into the next contender's turn.
+            while (
+                poll.execute(
+                    "SELECT 1 FROM portal_operation WHERE id = %s AND state = 'succeeded'",
+                    (response.json()["id"],),
+                ).fetchone()
+                is None
+            ):
+                assert time.monotonic() < deadline, f"{name}'s operation not finished in 120 s"
+                time.sleep(0.002)
+            return elapsed, posted
 
         def bare_run(bundle: Path) -> float:
             cid = new_id()

@@ -253,13 +253,7 @@ def report_workload_state(
     """A conditional update of a workload placed on `host`, as its agent saw it: applied only if the
     row is in one of `expected` (a concurrent change wins). Returns whether it applied and the row's
     state, exit code and times as they are now."""
-    if not isinstance(expected, list) or not expected or any(s not in EXPECTABLE_STATES for s in expected):
-        raise Invalid("Expected states are a list of states a host may see.", field="expected")
-    fields = _workload_changes(changes)
-    if count_restart:
-        fields["restart_count"] = F("restart_count") + 1
-    if not fields:
-        raise Invalid("The report changes nothing.", field="changes")
+    fields = _checked_report(expected, changes, count_restart=count_restart)
     if not _is_uuid(workload_id):
         raise _refuse(
             host, "host.workload.report", "No such workload on this host.", workload=str(workload_id)[:80]
@@ -283,6 +277,18 @@ def report_workload_state(
     if applied and set(fields) - {"restart_count"}:
         events.publish(current.tenant_id, current.as_event())
     return {"applied": applied, **_row_view(current)}
+
+
+def _checked_report(expected: Any, changes: Any, *, count_restart: bool = False) -> dict[str, Any]:
+    """A state report's columns to update (Invalid, before anything changes, when it is not one)."""
+    if not isinstance(expected, list) or not expected or any(s not in EXPECTABLE_STATES for s in expected):
+        raise Invalid("Expected states are a list of states a host may see.", field="expected")
+    fields = _workload_changes(changes)
+    if count_restart:
+        fields["restart_count"] = F("restart_count") + 1
+    if not fields:
+        raise Invalid("The report changes nothing.", field="changes")
+    return fields
 
 
 def _update_returning(rows: Any, fields: dict[str, Any], workload_id: Any) -> Workload | None:
@@ -713,12 +719,20 @@ def report_operation(
     error: str = "",
     detail: str = "",
     before: str = "",
+    spec: bool = False,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """An operation queued for this host, as its worker runs it: claimed (answers the operation: kind,
     target, params; None when it is finished or cancelled), progress, heartbeat, finished with a result
     (bounded), failed with a tenant-facing error and an operator-only detail; for a running
     `workload.move`, "moved": the host removed the workload, which now lands on the target the portal
-    chose when the move was asked (never a host the reporting host names)."""
+    chose when the move was asked (never a host the reporting host names).
+
+    A claim of an operation on a workload may carry the worker's next two requests (one round trip
+    instead of three on the create path): `report` ({expected, changes, never_started}) is the
+    workload's first conditional state change, applied as `report_workload_state` applies it (answered
+    as "reported": applied or not); `spec` asks for the workload's spec as it is after that report
+    ("workload": None when it is not, or no longer, placed on this host)."""
     import json
 
     from portal import operations
@@ -728,12 +742,21 @@ def report_operation(
         raise Invalid("Unknown operation event.", field="event")
     op = _operation_on(host, op_id)
     if event == "peek":  # what it is about, before the host takes the target's lock and claims it
-        return {"id": str(op.pk), "target_type": op.target_type, "target_id": str(op.target_id or "") or None}
+        return operations.peek_view(op)
     if event == "interrupted":
         return {"failed": _fail_interrupted(op, before, error)}
     if event == "claim":
+        if report is not None:  # checked before the claim: a refused report changes nothing
+            if not isinstance(report, dict):
+                raise Invalid("A report is an object.", field="report")
+            _checked_report(report.get("expected"), report.get("changes") or {})
         claimed = operations.claim(op.pk)
-        return _operation_view(claimed) if claimed is not None else None
+        if claimed is None:
+            return None
+        answer = _operation_view(claimed)
+        if (spec or report is not None) and claimed.target_type == "workload":
+            answer.update(_claimed_workload(actor, host, claimed, report, spec=bool(spec)))
+        return answer
     if event == "moved":
         return _land_moved(host, op)
     if event == "progress":
@@ -751,6 +774,30 @@ def report_operation(
     else:
         operations.fail(op.pk, str(error)[:4000], detail=str(detail)[:8000])
     return None
+
+
+def _claimed_workload(
+    actor: Actor, host: Host, op: Any, report: dict[str, Any] | None, *, spec: bool
+) -> dict[str, Any]:
+    """The report and spec a claim carries, for the claimed operation's own workload only (the host names
+    no workload here); one no longer on this host answers as the separate requests would (refused)."""
+    answer: dict[str, Any] = {}
+    try:
+        if report is not None:
+            reported = report_workload_state(
+                actor=actor,
+                host=host,
+                workload_id=op.target_id,
+                expected=report.get("expected"),  # type: ignore[arg-type]
+                changes=report.get("changes") or {},
+                never_started=bool(report.get("never_started")),
+            )
+            answer["reported"] = bool(reported["applied"])
+        if spec:
+            answer["workload"] = workload_spec_on(host, op.target_id)
+    except NotOnThisHost:
+        answer.update(reported=False, workload=None)
+    return answer
 
 
 def running_operations(host: Host) -> dict[str, Any]:

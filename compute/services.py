@@ -57,8 +57,10 @@ def usable_images(tenant: Tenant) -> Any:
     return Image.objects.filter(Q(tenant=tenant) | Q(tenant__isnull=True))
 
 
-def _validate(spec: WorkloadSpec, tenant: Tenant) -> None:
-    if not usable_images(tenant).filter(pk=spec.image.pk).exists():
+def _validate(spec: WorkloadSpec, tenant: Tenant) -> Image:
+    """Checked values; the image as the tenant may use it now (with its unpacking operation)."""
+    image = usable_images(tenant).select_related("operation").filter(pk=spec.image.pk).first()
+    if image is None:
         raise Invalid("No such image.", field="image")
     if spec.vcpus <= 0 or spec.vcpus > MAX_VCPUS:
         raise Invalid(f"vcpus must be more than 0 and at most {MAX_VCPUS}.", field="vcpus")
@@ -81,6 +83,7 @@ def _validate(spec: WorkloadSpec, tenant: Tenant) -> None:
         raise Invalid("workdir must be an absolute path.", field="workdir")
     if spec.privileged and spec.isolation != Isolation.NAMESPACE:
         raise Invalid("Only namespace containers can be privileged.", field="privileged")
+    return image
 
 
 def _validate_secret_env(spec: WorkloadSpec, tenant: Tenant) -> None:
@@ -143,10 +146,10 @@ def create_workload(
     from compute.host import tasks as host_tasks
     from volumes import services as volume_services  # volumes builds on compute
 
-    _validate(spec, tenant)
+    image = _validate(spec, tenant)
     # A pushed image is listed at once but runs only once its layers are unpacked: a clear 409 (with the
     # operation to follow) rather than a workload stuck waiting on a push that may yet be refused.
-    require_ready(Image.objects.select_related("operation").get(pk=spec.image.pk), "workload.create")
+    require_ready(image, "workload.create")
     if spec.privileged:
         _check_privileged_allowed(tenant)
     if Workload.objects.filter(tenant=tenant, name=spec.name).exists():

@@ -12,6 +12,7 @@ from django.db import connection, connections, models, router, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from compute.host.broker import OPERATION_HEADER
 from compute.host.periodic import PeriodicThread
 from portal import events
 from portal.errors import operator_detail
@@ -53,14 +54,29 @@ def start(
     return op
 
 
+def peek_view(op: Operation) -> dict[str, Any]:
+    """What an operation is about, before a worker claims it: its target and parameters."""
+    return {
+        "id": str(op.pk),
+        "target_type": op.target_type,
+        "target_id": str(op.target_id or "") or None,
+        "params": op.params,
+    }
+
+
 def send(task: Any, op_id: str, queue: str, *, op: Operation | None = None) -> None:
     """Queue an operation's task (after the commit that recorded it). A host's queue lives under its own
     key prefix (its broker user sees nothing else): every send to a queue goes through here."""
     from compute.broker_access import producer_for_queue
 
+    # What a host's worker would ask first (`peek`: the target it locks before claiming) travels with
+    # the message; the claim's answer stays what counts (compute.host.tasks checks they agree).
+    headers = {OPERATION_HEADER: peek_view(op)} if op is not None else None
     try:
         with producer_for_queue(queue) as producer:
-            task.apply_async(args=[op_id], task_id=op_id, queue=queue, retry=False, producer=producer)
+            task.apply_async(
+                args=[op_id], task_id=op_id, queue=queue, retry=False, producer=producer, headers=headers
+            )
     except Exception as exc:  # any broker failure: the row says why, the caller goes on
         fail(op_id, "Could not queue the task; try again.", detail=operator_detail(exc))
     else:

@@ -169,6 +169,8 @@ class HostOperationView(HostAPIView):
             error=str(body.get("error", "")),
             detail=str(body.get("detail", "")),
             before=str(body.get("before", "")),
+            spec=body.get("spec") is True,
+            report=body.get("report"),
         )
         return Response({"operation": answer})
 

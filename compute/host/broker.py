@@ -18,6 +18,9 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 HOST_QUEUE_PREFIX = "host."
+# A message header with what the operation is about (`portal.operations.peek_view`): the host's worker
+# locks its target before claiming without asking first; the claim's answer is checked against it.
+OPERATION_HEADER = "bulkhead_operation"
 _PREFIX_PATTERN = re.compile(r"^h\.[0-9a-f]{32}:$")
 
 

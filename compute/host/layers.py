@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
+
+from compute.host.config import LocalConfig
 from compute.host.context import HostContext, Progress
+from compute.host.link import HostApiClient
 from compute.host.spec import ImageLayerRef, WorkloadSpec
 from imaging.store import LayerSpec, LayerStore
+
+if TYPE_CHECKING:
+    import httpx
+
+# Blobs fetched at once (each over a kept-alive connection of the process's client).
+PARALLEL_FETCHES = 4
+# A fetch shorter than this shows no progress: a report would cost more than the wait it explains.
+PROGRESS_AFTER_SECONDS = 0.25
 
 
 class BlobUnavailable(RuntimeError):
@@ -16,15 +33,27 @@ def ensure_layers(ctx: HostContext, spec: WorkloadSpec, progress: Progress) -> l
     layer_store = ctx.store()
     missing = [layer for layer in spec.layers if not layer_store.has_layer(layer.diff_id)]
     if missing:
-        fetch_missing_blobs(ctx, layer_store, missing, progress)
-        progress(20, f"Unpacking {len(missing)} layer(s)")
-        layer_store.unpack_layers(
-            [
-                LayerSpec(blob_digest=layer.digest, media_type=layer.media_type, diff_id=layer.diff_id)
-                for layer in missing
-            ]
-        )
+        with progress_when_slow(progress, 10, f"Fetching and unpacking {len(missing)} layer(s)"):
+            fetch_missing_blobs(ctx, layer_store, missing, progress)
+            layer_store.unpack_layers(
+                [
+                    LayerSpec(blob_digest=layer.digest, media_type=layer.media_type, diff_id=layer.diff_id)
+                    for layer in missing
+                ]
+            )
     return [str(p) for p in reversed(layer_store.lower_dirs([layer.diff_id for layer in spec.layers]))]
+
+
+@contextmanager
+def progress_when_slow(progress: Progress, percent: float, message: str) -> Iterator[None]:
+    """Report `message` (forced) only if the block is still running after `PROGRESS_AFTER_SECONDS`."""
+    timer = threading.Timer(PROGRESS_AFTER_SECONDS, lambda: progress(percent, message, force=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def fetch_missing_blobs(
@@ -32,26 +61,57 @@ def fetch_missing_blobs(
 ) -> int:
     """Blobs this host's store lacks, fetched from the portal with the host's own credential and
     verified by digest while they stream in (a host on another machine has no share of the portal's
-    store). Without a portal configured (the portal's own machine) nothing is fetched."""
+    store); several at once over the process's kept-alive connections. Without a portal configured
+    (the portal's own machine) nothing is fetched."""
     local = ctx.local
     wanted = [layer for layer in layers if not layer_store.has_blob(layer.digest)]
     if not wanted or not local.remote:
         return 0
+    link = ctx.link
+    if isinstance(link, HostApiClient):
+        blob = link.blob  # the link's own client: its connections are warm, its TLS context made
+    else:
+        client = blob_client(local)
+
+        def blob(digest: str) -> AbstractContextManager[httpx.Response]:
+            return client.stream("GET", f"/api/v1/hosts/blobs/{digest}/")
+
+    def fetch(layer: ImageLayerRef) -> None:
+        with blob(layer.digest) as response:
+            if response.status_code != 200:
+                raise BlobUnavailable(
+                    f"The portal did not hand out the layer {layer.digest} ({response.status_code})."
+                )
+            layer_store.ingest_chunks(response.iter_bytes(1024 * 1024), digest=layer.digest, size=layer.size)
+
+    if len(wanted) == 1:
+        fetch(wanted[0])
+    else:
+        with ThreadPoolExecutor(max_workers=min(PARALLEL_FETCHES, len(wanted))) as pool:
+            for done in [pool.submit(fetch, layer) for layer in wanted]:
+                done.result()  # the first failure is the create's
+    return len(wanted)
+
+
+_blob_clients: dict[tuple[int, str, str], httpx.Client] = {}
+_blob_clients_lock = threading.Lock()
+
+
+def blob_client(local: LocalConfig) -> httpx.Client:
+    """The process's HTTP client for blobs (its connections kept alive between creates; a forked
+    worker child makes its own)."""
     import httpx
 
-    fetched = 0
-    with httpx.Client(
-        base_url=local.portal_url, headers={"Authorization": f"Bearer {local.credential}"}, timeout=60
-    ) as client:
-        for number, layer in enumerate(wanted, start=1):
-            progress(10, f"Fetching layer {number} of {len(wanted)} from the portal", force=True)
-            with client.stream("GET", f"/api/v1/hosts/blobs/{layer.digest}/") as response:
-                if response.status_code != 200:
-                    raise BlobUnavailable(
-                        f"The portal did not hand out the layer {layer.digest} ({response.status_code})."
-                    )
-                layer_store.ingest_chunks(
-                    response.iter_bytes(1024 * 1024), digest=layer.digest, size=layer.size
-                )
-            fetched += 1
-    return fetched
+    key = (os.getpid(), local.portal_url, local.credential)
+    with _blob_clients_lock:
+        client = _blob_clients.get(key)
+        if client is None:
+            client = _blob_clients[key] = httpx.Client(
+                base_url=local.portal_url,
+                headers={"Authorization": f"Bearer {local.credential}"},
+                timeout=60,
+                limits=httpx.Limits(
+                    max_connections=PARALLEL_FETCHES, max_keepalive_connections=PARALLEL_FETCHES
+                ),
+            )
+        return client

@@ -38,6 +38,21 @@ def report(
     return bool(answer.get("applied")), spec.seen(answer)
 
 
+# A start's first report: the workload is being created (from any state a start begins in, or from a
+# creation cut short: the caller holds the workload's lock, so a creation found half-done is taken over).
+CREATING_FROM = [*RESUMABLE_STATES, s.CREATING]
+CREATING_CHANGES: dict[str, Any] = {"state": s.CREATING, "status_message": ""}
+
+
+def creating_report(*, first_start: bool) -> dict[str, Any]:
+    """The `creating` report as a claim carries it (the portal applies it as `report` would)."""
+    return {"expected": list(CREATING_FROM), "changes": dict(CREATING_CHANGES), "never_started": first_start}
+
+
+def report_creating(ctx: HostContext, spec: WorkloadSpec, *, first_start: bool) -> tuple[bool, WorkloadSpec]:
+    return report(ctx, spec, CREATING_FROM, CREATING_CHANGES, never_started=first_start)
+
+
 def transition(ctx: HostContext, spec: WorkloadSpec, expected: list[str], **changes: Any) -> bool:
     return report(ctx, spec, expected, changes)[0]
 

@@ -18,6 +18,7 @@ from celery import Task, shared_task
 from compute.host import commit, network, reports
 from compute.host import spec as s
 from compute.host.agent import spec_of
+from compute.host.broker import OPERATION_HEADER
 from compute.host.context import HostContext, host_context
 from compute.host.drivers import driver_for
 from compute.host.link import RemoteHeartbeat, RemoteProgress
@@ -38,6 +39,11 @@ class ClaimedOperation:
     target_type: str
     target_id: str
     params: dict[str, Any]
+    # What the claim carried back for a workload operation (`WorkloadTask.claim_fields`): whether its
+    # `creating` report applied, and the workload's spec after it (None: not, or no longer, on this host).
+    reported: bool = False
+    workload: dict[str, Any] | None = None
+    has_workload: bool = False
 
     @property
     def pk(self) -> str:
@@ -68,7 +74,7 @@ class HostOperationTask(Task):  # type: ignore[misc]
         ctx = host_context(self.host_id())
         with self.held_while_running(ctx, op_id):
             link = ctx.link
-            claimed = link.operation(op_id, "claim")
+            claimed = link.operation(op_id, "claim", **self.claim_fields())
             if claimed is None:
                 return None  # finished or cancelled: nothing to do
             self.operation = ClaimedOperation(
@@ -77,10 +83,14 @@ class HostOperationTask(Task):  # type: ignore[misc]
                 target_type=str(claimed.get("target_type") or ""),
                 target_id=str(claimed.get("target_id") or ""),
                 params=dict(claimed.get("params") or {}),
+                reported=bool(claimed.get("reported")),
+                workload=claimed.get("workload"),
+                has_workload="workload" in claimed,
             )
             self.progress = RemoteProgress(link, op_id)
             failpoint("operation.claimed")
             try:
+                self.check_claim(self.operation)
                 with RemoteHeartbeat(link, op_id, ctx.local.operation_heartbeat_seconds):
                     result = super().__call__(op_id, *args, **kwargs)
             except Exception as exc:
@@ -93,6 +103,14 @@ class HostOperationTask(Task):  # type: ignore[misc]
         """What the task holds from before its claim until its operation is finished. Nothing here."""
         return nullcontext()
 
+    def claim_fields(self) -> dict[str, Any]:
+        """What the claim asks besides the operation (see `report_operation`). Nothing here."""
+        return {}
+
+    def check_claim(self, claimed: ClaimedOperation) -> None:
+        """Refuse to run an operation that is not what the task prepared for. Nothing to check here."""
+        return None
+
 
 class WorkloadTask(HostOperationTask):
     """An operation on one workload, run under the workload's lock on this host from before its claim
@@ -101,16 +119,38 @@ class WorkloadTask(HostOperationTask):
     its finish."""
 
     abstract = True
+    peeked: dict[str, Any] = {}  # replaced (never mutated) by each run
 
     @contextmanager
     def held_while_running(self, ctx: HostContext, op_id: str) -> Iterator[None]:
-        peeked = ctx.link.operation(op_id, "peek") or {}
+        self.peeked = peeked = self.sent_peek(op_id) or ctx.link.operation(op_id, "peek") or {}
         target = peeked.get("target_id") if peeked.get("target_type") == "workload" else None
         if not target:
             yield
             return
         with workload_lock(ctx, target):
             yield
+
+    def sent_peek(self, op_id: str) -> dict[str, Any] | None:
+        """What the portal said the operation is about when it queued it (the message's header), if it
+        did: one request less before the claim (`check_claim` holds it to the claim's answer)."""
+        sent = getattr(self.request, OPERATION_HEADER, None)
+        if isinstance(sent, dict) and str(sent.get("id")) == str(op_id):
+            return dict(sent)
+        return None
+
+    def check_claim(self, claimed: ClaimedOperation) -> None:
+        peeked_target = self.peeked.get("target_id") if self.peeked.get("target_type") == "workload" else None
+        claimed_target = claimed.target_id if claimed.target_type == "workload" else None
+        if (peeked_target or None) != (claimed_target or None) or (
+            self.peeked.get("params") is not None and dict(self.peeked["params"]) != claimed.params
+        ):
+            # Only a forged message can say so: the lock held is not the target's. Nothing was run.
+            raise RuntimeError("the operation's message does not match the operation")
+
+    def claim_fields(self) -> dict[str, Any]:
+        # The spec comes with the claim (read after it, under the workload's lock, as a separate read was).
+        return {"spec": True}
 
     def context(self) -> HostContext:
         return host_context(self.host_id())
@@ -120,12 +160,28 @@ class WorkloadTask(HostOperationTask):
         return self.operation
 
     def workload(self) -> WorkloadSpec | None:
-        """The workload's spec, read now that the task holds its lock. None when it is gone."""
-        return spec_of(self.context(), self.claimed().target_id)
+        """The workload's spec, read under the task's lock (with the claim). None when it is gone."""
+        claimed = self.claimed()
+        if claimed.has_workload:
+            return WorkloadSpec.parse(claimed.workload) if claimed.workload is not None else None
+        return spec_of(self.context(), claimed.target_id)
 
 
-@shared_task(base=WorkloadTask, bind=True, name="compute.create_workload")
-def create_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
+class CreateWorkloadTask(WorkloadTask):
+    """A create's claim carries the workload's `creating` report too (when it is to start): one request
+    claims the operation, marks the workload being created and brings its spec."""
+
+    abstract = True
+
+    def claim_fields(self) -> dict[str, Any]:
+        fields = super().claim_fields()
+        if dict(self.peeked.get("params") or {}).get("start", True):
+            fields["report"] = reports.creating_report(first_start=True)
+        return fields
+
+
+@shared_task(base=CreateWorkloadTask, bind=True, name="compute.create_workload")
+def create_workload(self: CreateWorkloadTask, op_id: str) -> dict[str, Any]:
     spec = self.workload()
     if spec is None:
         return {"skipped": "workload deleted"}
@@ -133,7 +189,11 @@ def create_workload(self: WorkloadTask, op_id: str) -> dict[str, Any]:
     if not self.claimed().params.get("start", True):
         reports.transition(ctx, spec, [s.PENDING], state=s.STOPPED)
         return {"state": s.STOPPED}
-    return {"state": driver_for(spec.isolation).ensure_running(ctx, spec, self.progress, first_start=True)}
+    driver = driver_for(spec.isolation)
+    state = driver.ensure_running(
+        ctx, spec, self.progress, first_start=True, creating_reported=self.claimed().reported
+    )
+    return {"state": state}
 
 
 @shared_task(base=WorkloadTask, bind=True, name="compute.start_workload")

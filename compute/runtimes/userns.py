@@ -163,6 +163,12 @@ class IdRangeAllocator:
             os.close(os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             return self.mapping_for_slot(free)
 
+    def next_free(self) -> IdMapping | None:
+        """The range the next `allocate` of a new container would hand out (None: the pool is full)."""
+        used = {slot for slot, _owner in self._allocations()}
+        free = next((candidate for candidate in range(self.slots) if candidate not in used), None)
+        return None if free is None else self.mapping_for_slot(free)
+
     def release(self, container_id: str) -> None:
         """Forget the container's range (idempotent)."""
         with self._locked():
@@ -258,6 +264,12 @@ def user_namespace_fd(mapping: IdMapping) -> Iterator[int]:
         yield namespace_fd
     finally:
         os.close(namespace_fd)
+
+
+def prepare_user_namespace(mapping: IdMapping) -> None:
+    """Make (and keep) the namespace of `mapping` ahead of the create that will need it."""
+    with user_namespace_fd(mapping):
+        pass
 
 
 NAMESPACE_CACHE_SIZE = 256

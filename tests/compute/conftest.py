@@ -61,6 +61,7 @@ def cleanup_host(h: Host) -> None:
     runtime = oci_runtime(h)
     for runtime_id in runtime.list_ids():
         runtime.delete(runtime_id)
+    runtime.drop_spare_disks()
 
 
 def create(world: World, persona: str, **body: Any) -> Any:

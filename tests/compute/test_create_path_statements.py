@@ -108,3 +108,19 @@ def test_it_shares_one_redis_connection_between_the_cache_objects_of_requests() 
         cache.get("absent")
         kept.append(cache)
     assert connections_received() - before == 0
+
+
+def test_it_reads_the_image_once_to_create_a_workload(world: World) -> None:
+    facts = {"cpus": 4, "memory_mib": 8192, "disk_gib": 100, "oci_runtimes": ["runc"]}
+    host = hosts.register_host(actor=Actor.system("test"), name="bht-stmt-image", facts=facts)
+    image = db_image(world.acme, "img-once")
+    with CaptureQueriesContext(connection) as queries:
+        services.create_workload(
+            actor=Actor(user=world.user("oscar")),
+            tenant=world.acme,
+            spec=services.WorkloadSpec(name="image-once", image=image, host=host),
+            compartments=[],
+        )
+    reads = [q["sql"] for q in queries if q["sql"].startswith("SELECT")]
+    image_reads = [sql for sql in reads if 'FROM "imaging_image"' in sql]
+    assert len(image_reads) == 1, image_reads

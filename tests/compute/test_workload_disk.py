@@ -7,8 +7,10 @@ Played as the tenant would: a process in the container writes until the disk is 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
+from compute.runtimes import oci
 from compute.runtimes.oci import MIB, OciRuntime
 from tests.compute.test_oci_runtime import (  # noqa: F401  (fixtures)
     image_layers,
@@ -114,3 +116,89 @@ def test_it_cleans_a_disk_a_killed_agent_left_mounted(runtime: OciRuntime, image
 
     assert not bundle.exists()
     assert not any(path.startswith(str(bundle)) for path in _loop_backing_files())
+
+
+def test_it_takes_a_disk_formatted_ahead_and_the_disk_still_holds_the_container_to_its_size(
+    runtime: OciRuntime, image_layers, new_id
+):
+    assert runtime.prepare_spare_disk(DISK_BYTES) is True
+    assert runtime.prepare_spare_disk(DISK_BYTES) is False  # one is ready: nothing more is made
+    spare = runtime.spare_disk_path(DISK_BYTES)
+    assert [p.name for p in spare.parent.iterdir()] == [spare.name]
+    spec = spec_for(new_id(), image_layers, "sh", "-c", FILL_SCRIPT, disk_bytes=DISK_BYTES)
+
+    exit_code, output = run_to_exit(runtime, spec, timeout=30)
+
+    assert not spare.exists()  # taken by this create
+    fields = _fields(output)
+    assert exit_code == 0, output
+    assert fields["dd"] != "0" and int(fields["size"]) < DISK_BYTES
+
+
+def test_it_leaves_one_whole_spare_when_two_processes_make_it_at_once(runtime: OciRuntime, tmp_path: Path):
+    spare = runtime.spare_disk_path(DISK_BYTES)
+    spare.parent.mkdir(mode=0o700, exist_ok=True)
+    made: list[bool] = []
+    makers = [
+        threading.Thread(target=lambda: made.append(oci._make_disk_image_unnamed(spare, DISK_BYTES)))
+        for _ in range(2)
+    ]
+    for maker in makers:
+        maker.start()
+    for maker in makers:
+        maker.join()
+
+    assert sorted(made) == [False, True]
+    assert [p.name for p in spare.parent.iterdir()] == [spare.name]  # nothing half-made beside it
+    target = tmp_path / "mnt"
+    target.mkdir()
+    oci._mount_disk_image(spare, target)  # a whole ext4 filesystem
+    try:
+        assert (target / "lost+found").is_dir()
+    finally:
+        oci._unmount(target)
+
+
+def test_it_mounts_a_disk_by_the_kernels_loop_calls_without_devices_and_clears_the_device_after(
+    runtime: OciRuntime, tmp_path: Path
+):
+    image = tmp_path / "disk.img"
+    oci._make_disk_image(image, DISK_BYTES)
+    target = tmp_path / "mnt"
+    target.mkdir()
+
+    oci._loop_mount(image, target)
+    try:
+        with open("/proc/self/mountinfo") as mountinfo:
+            line = next(line for line in mountinfo if line.split(" ")[4] == str(target))
+        options = set(line.split(" ")[5].split(","))
+        assert {"nodev", "nosuid", "noatime"} <= options, line
+        assert line.split(" - ")[1].startswith("ext4 /dev/loop"), line
+        device = line.split(" - ")[1].split(" ")[1].removeprefix("/dev/")
+        assert Path(f"/sys/block/{device}/loop/autoclear").read_text().strip() == "1"
+        assert str(image) in _loop_backing_files()
+    finally:
+        oci._unmount(target)
+
+    assert str(image) not in _loop_backing_files()  # cleared with its last user
+
+
+def test_it_formats_a_disk_without_writing_its_journal_out_on_the_host(tmp_path: Path):
+    """A fresh sparse image reads as zeros where unwritten: a 1 GiB disk takes well under a MiB of the
+    host's space until the container writes (its zeroed journal took 33 MiB)."""
+    image = tmp_path / "disk.img"
+    oci._make_disk_image(image, 1024 * MIB)
+    assert image.stat().st_blocks * 512 < 4 * MIB
+    target = tmp_path / "mnt"
+    target.mkdir()
+    oci._mount_disk_image(image, target)
+    try:
+        (target / "note").write_text("kept\n")
+        os.sync()
+    finally:
+        oci._unmount(target)
+    oci._mount_disk_image(image, target)
+    try:
+        assert (target / "note").read_text() == "kept\n"
+    finally:
+        oci._unmount(target)

@@ -296,3 +296,70 @@ def test_it_answers_401_without_a_current_credential(two_hosts: dict[str, Any]) 
     rotated = hosts.issue_host_credential(actor=Actor.system("test"), host=two_hosts["a"])
     assert as_host(two_hosts["secret_a"]).post(f"{BASE}/workloads/{on_a.pk}/state/").status_code == 401
     assert as_host(rotated).post(f"{BASE}/heartbeat/").status_code == 200
+
+
+CREATING = {
+    "expected": ["pending", "stopped", "failed", "unknown", "creating"],
+    "changes": {"state": "creating", "status_message": ""},
+    "never_started": True,
+}
+
+
+def test_it_claims_a_hosts_creation_with_its_creating_report_and_spec_in_one_request(
+    two_hosts: dict[str, Any],
+) -> None:
+    on_a = two_hosts["on_a"]
+    op = Operation.objects.get(target_id=on_a.pk, kind="workload.create")
+    answer = as_host(two_hosts["secret_a"]).post(
+        f"{BASE}/operations/{op.pk}/", {"event": "claim", "spec": True, "report": CREATING}, format="json"
+    )
+    assert answer.status_code == 200, answer.json()
+    claimed = answer.json()["operation"]
+    assert claimed["reported"] is True
+    assert claimed["workload"]["id"] == str(on_a.pk) and claimed["workload"]["state"] == "creating"
+    op.refresh_from_db()
+    on_a.refresh_from_db()
+    assert (op.state, on_a.state) == ("running", "creating")
+
+
+def test_it_refuses_a_claim_whose_report_is_not_one_and_claims_nothing(two_hosts: dict[str, Any]) -> None:
+    """A report that the state endpoint refuses is refused with the claim, before anything changes: the
+    operation stays queued for a worker that asks properly."""
+    on_a = two_hosts["on_a"]
+    op = Operation.objects.get(target_id=on_a.pk, kind="workload.create")
+    client = as_host(two_hosts["secret_a"])
+    for report in (
+        {"expected": ["pending"], "changes": {"state": "deleting"}},  # not a state a host may set
+        {"expected": ["pending"], "changes": {"host": str(two_hosts["b"].pk)}},  # not a host's to change
+        {"expected": "pending", "changes": {"state": "creating"}},
+        ["creating"],
+    ):
+        body = {"event": "claim", "spec": True, "report": report}
+        assert client.post(f"{BASE}/operations/{op.pk}/", body, format="json").status_code == 400, report
+    op.refresh_from_db()
+    on_a.refresh_from_db()
+    assert (op.state, on_a.state, on_a.host) == ("queued", "pending", two_hosts["a"])
+
+
+def test_it_never_lets_a_claim_report_on_or_read_another_hosts_workload(two_hosts: dict[str, Any]) -> None:
+    """Host A's claim carries a report and asks the spec: of B's operation, refused like a missing one;
+    of its own operation whose workload the portal moved to B since, the report applies to nothing and no
+    spec comes back (B's workload is untouched)."""
+    a, on_a, on_b = two_hosts["a"], two_hosts["on_a"], two_hosts["on_b"]
+    client = as_host(two_hosts["secret_a"])
+    body = {"event": "claim", "spec": True, "report": CREATING}
+    op_b = Operation.objects.get(target_id=on_b.pk, kind="workload.create")
+    assert client.post(f"{BASE}/operations/{op_b.pk}/", body, format="json").status_code == 404
+    op_a = Operation.objects.get(target_id=on_a.pk, kind="workload.create")
+    Workload.objects.filter(pk=on_a.pk).update(host=two_hosts["b"])  # moved while its create was queued
+    answer = client.post(f"{BASE}/operations/{op_a.pk}/", body, format="json")
+    assert answer.status_code == 200, answer.json()
+    assert answer.json()["operation"]["reported"] is False
+    assert answer.json()["operation"]["workload"] is None
+    for workload in (on_a, on_b):
+        workload.refresh_from_db()
+        assert workload.state == "pending", workload.name
+    op_b.refresh_from_db()
+    assert op_b.state == "queued"
+    assert len(denied("host.operation.report", a)) == 1
+    assert len(denied("host.workload.report", a)) == 1

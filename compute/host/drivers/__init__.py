@@ -17,9 +17,16 @@ class Driver(Protocol):
     isolation: str
 
     def ensure_running(
-        self, ctx: HostContext, spec: WorkloadSpec, progress: Progress, *, first_start: bool = False
+        self,
+        ctx: HostContext,
+        spec: WorkloadSpec,
+        progress: Progress,
+        *,
+        first_start: bool = False,
+        creating_reported: bool = False,
     ) -> str:
-        """Create (if needed) and start the workload; the resulting state."""
+        """Create (if needed) and start the workload; the resulting state. `creating_reported`: the
+        operation's claim carried the `creating` report and it applied (the driver does not send it)."""
         ...
 
     def stop(self, ctx: HostContext, spec: WorkloadSpec, grace_seconds: float) -> None: ...

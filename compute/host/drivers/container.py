@@ -87,10 +87,17 @@ class ContainerDriver:
         self._examined: dict[str, datetime | None] = {}
 
     def ensure_running(
-        self, ctx: HostContext, spec: WorkloadSpec, progress: Progress, *, first_start: bool = False
+        self,
+        ctx: HostContext,
+        spec: WorkloadSpec,
+        progress: Progress,
+        *,
+        first_start: bool = False,
+        creating_reported: bool = False,
     ) -> str:
         """`first_start` (a create operation): only a workload that never ran is started. One that ran
-        and ended meanwhile is left as it is: running it again is its restart policy's call."""
+        and ended meanwhile is left as it is: running it again is its restart policy's call.
+        `creating_reported`: the operation's claim carried the `creating` report and it applied."""
         runtime = oci_runtime(ctx)
         state = runtime.state(spec.runtime_id)
         if state.status == "running":
@@ -100,16 +107,11 @@ class ContainerDriver:
             return s.RUNNING
         # `creating` too: every caller holds the workload's lock, so a creation found half-done was cut
         # short (its process died: killed, or lost to a signal) and is taken over, never reported done.
-        claimed, seen = reports.report(
-            ctx,
-            spec,
-            [*reports.RESUMABLE_STATES, s.CREATING],
-            {"state": s.CREATING, "status_message": ""},
-            never_started=first_start,
-        )
-        if not claimed:
-            # Ran and ended meanwhile (first_start), or is being stopped or deleted: not ours to start.
-            return seen.state
+        if not creating_reported:
+            claimed, seen = reports.report_creating(ctx, spec, first_start=first_start)
+            if not claimed:
+                # Ran and ended meanwhile (first_start), or is being stopped or deleted: not ours to start.
+                return seen.state
         failpoint("create.claimed")
         # Progress only around slow steps: with the layers on the host a start takes less than the
         # progress interval, and a report would be one more write and event for nothing.
@@ -148,6 +150,10 @@ class ContainerDriver:
             finished_at=None,
             exit_code=None,
         )
+        try:  # once it runs (and is reported): what the next create will need, made off its path
+            runtime.prepare_next_create(spec.limits.disk_gib * 1024**3, user_namespace=not spec.privileged)
+        except Exception:
+            log.warning("preparing the next create failed (it will make its own)", exc_info=True)
         return s.RUNNING
 
     def stop(self, ctx: HostContext, spec: WorkloadSpec, grace_seconds: float) -> None:

@@ -126,7 +126,13 @@ class MicroVmDriver:
         self._examined: dict[uuid.UUID, tuple[str, str]] = {}
 
     def ensure_running(
-        self, ctx: HostContext, spec: WorkloadSpec, progress: Progress, *, first_start: bool = False
+        self,
+        ctx: HostContext,
+        spec: WorkloadSpec,
+        progress: Progress,
+        *,
+        first_start: bool = False,
+        creating_reported: bool = False,
     ) -> str:
         runtime = vm_runtime(ctx)
         try:
@@ -138,11 +144,11 @@ class MicroVmDriver:
             reports.transition(ctx, spec, [s.PENDING, s.CREATING, s.UNKNOWN], state=s.RUNNING)
             return s.RUNNING
         # `creating` too: the caller holds the workload's lock, so a creation found half-done was cut short.
-        claimed, seen = reports.report(
-            ctx, spec, [*reports.RESUMABLE_STATES, s.CREATING], {"state": s.CREATING, "status_message": ""}
-        )
-        if not claimed:
-            return seen.state
+        # (A VM that ran and ended is started again: a claim's report, `never_started`, did not apply.)
+        if not creating_reported:
+            claimed, seen = reports.report_creating(ctx, spec, first_start=False)
+            if not claimed:
+                return seen.state
         progress(10, "Preparing the image")
         try:
             # A VM that ran before is defined again over the same writable disk: its changes stay.

@@ -1,0 +1,58 @@
+"""A host's worker locks an operation's target before claiming it, from what the portal's message says
+(`OPERATION_HEADER`); the claim's answer is what counts: a message that names another target or other
+parameters than the claimed operation's (only a forged one can) runs nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from compute.host.broker import OPERATION_HEADER
+from compute.host.tasks import ClaimedOperation, create_workload
+
+OP = "0d6e2a36-55f1-4a57-9d0c-8c1f6f4a0a11"
+MINE = "5b0f1c52-9d6a-4f0b-8f43-3f7d7b1f2c01"
+OTHER = "9a1e2f3c-1111-4c2b-9a57-2d7c3b4e5f60"
+
+
+@pytest.fixture
+def task() -> Iterator[Any]:
+    yield create_workload
+    create_workload.peeked = {}
+
+
+def claimed(target: str, **params: Any) -> ClaimedOperation:
+    params = params or {"start": True}
+    return ClaimedOperation(
+        id=OP, kind="workload.create", target_type="workload", target_id=target, params=params
+    )
+
+
+def sent(task: Any, header: Any) -> dict[str, Any] | None:
+    task.push_request(**{OPERATION_HEADER: header})
+    try:
+        return task.sent_peek(OP)  # type: ignore[no-any-return]
+    finally:
+        task.pop_request()
+
+
+def test_it_takes_what_the_message_says_about_its_own_operation_only(task: Any) -> None:
+    header = {"id": OP, "target_type": "workload", "target_id": MINE, "params": {"start": True}}
+    assert sent(task, header) == header
+    assert sent(task, {**header, "id": OTHER}) is None  # about another operation: asked instead
+    assert sent(task, "workload:" + MINE) is None
+
+
+def test_it_runs_nothing_when_the_claim_names_another_workload_than_the_message(task: Any) -> None:
+    task.peeked = {"id": OP, "target_type": "workload", "target_id": MINE, "params": {"start": True}}
+    task.check_claim(claimed(MINE))  # they agree: it runs
+    with pytest.raises(RuntimeError):
+        task.check_claim(claimed(OTHER))
+
+
+def test_it_runs_nothing_when_the_claim_has_other_parameters_than_the_message(task: Any) -> None:
+    task.peeked = {"id": OP, "target_type": "workload", "target_id": MINE, "params": {"start": True}}
+    with pytest.raises(RuntimeError):
+        task.check_claim(claimed(MINE, start=False))
