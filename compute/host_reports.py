@@ -24,6 +24,7 @@ from django.utils import timezone
 from backups.in_process_link import InProcessVolumeCalls
 from compute.choices import WorkloadState
 from compute.models import Host, Workload
+from imaging.models import repository_name
 from portal import events
 from portal.errors import Conflict, Explained, Invalid, NotPermitted, ServiceError
 from tenants import audit
@@ -356,7 +357,7 @@ def _is_uuid(value: Any) -> bool:
 def desired_set(host: Host) -> list[dict[str, Any]]:
     """Every workload placed on `host`, each as the complete spec its agent runs (`workload_spec`)."""
     workloads = (
-        Workload.objects.select_related("host", "image", "tenant")
+        Workload.objects.select_related("host", "image__tenant", "tenant")
         .prefetch_related(
             "image__image_layers__layer", "ip_allocations__compartment", "volume_attachments__volume"
         )
@@ -369,7 +370,7 @@ def desired_set(host: Host) -> list[dict[str, Any]]:
 def workload_spec_on(host: Host, workload_id: Any) -> dict[str, Any]:
     """One workload's spec, only if it is placed on `host` (refused and audited otherwise)."""
     workload = (
-        Workload.objects.select_related("host", "image", "tenant")
+        Workload.objects.select_related("host", "image__tenant", "tenant")
         .prefetch_related(
             "image__image_layers__layer", "ip_allocations__compartment", "volume_attachments__volume"
         )
@@ -472,6 +473,8 @@ def workload_spec(workload: Workload) -> dict[str, Any]:
         "started": workload.started_at is not None,
         "image": {
             "id": str(image.pk),
+            # Where the host fetches the layers it lacks: the registry's `/v2/<repository>/blobs/…`.
+            "repository": repository_name(image),
             "config_digest": image.config_digest,
             "layers": [
                 {

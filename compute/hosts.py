@@ -322,19 +322,6 @@ def host_for_credential(secret: str) -> Host | None:
     return credential.host if credential is not None else None
 
 
-def blob_placed_on(host: Host, digest: str) -> bool:
-    """Whether a workload placed on the host uses an image with this blob (layer, config or manifest):
-    the only blobs a host may fetch from the portal."""
-    from imaging.models import Image
-
-    images = Image.objects.filter(workloads__host=host)
-    return (
-        images.filter(image_layers__layer__digest=digest).exists()
-        or images.filter(config_digest=digest).exists()
-        or images.filter(manifest_digest=digest).exists()
-    )
-
-
 def hash_join_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 

@@ -245,10 +245,14 @@ class RegistryUpload(models.Model):
         return f"upload {self.id} to {self.repository}"
 
 
-def pull_reference(image: Image, registry_host: str) -> str:
-    """Where OCI clients pull an image from the built-in registry: `<host>/<tenant>/<name>:<tag>`
-    (`library/` for public images)."""
+def repository_name(image: Image) -> str:
+    """The image's repository in the built-in registry: `<tenant>/<name>` (`library/` for public images)."""
     from imaging.distribution.access import PUBLIC_NAMESPACE
 
     namespace = image.tenant.name if image.tenant is not None else PUBLIC_NAMESPACE
-    return f"{registry_host}/{namespace}/{image.name}:{image.tag}"
+    return f"{namespace}/{image.name}"
+
+
+def pull_reference(image: Image, registry_host: str) -> str:
+    """Where OCI clients pull an image from the built-in registry: `<host>/<tenant>/<name>:<tag>`."""
+    return f"{registry_host}/{repository_name(image)}:{image.tag}"

@@ -17,7 +17,6 @@ router.register("egress-allowances", network_views.EgressAllowanceViewSet, basen
 
 urlpatterns = [
     path("hosts/join/", views.JoinView.as_view(), name="host-join"),
-    path("hosts/blobs/<str:pk>/", views.HostBlobView.as_view(), name="host-blob"),
     # The host API: a host's agent with its own credential, acting on itself only.
     path("hosts/self/", host_views.HostSelfView.as_view(), name="host-self"),
     path("hosts/self/network/", host_views.HostNetworkView.as_view(), name="host-self-network"),

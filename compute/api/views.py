@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from django.db.models import Count, QuerySet, Sum
-from django.http import FileResponse
-from django.http.response import HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotAuthenticated, NotFound, PermissionDenied
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -21,17 +18,12 @@ from compute import broker_access, host_rpc, hosts, services
 from compute.api import serializers as s
 from compute.host.broker import key_prefix
 from compute.models import Host, Workload
-from imaging import services as imaging_services
 from imaging.models import Image
 from portal.api.viewsets import PermissionLayerViewSet, ReadOnlyPermissionLayerViewSet
 from portal.errors import Conflict, Invalid
-from tenants import audit
-from tenants.actors import Actor
 from tenants.api.serializers import OperationSerializer
 from tenants.api.views import UUID_LOOKUP, require_operator
 from tenants.models import Tenant
-
-DIGEST_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def accepted(op: Any) -> Response:
@@ -324,42 +316,3 @@ class JoinView(APIView):
             },
             status=status.HTTP_201_CREATED,
         )
-
-
-HOST_BLOB_BLOCK_BYTES = 1024 * 1024
-
-
-class HostBlobView(APIView):
-    """`GET /api/v1/hosts/blobs/<digest>/` for a host's agent, authenticated by the host's own credential
-    (`Authorization: Bearer bhh_…`): a blob of an image that a workload placed on this host uses, and
-    nothing else (another host's or nobody's blob answers 404 like a missing one, audited as denied)."""
-
-    authentication_classes: list[Any] = []
-    permission_classes = [AllowAny]
-
-    def get_authenticate_header(self, request: Request) -> str:
-        return 'Bearer realm="bulkhead-hosts"'  # a 401, not a 403, for a missing or wrong credential
-
-    @extend_schema(exclude=True)
-    def get(self, request: Request, pk: str) -> HttpResponseBase:
-        digest = pk
-        from tenants.authentication import check_auth_throttle, note_auth_failure
-
-        check_auth_throttle(request)
-        scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
-        host = hosts.host_for_credential(secret.strip()) if scheme.lower() == "bearer" else None
-        if host is None:
-            note_auth_failure(request, "bad host credential")
-            raise NotAuthenticated("A host credential is needed.")
-        store = imaging_services.get_store()
-        placed = DIGEST_PATTERN.match(digest) and hosts.blob_placed_on(host, digest)
-        if not (placed and store.has_blob(digest)):
-            audit.record_denied(
-                Actor.system(f"host {host.name}"), "host.blob.fetch", digest=digest[:80], host=host.name
-            )
-            raise NotFound("No such blob for this host.")
-        blob = open(store.blob_path(digest), "rb")  # noqa: SIM115 - the response closes it when sent
-        response = FileResponse(blob, content_type="application/octet-stream")
-        # Read and sent in large pieces: at Django's 4 KiB a 1 MiB layer was 256 messages to the server.
-        response.block_size = HOST_BLOB_BLOCK_BYTES
-        return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ def ensure_layers(ctx: HostContext, spec: WorkloadSpec, progress: Progress) -> l
     missing = [layer for layer in spec.layers if not layer_store.has_layer(layer.diff_id)]
     if missing:
         with progress_when_slow(progress, 10, f"Fetching and unpacking {len(missing)} layer(s)"):
-            fetch_missing_blobs(ctx, layer_store, missing, progress)
+            fetch_missing_blobs(ctx, layer_store, spec.image_repository, missing, progress)
             layer_store.unpack_layers(
                 [
                     LayerSpec(blob_digest=layer.digest, media_type=layer.media_type, diff_id=layer.diff_id)
@@ -57,27 +58,33 @@ def progress_when_slow(progress: Progress, percent: float, message: str) -> Iter
 
 
 def fetch_missing_blobs(
-    ctx: HostContext, layer_store: LayerStore, layers: list[ImageLayerRef], progress: Progress
+    ctx: HostContext,
+    layer_store: LayerStore,
+    repository: str,
+    layers: list[ImageLayerRef],
+    progress: Progress,
 ) -> int:
-    """Blobs this host's store lacks, fetched from the portal with the host's own credential and
-    verified by digest while they stream in (a host on another machine has no share of the portal's
-    store); several at once over the process's kept-alive connections. Without a portal configured
-    (the portal's own machine) nothing is fetched."""
+    """Blobs this host's store lacks, fetched from the portal's registry (`/v2/<repository>/blobs/…`)
+    with the host's own credential and verified by digest while they stream in (a host on another
+    machine has no share of the portal's store); several at once over the process's kept-alive
+    connections. Without a portal configured (the portal's own machine) nothing is fetched."""
     local = ctx.local
     wanted = [layer for layer in layers if not layer_store.has_blob(layer.digest)]
     if not wanted or not local.remote:
         return 0
+    if not REPOSITORY_RE.match(repository):
+        raise BlobUnavailable("The portal named no registry repository for the image's layers.")
     link = ctx.link
     if isinstance(link, HostApiClient):
         blob = link.blob  # the link's own client: its connections are warm, its TLS context made
     else:
         client = blob_client(local)
 
-        def blob(digest: str) -> AbstractContextManager[httpx.Response]:
-            return client.stream("GET", f"/api/v1/hosts/blobs/{digest}/")
+        def blob(repository: str, digest: str) -> AbstractContextManager[httpx.Response]:
+            return client.stream("GET", blob_path(repository, digest))
 
     def fetch(layer: ImageLayerRef) -> None:
-        with blob(layer.digest) as response:
+        with blob(repository, layer.digest) as response:
             if response.status_code != 200:
                 raise BlobUnavailable(
                     f"The portal did not hand out the layer {layer.digest} ({response.status_code})."
@@ -91,6 +98,15 @@ def fetch_missing_blobs(
             for done in [pool.submit(fetch, layer) for layer in wanted]:
                 done.result()  # the first failure is the create's
     return len(wanted)
+
+
+# `<tenant>/<name>` as the registry names repositories: never a path of the host's choosing.
+_PART = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+REPOSITORY_RE = re.compile(rf"^{_PART}(?:/{_PART})+$")
+
+
+def blob_path(repository: str, digest: str) -> str:
+    return f"/v2/{repository}/blobs/{digest}"
 
 
 _blob_clients: dict[tuple[int, str, str], httpx.Client] = {}

@@ -129,10 +129,11 @@ class HostApiClient(HostApiVolumeCalls):
     def close(self) -> None:
         self._client.close()
 
-    def blob(self, digest: str) -> AbstractContextManager[httpx.Response]:
-        """`GET /api/v1/hosts/blobs/<digest>/`, streamed over this client's kept-alive connections (one
-        client per process: its TLS context is made once, ~30-60 ms)."""
-        return self._client.stream("GET", f"{self._portal_root}/api/v1/hosts/blobs/{digest}/")
+    def blob(self, repository: str, digest: str) -> AbstractContextManager[httpx.Response]:
+        """`GET /v2/<repository>/blobs/<digest>` (the registry, with this host's credential), streamed
+        over this client's kept-alive connections (one client per process: its TLS context is made
+        once, ~30-60 ms)."""
+        return self._client.stream("GET", f"{self._portal_root}/v2/{repository}/blobs/{digest}")
 
     def _call(
         self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None

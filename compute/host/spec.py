@@ -199,6 +199,8 @@ class WorkloadSpec:
     network: NetworkAttachment | None
     volumes: tuple[VolumeMount, ...] = ()
     status_message: str = ""
+    # The image's repository in the portal's registry, where a host fetches the blobs it lacks.
+    image_repository: str = ""
 
     @property
     def pk(self) -> uuid.UUID:  # the name portal-side callers of the host's read helpers use
@@ -233,6 +235,7 @@ class WorkloadSpec:
             network=NetworkAttachment.parse(network) if network is not None else None,
             volumes=_list_of(data.get("volumes") or [], "volumes", VolumeMount.parse),
             status_message=_get(data, "status_message", str, optional=True) or "",
+            image_repository=_get(image, "repository", str, optional=True) or "",
         )
 
     def seen(self, answer: Mapping[str, Any]) -> WorkloadSpec:

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def fetch(portal: str, secret: str, digest: str) -> httpx.Response:
+    """A blob of acme/busybox from the registry, as a host asks for it (its credential as a bearer)."""
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    return httpx.get(f"http://{portal}/api/v1/hosts/blobs/{digest}/", headers=headers)
+    return httpx.get(f"http://{portal}/v2/acme/busybox/blobs/{digest}", headers=headers)
 
 
 def test_it_lets_a_host_fetch_only_the_blobs_of_its_own_workloads(

@@ -186,8 +186,8 @@ def test_an_image_imported_on_the_portal_runs_on_two_separate_hosts_and_neither_
         assert a.probe("get", f"/api/v1/hosts/self/workloads/{placed[a.name].pk}/") == 200
         assert a.probe("get", f"/api/v1/hosts/self/workloads/{b_only.pk}/") == 404
         assert a.probe("get", f"/api/v1/hosts/self/workloads/{placed[b.name].pk}/") == 404
-        assert a.probe("get", f"/api/v1/hosts/blobs/{only_b_digest}/") == 404
-        assert b.probe("get", f"/api/v1/hosts/blobs/{only_b_digest}/") == 200
+        assert a.probe("get", f"/v2/acme/only-b/blobs/{only_b_digest}") == 404
+        assert b.probe("get", f"/v2/acme/only-b/blobs/{only_b_digest}") == 200
         assert only_b_digest.removeprefix("sha256:") not in blobs_in(a)
         denied = AuditEntry.objects.filter(outcome="denied", actor_label="host bht-sep-a")
         assert {"host.workload.read", "host.blob.fetch"} <= set(denied.values_list("action", flat=True))

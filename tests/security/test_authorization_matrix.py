@@ -242,10 +242,6 @@ ROUTES.update(
         "host-credential": Route(
             methods=("POST", "DELETE"), obj=_host, visibility="operator", write="operator"
         ),
-        # A host's own credential only: no user, token or session of any persona fetches a blob.
-        "host-blob": Route(
-            methods=("GET",), obj=lambda w, o: "sha256:" + "0" * 64, visibility="public", list_post=401
-        ),
         # The host API: a host's own credential only (tests/security/test_host_api.py); every persona 401.
         "host-self": Route(methods=("GET",), visibility="public", list_post=401),
         **{
