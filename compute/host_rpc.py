@@ -5,7 +5,8 @@ readable there. The portal pushes a request on the host's list in Redis and wait
 under the host's own key prefix (the only keys its broker user may touch, `compute.broker_access`); the
 host's agent loop answers (`compute.host.rpc`). Requests carry a deadline (a late answer is dropped, not
 queued behind new ones) and the agent keeps a short-lived "answering" key, so a portal asking a host whose
-agent is not running gets a clear 503 at once instead of waiting out the timeout.
+agent is not running gets a clear 503 at once instead of waiting out the timeout; an agent that is
+starting (its re-sync before the loop answers) keeps a "starting" key, and a question asked then waits.
 
 Only server-generated values travel, resolved here so that the host reads no database row: the
 workload's id, runtime id, isolation and state, and for changes its image's layer DiffIDs.
@@ -23,7 +24,7 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from compute.host.rpc import Target, alive_key, pop_one, reply_key, requests_key
+from compute.host.rpc import Target, alive_key, pop_one, reply_key, requests_key, starting_key
 from compute.models import Workload
 from portal.errors import Conflict, ServiceError
 
@@ -78,7 +79,8 @@ def ask(workload: Workload, query: str, timeout: float = ASK_TIMEOUT_SECONDS, **
     if host_id is None:
         raise Conflict("The workload is not placed on a host yet.")
     client = _redis()
-    if not client.exists(alive_key(host_id)):
+    # An agent in its re-sync at start answers once its loop runs: its question waits in the list.
+    if not client.exists(alive_key(host_id), starting_key(host_id)):
         raise HostNotAnswering("The workload's host is not answering: is its agent running?")
     request_id = uuid.uuid4().hex
     request = {

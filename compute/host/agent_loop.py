@@ -67,6 +67,12 @@ def run(ctx: HostContext, *, once: bool = False, stop_workloads_on_exit: bool = 
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    placed = rpc.PlacedWorkloads(ctx.link)
+    answerer = answerer_for(ctx, placed)
+    try:
+        answerer.say_starting()  # a question about a workload created meanwhile waits for the loop
+    except Exception:  # the broker is away: questions get a 503 until the loop answers, as before
+        log.exception("could not say that the agent is starting")
     ctx.link.heartbeat()
     report_facts(ctx)
     # Before the workloads' re-sync (which fails what its host's dead worker was running): volume
@@ -84,8 +90,6 @@ def run(ctx: HostContext, *, once: bool = False, stop_workloads_on_exit: bool = 
         resumed = agent.resume_after_shutdown(ctx)
         if resumed:
             log.info("agent for %s started %d workloads again", name, len(resumed))
-    placed = rpc.PlacedWorkloads(ctx.link)
-    answerer = answerer_for(ctx, placed)
     last_beat = last_repair = last_sample = time.monotonic()
     while not stopping:
         try:

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # The agent refreshes it every loop (0.5 s); three seconds of silence means nobody answers.
 ALIVE_TTL_MS = 3000
+# An agent that is starting (its re-sync runs before its loop answers) says so for at most this long: the
+# portal queues a question for it and waits for the answer instead of a 503 at once.
+STARTING_TTL_MS = 60_000
 REPLY_TTL_SECONDS = 30
 MAX_TAIL_BYTES = 4 * 1024 * 1024
 MAX_ANSWERS_PER_WAIT = 20
@@ -51,6 +54,10 @@ def requests_key(host_id: Any) -> str:
 
 def alive_key(host_id: Any) -> str:
     return f"{key_prefix(host_id)}rpc-alive"
+
+
+def starting_key(host_id: Any) -> str:
+    return f"{key_prefix(host_id)}rpc-starting"
 
 
 def reply_key(host_id: Any, request_id: str) -> str:
@@ -220,11 +227,19 @@ class Answerer:
         self.host_id = str(host_id)
         self.handlers = handlers
         self.is_placed = is_placed
+        self._serving = False
+
+    def say_starting(self) -> None:
+        """Before the agent's re-sync: questions asked meanwhile wait in the list for the first `serve`."""
+        self.client.set(starting_key(self.host_id), "1", px=STARTING_TTL_MS)
 
     def serve(self, wait: float) -> int:
         """Say this host answers, then answer what arrives within ``wait`` seconds (at most 20, so the
         agent loop's other work is never starved); returns how many were answered."""
         self.client.set(alive_key(self.host_id), "1", px=ALIVE_TTL_MS)
+        if not self._serving:
+            self.client.delete(starting_key(self.host_id))
+            self._serving = True
         deadline = time.monotonic() + wait
         answered = 0
         while answered < MAX_ANSWERS_PER_WAIT:

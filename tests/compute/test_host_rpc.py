@@ -4,6 +4,7 @@ compute.host.rpc), real Redis."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -48,6 +49,36 @@ def test_it_says_at_once_when_the_host_does_not_answer(world: World) -> None:
     with pytest.raises(host_rpc.HostNotAnswering, match="not answering"):
         host_rpc.ask(workload, "logs")
     assert time.monotonic() - started < 1
+
+
+def test_a_question_asked_while_the_agent_starts_waits_for_its_first_answer(world: World) -> None:
+    """An agent in its re-sync at start (before its loop answers) is not a missing one: a workload the
+    worker created meanwhile has its logs read once the loop runs, not a 503 (seen in CI: the create
+    finished before the new agent's first answer)."""
+    from django.db import connection
+
+    workload = a_workload(world, "starting-host")
+
+    def echo(target: rpc.Target, params: dict[str, Any]) -> dict[str, Any]:
+        return {"runtime_id": target.runtime_id}
+
+    answerer = answerer_for(workload.host, {"echo": echo})  # type: ignore[arg-type]
+    answerer.say_starting()
+
+    def loop_starts_later() -> None:
+        try:
+            time.sleep(0.5)  # the re-sync
+            answerer.serve(2)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=loop_starts_later, daemon=True)
+    thread.start()
+    try:
+        assert host_rpc.ask(workload, "echo") == {"runtime_id": workload.runtime_id}
+    finally:
+        thread.join(timeout=5)
+    assert not host_rpc._redis().exists(rpc.starting_key(workload.host_id))  # answering now, not starting
 
 
 def test_it_passes_a_refusal_back_and_refuses_unknown_questions(world: World) -> None:
