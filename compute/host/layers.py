@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
@@ -35,25 +35,14 @@ def ensure_layers(ctx: HostContext, spec: WorkloadSpec, progress: Progress) -> l
     missing = [layer for layer in spec.layers if not layer_store.has_layer(layer.diff_id)]
     if missing:
         with progress_when_slow(progress, 10, f"Fetching and unpacking {len(missing)} layer(s)"):
-            # Each fetched layer is unpacked by the thread that fetched it as soon as its blob is whole
-            # (layers unpack independently, each into its own dir, committed by rename), overlapping the
-            # other fetches; then those whose blob was here already, together.
-            fetch_missing_blobs(
-                ctx,
-                layer_store,
-                spec.image_repository,
-                missing,
-                progress,
-                then=lambda layer: layer_store.unpack_layers([layer_spec(layer)]),
+            fetch_missing_blobs(ctx, layer_store, spec.image_repository, missing, progress)
+            layer_store.unpack_layers(
+                [
+                    LayerSpec(blob_digest=layer.digest, media_type=layer.media_type, diff_id=layer.diff_id)
+                    for layer in missing
+                ]
             )
-            left = [layer for layer in missing if not layer_store.has_layer(layer.diff_id)]
-            if left:
-                layer_store.unpack_layers([layer_spec(layer) for layer in left])
     return [str(p) for p in reversed(layer_store.lower_dirs([layer.diff_id for layer in spec.layers]))]
-
-
-def layer_spec(layer: ImageLayerRef) -> LayerSpec:
-    return LayerSpec(blob_digest=layer.digest, media_type=layer.media_type, diff_id=layer.diff_id)
 
 
 @contextmanager
@@ -74,14 +63,11 @@ def fetch_missing_blobs(
     repository: str,
     layers: list[ImageLayerRef],
     progress: Progress,
-    *,
-    then: Callable[[ImageLayerRef], object] | None = None,
 ) -> int:
     """Blobs this host's store lacks, fetched from the portal's registry (`/v2/<repository>/blobs/…`)
     with the host's own credential and verified by digest while they stream in (a host on another
     machine has no share of the portal's store); several at once over the process's kept-alive
-    connections, `then(layer)` called in the fetching thread once a layer's blob is in the store.
-    Without a portal configured (the portal's own machine) nothing is fetched."""
+    connections. Without a portal configured (the portal's own machine) nothing is fetched."""
     local = ctx.local
     wanted = [layer for layer in layers if not layer_store.has_blob(layer.digest)]
     if not wanted or not local.remote:
@@ -104,8 +90,6 @@ def fetch_missing_blobs(
                     f"The portal did not hand out the layer {layer.digest} ({response.status_code})."
                 )
             layer_store.ingest_chunks(response.iter_bytes(1024 * 1024), digest=layer.digest, size=layer.size)
-        if then is not None:
-            then(layer)
 
     if len(wanted) == 1:
         fetch(wanted[0])
