@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
 
-from compute.host.config import LocalConfig
 from compute.host.context import HostContext, Progress
 from compute.host.link import HostApiClient
 from compute.host.spec import ImageLayerRef, WorkloadSpec
 from imaging.store import LayerSpec, LayerStore
-
-if TYPE_CHECKING:
-    import httpx
 
 # Blobs fetched at once (each over a kept-alive connection of the process's client).
 PARALLEL_FETCHES = 4
@@ -75,16 +69,12 @@ def fetch_missing_blobs(
     if not REPOSITORY_RE.match(repository):
         raise BlobUnavailable("The portal named no registry repository for the image's layers.")
     link = ctx.link
-    if isinstance(link, HostApiClient):
-        blob = link.blob  # the link's own client: its connections are warm, its TLS context made
-    else:
-        client = blob_client(local)
-
-        def blob(repository: str, digest: str) -> AbstractContextManager[httpx.Response]:
-            return client.stream("GET", blob_path(repository, digest))
+    if not isinstance(link, HostApiClient):  # remote (portal URL and credential) registers the HTTP link
+        raise BlobUnavailable("This host has no HTTP link to the portal to fetch layers through.")
 
     def fetch(layer: ImageLayerRef) -> None:
-        with blob(repository, layer.digest) as response:
+        # The link's own client: its connections are warm, its TLS context made.
+        with link.blob(repository, layer.digest) as response:
             if response.status_code != 200:
                 raise BlobUnavailable(
                     f"The portal did not hand out the layer {layer.digest} ({response.status_code})."
@@ -103,31 +93,3 @@ def fetch_missing_blobs(
 # `<tenant>/<name>` as the registry names repositories: never a path of the host's choosing.
 _PART = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 REPOSITORY_RE = re.compile(rf"^{_PART}(?:/{_PART})+$")
-
-
-def blob_path(repository: str, digest: str) -> str:
-    return f"/v2/{repository}/blobs/{digest}"
-
-
-_blob_clients: dict[tuple[int, str, str], httpx.Client] = {}
-_blob_clients_lock = threading.Lock()
-
-
-def blob_client(local: LocalConfig) -> httpx.Client:
-    """The process's HTTP client for blobs (its connections kept alive between creates; a forked
-    worker child makes its own)."""
-    import httpx
-
-    key = (os.getpid(), local.portal_url, local.credential)
-    with _blob_clients_lock:
-        client = _blob_clients.get(key)
-        if client is None:
-            client = _blob_clients[key] = httpx.Client(
-                base_url=local.portal_url,
-                headers={"Authorization": f"Bearer {local.credential}"},
-                timeout=60,
-                limits=httpx.Limits(
-                    max_connections=PARALLEL_FETCHES, max_keepalive_connections=PARALLEL_FETCHES
-                ),
-            )
-        return client
