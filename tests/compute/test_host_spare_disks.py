@@ -41,7 +41,7 @@ def test_it_drops_spare_disks_nobody_asks_for_at_start_and_all_once_the_host_is_
                 "BULKHEAD_PORTAL_URL": f"http://{portal}",
                 "BULKHEAD_HOST_CREDENTIAL": secret,
             }
-            with host_agent(host, resynced=True, **joined):
+            with host_agent(host, None, resynced=True, **joined):
                 made = create(world, "mia", name="spare", image=str(busybox.pk), command=["sleep", "600"])
                 assert finished(made.json()["id"], timeout=120).state == "succeeded"
                 # Once it runs, the worker formats the disk the next create of its size takes.
@@ -50,7 +50,7 @@ def test_it_drops_spare_disks_nobody_asks_for_at_start_and_all_once_the_host_is_
             assert oci_runtime(host).prepare_spare_disk(3 * GIB)
             assert spare_sizes(host) == {GIB, 3 * GIB}
 
-            with host_agent(host, resynced=True, **joined):
+            with host_agent(host, None, resynced=True, **joined):
                 assert spare_sizes(host) == {GIB}  # the running container's size stays ready
                 workload = workload_in("spare", {"running"})
                 deleted = client_for(world, "mia").delete(f"/api/v1/workloads/{workload.pk}/")
