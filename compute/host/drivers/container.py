@@ -201,7 +201,6 @@ class ContainerDriver:
         just exited, a stop), the exit is left to a later round, so the restart its policy wants is not
         lost. An exit looked at once (recorded, or not this host's to record) is not asked about again."""
         runtime = oci_runtime(ctx)
-        handled: list[str] = []
         exited = runtime.exited_ids()
         for gone in set(self._examined) - set(exited):
             del self._examined[gone]  # started again (or removed): its next exit is new
@@ -212,20 +211,15 @@ class ContainerDriver:
                 continue
             fresh[runtime_id] = finished
         if not fresh:
-            return handled
+            return []
         by_runtime_id = {spec.runtime_id: spec for spec in ctx.specs() if spec.isolation == s.NAMESPACE}
-        for runtime_id, finished in fresh.items():
-            spec = by_runtime_id.get(runtime_id)
-            if spec is None or spec.state not in (s.RUNNING, s.UNKNOWN):
-                self._examined[runtime_id] = finished
-                continue
-            with workload_lock(ctx, spec.id, blocking=False) as mine:
-                if not mine:
-                    continue  # an operation works on it: a later round
-                self._examined[runtime_id] = finished
-                if self._record_exit_and_restart(ctx, runtime, spec):
-                    handled.append(runtime_id)
-        return handled
+        return reports.record_ended(
+            ctx,
+            fresh,
+            by_runtime_id,
+            self._examined,
+            lambda spec: self._record_exit_and_restart(ctx, runtime, spec),
+        )
 
     def _record_exit_and_restart(self, ctx: HostContext, runtime: OciRuntime, spec: WorkloadSpec) -> bool:
         state = runtime.state(spec.runtime_id)  # read under the lock: an operation may have started it
