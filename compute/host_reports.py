@@ -905,6 +905,16 @@ def _layer_size(value: Any) -> int:
     return size
 
 
+def _refused_layer(
+    actor: Actor, host: Host, op: Any, digest: str, message: str, field: str = "digest"
+) -> LayerRefused:
+    """An upload refused for what it says or sends (audited here: the caller raises it)."""
+    audit.record_denied(actor, "host.commit.upload", host=host.name, digest=digest, operation=str(op.pk))
+    error = LayerRefused(message, field=field)
+    error.audited = True
+    return error
+
+
 def _at_most(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     """The upload's chunks, cut off (refused) past the size the host declared."""
     received = 0
@@ -917,11 +927,22 @@ def _at_most(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
 
 @audit.denials_audited
 def receive_commit_layer(
-    *, actor: Actor, host: Host, workload_id: Any, op_id: Any, digest: Any, size: Any, chunks: Iterable[bytes]
+    *,
+    actor: Actor,
+    host: Host,
+    workload_id: Any,
+    op_id: Any,
+    digest: Any,
+    size: Any,
+    chunks: Iterable[bytes],
+    declared_length: int | None = None,
 ) -> dict[str, Any]:
     """The layer a running commit on this host made, streamed into the portal's store: kept only if
     its bytes hash to `digest` and number `size`, and only if `size` fits in what is left of the
-    tenant's image storage. The digest is then noted on the operation: the commit may name no other."""
+    tenant's image storage. The digest is then noted on the operation: the commit may name no other.
+
+    Everything but the bytes is checked before the first chunk is taken (the host, the commit, the
+    quota, a body length other than `size`); a body without a length is cut off past `size`."""
     from imaging import services as imaging_services
     from imaging.store import DigestMismatch, SizeMismatch
     from portal.models import Operation
@@ -930,18 +951,20 @@ def receive_commit_layer(
     digest = _layer_digest(digest, "digest")
     size = _layer_size(size)
     imaging_services.refuse_beyond_image_quota(workload.tenant, size)
+    if declared_length is not None and declared_length != size:
+        raise _refused_layer(actor, host, op, digest, "The body's length is not the layer's size.", "size")
     store = imaging_services.get_store()
     lease = store.acquire_lease(f"commit-{op.pk}", [digest], ttl=COMMIT_LEASE_SECONDS)
     try:
         store.ingest_chunks(_at_most(chunks, size), digest=digest, size=size)
     except (DigestMismatch, SizeMismatch, LayerRefused):
         lease.release()
-        audit.record_denied(actor, "host.commit.upload", host=host.name, digest=digest, operation=str(op.pk))
-        error = LayerRefused(
-            "The layer does not match its digest and size: nothing was kept.", field="digest"
-        )
-        error.audited = True
-        raise error from None
+        raise _refused_layer(
+            actor, host, op, digest, "The layer does not match its digest and size: nothing was kept."
+        ) from None
+    except BaseException:  # the host went away mid-body: nothing of it is kept either
+        lease.release()
+        raise
     Operation.objects.filter(pk=op.pk).update(params={**op.params, "layer": {"digest": digest, "size": size}})
     return {"digest": digest, "size": size}
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -28,6 +26,7 @@ from compute.models import Host, Workload
 from compute.network import ipam, mac_for
 from compute.network.nftables import ALWAYS_PROTECTED
 from compute.network.spec import MAX_VNI
+from compute.resolver import NameCache
 from portal import operations
 from portal.errors import Conflict, Invalid, NotPermitted
 from portal.models import Operation
@@ -74,32 +73,9 @@ def compartment_pools() -> list[IPv4Network]:
     return [pool, *(n for n in _networks_setting("BULKHEAD_COMPARTMENT_POOLS") if n != pool)]
 
 
-# How long a name's addresses are kept: protected_networks() runs at every apply of every host.
-RESOLVE_TTL_S = 300.0
-_resolved: dict[str, tuple[float, list[IPv4Address]]] = {}
-
-
-def resolve_ipv4(name: str) -> list[IPv4Address]:
-    """The IPv4 addresses of `name`: itself when it is a literal, else what the resolver answers now
-    (kept RESOLVE_TTL_S; a name that does not resolve gives none, and is asked again after the TTL)."""
-    name = name.strip().strip("[]")
-    if not name:
-        return []
-    try:
-        return [IPv4Address(name)]
-    except ValueError:
-        pass
-    now = time.monotonic()
-    cached = _resolved.get(name)
-    if cached is not None and cached[0] > now:
-        return cached[1]
-    try:
-        answers = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
-        addresses = sorted({IPv4Address(answer[4][0]) for answer in answers})
-    except (OSError, UnicodeError, ValueError):
-        addresses = []
-    _resolved[name] = (now + RESOLVE_TTL_S, addresses)
-    return addresses
+# Names' addresses, looked up off the request path: protected_networks() runs at every apply of every
+# host, and a resolver that does not answer must not stall it.
+_names = NameCache(ttl=300.0, first_wait=1.0)
 
 
 def _service_names() -> list[str]:
@@ -129,15 +105,22 @@ def _service_names() -> list[str]:
 def protected_networks() -> list[IPv4Network]:
     """What no workload may reach: BULKHEAD_PROTECTED_CIDRS, plus always the hosts' own networks and
     underlay addresses, and the addresses of the portal, the database and the broker (names resolved,
-    see `_service_names`); link-local is added by the driver. Loopback and 0.0.0.0 stay out: a
-    workload's packets never route there."""
+    see `_service_names` and `compute.resolver`: never waited for more than a second; a name not
+    answered yet is added at a later apply); link-local is added by the driver. Loopback and 0.0.0.0
+    stay out: a workload's packets never route there."""
     networks = [*_networks_setting("BULKHEAD_PROTECTED_CIDRS"), *_host_networks()]
+    names = _service_names()
     for host in Host.objects.only("address", "labels"):
-        for text in ((host.labels or {}).get("vxlan_address"), host.address):
-            networks += [IPv4Network(a) for a in resolve_ipv4(str(text or ""))]
-    for name in _service_names():
-        networks += [IPv4Network(a) for a in resolve_ipv4(name)]
+        names += [str(text or "") for text in ((host.labels or {}).get("vxlan_address"), host.address)]
+    for addresses in _names.addresses(names).values():
+        networks += [IPv4Network(a) for a in addresses]
     return sorted({n for n in networks if not n.is_loopback and not n.is_unspecified})
+
+
+def resolve_service_names_ahead() -> None:
+    """Start looking up the portal's service names (the web server's start): its hosts' first network
+    requests then find them answered."""
+    _names.ask_ahead(_service_names())
 
 
 def published_port_range() -> range:

@@ -21,6 +21,10 @@ from portal.routing import websocket_urlpatterns as portal_websockets  # noqa: E
 
 tune_daphne()
 
+from compute.network_services import resolve_service_names_ahead  # noqa: E402
+
+resolve_service_names_ahead()  # the hosts' first network requests find the portal's names answered
+
 application = ProtocolTypeRouter(
     {
         # /v2/: the built-in registry (streams bodies); everything else: Django.

@@ -6,8 +6,9 @@ written to /tmp, read back, held in memory as queue messages, then written again
 nothing overlapping. And a response is written into Twisted's unbounded buffer as fast as the
 application produces it, through Python.
 
-For `/v2/` requests with a body (`POST`, `PUT`, `PATCH`) `StreamingWebRequest` starts the application as
-soon as the headers are in and queues the body as it arrives, in messages of about `MESSAGE_BYTES`.
+For `/v2/` requests with a body (`POST`, `PUT`, `PATCH`), and a host's committed layer (`STREAMED_PATHS`;
+Django reads it through `portal.asgi_threads.StreamedBody`), `StreamingWebRequest` starts the application
+as soon as the headers are in and queues the body as it arrives, in messages of about `MESSAGE_BYTES`.
 While more than `HIGH_WATER_BYTES` wait unread, the socket is not read (TCP back-pressure on the
 client) until the application has taken them down to `LOW_WATER_BYTES`. An application that answers
 before the body has arrived (a refusal) gets its answer sent; the rest of the body is read and dropped
@@ -25,12 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-STREAMED_PREFIX = b"/v2/"
 STREAMED_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+# Bodies the application reads as they arrive (or refuses from the headers alone): the registry's
+# uploads, and a host's committed layer (a host can be compromised; its upload must not be taken whole
+# before the portal has looked at who sends it, for which commit, and how much).
+STREAMED_PATHS = re.compile(rb"^/v2/|^/api/v1/hosts/self/workloads/[^/]+/commit/layer/$")
 MESSAGE_BYTES = 1024 * 1024
 HIGH_WATER_BYTES = 8 * 1024 * 1024
 LOW_WATER_BYTES = 2 * 1024 * 1024
@@ -57,8 +62,13 @@ class _NoReplay:
         return None
 
 
+def streams_body(method: bytes, path: bytes) -> bool:
+    """Whether a request's body reaches the application as it arrives (`path` without its query)."""
+    return method in STREAMED_METHODS and STREAMED_PATHS.match(path) is not None
+
+
 def streaming_request_class() -> type:
-    """daphne's WebRequest, streaming the bodies of /v2/ requests (built lazily: daphne is optional)."""
+    """daphne's WebRequest, streaming the bodies of `STREAMED_PATHS` (built lazily: daphne is optional)."""
     from daphne.http_protocol import WebRequest
 
     class StreamingWebRequest(WebRequest):  # type: ignore[misc]
@@ -68,7 +78,7 @@ def streaming_request_class() -> type:
             channel = self.channel
             command = getattr(channel, "_command", b"")
             path = getattr(channel, "_path", b"")
-            if length == 0 or command not in STREAMED_METHODS or not path.startswith(STREAMED_PREFIX):
+            if length == 0 or not streams_body(command, path.split(b"?", 1)[0]):
                 super().gotLength(length)
                 return
             self._streamed = True

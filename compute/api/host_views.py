@@ -202,12 +202,15 @@ class HostOperationsView(HostAPIView):
 @extend_schema(exclude=True)
 class HostCommitLayerView(HostAPIView):
     """PUT ?operation=&digest=&size=: the layer a running commit of this workload made, streamed (kept
-    only if it matches its digest and size and fits the tenant's image quota)."""
+    only if it matches its digest and size and fits the tenant's image quota). Under daphne the body
+    arrives as it is sent (`portal.asgi_threads.StreamedBody`): what the headers already refuse is
+    answered before it is read."""
 
     def put(self, request: Request, pk: str) -> Response:
         raw = request._request  # the raw stream, read in chunks: a layer can be large
         chunks = iter(lambda: raw.read(1 << 20), b"")
         params = request.query_params
+        length = request.META.get("CONTENT_LENGTH", "")
         return Response(
             host_reports.receive_commit_layer(
                 actor=self.actor,
@@ -217,6 +220,7 @@ class HostCommitLayerView(HostAPIView):
                 digest=params.get("digest", ""),
                 size=params.get("size", ""),
                 chunks=chunks,
+                declared_length=int(length) if length.isdigit() else None,
             )
         )
 

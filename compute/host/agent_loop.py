@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
+import uuid
+from http import HTTPStatus
 
 from compute.host import agent, network, rpc, sampling
 from compute.host import volumes as host_volumes
 from compute.host.context import HostContext, host_context
+from compute.host.drivers import container
 from compute.host.link import HostApiError, link_to_portal
 from compute.host.mounts import host_place
 from compute.host.spec import HostProfile
+from compute.host.supervisor import stop_signals
 
 log = logging.getLogger("bulkhead.agent")
 
@@ -43,6 +46,8 @@ def joined_host(ref: str, *, patience: float = 60.0) -> HostContext:
             answer = link_to_portal(ref).host_self()
             break
         except HostApiError as error:
+            if error.status == HTTPStatus.UNAUTHORIZED and _is_host_id(ref):
+                credential_refused(host_context(ref))
             if error.status != 0 or time.monotonic() >= deadline:
                 raise
             log.warning("the portal does not answer yet: %s", error.message)
@@ -59,14 +64,7 @@ def run(ctx: HostContext, *, once: bool = False, stop_workloads_on_exit: bool = 
     # one claimed before whose worker holds no lock died with the previous agent (re-sync below).
     running_at_start = ctx.link.running_operations()
     name = ctx.profile.name
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop = stop_signals()
     placed = rpc.PlacedWorkloads(ctx.link)
     answerer = answerer_for(ctx, placed)
     try:
@@ -91,7 +89,7 @@ def run(ctx: HostContext, *, once: bool = False, stop_workloads_on_exit: bool = 
         if resumed:
             log.info("agent for %s started %d workloads again", name, len(resumed))
     last_beat = last_repair = last_sample = time.monotonic()
-    while not stopping:
+    while not stop.received:
         try:
             agent.handle_exits(ctx)
             if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
@@ -106,8 +104,16 @@ def run(ctx: HostContext, *, once: bool = False, stop_workloads_on_exit: bool = 
             if time.monotonic() - last_repair >= NETWORK_REPAIR_SECONDS:
                 repair_network(ctx)
                 last_repair = time.monotonic()
-        except Exception:
+        except Exception as error:
             log.exception("agent loop error")
+            # Whichever request met it first (the profile, the heartbeat): later ones may be throttled.
+            if isinstance(error, HostApiError) and error.status == HTTPStatus.UNAUTHORIZED:
+                credential_refused(ctx)
+                # Asked again at the heartbeat's pace, not twice a second: failed authentications
+                # are throttled per source address, which other hosts may share.
+                deadline = time.monotonic() + HEARTBEAT_SECONDS
+                while not stop.received and time.monotonic() < deadline:
+                    time.sleep(EXIT_POLL_SECONDS)
         wait_answering(answerer)
     if stop_workloads_on_exit:
         stopped = agent.shut_down_host(ctx)
@@ -116,6 +122,23 @@ def run(ctx: HostContext, *, once: bool = False, stop_workloads_on_exit: bool = 
             host_volumes.release_pool(host_place(ctx))  # nothing of make run stays mounted
         except Exception:
             log.exception("could not unmount the volume pool of %s", name)
+
+
+def credential_refused(ctx: HostContext) -> None:
+    """The portal no longer lets this host in: no create will come with this credential, so what the
+    host keeps only for the next creates goes (the disks formatted ahead; a removed host has no
+    workloads, and a host with a new credential makes them again on its next create)."""
+    dropped = container.drop_spare_disks(ctx)
+    if dropped:
+        log.warning("the portal refuses this host's credential: dropped %d spare disks", len(dropped))
+
+
+def _is_host_id(ref: str) -> bool:
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        return False
+    return True
 
 
 def report_volume_pool(ctx: HostContext, *, make: bool) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from compute.host import spec as s
 from compute.host.context import HostContext, noop_progress
+from compute.host.locks import workload_lock
 from compute.host.spec import WorkloadSpec
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
+M = TypeVar("M")
 
 # States a workload is started from (a create, start, restart, or an exit its policy restarts).
 RESUMABLE_STATES = [s.PENDING, s.STOPPED, s.FAILED, s.UNKNOWN]
@@ -86,6 +89,33 @@ def wants_restart(spec: WorkloadSpec, code: int | None) -> bool:
     if spec.restart_policy == s.ALWAYS:
         return True
     return spec.restart_policy == s.ON_FAILURE and code != 0
+
+
+def record_ended(
+    ctx: HostContext,
+    ended: dict[K, M],
+    placed: dict[K, WorkloadSpec],
+    examined: dict[K, M],
+    record: Callable[[WorkloadSpec], bool],
+) -> list[K]:
+    """A driver's round of ended workloads (id -> what marks this end): each one placed here that was
+    running is recorded by `record` (True: handled) under its workload's lock; while an operation works
+    on it (a create whose process has just exited, a stop) it is left to a later round, so the restart
+    its policy wants is neither lost nor taken over. An end looked at once goes into `examined`: it is
+    not asked about again. The ids handled."""
+    handled = []
+    for key, marker in ended.items():
+        spec = placed.get(key)
+        if spec is None or spec.state not in (s.RUNNING, s.UNKNOWN):
+            examined[key] = marker
+            continue
+        with workload_lock(ctx, spec.id, blocking=False) as mine:
+            if not mine:
+                continue
+            examined[key] = marker
+            if record(spec):
+                handled.append(key)
+    return handled
 
 
 def restart_if_wanted(

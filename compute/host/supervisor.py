@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -99,28 +100,41 @@ def ensure_libvirtd_if_available() -> None:
     ensure_libvirtd()
 
 
+@dataclass
+class StopSignal:
+    """Whether SIGTERM or SIGINT came since `stop_signals` (a loop runs until it did)."""
+
+    received: bool = False
+
+
+def stop_signals() -> StopSignal:
+    """A flag that SIGTERM and SIGINT set from now on, instead of ending the process at once: the
+    supervisor and the agent loop stop what they run in order first."""
+    flag = StopSignal()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        flag.received = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return flag
+
+
 def supervise(start: Callable[[Stack], str]) -> int:
     """Start processes with `start`, print its message, restart a child that dies (and say so), and stop
     them all on Ctrl-C or when a child keeps dying."""
     stack = Stack()
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_signals()
     try:
         print(start(stack), flush=True)
         print("Press Ctrl-C to stop.\n", flush=True)
-        while not stopping:
+        while not stop.received:
             try:
                 for line in stack.restart_dead_children():
                     print(line, file=sys.stderr, flush=True)
             except CrashLoop as crash:
                 print(f"{crash}; stopping", file=sys.stderr, flush=True)
-                stopping = True
+                stop.received = True
             time.sleep(0.5)
     finally:
         print("Stopping…", flush=True)

@@ -11,7 +11,8 @@ import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from typing import Any, Literal
 
 from celery import Task, shared_task
 
@@ -30,6 +31,10 @@ from portal.failpoints import failpoint
 HOST_QUEUE_PREFIX = "host."
 
 
+class _Sent(Enum):
+    NOT_SENT = "not sent"
+
+
 @dataclass(frozen=True)
 class ClaimedOperation:
     """The operation as the portal answered the claim (never a row)."""
@@ -40,10 +45,10 @@ class ClaimedOperation:
     target_id: str
     params: dict[str, Any]
     # What the claim carried back for a workload operation (`WorkloadTask.claim_fields`): whether its
-    # `creating` report applied, and the workload's spec after it (None: not, or no longer, on this host).
+    # `creating` report applied, and the workload's spec after it (None: not, or no longer, on this
+    # host; NOT_SENT: the claim carried no spec, it is read on its own).
     reported: bool = False
-    workload: dict[str, Any] | None = None
-    has_workload: bool = False
+    workload: dict[str, Any] | Literal[_Sent.NOT_SENT] | None = _Sent.NOT_SENT
 
     @property
     def pk(self) -> str:
@@ -84,8 +89,7 @@ class HostOperationTask(Task):  # type: ignore[misc]
                 target_id=str(claimed.get("target_id") or ""),
                 params=dict(claimed.get("params") or {}),
                 reported=bool(claimed.get("reported")),
-                workload=claimed.get("workload"),
-                has_workload="workload" in claimed,
+                workload=claimed.get("workload", _Sent.NOT_SENT),
             )
             self.progress = RemoteProgress(link, op_id)
             failpoint("operation.claimed")
@@ -162,9 +166,9 @@ class WorkloadTask(HostOperationTask):
     def workload(self) -> WorkloadSpec | None:
         """The workload's spec, read under the task's lock (with the claim). None when it is gone."""
         claimed = self.claimed()
-        if claimed.has_workload:
-            return WorkloadSpec.parse(claimed.workload) if claimed.workload is not None else None
-        return spec_of(self.context(), claimed.target_id)
+        if claimed.workload is _Sent.NOT_SENT:
+            return spec_of(self.context(), claimed.target_id)
+        return WorkloadSpec.parse(claimed.workload) if claimed.workload is not None else None
 
 
 class CreateWorkloadTask(WorkloadTask):

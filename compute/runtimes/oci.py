@@ -42,7 +42,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -485,9 +485,9 @@ class OciRuntime:
             if upcoming is not None:
                 prepare_user_namespace(upcoming)
 
-    def drop_spare_disks(self) -> None:
-        """Remove the disks formatted ahead (a host leaving, a test's host)."""
-        shutil.rmtree(self.state_dir / SPARE_DISKS_DIR, ignore_errors=True)
+    def drop_spare_disks(self, keep_sizes: Iterable[int] = ()) -> list[int]:
+        """`drop_spare_disks` of this runtime's state dir."""
+        return drop_spare_disks(self.state_dir, keep_sizes)
 
     def prepare_spare_disk(self, size_bytes: int) -> bool:
         """Format a disk image of this size for the next create to take (`mkfs.ext4`, ~25 ms, off that
@@ -1425,6 +1425,27 @@ def _make_disk_image_unnamed(image: Path, size_bytes: int) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def drop_spare_disks(state_dir: Path, keep_sizes: Iterable[int] = ()) -> list[int]:
+    """Remove the disks formatted ahead under a runtime's `state_dir`, but those of `keep_sizes` (an
+    agent's start keeps the sizes its placed containers have; a host that leaves keeps none). Each one
+    is unlinked on its own: a create taking one, or a worker linking a new one in, meanwhile is safe.
+    The sizes removed."""
+    keep = {int(size) for size in keep_sizes}
+    removed = []
+    try:
+        spares = list((state_dir / SPARE_DISKS_DIR).glob("*.img"))
+    except OSError:
+        return []
+    for spare in spares:
+        size = spare.name.removesuffix(".img")
+        if size.isdigit() and int(size) in keep:
+            continue
+        with suppress(FileNotFoundError):
+            spare.unlink()
+            removed.append(int(size) if size.isdigit() else -1)
+    return sorted(removed)
 
 
 def _take_spare_disk(spare: Path, image: Path) -> bool:

@@ -15,6 +15,7 @@ from compute import network_services, services
 from compute.compartments import Compartment, IPAllocation, PublishedPort
 from compute.models import Host, Workload
 from compute.network.names import host_veth_name_for
+from compute.resolver import NameCache
 from compute.runtimes.libvirt import tap_name
 from portal.errors import Conflict, Invalid
 from portal.models import Operation
@@ -168,8 +169,8 @@ def test_it_resolves_the_names_of_the_portal_database_and_broker_into_protected_
             raise socket.gaierror(socket.EAI_NONAME, "unknown")
         return [(family, kind, 6, "", (address, 0)) for address in answers[name]]
 
-    monkeypatch.setattr(network_services.socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(network_services, "_resolved", {})
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(network_services, "_names", NameCache())
     settings.REDIS_URL = settings.CELERY_BROKER_URL = "redis://:secret@redis.internal:6379/0"
     settings.BULKHEAD_AGENT_DATABASE_URL = "postgres://agent:pw@agent-db.internal:5432/bulkhead"
     settings.ALLOWED_HOSTS = ["portal.example.net", "*", ".example.org", "gone.internal", "localhost"]

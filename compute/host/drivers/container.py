@@ -17,6 +17,7 @@ from compute.host.context import HostContext, Progress, noop_progress
 from compute.host.link import HostApiError
 from compute.host.locks import workload_lock
 from compute.host.spec import WorkloadSpec
+from compute.runtimes import oci
 from compute.runtimes.oci import ContainerNotFound, ContainerSpec, OciRuntime, VolumeMountSpec, parse_k8s_log
 from portal.errors import Explained, tenant_message
 from portal.failpoints import failpoint
@@ -36,10 +37,24 @@ def oci_runtime(ctx: HostContext) -> OciRuntime:
     # A cgroup parent per host: two agents on one machine must not see each other's containers as leaks.
     return OciRuntime(
         ctx.profile.oci_runtime,
-        state_dir=ctx.state_dir / "containers",
+        state_dir=containers_dir(ctx),
         cgroup_parent=f"bulkhead-{uuid_hex(ctx.host_id)[:12]}",
         userns_pool=ctx.local.userns_pool,
     )
+
+
+def containers_dir(ctx: HostContext) -> Path:
+    return ctx.state_dir / "containers"
+
+
+def drop_spare_disks(ctx: HostContext) -> list[int]:
+    """Every disk formatted ahead for this host's next creates (asks nothing of the portal: the host
+    may no longer be let in)."""
+    return oci.drop_spare_disks(containers_dir(ctx))
+
+
+def disk_bytes(spec: WorkloadSpec) -> int:
+    return spec.limits.disk_gib * 1024**3
 
 
 def uuid_hex(text: str) -> str:
@@ -65,7 +80,7 @@ def container_spec(
         hostname=spec.name,
         vcpus=spec.limits.vcpus,
         memory_mib=spec.limits.memory_mib,
-        disk_bytes=spec.limits.disk_gib * 1024**3,
+        disk_bytes=disk_bytes(spec),
         # issue 7: a workload in a compartment joins the netns its agent attached to the bridge.
         netns_path=net.netns_path if net else None,
         dns_servers=net.dns_servers if net else (),
@@ -151,7 +166,7 @@ class ContainerDriver:
             exit_code=None,
         )
         try:  # once it runs (and is reported): what the next create will need, made off its path
-            runtime.prepare_next_create(spec.limits.disk_gib * 1024**3, user_namespace=not spec.privileged)
+            runtime.prepare_next_create(disk_bytes(spec), user_namespace=not spec.privileged)
         except Exception:
             log.warning("preparing the next create failed (it will make its own)", exc_info=True)
         return s.RUNNING
@@ -186,7 +201,6 @@ class ContainerDriver:
         just exited, a stop), the exit is left to a later round, so the restart its policy wants is not
         lost. An exit looked at once (recorded, or not this host's to record) is not asked about again."""
         runtime = oci_runtime(ctx)
-        handled: list[str] = []
         exited = runtime.exited_ids()
         for gone in set(self._examined) - set(exited):
             del self._examined[gone]  # started again (or removed): its next exit is new
@@ -197,20 +211,15 @@ class ContainerDriver:
                 continue
             fresh[runtime_id] = finished
         if not fresh:
-            return handled
+            return []
         by_runtime_id = {spec.runtime_id: spec for spec in ctx.specs() if spec.isolation == s.NAMESPACE}
-        for runtime_id, finished in fresh.items():
-            spec = by_runtime_id.get(runtime_id)
-            if spec is None or spec.state not in (s.RUNNING, s.UNKNOWN):
-                self._examined[runtime_id] = finished
-                continue
-            with workload_lock(ctx, spec.id, blocking=False) as mine:
-                if not mine:
-                    continue  # an operation works on it: a later round
-                self._examined[runtime_id] = finished
-                if self._record_exit_and_restart(ctx, runtime, spec):
-                    handled.append(runtime_id)
-        return handled
+        return reports.record_ended(
+            ctx,
+            fresh,
+            by_runtime_id,
+            self._examined,
+            lambda spec: self._record_exit_and_restart(ctx, runtime, spec),
+        )
 
     def _record_exit_and_restart(self, ctx: HostContext, runtime: OciRuntime, spec: WorkloadSpec) -> bool:
         state = runtime.state(spec.runtime_id)  # read under the lock: an operation may have started it
@@ -230,6 +239,11 @@ class ContainerDriver:
         for runtime_id in sorted(present - set(mine)):
             runtime.delete(runtime_id)
             report["orphans_removed"].append(runtime_id)
+        # Disks formatted ahead for sizes that no container placed here has (asked before a restart,
+        # or by containers gone since): nobody may ask for them again.
+        sizes = {disk_bytes(spec) for spec in mine.values()}
+        for size in runtime.drop_spare_disks(keep_sizes=sizes):
+            report.setdefault("spare_disks_dropped", []).append(str(size))
         for runtime_id, listed in mine.items():
             with workload_lock(ctx, listed.id, blocking=False) as free:
                 if not free:

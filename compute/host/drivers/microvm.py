@@ -215,9 +215,8 @@ class MicroVmDriver:
 
     def handle_exits(self, ctx: HostContext) -> list[str]:
         """Record the end of every running micro-VM of this host that powered off or died."""
-        handled: list[str] = []
         if not _libvirt_in_use(ctx):
-            return handled
+            return []
         runtime = vm_runtime(ctx)
         ended: dict[uuid.UUID, tuple[str, str]] = {}
         for vm_id in runtime.list_ids():
@@ -232,22 +231,12 @@ class MicroVmDriver:
             if self._examined.get(vm_id) != marker:
                 ended[vm_id] = marker
         if not ended:
-            return handled
+            return []
         by_id = {spec.id: spec for spec in ctx.specs() if spec.isolation == s.MICROVM}
-        for vm_id, marker in ended.items():
-            spec = by_id.get(vm_id)
-            if spec is None or spec.state not in (s.RUNNING, s.UNKNOWN):
-                self._examined[vm_id] = marker
-                continue
-            # Under the workload's lock (an operation in flight leaves it to a later round; its restart
-            # would take over the operation's creation), and looked at again under it.
-            with workload_lock(ctx, spec.id, blocking=False) as mine:
-                if not mine:
-                    continue
-                self._examined[vm_id] = marker
-                if self._record_exit_and_restart(ctx, runtime, spec):
-                    handled.append(str(spec.id))
-        return handled
+        recorded = reports.record_ended(
+            ctx, ended, by_id, self._examined, lambda spec: self._record_exit_and_restart(ctx, runtime, spec)
+        )
+        return [str(vm_id) for vm_id in recorded]
 
     def adopt_running(self, ctx: HostContext, specs: list[WorkloadSpec]) -> None:
         """A running micro-VM the portal calls `unknown` (its host was lost a while) is running."""
