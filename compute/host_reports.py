@@ -921,7 +921,8 @@ def receive_commit_layer(
 ) -> dict[str, Any]:
     """The layer a running commit on this host made, streamed into the portal's store: kept only if
     its bytes hash to `digest` and number `size`, and only if `size` fits in what is left of the
-    tenant's image storage. The digest is then noted on the operation: the commit may name no other."""
+    tenant's image storage. The digest is noted on the operation before a byte is read (and dropped
+    again if the bytes are refused): the commit uploads and names no other layer."""
     from imaging import services as imaging_services
     from imaging.store import DigestMismatch, SizeMismatch
     from portal.models import Operation
@@ -930,20 +931,57 @@ def receive_commit_layer(
     digest = _layer_digest(digest, "digest")
     size = _layer_size(size)
     imaging_services.refuse_beyond_image_quota(workload.tenant, size)
+    layer = {"digest": digest, "size": size}
+    reserved = _reserve_commit_layer(actor, host, op, layer)
     store = imaging_services.get_store()
     lease = store.acquire_lease(f"commit-{op.pk}", [digest], ttl=COMMIT_LEASE_SECONDS)
     try:
         store.ingest_chunks(_at_most(chunks, size), digest=digest, size=size)
     except (DigestMismatch, SizeMismatch, LayerRefused):
         lease.release()
+        if reserved:  # the slot is free again for the commit's real layer
+            Operation.objects.filter(pk=op.pk, params__layer__digest=digest).update(params=op.params)
         audit.record_denied(actor, "host.commit.upload", host=host.name, digest=digest, operation=str(op.pk))
         error = LayerRefused(
             "The layer does not match its digest and size: nothing was kept.", field="digest"
         )
         error.audited = True
         raise error from None
-    Operation.objects.filter(pk=op.pk).update(params={**op.params, "layer": {"digest": digest, "size": size}})
-    return {"digest": digest, "size": size}
+    return layer
+
+
+def _reserve_commit_layer(actor: Actor, host: Host, op: Any, layer: dict[str, Any]) -> bool:
+    """Note `layer` as the commit's one layer before its bytes are read (True: noted now). A commit has
+    one layer: each upload replacing the last (and its lease) would let a host keeping a commit running
+    store layer after layer that no quota charges and only an operator's GC removes; a check without the
+    conditional write would let concurrent uploads all pass it. The same layer again (a retry) is fine."""
+    from portal.models import Operation, OperationState
+
+    noted = op.params.get("layer")
+    reserved = False
+    if noted is None:
+        reserved = bool(
+            Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING)
+            .exclude(params__has_key="layer")
+            .update(params={**op.params, "layer": layer})
+        )
+        if not reserved:
+            noted = (Operation.objects.filter(pk=op.pk).values_list("params", flat=True).first() or {}).get(
+                "layer"
+            )
+    if not reserved and noted != layer:
+        audit.record_denied(
+            actor,
+            "host.commit.upload",
+            host=host.name,
+            digest=layer["digest"],
+            operation=str(op.pk),
+            reason="the commit has another layer",
+        )
+        error = Conflict("This commit has uploaded its layer already.")
+        error.audited = True
+        raise error
+    return reserved
 
 
 @audit.denials_audited
