@@ -265,7 +265,7 @@ def test_the_brokers_refusals_of_a_host_are_audited(joined: dict[str, Any]) -> N
     assert all(entry.actor_label == f"host {host.name}" for entry in entries)
 
 
-def test_a_host_saying_forever_that_it_starts_costs_a_question_its_timeout_and_no_more(
+def test_it_costs_a_question_no_more_than_its_timeout_when_a_host_says_forever_it_starts(
     world: World, joined: dict[str, Any]
 ) -> None:
     """A's agent may say it is starting (`rpc-starting`, meant to last 60 s): a host that sets it without
@@ -313,7 +313,7 @@ FORGED = [
 
 
 @pytest.mark.parametrize(("query", "reply"), FORGED, ids=[f"{q}-{i}" for i, (q, _) in enumerate(FORGED)])
-def test_a_hosts_malformed_answer_is_refused_and_audited_not_a_server_error(
+def test_it_refuses_and_audits_a_hosts_malformed_answer_instead_of_a_server_error(
     world: World, joined: dict[str, Any], query: str, reply: bytes
 ) -> None:
     a_host = joined["a"]
@@ -335,7 +335,7 @@ def test_a_hosts_malformed_answer_is_refused_and_audited_not_a_server_error(
     assert [entry.actor_label for entry in entries] == [f"host {a_host.name}"]
 
 
-def test_a_hosts_malformed_output_for_a_console_is_refused(world: World, joined: dict[str, Any]) -> None:
+def test_it_refuses_a_hosts_malformed_output_for_a_console(world: World, joined: dict[str, Any]) -> None:
     from compute.consumers import OutputFollower
 
     a_host = joined["a"]
