@@ -939,10 +939,12 @@ def receive_commit_layer(
 ) -> dict[str, Any]:
     """The layer a running commit on this host made, streamed into the portal's store: kept only if
     its bytes hash to `digest` and number `size`, and only if `size` fits in what is left of the
-    tenant's image storage. The digest is then noted on the operation: the commit may name no other.
+    tenant's image storage. The digest is noted on the operation before a byte is read (and dropped
+    again if the bytes are refused): the commit uploads and names no other layer.
 
     Everything but the bytes is checked before the first chunk is taken (the host, the commit, the
-    quota, a body length other than `size`); a body without a length is cut off past `size`."""
+    quota, a body length other than `size`, another layer); a body without a length is cut off past
+    `size`."""
     from imaging import services as imaging_services
     from imaging.store import DigestMismatch, SizeMismatch
     from portal.models import Operation
@@ -953,20 +955,57 @@ def receive_commit_layer(
     imaging_services.refuse_beyond_image_quota(workload.tenant, size)
     if declared_length is not None and declared_length != size:
         raise _refused_layer(actor, host, op, digest, "The body's length is not the layer's size.", "size")
+    layer = {"digest": digest, "size": size}
+    reserved = _reserve_commit_layer(actor, host, op, layer)
     store = imaging_services.get_store()
     lease = store.acquire_lease(f"commit-{op.pk}", [digest], ttl=COMMIT_LEASE_SECONDS)
     try:
         store.ingest_chunks(_at_most(chunks, size), digest=digest, size=size)
     except (DigestMismatch, SizeMismatch, LayerRefused):
         lease.release()
+        if reserved:  # the slot is free again for the commit's real layer
+            Operation.objects.filter(pk=op.pk, params__layer__digest=digest).update(params=op.params)
         raise _refused_layer(
             actor, host, op, digest, "The layer does not match its digest and size: nothing was kept."
         ) from None
-    except BaseException:  # the host went away mid-body: nothing of it is kept either
+    except BaseException:  # the host went away mid-body: nothing of it is kept, the slot stays its own
         lease.release()
         raise
-    Operation.objects.filter(pk=op.pk).update(params={**op.params, "layer": {"digest": digest, "size": size}})
-    return {"digest": digest, "size": size}
+    return layer
+
+
+def _reserve_commit_layer(actor: Actor, host: Host, op: Any, layer: dict[str, Any]) -> bool:
+    """Note `layer` as the commit's one layer before its bytes are read (True: noted now). A commit has
+    one layer: each upload replacing the last (and its lease) would let a host keeping a commit running
+    store layer after layer that no quota charges and only an operator's GC removes; a check without the
+    conditional write would let concurrent uploads all pass it. The same layer again (a retry) is fine."""
+    from portal.models import Operation, OperationState
+
+    noted = op.params.get("layer")
+    reserved = False
+    if noted is None:
+        reserved = bool(
+            Operation.objects.filter(pk=op.pk, state=OperationState.RUNNING)
+            .exclude(params__has_key="layer")
+            .update(params={**op.params, "layer": layer})
+        )
+        if not reserved:
+            noted = (Operation.objects.filter(pk=op.pk).values_list("params", flat=True).first() or {}).get(
+                "layer"
+            )
+    if not reserved and noted != layer:
+        audit.record_denied(
+            actor,
+            "host.commit.upload",
+            host=host.name,
+            digest=layer["digest"],
+            operation=str(op.pk),
+            reason="the commit has another layer",
+        )
+        error = Conflict("This commit has uploaded its layer already.")
+        error.audited = True
+        raise error
+    return reserved
 
 
 @audit.denials_audited

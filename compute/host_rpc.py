@@ -39,6 +39,83 @@ class HostNotAnswering(ServiceError):
     code = "host_not_answering"
 
 
+class HostAnswerInvalid(ServiceError):
+    """The host answered something that is not an answer to the question (audited: only a broken or
+    compromised agent does): no page or API answer takes it on trust."""
+
+    status_code = 502
+    code = "host_answer_invalid"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _output(value: Any) -> bool:
+    import base64
+    import binascii
+
+    if not isinstance(value, dict) or not isinstance(value.get("data"), str):
+        return False
+    position = value.get("position")
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+        return False
+    try:
+        base64.b64decode(value["data"], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+# The shape of each answer the portal's pages, API and consoles use (a question not listed: any JSON).
+# NaN and infinities fail `_number` (JSON's parser accepts them; no API answer can carry them).
+ANSWER_SHAPES: dict[str, Any] = {
+    "logs": lambda value: isinstance(value, str),
+    "stats": lambda value: isinstance(value, dict) and all(_number(v) for v in value.values()),
+    "changes": lambda value: (
+        isinstance(value, list)
+        and all(
+            isinstance(change, dict)
+            and change.get("kind") in ("A", "C", "D")
+            and isinstance(change.get("path"), str)
+            for change in value
+        )
+    ),
+    "output": _output,
+}
+
+
+def _answer_of(workload: Workload, query: str, reply: bytes) -> Any:
+    """The result in the host's reply, if it is one; its refusal as a Conflict (its message bounded)."""
+    try:
+        answer = json.loads(reply)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and answer.get("ok") is False and isinstance(answer.get("error", ""), str):
+        raise Conflict(str(answer.get("error") or "The host could not answer.")[:1000])
+    shape = ANSWER_SHAPES.get(query)
+    if (
+        not isinstance(answer, dict)
+        or answer.get("ok") is not True
+        or (shape is not None and not shape(answer.get("result")))
+    ):
+        from tenants import audit
+        from tenants.actors import Actor
+
+        host_name = workload.host.name if workload.host is not None else str(workload.host_id)
+        audit.record_denied(
+            Actor.system(f"host {host_name}"),
+            "host.rpc.answer",
+            host=host_name,
+            query=query,
+            workload=str(workload.pk),
+        )
+        error = HostAnswerInvalid("The workload's host gave an answer that is not one.")
+        error.audited = True
+        raise error
+    return answer.get("result")
+
+
 @cache
 def _redis() -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=ASK_TIMEOUT_SECONDS + 5)
@@ -97,10 +174,7 @@ def ask(workload: Workload, query: str, timeout: float = ASK_TIMEOUT_SECONDS, **
     reply = pop_one(client, reply_key(host_id, request_id), timeout)
     if reply is None:
         raise HostNotAnswering(f"The workload's host did not answer within {timeout:.0f} s.")
-    answer = json.loads(reply)
-    if not answer.get("ok"):
-        raise Conflict(str(answer.get("error") or "The host could not answer."))
-    return answer.get("result")
+    return _answer_of(workload, query, reply)
 
 
 class HostConsole:

@@ -29,6 +29,8 @@ from portal.errors import operator_detail, tenant_message
 from portal.failpoints import failpoint
 
 HOST_QUEUE_PREFIX = "host."
+# Parameters the portal adds to an operation while it runs (`compute.host_reports.receive_commit_layer`).
+RUNNING_NOTES = ("layer",)
 
 
 class _Sent(Enum):
@@ -146,8 +148,11 @@ class WorkloadTask(HostOperationTask):
     def check_claim(self, claimed: ClaimedOperation) -> None:
         peeked_target = self.peeked.get("target_id") if self.peeked.get("target_type") == "workload" else None
         claimed_target = claimed.target_id if claimed.target_type == "workload" else None
+        # What the portal notes on a running operation (a commit's uploaded layer) is not in a message sent
+        # before: a redelivered message (its worker lost) still agrees with its operation.
+        claimed_params = {k: v for k, v in claimed.params.items() if k not in RUNNING_NOTES}
         if (peeked_target or None) != (claimed_target or None) or (
-            self.peeked.get("params") is not None and dict(self.peeked["params"]) != claimed.params
+            self.peeked.get("params") is not None and dict(self.peeked["params"]) != claimed_params
         ):
             # Only a forged message can say so: the lock held is not the target's. Nothing was run.
             raise RuntimeError("the operation's message does not match the operation")

@@ -72,6 +72,10 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
     headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     if path in ("/v2", "/v2/"):
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and _is_host_credential(token.strip()):
+            await _host_fetch(send, method, headers, None, None, token.strip(), zerocopy=False)
+            return
         grant = await _grant_from_headers(headers)
         if grant is None or grant.principal is None:
             await _challenge(send, headers, scope_text=None)
@@ -425,20 +429,21 @@ async def _host_fetch(
     send: Send,
     method: str,
     headers: dict[str, str],
-    repository: Repository,
+    repository: Repository | None,
     route: re.Match[str] | None,
     secret: str,
     zerocopy: bool,
 ) -> None:
     """A host's agent with its own credential (`Bearer bhh_…`): it may GET or HEAD a blob of an image that
     a workload placed on it uses, through that image's repository, and nothing else (no manifest, tag
-    list, push or delete). What it may not fetch answers like a missing blob and is audited."""
+    list, push or delete; `repository` None: the registry's root, where a client's login would start).
+    What it may not fetch answers like a missing blob and is audited."""
     host = await sync_to_async(_current_host)(secret)
     if host is None:
         await _error(send, 401, "UNAUTHORIZED", "a current host credential is needed", _HOST_CHALLENGE)
         return
     digest = route["reference"] if route is not None and route["kind"] == "blobs" else None
-    if digest is None or method not in ("GET", "HEAD"):
+    if repository is None or digest is None or method not in ("GET", "HEAD"):
         await sync_to_async(_audit_host_denied)(host, "host.registry", repository, method)
         await _error(send, 403, "DENIED", "a host may only fetch the blobs of its workloads' images")
         return
@@ -485,13 +490,14 @@ def _blob_for_host(host: Any, repository: Repository, digest: str) -> str | None
     return str(path)
 
 
-def _audit_host_denied(host: Any, action: str, repository: Repository, method: str, **details: Any) -> None:
+def _audit_host_denied(
+    host: Any, action: str, repository: Repository | None, method: str, **details: Any
+) -> None:
     from tenants import audit
     from tenants.actors import Actor
 
-    audit.record_denied(
-        Actor.system(f"host {host.name}"), action, repository=repository.name, method=method, **details
-    )
+    name = repository.name if repository is not None else ""  # None: the registry's root (`/v2/`)
+    audit.record_denied(Actor.system(f"host {host.name}"), action, repository=name, method=method, **details)
 
 
 async def _send_blob(
@@ -565,7 +571,8 @@ def _stat_size(path: str) -> int:
 
 
 def _parse_range(text: str, size: int) -> tuple[int, int] | None:
-    match = re.fullmatch(r"bytes=(\d*)-(\d*)", text.strip())
+    # At most 19 digits (an int64, as any file size): int() of thousands of digits raises, a 500.
+    match = re.fullmatch(r"bytes=(\d{0,19})-(\d{0,19})", text.strip())
     if match is None or (not match[1] and not match[2]):
         return None
     if not match[1]:  # the last N bytes

@@ -56,3 +56,31 @@ def test_it_runs_nothing_when_the_claim_has_other_parameters_than_the_message(ta
     task.peeked = {"id": OP, "target_type": "workload", "target_id": MINE, "params": {"start": True}}
     with pytest.raises(RuntimeError):
         task.check_claim(claimed(MINE, start=False))
+
+
+def test_it_takes_a_redelivered_commit_message_as_its_operations_once_its_layer_was_uploaded() -> None:
+    """The portal notes the uploaded layer on the running commit (`params["layer"]`): a message sent
+    before, delivered again after its worker was lost, is not a forged one."""
+    from compute.host.tasks import commit_workload
+
+    params = {"name": "snap", "tag": "1"}
+    commit_workload.peeked = {"id": OP, "target_type": "workload", "target_id": MINE, "params": params}
+    try:
+        uploaded = {**params, "layer": {"digest": "sha256:" + "a" * 64, "size": 10}}
+        commit_workload.check_claim(
+            ClaimedOperation(
+                id=OP, kind="workload.commit", target_type="workload", target_id=MINE, params=uploaded
+            )
+        )
+        with pytest.raises(RuntimeError):  # any other parameter still has to agree
+            commit_workload.check_claim(
+                ClaimedOperation(
+                    id=OP,
+                    kind="workload.commit",
+                    target_type="workload",
+                    target_id=MINE,
+                    params={**uploaded, "tag": "2"},
+                )
+            )
+    finally:
+        commit_workload.peeked = {}

@@ -263,3 +263,27 @@ def test_it_refuses_a_commit_report_that_is_not_a_layer(commits: dict[str, Any])
     ):
         assert report(client, on_a, op_a, bad).status_code == 400, bad  # type: ignore[arg-type]
     assert no_committed_image()
+
+
+def test_it_keeps_one_layer_per_commit_so_a_host_cannot_fill_the_store_by_uploading_again(
+    commits: dict[str, Any], world: World
+) -> None:
+    """Each upload was checked against the quota alone and replaced the commit's lease: a host that kept
+    a commit running could store layer after layer, none charged and none collected until an operator's
+    GC. A commit takes one layer; the same one again (a retry whose answer was lost) is still fine."""
+    from imaging.services import get_store
+
+    client, a, on_a, op_a = commits["client_a"], commits["a"], commits["on_a"], commits["op_a"]
+    first = build_layer("the commit's layer")
+    assert upload(client, on_a, op_a, first).status_code == 200
+    assert upload(client, on_a, op_a, first).status_code == 200  # a retry of the same bytes
+    for text in ("filler one", "filler two"):
+        other = build_layer(text)
+        answer = upload(client, on_a, op_a, other)
+        assert answer.status_code == 409, answer.json()
+        assert not get_store().has_blob(other.digest)
+    assert len(denied("host.commit.upload", a)) == 2
+    op_a.refresh_from_db()
+    assert op_a.params["layer"] == {"digest": first.digest, "size": len(first.blob)}
+    assert report(client, on_a, op_a, first.report()).status_code == 200
+    assert Image.objects.filter(tenant=world.acme, source="commit").count() == 1

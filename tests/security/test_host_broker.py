@@ -6,6 +6,7 @@ ACLs; each attempt is refused by Redis and lands in the audit log."""
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -262,3 +263,98 @@ def test_the_brokers_refusals_of_a_host_are_audited(joined: dict[str, Any]) -> N
     entries = AuditEntry.objects.filter(action="host.broker.denied", object_id=str(host.pk), outcome="denied")
     assert {entry.details["reason"] for entry in entries} == {"key", "command"}
     assert all(entry.actor_label == f"host {host.name}" for entry in entries)
+
+
+def test_it_costs_a_question_no_more_than_its_timeout_when_a_host_says_forever_it_starts(
+    world: World, joined: dict[str, Any]
+) -> None:
+    """A's agent may say it is starting (`rpc-starting`, meant to last 60 s): a host that sets it without
+    an expiry and never answers makes each question wait its own timeout, never longer, the unanswered
+    questions expire, and A cannot say so for B."""
+    import time
+
+    a_host, b_host = joined["a"], joined["b"]
+    on_a, _ = place(world, a_host, "silent-a")
+    Workload.objects.filter(pk=on_a.pk).update(state="running")
+    on_a.refresh_from_db()
+    a = broker_as(joined["env_a"])
+    a.set(rpc.starting_key(a_host.pk), "1")  # no expiry
+    assert portal_broker().ttl(rpc.starting_key(a_host.pk)) == -1
+    started = time.monotonic()
+    with pytest.raises(host_rpc.HostNotAnswering):
+        host_rpc.ask(on_a, "logs", timeout=1)
+    assert time.monotonic() - started < 2.5
+    assert 0 < portal_broker().ttl(rpc.requests_key(a_host.pk)) <= 1 + host_rpc.REPLY_TTL_SECONDS
+    assert refused(lambda: a.set(rpc.starting_key(b_host.pk), "1"))
+    assert refused(lambda: a.set(rpc.alive_key(b_host.pk), "1"))
+
+
+def forged_answers(client: redis.Redis, host: Host, reply: bytes, stop: threading.Event) -> None:
+    """A hostile agent: it takes each question from its own list and answers `reply`."""
+    while not stop.is_set():
+        item = rpc.pop_one(client, rpc.requests_key(host.pk), 0.1)
+        if item is None:
+            continue
+        request_id = json.loads(item)["id"]
+        client.rpush(rpc.reply_key(host.pk, request_id), reply)
+
+
+FORGED = [
+    ("logs", b"not json"),
+    ("logs", b'["ok"]'),
+    ("logs", b'{"ok": true, "result": {"lines": 1}}'),
+    ("logs", b'{"ok": false, "error": {"nested": true}}'),
+    ("stats", b'{"ok": true, "result": ["memory_bytes"]}'),
+    ("stats", b'{"ok": true, "result": {"memory_bytes": "a lot"}}'),
+    ("stats", b'{"ok": true, "result": {"memory_bytes": NaN}}'),
+    ("changes", b'{"ok": true, "result": {"kind": "A"}}'),
+    ("changes", b'{"ok": true, "result": [{"kind": "A", "path": 7}]}'),
+]
+
+
+@pytest.mark.parametrize(("query", "reply"), FORGED, ids=[f"{q}-{i}" for i, (q, _) in enumerate(FORGED)])
+def test_it_refuses_and_audits_a_hosts_malformed_answer_instead_of_a_server_error(
+    world: World, joined: dict[str, Any], query: str, reply: bytes
+) -> None:
+    a_host = joined["a"]
+    on_a, _ = place(world, a_host, "lying-a")
+    Workload.objects.filter(pk=on_a.pk).update(state="running", runtime_id="bh-lying")
+    a = broker_as(joined["env_a"])
+    a.set(rpc.alive_key(a_host.pk), "1", px=10_000)
+    stop = threading.Event()
+    hostile = threading.Thread(target=forged_answers, args=(a, a_host, reply, stop))
+    hostile.start()
+    try:
+        api = client_for(world, "alice")
+        answer = api.get(f"/api/v1/workloads/{on_a.pk}/{query}/")
+    finally:
+        stop.set()
+        hostile.join(timeout=5)
+    assert answer.status_code == 502, answer.content[:300]
+    entries = AuditEntry.objects.filter(action="host.rpc.answer", outcome="denied")
+    assert [entry.actor_label for entry in entries] == [f"host {a_host.name}"]
+
+
+def test_it_refuses_a_hosts_malformed_output_for_a_console(world: World, joined: dict[str, Any]) -> None:
+    from compute.consumers import OutputFollower
+
+    a_host = joined["a"]
+    on_a, _ = place(world, a_host, "lying-out")
+    Workload.objects.filter(pk=on_a.pk).update(state="running", runtime_id="bh-lying-out")
+    on_a.refresh_from_db()
+    a = broker_as(joined["env_a"])
+    a.set(rpc.alive_key(a_host.pk), "1", px=10_000)
+    for reply in (
+        b'{"ok": true, "result": {"data": "%%%not base64", "position": 3}}',
+        b'{"ok": true, "result": {"data": "", "position": -1}}',
+        b'{"ok": true, "result": "text"}',
+    ):
+        stop = threading.Event()
+        hostile = threading.Thread(target=forged_answers, args=(a, a_host, reply, stop))
+        hostile.start()
+        try:
+            with pytest.raises(host_rpc.HostAnswerInvalid):
+                OutputFollower(on_a).read_new()
+        finally:
+            stop.set()
+            hostile.join(timeout=5)

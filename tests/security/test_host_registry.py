@@ -152,3 +152,89 @@ def test_it_refuses_an_unknown_or_revoked_host_credential(world: World, portal: 
     hosts.revoke_host_credentials(actor=Actor(user=world.user("oscar")), host=portal["a"])
     assert httpx.get(url, headers=as_host(portal["secret_a"])).status_code == 401
     assert AuditEntry.objects.filter(action="auth.host", outcome="denied").count() == 2
+
+
+def test_it_refuses_a_host_credential_wherever_a_users_credential_goes_and_audits_it(
+    world: World, portal: dict[str, Any]
+) -> None:
+    """A host's credential is no user's: not on the registry's root or token endpoint (Bearer, or as a
+    password with any user name), not on the REST API, not on a blob through Basic."""
+    import base64
+
+    from rest_framework.test import APIClient
+
+    secret, url = portal["secret_a"], portal["url"]
+    layer = only_layer(portal["on_a"], portal["on_b"])
+
+    def basic(user: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()}
+
+    assert httpx.get(f"{url}/v2/", headers=as_host(secret)).status_code == 403  # no login as a client
+    assert denials("host.registry") == 1
+    token = httpx.get(f"{url}/v2/token?scope=repository:acme/web:pull,push", headers=basic("alice"))
+    assert token.status_code == 401
+    assert AuditEntry.objects.filter(action="registry.login", outcome="denied").count() == 1
+    as_basic = httpx.get(f"{url}/v2/acme/web/blobs/{layer.digest}", headers=basic("bht-reg-a"))
+    assert as_basic.status_code == 401
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    assert api.get("/api/v1/tenants/").status_code == 401
+    assert api.get("/api/v1/workloads/").status_code == 401
+    assert AuditEntry.objects.filter(action="auth.token", outcome="denied").count() == 2
+
+
+def test_it_stops_handing_a_host_the_layers_of_a_workload_that_left_it(
+    world: World, portal: dict[str, Any]
+) -> None:
+    from compute.models import Workload
+
+    layer = only_layer(portal["on_a"], portal["on_b"])
+    url = f"{portal['url']}/v2/acme/web/blobs/{layer.digest}"
+    assert httpx.get(url, headers=as_host(portal["secret_a"])).status_code == 200
+    Workload.objects.filter(tenant=world.acme, name="web").update(host=Host.objects.get(name="bht-reg-b"))
+    assert httpx.get(url, headers=as_host(portal["secret_a"])).status_code == 404
+    head = httpx.head(url, headers=as_host(portal["secret_a"]))
+    assert head.status_code == 404 and head.headers.get("docker-content-digest") is None
+    assert denials("host.blob.fetch") == 2
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "acme/web/..%2fdb/blobs/{digest}",
+        "acme/..%2fglobex%2fweb/blobs/{digest}",
+        "acme%2fweb/blobs/{digest}",
+        "ACME/web/blobs/{digest}",
+        "acme/web/blobs/{digest}%2f..%2f..",
+        "acme/web/blobs/{digest}/",
+        "acme/web/blobs/sha256:..%2f..%2fetc%2fpasswd",
+    ],
+)
+def test_it_gives_a_host_nothing_through_a_repository_or_digest_with_path_tricks(
+    portal: dict[str, Any], path: str
+) -> None:
+    layer = only_layer(portal["on_b"], portal["on_a"])  # placed only on b
+    answer = httpx.get(
+        f"{portal['url']}/v2/" + path.format(digest=layer.digest), headers=as_host(portal["secret_a"])
+    )
+    assert answer.status_code in (400, 403, 404), answer.text
+    assert hashlib.sha256(answer.content).hexdigest() != layer.digest.removeprefix("sha256:")
+
+
+HUGE = "9" * 5000  # past Python's 4300 digits for int(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["bytes=0-" + HUGE, f"bytes={HUGE}-", "bytes=-" + HUGE, "bytes=5-2", "bytes=0-1,3-4"],
+    ids=["huge-end", "huge-start", "huge-suffix", "backwards", "two-ranges"],
+)
+def test_it_answers_a_hosts_range_it_cannot_satisfy_with_416_not_an_error(
+    portal: dict[str, Any], text: str
+) -> None:
+    layer = only_layer(portal["on_a"], portal["on_b"])
+    url = f"{portal['url']}/v2/acme/web/blobs/{layer.digest}"
+    answer = httpx.get(url, headers={**as_host(portal["secret_a"]), "Range": text})
+    assert answer.status_code in (206, 416), (answer.status_code, answer.text[:200])
+    if answer.status_code == 206:
+        assert len(answer.content) <= layer.size
