@@ -582,6 +582,26 @@ def apply_plan(*, actor: Actor, plan: DesiredPlan) -> Operation:
     return op
 
 
+@dataclass
+class SavedAndApplied:
+    revision: DesiredRevision
+    revision_created: bool
+    plan: DesiredPlan
+    operation: Operation | None
+
+
+def save_plan_and_apply(*, actor: Actor, tenant: Tenant, text: str, message: str = "") -> SavedAndApplied:
+    """What ``bulkhead apply --yes`` did in three requests, in one: save the revision, plan it, apply
+    the plan. Each step is its own service (validated, audited) as before. The plan is applied unless it
+    changes nothing and the revision already is the tenant's target (then there is no operation)."""
+    revision, created = save_revision(actor=actor, tenant=tenant, text=text, message=message)
+    plan = create_plan(actor=actor, tenant=tenant, revision=revision)
+    unchanged = all(step["action"] in ("noop", "keep") for step in plan.plan["steps"])
+    if unchanged and ensure_state(tenant).target_revision == revision.number:
+        return SavedAndApplied(revision, created, plan, None)
+    return SavedAndApplied(revision, created, plan, apply_plan(actor=actor, plan=plan))
+
+
 # --------------------------------------------------------------------------------------------------------
 # Executing steps (apply and autocorrect)
 
