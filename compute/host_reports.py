@@ -505,6 +505,9 @@ def workload_spec(workload: Workload) -> dict[str, Any]:
                 "compartment": allocation.compartment.network_id,
                 "address": allocation.address,
                 "mac": allocation.mac,
+                # The compartment's gateway (its DNS server): the host writes the container's
+                # resolv.conf before the compartment's network is realised (created while attaching).
+                "gateway": str(allocation.compartment.gateway_address),
             }
             if allocation is not None
             else None

@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import http.client
 import json
 import os
+import ssl
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from typing import Any, TextIO
-
-import httpx
 
 SYMBOLS = {"create": "+", "update": "~", "replace": "-/+", "delete": "-", "keep": "!", "noop": " "}
 
@@ -44,31 +47,76 @@ SYMBOLS = {"create": "+", "update": "~", "replace": "-/+", "delete": "-", "keep"
 FIRST_POLL_SECONDS = 0.05
 FAST_POLLS_FOR_SECONDS = 2.0
 POLL_SECONDS = 0.5
+TIMEOUT_SECONDS = 60
 
 
 class CliError(Exception):
     """A failure to report on stderr with exit status 1."""
 
 
+class PortalError(CliError):
+    """The portal answered with an error; ``field`` is the input it names, if any."""
+
+    def __init__(self, message: str, status: int, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, not followed: the token is never sent on to another address."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class Client:
-    """A thin wrapper over httpx that raises CliError with the API's error message."""
+    """The portal's JSON API over the standard library (``urllib``): the CLI starts ~50 ms sooner than
+    with httpx. Proxies from the environment (``http_proxy``, ``https_proxy``, ``no_proxy``), TLS
+    verified against the system's trust store (``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured), no
+    redirects followed; errors raise CliError with the API's message."""
 
-    def __init__(self, url: str, token: str, *, transport: httpx.BaseTransport | None = None) -> None:
-        self.http = httpx.Client(
-            base_url=url.rstrip("/") + "/api/v1/",
-            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-            timeout=60,
-            transport=transport,
-        )
+    def __init__(self, url: str, token: str) -> None:
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise CliError(f"BULKHEAD_URL must be an http:// or https:// address, not {url!r}")
+        self.base = url.rstrip("/") + "/api/v1/"
+        self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        handlers: list[Any] = [_NoRedirects]
+        if self.base.startswith("https:"):
+            # One verifying context for the process (loading the trust store is the slow part).
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context()))
+        self.opener = urllib.request.build_opener(*handlers)
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _open(self, method: str, path: str, params: dict[str, Any] | None, body: Any) -> Any:
+        url = self.base + path
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        headers = dict(self.headers)
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        # The scheme is http or https (checked in __init__), never file: or another opener's.
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
         try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as error:
+            return self.opener.open(request, timeout=TIMEOUT_SECONDS)
+        except urllib.error.HTTPError as error:
+            with error:
+                raise _portal_error(error.code, error.read()) from None
+        except urllib.error.URLError as error:
+            raise CliError(f"cannot reach the portal: {error.reason}") from None
+        except (OSError, http.client.HTTPException) as error:
             raise CliError(f"cannot reach the portal: {error}") from None
-        if response.status_code >= 400:
-            raise CliError(_error_text(response))
-        return response.json() if response.content else None
+
+    def request(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None
+    ) -> Any:
+        with self._open(method, path, params, json) as response:
+            try:
+                content = response.read()
+            except (OSError, http.client.HTTPException) as error:
+                raise CliError(f"cannot reach the portal: {error}") from None
+        return _json.loads(content) if content else None
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params or None)
@@ -79,17 +127,33 @@ class Client:
     def put(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("PUT", path, json=body)
 
+    def download(self, path: str, output: str) -> None:
+        """GET ``path`` into the file ``output`` a MiB at a time (the file is made once the portal agrees)."""
+        try:
+            response = self._open("GET", path, None, None)
+        except PortalError as error:
+            raise CliError(f"download refused ({error.status})") from None
+        with response, open(output, "wb") as handle:
+            while block := response.read(1 << 20):
+                handle.write(block)
 
-def _error_text(response: httpx.Response) -> str:
+
+_json = json  # ``request`` takes a ``json`` argument (the body), as httpx's did
+
+
+def _portal_error(status: int, content: bytes) -> PortalError:
     try:
-        error = response.json().get("error", {})
-    except ValueError:
-        return f"HTTP {response.status_code}: {response.text[:200]}"
-    lines = [f"{error.get('message', 'request failed')} (HTTP {response.status_code})"]
+        error = _json.loads(content).get("error", {})
+    except (ValueError, AttributeError):
+        text = content[:200].decode(errors="replace")
+        return PortalError(f"HTTP {status}: {text}", status)
+    lines = [f"{error.get('message', 'request failed')} (HTTP {status})"]
     for issue in error.get("issues", []):
         where = f"line {issue['line']}" if issue.get("line") else "document"
         lines.append(f"  {where}: {issue.get('path') or '(document)'}: {issue['message']}")
-    return "\n".join(lines)
+    fields = error.get("fields")
+    field = next(iter(fields), None) if isinstance(fields, dict) else None
+    return PortalError("\n".join(lines), status, field)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -161,6 +225,8 @@ class Commands:
 
     def apply(self, args: argparse.Namespace) -> int:
         text = _read(args.file)
+        if args.yes:
+            return self._apply_at_once(text, args)
         revision = self.client.post(
             "desired/revisions/", {"tenant": self.tenant["id"], "text": text, "message": args.message or ""}
         )
@@ -182,6 +248,26 @@ class Commands:
                 return 1
         op = self.client.post(f"desired/plans/{plan['id']}/apply/")
         return self.follow(op, args.timeout)
+
+    def _apply_at_once(self, text: str, args: argparse.Namespace) -> int:
+        """Nothing to confirm: save, plan and apply in one request (the portal decides, as ``apply``
+        does without --yes, whether an unchanged plan still needs applying)."""
+        body = {"text": text, "message": args.message or ""}
+        if self.tenant_hint:
+            body["tenant"] = self.tenant["id"]
+        try:
+            done = self.client.post("desired/apply/", body)
+        except PortalError as error:
+            if error.field != "tenant" or self.tenant_hint:
+                raise
+            body["tenant"] = self.tenant["id"]  # which tenant is unclear: say so as the other commands do
+            done = self.client.post("desired/apply/", body)
+        revision = done["revision"]
+        self.out.write(f"Revision {revision['number']} ({revision['author_label']}).\n")
+        render_plan(done["plan"]["plan"], self.out)
+        if done["operation"] is None:
+            return 0
+        return self.follow(done["operation"], args.timeout)
 
     def follow(self, op: dict[str, Any], timeout: float, done: str = "Applied") -> int:
         """Print an operation's progress until it finishes; 0 when it succeeded."""
@@ -402,11 +488,7 @@ class Commands:
         op = self.client.post(path + "export/")
         self.follow(op, args.timeout, done="Exported")
         url = self.client.get(f"operations/{op['id']}/")["result"]["download"].removeprefix("/api/v1/")
-        with self.client.http.stream("GET", url) as response, open(args.output, "wb") as handle:
-            if response.status_code != 200:
-                raise CliError(f"download refused ({response.status_code})")
-            for block in response.iter_bytes(1 << 20):
-                handle.write(block)
+        self.client.download(url, args.output)
         self.out.write(f"Wrote {args.output}.\n")
         return 0
 
@@ -553,7 +635,6 @@ def main(
     *,
     out: TextIO | None = None,
     stdin: TextIO | None = None,
-    transport: httpx.BaseTransport | None = None,
 ) -> int:
     """Entry point of the ``bulkhead`` console script."""
     args = build_parser().parse_args(argv)
@@ -562,8 +643,8 @@ def main(
     if not url or not token:
         sys.stderr.write("bulkhead: set BULKHEAD_URL and BULKHEAD_TOKEN\n")
         return 2
-    commands = Commands(Client(url, token, transport=transport), args.tenant, out, stdin)
     try:
+        commands = Commands(Client(url, token), args.tenant, out, stdin)
         return int(getattr(commands, args.command)(args))
     except CliError as error:
         sys.stderr.write(f"bulkhead: {error}\n")

@@ -87,6 +87,10 @@ class RevisionCreateSerializer(serializers.Serializer):
     message = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
 
 
+class ApplyDocumentSerializer(RevisionCreateSerializer):
+    """A document to save as a revision, plan and apply at once (``bulkhead apply --yes``)."""
+
+
 class RollbackSerializer(serializers.Serializer):
     message = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
 
@@ -156,7 +160,7 @@ class DesiredStateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Perm
     write_action = "manage"
     lookup_value_regex = UUID_LOOKUP
     serializer_class = DesiredStateSerializer
-    http_method_names = ["get", "patch", "head", "options"]
+    http_method_names = ["get", "post", "patch", "head", "options"]
 
     def list(self, request: Request) -> Response:
         tenants = self.get_queryset().order_by("name")
@@ -201,6 +205,33 @@ class DesiredStateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Perm
     @action(detail=True, methods=["get"])
     def export(self, request: Request, pk: str) -> Response:
         return Response({"document": services.export_for(self.get_object())})
+
+    @extend_schema(request=ApplyDocumentSerializer, responses={202: dict, 200: dict})
+    @action(detail=False, methods=["post"], url_path="apply", url_name="apply")
+    def apply_document(self, request: Request) -> Response:
+        """Save the document as a revision, plan it and apply the plan: the revision, the plan and the
+        operation (null when nothing changes and the revision already is the target). 202 when applying."""
+        data = ApplyDocumentSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        tenant = tenant_for(request, data.validated_data.get("tenant"), "manage")
+        try:
+            done = services.save_plan_and_apply(
+                actor=self.actor,
+                tenant=tenant,
+                text=data.validated_data["text"],
+                message=data.validated_data["message"],
+            )
+        except services.InvalidDocument as error:
+            return invalid_document(error)
+        return Response(
+            {
+                "revision": RevisionSerializer(done.revision).data,
+                "revision_created": done.revision_created,
+                "plan": PlanSerializer(done.plan).data,
+                "operation": OperationSerializer(done.operation).data if done.operation else None,
+            },
+            status=status.HTTP_202_ACCEPTED if done.operation else status.HTTP_200_OK,
+        )
 
     @extend_schema(responses={200: dict})
     @action(detail=False, methods=["get"], url_path="schema", url_name="schema")

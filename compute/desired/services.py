@@ -545,15 +545,18 @@ def _observed_fingerprint(tenant: Tenant) -> str:
     return observed_fingerprint(observe.observed_resources(tenant))
 
 
-def apply_plan(*, actor: Actor, plan: DesiredPlan) -> Operation:
-    """Queue the execution of exactly this stored plan; 409 when it is stale, a preview, or not new."""
+def apply_plan(*, actor: Actor, plan: DesiredPlan, just_planned: bool = False) -> Operation:
+    """Queue the execution of exactly this stored plan; 409 when it is stale, a preview, or not new.
+
+    ``just_planned``: the plan was made by this very request, from what is observed now; it is not read
+    again here (the task checks staleness under the tenant's claim before it runs any step)."""
     from compute.desired import tasks
 
     if plan.revision_id is None:
         raise Conflict("This plan is a preview of an unsaved document; save it as a revision and plan that.")
     if plan.state != PlanState.PLANNED:
         raise Conflict(f"This plan is {plan.state}; make a new plan.")
-    if _observed_fingerprint(plan.tenant) != plan.observed_fingerprint:
+    if not just_planned and _observed_fingerprint(plan.tenant) != plan.observed_fingerprint:
         DesiredPlan.objects.filter(pk=plan.pk, state=PlanState.PLANNED).update(state=PlanState.STALE)
         raise StalePlan(
             "The tenant's resources changed since this plan was made; make a new plan and review it.",
@@ -580,6 +583,26 @@ def apply_plan(*, actor: Actor, plan: DesiredPlan) -> Operation:
             details={"revision": op.params["revision"], "summary": plan.plan.get("summary", {})},
         )
     return op
+
+
+@dataclass
+class SavedAndApplied:
+    revision: DesiredRevision
+    revision_created: bool
+    plan: DesiredPlan
+    operation: Operation | None
+
+
+def save_plan_and_apply(*, actor: Actor, tenant: Tenant, text: str, message: str = "") -> SavedAndApplied:
+    """What ``bulkhead apply --yes`` did in three requests, in one: save the revision, plan it, apply
+    the plan. Each step is its own service (validated, audited) as before. The plan is applied unless it
+    changes nothing and the revision already is the tenant's target (then there is no operation)."""
+    revision, created = save_revision(actor=actor, tenant=tenant, text=text, message=message)
+    plan = create_plan(actor=actor, tenant=tenant, revision=revision)
+    unchanged = all(step["action"] in ("noop", "keep") for step in plan.plan["steps"])
+    if unchanged and ensure_state(tenant).target_revision == revision.number:
+        return SavedAndApplied(revision, created, plan, None)
+    return SavedAndApplied(revision, created, plan, apply_plan(actor=actor, plan=plan, just_planned=True))
 
 
 # --------------------------------------------------------------------------------------------------------

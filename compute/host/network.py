@@ -34,7 +34,7 @@ from compute.network import (
     dns,
 )
 from compute.network.names import host_veth_name_for
-from compute.network.netns import host_networks, iproute
+from compute.network.netns import ensure_netns, host_networks, iproute, netns_path
 from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_in_netns, tap_name
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,22 @@ def ensure_container_network(ctx: HostContext, spec: WorkloadSpec) -> ContainerN
     _after_apply(ctx, *reports)
     return ContainerNetwork(
         netns_path=path, ip_address=str(spec.network.address), dns_servers=(str(compartment.gateway),)
+    )
+
+
+def container_network_ahead(ctx: HostContext, spec: WorkloadSpec) -> ContainerNetwork | None:
+    """The container's network as `ensure_container_network` will leave it, before it runs: its
+    namespace (made here, still empty: the runtime may create the container in it while the network is
+    realised), its address and the compartment's gateway as its DNS server. None when the workload joins
+    no compartment here, or its spec does not name the gateway (a portal from before it did)."""
+    if spec.network is None or spec.network.gateway is None or not ctx.profile.network_enabled:
+        return None
+    name = netns_name(spec)
+    ensure_netns(name)
+    return ContainerNetwork(
+        netns_path=netns_path(name),
+        ip_address=str(spec.network.address),
+        dns_servers=(str(spec.network.gateway),),
     )
 
 

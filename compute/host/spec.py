@@ -141,14 +141,18 @@ class NetworkAttachment:
     compartment: str
     address: IPv4Address
     mac: str
+    gateway: IPv4Address | None = None  # the compartment's (its DNS server); absent from older portals
 
     @classmethod
     def parse(cls, data: Any) -> NetworkAttachment:
+        gateway = _get(data, "gateway", str, optional=True)
         try:
             address = IPv4Address(_get(data, "address", str))
+            gateway = IPv4Address(gateway) if gateway is not None else None
         except ValueError:
-            raise SpecInvalid("'address' must be an IPv4 address") from None
-        return cls(compartment=_get(data, "compartment", str), address=address, mac=_get(data, "mac", str))
+            raise SpecInvalid("'address' and 'gateway' must be IPv4 addresses") from None
+        compartment, mac = _get(data, "compartment", str), _get(data, "mac", str)
+        return cls(compartment=compartment, address=address, mac=mac, gateway=gateway)
 
 
 @dataclass(frozen=True)

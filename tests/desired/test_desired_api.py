@@ -558,3 +558,53 @@ def test_it_resolves_a_documents_images_in_one_query_its_own_first(world: World)
         "private:1": None,  # another tenant's image is not visible
     }
     assert theirs is not None
+
+
+def apply_document(world: World, text: str = DOC, persona: str = "alice", **extra: Any) -> Any:
+    body = {"tenant": str(world.acme.pk), "text": text, **extra}
+    return client_for(world, persona).post("/api/v1/desired/apply/", body, format="json")
+
+
+def test_it_saves_plans_and_applies_a_document_in_one_request(ready: World) -> None:
+    response = apply_document(ready, message="at once")
+    assert response.status_code == 202, response.json()
+    answer = response.json()
+    assert (answer["revision"]["number"], answer["revision"]["message"]) == (1, "at once")
+    assert answer["revision_created"] is True
+    assert changes(answer["plan"]) == [("create", "workload/web"), ("create", "workload/worker")]
+    assert answer["plan"]["revision"] == answer["revision"]["id"]
+    op = Operation.objects.get(pk=answer["operation"]["id"])
+    assert (op.kind, op.tenant_id, op.state) == ("desired.apply", ready.acme.pk, "queued")
+    assert DesiredPlan.objects.get(pk=answer["plan"]["id"]).operation_id == op.pk
+    # Each step is audited as when the three requests were separate.
+    actions = list(AuditEntry.objects.filter(tenant=ready.acme).values_list("action", flat=True))
+    assert {"desired.revision", "desired.plan", "desired.apply"} <= set(actions)
+    tasks.apply_plan.apply(args=[str(op.pk)])
+    assert Operation.objects.get(pk=op.pk).state == "succeeded"
+    assert DesiredState.objects.get(tenant=ready.acme).target_revision == 1
+
+
+def test_it_applies_an_unchanged_document_only_when_its_revision_is_not_yet_the_target(
+    ready: World,
+) -> None:
+    first = apply_document(ready).json()
+    tasks.apply_plan.apply(args=[first["operation"]["id"]])
+    again = apply_document(ready)
+    assert again.status_code == 200 and again.json()["operation"] is None
+    assert again.json()["revision_created"] is False and changes(again.json()["plan"]) == []
+    # The same resources under a new revision: nothing to change, but the new revision becomes the target.
+    renumbered = apply_document(ready, DOC + "# a comment\n")
+    assert renumbered.status_code == 202 and renumbered.json()["revision"]["number"] == 2
+    tasks.apply_plan.apply(args=[renumbered.json()["operation"]["id"]])
+    assert DesiredState.objects.get(tenant=ready.acme).target_revision == 2
+
+
+def test_it_refuses_a_one_request_apply_like_the_separate_requests(ready: World) -> None:
+    refused = apply_document(ready, persona="mia")  # a member: reads, does not manage
+    assert refused.status_code == 403
+    assert AuditEntry.objects.filter(outcome="denied", details__path="/api/v1/desired/apply/").exists()
+    assert apply_document(ready, persona="bob").status_code == 400  # another tenant's id: "No such tenant."
+    invalid = apply_document(ready, "apiVersion: bulkhead/v1\nkind: TenantConfig\nspec: {workloads: 3}\n")
+    assert invalid.status_code == 400 and invalid.json()["error"]["issues"]
+    assert not DesiredRevision.objects.exists() and not DesiredPlan.objects.exists()
+    assert not Operation.objects.filter(kind="desired.apply").exists()

@@ -8,6 +8,7 @@ named after its runtime id, so the test can also probe from exactly where the co
 
 from __future__ import annotations
 
+import fcntl
 import json
 import statistics
 import subprocess
@@ -44,6 +45,7 @@ from compute.network.netns import iproute, netns_exists
 from portal.models import Operation
 from tenants.actors import Actor
 from tests.compute.conftest import cleanup_host, finished, make_host, store_dir, workload_in  # noqa: F401
+from tests.compute.runtimes import oci_runtime
 from tests.conftest import World, client_for
 from tests.imaging.images import (
     BUSYBOX,
@@ -299,6 +301,40 @@ def test_an_operator_opens_a_protected_service_to_one_tenant_and_no_other(site: 
     finally:
         for listener in listeners:
             listener.stop()
+
+
+def test_a_container_is_created_while_the_hosts_network_is_busy_and_runs_once_attached(site: Site) -> None:
+    """The container is made (conmon, `runc create`) in its namespace while its compartment's network
+    waits for the host's lock (held here, as another create realising its network holds it); its process
+    starts only once the namespace is attached, and it answers on its compartment address."""
+    front = compartment(site, "front")
+    lock_path = host_network.state_dir(host_context(site.host.pk)) / "agent.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            spec = services.WorkloadSpec(
+                name="web", image=site.image, command=["/bin/sh", "-c", WEB_COMMAND], host=None
+            )
+            op = services.create_workload(
+                actor=Actor(user=site.world.user("mia")),
+                tenant=site.world.acme,
+                spec=spec,
+                compartments=[front],
+            )
+            web = Workload.objects.get(pk=op.target_id)
+            runtime = oci_runtime(site.host)
+            wait_until(  # runc's "created": its init has a pid and waits for `start`
+                lambda: runtime.state(web.runtime_id).pid is not None,
+                timeout=60,
+                what="the container made (not started) while its network waits",
+            )
+            assert Workload.objects.get(pk=web.pk).state == "creating"
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    assert finished(str(op.pk)).state == "succeeded", finished(str(op.pk)).error
+    assert workload_in("web", {"running"}).pk == web.pk
+    assert wait_until(lambda: http_get(web.runtime_id, address_of(web), 80), timeout=10) == "hello-from-web\n"
 
 
 def test_compartments_end_to_end(site: Site) -> None:

@@ -64,6 +64,32 @@ def test_it_reports_nothing_when_the_same_state_is_applied_twice(lonely: Host) -
     assert read_sysctl("net.ipv4.ip_forward", lonely.netns) == "1"
 
 
+def test_it_lists_the_kernels_rules_before_a_load_only_when_they_should_be_unchanged(
+    lonely: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listings: list[str | None] = []
+    real_list_owned = nftables.list_owned
+
+    def list_owned(host_netns: str | None = None) -> dict[str, list[nftables.Json]]:
+        listings.append(host_netns)  # the real listing, counted: each is an `nft` run on a create's path
+        return real_list_owned(host_netns)
+
+    monkeypatch.setattr(nftables, "list_owned", list_owned)
+    apply_host_network(full_state(), lonely.netns)
+    assert len(listings) == 1  # after the load, for the record; the rules were new: nothing to compare
+    with_port = dataclasses.replace(
+        full_state(), ports=[*full_state().ports, PortMapping("tcp", 8081, IPv4Address("10.80.1.3"), 80)]
+    )
+    assert apply_host_network(with_port, lonely.netns).changed == ["nftables: rules replaced"]
+    assert len(listings) == 2
+    assert apply_host_network(with_port, lonely.netns).unchanged  # the same rules: compared, not loaded
+    assert len(listings) == 3
+    nft(lonely, "flush", "chain", "inet", "bulkhead", "forward")
+    report = apply_host_network(with_port, lonely.netns)
+    assert report.repaired == ["nftables: rules restored after an outside change"]
+    assert len(listings) == 5
+
+
 def test_it_recreates_a_table_deleted_from_outside_and_says_so(lonely: Host) -> None:
     apply_host_network(full_state(), lonely.netns)
     nft(lonely, "delete", "table", "inet", "bulkhead")

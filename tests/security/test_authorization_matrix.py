@@ -376,6 +376,7 @@ ROUTES.update(
     {
         "desired-list": Route(methods=("GET",)),
         "desired-schema": Route(methods=("GET",)),
+        "desired-apply": Route(methods=("POST",), list_post=400),
         "desired-detail": Route(
             methods=("GET", "PATCH"), obj=lambda w, o: _acme_or_globex(w, o).pk, write="manage"
         ),

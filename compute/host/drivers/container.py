@@ -7,6 +7,8 @@ run after the agent was killed half-way, converges instead of duplicating anythi
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future, wait
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,45 @@ def container_spec(
     )
 
 
+def _create_while_attaching(
+    ctx: HostContext,
+    spec: WorkloadSpec,
+    runtime: OciRuntime,
+    lower_dirs: list[str],
+    ahead: network.ContainerNetwork,
+) -> None:
+    """Create the container (bundle, conmon, `runc create`: its process does not run before `start`) in
+    its namespace while the host's network is realised and the namespace attached on another thread:
+    the two took turns, and a second create waited for the first's network under the host's lock.
+    Returns once both are done; a network that failed leaves no container behind."""
+    attaching: Future[network.ContainerNetwork | None] = Future()
+
+    def attach() -> None:
+        try:
+            attaching.set_result(network.ensure_container_network(ctx, spec))
+        except BaseException as error:  # handed to the creating thread
+            attaching.set_exception(error)
+        finally:
+            thread_done = getattr(ctx.link, "thread_done", None)  # an in-process link's connection
+            if thread_done is not None:
+                thread_done()
+
+    threading.Thread(target=attach, name=f"attach-{spec.runtime_id}", daemon=True).start()
+    try:
+        runtime.create(container_spec(ctx, spec, lower_dirs, ahead))
+    except BaseException:
+        wait([attaching])  # the host's network is not left half-applied behind a failed create
+        raise
+    try:
+        net = attaching.result()
+    except BaseException:
+        runtime.delete(spec.runtime_id, keep_upper=True)
+        raise
+    if net != ahead:  # the portal's gateway changed meanwhile: the config must say what is attached
+        runtime.delete(spec.runtime_id, keep_upper=True)
+        runtime.create(container_spec(ctx, spec, lower_dirs, net))
+
+
 class ContainerDriver:
     isolation = s.NAMESPACE
 
@@ -146,8 +187,12 @@ class ContainerDriver:
                 runtime.delete(spec.runtime_id, keep_upper=True)
             if unpacked:
                 progress(60, "Starting the container")
-            net = network.ensure_container_network(ctx, spec)
-            runtime.create(container_spec(ctx, spec, lower_dirs, net))
+            ahead = network.container_network_ahead(ctx, spec)
+            if ahead is None:
+                net = network.ensure_container_network(ctx, spec)
+                runtime.create(container_spec(ctx, spec, lower_dirs, net))
+            else:
+                _create_while_attaching(ctx, spec, runtime, lower_dirs, ahead)
             failpoint("create.created")
             runtime.start(spec.runtime_id)
             failpoint("create.started")
