@@ -182,13 +182,11 @@ def run_evacuation(op_id: Any, progress: Any) -> dict[str, Any]:
             if name in landed:
                 continue
             move = Operation.objects.get(pk=move_id)
-            created = (move.result or {}).get("create_operation")
-            if move.state == OperationState.FAILED or (move.finished and not created):
-                landed[name] = "failed"  # the move itself failed, or its target no longer took it
-            elif created:
-                create = Operation.objects.get(pk=created)
-                if create.finished:
-                    landed[name] = str(create.state)
+            created = _landed_create(move, host)
+            if move.state == OperationState.FAILED or (move.finished and created is None):
+                landed[name] = "failed"  # the move failed, its target no longer took it, or its host lied
+            elif created is not None and created.finished:
+                landed[name] = str(created.state)
         progress(5 + 90 * len(landed) / total, f"Moved {len(landed)} of {len(moves)}")
         time.sleep(0.5)
     failed = sorted(name for name, state in landed.items() if state != OperationState.SUCCEEDED)
@@ -198,6 +196,37 @@ def run_evacuation(op_id: Any, progress: Any) -> dict[str, Any]:
         "not_moved": refused,
         "unfinished": sorted(set(moves) - set(landed)),
     }
+
+
+def _landed_create(move: Any, host: Host) -> Any:
+    """The create that landed a move's workload on its new host, as the move's result names it; None when
+    it names none, or anything but a create of that very workload (the result is the old host's report:
+    such a lie is audited as the host's)."""
+    import uuid
+
+    from portal.models import Operation
+
+    created = (move.result or {}).get("create_operation")
+    if created is None:
+        return None
+    try:
+        create = Operation.objects.filter(
+            pk=uuid.UUID(str(created)),
+            kind="workload.create",
+            target_type="workload",
+            target_id=move.target_id,
+        ).first()
+    except ValueError:
+        create = None
+    if create is None:
+        audit.record_denied(
+            Actor.system(f"host {host.name}"),
+            "host.operation.report",
+            host=host.name,
+            operation=str(move.pk),
+            reason="the move's result names no create of its workload",
+        )
+    return create
 
 
 def _require_operator(actor: Actor, action: str) -> None:

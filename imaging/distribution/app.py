@@ -67,23 +67,44 @@ class RegistryApp:
 
 
 async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+    try:
+        await _handle(scope, receive, send)
+    except access.LoginThrottled:  # raised while authenticating: before any response started
+        await _error(send, 429, "TOOMANYREQUESTS", "too many failed logins; wait a minute and retry")
+
+
+def _client_address(scope: Scope, headers: dict[str, str]) -> str | None:
+    """The client's address as the API and the sign-in form see it (a trusted proxy's header honoured)."""
+    from django.conf import settings
+
+    from portal.client_address import client_address
+
+    meta = {"REMOTE_ADDR": (scope.get("client") or [None])[0]}
+    header = settings.BULKHEAD_CLIENT_IP_HEADER.lower()
+    if header in headers:
+        meta["HTTP_" + header.upper().replace("-", "_")] = headers[header]
+    return client_address(meta)
+
+
+async def _handle(scope: Scope, receive: Receive, send: Send) -> None:
     method = scope["method"]
     path = scope["path"]
     headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+    address = _client_address(scope, headers)
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     if path in ("/v2", "/v2/"):
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and _is_host_credential(token.strip()):
             await _host_fetch(send, method, headers, None, None, token.strip(), zerocopy=False)
             return
-        grant = await _grant_from_headers(headers)
+        grant = await _grant_from_headers(headers, address)
         if grant is None or grant.principal is None:
             await _challenge(send, headers, scope_text=None)
             return
         await _json(send, 200, {})
         return
     if path == "/v2/token":
-        await _token_endpoint(send, headers, query)
+        await _token_endpoint(send, headers, query, address)
         return
     upload_route = UPLOAD_ROUTE_RE.match(path)
     route = None if upload_route else ROUTE_RE.match(path)
@@ -112,7 +133,7 @@ async def handle(scope: Scope, receive: Receive, send: Send) -> None:
             token.strip(), repository, route["reference"]
         )
     else:
-        grant = await _grant_from_headers(headers)
+        grant = await _grant_from_headers(headers, address)
     if action == "pull":
         if grant is None or not await _allows(grant, repository.name, "pull"):
             await _deny(grant, repository, "pull")
@@ -188,13 +209,13 @@ async def _authorized(
 # --- auth ---------------------------------------------------------------------------------------------
 
 
-async def _grant_from_headers(headers: dict[str, str]) -> Grant | None:
+async def _grant_from_headers(headers: dict[str, str], address: str | None) -> Grant | None:
     authorization = headers.get("authorization", "")
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value:
         return await sync_to_async(access.verify_token)(value.strip())
     if scheme.lower() == "basic" and value:
-        principal = await _basic_principal(value)
+        principal = await _basic_principal(value, address)
         if principal is None:
             return None
         # Basic on the resource itself (curl): every repository the user may pull, checked per request.
@@ -221,21 +242,24 @@ class _BasicGrant(Grant):
         return action in access.granted_actions(self.principal, repository, [action])
 
 
-async def _basic_principal(value: str) -> Principal | None:
+async def _basic_principal(value: str, address: str | None) -> Principal | None:
+    """The user of a Basic header; a refusal is counted and audited by `access.principal_from_basic`."""
     try:
         username, _, secret = base64.b64decode(value.strip()).decode().partition(":")
     except (ValueError, UnicodeDecodeError):
+        await sync_to_async(_audit_denied)(None, "registry.login", {"reason": "malformed Basic header"})
         return None
-    return await sync_to_async(access.principal_from_basic)(username, secret)
+    return await sync_to_async(access.principal_from_basic)(username, secret, address)
 
 
-async def _token_endpoint(send: Send, headers: dict[str, str], query: dict[str, list[str]]) -> None:
+async def _token_endpoint(
+    send: Send, headers: dict[str, str], query: dict[str, list[str]], address: str | None
+) -> None:
     principal = None
     scheme, _, value = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "basic":
-        principal = await _basic_principal(value)
+        principal = await _basic_principal(value, address)
         if principal is None:
-            await sync_to_async(_audit_denied)(None, "registry.login", {})
             await _error(send, 401, "UNAUTHORIZED", "unknown user or wrong token")
             return
     entries = []

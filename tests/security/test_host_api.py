@@ -363,3 +363,55 @@ def test_it_never_lets_a_claim_report_on_or_read_another_hosts_workload(two_host
     assert op_b.state == "queued"
     assert len(denied("host.operation.report", a)) == 1
     assert len(denied("host.workload.report", a)) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("forged", ["not-an-id", "random", "its-own-move"])
+def test_it_counts_a_move_whose_host_names_no_create_of_that_workload_as_failed_in_an_evacuation(
+    world: World, forged: str
+) -> None:
+    """An evacuation followed each move by the `create_operation` its host put in the move's result: a
+    host lying there crashed the operator's evacuation (not an operation id) or made a workload look
+    moved (another operation's id). Only the create of that very workload counts."""
+    import threading
+    import time
+    import uuid
+
+    from django.db import connection
+
+    from compute import host_reports
+    from compute.hosts import run_evacuation
+    from portal.models import Operation
+
+    a, b = make_host("bht-evac-a"), make_host("bht-evac-b")
+    workload = place(world, "evacuated", a)
+    Workload.objects.filter(pk=workload.pk).update(pinned=False)
+    op = services.evacuate_host(actor=Actor(user=world.user("oscar")), host=a)
+
+    def lying_host() -> None:
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                move = Operation.objects.filter(queue=a.queue, kind="workload.move").first()
+                if move is not None:
+                    break
+                time.sleep(0.05)
+            assert move is not None
+            actor = host_reports.host_actor(a)
+            host_reports.report_operation(actor=actor, host=a, op_id=move.pk, event="claim")
+            named = {"not-an-id": "not-an-id", "random": str(uuid.uuid4()), "its-own-move": str(move.pk)}
+            host_reports.report_operation(
+                actor=actor, host=a, op_id=move.pk, event="finish", result={"create_operation": named[forged]}
+            )
+        finally:
+            connection.close()
+
+    host = threading.Thread(target=lying_host)
+    host.start()
+    try:
+        result = run_evacuation(op.pk, lambda *args, **kwargs: None)
+    finally:
+        host.join(30)
+    assert result["failed"] == ["evacuated"] and result["moved"] == []
+    assert not Operation.objects.filter(kind="workload.create", queue=b.queue).exists()
+    assert len(denied("host.operation.report", a)) == 1

@@ -287,3 +287,64 @@ def test_it_keeps_one_layer_per_commit_so_a_host_cannot_fill_the_store_by_upload
     assert op_a.params["layer"] == {"digest": first.digest, "size": len(first.blob)}
     assert report(client, on_a, op_a, first.report()).status_code == 200
     assert Image.objects.filter(tenant=world.acme, source="commit").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_keeps_one_layer_when_a_host_uploads_two_for_one_commit_at_once(commits: dict[str, Any]) -> None:
+    """A check of the operation's noted layer alone would let uploads started together all pass it: the
+    layer is noted before the first byte is read, so the second upload is refused while the first runs."""
+    import threading
+
+    from django.db import connection
+
+    from compute import host_reports
+    from imaging.services import get_store
+    from portal.errors import Conflict
+
+    a, on_a, op_a = commits["a"], commits["on_a"], commits["op_a"]
+    first, second = build_layer("the first upload"), build_layer("the second upload")
+    halfway, go_on = threading.Event(), threading.Event()
+    answers: dict[str, Any] = {}
+
+    def slow_body() -> Any:
+        yield first.blob[:10]
+        halfway.set()
+        go_on.wait(10)
+        yield first.blob[10:]
+
+    def upload_first() -> None:
+        try:
+            answers["first"] = host_reports.receive_commit_layer(
+                actor=host_reports.host_actor(a),
+                host=a,
+                workload_id=on_a.pk,
+                op_id=op_a.pk,
+                digest=first.digest,
+                size=len(first.blob),
+                chunks=slow_body(),
+            )
+        finally:
+            connection.close()
+
+    uploading = threading.Thread(target=upload_first)
+    uploading.start()
+    try:
+        assert halfway.wait(10)
+        with pytest.raises(Conflict):
+            host_reports.receive_commit_layer(
+                actor=host_reports.host_actor(a),
+                host=a,
+                workload_id=on_a.pk,
+                op_id=op_a.pk,
+                digest=second.digest,
+                size=len(second.blob),
+                chunks=iter([second.blob]),
+            )
+    finally:
+        go_on.set()
+        uploading.join(10)
+    assert answers["first"] == {"digest": first.digest, "size": len(first.blob)}
+    assert not get_store().has_blob(second.digest)
+    op_a.refresh_from_db()
+    assert op_a.params["layer"] == {"digest": first.digest, "size": len(first.blob)}
+    assert denied("host.commit.upload", a)

@@ -238,3 +238,28 @@ def test_it_answers_a_hosts_range_it_cannot_satisfy_with_416_not_an_error(
     assert answer.status_code in (206, 416), (answer.status_code, answer.text[:200])
     if answer.status_code == 206:
         assert len(answer.content) <= layer.size
+
+
+def test_it_throttles_password_guessing_through_the_registry_as_the_sign_in_form_does(
+    world: World, portal: dict[str, Any], settings: Any
+) -> None:
+    """The registry's Basic login (token endpoint, or on a resource) took any number of guesses at a
+    user's password: none was counted, only the token endpoint's were audited."""
+    import base64
+
+    url, limit = portal["url"], settings.BULKHEAD_AUTH_FAILURES_PER_MINUTE
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    token_url = f"{url}/v2/token?scope=repository:acme/web:pull"
+    for attempt in range(limit):
+        guessed = token_url if attempt % 2 else f"{url}/v2/acme/web/tags/list"
+        assert httpx.get(guessed, headers=basic("alice", f"guess {attempt}")).status_code == 401
+    assert AuditEntry.objects.filter(action="registry.login", outcome="denied").count() == limit
+    # A right credential now changes nothing for a minute: the guesser cannot tell it found one.
+    alice = world.tokens["alice_acme"]
+    assert httpx.get(token_url, headers=basic("alice", alice)).status_code == 429
+    assert httpx.get(f"{url}/v2/acme/web/tags/list", headers=basic("alice", alice)).status_code == 429
+    # Another user from the same address is not locked out.
+    assert httpx.get(token_url, headers=basic("bob", world.tokens["bob"])).status_code == 200

@@ -18,7 +18,7 @@ use crate::digest::{Digest, HashingWriter};
 use crate::error::{IoContext, Result, StoreError};
 use crate::flatten::{xattr_names, xattr_value};
 use crate::ingest::Ingested;
-use crate::safepath::{open_child_dir, ResolveError};
+use crate::safepath::{open_child_dir, open_regular, ResolveError};
 use crate::store::{Store, MAX_DEPTH};
 use crate::unpack::{open_path_dir, Compression};
 
@@ -379,17 +379,13 @@ impl<W: Write> TarWalk<'_, W> {
                     self.dir(&sub, &path, depth + 1)?;
                 }
                 FileType::RegularFile => {
-                    let fd = openat(
-                        dir,
-                        name.as_slice(),
-                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .ctx(ctx)?;
-                    let st = rustix::fs::fstat(&fd).ctx(ctx)?;
-                    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-                        continue; // swapped while we looked
-                    }
+                    // The workload may swap a FIFO in since the listing: its open would block the
+                    // commit for good. Only a file still regular once pinned is opened for real.
+                    let (fd, st) = match open_regular(dir, name.as_slice()) {
+                        Ok(Some((file, st))) => (OwnedFd::from(file), st),
+                        Ok(None) | Err(rustix::io::Errno::NOENT) => continue, // swapped while we looked
+                        Err(e) => return Err(e).ctx(ctx),
+                    };
                     let key = (st.st_dev, st.st_ino);
                     if st.st_nlink > 1 {
                         if let Some(first) = self.links.get(&key) {

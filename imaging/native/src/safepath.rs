@@ -226,6 +226,34 @@ fn open_or_make_child_dir(
     Err(ResolveError::Missing)
 }
 
+/// Opens a regular file for reading without ever opening anything else: an O_PATH descriptor is
+/// checked with fstat, then reopened through /proc (a device or FIFO swapped in between the
+/// directory listing and the open is never opened for real, so it cannot block or act). For every
+/// tree a workload writes: its upper dir (commit), its volumes (backups).
+pub fn open_regular(
+    parent: &OwnedFd,
+    name: &[u8],
+) -> rustix::io::Result<Option<(std::fs::File, rustix::fs::Stat)>> {
+    let p = openat(
+        parent,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&p)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Ok(None);
+    }
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&p));
+    let fd = openat(
+        rustix::fs::CWD,
+        proc.as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )?;
+    Ok(Some((std::fs::File::from(fd), st)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

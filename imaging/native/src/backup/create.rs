@@ -23,6 +23,7 @@ use super::manifest::{ChunkRef, Entry, Kind, Manifest, Name, Totals, VERSION};
 use super::{AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
+use crate::safepath::open_regular;
 use crate::store::MAX_DEPTH;
 
 /// Bytes of a file read at once; cut points are found in it, its chunks stored in parallel.
@@ -132,30 +133,6 @@ fn open_dir(parent: &OwnedFd, name: &[u8]) -> rustix::io::Result<OwnedFd> {
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
-}
-
-/// Opens a regular file for reading without ever opening anything else: an O_PATH descriptor is
-/// checked with fstat, then reopened through /proc (a device or FIFO swapped in between the
-/// directory listing and the open is never opened for real, so it cannot block or act).
-fn open_regular(parent: &OwnedFd, name: &[u8]) -> rustix::io::Result<Option<(File, Stat)>> {
-    let p = openat(
-        parent,
-        name,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let st = fstat(&p)?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return Ok(None);
-    }
-    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&p));
-    let fd = openat(
-        rustix::fs::CWD,
-        proc.as_str(),
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
-        Mode::empty(),
-    )?;
-    Ok(Some((File::from(fd), st)))
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
