@@ -34,7 +34,7 @@ from compute.network import (
     dns,
 )
 from compute.network.names import host_veth_name_for
-from compute.network.netns import ensure_netns, host_networks, iproute, netns_path
+from compute.network.netns import ensure_netns, host_networks, iproute, netns_exists, netns_path
 from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_in_netns, tap_name
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,36 @@ def _served_compartment(ctx: HostContext, spec: WorkloadSpec) -> ServedCompartme
     return compartment
 
 
+def _attach_waiting_members(
+    ctx: HostContext, served: NetworkState, compartment: ServedCompartment, spec: WorkloadSpec
+) -> list[IPv4Address]:
+    """Attach the compartment's other containers on this host that are being created: their namespace
+    is there (made ahead by their create, see `container_network_ahead`), their veth is not. Their
+    create's own network step may come after this one's under the host's lock; meanwhile this container
+    may already run and reach them, and a SYN to an address nobody answers for yet is lost (the sender's
+    neighbour lookup fails) and sent again only a second later. Attached, an address answers at once
+    (refused until its process listens). Returns the addresses attached here."""
+    waiting = [
+        binding
+        for binding in served.bindings
+        if binding.isolation != MICROVM
+        and binding.runtime_id != spec.runtime_id
+        and binding.address in compartment.subnet
+    ]
+    if not waiting:
+        return []
+    netns = ctx.profile.netns
+    unattached = _unattached_containers(netns, replace(served, bindings=tuple(waiting)))
+    attached = []
+    for binding in waiting:
+        if binding.address in unattached and netns_exists(binding.runtime_id):
+            attach_container(
+                compartment_net(compartment), binding.runtime_id, binding.address, binding.mac, netns
+            )
+            attached.append(binding.address)
+    return attached
+
+
 def ensure_container_network(ctx: HostContext, spec: WorkloadSpec) -> ContainerNetwork | None:
     """Apply the host's network and attach the workload's namespace; None when it joins no compartment.
 
@@ -227,7 +257,8 @@ def ensure_container_network(ctx: HostContext, spec: WorkloadSpec) -> ContainerN
     workload's published ports); else the apply makes the bridge, the attach follows and, when the
     workload has published ports, a second apply adds them (see `realisable`). All of it under the host's
     lock: a port published meanwhile is either in the state fetched here or applied by its own operation
-    after the attach, never left out by an apply that ran between the two.
+    after the attach, never left out by an apply that ran between the two. The compartment's members
+    being created on this host are attached with it (`_attach_waiting_members`).
     """
     if spec.network is None or not ctx.profile.network_enabled:
         return None
@@ -249,12 +280,14 @@ def ensure_container_network(ctx: HostContext, spec: WorkloadSpec) -> ContainerN
 
         try:
             path = attach()
+            attached = {spec.network.address, *_attach_waiting_members(ctx, served, compartment, spec)}
             reports = [_apply_served(ctx, served)]
         except CompartmentMissing:
             reports = [_apply_served(ctx, served)]
             path = attach()
-            if any(port.address == spec.network.address for port in served.ports):
-                reports.append(_apply_served(ctx, served))  # now with its ports
+            attached = {spec.network.address, *_attach_waiting_members(ctx, served, compartment, spec)}
+            if any(port.address in attached for port in served.ports):
+                reports.append(_apply_served(ctx, served))  # now with their ports
     _after_apply(ctx, *reports)
     return ContainerNetwork(
         netns_path=path, ip_address=str(spec.network.address), dns_servers=(str(compartment.gateway),)

@@ -17,7 +17,7 @@ from compute.host import network
 from compute.network import detach_container, mac_for, nftables
 from compute.network.bridge import link_by_name
 from compute.network.names import bridge_name_for
-from compute.network.netns import iproute
+from compute.network.netns import ensure_netns, iproute, netns_exists
 
 NEEDS_HOST = True
 COMPARTMENT = "cmpports"
@@ -150,6 +150,31 @@ def test_it_publishes_the_port_of_a_container_attached_to_an_existing_bridge(age
     network.ensure_container_network(agent, container(agent.token, "web", WEB_ADDRESS))
 
     assert port_published(agent.profile.netns)
+
+
+def test_it_attaches_a_member_being_created_with_the_first_of_its_compartment(agent: Any) -> None:
+    # The web's create made its namespace ahead (its container is made there meanwhile) but its network
+    # step waits for the host's lock, which the db's holds: the db attaches the web too. Else the db
+    # could run and call the web at an address nobody answers yet: that SYN is lost for a second.
+    ensure_netns(runtime_id(agent.token, "web"))
+
+    network.ensure_container_network(agent, container(agent.token, "db", DB_ADDRESS))
+
+    with iproute(runtime_id(agent.token, "web")) as ipr:
+        eth0 = link_by_name(ipr, "eth0")
+        assert eth0 is not None and eth0["flags"] & IFF_LOWER_UP
+        assert (str(WEB_ADDRESS), 24) in [(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr()]
+    assert port_published(agent.profile.netns)  # the web's port, now that its address answers
+    # The web's own step later finds it attached and changes nothing of it.
+    network.ensure_container_network(agent, container(agent.token, "web", WEB_ADDRESS))
+    assert port_published(agent.profile.netns)
+
+
+def test_it_leaves_alone_a_member_whose_create_has_not_made_its_namespace(agent: Any) -> None:
+    network.ensure_container_network(agent, container(agent.token, "db", DB_ADDRESS))
+
+    assert not netns_exists(runtime_id(agent.token, "web"))
+    assert not port_published(agent.profile.netns)
 
 
 def test_it_withdraws_the_port_when_its_container_leaves(agent: Any) -> None:
