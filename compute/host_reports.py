@@ -776,6 +776,14 @@ def report_operation(
             not isinstance(result, dict) or len(json.dumps(result, default=str)) > MAX_RESULT_BYTES
         ):
             raise Invalid(f"A result is an object of at most {MAX_RESULT_BYTES} bytes.", field="result")
+        if op.kind == COMMIT_KIND and op.state == OperationState.RUNNING and "image" in (result or {}):
+            # A commit's image is what `report_commit` recorded: a finish naming one is the host's word only.
+            audit.record_denied(
+                actor, "host.operation.report", host=host.name, operation=str(op.pk), reason="commit image"
+            )
+            refusal = Conflict("A commit's image is recorded by its report, not by finishing it.")
+            refusal.audited = True
+            raise refusal
         operations.finish(op.pk, result=result)
     else:
         operations.fail(op.pk, str(error)[:4000], detail=str(detail)[:8000])

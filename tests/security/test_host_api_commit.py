@@ -348,3 +348,30 @@ def test_it_keeps_one_layer_when_a_host_uploads_two_for_one_commit_at_once(commi
     op_a.refresh_from_db()
     assert op_a.params["layer"] == {"digest": first.digest, "size": len(first.blob)}
     assert denied("host.commit.upload", a)
+
+
+def test_it_refuses_a_host_finishing_a_running_commit_with_an_image_it_never_reported(
+    world: World, commits: dict[str, Any]
+) -> None:
+    """The image of a commit is the one `report_commit` recorded: a host that finished the operation with
+    an image id of its choosing (another tenant's, say) made the tenant's commit say so, with no image."""
+    from tests.imaging.images import db_image
+
+    client, a, on_a, op_a = commits["client_a"], commits["a"], commits["on_a"], commits["op_a"]
+    theirs = db_image(world.globex, "globex-secret")
+    finish = {"event": "finish", "result": {"image": str(theirs.pk)}}
+    answer = client.post(f"{BASE}/operations/{op_a.pk}/", finish, format="json")
+    assert answer.status_code == 409, answer.json()
+    assert denied("host.operation.report", a)
+    op_a.refresh_from_db()
+    assert op_a.state == "running" and op_a.result in (None, {})
+    # The commit goes on as it should; the task's own finish after the report changes nothing.
+    layer = build_layer("the real one")
+    assert upload(client, on_a, op_a, layer).status_code == 200
+    image = report(client, on_a, op_a, layer.report()).json()["image"]
+    again = client.post(
+        f"{BASE}/operations/{op_a.pk}/", {"event": "finish", "result": {"image": image}}, format="json"
+    )
+    assert again.status_code == 200
+    op_a.refresh_from_db()
+    assert op_a.state == "succeeded" and op_a.result == {"image": image}
