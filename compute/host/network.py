@@ -33,6 +33,7 @@ from compute.network import (
     detach_container,
     dns,
 )
+from compute.network.host_state import ensure_compartment_bridge
 from compute.network.names import host_veth_name_for
 from compute.network.netns import ensure_netns, host_networks, iproute, netns_exists, netns_path
 from compute.runtimes.libvirt import VmNetwork, attach_tap_in_netns, remove_tap_in_netns, tap_name
@@ -253,9 +254,8 @@ def _attach_waiting_members(
 def ensure_container_network(ctx: HostContext, spec: WorkloadSpec) -> ContainerNetwork | None:
     """Apply the host's network and attach the workload's namespace; None when it joins no compartment.
 
-    The attach comes first when the compartment's bridge is already there (one apply, with the
-    workload's published ports); else the apply makes the bridge, the attach follows and, when the
-    workload has published ports, a second apply adds them (see `realisable`). All of it under the host's
+    The attach comes before the apply (the compartment's bridge made alone first when it is missing), so
+    that one apply realises the workload's published ports (see `realisable`). All of it under the host's
     lock: a port published meanwhile is either in the state fetched here or applied by its own operation
     after the attach, never left out by an apply that ran between the two. The compartment's members
     being created on this host are attached with it (`_attach_waiting_members`).
@@ -280,14 +280,18 @@ def ensure_container_network(ctx: HostContext, spec: WorkloadSpec) -> ContainerN
 
         try:
             path = attach()
-            attached = {spec.network.address, *_attach_waiting_members(ctx, served, compartment, spec)}
-            reports = [_apply_served(ctx, served)]
         except CompartmentMissing:
-            reports = [_apply_served(ctx, served)]
+            # The bridge alone first: attached before the apply, the workload's ports (and those of the
+            # members attached with it) are realised by that one apply, not by a second one.
+            ensure_compartment_bridge(
+                driver_state(ctx, served),
+                compartment.compartment_id,
+                ctx.profile.netns,
+                state_dir=state_dir(ctx),
+            )
             path = attach()
-            attached = {spec.network.address, *_attach_waiting_members(ctx, served, compartment, spec)}
-            if any(port.address in attached for port in served.ports):
-                reports.append(_apply_served(ctx, served))  # now with their ports
+        _attach_waiting_members(ctx, served, compartment, spec)
+        reports = [_apply_served(ctx, served)]
     _after_apply(ctx, *reports)
     return ContainerNetwork(
         netns_path=path, ip_address=str(spec.network.address), dns_servers=(str(compartment.gateway),)

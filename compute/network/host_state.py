@@ -162,6 +162,36 @@ def apply_host_network(
             return _apply_locked(state, host_netns, state_dir, ipr, uplink_mtu, vxlan_local)
 
 
+def ensure_compartment_bridge(
+    state: HostNetworkState,
+    compartment_id: str,
+    host_netns: str | None = None,
+    *,
+    state_dir: Path | None = None,
+) -> None:
+    """Only the bridge of one of `state`'s compartments, exactly as `apply_host_network` makes it (the
+    state validated the same way first): a container can be attached to a new compartment before the
+    whole apply, which then realises its published ports in one load instead of two."""
+    validate_host_state(state)
+    compartment = next((c for c in state.compartments if c.compartment_id == compartment_id), None)
+    if compartment is None:
+        raise ValueError(f"compartment {compartment_id!r} is not in the host's state")
+    state_dir = state_dir or dns.state_dir_for(host_netns)
+    with iproute(host_netns) as ipr:
+        uplink_mtu, _address = _uplink_facts(ipr, state.uplink)
+        validate_host_state(state, host_networks(host_netns, ipr=ipr))
+        gateway = IPv4Interface(f"{compartment.gateway}/{compartment.subnet.prefixlen}")
+        with _locked(state_dir):
+            ensure_bridge(
+                compartment.bridge,
+                gateway,
+                gateway_mac_for(compartment.compartment_id),
+                effective_mtu(compartment, uplink_mtu),
+                host_netns,
+                ipr=ipr,
+            )
+
+
 def _apply_locked(
     state: HostNetworkState,
     host_netns: str | None,
