@@ -1704,12 +1704,13 @@ def parse_k8s_log(raw: bytes, streams: Sequence[str] = ("stdout", "stderr")) -> 
 def _read_sync_message(read_fd: int, timeout: float) -> dict[str, Any] | None:
     buffer = b""
     deadline = time.monotonic() + timeout
+    waiting = select.poll()  # not select(): a busy agent's (or portal's) fds pass FD_SETSIZE (1024)
+    waiting.register(read_fd, select.POLLIN)
     while b"\n" not in buffer:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        readable, _, _ = select.select([read_fd], [], [], remaining)
-        if not readable:
+        if not waiting.poll(remaining * 1000):
             return None
         chunk = os.read(read_fd, 65536)
         if not chunk:

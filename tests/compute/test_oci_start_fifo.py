@@ -51,3 +51,23 @@ def test_it_does_not_call_started_a_container_whose_init_died(runtime: OciRuntim
     os.kill(init, signal.SIGKILL)
 
     assert runtime._start_by_exec_fifo(spec.container_id) is False
+
+
+def test_it_creates_and_starts_a_container_from_a_process_holding_more_than_1024_descriptors(
+    runtime: OciRuntime, image_layers, new_id
+):
+    """A busy agent (or the portal's own host) holds many sockets and files: conmon's answer is awaited
+    with poll(), not select(), which refuses any descriptor past FD_SETSIZE."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        spec = spec_for(new_id(), image_layers, "sh", "-c", "sleep 30")
+        runtime.run(spec)
+        assert runtime.state(spec.container_id).status == "running"
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
