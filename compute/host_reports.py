@@ -43,11 +43,21 @@ def host_actor(host: Host) -> Actor:
     return Actor.system(f"host {host.name}")
 
 
-def _refuse(host: Host, action: str, message: str, **details: Any) -> NotOnThisHost:
+def _refuse(
+    host: Host,
+    action: str,
+    message: str,
+    *,
+    error: type[ServiceError] = NotOnThisHost,
+    field: str | None = None,
+    **details: Any,
+) -> ServiceError:
+    """A host's request refused (`error`, a 404 like a missing object unless said), audited as the host's
+    here with `details`: the caller raises it."""
     audit.record_denied(host_actor(host), action, host=host.name, **details)
-    error = NotOnThisHost(message)
-    error.audited = True
-    return error
+    refusal = error(message, field=field)
+    refusal.audited = True
+    return refusal
 
 
 def _placed(host: Host, workload_id: Any, action: str) -> Workload:
@@ -778,12 +788,14 @@ def report_operation(
             raise Invalid(f"A result is an object of at most {MAX_RESULT_BYTES} bytes.", field="result")
         if op.kind == COMMIT_KIND and op.state == OperationState.RUNNING and "image" in (result or {}):
             # A commit's image is what `report_commit` recorded: a finish naming one is the host's word only.
-            audit.record_denied(
-                actor, "host.operation.report", host=host.name, operation=str(op.pk), reason="commit image"
+            raise _refuse(
+                host,
+                "host.operation.report",
+                "A commit's image is recorded by its report, not by finishing it.",
+                error=Conflict,
+                operation=str(op.pk),
+                reason="commit image",
             )
-            refusal = Conflict("A commit's image is recorded by its report, not by finishing it.")
-            refusal.audited = True
-            raise refusal
         operations.finish(op.pk, result=result)
     else:
         operations.fail(op.pk, str(error)[:4000], detail=str(detail)[:8000])
@@ -916,16 +928,6 @@ def _layer_size(value: Any) -> int:
     return size
 
 
-def _refused_layer(
-    actor: Actor, host: Host, op: Any, digest: str, message: str, field: str = "digest"
-) -> LayerRefused:
-    """An upload refused for what it says or sends (audited here: the caller raises it)."""
-    audit.record_denied(actor, "host.commit.upload", host=host.name, digest=digest, operation=str(op.pk))
-    error = LayerRefused(message, field=field)
-    error.audited = True
-    return error
-
-
 def _at_most(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     """The upload's chunks, cut off (refused) past the size the host declared."""
     received = 0
@@ -965,7 +967,15 @@ def receive_commit_layer(
     size = _layer_size(size)
     imaging_services.refuse_beyond_image_quota(workload.tenant, size)
     if declared_length is not None and declared_length != size:
-        raise _refused_layer(actor, host, op, digest, "The body's length is not the layer's size.", "size")
+        raise _refuse(
+            host,
+            "host.commit.upload",
+            "The body's length is not the layer's size.",
+            error=LayerRefused,
+            field="size",
+            digest=digest,
+            operation=str(op.pk),
+        )
     layer = {"digest": digest, "size": size}
     reserved = _reserve_commit_layer(actor, host, op, layer)
     store = imaging_services.get_store()
@@ -976,8 +986,14 @@ def receive_commit_layer(
         lease.release()
         if reserved:  # the slot is free again for the commit's real layer
             Operation.objects.filter(pk=op.pk, params__layer__digest=digest).update(params=op.params)
-        raise _refused_layer(
-            actor, host, op, digest, "The layer does not match its digest and size: nothing was kept."
+        raise _refuse(
+            host,
+            "host.commit.upload",
+            "The layer does not match its digest and size: nothing was kept.",
+            error=LayerRefused,
+            field="digest",
+            digest=digest,
+            operation=str(op.pk),
         ) from None
     except BaseException:  # the host went away mid-body: nothing of it is kept, the slot stays its own
         lease.release()
@@ -1005,17 +1021,15 @@ def _reserve_commit_layer(actor: Actor, host: Host, op: Any, layer: dict[str, An
                 "layer"
             )
     if not reserved and noted != layer:
-        audit.record_denied(
-            actor,
+        raise _refuse(
+            host,
             "host.commit.upload",
-            host=host.name,
+            "This commit has uploaded its layer already.",
+            error=Conflict,
             digest=layer["digest"],
             operation=str(op.pk),
             reason="the commit has another layer",
         )
-        error = Conflict("This commit has uploaded its layer already.")
-        error.audited = True
-        raise error
     return reserved
 
 
@@ -1046,21 +1060,29 @@ def report_commit(*, actor: Actor, host: Host, workload_id: Any, op_id: Any, lay
     uploaded = op.params.get("layer") or {}
     present = store.has_blob(digest) and store.blob_path(digest).stat().st_size == size
     if uploaded != {"digest": digest, "size": size} or not present:
-        audit.record_denied(actor, "host.commit.report", host=host.name, digest=digest, operation=str(op.pk))
-        error = LayerRefused("This commit uploaded no such layer.", field="digest")
-        error.audited = True
-        raise error
+        raise _refuse(
+            host,
+            "host.commit.report",
+            "This commit uploaded no such layer.",
+            error=LayerRefused,
+            field="digest",
+            digest=digest,
+            operation=str(op.pk),
+        )
     try:
         [unpacked] = store.unpack_layers(
             [LayerSpec(blob_digest=digest, media_type=media_type, diff_id=diff_id)]
         )
     except (DigestMismatch, StoreError):
-        audit.record_denied(actor, "host.commit.report", host=host.name, digest=digest, diff_id=diff_id)
-        error = LayerRefused(
-            "The layer is not what its DiffID says (or cannot be unpacked).", field="diff_id"
-        )
-        error.audited = True
-        raise error from None
+        raise _refuse(
+            host,
+            "host.commit.report",
+            "The layer is not what its DiffID says (or cannot be unpacked).",
+            error=LayerRefused,
+            field="diff_id",
+            digest=digest,
+            diff_id=diff_id,
+        ) from None
     with transaction.atomic():
         locked = Operation.objects.select_for_update().get(pk=op.pk)
         if locked.state == OperationState.SUCCEEDED:
