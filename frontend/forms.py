@@ -6,10 +6,8 @@ from datetime import datetime, time, timedelta
 from typing import Any
 
 from django import forms
-from django.conf import settings
 from django.contrib.auth import password_validation
 from django.contrib.auth.forms import AuthenticationForm
-from django.core.cache import cache
 from django.utils import timezone
 
 from imaging.models import Image
@@ -17,6 +15,7 @@ from portal.client_address import client_address
 from portal.models import OperationState
 from tenants import audit
 from tenants.actors import Actor
+from tenants.authentication import count_failure, failures_exceeded, user_failure_key
 from tenants.choices import AuditOutcome, Role
 from tenants.models import Tenant, dns_label
 
@@ -41,12 +40,11 @@ class LoginForm(AuthenticationForm):
     }
 
     def _failure_key(self) -> str:
-        address = (client_address(self.request.META) if self.request else None) or "-"
-        username = (self.data.get("username") or "")[:150].lower()
-        return f"authfail:{address}:user:{username}"
+        address = client_address(self.request.META) if self.request else None
+        return user_failure_key(address, self.data.get("username") or "")
 
     def clean(self) -> dict[str, Any]:
-        if (cache.get(self._failure_key()) or 0) >= settings.BULKHEAD_AUTH_FAILURES_PER_MINUTE:
+        if failures_exceeded(self._failure_key()):
             raise forms.ValidationError(self.error_messages["throttled"], code="throttled")
         try:
             return super().clean()
@@ -55,12 +53,7 @@ class LoginForm(AuthenticationForm):
             raise
 
     def _note_failure(self) -> None:
-        key = self._failure_key()
-        if not cache.add(key, 1, timeout=60):
-            try:
-                cache.incr(key)
-            except ValueError:
-                cache.set(key, 1, timeout=60)
+        count_failure(self._failure_key())
         if self.request is not None:
             username = (self.cleaned_data.get("username") or "")[:150]
             audit.record_denied(Actor.from_request(self.request), "auth.login", username=username)

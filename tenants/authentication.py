@@ -27,18 +27,33 @@ def _failure_key(request: Request, credential: str) -> str:
     return f"authfail:{client_address(request.META) or '-'}:{credential}"
 
 
-def check_auth_throttle(request: Any, credential: str = "?") -> None:
-    if (cache.get(_failure_key(request, credential)) or 0) >= settings.BULKHEAD_AUTH_FAILURES_PER_MINUTE:
-        raise exceptions.Throttled(wait=60, detail="Too many failed authentication attempts; retry later.")
+def user_failure_key(address: str | None, username: str) -> str:
+    """The failed sign-ins with `username` from `address`: the sign-in form and the registry's Basic
+    login count in one budget."""
+    return f"authfail:{address or '-'}:user:{username[:150].lower()}"
 
 
-def note_auth_failure(request: Any, reason: str, credential: str = "?") -> None:
-    key = _failure_key(request, credential)
+def failures_exceeded(key: str) -> bool:
+    """Whether the failures counted under `key` this minute reached BULKHEAD_AUTH_FAILURES_PER_MINUTE."""
+    return (cache.get(key) or 0) >= settings.BULKHEAD_AUTH_FAILURES_PER_MINUTE
+
+
+def count_failure(key: str) -> None:
+    """One more failure under `key`, forgotten a minute after the first."""
     if not cache.add(key, 1, timeout=60):
         try:
             cache.incr(key)
         except ValueError:
             cache.set(key, 1, timeout=60)
+
+
+def check_auth_throttle(request: Any, credential: str = "?") -> None:
+    if failures_exceeded(_failure_key(request, credential)):
+        raise exceptions.Throttled(wait=60, detail="Too many failed authentication attempts; retry later.")
+
+
+def note_auth_failure(request: Any, reason: str, credential: str = "?") -> None:
+    count_failure(_failure_key(request, credential))
     # Not Actor.from_request(request): reading request.user would re-run authentication.
     actor = Actor(
         request_id=getattr(request._request, "request_id", ""),

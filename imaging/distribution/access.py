@@ -67,32 +67,22 @@ class LoginThrottled(Exception):
     """Too many failed logins for this user name from this client address within the minute."""
 
 
-def _login_failure_key(username: str, address: str | None) -> str:
-    # The sign-in form's key (`frontend.forms.LoginForm`): guesses here and there share one budget.
-    return f"authfail:{address or '-'}:user:{username[:150].lower()}"
-
-
 def principal_from_basic(username: str, secret: str, address: str | None = None) -> Principal | None:
     """A user's name with one of their API tokens, or with their password (podman/skopeo login).
 
     Failures count against the user name from `address` as the sign-in form's do (LoginThrottled past
     the limit, before any check) and are audited: the registry is no way around the sign-in's throttle."""
-    from django.conf import settings
-    from django.core.cache import cache
-
     from tenants import audit
     from tenants.actors import Actor
+    from tenants.authentication import count_failure, failures_exceeded, user_failure_key
 
-    key = _login_failure_key(username, address)
-    if (cache.get(key) or 0) >= settings.BULKHEAD_AUTH_FAILURES_PER_MINUTE:
+    # The sign-in form's key (`frontend.forms.LoginForm`): guesses here and there share one budget.
+    key = user_failure_key(address, username)
+    if failures_exceeded(key):
         raise LoginThrottled(username)
     principal = _principal_from_basic(username, secret)
     if principal is None:
-        if not cache.add(key, 1, timeout=60):
-            try:
-                cache.incr(key)
-            except ValueError:
-                cache.set(key, 1, timeout=60)
+        count_failure(key)
         audit.record_denied(
             Actor(source_address=address), "registry.login", username=username[:150], reason="bad credentials"
         )
