@@ -4,8 +4,10 @@ with `skopeo copy` of the same image from the portal's registry plus `umoci unpa
 
 Ours: POST /api/v1/workloads/ through the real ASGI server, Operation row + Celery task on the host's
 queue (real Redis, real worker), agent: overlay of the store's layers, conmon + runc, state recorded
-as `running` in PostgreSQL. Timed from the POST until the row says running (polled every 2 ms by
-primary key on a connection of its own). Baselines:
+as `running` in PostgreSQL. Timed from the POST until the portal recorded the workload running (the
+row's `started_at`, the portal's clock on this machine, set in the statement that commits the state);
+the bench polls the row every 10 ms by primary key on a connection of its own, and prints what it saw
+too (`..._seen_ms_median`, quantized by the poll). Baselines:
 - `runc run -d` of an equivalent bundle (same config.json builder, plain rootfs);
 - warm `podman run -d --network none` of the same image (copied from the portal's registry into podman's
   storage with skopeo before the rounds), removed after each round (`podman rm -f -t 0`, not timed).
@@ -52,6 +54,7 @@ RUNS = int(os.environ.get("BENCH_RUNS", "15"))
 HOST_API = os.environ.get("BENCH_HOST_API", "") == "1"
 COLD_RUNS = int(os.environ.get("BENCH_COLD_RUNS", "5")) if HOST_API else 0
 TRACE = os.environ.get("BENCH_TRACE", "") == "1"
+POLL_SECONDS = 0.01  # how often the bench looks whether the row says running
 PODMAN = os.environ.get("BENCH_PODMAN", "1") == "1" and shutil.which("podman") is not None
 PODMAN_IMAGE = "localhost/bht-bench-busybox:1"
 PODMAN_FLAGS = [
@@ -192,6 +195,7 @@ def main() -> None:
         autocommit=True,
     )
     ours: list[float] = []
+    observed: list[float] = []  # the same, until the bench saw the row say running
     posts: list[float] = []
     bare: list[float] = []
     podman: list[float] = []
@@ -255,8 +259,10 @@ def main() -> None:
             )
 
         def create_and_wait(name: str) -> tuple[float, float]:
+            """(POST until the portal recorded the workload running, POST until its 202)."""
             if TRACE:  # wall clock of each POST, to line up with the services' logs when profiling
                 print(f"trace {name} post {time.time():.6f}", file=sys.stderr)
+            wall0 = time.time()
             t0 = time.perf_counter()
             response = client.post(
                 "/api/v1/workloads/",
@@ -273,17 +279,21 @@ def main() -> None:
             assert response.status_code == 202, response.text
             workload_id = response.json()["target_id"]
             deadline = time.monotonic() + 120
+            # The time counted is the row's `started_at`: the portal's clock (this machine's) when it
+            # recorded the host's `running` report, in the statement that commits it. Polled slowly
+            # (POLL_SECONDS): a poll every 2 ms took 10-20 % of a core from the create it was timing.
             while (
-                poll.execute(
-                    "SELECT 1 FROM compute_workload WHERE id = %s AND state = 'running'", (workload_id,)
+                row := poll.execute(
+                    "SELECT started_at FROM compute_workload WHERE id = %s AND state = 'running'",
+                    (workload_id,),
                 ).fetchone()
-                is None
-            ):
+            ) is None:
                 assert time.monotonic() < deadline, f"{name} not running in 120 s"
-                time.sleep(0.002)
-            elapsed = time.perf_counter() - t0
+                time.sleep(POLL_SECONDS)
+            observed.append(time.perf_counter() - t0)
+            elapsed = row[0].timestamp() - wall0
             if TRACE:
-                print(f"trace {name} running {time.time():.6f}", file=sys.stderr)
+                print(f"trace {name} running {row[0].timestamp():.6f}", file=sys.stderr)
             # Not timed: the operation's end (the worker's finish report and whatever it does after the
             # workload runs), so that it does not run into the next contender's turn.
             while (
@@ -294,7 +304,7 @@ def main() -> None:
                 is None
             ):
                 assert time.monotonic() < deadline, f"{name}'s operation not finished in 120 s"
-                time.sleep(0.002)
+                time.sleep(POLL_SECONDS)
             return elapsed, posted
 
         def bare_run(bundle: Path) -> float:
@@ -420,6 +430,9 @@ def main() -> None:
         "host_link": "host API over HTTP" if HOST_API else "in process",
         "api_create_to_running_ms_median": round(ours_ms, 1),
         "api_create_to_running_ms_p90": round(percentile(ours, 90) * 1000, 1),
+        # The same seen by the polling bench (quantized by the poll interval), warm-up and cold included.
+        "api_create_to_running_seen_ms_median": round(statistics.median(observed) * 1000, 1),
+        "poll_interval_ms": POLL_SECONDS * 1000,
         "api_post_202_ms_median": round(statistics.median(posts) * 1000, 1),
         "baseline": "bare runc run -d, same config.json",
         "bare_runc_run_d_ms_median": round(bare_ms, 1),

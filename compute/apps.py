@@ -28,6 +28,7 @@ class ComputeConfig(AppConfig):
                 backup_dir=settings.BULKHEAD_BACKUP_DIR,
                 broker_url=settings.REDIS_URL,
                 sample_seconds=settings.BULKHEAD_SAMPLE_SECONDS,
+                create_ahead=settings.BULKHEAD_CREATE_AHEAD,
             )
         )
         if settings.BULKHEAD_PORTAL_URL and settings.BULKHEAD_HOST_CREDENTIAL:

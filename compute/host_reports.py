@@ -364,31 +364,28 @@ def _is_uuid(value: Any) -> bool:
 # --- what the host runs: its desired set, as complete specs -------------------------------------
 
 
+def _spec_queryset() -> Any:
+    return Workload.objects.select_related("host", "image__tenant", "tenant").prefetch_related(
+        "image__image_layers__layer", "ip_allocations__compartment", "volume_attachments__volume"
+    )
+
+
 def desired_set(host: Host) -> list[dict[str, Any]]:
     """Every workload placed on `host`, each as the complete spec its agent runs (`workload_spec`)."""
-    workloads = (
-        Workload.objects.select_related("host", "image__tenant", "tenant")
-        .prefetch_related(
-            "image__image_layers__layer", "ip_allocations__compartment", "volume_attachments__volume"
-        )
-        .filter(host=host)
-        .order_by("created_at", "id")
-    )
+    workloads = _spec_queryset().filter(host=host).order_by("created_at", "id")
     return [workload_spec(workload) for workload in workloads]
+
+
+def new_workload_spec(workload: Workload) -> dict[str, Any]:
+    """The spec of a workload just created in no compartment and with no volume (what its create's
+    message carries), from the rows in hand: one query, for the image's layers."""
+    layers = list(workload.image.image_layers.select_related("layer").order_by("position"))
+    return workload_spec(workload, layers=layers, allocation=None, volumes=[])
 
 
 def workload_spec_on(host: Host, workload_id: Any) -> dict[str, Any]:
     """One workload's spec, only if it is placed on `host` (refused and audited otherwise)."""
-    workload = (
-        Workload.objects.select_related("host", "image__tenant", "tenant")
-        .prefetch_related(
-            "image__image_layers__layer", "ip_allocations__compartment", "volume_attachments__volume"
-        )
-        .filter(pk=workload_id, host=host)
-        .first()
-        if _is_uuid(workload_id)
-        else None
-    )
+    workload = _spec_queryset().filter(pk=workload_id, host=host).first() if _is_uuid(workload_id) else None
     if workload is None:
         raise _refuse(
             host, "host.workload.read", "No such workload on this host.", workload=str(workload_id)[:80]
@@ -450,15 +447,25 @@ def _volume_mounts(workload: Workload) -> list[dict[str, Any]]:
     ]
 
 
-def workload_spec(workload: Workload) -> dict[str, Any]:
+def workload_spec(
+    workload: Workload,
+    *,
+    layers: list[Any] | None = None,
+    allocation: Any = ...,
+    volumes: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """What a host needs to run a workload, resolved by the portal: image layers by digest, the process
     (entrypoint and cmd merged, environment with the tenant's secret values unsealed), limits, network
-    attachment, volumes and the row's state. The values are the portal's: the host interprets nothing."""
+    attachment, volumes and the row's state. The values are the portal's: the host interprets nothing.
+    `layers`, `allocation`, `volumes`: already known (else read through the workload's relations)."""
     from portal.errors import tenant_message
 
     image = workload.image
     config = image.config or {}
-    layers = sorted(image.image_layers.all(), key=lambda il: il.position)
+    if layers is None:
+        layers = sorted(image.image_layers.all(), key=lambda il: il.position)
+    if allocation is ...:
+        allocation = next(iter(workload.ip_allocations.all()), None)
     problem = ""
     try:
         if workload.privileged and not workload.tenant.allow_privileged_containers:
@@ -468,7 +475,6 @@ def workload_spec(workload: Workload) -> dict[str, Any]:
         env: list[str] | None = process_env(workload)
     except Exception as error:  # a start would fail with this; the host reports it as the failure
         args, env, problem = None, None, tenant_message(error)
-    allocation = next(iter(workload.ip_allocations.all()), None)
     return {
         "id": str(workload.pk),
         "runtime_id": workload.runtime_id,
@@ -522,7 +528,7 @@ def workload_spec(workload: Workload) -> dict[str, Any]:
             if allocation is not None
             else None
         ),
-        "volumes": _volume_mounts(workload),
+        "volumes": _volume_mounts(workload) if volumes is None else volumes,
     }
 
 

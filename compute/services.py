@@ -6,6 +6,7 @@ Each writes the row and an Operation, audits, and sends the host task on commit 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -111,7 +112,14 @@ def _check_privileged_allowed(tenant: Tenant) -> None:
         )
 
 
-def _start_op(actor: Actor, workload: Workload, kind: str, task: Any, **params: Any) -> Operation:
+def _start_op(
+    actor: Actor,
+    workload: Workload,
+    kind: str,
+    task: Any,
+    sent_with: Callable[[], dict[str, Any]] | None = None,
+    **params: Any,
+) -> Operation:
     assert workload.host is not None
     op = operations.start(
         kind=kind,
@@ -121,8 +129,21 @@ def _start_op(actor: Actor, workload: Workload, kind: str, task: Any, **params: 
         target=workload,
         queue=workload.host.queue,
         params=params,
+        sent_with=sent_with,
     )
     return op
+
+
+def _spec_with_message(workload: Workload) -> Callable[[], dict[str, Any]]:
+    """The create's message carries the new workload's spec: its host creates the container while the
+    claim is answered (`compute.host.tasks.CreateWorkloadTask`). Only for a namespace container with
+    no secret value, compartment or volume (the caller checks the last two): a tenant's secret values
+    reach a host only in answers to its own requests, never through the broker (whose data a persisting
+    Redis keeps on disk), and what joins a network or a volume is set up after the claim."""
+    from compute.host.broker import SPEC_HEADER
+    from compute.host_reports import new_workload_spec
+
+    return lambda: {SPEC_HEADER: new_workload_spec(workload)}
 
 
 @audit.denials_audited
@@ -198,7 +219,7 @@ def create_workload(
     except IntegrityError:
         raise Conflict(f"A workload named {spec.name!r} exists in this tenant.", field="name") from None
     # Issue 7 (compartments): addresses in the same transaction as the row.
-    network_services.join_compartments(
+    allocations = network_services.join_compartments(
         actor=actor, tenant=tenant, workload=workload, compartments=compartments
     )
     if volumes:
@@ -215,7 +236,22 @@ def create_workload(
             **({"privileged": True} if spec.privileged else {}),
         },
     )
-    return _start_op(actor, workload, "workload.create", host_tasks.create_workload, start=start)
+    return _start_op(
+        actor,
+        workload,
+        "workload.create",
+        host_tasks.create_workload,
+        sent_with=(
+            _spec_with_message(workload)
+            if start
+            and spec.isolation == Isolation.NAMESPACE
+            and not spec.secret_env
+            and not allocations
+            and not volumes
+            else None
+        ),
+        start=start,
+    )
 
 
 # What an update may change in place: the process and its resources. The image, isolation, name and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -30,8 +31,12 @@ def start(
     target: models.Model | None = None,
     queue: str = "default",
     params: dict[str, Any] | None = None,
+    sent_with: Callable[[], dict[str, Any]] | None = None,
 ) -> Operation:
     """Write the Operation row and send `task` (a Celery task) with its id on commit.
+
+    `sent_with`: more message headers, read after the commit (what the worker may act on before its
+    claim is answered; the claim's answer still decides).
 
     BrokerUnavailable (503) when the broker does not answer: raised before any row is written, so the
     caller's transaction rolls back and no workload waits in `creating` for a task never queued.
@@ -50,7 +55,7 @@ def start(
     OperationLogEntry.objects.create(operation=op, event="queued")
     op_id = str(op.pk)
 
-    transaction.on_commit(lambda: send(task, op_id, queue, op=op))
+    transaction.on_commit(lambda: send(task, op_id, queue, op=op, sent_with=sent_with))
     return op
 
 
@@ -64,14 +69,26 @@ def peek_view(op: Operation) -> dict[str, Any]:
     }
 
 
-def send(task: Any, op_id: str, queue: str, *, op: Operation | None = None) -> None:
+def send(
+    task: Any,
+    op_id: str,
+    queue: str,
+    *,
+    op: Operation | None = None,
+    sent_with: Callable[[], dict[str, Any]] | None = None,
+) -> None:
     """Queue an operation's task (after the commit that recorded it). A host's queue lives under its own
     key prefix (its broker user sees nothing else): every send to a queue goes through here."""
     from compute.broker_access import producer_for_queue
 
     # What a host's worker would ask first (`peek`: the target it locks before claiming) travels with
     # the message; the claim's answer stays what counts (compute.host.tasks checks they agree).
-    headers = {OPERATION_HEADER: peek_view(op)} if op is not None else None
+    headers: dict[str, Any] | None = {OPERATION_HEADER: peek_view(op)} if op is not None else None
+    if sent_with is not None and headers is not None:
+        try:
+            headers.update(sent_with())
+        except Exception:  # only a head start is lost: the worker reads everything with its claim
+            log.warning("the extra headers of operation %s could not be made", op_id, exc_info=True)
     try:
         with producer_for_queue(queue) as producer:
             task.apply_async(

@@ -258,6 +258,9 @@ BULKHEAD_AGENT_DATABASE_URL = env("BULKHEAD_AGENT_DATABASE_URL")
 BULKHEAD_AGENT_REDIS_URL = env("BULKHEAD_AGENT_REDIS_URL")
 # How often host agents sample their workloads and themselves (history and /metrics).
 BULKHEAD_SAMPLE_SECONDS = float(env("BULKHEAD_SAMPLE_SECONDS", "10"))
+# Hosts create a new container while its claim is answered, from the spec its message carries (a workload
+# with no secret value, compartment or volume); "0": after the claim only (compute.host.tasks).
+BULKHEAD_CREATE_AHEAD = env("BULKHEAD_CREATE_AHEAD", "1") != "0"
 BULKHEAD_STORE_DIR = Path(env("BULKHEAD_STORE_DIR", str(DATA_DIR / "store")))
 # The guest kernel and initramfs are build artefacts of the checkout (`make guest`), not data: they stay
 # where the Makefile builds them whatever BULKHEAD_DATA_DIR says.

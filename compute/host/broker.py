@@ -21,6 +21,11 @@ HOST_QUEUE_PREFIX = "host."
 # A message header with what the operation is about (`portal.operations.peek_view`): the host's worker
 # locks its target before claiming without asking first; the claim's answer is checked against it.
 OPERATION_HEADER = "bulkhead_operation"
+# A create's message header with the workload's spec as the portal resolved it when it queued it, for a
+# workload with no secret values (those travel only in answers to the host's own requests, never through
+# the broker): the host creates the container while its claim is answered, and starts it only once the
+# claim's spec agrees (`compute.host.tasks.CreateWorkloadTask`).
+SPEC_HEADER = "bulkhead_spec"
 _PREFIX_PATTERN = re.compile(r"^h\.[0-9a-f]{32}:$")
 
 

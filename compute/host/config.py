@@ -36,6 +36,9 @@ class LocalConfig:
     # The broker with the host's own user and credential (the portal's REDIS_URL on the portal's machine).
     broker_url: str = ""
     sample_seconds: float = 10.0
+    # Create a container from the spec its create's message carries while the claim is answered
+    # (`compute.host.tasks.CreateWorkloadTask`); off: created after the claim, from the claim's spec.
+    create_ahead: bool = True
 
     @property
     def remote(self) -> bool:
@@ -86,6 +89,7 @@ def from_environment(environ: dict[str, str] | None = None) -> LocalConfig:
         backup_dir=Path(env["BULKHEAD_BACKUP_DIR"]) if env.get("BULKHEAD_BACKUP_DIR") else None,
         broker_url=url_with_credential(env.get("REDIS_URL", ""), credential),
         sample_seconds=float(env.get("BULKHEAD_SAMPLE_SECONDS") or 10),
+        create_ahead=env.get("BULKHEAD_CREATE_AHEAD", "1") != "0",
     )
 
 

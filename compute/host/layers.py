@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from compute.host.context import HostContext, Progress
 from compute.host.link import HostApiClient
 from compute.host.spec import ImageLayerRef, WorkloadSpec
-from imaging.store import LayerSpec, LayerStore
+from imaging.store import LayerSpec, LayerStore, StoreError
 
 # Blobs fetched at once (each over a kept-alive connection of the process's client).
 PARALLEL_FETCHES = 4
@@ -37,6 +37,18 @@ def ensure_layers(ctx: HostContext, spec: WorkloadSpec, progress: Progress) -> l
                 ]
             )
     return [str(p) for p in reversed(layer_store.lower_dirs([layer.diff_id for layer in spec.layers]))]
+
+
+def present_lower_dirs(ctx: HostContext, spec: WorkloadSpec) -> list[str] | None:
+    """`ensure_layers`' answer when every layer is unpacked here already; None (nothing fetched or
+    unpacked) otherwise, or when the store cannot stack them (`ensure_layers` says why)."""
+    layer_store = ctx.store()
+    if not all(layer_store.has_layer(layer.diff_id) for layer in spec.layers):
+        return None
+    try:
+        return [str(p) for p in reversed(layer_store.lower_dirs([layer.diff_id for layer in spec.layers]))]
+    except StoreError:
+        return None
 
 
 @contextmanager

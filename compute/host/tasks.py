@@ -7,8 +7,11 @@ the host API elsewhere), like every other report: a host's worker holds no datab
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
@@ -19,14 +22,16 @@ from celery import Task, shared_task
 from compute.host import commit, network, reports
 from compute.host import spec as s
 from compute.host.agent import spec_of
-from compute.host.broker import OPERATION_HEADER
+from compute.host.broker import OPERATION_HEADER, SPEC_HEADER
 from compute.host.context import HostContext, host_context
-from compute.host.drivers import driver_for
+from compute.host.drivers import CreatedAhead, driver_for
 from compute.host.link import RemoteHeartbeat, RemoteProgress
 from compute.host.locks import workload_lock
 from compute.host.spec import WorkloadSpec
 from portal.errors import operator_detail, tenant_message
 from portal.failpoints import failpoint
+
+log = logging.getLogger(__name__)
 
 HOST_QUEUE_PREFIX = "host."
 # Parameters the portal adds to an operation while it runs (`compute.host_reports.receive_commit_layer`).
@@ -81,7 +86,7 @@ class HostOperationTask(Task):  # type: ignore[misc]
         ctx = host_context(self.host_id())
         with self.held_while_running(ctx, op_id):
             link = ctx.link
-            claimed = link.operation(op_id, "claim", **self.claim_fields())
+            claimed = self.claim(ctx, op_id)
             if claimed is None:
                 return None  # finished or cancelled: nothing to do
             self.operation = ClaimedOperation(
@@ -108,6 +113,11 @@ class HostOperationTask(Task):  # type: ignore[misc]
     def held_while_running(self, ctx: HostContext, op_id: str) -> AbstractContextManager[Any]:
         """What the task holds from before its claim until its operation is finished. Nothing here."""
         return nullcontext()
+
+    def claim(self, ctx: HostContext, op_id: str) -> dict[str, Any] | None:
+        """The portal's answer to the claim (None: the operation is finished or cancelled)."""
+        answer: dict[str, Any] | None = ctx.link.operation(op_id, "claim", **self.claim_fields())
+        return answer
 
     def claim_fields(self) -> dict[str, Any]:
         """What the claim asks besides the operation (see `report_operation`). Nothing here."""
@@ -178,15 +188,71 @@ class WorkloadTask(HostOperationTask):
 
 class CreateWorkloadTask(WorkloadTask):
     """A create's claim carries the workload's `creating` report too (when it is to start): one request
-    claims the operation, marks the workload being created and brings its spec."""
+    claims the operation, marks the workload being created and brings its spec.
+
+    When the message carries the spec too (`SPEC_HEADER`), the driver creates the workload while the
+    claim is answered (`create_ahead`: nothing started, nothing reported); the create then only starts
+    it, if the claim's spec agrees. Whatever the task did not start is removed before the lock is let go.
+    """
 
     abstract = True
+    ahead: CreatedAhead | None = None  # what the driver made ahead of this run's claim
 
     def claim_fields(self) -> dict[str, Any]:
         fields = super().claim_fields()
         if dict(self.peeked.get("params") or {}).get("start", True):
             fields["report"] = reports.creating_report(first_start=True)
         return fields
+
+    @contextmanager
+    def held_while_running(self, ctx: HostContext, op_id: str) -> Iterator[None]:
+        self.ahead = None
+        with super().held_while_running(ctx, op_id):
+            try:
+                yield
+            finally:
+                ahead, self.ahead = self.ahead, None
+                if ahead is not None and not ahead.handled:
+                    driver_for(ahead.isolation).discard_ahead(ctx, ahead)
+
+    def claim(self, ctx: HostContext, op_id: str) -> dict[str, Any] | None:
+        sent = self.sent_spec() if ctx.local.create_ahead else None
+        if sent is None:
+            return super().claim(ctx, op_id)
+        claiming: Future[dict[str, Any] | None] = Future()
+
+        def claim_now() -> None:
+            try:
+                failpoint("create.claiming")  # tests hold the claim back here, to change what it answers
+                claiming.set_result(super(CreateWorkloadTask, self).claim(ctx, op_id))
+            except BaseException as error:  # handed to the task's thread
+                claiming.set_exception(error)
+            finally:
+                thread_done = getattr(ctx.link, "thread_done", None)  # an in-process link's connection
+                if thread_done is not None:
+                    thread_done()
+
+        threading.Thread(target=claim_now, name=f"claim-{op_id}", daemon=True).start()
+        try:
+            self.ahead = driver_for(sent.isolation).create_ahead(ctx, sent)
+        except Exception:
+            log.warning("creating %s ahead of its claim failed (created after it)", sent.id, exc_info=True)
+        answer = claiming.result()
+        failpoint("create.ahead")  # created from the message's spec and claimed; not started
+        return answer
+
+    def sent_spec(self) -> WorkloadSpec | None:
+        """The spec the message carried, for the workload the message is about (else None)."""
+        sent = getattr(self.request, SPEC_HEADER, None)
+        if not isinstance(sent, dict) or not dict(self.peeked.get("params") or {}).get("start", True):
+            return None
+        try:
+            spec = WorkloadSpec.parse(sent)
+        except s.SpecInvalid:
+            return None
+        if self.peeked.get("target_type") != "workload" or str(spec.id) != str(self.peeked.get("target_id")):
+            return None
+        return spec
 
 
 @shared_task(base=CreateWorkloadTask, bind=True, name="compute.create_workload")
@@ -199,8 +265,9 @@ def create_workload(self: CreateWorkloadTask, op_id: str) -> dict[str, Any]:
         reports.transition(ctx, spec, [s.PENDING], state=s.STOPPED)
         return {"state": s.STOPPED}
     driver = driver_for(spec.isolation)
+    options: dict[str, Any] = {"ahead": self.ahead} if self.ahead is not None else {}
     state = driver.ensure_running(
-        ctx, spec, self.progress, first_start=True, creating_reported=self.claimed().reported
+        ctx, spec, self.progress, first_start=True, creating_reported=self.claimed().reported, **options
     )
     return {"state": state}
 

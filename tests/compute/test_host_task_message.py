@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from compute.host.broker import OPERATION_HEADER
+from compute.host.broker import OPERATION_HEADER, SPEC_HEADER
 from compute.host.tasks import ClaimedOperation, create_workload
 
 OP = "0d6e2a36-55f1-4a57-9d0c-8c1f6f4a0a11"
@@ -84,3 +84,43 @@ def test_it_takes_a_redelivered_commit_message_as_its_operations_once_its_layer_
             )
     finally:
         commit_workload.peeked = {}
+
+
+def spec_of(workload_id: str) -> dict[str, Any]:
+    """A workload's spec as the portal puts it in a create's message (`host_reports.new_workload_spec`)."""
+    return {
+        "id": workload_id,
+        "runtime_id": "bh-" + workload_id.replace("-", ""),
+        "name": "web",
+        "tenant": OTHER,
+        "isolation": "namespace",
+        "state": "pending",
+        "desired_running": True,
+        "restart_policy": "no",
+        "exit_code": None,
+        "started": False,
+        "image": {"id": OTHER, "repository": "acme/web", "layers": []},
+        "process": {"args": ["/bin/true"], "env": ["PATH=/bin"], "cwd": "/", "user": "0:0"},
+        "limits": {"vcpus": "1", "memory_mib": 64, "disk_gib": 1},
+        "privileged": False,
+        "network": None,
+        "volumes": [],
+    }
+
+
+def sent_spec(task: Any, spec: Any, **params: Any) -> Any:
+    params = params or {"start": True}
+    task.peeked = {"id": OP, "target_type": "workload", "target_id": MINE, "params": params}
+    task.push_request(**{SPEC_HEADER: spec})
+    try:
+        return task.sent_spec()
+    finally:
+        task.pop_request()
+
+
+def test_it_creates_ahead_only_from_a_wellformed_spec_of_the_messages_own_workload(task: Any) -> None:
+    assert str(sent_spec(task, spec_of(MINE)).id) == MINE
+    assert sent_spec(task, spec_of(OTHER)) is None  # another workload than the one it locks: claim first
+    assert sent_spec(task, {**spec_of(MINE), "isolation": "chroot"}) is None  # not understood: claim first
+    assert sent_spec(task, "namespace:" + MINE) is None
+    assert sent_spec(task, spec_of(MINE), start=False) is None  # a create that does not start

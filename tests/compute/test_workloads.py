@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,8 @@ def test_it_readopts_running_containers_after_an_agent_restart(
         cleanup_host(h)
 
 
-CREATE_KILL_POINTS = ["create.claimed", "create.layers", "create.created", "create.started"]
+# create.ahead: the container made from the message's spec while the claim was answered, not started.
+CREATE_KILL_POINTS = ["create.ahead", "create.claimed", "create.layers", "create.created", "create.started"]
 DELETE_KILL_POINTS = ["delete.stopped", "delete.removed"]
 
 
@@ -265,12 +267,17 @@ def test_it_converges_after_the_agent_is_killed_during_create(
     from tests.compute.runtimes import oci_runtime
 
     h = make_host(f"bht-kill-{point.split('.')[1]}")
+    # The points of the create after its claim exist only where it is not created ahead of the claim.
+    after_claim = point in ("create.claimed", "create.layers")
+    worker_env = {"BULKHEAD_FAILPOINT": point, **({"BULKHEAD_CREATE_AHEAD": "0"} if after_claim else {})}
     try:
-        with host_agent(h, {"BULKHEAD_FAILPOINT": point}, BULKHEAD_STORE_DIR=str(store_dir)):
+        # resynced: the create is the worker's (the loop's re-sync at start would take a pending one over).
+        with host_agent(h, worker_env, resynced=True, BULKHEAD_STORE_DIR=str(store_dir)) as worker:
             create(world, "mia", name="victim", image=str(busybox.pk), command=["/bin/sleep", "300"])
             wait_until(
                 lambda: Workload.objects.filter(name="victim").exclude(state="pending").exists(), timeout=30
             )
+            assert worker.wait(timeout=30) == -signal.SIGKILL  # killed at the point, not done before it
         with host_agent(h, BULKHEAD_STORE_DIR=str(store_dir)):
             workload = workload_in("victim", {"running", "failed"}, timeout=30)
             runtime = oci_runtime(h)

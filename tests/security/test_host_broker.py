@@ -358,3 +358,33 @@ def test_it_refuses_a_hosts_malformed_output_for_a_console(world: World, joined:
         finally:
             stop.set()
             hostile.join(timeout=5)
+
+
+def test_it_never_puts_a_secret_value_in_a_hosts_queue(world: World, joined: dict[str, Any]) -> None:
+    """A create's message carries the workload's spec (its host creates the container while the claim is
+    answered), but never for a workload with secret values: those reach a host only in answers to its
+    own requests. A plain value of the same create does travel: the look at the broker can fail."""
+    from tenants import services as tenant_services
+
+    oscar = Actor(user=world.user("oscar"))
+    tenant_services.create_secret(actor=oscar, tenant=world.acme, name="db", value="hunter2-in-the-broker")
+    for name, env, secret_env in (
+        ("plain", {"MARKER": "plain-value-in-the-broker"}, {}),
+        ("secret", {"OTHER": "secret-workloads-plain-value"}, {"DB_PASSWORD": "db"}),
+    ):
+        services.create_workload(
+            actor=oscar,
+            tenant=world.acme,
+            spec=services.WorkloadSpec(
+                name=name,
+                image=db_image(world.acme, f"img-{name}"),  # type: ignore[arg-type]
+                host=joined["a"],
+                env=env,
+                secret_env=secret_env,
+            ),
+            compartments=[],
+        )
+    queue_keys = keys_holding("plain-value-in-the-broker")
+    assert queue_keys and all(key.startswith(b"h.") for key in queue_keys)  # in host A's own queue
+    assert keys_holding("hunter2-in-the-broker") == []
+    assert keys_holding("secret-workloads-plain-value") == []  # no spec at all for it

@@ -6,11 +6,24 @@ the caller (a host task or the agent loop) holds the workload's lock (`compute.h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from compute.host.context import HostContext, Progress
 from compute.host.spec import MICROVM, NAMESPACE, WorkloadSpec
+
+
+@dataclass
+class CreatedAhead:
+    """A workload created (not started) from the spec its create's message carried, while the portal
+    answered the claim (`Driver.create_ahead`). `handled`: given to `ensure_running`, which started it
+    (the claim's spec agreed) or removed it; otherwise the task removes it (`Driver.discard_ahead`)."""
+
+    runtime_id: str
+    isolation: str
+    made: Any  # what the driver made it from (compared with what the claim's spec would make)
+    handled: bool = False
 
 
 class Driver(Protocol):
@@ -24,9 +37,21 @@ class Driver(Protocol):
         *,
         first_start: bool = False,
         creating_reported: bool = False,
+        ahead: CreatedAhead | None = None,
     ) -> str:
         """Create (if needed) and start the workload; the resulting state. `creating_reported`: the
-        operation's claim carried the `creating` report and it applied (the driver does not send it)."""
+        operation's claim carried the `creating` report and it applied (the driver does not send it).
+        `ahead`: what `create_ahead` made under the caller's lock; started if the spec agrees, else
+        removed."""
+        ...
+
+    def create_ahead(self, ctx: HostContext, sent: WorkloadSpec) -> CreatedAhead | None:
+        """Before the claim is answered, create (never start, never report) the workload from the spec
+        the message carried, where that changes nothing else on the host; None when nothing was made."""
+        ...
+
+    def discard_ahead(self, ctx: HostContext, ahead: CreatedAhead) -> None:
+        """Remove what `create_ahead` made (it never ran: nothing to keep)."""
         ...
 
     def stop(self, ctx: HostContext, spec: WorkloadSpec, grace_seconds: float) -> None: ...

@@ -16,6 +16,7 @@ from typing import Any
 from compute.host import layers, mounts, network, reports
 from compute.host import spec as s
 from compute.host.context import HostContext, Progress, noop_progress
+from compute.host.drivers import CreatedAhead
 from compute.host.link import HostApiError
 from compute.host.locks import workload_lock
 from compute.host.spec import WorkloadSpec
@@ -142,6 +143,45 @@ class ContainerDriver:
         # Exits already looked at (runtime id -> the container's finish time): not asked about again.
         self._examined: dict[str, datetime | None] = {}
 
+    def create_ahead(self, ctx: HostContext, sent: WorkloadSpec) -> CreatedAhead | None:
+        """Create the container (bundle, conmon, `runc create`: its process does not run before `start`)
+        from the spec the create's message carried, before the claim is answered: the claim's round trip
+        then costs nothing. Only the plain case, where nothing is reported and nothing of the host
+        changes but the container: none of it on the host yet (no kept changes either), its layers
+        unpacked here, no compartment or volume. None (nothing done) otherwise. The caller holds the
+        workload's lock and, unless `ensure_running` starts it, removes it (`discard_ahead`)."""
+        if sent.network is not None or sent.volumes or sent.process.problem:
+            return None
+        runtime = oci_runtime(ctx)
+        if not runtime.is_absent(sent.runtime_id):
+            return None
+        lower_dirs = layers.present_lower_dirs(ctx, sent)
+        if lower_dirs is None:
+            return None
+        try:
+            container = container_spec(ctx, sent, lower_dirs)
+        except SpecProblem:
+            return None  # the claim's spec says so again, and the failure is reported then
+        runtime.create(container)
+        return CreatedAhead(sent.runtime_id, s.NAMESPACE, container)
+
+    def discard_ahead(self, ctx: HostContext, ahead: CreatedAhead) -> None:
+        """Remove a container created ahead that is not to be started (it never ran: nothing to keep)."""
+        oci_runtime(ctx).delete(ahead.runtime_id)
+
+    @staticmethod
+    def _agrees(ctx: HostContext, spec: WorkloadSpec, ahead: CreatedAhead) -> bool:
+        """Whether the claim's spec would create exactly the container made ahead."""
+        if ahead.runtime_id != spec.runtime_id or spec.network is not None or spec.volumes:
+            return False
+        lower_dirs = layers.present_lower_dirs(ctx, spec)
+        if lower_dirs is None:
+            return False
+        try:
+            return container_spec(ctx, spec, lower_dirs) == ahead.made
+        except SpecProblem:
+            return False
+
     def ensure_running(
         self,
         ctx: HostContext,
@@ -150,11 +190,19 @@ class ContainerDriver:
         *,
         first_start: bool = False,
         creating_reported: bool = False,
+        ahead: CreatedAhead | None = None,
     ) -> str:
         """`first_start` (a create operation): only a workload that never ran is started. One that ran
         and ended meanwhile is left as it is: running it again is its restart policy's call.
-        `creating_reported`: the operation's claim carried the `creating` report and it applied."""
+        `creating_reported`: the operation's claim carried the `creating` report and it applied.
+        `ahead`: a container `create_ahead` made (under the caller's lock) from the message's spec."""
         runtime = oci_runtime(ctx)
+        if ahead is not None:
+            ahead.handled = True
+            if creating_reported and self._agrees(ctx, spec, ahead):
+                return self._start_created(ctx, spec, runtime)
+            # The portal's spec is not the message's (changed meanwhile), or it is not to start now.
+            self.discard_ahead(ctx, ahead)
         state = runtime.state(spec.runtime_id)
         if state.status == "running":
             reports.transition(
@@ -187,12 +235,22 @@ class ContainerDriver:
                 runtime.delete(spec.runtime_id, keep_upper=True)
             if unpacked:
                 progress(60, "Starting the container")
-            ahead = network.container_network_ahead(ctx, spec)
-            if ahead is None:
+            network_ahead = network.container_network_ahead(ctx, spec)
+            if network_ahead is None:
                 net = network.ensure_container_network(ctx, spec)
                 runtime.create(container_spec(ctx, spec, lower_dirs, net))
             else:
-                _create_while_attaching(ctx, spec, runtime, lower_dirs, ahead)
+                _create_while_attaching(ctx, spec, runtime, lower_dirs, network_ahead)
+        except Exception as exc:
+            reports.transition(
+                ctx, spec, [s.CREATING], state=s.FAILED, status_message=tenant_message(exc)[:500]
+            )
+            raise
+        return self._start_created(ctx, spec, runtime)
+
+    def _start_created(self, ctx: HostContext, spec: WorkloadSpec, runtime: OciRuntime) -> str:
+        """Start the created container of a workload reported `creating`; report it running."""
+        try:
             failpoint("create.created")
             runtime.start(spec.runtime_id)
             failpoint("create.started")

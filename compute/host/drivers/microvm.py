@@ -16,6 +16,7 @@ from typing import Any
 from compute.host import layers, mounts, network, reports
 from compute.host import spec as s
 from compute.host.context import HostContext, Progress, noop_progress
+from compute.host.drivers import CreatedAhead
 from compute.host.drivers.container import SpecProblem
 from compute.host.link import HostApiError
 from compute.host.locks import workload_lock
@@ -133,6 +134,7 @@ class MicroVmDriver:
         *,
         first_start: bool = False,
         creating_reported: bool = False,
+        ahead: CreatedAhead | None = None,
     ) -> str:
         runtime = vm_runtime(ctx)
         try:
@@ -169,6 +171,14 @@ class MicroVmDriver:
             ctx, spec, [s.CREATING], state=s.RUNNING, started_at=reports.NOW, finished_at=None, exit_code=None
         )
         return s.RUNNING
+
+    def create_ahead(self, ctx: HostContext, sent: WorkloadSpec) -> CreatedAhead | None:
+        """Nothing: a VM's root disk and definition are made after the claim (its boot, not its
+        definition, is where a micro-VM's start goes)."""
+        return None
+
+    def discard_ahead(self, ctx: HostContext, ahead: CreatedAhead) -> None:
+        return None
 
     def _attach_network(self, ctx: HostContext, runtime: VmRuntime, spec: WorkloadSpec) -> None:
         """Issue 7: move the VM's tap onto its compartment's bridge in a netns host (no-op elsewhere).
