@@ -376,11 +376,11 @@ def desired_set(host: Host) -> list[dict[str, Any]]:
     return [workload_spec(workload) for workload in workloads]
 
 
-def new_workload_spec(workload: Workload) -> dict[str, Any]:
-    """The spec of a workload just created in no compartment and with no volume (what its create's
-    message carries), from the rows in hand: one query, for the image's layers."""
+def new_workload_spec(workload: Workload, allocations: list[Any]) -> dict[str, Any]:
+    """The spec of a workload just created with no volume (what its create's message carries), from the
+    rows in hand (its addresses as `join_compartments` allocated them): one query, the image's layers."""
     layers = list(workload.image.image_layers.select_related("layer").order_by("position"))
-    return workload_spec(workload, layers=layers, allocation=None, volumes=[])
+    return workload_spec(workload, layers=layers, allocation=next(iter(allocations), None), volumes=[])
 
 
 def workload_spec_on(host: Host, workload_id: Any) -> dict[str, Any]:

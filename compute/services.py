@@ -134,16 +134,16 @@ def _start_op(
     return op
 
 
-def _spec_with_message(workload: Workload) -> Callable[[], dict[str, Any]]:
+def _spec_with_message(workload: Workload, allocations: list[Any]) -> Callable[[], dict[str, Any]]:
     """The create's message carries the new workload's spec: its host creates the container while the
     claim is answered (`compute.host.tasks.CreateWorkloadTask`). Only for a namespace container with
-    no secret value, compartment or volume (the caller checks the last two): a tenant's secret values
-    reach a host only in answers to its own requests, never through the broker (whose data a persisting
-    Redis keeps on disk), and what joins a network or a volume is set up after the claim."""
+    no secret value and no volume (the caller checks): a tenant's secret values reach a host only in
+    answers to its own requests, never through the broker (whose data a persisting Redis keeps on
+    disk), and a volume is attached after the claim."""
     from compute.host.broker import SPEC_HEADER
     from compute.host_reports import new_workload_spec
 
-    return lambda: {SPEC_HEADER: new_workload_spec(workload)}
+    return lambda: {SPEC_HEADER: new_workload_spec(workload, allocations)}
 
 
 @audit.denials_audited
@@ -242,12 +242,8 @@ def create_workload(
         "workload.create",
         host_tasks.create_workload,
         sent_with=(
-            _spec_with_message(workload)
-            if start
-            and spec.isolation == Isolation.NAMESPACE
-            and not spec.secret_env
-            and not allocations
-            and not volumes
+            _spec_with_message(workload, allocations)
+            if start and spec.isolation == Isolation.NAMESPACE and not spec.secret_env and not volumes
             else None
         ),
         start=start,

@@ -131,8 +131,11 @@ def leftovers(host: Host, host_netns: str) -> list[str]:
 
 
 @contextmanager
-def portal_host(internet: Internet, label: str, store: Path, **env: str) -> Iterator[tuple[Host, str]]:
-    """A Bulkhead host living in a namespace on the fake internet, with its real agent; removed after."""
+def portal_host(
+    internet: Internet, label: str, store: Path, *, resynced: bool = False, **env: str
+) -> Iterator[tuple[Host, str]]:
+    """A Bulkhead host living in a namespace on the fake internet, with its real agent; removed after.
+    `resynced`: entered once the agent's re-sync at start is done (see `host_agent`)."""
     host_ns = internet.add_host(label)
     host = make_host(f"bht-net-{label}-{internet.token}")
     Host.objects.filter(pk=host.pk).update(
@@ -141,7 +144,7 @@ def portal_host(internet: Internet, label: str, store: Path, **env: str) -> Iter
     host.refresh_from_db()
     runtime_ids: list[str] = []
     try:
-        with host_agent(host, BULKHEAD_STORE_DIR=str(store), **env):
+        with host_agent(host, resynced=resynced, BULKHEAD_STORE_DIR=str(store), **env):
             yield host, host_ns.netns
             runtime_ids = list(Workload.objects.filter(host=host).values_list("runtime_id", flat=True))
     finally:
@@ -524,5 +527,53 @@ def test_a_compartment_spans_two_hosts_through_the_portal(
             assert f"web is {address_of(server)}" in output
             assert "hello-from-web" in output, output
             assert Operation.objects.filter(kind="compartment.sync", queue=first.queue).exists()
+    finally:
+        sweep(token)
+
+
+def test_a_compartment_member_made_ahead_and_deleted_before_its_claim_leaves_nothing(
+    world: World,
+    store_dir: Path,  # noqa: F811
+    net_image: Any,
+) -> None:
+    """The host creates a compartment member from its create's message (container in its namespace,
+    namespace attached to the bridge) while the claim is held back (`create.claiming`); the workload is
+    deleted meanwhile: no container, namespace or veth of it stays on the host."""
+    from compute.network.bridge import link_by_name
+    from compute.network.names import host_veth_name_for
+
+    token = new_token()
+    internet = Internet(token)
+    try:
+        # resynced: the create is the worker's (the loop's re-sync at start would take a pending one over).
+        with portal_host(
+            internet, "h", store_dir, resynced=True, BULKHEAD_PAUSEPOINT="create.claiming:4"
+        ) as (
+            host,
+            host_netns,
+        ):
+            site = Site(world, host, host_netns, host.address or "", internet.netns, net_image)
+            front = compartment(site, "front")
+            mia = Actor(user=world.user("mia"))
+            spec = services.WorkloadSpec(name="web", image=net_image, command=["/bin/sh", "-c", WEB_COMMAND])
+            create_op = services.create_workload(
+                actor=mia, tenant=world.acme, spec=spec, compartments=[front]
+            )
+            web = Workload.objects.get(pk=create_op.target_id)
+            runtime = oci_runtime(host)
+            wait_until(
+                lambda: runtime.state(web.runtime_id).pid is not None and netns_exists(web.runtime_id),
+                timeout=30,
+                what="the member made ahead of its claim",
+            )
+            assert Workload.objects.get(pk=web.pk).state == "pending"  # its claim is held back
+            delete_op = services.delete_workload(actor=mia, workload=web)
+            assert finished(str(delete_op.pk)).state == "succeeded", finished(str(delete_op.pk)).error
+            finished(str(create_op.pk))  # it ends (whichever way), it does not hang
+            wait_until(lambda: not Workload.objects.filter(pk=web.pk).exists(), timeout=30, what="gone")
+            assert runtime.list_ids() == []
+            assert not netns_exists(web.runtime_id)
+            with iproute(host_netns) as ipr:
+                assert link_by_name(ipr, host_veth_name_for(web.runtime_id)) is None
     finally:
         sweep(token)

@@ -20,9 +20,10 @@ class CreatedAhead:
     answered the claim (`Driver.create_ahead`). `handled`: given to `ensure_running`, which started it
     (the claim's spec agreed) or removed it; otherwise the task removes it (`Driver.discard_ahead`)."""
 
-    runtime_id: str
+    sent: WorkloadSpec  # the message's spec it was made from
     isolation: str
-    made: Any  # what the driver made it from (compared with what the claim's spec would make)
+    made: Any  # what the driver made of it (compared with what the claim's spec would make)
+    network: Any = None  # the network it was attached to, if any
     handled: bool = False
 
 

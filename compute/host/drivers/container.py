@@ -103,11 +103,12 @@ def _create_while_attaching(
     runtime: OciRuntime,
     lower_dirs: list[str],
     ahead: network.ContainerNetwork,
-) -> None:
+) -> network.ContainerNetwork:
     """Create the container (bundle, conmon, `runc create`: its process does not run before `start`) in
     its namespace while the host's network is realised and the namespace attached on another thread:
     the two took turns, and a second create waited for the first's network under the host's lock.
-    Returns once both are done; a network that failed leaves no container behind."""
+    Returns once both are done, with the network the container was made for; a network that failed
+    leaves no container behind."""
     attaching: Future[network.ContainerNetwork | None] = Future()
 
     def attach() -> None:
@@ -131,9 +132,12 @@ def _create_while_attaching(
     except BaseException:
         runtime.delete(spec.runtime_id, keep_upper=True)
         raise
+    if net is None:
+        raise RuntimeError("the workload's network was not attached")  # it has one: ahead says so
     if net != ahead:  # the portal's gateway changed meanwhile: the config must say what is attached
         runtime.delete(spec.runtime_id, keep_upper=True)
         runtime.create(container_spec(ctx, spec, lower_dirs, net))
+    return net
 
 
 class ContainerDriver:
@@ -146,11 +150,12 @@ class ContainerDriver:
     def create_ahead(self, ctx: HostContext, sent: WorkloadSpec) -> CreatedAhead | None:
         """Create the container (bundle, conmon, `runc create`: its process does not run before `start`)
         from the spec the create's message carried, before the claim is answered: the claim's round trip
-        then costs nothing. Only the plain case, where nothing is reported and nothing of the host
-        changes but the container: none of it on the host yet (no kept changes either), its layers
-        unpacked here, no compartment or volume. None (nothing done) otherwise. The caller holds the
-        workload's lock and, unless `ensure_running` starts it, removes it (`discard_ahead`)."""
-        if sent.network is not None or sent.volumes or sent.process.problem:
+        then costs nothing. In a compartment, its namespace is attached meanwhile, from the network the
+        portal committed with the workload. Only where none of it is on the host yet (no kept changes
+        either), its layers are unpacked here and it mounts no volume; None (nothing done) otherwise.
+        The caller holds the workload's lock and, unless `ensure_running` starts it, removes it
+        (`discard_ahead`)."""
+        if sent.volumes or sent.process.problem:
             return None
         runtime = oci_runtime(ctx)
         if not runtime.is_absent(sent.runtime_id):
@@ -159,26 +164,40 @@ class ContainerDriver:
         if lower_dirs is None:
             return None
         try:
-            container = container_spec(ctx, sent, lower_dirs)
+            container_spec(ctx, sent, lower_dirs)
         except SpecProblem:
             return None  # the claim's spec says so again, and the failure is reported then
-        runtime.create(container)
-        return CreatedAhead(sent.runtime_id, s.NAMESPACE, container)
+        if sent.network is None:
+            net = None
+            runtime.create(container_spec(ctx, sent, lower_dirs))
+        else:
+            network_ahead = network.container_network_ahead(ctx, sent)
+            if network_ahead is None:
+                return None
+            try:
+                net = _create_while_attaching(ctx, sent, runtime, lower_dirs, network_ahead)
+            except BaseException:
+                network.release(ctx, sent)  # its namespace, made ahead
+                raise
+        return CreatedAhead(sent, s.NAMESPACE, container_spec(ctx, sent, lower_dirs, net), net)
 
     def discard_ahead(self, ctx: HostContext, ahead: CreatedAhead) -> None:
-        """Remove a container created ahead that is not to be started (it never ran: nothing to keep)."""
-        oci_runtime(ctx).delete(ahead.runtime_id)
+        """Remove a container created ahead that is not to be started (it never ran: nothing to keep),
+        and its attachment to its compartment."""
+        oci_runtime(ctx).delete(ahead.sent.runtime_id)
+        if ahead.sent.network is not None:
+            network.release(ctx, ahead.sent)
 
     @staticmethod
     def _agrees(ctx: HostContext, spec: WorkloadSpec, ahead: CreatedAhead) -> bool:
-        """Whether the claim's spec would create exactly the container made ahead."""
-        if ahead.runtime_id != spec.runtime_id or spec.network is not None or spec.volumes:
+        """Whether the claim's spec would create exactly the container made ahead, on the same network."""
+        if ahead.sent.runtime_id != spec.runtime_id or ahead.sent.network != spec.network or spec.volumes:
             return False
         lower_dirs = layers.present_lower_dirs(ctx, spec)
         if lower_dirs is None:
             return False
         try:
-            return container_spec(ctx, spec, lower_dirs) == ahead.made
+            return container_spec(ctx, spec, lower_dirs, ahead.network) == ahead.made
         except SpecProblem:
             return False
 
