@@ -10,14 +10,17 @@ import functools
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from compute.host import config
 from compute.host.link import PortalLink, link_to_portal
 from compute.host.spec import HostProfile, WorkloadSpec
 from imaging.store import LayerStore
+
+T = TypeVar("T")
 
 Progress = Callable[..., None]
 
@@ -73,6 +76,24 @@ class HostContext:
     def specs(self) -> list[WorkloadSpec]:
         """The host's desired set: every workload placed on it."""
         return [WorkloadSpec.parse(data) for data in self.link.workloads()]
+
+    def aside(self, name: str, work: Callable[[], T]) -> Future[T]:
+        """Run `work` on a thread of its own: its result (or exception) in the future returned. An
+        in-process link's database connection, opened by that thread, is closed when it ends."""
+        done: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(work())
+            except BaseException as error:  # handed to whoever waits for it
+                done.set_exception(error)
+            finally:
+                thread_done = getattr(self.link, "thread_done", None)
+                if thread_done is not None:
+                    thread_done()
+
+        threading.Thread(target=run, name=name, daemon=True).start()
+        return done
 
 
 _contexts: dict[str, HostContext] = {}

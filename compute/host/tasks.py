@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
@@ -219,20 +217,12 @@ class CreateWorkloadTask(WorkloadTask):
         sent = self.sent_spec() if ctx.local.create_ahead else None
         if sent is None:
             return super().claim(ctx, op_id)
-        claiming: Future[dict[str, Any] | None] = Future()
 
-        def claim_now() -> None:
-            try:
-                failpoint("create.claiming")  # tests hold the claim back here, to change what it answers
-                claiming.set_result(super(CreateWorkloadTask, self).claim(ctx, op_id))
-            except BaseException as error:  # handed to the task's thread
-                claiming.set_exception(error)
-            finally:
-                thread_done = getattr(ctx.link, "thread_done", None)  # an in-process link's connection
-                if thread_done is not None:
-                    thread_done()
+        def claim_now() -> dict[str, Any] | None:
+            failpoint("create.claiming")  # tests hold the claim back here, to change what it answers
+            return super(CreateWorkloadTask, self).claim(ctx, op_id)
 
-        threading.Thread(target=claim_now, name=f"claim-{op_id}", daemon=True).start()
+        claiming = ctx.aside(f"claim-{op_id}", claim_now)
         try:
             self.ahead = driver_for(sent.isolation).create_ahead(ctx, sent)
         except Exception:

@@ -7,8 +7,7 @@ run after the agent was killed half-way, converges instead of duplicating anythi
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import Future, wait
+from concurrent.futures import wait
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -109,19 +108,7 @@ def _create_while_attaching(
     the two took turns, and a second create waited for the first's network under the host's lock.
     Returns once both are done, with the network the container was made for; a network that failed
     leaves no container behind."""
-    attaching: Future[network.ContainerNetwork | None] = Future()
-
-    def attach() -> None:
-        try:
-            attaching.set_result(network.ensure_container_network(ctx, spec))
-        except BaseException as error:  # handed to the creating thread
-            attaching.set_exception(error)
-        finally:
-            thread_done = getattr(ctx.link, "thread_done", None)  # an in-process link's connection
-            if thread_done is not None:
-                thread_done()
-
-    threading.Thread(target=attach, name=f"attach-{spec.runtime_id}", daemon=True).start()
+    attaching = ctx.aside(f"attach-{spec.runtime_id}", lambda: network.ensure_container_network(ctx, spec))
     try:
         runtime.create(container_spec(ctx, spec, lower_dirs, ahead))
     except BaseException:
