@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -26,6 +27,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from django.conf import settings
+from kombu.connection import ConnectionPool
+from kombu.pools import ProducerPool, get_limit
+from kombu.utils.functional import lazy
 
 from compute.host.broker import broker_user, host_id_of_queue, key_prefix
 
@@ -83,7 +87,9 @@ def grant(host_id: Any, secret_hash: str) -> None:
 
 
 def revoke(host_id: Any) -> None:
-    """Remove the host's broker user; its open connections are closed at once."""
+    """Remove the host's broker user; its open connections are closed at once, and so is the portal's
+    connection for publishing to it (nothing more is sent to a host that cannot take it)."""
+    close_host_connection(host_id)
     client = _admin()
     user = broker_user(host_id)
     client.execute_command("ACL", "DELUSER", user)
@@ -126,6 +132,7 @@ def sync_broker_users() -> dict[str, int]:
         if user.startswith("h.") and len(user) == 34:
             client.execute_command("ACL", "DELUSER", user)
             _disconnect(client, user)
+            close_host_connection(_host_uuid(user))
             removed += 1
     return {"written": written, "removed": removed}
 
@@ -158,7 +165,67 @@ def agent_broker_url(host_id: Any) -> str:
 
 # --- publishing to a host's queue ----------------------------------------------------------------------
 
-_connections: dict[str, Any] = {}
+# How many hosts keep a connection between publishes. Each costs a few descriptors (below); the least
+# recently used beyond these are closed, and a later publish to that host opens one again.
+HOST_CONNECTIONS = 32
+
+
+class _HostConnection:
+    """The portal's connection for publishing under one host's key prefix, with its own pools.
+
+    kombu's shared `producers`/`connections` groups are not used: they keep a pool per connection for
+    the life of the process, and a pool closed there stays in the group, closed, for an equal connection.
+    What is open for a host (kombu 5.5's Redis transport): the epoll of this connection's transport (made
+    when the pool copies the connection's settings), and for each pooled connection that published, its
+    transport's epoll (the `MultiChannelPoller`) and its channel's two sockets (redis-py pools: `client`
+    for the PING that opens the channel, `pool` for the LPUSH)."""
+
+    def __init__(self, prefix: str) -> None:
+        from portal.celery import app
+
+        self.prefix = prefix
+        self.connection = app.connection_for_write(transport_options={"global_keyprefix": prefix})
+        limit = get_limit()
+        self.producers = ProducerPool(_ConnectionPool(self.connection, limit=limit), limit=limit)
+        self.users = 0  # publishers inside `producer_for_queue` now; guarded by `_connections_lock`
+        self.retired = False
+
+    def retire(self) -> bool:
+        """Out of the cache (under the lock); True if nobody uses it, so the caller closes it now."""
+        self.retired = True
+        return self.users == 0
+
+    def close(self) -> None:
+        # The producers hold no descriptor of their own (each one's channel is a pooled connection's).
+        try:
+            self.producers.connections.force_close_all()
+            _close_connection(self.connection)
+        except Exception:  # a publish that went through is not failed by the closing after it
+            log.warning("closing the broker connection for %s failed", self.prefix, exc_info=True)
+
+
+def _close_connection(connection: Any) -> None:
+    """Close a kombu connection and its transport's epoll: closing the connection closes its channels
+    (their sockets) and unregisters them from the poller, but the poller's epoll is left to whoever frees
+    the transport last (a reference held anywhere keeps it open)."""
+    transport = connection._transport  # private: `connection.transport` would make one if it had none
+    connection._close()  # as kombu's pool closes one: a pooled connection's `release` gives it back
+    if transport is not None:
+        transport.cycle.poller.close()
+
+
+class _ConnectionPool(ConnectionPool):
+    """kombu's pool of copies of a connection, whose closing also closes each copy's epoll."""
+
+    def close_resource(self, resource: Any) -> None:
+        _close_connection(resource)
+
+    def collect_resource(self, resource: Any, socket_timeout: float | None = 0.1) -> None:
+        if not isinstance(resource, lazy):  # a lazy one was never opened
+            _close_connection(resource)
+
+
+_connections: OrderedDict[str, _HostConnection] = OrderedDict()  # least recently used first
 _connections_lock = threading.Lock()
 
 
@@ -177,18 +244,38 @@ def producer_for_queue(queue: str) -> Iterator[Any]:
     if host_id is None:
         yield None
         return
-    from kombu.pools import producers
-
-    from portal.celery import app
-
     prefix = key_prefix(host_id)
+    closing: list[_HostConnection] = []
     with _connections_lock:
-        connection = _connections.get(prefix)
-        if connection is None:
-            connection = app.connection_for_write(transport_options={"global_keyprefix": prefix})
-            _connections[prefix] = connection
-    with producers[connection].acquire(block=True, timeout=10) as producer:
-        yield producer
+        host = _connections.get(prefix)
+        if host is None:
+            host = _connections[prefix] = _HostConnection(prefix)
+        _connections.move_to_end(prefix)
+        host.users += 1
+        while len(_connections) > HOST_CONNECTIONS:
+            _, oldest = _connections.popitem(last=False)
+            if oldest.retire():
+                closing.append(oldest)
+    for idle in closing:
+        idle.close()
+    try:
+        with host.producers.acquire(block=True, timeout=10) as producer:
+            yield producer
+    finally:
+        with _connections_lock:
+            host.users -= 1
+            last = host.retired and host.users == 0
+        if last:  # evicted or its host revoked while this publish used it
+            host.close()
+
+
+def close_host_connection(host_id: Any) -> None:
+    """Close the portal's connection for publishing to the host (now, or when its last publish ends)."""
+    with _connections_lock:
+        host = _connections.pop(key_prefix(host_id), None)
+        idle = host is not None and host.retire()
+    if host is not None and idle:
+        host.close()
 
 
 def audit_broker_denials() -> int:
