@@ -17,10 +17,10 @@ connection stays in step.
 
 Every other request body is read whole by daphne before the application (and so authentication) runs:
 `StreamingWebRequest` bounds it first (`body_limit`: `BULKHEAD_MAX_REQUEST_BYTES`; an image archive's
-upload `BULKHEAD_MAX_UPLOAD_BYTES`; a host's backup manifest its own). A declared length past the limit is
-answered 413 from the headers, a body without one is cut off with 413 once it passes the limit; either
-way the connection is closed and nothing past the limit is kept, so a client without any credential
-cannot fill the portal's temporary disk.
+upload `BULKHEAD_MAX_UPLOAD_BYTES`; a host's backup manifest and chunks their own). A declared length
+past the limit is answered 413 from the headers, a body without one is cut off with 413 once it passes
+the limit; either way the connection is closed and nothing past the limit is kept, so a client without
+any credential cannot fill the portal's temporary disk.
 
 Responses: plain-TCP `/v2/` scopes offer the ASGI zero-copy extension (`http.response.zerocopy`): the
 headers go out through Twisted, then the file is sent with `sendfile(2)` from the kernel's page cache
@@ -54,8 +54,9 @@ ZEROCOPY = "http.response.zerocopy"
 UPLOAD_PATHS = re.compile(rb"^/api/v1/images/import/$|^/images/import/$")
 # ... whose multipart form wraps the archive in a few headers and boundaries ...
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
-# ... and a host's backup manifest (its view's own limit, `MAX_MANIFEST_BODY`).
+# ... and a host's backup manifest and chunks (their views' own limits, whatever the setting).
 MANIFEST_PATHS = re.compile(rb"^/api/v1/hosts/self/backups/[^/]+/manifests/[^/]+/$")
+CHUNK_PATHS = re.compile(rb"^/api/v1/hosts/self/backups/[^/]+/chunks/[^/]+/$")
 
 
 class _NoReplay:
@@ -91,6 +92,10 @@ def body_limit(path: bytes) -> int:
         from compute.api.host_views import MAX_MANIFEST_BODY
 
         return MAX_MANIFEST_BODY
+    if CHUNK_PATHS.match(path):
+        from compute.api.host_views import MAX_CHUNK_BODY
+
+        return MAX_CHUNK_BODY
     return int(settings.BULKHEAD_MAX_REQUEST_BYTES)
 
 

@@ -100,6 +100,16 @@ def test_it_answers_a_huge_declared_body_413_from_its_headers_and_spools_none_of
     assert spooled_bytes(portal) == 0
 
 
+def test_it_answers_413_instead_of_100_continue_to_a_huge_declared_body(portal: dict[str, Any]) -> None:
+    sock = send_head(portal["address"], "/login/", f"Content-Length: {100 * GIB}\r\nExpect: 100-continue")
+
+    # http.client skips interim answers: the first status line is read as it comes.
+    first_line = sock.makefile("rb").readline()
+
+    assert first_line.split()[1] == b"413"
+    assert closed_by_server(sock)
+
+
 def test_it_cuts_off_a_chunked_body_once_it_passes_the_limit(portal: dict[str, Any]) -> None:
     sock = send_head(portal["address"], API, "Transfer-Encoding: chunked")
     piece = b" " * (64 * 1024)
@@ -149,3 +159,19 @@ def test_it_takes_an_image_archive_larger_than_the_general_limit(portal: dict[st
     assert beyond_status == 413 and beyond_body["error"]["code"] == "request_too_large"
     for sock in (api, ui, beyond):
         sock.close()
+
+
+def test_it_takes_a_hosts_backup_manifest_and_chunk_larger_than_the_general_limit(
+    portal: dict[str, Any],
+) -> None:
+    size = 4 * LIMIT  # their views have limits of their own (256 MiB, 16 MiB)
+    for path in (
+        "/api/v1/hosts/self/backups/1/manifests/sha256:ab/",
+        "/api/v1/hosts/self/backups/1/chunks/ab/",
+    ):
+        sock = send_head(portal["address"], path, f"Content-Length: {size}", b"x" * size)
+
+        status, body, _ = answer(sock)
+        sock.close()
+
+        assert status == 401 and body["error"]["code"] == "not_authenticated"
