@@ -15,6 +15,13 @@ before the body has arrived (a refusal) gets its answer sent; the rest of the bo
 (up to `DRAIN_LIMIT_BYTES`, else the connection is closed) so the client reads the answer and the
 connection stays in step.
 
+Every other request body is read whole by daphne before the application (and so authentication) runs:
+`StreamingWebRequest` bounds it first (`body_limit`: `BULKHEAD_MAX_REQUEST_BYTES`; an image archive's
+upload `BULKHEAD_MAX_UPLOAD_BYTES`; a host's backup manifest and chunks their own). A declared length
+past the limit is answered 413 from the headers, a body without one is cut off with 413 once it passes
+the limit; either way the connection is closed and nothing past the limit is kept, so a client without
+any credential cannot fill the portal's temporary disk.
+
 Responses: plain-TCP `/v2/` scopes offer the ASGI zero-copy extension (`http.response.zerocopy`): the
 headers go out through Twisted, then the file is sent with `sendfile(2)` from the kernel's page cache
 straight to the socket (asyncio's `sock_sendfile`), the event loop waiting for the socket while it
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 from typing import Any
@@ -42,6 +50,13 @@ LOW_WATER_BYTES = 2 * 1024 * 1024
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 READ_BYTES = 1024 * 1024
 ZEROCOPY = "http.response.zerocopy"
+# Bodies allowed more than BULKHEAD_MAX_REQUEST_BYTES: an image archive (API and UI upload forms) ...
+UPLOAD_PATHS = re.compile(rb"^/api/v1/images/import/$|^/images/import/$")
+# ... whose multipart form wraps the archive in a few headers and boundaries ...
+MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+# ... and a host's backup manifest and chunks (their views' own limits, whatever the setting).
+MANIFEST_PATHS = re.compile(rb"^/api/v1/hosts/self/backups/[^/]+/manifests/[^/]+/$")
+CHUNK_PATHS = re.compile(rb"^/api/v1/hosts/self/backups/[^/]+/chunks/[^/]+/$")
 
 
 class _NoReplay:
@@ -67,18 +82,55 @@ def streams_body(method: bytes, path: bytes) -> bool:
     return method in STREAMED_METHODS and STREAMED_PATHS.match(path) is not None
 
 
+def body_limit(path: bytes) -> int:
+    """The largest body daphne reads for a request not streamed (`path` without its query)."""
+    from django.conf import settings
+
+    if UPLOAD_PATHS.match(path):
+        return int(settings.BULKHEAD_MAX_UPLOAD_BYTES) + MULTIPART_OVERHEAD_BYTES
+    if MANIFEST_PATHS.match(path):
+        from compute.api.host_views import MAX_MANIFEST_BODY
+
+        return MAX_MANIFEST_BODY
+    if CHUNK_PATHS.match(path):
+        from compute.api.host_views import MAX_CHUNK_BODY
+
+        return MAX_CHUNK_BODY
+    return int(settings.BULKHEAD_MAX_REQUEST_BYTES)
+
+
+def too_large_answer(limit: int) -> bytes:
+    """A whole 413 response in the API's error shape, closing the connection."""
+    body = json.dumps(
+        {"error": {"code": "request_too_large", "message": f"The request body is larger than {limit} bytes."}}
+    ).encode()
+    head = (
+        b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    )
+    return head + body
+
+
 def streaming_request_class() -> type:
     """daphne's WebRequest, streaming the bodies of `STREAMED_PATHS` (built lazily: daphne is optional)."""
     from daphne.http_protocol import WebRequest
 
     class StreamingWebRequest(WebRequest):  # type: ignore[misc]
         _streamed = False
+        _refused = False
+        _limit: int | None = None
+        _received = 0
 
         def gotLength(self, length: int | None) -> None:
             channel = self.channel
             command = getattr(channel, "_command", b"")
             path = getattr(channel, "_path", b"")
             if length == 0 or not streams_body(command, path.split(b"?", 1)[0]):
+                if length != 0:
+                    self._limit = body_limit(path.split(b"?", 1)[0])
+                    if length is not None and length > self._limit:
+                        self._refuse()  # from the headers: not a byte of the body is read
+                        return
                 super().gotLength(length)
                 return
             self._streamed = True
@@ -116,8 +168,28 @@ def streaming_request_class() -> type:
 
             queue.get_nowait = get_nowait  # type: ignore[method-assign]
 
+        def _refuse(self) -> None:
+            """Answer 413 and close the connection, before the application ever starts."""
+            self._refused = True
+            spooled = getattr(self, "content", None)
+            if spooled is not None:
+                spooled.close()  # what a chunked body left there before it passed the limit: gone
+            self.content = _NoReplay()
+            # Twisted would send `100 Continue` after this answer; the body is not wanted.
+            self.requestHeaders.removeHeader(b"Expect")
+            channel = self.channel
+            channel.persistent = False
+            channel.transport.write(too_large_answer(self._limit or 0))
+            channel.loseConnection()  # stops reading: the rest of the body stays in the kernel
+
         def handleContentChunk(self, data: bytes) -> None:
+            if self._refused:
+                return  # what the same read brought after the refusal: dropped
             if not self._streamed:
+                self._received += len(data)
+                if self._limit is not None and self._received > self._limit:
+                    self._refuse()  # a chunked body past the limit: cut off
+                    return
                 super().handleContentChunk(data)
                 return
             if self._answered_early:
@@ -145,6 +217,8 @@ def streaming_request_class() -> type:
                 self.transport.pauseProducing()
 
         def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+            if self._refused:
+                return  # answered already: the application never starts
             if not self._streamed:
                 super().requestReceived(command, path, version)
                 return

@@ -279,6 +279,11 @@ BULKHEAD_VOLUME_POOL = env("BULKHEAD_VOLUME_POOL")
 BULKHEAD_BACKUP_DIR = Path(env("BULKHEAD_BACKUP_DIR", str(DATA_DIR / "backups")))
 BULKHEAD_VOLUME_POOL_GIB = env_int("BULKHEAD_VOLUME_POOL_GIB", 64)
 BULKHEAD_MAX_UPLOAD_BYTES = env_int("BULKHEAD_MAX_UPLOAD_BYTES", 8 * 1024**3)
+# Any other request body daphne reads before the application runs (portal.daphne_streaming.body_limit):
+# larger ones are answered 413 before they are written anywhere. The largest legitimate bodies are a
+# desired-state document (2 Mi characters, at most 12 MiB JSON-escaped) and a host's batch of chunk
+# names (~4 MiB); a host's backup chunks and manifests have limits of their own.
+BULKHEAD_MAX_REQUEST_BYTES = env_int("BULKHEAD_MAX_REQUEST_BYTES", 16 * 1024**2)
 BULKHEAD_REGISTRY_ALLOWLIST = [r for r in env("BULKHEAD_REGISTRY_ALLOWLIST", "").split(",") if r]
 BULKHEAD_REGISTRY_CA_BUNDLE = env("BULKHEAD_REGISTRY_CA_BUNDLE") or None
 

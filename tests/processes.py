@@ -166,6 +166,13 @@ def host_agent(
 def serve_registry(store_dir: Path) -> Iterator[str]:
     """daphne serving portal.asgi (and so the registry at /v2/) on the test database and `store_dir`;
     yields host:port once /v2/ answers."""
+    with serve_portal(store_dir) as (address, _):
+        yield address
+
+
+@contextmanager
+def serve_portal(store_dir: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`serve_registry` with settings from `env`; yields host:port and daphne's process."""
     import socket
 
     import httpx
@@ -174,7 +181,7 @@ def serve_registry(store_dir: Path) -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
     argv = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"]
-    with process(argv, f"test-registry-{port}.log", BULKHEAD_STORE_DIR=str(store_dir)):
+    with process(argv, f"test-registry-{port}.log", BULKHEAD_STORE_DIR=str(store_dir), **env) as proc:
         address = f"127.0.0.1:{port}"
 
         def answering() -> bool:
@@ -184,4 +191,4 @@ def serve_registry(store_dir: Path) -> Iterator[str]:
                 return False
 
         wait_until(answering, timeout=60, what="daphne to serve /v2/")
-        yield address
+        yield address, proc
