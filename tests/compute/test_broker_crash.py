@@ -45,7 +45,8 @@ def kill_and_restart_redis() -> None:
 
 @pytest.mark.parametrize(
     # A container is made ahead of its claim (`create.ahead`: made and claimed, not started yet).
-    ("isolation", "slow_step"), [("namespace", "create.ahead"), ("microvm", "vm.booting")]
+    ("isolation", "slow_step"),
+    [("namespace", "create.ahead"), ("microvm", "vm.booting")],
 )
 def test_a_creation_in_flight_when_the_broker_dies_finishes_and_says_so(
     world: World, busybox: Any, store_dir: Path, isolation: str, slow_step: str
