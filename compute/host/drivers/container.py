@@ -151,21 +151,20 @@ class ContainerDriver:
         if lower_dirs is None:
             return None
         try:
-            container_spec(ctx, sent, lower_dirs)
+            unattached = container_spec(ctx, sent, lower_dirs)
         except SpecProblem:
             return None  # the claim's spec says so again, and the failure is reported then
         if sent.network is None:
-            net = None
-            runtime.create(container_spec(ctx, sent, lower_dirs))
-        else:
-            network_ahead = network.container_network_ahead(ctx, sent)
-            if network_ahead is None:
-                return None
-            try:
-                net = _create_while_attaching(ctx, sent, runtime, lower_dirs, network_ahead)
-            except BaseException:
-                network.release(ctx, sent)  # its namespace, made ahead
-                raise
+            runtime.create(unattached)
+            return CreatedAhead(sent, s.NAMESPACE, unattached)
+        network_ahead = network.container_network_ahead(ctx, sent)
+        if network_ahead is None:
+            return None
+        try:
+            net = _create_while_attaching(ctx, sent, runtime, lower_dirs, network_ahead)
+        except BaseException:
+            network.release(ctx, sent)  # its namespace, made ahead
+            raise
         return CreatedAhead(sent, s.NAMESPACE, container_spec(ctx, sent, lower_dirs, net), net)
 
     def discard_ahead(self, ctx: HostContext, ahead: CreatedAhead) -> None:
